@@ -1,0 +1,5 @@
+"""`python -m detector ...` (and `torchrun -m detector ...`) run the CLI."""
+
+from detector.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""`detector <command> key=value ...`: parse, validate, call the API. Nothing here computes anything.
+
+Bad input exits with status 2 and one line naming the file, key or row; `--verbose` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
+from detector.errors import DetectorError
+from detector.options import CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions, AblateOptions
+
+
+@dataclass(frozen=True)
+class Command:
+    options: type | None
+    run: Callable[[dict[str, str]], object]
+    summary: str
+
+
+def _train(overrides: dict[str, str]) -> None:
+    from detector.engine.trainer import train
+
+    train(load_train_config(overrides))
+
+
+def _val(overrides: dict[str, str]) -> None:
+    from detector.api import run_val
+
+    run_val(load_options(ValOptions, overrides))
+
+
+def _predict(overrides: dict[str, str]) -> None:
+    from detector.api import run_predict
+
+    run_predict(load_options(PredictOptions, overrides))
+
+
+def _export(overrides: dict[str, str]) -> None:
+    from detector.api import run_export
+
+    run_export(load_options(ExportOptions, overrides))
+
+
+def _info(overrides: dict[str, str]) -> None:
+    from detector.api import run_info
+
+    run_info(load_options(InfoOptions, overrides))
+
+
+def _ablate(overrides: dict[str, str]) -> None:
+    from detector.ablate import run_ablation
+
+    run_ablation(load_options(AblateOptions, overrides))
+
+
+def _data_synth(overrides: dict[str, str]) -> None:
+    from pathlib import Path
+
+    from detector.data.synthetic import generate_shapes_dataset
+
+    opts = load_options(SynthOptions, overrides)
+    out = generate_shapes_dataset(Path(opts.out), seed=opts.seed, n_train=opts.n_train, n_val=opts.n_val, imgsz=opts.imgsz)
+    print(out)
+
+
+def _data_check(overrides: dict[str, str]) -> int:
+    from pathlib import Path
+
+    from detector.data.check import data_check
+
+    opts = load_options(CheckOptions, overrides)
+    return data_check(Path(opts.data), strict=opts.strict, save_dir=Path(opts.save_dir), imgsz=opts.imgsz)
+
+
+BENCHES = ("models", "data", "train", "val")
+
+
+def _bench(name: str) -> Callable[[dict[str, str]], None]:
+    def run(overrides: dict[str, str]) -> None:
+        import importlib
+
+        importlib.import_module(f"detector.bench.{name}").main(overrides)
+
+    return run
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(TrainConfig, _train, "train a detector (model=<yaml> data=<yaml> epochs=N ...)"),
+    "val": Command(ValOptions, _val, "COCO mAP of a checkpoint on a dataset split"),
+    "predict": Command(PredictOptions, _predict, "detect objects in images, save drawn images and a JSON"),
+    "export": Command(ExportOptions, _export, "export a checkpoint to ONNX, checked against onnxruntime"),
+    "info": Command(InfoOptions, _info, "layer table, parameters and GFLOPs of a model (and attention maps)"),
+    "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
+    "data synth": Command(SynthOptions, _data_synth, "generate the bundled synthetic shapes dataset"),
+    "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
+    **{f"bench {b}": Command(None, _bench(b), f"benchmark: {b} (prints a table)") for b in BENCHES},
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: detector <command> [key=value ...] [--help] [--verbose]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _split_command(args: list[str]) -> tuple[str | None, list[str]]:
+    if not args:
+        return None, []
+    if args[0] in ("data", "bench") and len(args) > 1 and f"{args[0]} {args[1]}" in COMMANDS:
+        return f"{args[0]} {args[1]}", args[2:]
+    return args[0], args[1:]
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `detector` console script and `python -m detector`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
+    wants_help = any(a in ("-h", "--help") for a in args)
+    args = [a for a in args if a not in ("-h", "--help")]
+    name, rest = _split_command(args)
+    if name is None or name not in COMMANDS:
+        print(_usage(), file=sys.stdout if name is None or wants_help else sys.stderr)
+        if name is not None and name not in ("help",):
+            print(f"detector: error: unknown command '{name}'", file=sys.stderr)
+            return 2
+        return 0
+    command = COMMANDS[name]
+    if wants_help:
+        print(f"usage: detector {name} [key=value ...]\n\n{command.summary}\n")
+        if command.options is not None:
+            print(describe_options(command.options))
+        return 0
+    _setup_logging(verbose)
+    try:
+        result = command.run(parse_overrides(rest))
+    except DetectorError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"detector {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"detector {name}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,114 @@
+"""The options of every command but `train` (whose keys are `detector.config.TrainConfig`).
+
+Each class is what `detector <command> --help` lists and what the Python API accepts as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from detector.config import option
+
+
+@dataclass
+class ValOptions:
+    weights: str = option("", "checkpoint to evaluate (weights/best.pt)")
+    data: str = option("", "dataset YAML (default: the one the checkpoint was trained on)")
+    split: str = option("val", "val or train")
+    imgsz: int = option(0, "image size (0: the checkpoint's training size)")
+    batch: int = option(16, "batch size")
+    conf: float = option(0.001, "confidence threshold")
+    iou: float = option(0.6, "NMS IoU threshold (0.65 for reported COCO figures)")
+    max_det: int = option(300, "detections kept per image")
+    rect: bool = option(True, "rectangular batches (images sorted by aspect ratio)")
+    workers: int = option(2, "data-loading workers")
+    device: str = option("", "'' (auto), cpu, cuda, 0 ...")
+    half: bool = option(True, "half precision on GPU (ignored on CPU)")
+    backend: str = option("pycocotools", "pycocotools or faster (faster-coco-eval, same numbers)")
+    save_json: bool = option(True, "write predictions.json")
+    plots: bool = option(True, "PR curves, confusion matrix, example images")
+    project: str = option("runs/val", "parent folder of the output folder")
+    name: str = option("exp", "output folder name (auto-incremented unless exist_ok)")
+    exist_ok: bool = option(False, "reuse an existing output folder")
+
+
+@dataclass
+class InfoOptions:
+    model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path or name in configs/models)")
+    weights: str = option("", "a checkpoint instead of a YAML")
+    imgsz: int = option(640, "image size for the GFLOPs count")
+    nc: int = option(0, "number of classes (0: the YAML's)")
+    attention: str = option("", "override the YAML's attention")
+    attention_at: str = option("", "override the attention place: output, concat, bottleneck")
+    source: str = option("", "an image for attention_maps")
+    attention_maps: bool = option(False, "save PNGs of every attention layer's weights over `source`")
+    project: str = option("runs/info", "parent folder for attention maps")
+    name: str = option("exp", "output folder name")
+    exist_ok: bool = option(False, "reuse an existing output folder")
+
+
+@dataclass
+class SynthOptions:
+    out: str = option("data/shapes", "output folder")
+    seed: int = option(0, "generator seed (same seed, same bytes)")
+    n_train: int = option(2000, "training images")
+    n_val: int = option(300, "validation images")
+    imgsz: int = option(320, "long side of the generated images")
+
+
+@dataclass
+class CheckOptions:
+    data: str = option("data/shapes.yaml", "dataset YAML")
+    strict: bool = option(False, "fail when anything is skipped")
+    imgsz: int = option(320, "image size of the augmented preview batches")
+    save_dir: str = option("runs/data/check", "where the statistics and preview PNGs go")
+
+
+@dataclass
+class PredictOptions:
+    weights: str = option("", "checkpoint (weights/best.pt)")
+    source: str = option("", "an image, a folder or a glob")
+    imgsz: int = option(0, "image size (0: the checkpoint's training size)")
+    batch: int = option(8, "images per forward pass")
+    conf: float = option(0.25, "confidence threshold")
+    iou: float = option(0.45, "NMS IoU threshold")
+    max_det: int = option(300, "detections kept per image")
+    classes: list[int] = option([], "keep only these class indices (comma list)")
+    device: str = option("", "'' (auto), cpu, cuda, 0 ...")
+    save_images: bool = option(True, "save images with the boxes drawn")
+    project: str = option("runs/predict", "parent folder of the output folder")
+    name: str = option("exp", "output folder name (auto-incremented unless exist_ok)")
+    exist_ok: bool = option(False, "reuse an existing output folder")
+
+
+@dataclass
+class ExportOptions:
+    weights: str = option("", "checkpoint to export")
+    format: str = option("onnx", "export format (onnx)")
+    imgsz: int = option(0, "input size (0: the checkpoint's training size)")
+    batch: int = option(1, "batch size of the sample input")
+    dynamic: bool = option(False, "dynamic height and width too (the batch axis is always dynamic)")
+    nms: bool = option(False, "include NMS in the graph")
+    conf: float = option(0.25, "confidence threshold of the in-graph NMS")
+    iou: float = option(0.45, "IoU threshold of the in-graph NMS")
+    max_det: int = option(300, "detections per image of the in-graph NMS")
+    opset: int = option(18, "ONNX opset")
+    simplify: bool = option(False, "run onnxslim/onnxsim if installed")
+    out: str = option("", "output path (default: beside the weights, <stem>.onnx)")
+
+
+@dataclass
+class AblateOptions:
+    model: str = option("configs/models/yolo-attn-n.yaml", "model YAML with Attn/AttnC2f rows")
+    data: str = option("data/shapes.yaml", "dataset YAML")
+    attentions: list[str] = option(["none", "ca", "se", "cbam", "eca", "mhsa", "axial", "ssa", "gate"], "attention variants (comma list)")
+    attention_at: list[str] = option([], "insertion points to cross with the attentions: output,concat,bottleneck")
+    epochs: int = option(30, "epochs per run")
+    imgsz: int = option(320, "image size")
+    batch: int = option(16, "batch size")
+    workers: int = option(2, "data-loading workers")
+    seed: int = option(0, "seed shared by every run (same init, same data order)")
+    device: str = option("", "'' (auto), cpu, cuda, 0 ...")
+    project: str = option("runs/ablate", "parent folder")
+    name: str = option("exp", "ablation folder name (re-running the same name resumes it)")
+    train: list[str] = option([], "extra train key=value pairs, as k1=v1,k2=v2 (e.g. lr0=0.002)")

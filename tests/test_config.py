@@ -1,0 +1,94 @@
+"""Config loading: YAML safety, typed overrides, errors that name the file, line and key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detector.config import (
+    REPO_ROOT,
+    TrainConfig,
+    load_data_spec,
+    load_train_config,
+    load_yaml,
+    parse_overrides,
+    resolve_model_path,
+)
+from detector.errors import DetectorError
+
+
+def test_overrides_are_typed_by_the_default():
+    cfg = load_train_config(parse_overrides(["epochs=7", "lr0=0.02", "cos_lr=false", "optimizer=AdamW", "model.attention=cbam"]))
+    assert (cfg.epochs, cfg.lr0, cfg.cos_lr, cfg.optimizer, cfg.attention) == (7, 0.02, False, "AdamW", "cbam")
+
+
+def test_unknown_key_names_source_and_suggests(tmp_path: Path):
+    with pytest.raises(DetectorError, match=r"command line: unknown key 'epohcs' \(did you mean 'epochs'\?\)"):
+        load_train_config({"epohcs": "3"})
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("epochs: 3\nbatch: 4\nlr_0: 0.1\n")
+    with pytest.raises(DetectorError, match=r"train.yaml:3: unknown key 'lr_0' \(did you mean 'lr0'\?\)"):
+        load_train_config({"cfg": str(cfg_file)})
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(DetectorError, match="'epochs' expects an integer"):
+        load_train_config({"epochs": "ten"})
+    with pytest.raises(DetectorError, match="'cos_lr' expects true or false"):
+        load_train_config({"cos_lr": "maybe"})
+
+
+def test_cfg_file_then_command_line(tmp_path: Path):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("epochs: 3\nbatch: 4\n")
+    cfg = load_train_config({"cfg": str(cfg_file), "batch": "8"})
+    assert (cfg.epochs, cfg.batch) == (3, 8)
+
+
+def test_yaml_code_execution_is_refused(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(DetectorError, match="evil.yaml:1: invalid YAML"):
+        load_yaml(evil)
+    assert not marker.exists()
+
+
+def test_default_yaml_matches_the_dataclass():
+    data = yaml.safe_load((REPO_ROOT / "configs/train/default.yaml").read_text())
+    defaults = dataclasses.asdict(TrainConfig())
+    assert data == defaults
+
+
+def test_data_spec_paths_are_relative_to_the_yaml(tmp_path: Path):
+    spec_file = tmp_path / "sub" / "d.yaml"
+    spec_file.parent.mkdir()
+    spec_file.write_text("train: {images: tr/images, annotations: tr/instances.json}\nval: {images: va, annotations: va/i.json}\nnames: [a, b]\ndownload: rm -rf /\n")
+    spec = load_data_spec(spec_file)
+    assert spec.train.images == (tmp_path / "sub/tr/images").resolve()
+    assert spec.val.annotations == (tmp_path / "sub/va/i.json").resolve()
+    assert spec.names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {images: a, annotations: b}\n", "missing key 'val'"),
+        ("train: {images: a, annotations: b}\nval: {images: a}\n", r"d.yaml:2: 'val' must be"),
+        ("train: {images: a, annotations: b}\nval: {images: a, annotations: b}\nvall: 1\n", r"d.yaml:3: unknown key 'vall' \(did you mean 'val'\?\)"),
+    ],
+)
+def test_data_spec_errors(tmp_path: Path, text: str, message: str):
+    spec_file = tmp_path / "d.yaml"
+    spec_file.write_text(text)
+    with pytest.raises(DetectorError, match=message):
+        load_data_spec(spec_file)
+
+
+def test_model_path_by_name_and_suggestion():
+    assert resolve_model_path("yolov5n") == REPO_ROOT / "configs/models/yolov5n.yaml"
+    with pytest.raises(DetectorError, match="did you mean 'yolov5n'"):
+        resolve_model_path("yolov5m")
