@@ -1,0 +1,1 @@
+"""Training engine: the loss, the training loop, evaluation, checkpoints."""
