@@ -1,0 +1,197 @@
+"""Validation plots: PR curves at IoU 0.5, a normalized confusion matrix, a val batch with GT and predictions.
+
+Matplotlib through its object API on the Agg canvas (no pyplot, no global backend switch), so plotting works
+headless and never touches a user's interactive state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from pycocotools.coco import COCO
+
+# Confusion-matrix operating point (a deployment-like threshold, not the 0.001 used for mAP).
+CONFUSION_CONF = 0.25
+CONFUSION_IOU = 0.45
+
+
+def save_validation_plots(
+    folder: Path,
+    *,
+    precision: np.ndarray,
+    rows: np.ndarray,
+    gt: COCO,
+    image_ids: list[int],
+    category_ids: list[int],
+    names: list[str],
+    first_batch: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None,
+) -> None:
+    """pr_curve.png, confusion_matrix.png and (given the first batch) val_batch0.jpg in `folder`.
+
+    `precision` is COCOeval's (T, R, K, A, M) array with K in sorted category-id order; `rows` the (N, 7)
+    detections [image_id, x, y, w, h, score, category_id] in original pixels.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(category_ids)  # contiguous class of each precision column
+    plot_pr_curves(precision[0, :, :, 0, -1][:, np.argsort(order)], names, folder / "pr_curve.png")
+    matrix = confusion_matrix(rows, gt, image_ids, category_ids)
+    plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png")
+    if first_batch is not None:
+        images, targets, detections = first_batch
+        plot_val_batch(images, targets, detections, names, folder / "val_batch0.jpg")
+
+
+def plot_pr_curves(precision: np.ndarray, names: list[str], path: Path) -> None:
+    """Precision (101 recall points, (R, nc), -1 where a class has no GT) per class and their mean."""
+    recall = np.linspace(0.0, 1.0, precision.shape[0])
+    defined = (precision > -1).all(axis=0)
+    fig = Figure(figsize=(8, 6), dpi=150)
+    ax = fig.add_subplot()
+    show_legend = len(names) <= 20
+    for c in np.flatnonzero(defined):
+        label = f"{names[c]} {precision[:, c].mean():.3f}" if show_legend else None
+        ax.plot(recall, precision[:, c], linewidth=1, label=label)
+    if defined.any():
+        mean = precision[:, defined].mean(axis=1)
+        ax.plot(recall, mean, linewidth=3, color="blue", label=f"all classes {mean.mean():.3f} AP50")
+    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title="Precision-recall at IoU 0.5 (COCO, 101 points)")
+    ax.legend(loc="lower left", fontsize=7 if show_legend else 9)
+    _save(fig, path)
+
+
+def confusion_matrix(
+    rows: np.ndarray,
+    gt: COCO,
+    image_ids: list[int],
+    category_ids: list[int],
+    *,
+    conf: float = CONFUSION_CONF,
+    iou: float = CONFUSION_IOU,
+) -> np.ndarray:
+    """Counts (nc + 1, nc + 1): [predicted class, true class], index nc = background.
+
+    Class-agnostic matching per image among pairs with IoU > iou: each detection (score >= conf) keeps its
+    best-IoU GT box, then each GT box keeps its best detection. Unmatched GT -> background row; unmatched
+    detections -> background column, unless they overlap a crowd region (ignored, as COCOeval does).
+    """
+    nc = len(category_ids)
+    evaluated, known = set(int(i) for i in image_ids), set(int(c) for c in category_ids)
+    anns = [a for a in gt.dataset.get("annotations", []) if a["image_id"] in evaluated and a["category_id"] in known]
+    gt_img = np.asarray([a["image_id"] for a in anns], dtype=np.float64)
+    gt_cls = _to_class(np.asarray([a["category_id"] for a in anns], dtype=np.float64), category_ids)
+    gt_box = _xywh_to_xyxy(np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4))
+    gt_crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    det = rows[rows[:, 5] >= conf]
+    det_cls = _to_class(det[:, 6], category_ids)
+    det_box = _xywh_to_xyxy(det[:, 1:5])
+
+    matrix = np.zeros((nc + 1, nc + 1), dtype=np.int64)
+    gt_order, det_order = np.argsort(gt_img, kind="stable"), np.argsort(det[:, 0], kind="stable")
+    for image_id in np.union1d(gt_img, det[:, 0]):  # one iteration per image, vectorized inside
+        g = gt_order[np.searchsorted(gt_img[gt_order], image_id) : np.searchsorted(gt_img[gt_order], image_id, "right")]
+        d = det_order[np.searchsorted(det[det_order, 0], image_id) : np.searchsorted(det[det_order, 0], image_id, "right")]
+        crowd, g = g[gt_crowd[g]], g[~gt_crowd[g]]
+        ious = _box_iou(gt_box[g], det_box[d])
+        gi, di = np.nonzero(ious > iou)
+        by_iou = np.argsort(-ious[gi, di], kind="stable")
+        gi, di = gi[by_iou], di[by_iou]
+        _, first = np.unique(di, return_index=True)
+        gi, di = gi[np.sort(first)], di[np.sort(first)]
+        _, first = np.unique(gi, return_index=True)
+        gi, di = gi[first], di[first]
+        np.add.at(matrix, (det_cls[d[di]], gt_cls[g[gi]]), 1)
+        missed = np.ones(len(g), dtype=bool)
+        missed[gi] = False
+        np.add.at(matrix, (nc, gt_cls[g[missed]]), 1)
+        spurious = np.ones(len(d), dtype=bool)
+        spurious[di] = False
+        if len(crowd):
+            spurious &= ~(_box_iou(gt_box[crowd], det_box[d]) > iou).any(axis=0)
+        np.add.at(matrix, (det_cls[d[spurious]], nc), 1)
+    return matrix
+
+
+def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    """Column-normalized (each true class sums to 1) heat map with the background row and column."""
+    totals = matrix.sum(axis=0, keepdims=True)
+    normalized = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)
+    labels = [*names, "background"]
+    n = len(labels)
+    size = min(6 + 0.4 * n, 24)
+    fig = Figure(figsize=(size, size * 0.85), dpi=150)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if n <= 30:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        for (r, c), value in np.ndenumerate(normalized):
+            if value > 0.005:
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value > 0.5 else "black")
+    ax.set(xlabel="True", ylabel="Predicted", title=f"Confusion matrix, normalized per true class\n(conf {CONFUSION_CONF}, IoU {CONFUSION_IOU})")
+    _save(fig, path)
+
+
+def plot_val_batch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    detections: list[torch.Tensor],
+    names: list[str],
+    path: Path,
+    *,
+    max_images: int = 16,
+    conf: float = CONFUSION_CONF,
+) -> None:
+    """Letterboxed batch images (uint8 (B, 3, H, W)) with GT (green, targets rows [b, class, cx, cy, w, h]
+    normalized) and detections (red, (K, 6) in input pixels, score >= conf) drawn, in a grid."""
+    count = min(len(images), max_images)
+    cols = int(np.ceil(np.sqrt(count)))
+    rows_n = int(np.ceil(count / cols))
+    fig = Figure(figsize=(4 * cols, 4 * rows_n), dpi=100)
+    height, width = images.shape[2:]
+    targets = targets.cpu().numpy()
+    for i in range(count):
+        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        ax.set_axis_off()
+        for _, c, cx, cy, w, h in targets[targets[:, 0] == i]:
+            box = np.array([cx - w / 2, cy - h / 2, w, h]) * [width, height, width, height]
+            ax.add_patch(Rectangle(box[:2], box[2], box[3], fill=False, edgecolor="lime", linewidth=1))
+            ax.text(box[0], box[1], names[int(c)], color="black", fontsize=6, backgroundcolor="lime", va="bottom", clip_on=True)
+        det = detections[i].cpu().numpy()
+        for x1, y1, x2, y2, score, c in det[det[:, 4] >= conf]:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=1))
+            ax.text(x1, y2, f"{names[int(c)]} {score:.2f}", color="white", fontsize=6, backgroundcolor="red", va="top", clip_on=True)
+    fig.suptitle("ground truth (green) and predictions with score >= %.2f (red)" % conf)
+    _save(fig, path)
+
+
+def _to_class(ids: np.ndarray, category_ids: list[int]) -> np.ndarray:
+    """Original category ids (all present in category_ids) -> contiguous class indices."""
+    sorter = np.argsort(category_ids)
+    return sorter[np.searchsorted(np.asarray(category_ids, dtype=np.float64)[sorter], ids)].astype(np.int64)
+
+
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4]], axis=1)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path)
+

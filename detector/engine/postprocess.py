@@ -1,0 +1,64 @@
+"""Post-processing of decoded predictions: confidence filter and multi-label NMS, independent of the decode.
+
+The model (eval mode) gives one tensor (B, N, 5 + nc): [cx, cy, w, h] in input pixels, objectness probability,
+class probabilities. The score of a (box, class) pair is obj * cls_prob, as in YOLOv5.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms, box_convert
+
+# Candidates per image kept (highest scores) before NMS: bounds the NMS cost of an untrained model at conf 0.001.
+MAX_CANDIDATES = 30_000
+
+
+def non_max_suppression(
+    pred: torch.Tensor,
+    *,
+    conf: float,
+    iou: float,
+    max_det: int = 300,
+    multi_label: bool = True,
+    classes: list[int] | None = None,
+    agnostic: bool = False,
+) -> list[torch.Tensor]:
+    """Per-image detections (K, 6) [x1, y1, x2, y2, score, class] in input pixels, sorted by score, K <= max_det.
+
+    `multi_label` keeps a box once per class whose score exceeds `conf` (what COCO mAP wants); otherwise only its
+    best class. `classes` keeps only those class indices; `agnostic` suppresses across classes. Vectorized over
+    boxes; one `torchvision.ops.batched_nms` call per image.
+    """
+    if pred.ndim != 3 or pred.shape[-1] < 6:
+        raise ValueError(f"pred must be (B, N, 5 + nc), got {tuple(pred.shape)}")
+    batch_size = pred.shape[0]
+    pred = pred.float()
+    # Cheap pre-filter: a pair score obj * cls can only exceed conf where obj does.
+    image_idx, row_idx = torch.nonzero(pred[..., 4] > conf, as_tuple=True)
+    rows = pred[image_idx, row_idx]
+    scores = rows[:, 5:] * rows[:, 4:5]
+    if multi_label:
+        cand, cls = torch.nonzero(scores > conf, as_tuple=True)
+        score = scores[cand, cls]
+    else:
+        score, cls = scores.max(dim=1)
+        cand = torch.nonzero(score > conf, as_tuple=True)[0]
+        score, cls = score[cand], cls[cand]
+    if classes is not None:
+        keep = torch.isin(cls, torch.as_tensor(classes, device=cls.device))
+        cand, cls, score = cand[keep], cls[keep], score[keep]
+    boxes = box_convert(rows[cand, :4], "cxcywh", "xyxy")
+    found = torch.cat([boxes, score[:, None], cls[:, None].float()], dim=1)
+    # nonzero() returns row-major indices, so the candidates are already grouped by image.
+    counts = torch.bincount(image_idx[cand], minlength=batch_size).tolist()  # a host sync (nonzero and NMS sync too on CUDA)
+    return [_suppress(f, iou=iou, max_det=max_det, agnostic=agnostic) for f in torch.split(found, counts)]
+
+
+def _suppress(found: torch.Tensor, *, iou: float, max_det: int, agnostic: bool) -> torch.Tensor:
+    """NMS within one image's candidates (K, 6); one call per image keeps torchvision's per-class fallback
+    (used above a few thousand boxes) linear in the candidates of that image rather than of the whole batch."""
+    if len(found) > MAX_CANDIDATES:
+        found = found[found[:, 4].topk(MAX_CANDIDATES).indices]
+    groups = torch.zeros_like(found[:, 5]) if agnostic else found[:, 5]
+    keep = batched_nms(found[:, :4], found[:, 4], groups, iou)  # sorted by decreasing score
+    return found[keep[:max_det]]
