@@ -121,8 +121,9 @@ def _split_command(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    if verbose:
+        logging.getLogger("detector").setLevel(logging.DEBUG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

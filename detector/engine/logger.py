@@ -1,0 +1,108 @@
+"""What a training run writes besides weights: results.csv, TensorBoard events, the curves PNG.
+
+Rank 0 only; the trainer never creates this object on other ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+LOSS_KEYS = ("box_loss", "obj_loss", "cls_loss")
+
+
+class RunLogger:
+    """One row per epoch in results.csv (appended, so a resumed run continues the file) and TensorBoard scalars."""
+
+    columns = ("epoch", *(f"train/{k}" for k in LOSS_KEYS), "lr", *(f"metrics/{k}" for k in COCO_KEYS), "fitness", "epoch_time_s", "nonfinite_steps")
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.csv_path = run_dir / "results.csv"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone)."""
+        if not self.csv_path.exists():
+            return
+        with self.csv_path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        tmp.replace(self.csv_path)
+
+    def step(self, global_step: int, losses: torch.Tensor, lr: float) -> None:
+        """Per-iteration scalars (called at log intervals: `losses` is read on the host here)."""
+        if self.writer is None:
+            return
+        for key, value in zip(LOSS_KEYS, losses.tolist()):
+            self.writer.add_scalar(f"train/{key}", value, global_step)
+        self.writer.add_scalar("train/lr", lr, global_step)
+
+    def epoch(self, epoch: int, losses: torch.Tensor, lr: float, metrics: Mapping[str, float] | None, fitness: float | None, epoch_time_s: float, nonfinite_steps: int) -> None:
+        metrics = metrics or {}
+        row = [epoch, *[round(v, 5) for v in losses.tolist()], f"{lr:.6g}"]
+        row += [round(float(metrics[k]), 5) if k in metrics else "" for k in COCO_KEYS]
+        row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps]
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.columns)
+            writer.writerow(row)
+        if self.writer is not None:
+            for key, value in zip(LOSS_KEYS, losses.tolist()):
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            for key in COCO_KEYS:
+                if key in metrics:
+                    self.writer.add_scalar(f"metrics/{key}", float(metrics[key]), epoch)
+            if fitness is not None:
+                self.writer.add_scalar("metrics/fitness", fitness, epoch)
+            self.writer.flush()
+
+    def images(self, tag: str, images_chw: torch.Tensor, step: int) -> None:
+        """A grid of uint8 images (N, 3, H, W)."""
+        if self.writer is None:
+            return
+        from torchvision.utils import make_grid
+
+        self.writer.add_image(tag, make_grid(images_chw, nrow=int(math.ceil(math.sqrt(len(images_chw))))), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_results(csv_path: Path, out_png: Path) -> None:
+    """Training curves (losses, lr, AP50, AP) from results.csv, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    panels = [f"train/{k}" for k in LOSS_KEYS] + ["lr", "metrics/AP50", "metrics/AP"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), tight_layout=True)
+    for ax, key in zip(axes.ravel(), panels):
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key) not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

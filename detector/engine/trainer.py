@@ -1,0 +1,416 @@
+"""The training loop: `Trainer(cfg).fit()` reads top to bottom.
+
+One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> backward (accumulated up to
+the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
+the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
+best.pt) atomically; the other ranks wait at a barrier. Resume restores model, EMA, optimizer, scaler, epoch
+and RNG states; the LR is a pure function of (epoch, iteration), so it needs no state of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from detector.config import TrainConfig, build_options, load_data_spec, resolve_model_path
+from detector.engine import checkpoint as ckpt_io
+from detector.engine.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
+from detector.engine.logger import RunLogger, plot_results
+from detector.errors import DetectorError
+
+LOGGER = logging.getLogger(__name__)
+
+# Keys a resumed run may change; any other difference is refused (the run would not be the same run).
+RESUME_SAFE_KEYS = {"batch", "workers", "device", "epochs", "resume", "project", "name", "exist_ok", "plots", "patience", "save_period", "val_interval", "compile", "max_nonfinite"}
+LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
+
+
+@dataclass
+class TrainState:
+    """What changes during training and is saved in every checkpoint."""
+
+    epoch: int = -1  # last completed epoch
+    best_fitness: float = -1.0
+    best_epoch: int = -1
+    nonfinite_total: int = 0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
+    """runs/train/exp, exp2, exp3 ... unless exist_ok."""
+    path = project / name
+    if exist_ok or not path.exists():
+        return path
+    n = 2
+    while (project / f"{name}{n}").exists():
+        n += 1
+    return project / f"{name}{n}"
+
+
+def find_resume_checkpoint(resume: str, project: Path) -> Path:
+    """`resume=true` -> the newest runs/train/*/weights/last.pt; otherwise the given path."""
+    if resume.lower() == "true":
+        candidates = sorted(project.glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise DetectorError(f"resume: nothing to resume: no */weights/last.pt under {project}")
+        return candidates[-1]
+    path = Path(resume)
+    if not path.exists():
+        raise DetectorError(f"resume: checkpoint '{path}' not found")
+    return path
+
+
+class Trainer:
+    """Owns the objects of one training run; `fit()` runs it and returns the final metrics."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from detector.engine.device import autocast_dtype, needs_grad_scaler, select_device
+
+        self.resume_ckpt: dict | None = None
+        if cfg.resume:
+            cfg, self.resume_ckpt = self._load_resume(cfg)
+        self.cfg = cfg
+        self.device = select_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype) and self.device.type == "cuda")
+        self.state = TrainState()
+        self._batch_grid_logged = False
+
+        if self.resume_ckpt is not None:
+            self.run_dir = Path(self.resume_ckpt["run_dir"]) if Path(self.resume_ckpt["run_dir"]).exists() else Path(cfg.resume).resolve().parents[1]
+        else:
+            self.run_dir = next_run_dir(Path(cfg.project), cfg.name, cfg.exist_ok)
+        self.weights_dir = self.run_dir / "weights"
+        if self.dist.is_main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    @staticmethod
+    def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+        path = find_resume_checkpoint(cfg.resume, Path(cfg.project))
+        ckpt = ckpt_io.load_checkpoint(path)
+        saved = ckpt["train_config"]
+        given = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+        defaults = asdict(TrainConfig())
+        # keys the user set on this command line that differ from the saved run
+        changed = [k for k, v in given.items() if v != defaults.get(k) and k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
+            raise DetectorError(f"resume: {path} was trained with a different config ({diffs}); start a new run instead")
+        merged = dict(saved)
+        merged.update({k: given[k] for k in RESUME_SAFE_KEYS if given[k] != defaults[k]})
+        merged["resume"] = str(path)
+        resumed = build_options(TrainConfig, merged, str(path))
+        if ckpt["epoch"] + 1 >= resumed.epochs:
+            raise DetectorError(f"resume: {path} already finished all {resumed.epochs} epochs; nothing to resume (pass epochs=N to train longer)")
+        return resumed, ckpt
+
+    def _build(self) -> None:
+        from detector.data.loader import build_train_loader, build_val_loader
+        from detector.data.synthetic import ensure_bundled_dataset
+        from detector.engine.ema import ModelEMA
+        from detector.engine.evaluator import Evaluator
+        from detector.engine.loss import YoloLoss
+        from detector.engine.optim import LRSchedule, build_optimizer, scaled_weight_decay
+        from detector.models.builder import build_model
+
+        cfg = self.cfg
+        data_yaml = Path(cfg.data)
+        if self.dist.is_main:
+            ensure_bundled_dataset(data_yaml)
+        barrier(self.dist)
+        self.data = load_data_spec(data_yaml)
+        per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
+        self.train_loader = build_train_loader(
+            self.data.train, imgsz=cfg.imgsz, batch_size=per_rank_batch, workers=cfg.workers, hyp=cfg, seed=cfg.seed,
+            strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.train_set = self.train_loader.dataset
+        if self.dist.is_main:
+            LOGGER.info("train: %s\n%s", self.data.train.annotations, self.train_set.coco.summary)
+        nc = self.train_set.coco.num_classes
+        self.names = self.data.names or self.train_set.coco.names
+        self.category_ids = self.train_set.coco.category_ids
+
+        if self.resume_ckpt is not None:
+            model = build_model(self.resume_ckpt["model_yaml"])
+            ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
+        else:
+            model = build_model(resolve_model_path(cfg.model), nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
+            if model.nc != nc:
+                raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")
+            if cfg.autoanchor:
+                from detector.models.anchors import check_anchors
+
+                wh = self.train_set.train_box_wh(cfg.imgsz)
+                force = isinstance(model.yaml.get("anchors"), int)  # `anchors: 3` in the YAML asks for fitted anchors
+                report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
+                if self.dist.is_main:
+                    LOGGER.info("autoanchor: %s", report)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.criterion = YoloLoss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
+
+        self.accumulate = max(round(cfg.nbs / cfg.batch), 1)
+        weight_decay = scaled_weight_decay(cfg.weight_decay, cfg.batch, self.accumulate, cfg.nbs)
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
+        self.iters_per_epoch = len(self.train_loader)
+        warmup_iters = max(round(cfg.warmup_epochs * self.iters_per_epoch), cfg.warmup_min_iters)
+        warmup_iters = min(warmup_iters, max(cfg.epochs * self.iters_per_epoch // 2, 1))
+        self.schedule = LRSchedule(
+            lr0=cfg.lr0, lrf=cfg.lrf, epochs=cfg.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
+            warmup_bias_lr=cfg.warmup_bias_lr, warmup_momentum=cfg.warmup_momentum, momentum=cfg.momentum, cos_lr=cfg.cos_lr,
+        )
+        self.ema = ModelEMA(model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
+
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt)
+
+        self.train_model: nn.Module = model
+        if self.dist.enabled:
+            if cfg.sync_bn and self.device.type == "cuda":
+                self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
+            elif cfg.sync_bn:
+                LOGGER.warning("sync_bn=true ignored: SyncBatchNorm needs CUDA (this run uses %s)", self.device)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self.evaluator = None
+        self.logger = None
+        if self.dist.is_main:
+            val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=per_rank_batch * 2, workers=cfg.workers, strict=cfg.strict, cache_dir=self.run_dir)
+            self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda", save_dir=self.run_dir)
+            self.logger = RunLogger(self.run_dir)
+            if self.resume_ckpt is not None:
+                self.logger.truncate_after(self.state.epoch)
+            else:
+                self.logger.csv_path.unlink(missing_ok=True)  # a fresh run in a reused folder (exist_ok)
+            self._write_args()
+
+    def _write_args(self) -> None:
+        import yaml
+
+        text = yaml.safe_dump(asdict(self.cfg), sort_keys=False)
+        (self.run_dir / "args.yaml").write_text(text)
+
+    def _restore(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.state = TrainState(**ckpt["train_state"])
+        ckpt_io.restore_rng_state(ckpt["rng"])
+        LOGGER.info("resuming %s from epoch %d", self.run_dir, self.state.epoch + 1)
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train for cfg.epochs (from the resumed epoch), evaluating and checkpointing each epoch."""
+        try:
+            self._build()
+            metrics: dict = {}
+            for epoch in range(self.state.epoch + 1, self.cfg.epochs):
+                started = time.perf_counter()
+                losses, nonfinite, seen = self._train_epoch(epoch)
+                elapsed = time.perf_counter() - started
+                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen / elapsed) or metrics
+                if broadcast_flag(self.dist, self._should_stop(epoch)):
+                    LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
+                    break
+            if self.dist.is_main:
+                self._finish()
+            return metrics
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            shutdown(self.dist)
+
+    def _train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int]:
+        """One pass over the train loader; returns the mean loss parts, the skipped steps and the images seen."""
+        cfg = self.cfg
+        self.train_model.train()
+        mosaic_on = epoch < cfg.epochs - cfg.close_mosaic
+        self.train_set.set_mosaic(mosaic_on)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        elif hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(epoch)
+        running = torch.zeros(3, device=self.device)
+        nonfinite_run = 0
+        nonfinite_epoch = 0
+        seen = 0
+        bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            step = epoch * self.iters_per_epoch + i
+            accumulate = self._accumulate_at(step)
+            self.schedule.apply(self.optimizer, epoch, i)
+            images = batch["images"].to(self.device, non_blocking=True).float().div_(255)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = batch["targets"].to(self.device, non_blocking=True)
+            sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
+            no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
+            with no_sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    raw = self.train_model(images)
+                loss, parts = self.criterion(raw, targets)
+                if self.dist.enabled:
+                    loss = loss * self.dist.world_size  # DDP averages gradients over ranks; YOLO's loss is a sum
+                self.scaler.scale(loss).backward()
+            running = running + (parts - running) / (i + 1)
+            seen += images.shape[0]
+            if sync_now:
+                if self._optimizer_step():
+                    nonfinite_run = 0
+                else:
+                    nonfinite_run += 1
+                    nonfinite_epoch += 1
+                    self.state.nonfinite_total += 1
+                    LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, nonfinite_run)
+                    if nonfinite_run >= cfg.max_nonfinite:
+                        raise DetectorError(
+                            f"training stopped: {nonfinite_run} non-finite steps in a row at epoch {epoch + 1}; "
+                            f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
+                        )
+            if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
+                values = running.tolist()  # host read at log intervals only (a GPU sync point)
+                lr = self.optimizer.param_groups[0]["lr"]
+                postfix = {"box": f"{values[0]:.4f}", "obj": f"{values[1]:.4f}", "cls": f"{values[2]:.4f}", "inst": int(targets.shape[0]), "lr": f"{lr:.2e}"}
+                if self.device.type == "cuda":
+                    postfix["mem"] = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G"
+                bar.set_postfix(postfix)
+                self.logger.step(step, running, lr)
+                if i == 0 and not self._batch_grid_logged:
+                    self.logger.images("train/batch0", batch["images"][:16], step)
+                    self._batch_grid_logged = True
+        bar.close()
+        return running.cpu(), nonfinite_epoch, seen
+
+    def _accumulate_at(self, step: int) -> int:
+        """Gradient accumulation ramps from 1 to nbs/batch over the warmup (YOLOv5)."""
+        warmup = self.schedule.warmup_iters
+        if step >= warmup:
+            return self.accumulate
+        return max(1, round(float(np.interp(step, [0, warmup], [1, self.cfg.nbs / self.cfg.batch]))))
+
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # a scaler skips non-finite steps itself
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite and self.ema is not None:
+            self.ema.update(self.model)
+        return finite
+
+    def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float) -> dict | None:
+        """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
+        metrics = None
+        if self.dist.is_main:
+            from detector.engine.metrics import fitness
+
+            final = epoch + 1 == self.cfg.epochs
+            fit = None
+            if (epoch + 1) % self.cfg.val_interval == 0 or final:
+                metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final)
+                fit = fitness(metrics)
+                if fit > self.state.best_fitness:
+                    self.state.best_fitness, self.state.best_epoch = fit, epoch
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite)
+            self.state.epoch = epoch
+            self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
+            summary = f"epoch {epoch + 1}/{self.cfg.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
+            if metrics is not None:
+                summary += f"  AP50 {metrics['AP50']:.4f}  AP {metrics['AP']:.4f}"
+            LOGGER.info(summary)
+        else:
+            self.state.epoch = epoch
+        barrier(self.dist)
+        return metrics
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _should_stop(self, epoch: int) -> bool:
+        patience = self.cfg.patience
+        return patience > 0 and self.state.best_epoch >= 0 and epoch - self.state.best_epoch >= patience
+
+    def _checkpoint(self, epoch: int) -> dict:
+        from detector import __version__
+
+        return {
+            "format_version": 1,
+            "version": __version__,
+            "model_yaml": self.model.yaml,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": epoch,
+            "train_state": asdict(self.state),
+            "rng": ckpt_io.capture_rng_state(),
+            "train_config": asdict(self.cfg),
+            "names": list(self.names),
+            "category_ids": [int(c) for c in self.category_ids],
+            "imgsz": self.cfg.imgsz,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _save(self, epoch: int, *, is_best: bool) -> None:
+        state = self._checkpoint(epoch)
+        ckpt_io.save_checkpoint(self.weights_dir / "last.pt", state)
+        if is_best:
+            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", state)
+        if self.cfg.save_period > 0 and (epoch + 1) % self.cfg.save_period == 0:
+            ckpt_io.save_checkpoint(self.weights_dir / f"epoch{epoch + 1}.pt", state)
+
+    def _finish(self) -> None:
+        if not (self.weights_dir / "best.pt").exists():
+            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", self._checkpoint(self.state.epoch))
+        if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
+            plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
+        LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job; returns the final epoch's metrics (rank 0) and leaves the run folder."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,134 @@
+"""The training loop end to end on tiny synthetic data: learning, resume after SIGKILL, non-finite guard,
+TensorBoard tags, DDP through torchrun (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.config import REPO_ROOT, TrainConfig, build_options
+from detector.data.synthetic import generate_shapes_dataset
+from detector.engine.checkpoint import load_checkpoint
+from detector.engine.trainer import Trainer, train
+from detector.errors import DetectorError
+
+TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=1, n_train=16, n_val=8, imgsz=128)
+
+
+def make_config(data: Path, project: Path, **overrides: str) -> TrainConfig:
+    values = {**TINY, "data": str(data), "project": str(project), **overrides}
+    return build_options(TrainConfig, values, "test")
+
+
+def read_results(run: Path) -> list[dict[str, str]]:
+    with (run / "results.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path):
+    metrics = train(make_config(tiny_data, tmp_path, epochs="2", plots="true"))
+    run = tmp_path / "exp"
+    assert {"AP", "AP50", "ARl"} <= set(metrics)
+    rows = read_results(run)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(r["metrics/AP"] != "" for r in rows)
+    ckpt = load_checkpoint(run / "weights" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["names"] == ["circle", "triangle", "square", "star", "cross", "ring"]
+    assert (run / "weights" / "best.pt").exists() and (run / "args.yaml").exists()
+    assert (run / "plots" / "results.png").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/box_loss", "train/obj_loss", "train/cls_loss", "train/lr", "metrics/AP", "metrics/AP50"} <= tags
+    assert "train/batch0" in events.Tags()["images"]
+    # a second run with the same name goes to exp2
+    assert Trainer(make_config(tiny_data, tmp_path, epochs="1")).run_dir == tmp_path / "exp2"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from detector.engine import loss as loss_module
+
+    real_call = loss_module.YoloLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, raw, targets):
+        total, parts = real_call(self, raw, targets)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] >= 3 else total), parts
+
+    monkeypatch.setattr(loss_module.YoloLoss, "__call__", poisoned)
+    # epoch 0 (2 steps) is fine and checkpointed; from step 3 every loss is NaN
+    cfg = make_config(tiny_data, tmp_path, epochs="3", max_nonfinite="2", nbs="8", warmup_min_iters="0", warmup_epochs="0")
+    with pytest.raises(DetectorError, match="2 non-finite steps in a row at epoch 2"):
+        train(cfg)
+    last = load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="1"))
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    with pytest.raises(DetectorError, match=r"different config \(model: 'yolo-c2f-n' -> 'yolov5n'\)"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(last), model="yolov5n"))
+    with pytest.raises(DetectorError, match="already finished all 1 epochs; nothing to resume"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(last)))
+    with pytest.raises(DetectorError, match="nothing to resume"):
+        Trainer(make_config(tiny_data, tmp_path / "empty", resume="true"))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "detector", "train", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_finishes_every_epoch_once(tiny_data: Path, tmp_path: Path):
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(tmp_path), "epochs": "3"}.items()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(*args), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "exp"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "results.csv").exists() and len(read_results(run)) >= 1:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "weights" / "last.pt")["epoch"] >= 0
+    resumed = subprocess.run(_cli(f"resume={run / 'weights' / 'last.pt'}"), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]
+    assert load_checkpoint(run / "weights" / "best.pt")["train_config"]["epochs"] == 3
+    assert load_checkpoint(run / "weights" / "last.pt")["epoch"] == 2
+    assert not list((run / "weights").glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tiny_data: Path, tmp_path: Path):
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(tmp_path), "epochs": "1", "device": "cpu"}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "detector", "train", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["exp"]  # one run folder: only rank 0 writes
+    assert len(read_results(tmp_path / "exp")) == 1
+    assert len(list((tmp_path / "exp").glob("events.out.tfevents.*"))) == 1
+    assert load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")["epoch"] == 0
