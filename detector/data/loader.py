@@ -1,0 +1,334 @@
+"""Torch datasets and loaders over a scanned `CocoDataset`, and the batch format every consumer reads.
+
+Batch (what `collate` returns): {
+  "images":  uint8 (B, 3, H, W) RGB, converted to float / 255 on the device by the consumer,
+  "targets": float32 (M, 6) rows [batch_index, class, cx, cy, w, h], normalised by the batch image W, H,
+  "meta":    list of B dicts {image_id, file, orig_hw: (h, w), ratio, pad: (left_px, top_px)} (train adds mosaic),
+}. Val boxes map back to original pixels with `transforms.unletterbox_boxes(boxes, ratio, pad, orig_hw)`.
+
+`loader.dataset` is a TrainDataset / ValDataset; its `.coco` is the CocoDataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from detector.data.coco import CocoDataset
+from detector.data.transforms import AugmentHyp, Sample, TrainTransform, letterbox, resize_by
+from detector.errors import DetectorError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from detector.config import SplitSpec
+
+LOGGER = logging.getLogger(__name__)
+STRIDE = 32  # rectangular val batch shapes are multiples of this
+MAX_SUBSTITUTES = 10  # unreadable images replaced in a row before giving up
+# Mosaic partners come from the images a worker decoded last (as Ultralytics does), so a mosaic costs one decode,
+# not four; below PARTNER_POOL_MIN buffered images (a worker's first samples) they are drawn from the whole set.
+PARTNER_BUFFER = 64
+PARTNER_POOL_MIN = 16
+WORKER_TIMEOUT_S = 600  # a batch that takes longer than this from the workers is a hung worker: an error
+# What a file that changed or vanished after the scan raises while decoding.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-sample dicts {image (3, H, W) uint8, labels (n, 5) [class, cx, cy, w, h], meta} into a batch."""
+    images = torch.stack([s["image"] for s in samples])
+    targets = torch.cat(
+        [torch.cat([torch.full((len(s["labels"]), 1), float(i)), s["labels"]], dim=1) for i, s in enumerate(samples)]
+    )
+    return {"images": images, "targets": targets, "meta": [s["meta"] for s in samples]}
+
+
+def _labels(boxes_xyxy: np.ndarray, classes: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """(n, 5) float32 [class, cx, cy, w, h] normalised by the image width and height."""
+    b = boxes_xyxy.astype(np.float32).reshape(-1, 4)
+    cxcywh = np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], axis=1) / np.float32(
+        [width, height, width, height]
+    )
+    return torch.from_numpy(np.concatenate([classes.reshape(-1, 1).astype(np.float32), cxcywh], axis=1))
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class _ImageSource:
+    """Decoded images of a CocoDataset resized by a per-image ratio: from RAM (cache="ram"), from a small buffer of
+    the most recently decoded ones (`recent`, per process), or from disk."""
+
+    def __init__(self, coco: CocoDataset, ratios: np.ndarray, cache: str, buffer_size: int = 0) -> None:
+        self.coco = coco
+        self.ratios = ratios
+        self.buffer_size = buffer_size
+        self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.ram: list[np.ndarray] | None = None
+        if cache == "ram":
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                self.ram = list(pool.map(self.read, range(len(coco))))
+            mb = sum(a.nbytes for a in self.ram) / 2**20
+            LOGGER.info("cache=ram: %d images, %.0f MB", len(self.ram), mb)
+        elif cache:
+            raise DetectorError(f"cache must be '' or 'ram', got '{cache}'")
+
+    def read(self, index: int) -> np.ndarray:
+        return resize_by(self.coco.load_image(index), float(self.ratios[index]))
+
+    def get(self, index: int) -> np.ndarray:
+        if self.ram is not None:
+            return self.ram[index]
+        image = self.recent.get(index)
+        if image is None:
+            image = self.read(index)
+            if self.buffer_size:
+                self.recent[index] = image
+                if len(self.recent) > self.buffer_size:
+                    self.recent.popitem(last=False)
+        return image
+
+
+class TrainDataset(Dataset):
+    """Augmented training samples. `set_mosaic(False)` turns mosaic off, also inside persistent workers (the flag
+    lives in shared memory). An image that fails to decode after the scan is named once in a warning, counted
+    in `failed_files` and replaced by another image; under strict it is a DetectorError naming the file."""
+
+    def __init__(
+        self, coco: CocoDataset, *, imgsz: int, hyp: AugmentHyp, seed: int = 0, strict: bool = False, cache: str = ""
+    ) -> None:
+        self.coco = coco
+        self.imgsz = imgsz
+        self.strict = strict
+        hw = coco.image_hw
+        self.ratios = imgsz / hw.max(axis=1) if len(hw) else np.zeros(0)
+        self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER)
+        self.transform = TrainTransform(imgsz, hyp, seed)
+        self._mosaic = torch.ones(1, dtype=torch.uint8).share_memory_()
+        self.failed_files: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def set_mosaic(self, enabled: bool) -> None:
+        self._mosaic[0] = int(enabled)
+
+    @property
+    def mosaic_enabled(self) -> bool:
+        return bool(self._mosaic.numpy()[0])
+
+    def reseed(self, seed: int) -> None:
+        self.transform.reseed(seed)
+
+    def train_box_wh(self, imgsz: int) -> np.ndarray:
+        """(N, 2) pixel w, h of the training boxes at long side `imgsz` (see CocoDataset.train_box_wh)."""
+        return self.coco.train_box_wh(imgsz)
+
+    def _load(self, index: int) -> Sample:
+        """Image `index` at long side imgsz with its boxes; an unreadable one is replaced (see the class doc)."""
+        for _ in range(MAX_SUBSTITUTES):
+            record = self.coco.records[index]
+            try:
+                image = self.source.get(index)
+            except READ_ERRORS as err:
+                if self.strict:
+                    raise DetectorError(f"cannot read image {record.file} (changed since the scan?): {err}") from err
+                if str(record.file) not in self.failed_files:
+                    self.failed_files.append(str(record.file))
+                    LOGGER.warning("cannot read image %s (%s); using another image instead", record.file, err)
+                index = int(self.transform.rng.integers(len(self)))
+                continue
+            return image, record.boxes_xyxy * np.float32(self.ratios[index]), record.classes
+        raise DetectorError(f"{MAX_SUBSTITUTES} images in a row unreadable, last {record.file}; was the dataset moved?")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.coco.records[index]
+        try:
+            recent = list(self.source.recent)
+            pool = recent if len(recent) >= PARTNER_POOL_MIN else len(self)
+            (image, boxes, classes), used_mosaic = self.transform(self._load, index, pool, mosaic=self.mosaic_enabled)
+        except DetectorError:
+            raise
+        except Exception as err:  # surface which file a worker was on, not a bare worker traceback
+            raise DetectorError(f"augmenting {record.file} failed: {type(err).__name__}: {err}") from err
+        height, width = image.shape[:2]
+        meta = {
+            "image_id": record.image_id,
+            "file": str(record.file),
+            "orig_hw": (record.height, record.width),
+            "ratio": float(self.ratios[index]),
+            "pad": (0, 0),
+            "mosaic": used_mosaic,
+        }
+        return {"image": _to_chw(image), "labels": _labels(boxes, classes, width, height), "meta": meta}
+
+
+def rect_batch_shapes(hw: np.ndarray, imgsz: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order images by aspect ratio (h / w) and give each batch the smallest (h, w), a multiple of STRIDE, that
+    holds every image of the batch at long side imgsz. Returns (order (n,), shapes (n_batches, 2))."""
+    aspect = hw[:, 0] / hw[:, 1]
+    order = np.argsort(aspect, kind="stable")
+    n_batches = math.ceil(len(order) / batch_size)
+    shapes = np.zeros((n_batches, 2), np.int64)
+    for b in range(n_batches):
+        ar = aspect[order[b * batch_size : (b + 1) * batch_size]]
+        lo, hi = ar.min(), ar.max()
+        rel = (hi, 1.0) if hi < 1 else (1.0, 1 / lo) if lo > 1 else (1.0, 1.0)
+        shapes[b] = np.ceil(np.array(rel) * imgsz / STRIDE).astype(np.int64) * STRIDE
+    return order, shapes
+
+
+class ValDataset(Dataset):
+    """Letterboxed validation images: square imgsz, or with rect=True the batch shape of `rect_batch_shapes`
+    (the loader must then use the same batch_size and no shuffling). An image that fails to decode after the
+    scan is a DetectorError naming the file (a silent substitute would corrupt the metrics)."""
+
+    def __init__(self, coco: CocoDataset, *, imgsz: int, batch_size: int, rect: bool = False, cache: str = "") -> None:
+        self.coco = coco
+        self.imgsz = imgsz
+        self.batch_size = batch_size
+        hw = coco.image_hw
+        self.ratios = imgsz / hw.max(axis=1) if len(hw) else np.zeros(0)
+        if rect:
+            self.order, self.shapes = rect_batch_shapes(hw, imgsz, batch_size)
+        else:
+            self.order, self.shapes = np.arange(len(coco)), np.array([[imgsz, imgsz]], np.int64)
+        self.rect = rect
+        self.source = _ImageSource(coco, self.ratios, cache)
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = int(self.order[position])
+        record = self.coco.records[index]
+        shape = self.shapes[position // self.batch_size] if self.rect else self.shapes[0]
+        try:
+            resized = self.source.get(index)  # already at long side imgsz: the letterbox below only pads
+        except READ_ERRORS as err:
+            raise DetectorError(f"cannot read image {record.file} (changed since the scan?): {err}") from err
+        image, extra, pad = letterbox(resized, (int(shape[0]), int(shape[1])))
+        ratio = float(self.ratios[index]) * extra
+        boxes = record.boxes_xyxy * np.float32(ratio) + np.float32([pad[0], pad[1], pad[0], pad[1]])
+        meta = {
+            "image_id": record.image_id,
+            "file": str(record.file),
+            "orig_hw": (record.height, record.width),
+            "ratio": ratio,
+            "pad": pad,
+        }
+        return {"image": _to_chw(image), "labels": _labels(boxes, record.classes, image.shape[1], image.shape[0]), "meta": meta}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's augmentation streams start from torch's per-worker seed (the loader generator's base seed
+    + worker id), so a run is reproducible given the seed and the number of workers."""
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed % 2**32)
+
+
+class DetectorDataLoader(DataLoader):
+    """A DataLoader whose worker errors re-raise as the worker's one-line DetectorError (naming the file),
+    instead of torch's multi-line "Caught DetectorError in DataLoader worker process 0 ..." wrapper, and whose
+    stalled workers (timeout) are an error too, never a hung run."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DetectorError as err:
+                lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                last = lines[-1] if lines else ""
+                marker = "DetectorError: "
+                if len(lines) > 1 and marker in last:
+                    raise DetectorError(last.split(marker, 1)[1]) from None
+                raise
+            except RuntimeError as err:
+                if str(err).startswith("DataLoader timed out"):
+                    raise DetectorError(f"data loading stalled: no batch from the workers in {self.timeout:g} s") from err
+                raise
+            yield batch
+
+
+def _check_imgsz(imgsz: int) -> None:
+    if imgsz < STRIDE or imgsz % STRIDE:
+        raise DetectorError(f"imgsz must be a multiple of {STRIDE}, got {imgsz}")
+
+
+def build_train_loader(
+    split: SplitSpec,
+    *,
+    imgsz: int,
+    batch_size: int,
+    workers: int,
+    hyp: AugmentHyp,
+    seed: int,
+    strict: bool = False,
+    cache_dir: Path | None = None,
+    cache: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+) -> DetectorDataLoader:
+    """Shuffled, augmented batches of `split`; a DistributedSampler when world_size > 1 (call
+    `loader.sampler.set_epoch(epoch)` each epoch). `cache="ram"` decodes every image once up front."""
+    _check_imgsz(imgsz)
+    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
+    dataset = TrainDataset(coco, imgsz=imgsz, hyp=hyp, seed=seed + rank, strict=strict, cache=cache)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed) if world_size > 1 else None
+    generator = torch.Generator()
+    generator.manual_seed(seed + rank)
+    return DetectorDataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+    )
+
+
+def build_val_loader(
+    split: SplitSpec,
+    *,
+    imgsz: int,
+    batch_size: int,
+    workers: int,
+    rect: bool = False,
+    strict: bool = False,
+    cache_dir: Path | None = None,
+    cache: str = "",
+) -> DetectorDataLoader:
+    """Letterboxed batches of `split` in a fixed order (by aspect ratio when rect=True)."""
+    _check_imgsz(imgsz)
+    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
+    dataset = ValDataset(coco, imgsz=imgsz, batch_size=batch_size, rect=rect, cache=cache)
+    return DetectorDataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+    )

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny real COCO datasets written to tmp_path (images on disk + an instances json).
+
+`make_coco(...)` -> SplitSpec: by default 6 non-square JPEGs with solid rectangles (each box is exactly its
+rectangle's pixels), gapped category ids 1, 3, 7, a crowd box on the first image and one image without
+annotations. Options add, drop or break things; `mutate` edits the json dict before it is written.
+
+`make_data_yaml(...)` -> Path of a dataset YAML whose train and val splits are two such datasets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.config import SplitSpec
+
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
+SIZES_WH = [(96, 64), (64, 96), (80, 80), (120, 72), (72, 120), (100, 60)]
+
+
+def write_coco(
+    root: Path,
+    *,
+    sizes_wh: list[tuple[int, int]] = SIZES_WH,
+    categories: list[dict] = CATEGORIES,
+    boxes_per_image: int = 2,
+    crowd: bool = True,
+    empty_image: bool = True,
+    ext: str = "jpg",
+    seed: int = 0,
+    mutate: Callable[[dict[str, Any]], None] | None = None,
+) -> SplitSpec:
+    """Write `root/images/*.ext` and `root/instances.json`; see the module docstring."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i, (w, h) in enumerate(sizes_wh):
+        image_id = 10 + 3 * i  # gapped, not 0-based
+        pixels = np.full((h, w, 3), (40, 60, 80), np.uint8) + rng.integers(0, 20, (h, w, 3), dtype=np.uint8)
+        n = 0 if (empty_image and i == len(sizes_wh) - 1) else boxes_per_image
+        for k in range(n):
+            bw, bh = int(rng.integers(w // 6, w // 2)), int(rng.integers(h // 6, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            pixels[y : y + bh, x : x + bw] = rng.integers(120, 255, 3)
+            anns.append(
+                {
+                    "id": 100 + len(anns),
+                    "image_id": image_id,
+                    "category_id": categories[(i + k) % len(categories)]["id"],
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
+        name = f"img{i:03d}.{ext}"
+        Image.fromarray(pixels).save(images_dir / name, **({"quality": 95} if ext == "jpg" else {}))
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+    if crowd and sizes_wh:
+        w, h = sizes_wh[0]
+        anns.append(
+            {"id": 100 + len(anns), "image_id": images[0]["id"], "category_id": categories[0]["id"],
+             "bbox": [0, 0, w / 2, h / 2], "area": w * h / 4, "iscrowd": 1}
+        )
+    data = {"images": images, "annotations": anns, "categories": [dict(c) for c in categories]}
+    if mutate is not None:
+        mutate(data)
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps(data))
+    return SplitSpec(images=images_dir, annotations=annotations)
+
+
+@pytest.fixture
+def make_coco(tmp_path: Path) -> Callable[..., SplitSpec]:
+    """Factory: make_coco(name="coco", **write_coco options) -> SplitSpec under tmp_path/name."""
+
+    def make(name: str = "coco", **options: Any) -> SplitSpec:
+        return write_coco(tmp_path / name, **options)
+
+    return make
+
+
+@pytest.fixture
+def make_data_yaml(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: make_data_yaml(name="data", **write_coco options) -> a dataset YAML with train and val splits."""
+
+    def make(name: str = "data", **options: Any) -> Path:
+        root = tmp_path / name
+        write_coco(root / "train", **options)
+        write_coco(root / "val", **{**options, "seed": options.get("seed", 0) + 1})
+        path = root / "data.yaml"
+        path.write_text(
+            "train: {images: train/images, annotations: train/instances.json}\n"
+            "val: {images: val/images, annotations: val/instances.json}\n"
+        )
+        return path
+
+    return make

@@ -1,0 +1,321 @@
+"""CocoDataset: id mapping, crowd, negatives, every bad input of the scan (RELIABILITY rows 1-2, 4-11, 13),
+strict mode, the scan cache, coco_gt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.config import SplitSpec
+from detector.data.coco import CocoDataset, inspect_image
+from detector.errors import DetectorError
+
+
+def edit_json(split: SplitSpec, edit) -> None:
+    data = json.loads(split.annotations.read_text())
+    edit(data)
+    split.annotations.write_text(json.dumps(data))
+
+
+def add_ann(data: dict, image_index: int, bbox: list, category_id: int = 3, iscrowd: int = 0) -> int:
+    ann_id = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"].append(
+        {"id": ann_id, "image_id": data["images"][image_index]["id"], "category_id": category_id,
+         "bbox": bbox, "area": 1.0, "iscrowd": iscrowd}
+    )
+    return ann_id
+
+
+def test_gapped_category_ids_round_trip_and_names(make_coco) -> None:
+    split = make_coco()
+    ds = CocoDataset(split)
+    assert ds.category_ids == [1, 3, 7] and ds.names == ["circle", "square", "triangle"] and ds.num_classes == 3
+    data = json.loads(split.annotations.read_text())
+    by_id = {a["id"]: a for a in data["annotations"] if not a["iscrowd"]}
+    # every training box maps back to its file annotation's category id
+    for record in ds.records:
+        file_anns = [a for a in by_id.values() if a["image_id"] == record.image_id]
+        assert sorted(ds.category_ids[c] for c in record.classes) == sorted(a["category_id"] for a in file_anns)
+        for a in file_anns:
+            x, y, w, h = a["bbox"]
+            assert any(np.allclose(b, [x, y, x + w, y + h]) for b in record.boxes_xyxy)
+    assert CocoDataset(split, names=["a", "b", "c"]).names == ["a", "b", "c"]
+    with pytest.raises(DetectorError, match="names: 2 given"):
+        CocoDataset(split, names=["a", "b"])
+
+
+def test_crowd_kept_apart_and_negatives_kept(make_coco) -> None:
+    ds = CocoDataset(make_coco())
+    first = ds.records[0]
+    assert len(first.crowd_xyxy) == 1 and len(first.boxes_xyxy) == 2  # crowd never a training target
+    assert ds.summary.crowd_kept == 1 and ds.summary.boxes_kept == 10
+    assert len(ds.records) == 6 and len(ds.records[-1].boxes_xyxy) == 0 and ds.summary.negatives == 1
+    gt = ds.coco_gt()
+    crowd = [a for a in gt.dataset["annotations"] if a["iscrowd"]]
+    assert len(crowd) == 1 and len(gt.dataset["images"]) == 6
+    assert {c["id"] for c in gt.dataset["categories"]} == {1, 3, 7}
+    assert ds.train_box_wh(320).shape == (10, 2)
+
+
+def test_coco_gt_area_from_file_or_box(make_coco) -> None:
+    split = make_coco(mutate=lambda d: d["annotations"][0].pop("area"))
+    gt = CocoDataset(split).coco_gt()
+    anns = {a["id"]: a for a in gt.dataset["annotations"]}
+    first = anns[100]
+    assert first["area"] == pytest.approx(first["bbox"][2] * first["bbox"][3])
+    second = anns[101]
+    assert second["area"] == json.loads(split.annotations.read_text())["annotations"][1]["area"]
+
+
+def test_truncated_jpeg_is_skipped_named_and_never_rewritten(make_coco) -> None:
+    split = make_coco()
+    victim = split.images / "img001.jpg"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    before = victim.read_bytes()
+    ds = CocoDataset(split)
+    assert victim.read_bytes() == before
+    assert ds.summary.images_used == 5
+    (item,) = ds.summary.problems["unreadable image"]
+    assert str(victim) in item and str(victim) in str(ds.summary)
+    assert ds.summary.boxes_kept == 8  # its 2 boxes go; nothing else is lost
+    assert len(ds.summary.problems["annotation on a skipped image"]) == 2
+    with pytest.raises(DetectorError, match="img001.jpg"):
+        CocoDataset(split, strict=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image"])
+def test_zero_byte_and_non_image_files_are_unreadable(make_coco, content: bytes) -> None:
+    split = make_coco()
+    (split.images / "img002.jpg").write_bytes(content)
+    ds = CocoDataset(split)
+    assert len(ds.summary.problems["unreadable image"]) == 1 and ds.summary.images_used == 5
+
+
+def test_missing_image_file(make_coco) -> None:
+    split = make_coco()
+    (split.images / "img003.jpg").unlink()
+    ds = CocoDataset(split)
+    assert ds.summary.problems["missing image file"] == [f"{split.images / 'img003.jpg'} (image id 19)"]
+    with pytest.raises(DetectorError, match=r"missing image file: .*img003\.jpg \(image id 19\) \(strict=true\)"):
+        CocoDataset(split, strict=True)
+
+
+def test_bad_boxes_dropped_clipped_and_counted(make_coco) -> None:
+    split = make_coco()
+    ids = {}
+
+    def edit(d):
+        ids["negative"] = add_ann(d, 0, [10, 10, -5, 8])
+        ids["zero"] = add_ann(d, 0, [10, 10, 0, 8])
+        ids["nan"] = add_ann(d, 0, [float("nan"), 10, 5, 8])
+        ids["inf"] = add_ann(d, 0, [10, 10, float("inf"), 8])
+        ids["outside"] = add_ann(d, 0, [200, 10, 20, 20])  # image is 96 x 64
+        ids["clipped"] = add_ann(d, 0, [80, 50, 40, 40])
+        ids["rounding"] = add_ann(d, 0, [86, 10, 10.0000001, 10])  # x2 = W + 1e-7
+        ids["sliver"] = add_ann(d, 0, [95.5, 10, 5, 10])  # 0.5 px wide after clipping
+
+    edit_json(split, edit)
+    ds = CocoDataset(split)
+    p = ds.summary.problems
+    assert p["bbox of zero or negative size"] == [f"annotation {ids['negative']}", f"annotation {ids['zero']}"]
+    assert p["non-finite bbox"] == [f"annotation {ids['nan']}", f"annotation {ids['inf']}"]
+    assert p["bbox outside the image"] == [f"annotation {ids['outside']}"]
+    assert p["bbox under 1 px after clipping"] == [f"annotation {ids['sliver']}"]
+    (clipped,) = p["bbox clipped to the image (past the border by > 1 px)"]
+    assert clipped.startswith(f"annotation {ids['clipped']} by 26.0 px")
+    boxes = ds.records[0].boxes_xyxy
+    assert len(boxes) == 4  # 2 good + clipped + rounding
+    assert np.allclose(boxes[2], [80, 50, 96, 64]) and np.allclose(boxes[3], [86, 10, 96, 20])
+    assert ds.summary.boxes_dropped == 6 and ds.summary.boxes_kept == 12
+    with pytest.raises(DetectorError, match=f"non-finite bbox: annotation {ids['nan']} \\(strict=true\\)"):
+        CocoDataset(split, strict=True)
+
+
+def test_annotation_for_missing_image_and_unknown_category(make_coco) -> None:
+    split = make_coco()
+
+    def edit(d):
+        add_ann(d, 0, [1, 1, 5, 5], category_id=42)
+        d["annotations"].append({"id": 999, "image_id": 12345, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+
+    edit_json(split, edit)
+    ds = CocoDataset(split)
+    assert ds.summary.problems["annotation for a missing image id"] == ["annotation 999 names image id 12345"]
+    assert ds.summary.problems["unknown category id"] == ["annotation 111 has category_id 42"]
+    assert ds.summary.boxes_kept == 10 and ds.num_classes == 3
+    with pytest.raises(DetectorError, match="annotation 999 names image id 12345"):
+        CocoDataset(split, strict=True)
+
+
+@pytest.mark.parametrize("what", ["images", "annotations", "categories"])
+def test_duplicate_ids_are_always_errors(make_coco, what: str) -> None:
+    split = make_coco(mutate=lambda d: d[what].append(dict(d[what][0])))
+    with pytest.raises(DetectorError, match=r"instances\.json: duplicate (image|annotation|category) id"):
+        CocoDataset(split)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("images"), "no 'images' list"),
+        (lambda d: d["annotations"][0].pop("bbox"), "annotation 100: 'bbox' must be"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]), "annotation 100: 'bbox' must be"),
+        (lambda d: d["annotations"][0].update(image_id="10"), r"annotations\[0\] needs integer"),
+        (lambda d: d["images"][1].pop("file_name"), r"images\[1\] needs"),
+        (lambda d: d["images"][1].update(file_name="img000.jpg"), "listed by two images"),
+    ],
+)
+def test_malformed_json_names_the_item(make_coco, edit, message: str) -> None:
+    with pytest.raises(DetectorError, match=message):
+        CocoDataset(make_coco(mutate=edit))
+
+
+def test_invalid_json_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"images": [')
+    with pytest.raises(DetectorError, match=r"bad\.json:1: invalid JSON"):
+        CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "bad.json"))
+    with pytest.raises(DetectorError, match="annotations file not found"):
+        CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "none.json"))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(annotations=[]),
+        lambda d: d.update(images=[], annotations=[]),
+        lambda d: [a.update(iscrowd=1) for a in d["annotations"]],
+    ],
+)
+def test_empty_dataset_is_an_error(make_coco, mutate) -> None:
+    split = make_coco(mutate=mutate)
+    with pytest.raises(DetectorError, match=f"no labelled images in {split.annotations}"):
+        CocoDataset(split)
+
+
+def test_all_images_unreadable_is_an_error(make_coco) -> None:
+    split = make_coco()
+    for f in split.images.iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(DetectorError, match="no labelled images"):
+        CocoDataset(split)
+
+
+def _exif_image(path: Path, orientation: int, size_wh: tuple[int, int]) -> np.ndarray:
+    """Save stored pixels with an EXIF orientation; return the pixels as displayed (what a viewer shows)."""
+    stored = np.zeros((size_wh[1], size_wh[0], 3), np.uint8)
+    stored[5:15, 10:40] = (255, 0, 0)  # a red bar near the stored top-left
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, quality=95)
+    transpose = {6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}[orientation]
+    return np.asarray(image.transpose(transpose))
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_swaps_size_and_boxes_match_pixels(make_coco, orientation: int) -> None:
+    split = make_coco()
+    displayed = _exif_image(split.images / "img000.jpg", orientation, (96, 64))
+    red = (displayed[..., 0] > 128) & (displayed[..., 1] < 100)
+    ys, xs = np.nonzero(red)
+    box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+    def edit(d):
+        d["images"][0].update(width=64, height=96)  # the displayed frame, as annotation tools record it
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] != d["images"][0]["id"]]
+        add_ann(d, 0, box)
+
+    edit_json(split, edit)
+    ds = CocoDataset(split)
+    record = ds.records[0]
+    assert (record.width, record.height) == (64, 96)
+    assert not ds.summary.problems["json width/height differ from the file (the file's are used)"]
+    pixels = ds.load_image(0)
+    assert pixels.shape == (96, 64, 3)
+    x1, y1, x2, y2 = record.boxes_xyxy[0].astype(int)
+    loaded_red = (pixels[..., 0] > 128) & (pixels[..., 1] < 100)
+    ys, xs = np.nonzero(loaded_red)
+    assert xs.min() >= x1 - 1 and xs.max() < x2 + 1 and ys.min() >= y1 - 1 and ys.max() < y2 + 1
+    assert loaded_red[y1:y2, x1:x2].mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
+def test_image_modes_become_rgb_uint8(make_coco, mode: str) -> None:
+    split = make_coco()
+    path = split.images / "img002.png"
+    rgb = np.zeros((80, 80, 3), np.uint8)
+    rgb[20:40, 20:60] = 200
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(rgb).convert(mode)
+    image.save(path if mode != "CMYK" else path.with_suffix(".jpg"))
+    name = path.name if mode != "CMYK" else "img002.jpg"
+    edit_json(split, lambda d: d["images"][2].update(file_name=name))
+    ds = CocoDataset(split)
+    index = [r.file.name for r in ds.records].index(name)
+    pixels = ds.load_image(index)
+    assert pixels.shape == (80, 80, 3) and pixels.dtype == np.uint8
+    assert pixels[30, 30].min() > 150 and pixels[5, 5].max() < 60
+
+
+def test_tiny_images_are_skipped(make_coco) -> None:
+    split = make_coco()
+    Image.new("RGB", (9, 30)).save(split.images / "img004.jpg")
+    edit_json(split, lambda d: d["images"][4].update(width=9, height=30))
+    ds = CocoDataset(split)
+    assert ds.summary.problems["image under 10 px"] == [f"{split.images / 'img004.jpg'} (9x30)"]
+    assert len(ds) == 5
+
+
+def test_summary_fits_a_screen_and_names_the_first_few(make_coco) -> None:
+    split = make_coco()
+    edit_json(split, lambda d: [add_ann(d, 0, [10, 10, -1, 1]) for _ in range(12)])
+    text = str(CocoDataset(split).summary)
+    assert len(text.splitlines()) < 25 and max(map(len, text.splitlines())) < 200
+    assert "bbox of zero or negative size: 12 (annotation 111, annotation 112" in text
+    assert "... and 7 more" in text
+    assert "circle 3  square 4  triangle 3" in text
+
+
+def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monkeypatch) -> None:
+    split = make_coco()
+    cache = split.annotations.parent / ".instances.json.scan-cache.json"
+    CocoDataset(split)
+    assert cache.exists() and json.loads(cache.read_text())["version"] == 1
+    calls = []
+    import detector.data.coco as coco_module
+
+    real = coco_module.inspect_image
+    monkeypatch.setattr(coco_module, "inspect_image", lambda p: calls.append(p.name) or real(p))
+    CocoDataset(split)
+    assert calls == []  # unchanged: nothing decoded again
+    victim = split.images / "img001.jpg"
+    victim.write_bytes(victim.read_bytes()[:-100])  # size changes: this one image is re-checked
+    assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1 and calls == ["img001.jpg"]
+    cache.write_text("{not json")
+    calls.clear()
+    assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1 and len(calls) == 6
+    forged = json.loads(cache.read_text())
+    forged["images"]["img001.jpg"][2] = "ok"  # a tampered entry for a changed file is not trusted ...
+    forged["images"]["img001.jpg"][1] += 1  # ... once its key no longer matches
+    cache.write_text(json.dumps(forged))
+    calls.clear()
+    CocoDataset(split)
+    assert calls == ["img001.jpg"]
+
+
+def test_scan_cache_goes_to_cache_dir_when_the_json_folder_is_not_writable(make_coco, tmp_path: Path) -> None:
+    split = make_coco()
+    (split.annotations.parent / ".instances.json.scan-cache.json").mkdir()  # writes there fail, even as root
+    CocoDataset(split, cache_dir=tmp_path / "run")
+    assert len(list((tmp_path / "run").glob("instances-*.scan-cache.json"))) == 1
+
+
+def test_inspect_image_reads_size_after_exif(tmp_path: Path) -> None:
+    _exif_image(tmp_path / "a.jpg", 6, (50, 20))
+    assert inspect_image(tmp_path / "a.jpg") == ("ok", 20, 50, "", False)  # rotated: decoded by PIL, not cv2

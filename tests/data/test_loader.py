@@ -1,0 +1,166 @@
+"""Loaders: the batch format, negatives, rectangular val batches, mosaic switched off inside persistent workers,
+images that break after the scan (RELIABILITY row 3), worker errors naming the file (row 34), seeding, DDP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from detector.config import TrainConfig
+from detector.data import transforms
+from detector.data.loader import build_train_loader, build_val_loader, collate, rect_batch_shapes
+from detector.errors import DetectorError
+
+NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)
+
+
+def test_train_batch_format(make_coco) -> None:
+    loader = build_train_loader(make_coco(), imgsz=64, batch_size=4, workers=0, hyp=TrainConfig(), seed=0)
+    batch = next(iter(loader))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (4, 3, 64, 64)
+    targets = batch["targets"]
+    assert targets.dtype == torch.float32 and targets.shape[1] == 6 and len(targets) > 0
+    assert set(targets[:, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0} and set(targets[:, 1].tolist()) <= {0.0, 1.0, 2.0}
+    assert (targets[:, 2:] >= 0).all() and (targets[:, 2:] <= 1).all()
+    assert set(batch["meta"][0]) >= {"image_id", "file", "orig_hw", "ratio", "pad"}
+    assert loader.dataset.coco.category_ids == [1, 3, 7]
+    assert loader.dataset.train_box_wh(64).shape == (10, 2)
+
+
+def test_negatives_reach_the_loaders(make_coco) -> None:
+    split = make_coco()
+    negative_id = 25  # the last image of the fixture has no annotations
+    loader = build_train_loader(split, imgsz=64, batch_size=6, workers=0, hyp=NO_MOSAIC, seed=0)
+    batch = next(iter(loader))
+    position = [m["image_id"] for m in batch["meta"]].index(negative_id)
+    assert (batch["targets"][:, 0] == position).sum() == 0
+    val = next(iter(build_val_loader(split, imgsz=64, batch_size=6, workers=0)))
+    position = [m["image_id"] for m in val["meta"]].index(negative_id)
+    assert (val["targets"][:, 0] == position).sum() == 0 and len(val["targets"]) == 10
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_val_batches_letterbox_and_map_back(make_coco, rect: bool) -> None:
+    split = make_coco()
+    loader = build_val_loader(split, imgsz=96, batch_size=2, workers=0, rect=rect)
+    coco = loader.dataset.coco
+    records = {r.image_id: r for r in coco.records}
+    seen = []
+    for batch in loader:
+        _, _, h, w = batch["images"].shape
+        assert h % 32 == 0 and w % 32 == 0 and max(h, w) == 96 and (rect or h == w)
+        for i, meta in enumerate(batch["meta"]):
+            seen.append(meta["image_id"])
+            rows = batch["targets"][batch["targets"][:, 0] == i]
+            cx, cy, bw, bh = (rows[:, 2:] * torch.tensor([w, h, w, h])).T
+            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+            back = transforms.unletterbox_boxes(boxes, meta["ratio"], meta["pad"], meta["orig_hw"])
+            assert torch.allclose(back, torch.from_numpy(records[meta["image_id"]].boxes_xyxy), atol=1e-3)
+    assert sorted(seen) == sorted(records)
+
+
+def test_rect_batch_shapes() -> None:
+    hw = np.array([[240, 320], [320, 240], [300, 300], [100, 320], [320, 100]])
+    order, shapes = rect_batch_shapes(hw, 320, 2)
+    assert order.tolist() == [3, 0, 2, 1, 4]  # by aspect ratio h / w
+    assert shapes.tolist() == [[256, 320], [320, 320], [320, 128]]
+
+
+def test_set_mosaic_reaches_persistent_workers(make_coco) -> None:
+    split = make_coco()
+    next(iter(build_train_loader(split, imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0)))
+    # OpenCV has now run in this process: forked workers must not hang in it (they did with its thread pool on)
+    loader = build_train_loader(split, imgsz=64, batch_size=3, workers=1, hyp=TrainConfig(), seed=0)
+    assert all(m["mosaic"] for b in loader for m in b["meta"])
+    loader.dataset.set_mosaic(False)
+    assert not any(m["mosaic"] for b in loader for m in b["meta"])
+
+
+def test_same_seed_same_batches_with_workers(make_coco) -> None:
+    split = make_coco()
+
+    def first_two(seed: int, workers: int) -> list[torch.Tensor]:
+        loader = build_train_loader(split, imgsz=64, batch_size=3, workers=workers, hyp=TrainConfig(), seed=seed)
+        return [torch.cat([b["images"].flatten().float(), b["targets"].flatten()]) for b in loader]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_two(1, 1), first_two(1, 1)))
+    assert all(torch.equal(a, b) for a, b in zip(first_two(1, 0), first_two(1, 0)))
+    assert not all(torch.equal(a, b) for a, b in zip(first_two(1, 0), first_two(2, 0)))
+
+
+def test_image_deleted_after_the_scan_is_replaced_and_named(make_coco, caplog) -> None:
+    split = make_coco()
+    loader = build_train_loader(split, imgsz=64, batch_size=6, workers=0, hyp=NO_MOSAIC, seed=0)
+    victim = split.images / "img002.jpg"
+    victim.unlink()
+    with caplog.at_level(logging.WARNING, logger="detector.data.loader"):
+        batches = list(loader) + list(loader)
+    assert sum(len(b["images"]) for b in batches) == 12
+    assert loader.dataset.failed_files == [str(victim)]
+    assert sum(str(victim) in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+def test_image_corrupted_after_the_scan_is_an_error_under_strict(make_coco) -> None:
+    split = make_coco()
+    loader = build_train_loader(split, imgsz=64, batch_size=6, workers=0, hyp=NO_MOSAIC, seed=0, strict=True)
+    victim = split.images / "img002.jpg"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(DetectorError, match="cannot read image .*img002.jpg"):
+        list(loader)
+    val = build_val_loader(make_coco("v"), imgsz=64, batch_size=6, workers=0)
+    (val.dataset.coco.records[0].file).write_bytes(b"")
+    with pytest.raises(DetectorError, match="cannot read image .*img000.jpg"):
+        list(val)
+
+
+def test_worker_exception_surfaces_with_the_file_path(make_coco, monkeypatch) -> None:
+    def broken(self, load, index, partners, *, mosaic):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(transforms.TrainTransform, "__call__", broken)
+    loader = build_train_loader(make_coco(), imgsz=64, batch_size=2, workers=1, hyp=TrainConfig(), seed=0)
+    with pytest.raises(DetectorError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert "\n" not in message and "augmenting" in message and ".jpg failed: RuntimeError: boom" in message
+
+
+def test_distributed_sampler_splits_the_data(make_coco) -> None:
+    split = make_coco()
+    ids = []
+    for rank in range(2):
+        loader = build_train_loader(split, imgsz=64, batch_size=3, workers=0, hyp=NO_MOSAIC, seed=0, rank=rank, world_size=2)
+        assert isinstance(loader.sampler, DistributedSampler)
+        loader.sampler.set_epoch(0)
+        ids.append({m["image_id"] for b in loader for m in b["meta"]})
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 6
+
+
+def test_ram_cache(make_coco) -> None:
+    loader = build_train_loader(make_coco(), imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0, cache="ram")
+    assert len(loader.dataset.source.ram) == 6 and max(loader.dataset.source.ram[0].shape[:2]) == 64
+    assert len(list(loader)) == 2
+    with pytest.raises(DetectorError, match="cache must be"):
+        build_train_loader(make_coco("b"), imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0, cache="disk")
+
+
+def test_imgsz_must_be_a_multiple_of_32(make_coco) -> None:
+    with pytest.raises(DetectorError, match="multiple of 32"):
+        build_val_loader(make_coco(), imgsz=100, batch_size=2, workers=0)
+
+
+def test_collate() -> None:
+    samples = [
+        {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "labels": torch.tensor([[1.0, 0.5, 0.5, 0.2, 0.2]]), "meta": {"image_id": 1}},
+        {"image": torch.ones(3, 8, 8, dtype=torch.uint8), "labels": torch.zeros(0, 5), "meta": {"image_id": 2}},
+        {"image": torch.ones(3, 8, 8, dtype=torch.uint8), "labels": torch.tensor([[0.0, 0.1, 0.1, 0.1, 0.1]] * 2), "meta": {"image_id": 3}},
+    ]
+    batch = collate(samples)
+    assert batch["images"].shape == (3, 3, 8, 8)
+    assert batch["targets"][:, 0].tolist() == [0.0, 2.0, 2.0] and batch["targets"].shape == (3, 6)
+    assert [m["image_id"] for m in batch["meta"]] == [1, 2, 3]

@@ -1,0 +1,211 @@
+"""Train augmentation (boxes follow the pixels through mosaic, affine, flips), the val letterbox and its inverse,
+seeding, border rounding."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detector.config import SplitSpec, TrainConfig
+from detector.data.coco import CocoDataset
+from detector.data.loader import TrainDataset
+from detector.data.transforms import (
+    FILL,
+    RandomHSV,
+    build_train_compose,
+    letterbox,
+    mosaic4,
+    seed_compose,
+    unletterbox_boxes,
+)
+
+IMGSZ = 128
+NO_COLOUR = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, mixup=0.0)
+
+
+def red_rectangles_dataset(root: Path, count: int = 8, seed: int = 0) -> SplitSpec:
+    """Images of several sizes on black, each with one solid red rectangle (kept 4 px from the border, so
+    rectangles of neighbouring mosaic tiles never touch); the box is exactly the rectangle."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(count):
+        w, h = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        bw, bh = int(rng.integers(6, w - 8)), int(rng.integers(6, h - 8))
+        x, y = int(rng.integers(4, w - bw - 3)), int(rng.integers(4, h - bh - 3))
+        pixels = np.zeros((h, w, 3), np.uint8)
+        pixels[y : y + bh, x : x + bw] = (255, 0, 0)
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, bw, bh], "iscrowd": 0})
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "rect"}]}
+    (root / "instances.json").write_text(json.dumps(data))
+    return SplitSpec(images=root / "images", annotations=root / "instances.json")
+
+
+def check_boxes_follow_pixels(image: np.ndarray, boxes: np.ndarray, tol: float = 1.5) -> None:
+    """Every box is tight (within tol) around red pixels, and every red region is enclosed by a box unless it
+    was cut by the output border or the mosaic's edge (then its box may have been dropped as mostly invisible)."""
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    loose = (r > 100) & (g < 80) & (b < 80)  # at least ~40% covered by the rectangle
+    strict = (r > 200) & (g < 40) & (b < 40)  # interior
+    h, w = loose.shape
+    for x1, y1, x2, y2 in boxes:
+        ys, xs = np.nonzero(loose[max(int(y1 - 1), 0) : int(np.ceil(y2 + 1)), max(int(x1 - 1), 0) : int(np.ceil(x2 + 1))])
+        assert len(xs), f"box {x1, y1, x2, y2} holds no object pixels"
+        found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) + [max(int(x1 - 1), 0), max(int(y1 - 1), 0)] * 2
+        assert np.abs(found - [x1, y1, x2, y2]).max() <= tol, (found, (x1, y1, x2, y2))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(strict.astype(np.uint8), connectivity=8)
+    pad = (np.abs(image.astype(int) - FILL) <= 2).all(axis=2)
+    pad_near = cv2.dilate(pad.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    for k in range(1, n):
+        x, y, cw, ch = stats[k, :4]
+        enclosed = any(
+            x >= x1 - tol and y >= y1 - tol and x + cw <= x2 + tol and y + ch <= y2 + tol for x1, y1, x2, y2 in boxes
+        )
+        cut = x <= 1 or y <= 1 or x + cw >= w - 1 or y + ch >= h - 1 or (pad_near & (labels == k)).any()
+        assert enclosed or cut, f"object at {x, y, cw, ch} has no box"
+
+
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+def test_boxes_follow_the_pixels(tmp_path: Path, mosaic: float) -> None:
+    coco = CocoDataset(red_rectangles_dataset(tmp_path / "d"))
+    hyp = replace(TrainConfig(), mosaic=mosaic, scale=0.5, translate=0.2, fliplr=0.5, flipud=0.5, **NO_COLOUR)
+    n_boxes = 0
+    for seed in range(6):
+        dataset = TrainDataset(coco, imgsz=IMGSZ, hyp=hyp, seed=seed)
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            image = sample["image"].permute(1, 2, 0).numpy()
+            cls, cx, cy, bw, bh = sample["labels"].numpy().T * np.array([[1], [IMGSZ], [IMGSZ], [IMGSZ], [IMGSZ]])
+            boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+            assert image.shape == (IMGSZ, IMGSZ, 3) and sample["meta"]["mosaic"] == (mosaic == 1.0)
+            assert (boxes >= -1e-3).all() and (boxes <= IMGSZ + 1e-3).all() and ((boxes[:, 2:] - boxes[:, :2]) >= 2 - 1e-3).all()
+            check_boxes_follow_pixels(image, boxes)
+            n_boxes += len(boxes)
+    assert n_boxes > 6 * len(coco) * (1.5 if mosaic else 0.7)  # most objects survive the crops
+
+
+def test_boxes_follow_rotation_and_shear_as_bounds(tmp_path: Path) -> None:
+    coco = CocoDataset(red_rectangles_dataset(tmp_path / "d"))
+    hyp = replace(TrainConfig(), degrees=30.0, shear=10.0, scale=0.3, **NO_COLOUR)
+    dataset = TrainDataset(coco, imgsz=IMGSZ, hyp=hyp, seed=1)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        image = sample["image"].permute(1, 2, 0).numpy()
+        strict = (image[..., 0] > 200) & (image[..., 1] < 40)
+        _, cx, cy, bw, bh = sample["labels"].numpy().T * np.array([[1], [IMGSZ], [IMGSZ], [IMGSZ], [IMGSZ]])
+        covered = np.zeros_like(strict)
+        for x1, y1, x2, y2 in np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1):
+            covered[max(int(y1 - 1.5), 0) : int(y2 + 2.5), max(int(x1 - 1.5), 0) : int(x2 + 2.5)] = True
+        uncovered = strict & ~covered
+        if uncovered.any():  # only allowed for objects cut by the output border
+            ys, xs = np.nonzero(uncovered)
+            assert (xs <= 1).any() or (ys <= 1).any() or (xs >= IMGSZ - 2).any() or (ys >= IMGSZ - 2).any()
+
+
+def test_train_transform_is_deterministic_given_the_seed(tmp_path: Path) -> None:
+    coco = CocoDataset(red_rectangles_dataset(tmp_path / "d"))
+    hyp = replace(TrainConfig(), mixup=0.5)
+
+    def run(seed: int) -> list[np.ndarray]:
+        dataset = TrainDataset(coco, imgsz=64, hyp=hyp, seed=seed)
+        return [np.concatenate([dataset[i]["image"].numpy().ravel(), dataset[i]["labels"].numpy().ravel()]) for i in range(6)]
+
+    first, again, other = run(3), run(3), run(4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_seeded_flips_are_independent() -> None:
+    # A.Compose(seed=s) would give both flips identical random streams; seed_compose shares one stream
+    hyp = replace(TrainConfig(), fliplr=0.5, flipud=0.5, scale=0.0, translate=0.0, **NO_COLOUR)
+    compose = build_train_compose(32, hyp)
+    seed_compose(compose, 0)
+    decisions = []
+    for _ in range(40):
+        compose(image=np.zeros((32, 32, 3), np.uint8), bboxes=np.zeros((0, 4)), class_labels=np.zeros(0))
+        decisions.append((bool(compose.transforms[2].params), bool(compose.transforms[3].params)))
+    assert len(set(decisions)) == 4
+
+
+def test_border_rounding_never_raises() -> None:
+    compose = build_train_compose(64, replace(TrainConfig(), **NO_COLOUR))
+    seed_compose(compose, 0)
+    image = np.zeros((48, 64, 3), np.uint8)
+    boxes = np.array([[54.0, 10.0, 64.0 + 1e-6, 20.0], [-1e-6, 40.0, 10.0, 48.0 + 1e-5], [0.0, 0.0, 64.0, 48.0]])
+    for _ in range(20):
+        out = compose(image=image, bboxes=boxes, class_labels=np.array([0, 1, 2]))
+        assert np.all(np.asarray(out["bboxes"]) >= 0) and np.all(np.asarray(out["bboxes"]) <= 64)
+
+
+def test_mosaic4_places_images_around_the_centre() -> None:
+    samples = []
+    for k in range(4):
+        image = np.full((20, 30, 3), 50 * (k + 1), np.uint8)
+        samples.append((image, np.array([[0, 0, 30, 20]], np.float32), np.array([k])))
+    canvas, boxes, classes = mosaic4(samples, 32, (40, 30))
+    assert canvas.shape == (64, 64, 3)
+    expected = {0: [10, 10, 40, 30], 1: [40, 10, 64, 30], 2: [10, 30, 40, 50], 3: [40, 30, 64, 50]}
+    for box, cls in zip(boxes, classes):
+        assert np.allclose(box, expected[int(cls)])
+        x1, y1, x2, y2 = box.astype(int)
+        assert (canvas[y1:y2, x1:x2] == 50 * (cls + 1)).all()
+    assert (canvas[:10] == FILL).all()
+
+
+def test_mosaic4_clips_boxes_and_drops_those_mostly_outside_the_canvas() -> None:
+    image = np.zeros((32, 32, 3), np.uint8)
+    sample = (image, np.array([[0, 0, 10, 10], [20, 20, 32, 32]], np.float32), np.array([0, 1]))
+    _, boxes, _ = mosaic4([sample] * 4, 32, (30, 30))  # top-left tile starts at (-2, -2): 64% of box 0 left
+    assert [0, 0, 8, 8] in boxes.tolist()
+    _, boxes, _ = mosaic4([sample] * 4, 32, (24, 24))  # starts at (-8, -8): 4% left, dropped
+    assert [12, 12, 24, 24] in boxes.tolist()
+    assert not ((boxes[:, 0] == 0) & (boxes[:, 1] == 0)).any()
+
+
+def test_hsv_gains() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    assert np.array_equal(RandomHSV().apply(image, gains=np.ones(3)), image)
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    assert np.array_equal(RandomHSV().apply(grey, gains=np.array([1.3, 1.0, 1.0])), grey)  # no hue on grey
+    brighter = RandomHSV().apply(grey, gains=np.array([1.0, 1.0, 1.5]))
+    assert (brighter == 150).all()
+
+
+@pytest.mark.parametrize(
+    ("size_wh", "shape_hw"),
+    [((300, 180), (128, 128)), ((61, 43), (128, 128)), ((180, 300), (128, 96)), ((97, 97), (64, 64))],
+)
+def test_letterbox_inverse_maps_back_within_half_a_pixel(size_wh: tuple[int, int], shape_hw: tuple[int, int]) -> None:
+    w, h = size_wh
+    x1, y1, x2, y2 = int(0.13 * w), int(0.29 * h), int(0.71 * w), int(0.83 * h)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[y1:y2, x1:x2] = 255
+    out, ratio, pad = letterbox(image, shape_hw)
+    assert out.shape[:2] == shape_hw and ratio == pytest.approx(min(shape_hw[0] / h, shape_hw[1] / w))
+    assert (out[: pad[1]] == FILL).all() and (out[:, : pad[0]] == FILL).all()
+    inside = out[..., 0].astype(float) / 255 * (np.abs(out[..., 0].astype(int) - FILL) > 0)
+    # sub-pixel edges from the coverage profile through the middle of the box: sum = width, centroid = centre
+    row = inside[int((y1 + y2) / 2 * ratio + pad[1])]
+    col = inside[:, int((x1 + x2) / 2 * ratio + pad[0])]
+    cols, rows = np.arange(len(row)) + 0.5, np.arange(len(col)) + 0.5
+    cx, width = (row * cols).sum() / row.sum(), row.sum()
+    cy, height = (col * rows).sum() / col.sum(), col.sum()
+    found = torch.tensor([[cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2]])
+    back = unletterbox_boxes(found, ratio, pad, (h, w))
+    assert torch.allclose(back, torch.tensor([[x1, y1, x2, y2]], dtype=back.dtype), atol=0.5), back
+
+
+def test_unletterbox_clips_to_the_image() -> None:
+    boxes = torch.tensor([[-10.0, -10.0, 500.0, 500.0], [20.0, 30.0, 40.0, 50.0]])
+    out = unletterbox_boxes(boxes, 0.5, (10, 20), (100, 200))
+    assert out.tolist() == [[0.0, 0.0, 200.0, 100.0], [20.0, 20.0, 60.0, 60.0]]
+    assert boxes[0, 0] == -10.0  # input untouched
