@@ -1,0 +1,187 @@
+"""Plain building blocks of YOLO models: Conv, Bottleneck, C3, C2f (+ attention variants), SPPF, Concat, Upsample.
+
+Row modules take `(c_in, c_out, *args)` (see registry.py for how the builder feeds each one); YAML args
+follow the YOLOv5/YOLOv8 convention, e.g. `[-1, 3, C2f, [128, True]]` is C2f(c_in, 128 * width, n, True).
+
+C2f with attention (`CA_C2f`, `AttnC2f`) place it by `attention_at`:
+  output      after the fuse conv (default)
+  concat      on the concatenated branches, before the fuse conv
+  bottleneck  inside each bottleneck, before its residual add
+set file-wide (`attention_at: concat`) or per row by a trailing keyword dict in args:
+  `[-1, 6, CA_C2f, [256, True, {attention_at: bottleneck}]]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from detector.models.attention import build_attention
+from detector.models.registry import register_alias, register_module
+
+ATTENTION_PLACES = ("output", "concat", "bottleneck")
+
+
+def autopad(k: int, p: int | None = None, d: int = 1) -> int:
+    """'Same' padding for an odd kernel (stride 1 keeps the size; stride s divides it by s)."""
+    return d * (k - 1) // 2 if p is None else p
+
+
+@register_module()
+class Conv(nn.Module):
+    """Conv2d (no bias) + BatchNorm2d + SiLU. Row args: [c_out, k=1, s=1, p=auto, g=1, d=1, act=True]."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,
+                 d: int = 1, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, s, autopad(k, p, d), dilation=d, groups=g, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BN (eval statistics) into the conv's weight and bias: same output in eval mode, one op fewer."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            self.bn = nn.Identity()
+
+
+class Bottleneck(nn.Module):
+    """Two convs (kernels k, hidden width c_out * e) with a residual when `shortcut` and c_in == c_out.
+
+    An attention other than 'none' is applied to the conv output before the residual add.
+    """
+
+    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, g: int = 1, k: Sequence[int] = (3, 3),
+                 e: float = 0.5, attention: str = "none") -> None:
+        super().__init__()
+        hidden = int(c_out * e)
+        self.cv1 = Conv(c_in, hidden, k[0], 1)
+        self.cv2 = Conv(hidden, c_out, k[1], 1, g=g)
+        self.attn = build_attention(attention, c_out)
+        self.add = shortcut and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.cv2(self.cv1(x)))
+        return x + y if self.add else y
+
+
+@register_module(repeats=True)
+class C3(nn.Module):
+    """YOLOv5 CSP block: cv3(cat(n bottlenecks(cv1(x)), cv2(x))). Row args: [c_out, shortcut=True, g=1, e=0.5]."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5) -> None:
+        super().__init__()
+        hidden = int(c_out * e)
+        self.cv1 = Conv(c_in, hidden, 1)
+        self.cv2 = Conv(c_in, hidden, 1)
+        self.cv3 = Conv(2 * hidden, c_out, 1)
+        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, g, k=(1, 3), e=1.0) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat([self.m(self.cv1(x)), self.cv2(x)], 1))
+
+
+@register_module(repeats=True)
+class C2f(nn.Module):
+    """YOLOv8 CSP block: cv1 to 2c, split in two, n bottlenecks each on the last chunk, all concatenated, cv2.
+
+    Row args: [c_out, shortcut=False, g=1, e=0.5]. `attention`/`attention_at` (see the module docstring)
+    are used by the CA_C2f and AttnC2f rows; plain C2f has none.
+    """
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
+                 *, attention: str = "none", attention_at: str = "output") -> None:
+        super().__init__()
+        if attention_at not in ATTENTION_PLACES:
+            raise ValueError(f"attention_at '{attention_at}' is not one of {', '.join(ATTENTION_PLACES)}")
+        self.c = int(c_out * e)
+        self.cv1 = Conv(c_in, 2 * self.c, 1)
+        self.cv2 = Conv((2 + n) * self.c, c_out, 1)
+        inner = attention if attention_at == "bottleneck" else "none"
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, k=(3, 3), e=1.0, attention=inner)
+                               for _ in range(n))
+        self.attn_concat = build_attention(attention if attention_at == "concat" else "none", (2 + n) * self.c)
+        self.attn_output = build_attention(attention if attention_at == "output" else "none", c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.attn_output(self.cv2(self.attn_concat(torch.cat(y, 1))))
+
+
+@register_module(repeats=True, attention_at=True)
+class CA_C2f(C2f):  # noqa: N801 (the YAML row name)
+    """C2f with Coordinate Attention (Hou et al., CVPR 2021) at `attention_at`. Row args as C2f."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
+                 *, attention_at: str = "output") -> None:
+        super().__init__(c_in, c_out, n, shortcut, g, e, attention="ca", attention_at=attention_at)
+
+
+@register_module(repeats=True, attention=True, attention_at=True)
+class AttnC2f(C2f):
+    """C2f with the file's `attention:` (any registry name) at `attention_at`. Row args as C2f."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
+                 *, attention: str = "ca", attention_at: str = "output") -> None:
+        super().__init__(c_in, c_out, n, shortcut, g, e, attention=attention, attention_at=attention_at)
+
+
+@register_module()
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: three chained k x k max-pools (= SPP with k, 2k-1, 3k-2).
+
+    Row args: [c_out, k=5].
+    """
+
+    def __init__(self, c_in: int, c_out: int, k: int = 5) -> None:
+        super().__init__()
+        hidden = c_in // 2
+        self.cv1 = Conv(c_in, hidden, 1)
+        self.cv2 = Conv(4 * hidden, c_out, 1)
+        self.pool = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.pool(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+@register_module(channels="sum", multi_input=True)
+class Concat(nn.Module):
+    """Concatenate the inputs along `dim` (channels). Row args: [dim=1]."""
+
+    def __init__(self, c_ins: Sequence[int], dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, self.dim)
+
+
+@register_module(channels="same")
+class Upsample(nn.Upsample):
+    """Resize by `scale_factor` (nearest by default). Row args: [scale_factor=2, mode='nearest'].
+
+    The YOLOv5 spelling `[-1, 1, nn.Upsample, [None, 2, 'nearest']]` is accepted too.
+    """
+
+    def __init__(self, c_in: int, scale_factor: float = 2, mode: str = "nearest") -> None:
+        super().__init__(scale_factor=scale_factor, mode=mode)
+
+
+def _torch_upsample_args(args: list) -> list:
+    """nn.Upsample's [size, scale_factor, mode] -> Upsample's [scale_factor, mode] (inputs vary in size)."""
+    if args and args[0] is not None:
+        raise ValueError(f"nn.Upsample with a fixed size {args[0]!r} is not supported; give [None, scale, mode]")
+    return list(args[1:])
+
+
+register_alias("nn.Upsample", "Upsample", _torch_upsample_args)

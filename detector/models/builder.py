@@ -1,0 +1,450 @@
+"""Model YAML -> `DetectionModel`: the only code that reads model rows.
+
+A YAML has `backbone:` and `head:` lists of rows `[from, repeats, module, args]` (YOLOv5/YOLOv8 format, so
+classic YOLOv5 v6+ files load unchanged):
+- `from`: -1 (the previous row), a row index, a negative offset, or a list of them (multi-input rows).
+- `repeats`: scaled to max(round(n * depth_multiple), 1) when n > 1; passed to repeat-taking blocks (C3, C2f,
+  ...), otherwise the module is stacked n times.
+- `module`: a name registered in registry.py (`nn.Upsample` is an alias of `Upsample`).
+- `args`: constructor args after the input channels; a module whose args[0] is its output channel count gets
+  make_divisible(min(args[0], max_channels) * width_multiple, 8). The strings `nc`, `anchors` and `None` stand
+  for the file's `nc`, `anchors` and Python None. A trailing mapping is passed as keywords
+  (`[256, True, {attention_at: concat}]`).
+Top-level keys: nc, depth_multiple, width_multiple, or `scales: {n: [depth, width, max_channels], ...}` with
+`scale:` (default: the file name's last letter, as in `yolov8n.yaml`), attention, attention_at, anchors (pixels,
+or an int: placeholder anchors for auto-anchor, see head.placeholder_anchors), activation (e.g. `nn.SiLU()`),
+ch (input channels), channel_multiple (8), name (defaults to the file's stem), backbone, head.
+Overrides (`build_model(..., attention="cbam")`) win over the file and over row keywords; the resolved config
+is kept as `model.yaml` (plain types) so `build_model(model.yaml)` rebuilds the same architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from detector.errors import DetectorError
+from detector.models import attention as _attention  # importing the block modules registers them
+from detector.models import blocks as _blocks
+from detector.models.blocks import ATTENTION_PLACES
+from detector.models.head import Detect
+from detector.models.registry import MODULES, RowModule, UnknownNameError, suggest
+
+KNOWN_KEYS = ("nc", "depth_multiple", "width_multiple", "scales", "scale", "attention", "attention_at", "anchors",
+              "activation", "ch", "channel_multiple", "name", "backbone", "head")
+SYMBOLS = ("nc", "anchors", "None")
+STRIDE_PROBE_PX = 256
+ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
+    "silu": nn.SiLU, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "hardswish": nn.Hardswish, "mish": nn.Mish,
+    "gelu": nn.GELU, "relu6": nn.ReLU6, "identity": nn.Identity,
+}
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    """The smallest multiple of `divisor` >= x."""
+    return int(math.ceil(x / divisor) * divisor)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one row became, for `model_info`'s table: `row` like 'head[3]', `source` as written, `repeats` after
+    depth scaling, `args` as passed to the constructor."""
+
+    index: int
+    row: str
+    source: int | list[int]
+    repeats: int
+    module: str
+    args: list
+
+
+class DetectionModel(nn.Module):
+    """The layer graph of one model YAML; the last layer is the `Detect` head.
+
+    forward(x (B, 3, H, W) float, H and W multiples of the max stride): train mode -> list of nl raw maps
+    (B, na, H_l, W_l, 5 + nc); eval mode -> (B, N, 5 + nc) decoded (see `Detect`).
+    """
+
+    def __init__(self, layers: list[nn.Module], sources: list[int | list[int]], layer_info: list[LayerInfo],
+                 config: dict) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.sources = sources  # absolute indices; i - 1 is the previous output (the image for layer 0)
+        used = {j for i, s in enumerate(sources) for j in (s if isinstance(s, list) else [s]) if j != i - 1}
+        self.keep = [i in used for i in range(len(layers))]
+        self.layer_info = layer_info
+        self.yaml = config
+
+    @property
+    def head(self) -> Detect:
+        return self.layers[-1]
+
+    @property
+    def stride(self) -> torch.Tensor:
+        """(nl,) pixels per cell of each output level."""
+        return self.head.stride
+
+    @property
+    def nc(self) -> int:
+        return self.head.nc
+
+    @property
+    def name(self) -> str:
+        return str(self.yaml.get("name", "model"))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run every layer but the head; return the head's input maps (one per level)."""
+        outputs: list[torch.Tensor | None] = []
+        for i, layer in enumerate(self.layers):
+            src = self.sources[i]
+            if isinstance(src, list):
+                x = [x if j == i - 1 else outputs[j] for j in src]
+            elif src != i - 1:
+                x = outputs[src]
+            if i == len(self.layers) - 1:
+                return x
+            x = layer(x)
+            outputs.append(x if self.keep[i] else None)
+        raise AssertionError("unreachable: the builder guarantees a head layer")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def fuse(self) -> DetectionModel:
+        """For inference only: fold every Conv's BN into its conv, in place (deep-copy first to keep training)."""
+        for m in self.modules():
+            if isinstance(m, _blocks.Conv):
+                m.fuse()
+        return self.eval()
+
+
+def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str | None = None,
+                attention_at: str | None = None) -> DetectionModel:
+    """Build a model from a YAML path (or a bare name from configs/models) or an already-loaded dict.
+
+    Overrides replace the file's `nc`, `attention` and `attention_at` (and row keywords of the same name).
+    Every user error is a one-line DetectorError naming the file and the row or key.
+    """
+    raw, label = _load(cfg)
+    spec = _resolve(raw, label, nc=nc, attention=attention, attention_at=attention_at)
+    layers, sources, info = _build_layers(spec, label)
+    model = DetectionModel(layers, sources, info, spec)
+    _finalize(model, spec, label)
+    return model
+
+
+def _load(cfg: str | Path | dict) -> tuple[dict, str]:
+    if isinstance(cfg, dict):
+        return copy.deepcopy(cfg), str(cfg.get("name") or "model config")
+    path = Path(cfg)
+    if not path.exists():
+        from detector.config import resolve_model_path  # lazy: only bare names need the repository lookup
+
+        path = resolve_model_path(str(cfg))
+    try:
+        label = str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        label = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DetectorError(f"{label}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DetectorError(f"{label}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return data, label
+
+
+def _resolve(raw: Any, label: str, *, nc: int | None, attention: str | None, attention_at: str | None) -> dict:
+    """Validate the top level and apply overrides; returns the config `model.yaml` will hold."""
+    if not isinstance(raw, dict):
+        raise DetectorError(f"{label}: a model config is a mapping (nc, backbone, head, ...), got {type(raw).__name__}")
+    for key in raw:
+        if key not in KNOWN_KEYS:
+            raise DetectorError(f"{label}: unknown key '{key}'{suggest(str(key), list(KNOWN_KEYS))}")
+    if "backbone" not in raw:
+        raise DetectorError(f"{label}: missing 'backbone' (a list of [from, repeats, module, args] rows)")
+    for section in ("backbone", "head"):
+        if not isinstance(raw.get(section, []), list):
+            raise DetectorError(f"{label}: {section}: expected a list of rows, got {type(raw[section]).__name__}")
+    spec = raw
+    for key, value in (("nc", nc), ("attention", attention), ("attention_at", attention_at)):
+        if value is None:
+            continue
+        spec[key] = value
+        if key != "nc":  # an override swaps every row: drop row keywords of the same name
+            for row in spec["backbone"] + spec.get("head", []):
+                if isinstance(row, list) and len(row) == 4 and isinstance(row[3], list) and row[3] \
+                        and isinstance(row[3][-1], dict):
+                    row[3][-1].pop(key, None)
+    if "scales" in spec:
+        if "depth_multiple" in spec or "width_multiple" in spec:
+            raise DetectorError(f"{label}: give either 'scales' + 'scale' or depth_multiple/width_multiple, not both")
+        scales = spec["scales"]
+        if not isinstance(scales, dict) or not scales:
+            raise DetectorError(f"{label}: scales: expected a mapping like {{n: [0.33, 0.25, 1024]}}")
+        if "scale" not in spec:
+            guess = str(spec.get("name", ""))[-1:]
+            if guess not in scales:
+                raise DetectorError(f"{label}: scales given but no 'scale:' key (one of {', '.join(map(str, scales))})")
+            spec["scale"] = guess
+        if spec["scale"] not in scales:
+            hint = suggest(str(spec["scale"]), list(map(str, scales)))
+            raise DetectorError(f"{label}: scale: '{spec['scale']}' is not in scales{hint}")
+    _check_value(spec, label)
+    return spec
+
+
+def _check_value(spec: dict, label: str) -> None:
+    """Type checks of the top-level scalars, with the attention names checked against the registry."""
+
+    def positive(key: str, kind: type | tuple[type, ...]) -> None:
+        v = spec.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or v <= 0):
+            raise DetectorError(f"{label}: {key}: expected a positive number, got {v!r}")
+
+    positive("nc", int)
+    positive("ch", int)
+    positive("channel_multiple", int)
+    positive("depth_multiple", (int, float))
+    positive("width_multiple", (int, float))
+    if "scales" in spec:
+        entry = spec["scales"][spec["scale"]]
+        numbers = isinstance(entry, list) and all(isinstance(v, (int, float)) and v > 0 for v in entry)
+        if not numbers or len(entry) not in (2, 3):
+            raise DetectorError(f"{label}: scales.{spec['scale']}: expected [depth, width] or [depth, width, max_ch]")
+    if "attention" in spec:
+        try:
+            _attention.ATTENTIONS.get(spec["attention"])
+        except UnknownNameError as err:
+            raise DetectorError(f"{label}: attention: {err}") from None
+    if "attention_at" in spec and spec["attention_at"] not in ATTENTION_PLACES:
+        places = ", ".join(ATTENTION_PLACES)
+        raise DetectorError(f"{label}: attention_at: '{spec['attention_at']}' is not one of {places}")
+    if "activation" in spec:
+        _activation(spec["activation"], label)
+
+
+def _activation(text: Any, label: str) -> Callable[[], nn.Module]:
+    """`nn.SiLU()`, `SiLU`, `nn.LeakyReLU(0.1)` ... -> a module factory (no eval)."""
+    match = re.fullmatch(r"\s*(?:nn\.)?(\w+)\s*(?:\(\s*([-+.\deE]*)\s*\))?\s*", str(text))
+    name = match.group(1).lower() if match else ""
+    if name not in ACTIVATIONS:
+        raise DetectorError(f"{label}: activation: unknown '{text}'{suggest(name, list(ACTIVATIONS))}; "
+                            f"known: {', '.join(ACTIVATIONS)}")
+    arg = match.group(2)
+    if arg:
+        try:
+            value = float(arg)
+        except ValueError:
+            raise DetectorError(f"{label}: activation: bad argument in '{text}'") from None
+        return lambda: ACTIVATIONS[name](value)
+    return ACTIVATIONS[name]
+
+
+@dataclass
+class _Scaling:
+    depth: float
+    width: float
+    max_channels: float
+    divisor: int
+
+
+def _scaling(spec: dict) -> _Scaling:
+    if "scales" in spec:
+        depth, width, *rest = spec["scales"][spec["scale"]]
+        max_channels = rest[0] if rest else math.inf
+    else:
+        depth, width, max_channels = spec.get("depth_multiple", 1.0), spec.get("width_multiple", 1.0), math.inf
+    return _Scaling(depth, width, max_channels, spec.get("channel_multiple", 8))
+
+
+def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | list[int]], list[LayerInfo]]:
+    rows = [("backbone", j, r) for j, r in enumerate(spec["backbone"])]
+    rows += [("head", j, r) for j, r in enumerate(spec.get("head") or [])]
+    if not rows:
+        raise DetectorError(f"{label}: backbone: no rows")
+    scaling = _scaling(spec)
+    channels: list[int | None] = []  # output channels per layer; None: no feature map (the head)
+    layers, sources, info = [], [], []
+    for i, (section, j, row) in enumerate(rows):
+        module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, label, spec, scaling, channels)
+        layers.append(module)
+        sources.append(source)
+        info.append(layer_info)
+        channels.append(c_out)
+    if not isinstance(layers[-1], Detect):
+        section, j, _ = rows[-1]
+        raise DetectorError(f"{label}: {section}[{j}]: the last row must be the Detect head, got {info[-1].module}")
+    return layers, sources, info
+
+
+def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling: _Scaling,
+               channels: list[int | None]) -> tuple[nn.Module, int | list[int], LayerInfo, int | None]:
+    """One row -> (module, absolute source(s), table info, output channels)."""
+    where = f"{label}: {row_name}"
+    if not isinstance(row, list) or len(row) != 4:
+        raise DetectorError(f"{where}: a row is [from, repeats, module, args], got {row!r}")
+    src, n, name, args = row
+    try:
+        entry = MODULES.get(name)
+    except UnknownNameError as err:
+        raise DetectorError(f"{where}: {err}") from None
+    absolute = _sources(i, src, where, entry, channels)
+    c_ins = [spec.get("ch", 3) if a < 0 else channels[a] for a in absolute]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DetectorError(f"{where}: repeats must be a positive int, got {n!r}")
+    n = max(round(n * scaling.depth), 1) if n > 1 else n
+    args, kwargs = _row_args(args, where, spec)
+    if entry.adapt_args is not None:
+        try:
+            args = entry.adapt_args(args)
+        except ValueError as err:
+            raise DetectorError(f"{where}: {name}: {err}") from None
+    c_in = c_ins if entry.multi_input else c_ins[0]
+    if entry.channels == "arg0":
+        if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or args[0] < 1:
+            raise DetectorError(f"{where}: {name}: args[0] must be the output channel count, got {args!r}"
+                                f"; args are {_usage(entry)}")
+        c_out = make_divisible(min(args[0], scaling.max_channels) * scaling.width, scaling.divisor)
+        call, rest = [c_in, c_out], args[1:]
+    else:
+        c_out = {"same": c_in, "sum": sum(c_ins), "none": None}[entry.channels]
+        call, rest = [c_in], args
+    if entry.repeats:
+        call.append(n)
+    if entry.attention:
+        kwargs.setdefault("attention", spec.get("attention", "ca"))
+    if entry.attention_at:
+        kwargs.setdefault("attention_at", spec.get("attention_at", "output"))
+    copies = 1 if entry.repeats else n
+    if copies > 1 and entry.channels not in ("arg0", "same"):
+        raise DetectorError(f"{where}: {name} cannot be repeated (repeats must be 1)")
+    module = _construct(entry, [*call, *rest], kwargs, where, args)
+    if copies > 1:
+        again = [c_out, c_out] if entry.channels == "arg0" else [c_out]
+        more = (_construct(entry, [*again, *rest], kwargs, where, args) for _ in range(copies - 1))
+        module = nn.Sequential(module, *more)
+    shown = [*call, *rest] + ([kwargs] if kwargs else [])
+    return module, absolute if entry.multi_input else absolute[0], LayerInfo(i, row_name, src, n, name, shown), c_out
+
+
+def _sources(i: int, src: Any, where: str, entry: RowModule, channels: list[int | None]) -> list[int]:
+    froms = src if isinstance(src, list) else [src]
+    if not froms or not all(isinstance(f, int) and not isinstance(f, bool) for f in froms):
+        raise DetectorError(f"{where}: 'from' must be an int or a list of ints, got {src!r}")
+    if not entry.multi_input and len(froms) != 1:
+        raise DetectorError(f"{where}: {entry.name} takes one input, got 'from' {src!r}")
+    absolute = []
+    for f in froms:
+        a = i + f if f < 0 else f
+        if not (0 <= a < i or (i == 0 and a == -1)):
+            valid = "-1 (the image)" if i == 0 else f"0..{i - 1} or -1..-{i}"
+            raise DetectorError(f"{where}: 'from' index {f} points forward/out of range (row {i} can use {valid})")
+        if a >= 0 and channels[a] is None:
+            raise DetectorError(f"{where}: 'from' index {f} is the head (layer {a}), which has no feature map")
+        absolute.append(a)
+    return absolute
+
+
+def _row_args(args: Any, where: str, spec: dict) -> tuple[list, dict]:
+    """Row args with the symbols `nc`, `anchors`, `None` resolved, and a trailing mapping split off as keywords."""
+    if not isinstance(args, list):
+        raise DetectorError(f"{where}: args must be a list, got {args!r}")
+    kwargs = {}
+    if args and isinstance(args[-1], dict):
+        kwargs = dict(args[-1])
+        args = args[:-1]
+        bad = [k for k in kwargs if not isinstance(k, str)]
+        if bad:
+            raise DetectorError(f"{where}: keyword names must be strings, got {bad!r}")
+    out = []
+    for a in args:
+        if a in SYMBOLS and isinstance(a, str):
+            if a == "None":
+                a = None
+            elif a not in spec:
+                raise DetectorError(f"{where}: args use '{a}' but the file has no top-level '{a}:' key")
+            else:
+                a = copy.deepcopy(spec[a])
+        out.append(a)
+    return out, kwargs
+
+
+def _usage(entry: RowModule) -> str:
+    """The row args a module takes, e.g. '[c_out, shortcut=False, g=1, e=0.5]'."""
+    params = list(inspect.signature(entry.factory).parameters.values())
+    fed = 1 + (entry.channels == "arg0") + entry.repeats  # c_in, c_out, n come from the builder
+    shown = ["c_out"] if entry.channels == "arg0" else []
+    for p in params[fed:]:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            shown.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in ("attention", "attention_at")]
+    return f"[{', '.join(shown)}]" + (f" + keywords {{{', '.join(keywords)}}}" if keywords else "")
+
+
+def _construct(entry: RowModule, call: list, kwargs: dict, where: str, row_args: list) -> nn.Module:
+    try:
+        inspect.signature(entry.factory).bind(*call, **kwargs)
+    except TypeError as err:
+        raise DetectorError(f"{where}: {entry.name} {row_args}: {err}; args are {_usage(entry)}") from None
+    try:
+        return entry.factory(*call, **kwargs)
+    except (ValueError, TypeError, UnknownNameError) as err:
+        raise DetectorError(f"{where}: {entry.name}: {err}") from err
+
+
+def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
+    """Activation and BN conventions, then the strides from a dry run, then anchors and prior biases."""
+    if "activation" in spec:
+        make_act = _activation(spec["activation"], label)
+        for m in model.modules():
+            if isinstance(m, _blocks.Conv) and isinstance(m.act, nn.SiLU):
+                m.act = make_act()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # YOLOv5's BN hyperparameters, for every norm in the model
+            m.eps, m.momentum = 1e-3, 0.03
+    feats = _dry_run(model, spec.get("ch", 3), label)
+    head = model.head
+    if len(feats) != head.nl:
+        raise DetectorError(f"{label}: the Detect row has {len(feats)} inputs but {head.nl} anchor levels")
+    strides = [STRIDE_PROBE_PX / f.shape[-2] for f in feats]
+    head.set_stride(strides)
+    head.init_biases()
+
+
+def _dry_run(model: DetectionModel, ch: int, label: str) -> list[torch.Tensor]:
+    """Run the layers once on a zero image, so shape mismatches surface now, naming their row."""
+    current = [0]
+
+    def mark(index: int) -> Callable:
+        return lambda module, inputs: current.__setitem__(0, index)
+
+    hooks = [layer.register_forward_pre_hook(mark(i)) for i, layer in enumerate(model.layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model.forward_features(torch.zeros(1, ch, STRIDE_PROBE_PX, STRIDE_PROBE_PX))
+    except RuntimeError as err:
+        info = model.layer_info[current[0]]
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DetectorError(f"{label}: {info.row}: {info.module} (layer {info.index}, from {info.source}) fails "
+                            f"on its inputs in a dry run at {STRIDE_PROBE_PX}x{STRIDE_PROBE_PX}: {message}") from err
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)

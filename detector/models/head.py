@@ -1,0 +1,143 @@
+"""The anchor-based detection head (YOLOv5 style): per-level 1x1 convs, anchors, decode, prior bias init.
+
+Row: `[[P3, P4, P5], 1, Detect, [nc, anchors]]` with anchors in input pixels, one list of (w, h) pairs per
+level, or an int (anchors per level: placeholders until auto-anchor fits real ones, see `set_stride`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from detector.models.registry import register_module
+
+
+def placeholder_anchors(na: int) -> torch.Tensor:
+    """(na, 2) square anchors in grid units, sizes spread geometrically over 2.5 .. 6.3 cells.
+
+    At strides 8/16/32 that is 20-50 / 40-101 / 80-203 px: plausible priors for a model whose YAML gives only
+    an anchor count; auto-anchor replaces them with k-means anchors when they fit the labels poorly.
+    """
+    sizes = 2.0 ** (1.0 + 2.0 * (torch.arange(na, dtype=torch.float32) + 0.5) / na)
+    return sizes[:, None].expand(na, 2).clone()
+
+
+def _parse_anchors(anchors: object, nl: int) -> tuple[int, torch.Tensor | None]:
+    """(anchors per level, (nl, na, 2) pixels or None for placeholders); ValueError on a malformed list."""
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        if anchors < 1:
+            raise ValueError(f"anchors: an anchor count must be >= 1, got {anchors}")
+        return anchors, None
+    if not isinstance(anchors, (list, tuple)) or len(anchors) != nl:
+        raise ValueError(f"anchors: expected {nl} lists of (w, h) pairs (one per Detect input) or an int, "
+                         f"got {anchors!r}")
+    for i, level in enumerate(anchors):
+        if not isinstance(level, (list, tuple)) or not level or len(level) % 2:
+            raise ValueError(f"anchors[{i}]: expected an even-length list of w, h numbers, got {level!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in level):
+            raise ValueError(f"anchors[{i}]: anchor sizes must be positive numbers, got {level!r}")
+    na = len(anchors[0]) // 2
+    if any(len(level) != 2 * na for level in anchors):
+        raise ValueError(f"anchors: every level needs the same number of anchors, got {[len(a) // 2 for a in anchors]}")
+    return na, torch.tensor(anchors, dtype=torch.float32).view(nl, na, 2)
+
+
+@register_module(channels="none", multi_input=True)
+class Detect(nn.Module):
+    """Anchor-based head over nl feature maps; na anchors per level, each predicting [tx, ty, tw, th, obj, cls...].
+
+    Buffers: `anchors` (nl, na, 2) in grid (stride) units, `stride` (nl,) pixels per cell. The builder finds the
+    strides by a dry forward and calls `set_stride` then `init_biases`.
+    Train mode returns the raw maps, each (B, na, H_l, W_l, 5 + nc) logits (a permuted view of the conv
+    output: index it freely, `reshape` rather than `view`). Eval mode returns (B, N, 5 + nc), N = sum of
+    na * H_l * W_l, rows ordered level, anchor, y, x, columns [cx, cy, w, h] (input pixels), objectness and
+    class probabilities, decoded in float32 (YOLOv5: xy = (2 sig - 0.5 + cell) * stride,
+    wh = (2 sig)^2 * anchor).
+    """
+
+    def __init__(self, c_ins: Sequence[int], nc: int = 80, anchors: int | Sequence[Sequence[float]] = 3) -> None:
+        super().__init__()
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+            raise ValueError(f"nc must be a positive int, got {nc!r}")
+        self.nl = len(c_ins)
+        self.na, anchors_px = _parse_anchors(anchors, self.nl)
+        self.nc = nc
+        self.no = 5 + nc
+        self._placeholder_anchors = anchors_px is None
+        # until set_stride: stride 1, so `anchors` holds pixels
+        self.register_buffer("anchors", anchors_px if anchors_px is not None else torch.ones(self.nl, self.na, 2))
+        self.register_buffer("stride", torch.ones(self.nl))
+        self.m = nn.ModuleList(nn.Conv2d(c, self.na * self.no, 1) for c in c_ins)
+
+    @property
+    def anchors_px(self) -> torch.Tensor:
+        """(nl, na, 2) anchor sizes in input pixels."""
+        return self.anchors * self.stride.view(-1, 1, 1)
+
+    @torch.no_grad()
+    def set_stride(self, stride: Sequence[float] | torch.Tensor) -> None:
+        """Record the level strides (px per cell) and convert the anchors: pixels -> grid units.
+
+        Placeholder anchors (an int in the YAML) become `placeholder_anchors` in grid units at every level.
+        """
+        stride = torch.as_tensor(stride, dtype=torch.float32, device=self.stride.device).view(self.nl)
+        if self._placeholder_anchors:
+            anchors_px = placeholder_anchors(self.na).to(stride.device) * stride.view(-1, 1, 1)
+        else:
+            anchors_px = self.anchors_px.clone()
+        self.stride.copy_(stride)
+        self._placeholder_anchors = False
+        self.set_anchors_px(anchors_px)
+
+    @torch.no_grad()
+    def set_anchors_px(self, anchors_px: torch.Tensor) -> None:
+        """Write new anchors (nl, na, 2) given in pixels, in place: sorted by area within each level, and the
+        level order flipped if it runs against the stride order (small anchors belong to fine levels)."""
+        t = torch.as_tensor(anchors_px, dtype=torch.float32, device=self.anchors.device).view(self.nl, self.na, 2)
+        order = t.prod(-1).argsort(-1)
+        t = t.gather(1, order[..., None].expand(-1, -1, 2))
+        area = t.prod(-1).mean(-1)
+        if self.nl > 1 and (area[-1] - area[0]).sign() * (self.stride[-1] - self.stride[0]).sign() < 0:
+            t = t.flip(0)
+        self.anchors.copy_(t / self.stride.view(-1, 1, 1))
+
+    @torch.no_grad()
+    def init_biases(self, imgsz: int = 640) -> None:
+        """Prior bias init: objectness as if ~8 objects per `imgsz` image, class probability ~0.6 / nc."""
+        for conv, s in zip(self.m, self.stride.tolist()):
+            b = conv.bias.view(self.na, self.no)
+            b[:, 4] += math.log(8 / (imgsz / s) ** 2)
+            b[:, 5:] += math.log(0.6 / (self.nc - 0.99999))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        maps = []
+        for conv, x in zip(self.m, xs):
+            b, _, h, w = x.shape
+            maps.append(conv(x).view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2))
+        return maps if self.training else self.decode(maps)
+
+    def cell_priors(self, shapes: Sequence[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per decoded row for maps of `shapes` [(H_l, W_l)]: cell (N, 2) x, y; anchor (N, 2) px; stride (N, 1).
+
+        Built from the shapes on every call: cheap, and it exports with dynamic input sizes."""
+        cells, anchors, strides = [], [], []
+        for i, (h, w) in enumerate(shapes):
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            cell = torch.stack([xs, ys], -1).float()  # (H, W, 2)
+            cells.append(cell.expand(self.na, h, w, 2).reshape(-1, 2))
+            anchors.append(self.anchors_px[i].view(self.na, 1, 1, 2).expand(self.na, h, w, 2).reshape(-1, 2))
+            strides.append(self.stride[i].view(1, 1).expand(self.na * h * w, 1))
+        return torch.cat(cells), torch.cat(anchors).float(), torch.cat(strides).float()
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Raw maps -> (B, N, 5 + nc) boxes cx, cy, w, h in input pixels + probabilities, all levels at once."""
+        with torch.autocast(maps[0].device.type, enabled=False):
+            b = maps[0].shape[0]
+            p = torch.cat([m.reshape(b, -1, self.no) for m in maps], 1).float().sigmoid()
+            cell, anchor, stride = self.cell_priors([m.shape[2:4] for m in maps], p.device)
+            xy = (p[..., :2] * 2 - 0.5 + cell) * stride
+            wh = (p[..., 2:4] * 2) ** 2 * anchor
+            return torch.cat([xy, wh, p[..., 4:]], -1)

@@ -1,0 +1,193 @@
+"""The builder: every bundled config builds and runs; YOLOv5 parity; attention swaps; overrides; scales."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.models.attention import CBAM, MHSA, SE, CoordAtt, NoAttention
+from detector.models.blocks import C2f, Conv
+from detector.models.builder import DetectionModel, build_model, make_divisible
+from detector.models.info import count_flops
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+@functools.cache
+def built(name: str, **overrides) -> DetectionModel:
+    return build_model(CONFIGS / f"{name}.yaml", **overrides)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def kinds(model: torch.nn.Module) -> set[type]:
+    return {type(m) for m in model.modules()}
+
+
+def test_bundled_configs_exist() -> None:
+    expected = {"yolov5n", "yolov5s", "yolo-c2f-n", "yolo-c2f-s", "yolo-ca-n", "yolo-ca-s", "yolo-attn-n"}
+    assert expected <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_runs_train_and_eval(name: str) -> None:
+    model = built(name)
+    assert model.stride.tolist() == [8.0, 16.0, 32.0]
+    head = model.head
+    for h, w in [(128, 128), (160, 96)]:
+        x = torch.rand(2, 3, h, w)
+        model.train()
+        maps = model(x)
+        assert len(maps) == head.nl
+        for m, s in zip(maps, model.stride.tolist()):
+            assert m.shape == (2, head.na, int(h / s), int(w / s), 5 + model.nc)
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        n = sum(head.na * int(h / s) * int(w / s) for s in model.stride.tolist())
+        assert out.shape == (2, n, 5 + model.nc) and out.dtype == torch.float32
+    model.train()
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_parameter_is_used(name: str) -> None:
+    """DDP requires every parameter to take part in the forward pass."""
+    model = built(name)
+    model.train()
+    model.zero_grad()
+    sum((m * torch.randn_like(m)).sum() for m in model(torch.rand(2, 3, 64, 64))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("name", "params", "gflops"), [("yolov5n", 1_872_157, 4.5), ("yolov5s", 7_235_389, 16.4)])
+def test_yolov5_parity(name: str, params: int, gflops: float) -> None:
+    model = built(name)
+    assert n_params(model) == pytest.approx(params, rel=0.02)
+    assert count_flops(model, 640) == pytest.approx(gflops, rel=0.02)
+    assert model.training  # count_flops restores the mode
+
+
+def test_yolov5_scaling_rules() -> None:
+    info = built("yolov5n").layer_info
+    assert [li.repeats for li in info[:10]] == [1, 1, 1, 1, 2, 1, 3, 1, 1, 1]  # 3, 6, 9, 3 * 0.33
+    assert info[0].args == [3, 16, 6, 2, 2]  # 64 * 0.25
+    assert make_divisible(64 * 0.33, 8) == 24
+
+
+def test_attention_override_swaps_every_attn_block() -> None:
+    default = built("yolo-attn-n")
+    assert CoordAtt in kinds(default) and CBAM not in kinds(default)
+    assert n_params(default) == n_params(built("yolo-ca-n"))  # same architecture with `attention: ca`
+    swapped = built("yolo-attn-n", attention="cbam")
+    assert CBAM in kinds(swapped) and CoordAtt not in kinds(swapped)
+    assert n_params(swapped) != n_params(default)
+    assert swapped.yaml["attention"] == "cbam"
+    none = built("yolo-attn-n", attention="none")
+    assert n_params(none) == n_params(built("yolo-c2f-n"))
+
+
+def test_attention_at_variants_differ() -> None:
+    counts = {}
+    for place in ("output", "concat", "bottleneck"):
+        model = built("yolo-ca-n", attention_at=place)
+        block = model.layers[4]
+        assert isinstance(block, C2f)
+        assert isinstance(block.attn_output, CoordAtt if place == "output" else NoAttention)
+        assert isinstance(block.attn_concat, CoordAtt if place == "concat" else NoAttention)
+        assert all(isinstance(b.attn, CoordAtt if place == "bottleneck" else NoAttention) for b in block.m)
+        counts[place] = n_params(model)
+    assert len(set(counts.values())) == 3
+
+
+def test_row_keyword_and_override_precedence(tmp_path: Path) -> None:
+    text = (CONFIGS / "yolo-attn-n.yaml").read_text()
+    keywords = "{attention_at: concat, attention: se}"
+    text = text.replace("[-1, 6, AttnC2f, [256, True]]", f"[-1, 6, AttnC2f, [256, True, {keywords}]]")
+    path = tmp_path / "kw.yaml"
+    path.write_text(text)
+    model = build_model(path)
+    assert isinstance(model.layers[4].attn_concat, SE)
+    assert isinstance(model.layers[6].attn_output, CoordAtt)
+    forced = build_model(path, attention="cbam", attention_at="output")
+    assert isinstance(forced.layers[4].attn_output, CBAM) and isinstance(forced.layers[4].attn_concat, NoAttention)
+    rebuilt = build_model(forced.yaml)
+    assert n_params(rebuilt) == n_params(forced)
+
+
+def test_rebuild_from_yaml_matches() -> None:
+    model = built("yolo-attn-n", attention="eca", nc=3)
+    again = build_model(model.yaml)
+    assert again.nc == 3 and model.yaml["nc"] == 3
+    ref = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in again.state_dict().items()} == ref
+    again.load_state_dict(model.state_dict())
+
+
+def test_nc_override_changes_head() -> None:
+    model = built("yolo-c2f-n", nc=3)
+    assert model.nc == 3 and model.head.no == 8
+    assert model.head.m[0].out_channels == 3 * 8
+
+
+def test_scales_table(tmp_path: Path) -> None:
+    text = (CONFIGS / "yolo-c2f-n.yaml").read_text()
+    text = text.replace("depth_multiple: 0.33", "scales: {n: [0.33, 0.25, 1024], s: [0.33, 0.5, 1024]}")
+    text = text.replace("width_multiple: 0.25", "")
+    (tmp_path / "mine-s.yaml").write_text(text)  # scale guessed from the name's last letter
+    model = build_model(tmp_path / "mine-s.yaml")
+    assert model.yaml["scale"] == "s"
+    assert n_params(model) == n_params(built("yolo-c2f-s"))
+    (tmp_path / "other.yaml").write_text(text + "scale: n\n")
+    assert n_params(build_model(tmp_path / "other.yaml")) == n_params(built("yolo-c2f-n"))
+
+
+def test_anchor_count_gives_placeholders(tmp_path: Path) -> None:
+    text = (CONFIGS / "yolo-c2f-n.yaml").read_text().split("anchors:")[0] + "anchors: 3\n"
+    text += "backbone:" + (CONFIGS / "yolo-c2f-n.yaml").read_text().split("backbone:")[1]
+    (tmp_path / "a.yaml").write_text(text)
+    head = build_model(tmp_path / "a.yaml").head
+    assert head.na == 3
+    px = head.anchors_px
+    assert px.shape == (3, 3, 2) and (px[1:, 0, 0] > px[:-1, 0, 0]).all()  # larger at coarser levels
+    assert px.min() > 8 and px.max() < 640
+
+
+def test_activation_key(tmp_path: Path) -> None:
+    text = "activation: nn.LeakyReLU(0.1)\n" + (CONFIGS / "yolov5n.yaml").read_text()
+    (tmp_path / "act.yaml").write_text(text)
+    convs = [m for m in build_model(tmp_path / "act.yaml").modules() if isinstance(m, Conv)]
+    assert all(isinstance(c.act, torch.nn.LeakyReLU) and c.act.negative_slope == 0.1 for c in convs)
+
+
+def test_standalone_attention_rows(tmp_path: Path) -> None:
+    text = (CONFIGS / "yolo-c2f-n.yaml").read_text()
+    text = text.replace("  - [-1, 1, SPPF, [1024, 5]]       # 9", "  - [-1, 1, SPPF, [1024, 5]]\n  - [-1, 1, Attn, []]")
+    text = text.replace("[[-1, 9], 1, Concat, [1]]", "[[-1, 10], 1, Concat, [1]]")
+    text = text.replace("[[-1, 12]", "[[-1, 13]").replace("[[15, 18, 21]", "[[16, 19, 22]")
+    (tmp_path / "attn.yaml").write_text("attention: se\n" + text)
+    model = build_model(tmp_path / "attn.yaml")
+    assert isinstance(model.layers[10], SE)
+    assert isinstance(build_model(tmp_path / "attn.yaml", attention="mhsa").layers[10], MHSA)
+    model.eval()
+    assert model(torch.rand(1, 3, 64, 64)).shape[-1] == 85
+
+
+def test_fuse_keeps_eval_output() -> None:
+    model = build_model(CONFIGS / "yolo-ca-n.yaml")
+    with torch.no_grad():
+        model(torch.rand(2, 3, 64, 64))  # train-mode pass: non-trivial BN statistics
+    model.eval()
+    x = torch.rand(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(x)
+        fused = model.fuse()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.layers[0].modules())
+        assert torch.allclose(fused(x), expected, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,111 @@
+"""Bad model YAMLs: each a one-line DetectorError naming the file and the row or key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detector.errors import DetectorError
+from detector.models.builder import build_model
+
+BASE = (Path(__file__).resolve().parents[2] / "configs" / "models" / "yolov5n.yaml").read_text()
+
+
+def fails(tmp_path: Path, text: str, **overrides) -> str:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(DetectorError) as info:
+        build_model(path, **overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ") or message.startswith(f"{path}:")
+    return message[len(str(path)) + 2:]
+
+
+def test_unknown_module_suggests(tmp_path: Path) -> None:
+    text = BASE.replace("[-1, 3, C3, [128]]", "[-1, 3, C3F, [128]]")
+    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C3F' (did you mean 'C3'?)"
+    text = BASE.replace("[-1, 3, C3, [128]]", "[-1, 3, C2F, [128]]")
+    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C2F' (did you mean 'C2f'?)"
+
+
+def test_from_points_forward(tmp_path: Path) -> None:
+    text = BASE.replace("[[-1, 6], 1, Concat, [1]]", "[[-1, 25], 1, Concat, [1]]")
+    assert fails(tmp_path, text).startswith("head[2]: 'from' index 25 points forward/out of range")
+    text = BASE.replace("[[-1, 6], 1, Concat, [1]]", "[[-1, -40], 1, Concat, [1]]")
+    assert fails(tmp_path, text).startswith("head[2]: 'from' index -40 points forward/out of range")
+
+
+def test_wrong_arg_count(tmp_path: Path) -> None:
+    text = BASE.replace("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv, [128, 3, 2, 1, 1, 1, 1, 1]]")
+    message = fails(tmp_path, text)
+    assert message.startswith("backbone[1]: Conv [128, 3, 2, 1, 1, 1, 1, 1]: too many positional arguments")
+    assert "args are [c_out, k=1, s=1, p=None, g=1, d=1, act=True]" in message
+    text = BASE.replace("[-1, 1, SPPF, [1024, 5]]", "[-1, 1, SPPF, []]")
+    assert fails(tmp_path, text).startswith("backbone[9]: SPPF: args[0] must be the output channel count")
+
+
+def test_missing_backbone(tmp_path: Path) -> None:
+    assert fails(tmp_path, "nc: 80\nhead: []\n") == "missing 'backbone' (a list of [from, repeats, module, args] rows)"
+
+
+def test_non_list_row(tmp_path: Path) -> None:
+    text = BASE.replace("  - [-1, 1, Conv, [128, 3, 2]]     # 1 P2/4", "  - Conv")
+    assert fails(tmp_path, text) == "backbone[1]: a row is [from, repeats, module, args], got 'Conv'"
+    text = BASE.replace("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv]")
+    assert fails(tmp_path, text).startswith("backbone[1]: a row is [from, repeats, module, args]")
+
+
+def test_anchors_odd_length(tmp_path: Path) -> None:
+    text = BASE.replace("[30,61, 62,45, 59,119]", "[30,61, 62,45, 59]")
+    assert fails(tmp_path, text).startswith("head[14]: Detect: anchors[1]: expected an even-length list")
+
+
+def test_anchor_levels_must_match_inputs(tmp_path: Path) -> None:
+    text = BASE.replace("[[17, 20, 23], 1, Detect", "[[17, 20], 1, Detect")
+    assert fails(tmp_path, text).startswith("head[14]: Detect: anchors: expected 2 lists")
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    text = BASE.replace("depth_multiple:", "depth_multiplier:")
+    assert fails(tmp_path, text) == "unknown key 'depth_multiplier' (did you mean 'depth_multiple'?)"
+
+
+def test_unknown_attention_override(tmp_path: Path) -> None:
+    assert fails(tmp_path, BASE, attention="cbma") == "attention: unknown attention 'cbma' (did you mean 'cbam'?)"
+    assert fails(tmp_path, BASE, attention_at="inside").startswith("attention_at: 'inside' is not one of output")
+
+
+def test_shape_mismatch_found_at_build(tmp_path: Path) -> None:
+    text = BASE.replace("  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]\n  - [[-1, 6]", "  - [[-1, 6]", 1)
+    text = text.replace("[[-1, 4], 1, Concat", "[[-1, 3], 1, Concat").replace("[-1, 14]", "[-1, 13]")
+    text = text.replace("[[17, 20, 23]", "[[16, 19, 22]")
+    message = fails(tmp_path, text)
+    assert message.startswith("head[1]: Concat (layer 11, from [-1, 6]) fails on its inputs in a dry run at 256x256")
+
+
+def test_last_row_must_be_detect(tmp_path: Path) -> None:
+    text = BASE.split("  - [[17, 20, 23]")[0]
+    assert fails(tmp_path, text) == "head[13]: the last row must be the Detect head, got C3"
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    assert fails(tmp_path, "nc: 80\nbackbone: [[-1, 1, Conv\n").startswith("invalid YAML at line 3")
+
+
+def test_bad_repeats_and_upsample_size(tmp_path: Path) -> None:
+    assert fails(tmp_path, BASE.replace("[-1, 3, C3, [128]]", "[-1, 0, C3, [128]]")).startswith(
+        "backbone[2]: repeats must be a positive int")
+    text = BASE.replace("[-1, 1, nn.Upsample, [None, 2, 'nearest']]", "[-1, 1, nn.Upsample, [40, None, 'nearest']]", 1)
+    assert fails(tmp_path, text).startswith("head[1]: nn.Upsample: nn.Upsample with a fixed size 40 is not supported")
+
+
+def test_bad_row_keyword(tmp_path: Path) -> None:
+    text = BASE.replace("[-1, 3, C3, [128]]", "[-1, 3, C3, [128, {attention_at: concat}]]")
+    assert "unexpected keyword argument 'attention_at'" in fails(tmp_path, text)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(DetectorError):
+        build_model("configs/models/does-not-exist.yaml")

@@ -1,0 +1,73 @@
+"""The Detect head: YOLOv5 decode, anchors in stride units, prior biases, fp32 decode under autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from detector.models.head import Detect
+
+
+def make_head(nc: int = 2) -> Detect:
+    head = Detect([8, 16], nc, [[10, 13, 16, 30], [40, 50, 30, 61]])
+    head.set_stride([8, 16])
+    return head
+
+
+def test_anchors_in_stride_units() -> None:
+    head = make_head()
+    assert head.anchors[0].tolist() == [[10 / 8, 13 / 8], [16 / 8, 30 / 8]]
+    assert torch.allclose(head.anchors_px[1], torch.tensor([[30.0, 61.0], [40.0, 50.0]]))  # sorted by area
+    assert head.stride.tolist() == [8.0, 16.0]
+
+
+def test_set_anchors_px_sorts_and_orders() -> None:
+    head = make_head()
+    head.set_anchors_px(torch.tensor([[[50.0, 60.0], [40.0, 40.0]], [[12.0, 10.0], [5.0, 6.0]]]))
+    assert torch.allclose(head.anchors_px, torch.tensor([[[5.0, 6.0], [12.0, 10.0]], [[40.0, 40.0], [50.0, 60.0]]]))
+
+
+def test_decode_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    head = make_head().eval()
+    xs = [torch.randn(2, 8, 4, 6), torch.randn(2, 16, 2, 3)]
+    out = head(xs)
+    assert out.shape == (2, 2 * 24 + 2 * 6, 7)
+    head.train()
+    raw = head(xs)
+    assert raw[0].shape == (2, 2, 4, 6, 7)
+    # one row by hand: level 1, anchor 1, y 1, x 2
+    t = raw[1][1, 1, 1, 2].sigmoid()
+    row = out[1, 2 * 24 + 1 * 6 + 1 * 3 + 2]
+    assert torch.allclose(row[0], (2 * t[0] - 0.5 + 2) * 16)
+    assert torch.allclose(row[1], (2 * t[1] - 0.5 + 1) * 16)
+    assert torch.allclose(row[2], (2 * t[2]) ** 2 * 40)  # level 1 anchors sorted by area: (30, 61), (40, 50)
+    assert torch.allclose(row[3], (2 * t[3]) ** 2 * 50)
+    assert torch.allclose(row[4:], t[4:])
+
+
+def test_decode_in_fp32_under_autocast() -> None:
+    head = make_head().eval()
+    xs = [torch.randn(1, 8, 4, 4), torch.randn(1, 16, 2, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(xs)
+    assert out.dtype == torch.float32
+
+
+def test_prior_bias_init() -> None:
+    head = Detect([8], 5, [[10, 13, 16, 30]])
+    before = head.m[0].bias.detach().clone().view(2, 10)
+    head.set_stride([8])
+    head.init_biases()
+    after = head.m[0].bias.detach().view(2, 10)
+    assert torch.allclose(after[:, 4] - before[:, 4], torch.full((2,), math.log(8 / (640 / 8) ** 2)))
+    assert torch.allclose(after[:, 5:] - before[:, 5:], torch.full((2, 5), math.log(0.6 / (5 - 0.99999))))
+    assert torch.equal(after[:, :4], before[:, :4])
+
+
+@pytest.mark.parametrize("anchors", [[[10, 13, 16]], [[10, 13], [16, 30]], "3", 0, [[10, -13]]])
+def test_bad_anchors(anchors: object) -> None:
+    with pytest.raises(ValueError, match="anchors"):
+        Detect([8], 2, anchors)
