@@ -1,0 +1,223 @@
+"""ONNX export of a detection model, checked against PyTorch with onnxruntime before the path is returned.
+
+The graph takes `images` float32 (B, 3, H, W) RGB in [0, 1] (letterboxed as `detector predict` does); the batch
+axis is always dynamic, H and W too with `dynamic=True` (multiples of the model stride). Outputs:
+
+- default: `output` (B, N, 5 + nc), the model's decoded eval output: [cx, cy, w, h] in input pixels, objectness
+  probability, class probabilities (score of a class = objectness * its probability). NMS is left to the user.
+- `nms=True`: `detections` (B, max_det, 6) rows [x1, y1, x2, y2, score, class] in input pixels (boxes clipped to
+  the input), best class per box, sorted by score, zero rows as padding after the first `num_detections` (B,)
+  int64 rows of each image; `output` as above stays available (request only the outputs you need). Built on
+  torchvision's `nms`, which exports as ONNX NonMaxSuppression.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. On torch 2.14 the dynamo exporter also
+exports the plain model, but 5-15x slower here, and with NMS in the graph it specializes the batch axis to the
+sample's size; the TorchScript exporter handles every attention module (mhsa and axial through
+scaled_dot_product_attention), dynamic H/W and NonMaxSuppression. Class names, category ids, strides and the
+output layout are written into the file's metadata_props.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torchvision.ops import box_convert, nms
+
+from detector.errors import DetectorError
+
+LOGGER = logging.getLogger(__name__)
+
+TOLERANCE = 1e-3  # max abs difference onnxruntime vs PyTorch (fp32) accepted
+CHECK_BATCHES = (1, 2)
+# scaled_dot_product_attention (mhsa, axial) exports from opset 14; 23 is the newest the exporter writes (torch 2.14)
+OPSETS = range(14, 24)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How to export: input size, sample batch, dynamic H/W, in-graph NMS and its thresholds, opset, simplify."""
+
+    imgsz: int = 640
+    batch: int = 1
+    dynamic: bool = False
+    nms: bool = False
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    opset: int = 18
+    simplify: bool = False
+
+
+class DetectWithNMS(nn.Module):
+    """A model's decoded output -> padded per-image detections, traceable with a dynamic batch.
+
+    All images go through one NonMaxSuppression: boxes (clipped to the input) are shifted along x by image index
+    and along y by class, so boxes of different images or classes never overlap; the rank of each kept box within
+    its image (a cumulative count, kept boxes being sorted by score) places it in the (B, max_det, 6) output.
+    The decoded output is returned too, so the export check can compare the model and the NMS separately.
+    """
+
+    def __init__(self, model: nn.Module, *, conf: float, iou: float, max_det: int) -> None:
+        super().__init__()
+        self.model = model
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pred = self.model(x)  # (B, N, 5 + nc)
+        return (*self.suppress(pred, x.shape[2], x.shape[3]), pred)
+
+    def suppress(self, pred: torch.Tensor, h: int | torch.Tensor, w: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, 5 + nc) decoded -> detections (B, max_det, 6), num_detections (B,) int64."""
+        b = pred.shape[0]
+        scores, classes = (pred[..., 5:] * pred[..., 4:5]).max(-1)  # (B, N)
+        # as_tensor keeps traced sizes symbolic (a dynamic H/W graph clips to its actual input)
+        limits = torch.stack([torch.as_tensor(v) for v in (w, h, w, h)]).to(pred.dtype)
+        boxes = torch.min(box_convert(pred[..., :4], "cxcywh", "xyxy").clamp(min=0), limits)
+        image, index = torch.nonzero(scores > self.conf, as_tuple=True)
+        score, cls, box = scores[image, index], classes[image, index], boxes[image, index]
+        shift = torch.stack([image, cls, image, cls], 1).to(box.dtype) * (limits + 1)
+        keep = nms(box + shift, score, self.iou)  # sorted by decreasing score
+        image, score, cls, box = image[keep], score[keep], cls[keep], box[keep]
+        onehot = nn.functional.one_hot(image, b)  # (K, B)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+        ok = rank < self.max_det
+        rows = torch.cat([box[ok], score[ok, None], cls[ok, None].to(box.dtype)], 1)
+        out = torch.zeros(b * self.max_det, 6, dtype=box.dtype, device=box.device)
+        out = out.index_put((image[ok] * self.max_det + rank[ok],), rows)
+        return out.view(b, self.max_det, 6), onehot[ok].sum(0)
+
+
+def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Export `model` (a DetectionModel; copied, BN folded, fp32, CPU) to `path`, then check it with onnxruntime at
+    batch 1 and 2 against PyTorch; raises DetectorError when the max abs difference is >= TOLERANCE."""
+    for name in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(name) is None:
+            raise DetectorError(f"export: the '{name}' package is needed (pip install 'detector[export]')")
+    stride = int(model.stride.max())
+    if spec.imgsz < stride or spec.imgsz % stride:
+        raise DetectorError(f"export: imgsz must be a multiple of the model stride {stride}, got {spec.imgsz}")
+    if spec.batch < 1:
+        raise DetectorError(f"export: batch must be >= 1, got {spec.batch}")
+    if spec.opset not in OPSETS:
+        raise DetectorError(f"export: opset must be {OPSETS.start}..{OPSETS.stop - 1}, got {spec.opset}")
+    net = copy.deepcopy(model).float().cpu().fuse()
+    graph: nn.Module = DetectWithNMS(net, conf=spec.conf, iou=spec.iou, max_det=spec.max_det) if spec.nms else net
+    graph.eval()
+    outputs = ["detections", "num_detections", "output"] if spec.nms else ["output"]
+    axes: dict[str, dict[int, str]] = {"images": {0: "batch", **({2: "height", 3: "width"} if spec.dynamic else {})}}
+    axes["output"] = {0: "batch", **({1: "anchors"} if spec.dynamic else {})}
+    if spec.nms:
+        axes.update({"detections": {0: "batch"}, "num_detections": {0: "batch"}})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample = torch.rand(spec.batch, 3, spec.imgsz, spec.imgsz, generator=torch.Generator().manual_seed(0))
+    LOGGER.info("export: %s -> %s (opset %d, TorchScript exporter)", getattr(model, "name", "model"), path, spec.opset)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings say nothing actionable here
+            torch.onnx.export(
+                graph, (sample,), str(path), dynamo=False, opset_version=spec.opset, input_names=["images"],
+                output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
+            )
+    except (RuntimeError, ValueError, OSError, torch.onnx.errors.OnnxExporterError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DetectorError(f"export: torch.onnx.export failed at opset {spec.opset}: {first}") from err
+    if spec.simplify:
+        _simplify(path)
+    _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": _layout(spec)})
+    check_onnx(graph, path, spec, stride=stride)
+    return path
+
+
+def _layout(spec: ExportSpec) -> str:
+    if spec.nms:
+        return (f"detections (B, {spec.max_det}, 6) [x1, y1, x2, y2, score, class] input pixels, zero-padded; "
+                f"num_detections (B,); conf {spec.conf}, iou {spec.iou}")
+    return "output (B, N, 5 + nc) [cx, cy, w, h] input pixels, objectness, class probabilities"
+
+
+def check_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, stride: int) -> float:
+    """Run onnxruntime and PyTorch on the same random inputs at batch 1 and 2 (a non-square size too when dynamic)
+    and print the max abs difference; DetectorError when it is >= TOLERANCE. Returns the largest difference.
+
+    The decoded output is compared with the PyTorch model's. With NMS in the graph, onnxruntime's detections are
+    compared with PyTorch's NMS applied to onnxruntime's own decoded output: on one input NMS must agree exactly,
+    whereas across the two runtimes float noise may reorder near-equal scores and legitimately change which box
+    survives.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    model = graph.model if isinstance(graph, DetectWithNMS) else graph
+    generator = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for batch in CHECK_BATCHES:
+        h, w = (spec.imgsz, spec.imgsz)
+        if spec.dynamic and batch > 1:
+            h, w = max(spec.imgsz - stride, stride), spec.imgsz + stride
+        x = torch.rand(batch, 3, h, w, generator=generator)
+        got = dict(zip(names, session.run(None, {"images": x.numpy()})))
+        where = f"batch {batch}, {h}x{w}"
+        with torch.no_grad():
+            diff = _max_abs_diff(model(x), got["output"], f"{path}: output at {where}")
+            line = f"export: onnxruntime vs PyTorch at {where}: max abs difference {diff:.2e}"
+            if isinstance(graph, DetectWithNMS):
+                dets, num = graph.suppress(torch.from_numpy(got["output"]), h, w)
+                nms_diff = max(
+                    _max_abs_diff(dets, got["detections"], f"{path}: detections at {where}"),
+                    _max_abs_diff(num, got["num_detections"], f"{path}: num_detections at {where}"),
+                )
+                line += f" (decoded), {nms_diff:.2e} (NMS, {int(num.sum())} detections)"
+                diff = max(diff, nms_diff)
+        print(line)
+        worst = max(worst, diff)
+        if not diff < TOLERANCE:
+            raise DetectorError(f"export: {path}: onnxruntime differs from PyTorch by {diff:.3g} (>= {TOLERANCE:g}) at {where}")
+    return worst
+
+
+def _max_abs_diff(expected: torch.Tensor, got: np.ndarray, what: str) -> float:
+    ref = expected.numpy()
+    if ref.shape != got.shape:
+        raise DetectorError(f"export: {what}: onnxruntime gives shape {got.shape}, PyTorch {ref.shape}")
+    return float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max(initial=0.0))
+
+
+def _simplify(path: Path) -> None:
+    """Simplify in place with onnxslim, or onnxsim; a warning when neither is installed."""
+    import onnx
+
+    if importlib.util.find_spec("onnxslim") is not None:
+        import onnxslim
+
+        onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    elif importlib.util.find_spec("onnxsim") is not None:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+        if not ok:
+            raise DetectorError(f"export: onnxsim could not validate the simplified {path}")
+        onnx.save(simplified, str(path))
+    else:
+        LOGGER.warning("export: simplify=true ignored: neither onnxslim nor onnxsim is installed (pip install onnxslim)")
+
+
+def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(path))

@@ -1,0 +1,187 @@
+"""Where attention goes: the weights of every attention layer of a model on one image, saved as PNG overlays.
+
+Forward hooks read what each module computes, without changing the model:
+- gates (`AttentionMap` submodules, see attention.py): ca -> mean over channels of a_h * a_w (H x W);
+  se, eca -> the channel weights (bar plot) and the channel-weighted activation map mean_c(w_c |x_c|);
+  cbam -> the spatial gate (and the channel gate as bars); gate -> its spatial gate; ssa -> the context scores
+  (softmax over the H*W tokens).
+- mhsa and axial run fused `scaled_dot_product_attention`, which never materialises its weights: their softmax
+  weights are recomputed from the module's input with the module's own projections and position embeddings,
+  then averaged over heads and queries (the attention each position receives); axial multiplies its row and
+  column maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from detector.models import attention as attn
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionCapture:
+    """One attention module's weights on one image: `path` in the model (e.g. 'layers.2.attn_output'), `layer`
+    (index in model.layers), `kind` (registry name), `spatial` (h, w) map at the module's resolution or None,
+    `channels` (C,) channel weights or None."""
+
+    path: str
+    layer: int
+    kind: str
+    spatial: torch.Tensor | None
+    channels: torch.Tensor | None
+
+
+def _kind_of() -> dict[type[nn.Module], str]:
+    return {attn.ATTENTIONS.get(name): name for name in attn.ATTENTIONS if name != "none"}
+
+
+def _weighted_activation(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean_c(w_c |x_c|) of the first image: (h, w)."""
+    return (x[0].abs() * weights.reshape(-1, 1, 1)).mean(0)
+
+
+def _mhsa_received(module: attn.MHSA, x: torch.Tensor) -> torch.Tensor:
+    """MHSA's softmax(q (k + r)^T / sqrt(d)) recomputed, averaged over heads and queries: (h, w) for image 0."""
+    _, c, h, w = x.shape
+    d = c // module.heads
+    q, k, _ = module.qkv(x[:1]).reshape(1, 3, module.heads, d, h * w).transpose(-1, -2).unbind(1)
+    pos = (module.pos_h(h)[:, :, None] + module.pos_w(w)[:, None, :]).reshape(module.heads, d, h * w)
+    k = k + pos.transpose(-1, -2)
+    received = torch.zeros(h * w, device=x.device)
+    for head in range(module.heads):  # one (HW, HW) matrix at a time
+        received += (q[0, head] @ k[0, head].T * d**-0.5).softmax(-1).mean(0)
+    return (received / module.heads).view(h, w)
+
+
+def _axis_received(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One axial pass's softmax weights recomputed (as `_AxisAttention.forward` builds them), averaged over heads
+    and queries: the attention each position receives from its row (or column), (h, w) for image 0."""
+    _, c, h, w = x.shape
+    d = c // module.heads
+    qkv = module.qkv(x[:1]).reshape(1, 3, module.heads, d, h, w).permute(module._TO_TOKENS[module.axis])
+    q, k, _ = qkv.unbind(0)  # (1, heads, other, L, d)
+    length = q.shape[3]
+    k = k + module.pos(length).reshape(module.heads, 1, d, length).transpose(-1, -2)
+    received = (q @ k.transpose(-1, -2) * d**-0.5).softmax(-1).mean((1, 3))[0]  # (other, L)
+    return received if module.axis == "row" else received.T
+
+
+Reader = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+# kind -> (module, its input, its AttentionMap outputs by attribute name) -> (spatial map, channel weights)
+READERS: dict[str, Reader] = {
+    "ca": lambda m, x, g: ((g["gate_h"][0] * g["gate_w"][0]).mean(0), None),
+    "se": lambda m, x, g: (_weighted_activation(x, g["gate"][0]), g["gate"][0].flatten()),
+    "eca": lambda m, x, g: (_weighted_activation(x, g["gate"][0]), g["gate"][0].flatten()),
+    "cbam": lambda m, x, g: (g["spatial_gate"][0, 0], g["channel_gate"][0].flatten()),
+    "gate": lambda m, x, g: (g["gate"][0, 0], None),
+    "ssa": lambda m, x, g: (g["scores"][0].view(x.shape[2], x.shape[3]), None),
+    "mhsa": lambda m, x, g: (_mhsa_received(m, x), None),
+    "axial": lambda m, x, g: (_axis_received(m.row, x) * _axis_received(m.col, m.row(x)), None),
+}
+
+
+@torch.no_grad()
+def capture_attention(model: nn.Module, x: torch.Tensor) -> list[AttentionCapture]:
+    """Run `model` (eval mode) on `x` (1, 3, H, W) float and return every attention module's weights, in model
+    order. Modules of a kind without a reader (a newly registered attention) are skipped with a warning."""
+    kinds = _kind_of()
+    inputs: dict[str, torch.Tensor] = {}
+    gates: dict[str, dict[str, torch.Tensor]] = {}
+    found: list[tuple[str, nn.Module, str]] = []
+    handles = []
+    for path, module in model.named_modules():
+        kind = kinds.get(type(module))
+        if kind is None:
+            continue
+        if kind not in READERS:
+            LOGGER.warning("attention maps: no reader for '%s' (%s), skipped", kind, path)
+            continue
+        found.append((path, module, kind))
+        handles.append(module.register_forward_hook(lambda m, args, out, p=path: inputs.__setitem__(p, args[0].detach())))
+        for name, child in module.named_children():
+            if isinstance(child, attn.AttentionMap):
+                store = gates.setdefault(path, {})
+                handles.append(child.register_forward_hook(lambda m, args, out, s=store, n=name: s.__setitem__(n, out.detach().float())))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+        captures = []
+        for path, module, kind in found:
+            if path not in inputs:  # not on the forward path
+                continue
+            spatial, channels = READERS[kind](module, inputs[path].float(), gates.get(path, {}))
+            parts = path.split(".")
+            layer = int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else -1
+            captures.append(AttentionCapture(path, layer, kind, spatial, channels))
+        return captures
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def save_attention_maps(model: nn.Module, image: np.ndarray, imgsz: int, out_dir: Path) -> list[Path]:
+    """Letterbox `image` (H, W, 3) uint8 RGB to long side `imgsz`, capture every attention layer's weights and save
+    one PNG per layer in `out_dir`, named `<layer>_<kind>[_<place>].png` (e.g. 02_ca_attn_output.png)."""
+    from detector.engine.predictor import letterbox_batch
+
+    param = next(model.parameters())
+    batch, _, _ = letterbox_batch([image], imgsz, int(model.stride.max()))
+    x = batch.to(param.device).to(param.dtype) / 255
+    captures = capture_attention(model, x)
+    if not captures:
+        LOGGER.warning("attention maps: the model has no attention layers (attention 'none' everywhere?)")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = batch[0].permute(1, 2, 0).numpy()
+    rows = getattr(model, "layer_info", None)
+    paths = []
+    for cap in captures:
+        place = cap.path.split(".", 2)[2] if cap.path.count(".") >= 2 else ""
+        name = f"{max(cap.layer, 0):02d}_{cap.kind}" + (f"_{place.replace('.', '-')}" if place else "") + ".png"
+        module_name = rows[cap.layer].module if rows is not None and 0 <= cap.layer < len(rows) else ""
+        title = f"layer {cap.layer} {module_name} {cap.kind}" + (f" ({place})" if place else "")
+        paths.append(_plot(shown, cap, title, out_dir / name))
+    return paths
+
+
+def _plot(image: np.ndarray, cap: AttentionCapture, title: str, path: Path) -> Path:
+    panels = (cap.spatial is not None) + (cap.channels is not None)
+    fig = Figure(figsize=(5 * panels, 4.6), dpi=100)
+    panel = 1
+    if cap.spatial is not None:
+        h, w = cap.spatial.shape
+        ax = fig.add_subplot(1, panels, panel)
+        up = F.interpolate(cap.spatial[None, None].float().cpu(), size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        ax.imshow(image)
+        overlay = ax.imshow(up.numpy(), cmap="jet", alpha=0.5)
+        fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(f"{title}\nmap {h}x{w} (HxW)", fontsize=9)
+        ax.set_axis_off()
+        panel += 1
+    if cap.channels is not None:
+        ax = fig.add_subplot(1, panels, panel)
+        weights = cap.channels.float().cpu().numpy()
+        ax.bar(np.arange(len(weights)), np.sort(weights)[::-1], width=1.0, color="tab:blue")
+        ax.set_xlabel("channel (sorted by weight)")
+        ax.set_ylabel("channel weight")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{cap.kind} channel weights ({len(weights)} channels)", fontsize=9)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -1,0 +1,107 @@
+"""The Python API: `Detector` from a YAML or a checkpoint, predict on arrays and paths, errors that name the input,
+and (slow) train one epoch -> val -> predict, with `detector predict` run as a subprocess on the trained weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detector import Detector
+from detector.config import REPO_ROOT
+from detector.engine.metrics import COCO_KEYS
+from detector.errors import DetectorError
+
+RESULT_KEYS = {"boxes_xyxy", "scores", "classes", "category_ids", "names", "file"}
+
+
+def write_checkpoint(path: Path, names: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """An inference checkpoint of an untrained, seeded yolo-c2f-n (the trainer's keys)."""
+    from detector.engine.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.models.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model("yolo-c2f-n", nc=len(names))
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(
+        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
+        epoch=0, train_state={}, rng={}, train_config={"data": ""}, names=list(names), category_ids=[5, 9][: len(names)],
+        imgsz=64, run_dir=str(path.parent),
+    )
+    save_checkpoint(path, state)
+    return path
+
+
+def test_detector_from_a_yaml_predicts_arrays() -> None:
+    det = Detector("yolo-c2f-n", device="cpu")
+    assert det.weights is None and det.model.nc == 80 and len(det.names) == 80
+    image = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)
+    (result,) = det.predict(image, conf=0.0, max_det=3, imgsz=64)
+    assert set(result) == RESULT_KEYS and result["file"] is None
+    k = len(result["scores"])
+    assert 1 <= k <= 3
+    assert result["boxes_xyxy"].shape == (k, 4) and result["boxes_xyxy"].dtype == np.float32
+    assert result["classes"].dtype == np.int64 and len(result["names"]) == k
+    assert (result["boxes_xyxy"] >= 0).all() and (result["boxes_xyxy"][:, [0, 2]] <= 90).all() and (result["boxes_xyxy"][:, [1, 3]] <= 50).all()
+    assert len(det.predict(np.stack([image, image]), conf=0.0, imgsz=64)) == 2
+    assert len(det.predict([image, image[:30]], conf=0.0, imgsz=64)) == 2
+    with pytest.raises(DetectorError, match=r"images\[0\]: expected an \(H, W, 3\) uint8"):
+        det.predict(image.astype(np.float32))
+    assert "GFLOPs at 64x64" in det.info(imgsz=64)
+    with pytest.raises(DetectorError, match="not found"):
+        Detector("yolo-nope")
+
+
+def test_detector_from_a_checkpoint(tmp_path: Path, caplog) -> None:
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    assert det.names == ["cat", "dog"] and det.category_ids == [5, 9] and det.imgsz == 64
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(folder / "ok.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        results = det.predict(folder, conf=0.0)  # a folder: unreadable files are skipped, named in a warning
+    assert [Path(r["file"]).name for r in results] == ["ok.png"]
+    assert set(results[0]["category_ids"].tolist()) <= {5, 9} and set(results[0]["names"]) <= {"cat", "dog"}
+    assert any("broken.jpg" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DetectorError, match="broken.jpg"):  # named directly: an error
+        det.predict([folder / "ok.png", folder / "broken.jpg"])
+    with pytest.raises(DetectorError, match="resume="):
+        det.train(data="data.yaml", epochs=1)
+
+
+@pytest.mark.slow
+def test_train_one_epoch_then_val_and_predict(tmp_path: Path) -> None:
+    from detector.data.synthetic import generate_shapes_dataset
+
+    data = generate_shapes_dataset(tmp_path / "shapes", seed=0, n_train=16, n_val=8, imgsz=128)
+    det = Detector("yolo-ca-n", device="cpu")
+    metrics = det.train(data=data, epochs=1, imgsz=128, batch=8, workers=0, project=tmp_path / "runs", plots=False, autoanchor=False)
+    assert set(COCO_KEYS) <= set(metrics)
+    assert det.weights == tmp_path / "runs" / "exp" / "weights" / "best.pt" and det.run_dir == tmp_path / "runs" / "exp"
+    assert det.model.nc == 6 and det.imgsz == 128 and len(det.names) == 6
+
+    val = det.val(batch=8, workers=0, project=str(tmp_path / "val"), plots=False)  # the training data by default
+    assert set(COCO_KEYS) <= set(val) and all(isinstance(val[k], float) for k in COCO_KEYS)
+    assert (tmp_path / "val" / "exp" / "metrics.json").exists()
+
+    image = sorted((data.parent / "val" / "images").iterdir())[0]
+    (result,) = det.predict(image, conf=0.001)
+    assert result["file"] == str(image) and set(result) == RESULT_KEYS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "detector", "predict", f"weights={det.weights}", f"source={image.parent}", "conf=0.001",
+         f"project={tmp_path / 'predict'}", "device=cpu"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    predictions = tmp_path / "predict" / "exp" / "predictions.json"
+    assert proc.stdout.strip().splitlines()[-1] == str(predictions)
+    assert {e["file_name"] for e in json.loads(predictions.read_text())} <= {p.name for p in image.parent.iterdir()}
