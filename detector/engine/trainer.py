@@ -97,6 +97,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype) and self.device.type == "cuda")
         self.state = TrainState()
         self._batch_grid_logged = False
+        self.evaluator = None
+        self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
 
         if self.resume_ckpt is not None:
             self.run_dir = Path(self.resume_ckpt["run_dir"]) if Path(self.resume_ckpt["run_dir"]).exists() else Path(cfg.resume).resolve().parents[1]
@@ -153,10 +155,13 @@ class Trainer:
         if self.dist.is_main:
             LOGGER.info("train: %s\n%s", self.data.train.annotations, self.train_set.coco.summary)
         nc = self.train_set.coco.num_classes
+        if self.data.names is not None and len(self.data.names) != nc:
+            raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
         self.names = self.data.names or self.train_set.coco.names
         self.category_ids = self.train_set.coco.category_ids
 
         if self.resume_ckpt is not None:
+            _check_resume_classes(self.resume_ckpt, self.category_ids, self.names, cfg.resume, self.data.train.annotations)
             model = build_model(self.resume_ckpt["model_yaml"])
             ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
         else:
@@ -171,6 +176,14 @@ class Trainer:
                 report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
                 if self.dist.is_main:
                     LOGGER.info("autoanchor: %s", report)
+        if model.yaml.get("ch", 3) != 3:
+            raise DetectorError(
+                f"model: {cfg.model} takes ch={model.yaml['ch']} input channels, but training images are always loaded "
+                "as 3-channel RGB (gray, palette, RGBA and 16-bit files are converted); set ch: 3"
+            )
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.bn_momentum
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -196,7 +209,7 @@ class Trainer:
         if self.dist.enabled:
             if cfg.sync_bn and self.device.type == "cuda":
                 self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
-            elif cfg.sync_bn:
+            elif cfg.sync_bn and self.dist.is_main:
                 LOGGER.warning("sync_bn=true ignored: SyncBatchNorm needs CUDA (this run uses %s)", self.device)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
@@ -409,6 +422,19 @@ class Trainer:
         if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
             plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
         LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)
+
+
+def _check_resume_classes(ckpt: dict, category_ids: list[int], names: list[str], source: str, annotations: Path) -> None:
+    """A resumed run must see the classes it was trained on; name what changed in the dataset since."""
+    pairs = {"category_ids": (list(ckpt["category_ids"]), [int(c) for c in category_ids]), "names": (list(ckpt["names"]), list(names))}
+    diffs = [f"nc: {len(ckpt['category_ids'])} -> {len(category_ids)}"] if len(ckpt["category_ids"]) != len(category_ids) else []
+    for key, (saved, now) in pairs.items():
+        if saved != now:
+            i = next(i for i in range(max(len(saved), len(now))) if i >= min(len(saved), len(now)) or saved[i] != now[i])
+            show = [repr(v[i]) if i < len(v) else "(none)" for v in (saved, now)]
+            diffs.append(f"{key}[{i}]: {show[0]} -> {show[1]}")
+    if diffs:
+        raise DetectorError(f"resume: {source} was trained on other classes than {annotations} has now ({'; '.join(diffs)}); start a new run instead")
 
 
 def train(cfg: TrainConfig) -> dict:
