@@ -90,5 +90,5 @@ def test_data_spec_errors(tmp_path: Path, text: str, message: str):
 
 def test_model_path_by_name_and_suggestion():
     assert resolve_model_path("yolov5n") == REPO_ROOT / "configs/models/yolov5n.yaml"
-    with pytest.raises(DetectorError, match="did you mean 'yolov5s'\?\); known: yolo-attn-n"):
+    with pytest.raises(DetectorError, match=r"did you mean 'yolov5s'\?\); known: yolo-attn-n"):
         resolve_model_path("yolov5m")

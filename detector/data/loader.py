@@ -103,7 +103,11 @@ class _ImageSource:
 class TrainDataset(Dataset):
     """Augmented training samples. `set_mosaic(False)` turns mosaic off, also inside persistent workers (the flag
     lives in shared memory). An image that fails to decode after the scan is named once in a warning, counted
-    in `failed_files` and replaced by another image; under strict it is a DetectorError naming the file."""
+    in `failed_files` and replaced by another image; under strict it is a DetectorError naming the file.
+
+    `set_epoch(e)` (shared memory too) restarts every process's random streams at its first sample of epoch e
+    from (seed, e, worker id) and empties its mosaic-partner buffer, so epoch e's samples depend on nothing
+    that ran before it: a resumed run replays the epochs an uninterrupted one sees (same seed and workers)."""
 
     def __init__(
         self, coco: CocoDataset, *, imgsz: int, hyp: AugmentHyp, seed: int = 0, strict: bool = False, cache: str = ""
@@ -111,11 +115,14 @@ class TrainDataset(Dataset):
         self.coco = coco
         self.imgsz = imgsz
         self.strict = strict
+        self.seed = seed
         hw = coco.image_hw
         self.ratios = imgsz / hw.max(axis=1) if len(hw) else np.zeros(0)
         self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER)
         self.transform = TrainTransform(imgsz, hyp, seed)
         self._mosaic = torch.ones(1, dtype=torch.uint8).share_memory_()
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._streams_epoch = -1  # the epoch this process's random streams were started for
         self.failed_files: list[str] = []
 
     def __len__(self) -> int:
@@ -128,8 +135,18 @@ class TrainDataset(Dataset):
     def mosaic_enabled(self) -> bool:
         return bool(self._mosaic.numpy()[0])
 
-    def reseed(self, seed: int) -> None:
-        self.transform.reseed(seed)
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def _start_epoch_streams(self) -> None:
+        epoch = int(self._epoch.numpy()[0])
+        if epoch == self._streams_epoch:
+            return
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        self.transform.reseed(int(np.random.SeedSequence([self.seed, epoch, worker]).generate_state(1)[0]))
+        self.source.recent.clear()
+        self._streams_epoch = epoch
 
     def train_box_wh(self, imgsz: int) -> np.ndarray:
         """(N, 2) pixel w, h of the training boxes at long side `imgsz` (see CocoDataset.train_box_wh)."""
@@ -154,6 +171,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.coco.records[index]
+        self._start_epoch_streams()
         try:
             recent = list(self.source.recent)
             pool = recent if len(recent) >= PARTNER_POOL_MIN else len(self)
@@ -231,18 +249,17 @@ class ValDataset(Dataset):
         return {"image": _to_chw(image), "labels": _labels(boxes, record.classes, image.shape[1], image.shape[0]), "meta": meta}
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Each worker's augmentation streams start from torch's per-worker seed (the loader generator's base seed
-    + worker id), so a run is reproducible given the seed and the number of workers."""
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(info.seed % 2**32)
-
-
 class DetectorDataLoader(DataLoader):
     """A DataLoader whose worker errors re-raise as the worker's one-line DetectorError (naming the file),
     instead of torch's multi-line "Caught DetectorError in DataLoader worker process 0 ..." wrapper, and whose
-    stalled workers (timeout) are an error too, never a hung run."""
+    stalled workers (timeout) and dead ones (killed, native crash) are a one-line error too, never a hung run."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch: the shuffle (sampler) and the augmentation (dataset) become functions of
+        (seed, epoch) alone."""
+        for part in (self.sampler, self.dataset):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         iterator = super().__iter__()
@@ -261,6 +278,8 @@ class DetectorDataLoader(DataLoader):
             except RuntimeError as err:
                 if str(err).startswith("DataLoader timed out"):
                     raise DetectorError(f"data loading stalled: no batch from the workers in {self.timeout:g} s") from err
+                if "exited unexpectedly" in str(err):  # killed (out of memory?) or crashed in native code
+                    raise DetectorError(f"{str(err).splitlines()[0].rstrip('. ')}; workers=0 shows the failing file") from err
                 raise
             yield batch
 
@@ -284,24 +303,23 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DetectorDataLoader:
-    """Shuffled, augmented batches of `split`; a DistributedSampler when world_size > 1 (call
-    `loader.sampler.set_epoch(epoch)` each epoch). `cache="ram"` decodes every image once up front."""
+    """Shuffled, augmented batches of `split`, this rank's share of them (a DistributedSampler, also for one
+    process: its order is a pure function of (seed, epoch)); call `loader.set_epoch(epoch)` each epoch.
+    `cache="ram"` decodes every image once up front."""
     _check_imgsz(imgsz)
     coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
     dataset = TrainDataset(coco, imgsz=imgsz, hyp=hyp, seed=seed + rank, strict=strict, cache=cache)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed) if world_size > 1 else None
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
     return DetectorDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker,
         generator=generator,
         timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
     )

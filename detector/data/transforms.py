@@ -284,7 +284,7 @@ class TrainTransform:
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart every random stream (the worker_init_fn calls this with each worker's own seed)."""
+        """Restart every random stream (TrainDataset does, per process, at the start of each epoch)."""
         self.rng = np.random.default_rng(seed)
         seed_compose(self.compose, seed)
 

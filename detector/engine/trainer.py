@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from detector.config import TrainConfig, build_options, load_data_spec, resolve_model_path
 from detector.engine import checkpoint as ckpt_io
-from detector.engine.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
+from detector.engine.distributed import barrier, broadcast_flag, init_distributed, shutdown
 from detector.engine.logger import RunLogger, plot_results
 from detector.errors import DetectorError
 
@@ -273,10 +272,7 @@ class Trainer:
         self.train_model.train()
         mosaic_on = epoch < cfg.epochs - cfg.close_mosaic
         self.train_set.set_mosaic(mosaic_on)
-        if hasattr(self.train_loader, "set_epoch"):
-            self.train_loader.set_epoch(epoch)
-        elif hasattr(self.train_loader.sampler, "set_epoch"):
-            self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
         running = torch.zeros(3, device=self.device)
         nonfinite_run = 0
         nonfinite_epoch = 0

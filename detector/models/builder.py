@@ -138,6 +138,7 @@ def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str
     raw, label = _load(cfg)
     spec = _resolve(raw, label, nc=nc, attention=attention, attention_at=attention_at)
     layers, sources, info = _build_layers(spec, label)
+    _check_outputs_used(sources, info, label)
     model = DetectionModel(layers, sources, info, spec)
     _finalize(model, spec, label)
     return model
@@ -340,6 +341,16 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
         module = nn.Sequential(module, *more)
     shown = [*call, *rest] + ([kwargs] if kwargs else [])
     return module, absolute if entry.multi_input else absolute[0], LayerInfo(i, row_name, src, n, name, shown), c_out
+
+
+def _check_outputs_used(sources: list[int | list[int]], info: list[LayerInfo], label: str) -> None:
+    """A row whose output no later row reads would hold parameters without gradients: wasted compute, and
+    DistributedDataParallel stops with "Expected to have finished reduction" at the second step."""
+    read = {j for s in sources for j in (s if isinstance(s, list) else [s])}
+    for layer in info[:-1]:
+        if layer.index not in read:
+            raise DetectorError(f"{label}: {layer.row}: the output of {layer.module} (layer {layer.index}) is never "
+                                "used: no later row takes it as input ('from')")
 
 
 def _sources(i: int, src: Any, where: str, entry: RowModule, channels: list[int | None]) -> list[int]:

@@ -1,0 +1,140 @@
+"""Checkpoints meeting the trainer and `val`: a full disk mid-run (RELIABILITY row 26), weights of another model or
+class count (23), a resume whose model, config or classes changed (28). The unit tests of the writer and the
+loader are in tests/engine/test_checkpoint.py."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.cli import main
+from detector.config import TrainConfig
+from detector.engine import checkpoint as ck
+from detector.engine.trainer import Trainer, train
+from detector.errors import DetectorError
+from detector.models.builder import build_model
+from reliability_helpers import make_config, read_results
+
+
+@pytest.fixture(scope="module")
+def disk_full(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, DetectorError, Path]]:
+    """A 2-epoch run whose epoch-1 checkpoint write hits ENOSPC halfway. Yields (run folder, the error, a copy of
+    the run's last.pt as the error left it)."""
+    root = tmp_path_factory.mktemp("disk_full")
+    real_save = torch.save
+
+    def half_then_enospc(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", half_then_enospc)
+        with pytest.raises(DetectorError) as info:
+            train(make_config(shapes, root / "runs", epochs="2"))
+    run = root / "runs" / "exp"
+    kept = root / "epoch0-last.pt"
+    shutil.copy(run / "weights" / "last.pt", kept)
+    yield run, info.value, kept
+
+
+def test_disk_full_names_path_and_size_keeps_the_old_checkpoint_and_resumes(disk_full, shapes: Path) -> None:
+    run, error, _ = disk_full
+    message = str(error)
+    assert message.startswith(f"{run / 'weights' / 'last.pt'}: cannot write checkpoint (No space left on device)")
+    assert "MiB" in message and "previous last.pt is left intact" in message and "\n" not in message
+    assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]  # no temporary file
+    assert ck.load_checkpoint(run / "weights" / "last.pt")["epoch"] == 0
+    train(make_config(shapes, run.parent, resume=str(run / "weights" / "last.pt")))
+    assert [r["epoch"] for r in read_results(run)] == ["0", "1"]
+    assert ck.load_checkpoint(run / "weights" / "last.pt")["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------------ row 28
+
+
+def test_resume_with_a_changed_config_lists_every_differing_key(disk_full, shapes: Path, tmp_path: Path) -> None:
+    _, _, last = disk_full
+    cfg = make_config(shapes, tmp_path, resume=str(last), model="yolov5n", attention="cbam", lr0="0.02")
+    with pytest.raises(DetectorError) as info:
+        Trainer(cfg)
+    message = str(info.value)
+    assert message.startswith(f"resume: {last} was trained with a different config (")
+    for diff in ("model: 'yolo-c2f-n' -> 'yolov5n'", f"lr0: {TrainConfig().lr0!r} -> 0.02", "attention: '' -> 'cbam'"):
+        assert diff in message
+    safe = Trainer(make_config(shapes, tmp_path, resume=str(last), batch="4", workers="1", device="cpu", epochs="3"))
+    assert (safe.cfg.batch, safe.cfg.workers, safe.cfg.device, safe.cfg.epochs, safe.cfg.model) == (4, 1, "cpu", 3, "yolo-c2f-n")
+
+
+def test_resume_after_the_dataset_gained_a_class_lists_what_changed(disk_full, shapes: Path, tmp_path: Path) -> None:
+    _, _, last = disk_full
+    data = Path(shutil.copytree(shapes.parent, tmp_path / "data")) / shapes.name
+    train_json = next((data.parent / "train").glob("*.json"))
+    coco = json.loads(train_json.read_text())
+    coco["categories"].append({"id": 7, "name": "hexagon"})
+    coco["annotations"][0]["category_id"] = 7
+    train_json.write_text(json.dumps(coco))
+    ckpt = ck.load_checkpoint(last)
+    ckpt["train_config"]["data"] = str(data)  # the run was trained on this dataset, which has changed since
+    ckpt["run_dir"] = str(tmp_path / "run")
+    resumable = tmp_path / "run" / "weights" / "last.pt"
+    resumable.parent.mkdir(parents=True)
+    ck.save_checkpoint(resumable, ckpt)
+    with pytest.raises(DetectorError) as info:
+        train(make_config(data, tmp_path, resume=str(resumable)))
+    assert str(info.value) == (
+        f"resume: {resumable} was trained on other classes than {train_json} has now (nc: 6 -> 7; "
+        "category_ids[6]: (none) -> 7; names[6]: (none) -> 'hexagon'); start a new run instead"
+    )
+
+
+# ------------------------------------------------------------------------------------------ row 23
+
+
+def _val(capsys, tmp_path: Path, **options: str) -> str:
+    """`detector val key=value ...` in this process; returns its one error line (exit status 2)."""
+    args = [f"{k}={v}" for k, v in {"workers": "0", "project": str(tmp_path / "val"), **options}.items()]
+    assert main(["val", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("detector val: error: ")
+    return lines[0][len("detector val: error: "):]
+
+
+@pytest.mark.parametrize(
+    ("other", "expected"),
+    [
+        ({"cfg": "yolov5n", "nc": 6}, r"weights do not fit this model \(another model YAML or class count\?\): \d+ missing \(.*\); \d+ unexpected \("),
+        ({"cfg": "yolo-c2f-n", "nc": 3}, r"weights do not fit this model .*: 6 shape mismatches \(layers\.22\.m\.0\.weight \(24, 64, 1, 1\) vs model \(33, 64, 1, 1\)"),
+    ],
+    ids=["other-model", "other-nc"],
+)
+@pytest.mark.usefixtures("cli_logging")
+def test_val_of_weights_from_another_model_lists_the_keys(disk_full, tmp_path: Path, capsys, other: dict, expected: str) -> None:
+    _, _, last = disk_full
+    ckpt = ck.load_checkpoint(last)  # yolo-c2f-n, 6 classes
+    foreign = build_model(other["cfg"], nc=other["nc"]).state_dict()
+    ckpt["model"] = foreign
+    ckpt["ema"] = dict(ckpt["ema"], module=foreign)
+    spliced = tmp_path / "spliced.pt"
+    ck.save_checkpoint(spliced, ckpt)
+    assert re.match(f"{re.escape(str(spliced))}: {expected}", _val(capsys, tmp_path, weights=str(spliced)))
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_val_of_a_checkpoint_on_a_dataset_with_other_classes_is_refused(disk_full, make_data_yaml, tmp_path: Path, capsys) -> None:
+    _, _, last = disk_full
+    data = make_data_yaml()  # categories 1, 3, 7
+    message = _val(capsys, tmp_path, weights=str(last), data=str(data), imgsz="64")
+    assert re.match(r"val: .* was trained on category ids \[1, 2, 3, 4, 5, 6\] but .*instances\.json has \[1, 3, 7\]", message)

@@ -1,0 +1,75 @@
+"""DDP on CPU (gloo, torchrun): ranks stay identical, the sampler reshuffles per epoch, only rank 0 writes
+(RELIABILITY row 31); no parameter left out of the backward for any attention variant (32); sync_bn=true on a CPU
+is ignored with a warning (33)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.config import REPO_ROOT
+from detector.errors import DetectorError
+from detector.models.attention import ATTENTIONS
+from detector.models.blocks import ATTENTION_PLACES, AttnC2f
+from detector.models.builder import build_model
+from reliability_helpers import TINY, hooks_env, read_results
+
+ATTENTION_NAMES = sorted(ATTENTIONS.names())
+
+
+@pytest.mark.parametrize("place", ATTENTION_PLACES)
+@pytest.mark.parametrize("attention", ATTENTION_NAMES)
+def test_every_parameter_gets_a_gradient_for_every_attention_and_place(attention: str, place: str) -> None:
+    """What DDP needs to never stop with "Expected to have finished reduction": every parameter of an attention
+    block takes part in the backward, whichever attention sits wherever (tests/models checks whole configs)."""
+    block = AttnC2f(16, 32, 2, True, attention=attention, attention_at=place)
+    block(torch.rand(2, 16, 16, 16)).square().mean().backward()
+    assert [n for n, p in block.named_parameters() if p.grad is None] == []
+
+
+def test_a_row_whose_output_nobody_reads_is_refused_at_build(tmp_path: Path) -> None:
+    """The other way a module goes unused in forward: a dangling row in the YAML."""
+    text = (REPO_ROOT / "configs/models/yolov5n.yaml").read_text()
+    dangling = text.replace("  - [-1, 1, Conv, [512, 1, 1]]                  # 10", "  - [8, 1, Conv, [512, 1, 1]]                   # 10")
+    assert dangling != text
+    path = tmp_path / "dangling.yaml"
+    path.write_text(dangling)
+    with pytest.raises(DetectorError, match=r"backbone\[9\]: the output of SPPF \(layer 9\) is never used"):
+        build_model(path)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(shapes: Path, tmp_path: Path) -> None:
+    sampler_log, weights = tmp_path / "sampler.txt", tmp_path / "weights"
+    weights.mkdir()
+    env = hooks_env(tmp_path, DRILL_SAMPLER=str(sampler_log), DRILL_WEIGHTS=str(weights))
+    keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "cpu",
+            "model": "yolo-attn-n", "attention": "none", "sync_bn": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Expected to have finished reduction" not in output
+    assert output.count("sync_bn=true ignored: SyncBatchNorm needs CUDA") == 1  # said once, by rank 0
+
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+
+    orders: dict[tuple[int, int], list[int]] = {}
+    for line in sampler_log.read_text().splitlines():
+        rank, epoch, indices = line.split()
+        orders[int(rank), int(epoch)] = [int(i) for i in indices.split(",")]
+    assert sorted(orders) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for epoch in (0, 1):
+        assert sorted(orders[0, epoch] + orders[1, epoch]) == list(range(16))  # disjoint halves of the data
+    assert orders[0, 0] != orders[0, 1]  # reshuffled per epoch
+
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp"]  # only rank 0 writes
+    assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
+    assert len(list((tmp_path / "runs" / "exp").glob("events.out.tfevents.*"))) == 1
