@@ -8,5 +8,5 @@ export NO_ALBUMENTATIONS_UPDATE=1
 bash scripts/install.sh dev,export
 PY=${PYTHON:-python3}
 "$PY" -m detector train model=configs/models/yolo-ca-n.yaml data=data/shapes.yaml name=demo exist_ok=true \
-  epochs=${DEMO_EPOCHS:-12} imgsz=320 batch=16 "$@"
-"$PY" -m detector val weights=runs/train/demo/weights/best.pt data=data/shapes.yaml name=demo exist_ok=true iou=0.65
+  epochs=${DEMO_EPOCHS:-7} imgsz=256 batch=16 "$@"
+"$PY" -m detector val weights=runs/train/demo/weights/best.pt data=data/shapes.yaml imgsz=256 name=demo exist_ok=true iou=0.65

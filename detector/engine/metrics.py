@@ -93,6 +93,8 @@ def format_metrics_table(metrics: dict[str, Any], num_images: int) -> str:
     rows: list[list[object]] = [["all", num_images, sum(c["instances"] for c in per_class), metrics["AP50"], metrics["AP"]]]
     rows += [[c["name"], "", c["instances"], c["AP50"], c["AP"]] for c in per_class if c["AP"] is not None]
     text = format_table(["class", "images", "instances", "AP50", "AP50-95"], rows)
+    for half in (COCO_KEYS[:6], COCO_KEYS[6:]):  # the 12 COCO numbers, in pycocotools' order (-1: no GT in that range)
+        text += "\n" + "  ".join(f"{key} {metrics[key]:.3f}" for key in half)
     missing = [c["name"] for c in per_class if c["AP"] is None]
     if missing:
         text += f"\n{len(missing)} classes without ground truth in these images (left out of the mean): {', '.join(missing)}"

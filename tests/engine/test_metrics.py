@@ -202,3 +202,4 @@ def test_fitness_and_table() -> None:
     assert [line.split()[0] for line in table[3:5]] == ["cat", "dog"]
     assert len({len(line) for line in table[:5]}) == 1  # aligned
     assert "bird" in table[-1] and "without ground truth" in table[-1]
+    assert any(line.startswith("AP 1.000  AP50 1.000  AP75 1.000") for line in table)  # the 12 COCO numbers
