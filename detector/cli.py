@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError
-from detector.options import CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions, AblateOptions
+from detector.options import AblateOptions, CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ class TrainConfig:
     flipud: float = option(0.0, "vertical flip probability")
     mosaic: float = option(1.0, "mosaic probability")
     mixup: float = option(0.0, "mixup probability")
-    close_mosaic: int = option(10, "turn mosaic off for the last N epochs")
+    close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)")
     cache: str = option("", "'ram' keeps decoded training images in memory")
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off")
