@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 from detector.errors import DetectorError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -340,9 +342,7 @@ def load_data_spec(path: str | Path) -> DataSpec:
         if key not in _DATA_KEYS:
             raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, _DATA_KEYS)}")
     if "download" in data:
-        import logging
-
-        logging.getLogger(__name__).warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
+        LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
     root = path.resolve().parent
     if data.get("path") is not None:
         root = (root / str(data["path"])).resolve()

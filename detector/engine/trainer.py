@@ -387,7 +387,7 @@ class Trainer:
         from detector import __version__
 
         return {
-            "format_version": 1,
+            "format_version": ckpt_io.FORMAT_VERSION,
             "version": __version__,
             "model_yaml": self.model.yaml,
             "model": self.model.state_dict(),
