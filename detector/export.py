@@ -34,6 +34,7 @@ import torch.nn as nn
 from torchvision.ops import box_convert, nms
 
 from detector.errors import DetectorError
+from detector.models.attention import MHSA
 
 LOGGER = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dic
     if spec.opset not in OPSETS:
         raise DetectorError(f"export: opset must be {OPSETS.start}..{OPSETS.stop - 1}, got {spec.opset}")
     net = copy.deepcopy(model).float().cpu().fuse()
+    if spec.dynamic and any(isinstance(m, MHSA) for m in net.modules()):
+        LOGGER.warning(
+            "export: dynamic=True with mhsa layers: each layer's key/value pooling (max_kv) is fixed at imgsz=%d; "
+            "at input sizes where a layer would pool by another factor the graph differs from PyTorch", spec.imgsz
+        )
     graph: nn.Module = DetectWithNMS(net, conf=spec.conf, iou=spec.iou, max_det=spec.max_det) if spec.nms else net
     graph.eval()
     outputs = ["detections", "num_detections", "output"] if spec.nms else ["output"]

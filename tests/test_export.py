@@ -65,12 +65,14 @@ def test_default_model_round_trip_beside_the_weights(tmp_path: Path, capsys) -> 
     assert json.loads(meta["names"]) == ["c0", "c1", "c2"] and json.loads(meta["stride"]) == 32
 
 
-def test_attention_model_with_dynamic_size(tmp_path: Path, capsys) -> None:
+def test_attention_model_with_dynamic_size(tmp_path: Path, capsys, caplog) -> None:
     from detector.api import run_export
 
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-attn-n", attention="mhsa")
     out = tmp_path / "export" / "mhsa.onnx"
-    run_export(ExportOptions(weights=str(weights), dynamic=True, out=str(out)))
+    with caplog.at_level(logging.WARNING, logger="detector.export"):
+        run_export(ExportOptions(weights=str(weights), dynamic=True, out=str(out)))
+    assert "key/value pooling (max_kv) is fixed at imgsz" in caplog.text
     lines = export_lines(capsys)
     assert lines[-1] == str(out)
     assert any("batch 2, 32x96" in line for line in lines)  # the second check runs at another size

@@ -168,32 +168,72 @@ def _proj(channels: int) -> nn.Sequential:
     return _conv_bn(channels, channels)
 
 
+def kv_pool_factor(h: int, w: int, max_kv: int) -> int:
+    """The smallest integer r with ceil(h / r) * ceil(w / r) <= max_kv: 1 when h * w <= max_kv."""
+    r = max(1, math.isqrt(max(0, h * w - 1) // max_kv))  # a lower bound: ceil(h/r) ceil(w/r) >= hw / r^2
+    while -(-h // r) * -(-w // r) > max_kv:
+        r += 1
+    return r
+
+
 @register_attention("mhsa")
 @register_module(channels="same")
 class MHSA(nn.Module):
-    """Multi-head self-attention over all H*W positions, as in BoTNet (Srinivas et al., CVPR 2021).
+    """Multi-head self-attention over all H*W positions, as in BoTNet (Srinivas et al., CVPR 2021), with keys and
+    values spatially reduced on large maps as in PVT (Wang et al., ICCV 2021, arXiv 2102.12122).
 
-    q, k, v from one 1x1 conv; logits q.(k + r) with r = R_h + R_w, learned height and width embeddings
-    (BoTNet's split 2D encoding, absolute form), resampled to the input size so any H, W works; fused
-    `F.scaled_dot_product_attention`; output 1x1 conv + BN added to the input. Cost O((HW)^2): use on P5.
-    `heads` falls back to the largest divisor of `channels` not above it.
+    q, k, v from one 1x1 conv; logits q.(k + pos) with pos = R_h + R_w, learned height and width embeddings
+    (BoTNet's split 2D encoding, absolute form), resampled to the key grid so any H, W works; fused
+    `F.scaled_dot_product_attention`; output 1x1 conv + BN added to the input. `heads` falls back to the
+    largest divisor of `channels` not above it.
+
+    Plain global attention costs O((HW)^2) time and memory: 4,096 tokens at stride 4 of a 256 px image are a
+    (4096 x 4096) matrix per head and image. So when H*W > `max_kv`, keys and values come from the input
+    average-pooled by the smallest integer factor r with ceil(H/r) * ceil(W/r) <= max_kv (window r, stride r,
+    partial windows at the bottom/right edges averaged over their valid pixels), while every position still
+    queries: cost O(HW * max_kv). The default 400 is a 20 x 20 map, P5 of a 640 image, where the module stays
+    exact global attention. Since the 1x1 conv has no bias it commutes with the pooling, so k and v are the
+    qkv conv's k/v weights applied to the pooled input (the parameters are the same as without reduction).
+
+    Pooling is `F.avg_pool2d(x, r, r, ceil_mode=True)`: it exports to ONNX AveragePool (ceil_mode=1, no padding)
+    and onnxruntime matches it, partial windows included; the TorchScript exporter rejects `F.adaptive_avg_pool2d`
+    to a size that does not divide the input, and any size with dynamic H/W. r is a Python int, so an ONNX graph
+    exported with dynamic H/W keeps, per layer, the r (and the choice to reduce or not) of the export size; at
+    sizes where `kv_pool_factor` differs it runs a different key grid than PyTorch does (export warns).
     """
 
-    def __init__(self, channels: int, heads: int = 4, base_size: int = 20) -> None:
+    def __init__(self, channels: int, heads: int = 4, base_size: int = 20, max_kv: int = 400) -> None:
         super().__init__()
+        if max_kv < 1:
+            raise ValueError(f"MHSA: max_kv must be >= 1, got {max_kv}")
         self.heads = fit_heads(channels, heads)
+        self.max_kv = max_kv
         self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
         self.pos_h = AxisEmbedding(channels, base_size)
         self.pos_w = AxisEmbedding(channels, base_size)
         self.proj = _proj(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, heads, HW, d) at every position; k (position term added) and v (B, heads, hk * wk, d) on the key
+        grid: (hk, wk) = (H, W) under the bound, else the pooled (ceil(H / r), ceil(W / r))."""
         b, c, h, w = x.shape
         d = c // self.heads
-        q, k, v = self.qkv(x).reshape(b, 3, self.heads, d, h * w).transpose(-1, -2).unbind(1)  # (B, heads, HW, d)
-        pos = (self.pos_h(h)[:, :, None] + self.pos_w(w)[:, None, :]).reshape(self.heads, d, h * w)
-        k = k + pos.transpose(-1, -2).to(k.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        r = kv_pool_factor(h, w, self.max_kv)
+        if r == 1:
+            q, k, v = self.qkv(x).reshape(b, 3, self.heads, d, h * w).transpose(-1, -2).unbind(1)
+            hk, wk = h, w
+        else:
+            w_q, w_kv = self.qkv.weight.split([c, 2 * c])
+            pooled = F.avg_pool2d(x, r, r, ceil_mode=True)  # (B, C, hk, wk)
+            hk, wk = pooled.shape[-2:]
+            q = F.conv2d(x, w_q).reshape(b, self.heads, d, h * w).transpose(-1, -2)
+            k, v = F.conv2d(pooled, w_kv).reshape(b, 2, self.heads, d, hk * wk).transpose(-1, -2).unbind(1)
+        pos = (self.pos_h(hk)[:, :, None] + self.pos_w(wk)[:, None, :]).reshape(self.heads, d, hk * wk)
+        return q, k + pos.transpose(-1, -2).to(k.dtype), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        out = F.scaled_dot_product_attention(*self.project(x))  # (B, heads, HW, d)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

@@ -8,7 +8,8 @@ Forward hooks read what each module computes, without changing the model:
 - mhsa and axial run fused `scaled_dot_product_attention`, which never materialises its weights: their softmax
   weights are recomputed from the module's input with the module's own projections and position embeddings,
   then averaged over heads and queries (the attention each position receives); axial multiplies its row and
-  column maps.
+  column maps; mhsa over its `max_kv` bound attends to pooled windows, whose weights are spread back over their
+  pixels, so every map is at the module's input resolution.
 """
 
 from __future__ import annotations
@@ -53,16 +54,25 @@ def _weighted_activation(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 def _mhsa_received(module: attn.MHSA, x: torch.Tensor) -> torch.Tensor:
-    """MHSA's softmax(q (k + r)^T / sqrt(d)) recomputed, averaged over heads and queries: (h, w) for image 0."""
-    _, c, h, w = x.shape
-    d = c // module.heads
-    q, k, _ = module.qkv(x[:1]).reshape(1, 3, module.heads, d, h * w).transpose(-1, -2).unbind(1)
-    pos = (module.pos_h(h)[:, :, None] + module.pos_w(w)[:, None, :]).reshape(module.heads, d, h * w)
-    k = k + pos.transpose(-1, -2)
-    received = torch.zeros(h * w, device=x.device)
-    for head in range(module.heads):  # one (HW, HW) matrix at a time
+    """MHSA's softmax(q (k + r)^T / sqrt(d)) recomputed from `module.project` (the forward's own q, k, v), averaged
+    over heads and queries: (h, w) for image 0, summing to 1.
+
+    Over the `max_kv` bound the keys are r x r window means, so the weight of a key is spread evenly over the
+    input positions of its window (the effective weight each position's value gets): the map stays at the
+    module's resolution, constant inside each window, and sums over a window to that key's weight."""
+    _, _, h, w = x.shape
+    q, k, _ = module.project(x[:1])
+    d = q.shape[-1]
+    received = torch.zeros(k.shape[2], device=x.device)
+    for head in range(module.heads):  # one (HW, hk * wk) matrix at a time
         received += (q[0, head] @ k[0, head].T * d**-0.5).softmax(-1).mean(0)
-    return (received / module.heads).view(h, w)
+    received /= module.heads
+    r = attn.kv_pool_factor(h, w, module.max_kv)
+    if r == 1:
+        return received.view(h, w)
+    rows, cols = torch.arange(h, device=x.device) // r, torch.arange(w, device=x.device) // r  # pixel -> key cell
+    per_pixel = received.view(-(-h // r), -(-w // r)) / (rows.bincount()[:, None] * cols.bincount()[None, :])
+    return per_pixel[rows][:, cols]
 
 
 def _axis_received(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

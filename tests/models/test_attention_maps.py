@@ -46,9 +46,12 @@ def test_capture_gives_maps_at_the_module_resolution(kind: str) -> None:
         assert all(c.spatial.sum().item() == pytest.approx(1.0, abs=1e-4) for c in captures)
 
 
-@pytest.mark.parametrize("kind", ["mhsa", "axial"])
-def test_recomputed_weights_are_the_fused_kernels_weights(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Record softmax(q k^T / sqrt(d)) inside every scaled_dot_product_attention call and compare."""
+@pytest.mark.parametrize("kind,size", [("mhsa", (64, 64)), ("mhsa", (160, 224)), ("axial", (64, 64))])
+def test_recomputed_weights_are_the_fused_kernels_weights(kind: str, size: tuple[int, int],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record softmax(q k^T / sqrt(d)) inside every scaled_dot_product_attention call and compare. mhsa at 64 x 64:
+    every layer under the max_kv = 400 bound; at 160 x 224 P2 (40 x 56, r = 3, partial windows) and P3 (20 x 28,
+    r = 2) attend to pooled keys, P4 and P5 are under the bound."""
     torch.manual_seed(0)
     model = build_model("yolo-attn-n", nc=2, attention=kind).eval()
     recorded: list[torch.Tensor] = []
@@ -58,16 +61,23 @@ def test_recomputed_weights_are_the_fused_kernels_weights(kind: str, monkeypatch
         recorded.append((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
         return fused(q, k, v, *args, **kwargs)
 
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, *size)
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     with torch.no_grad():
         model(x)
     monkeypatch.undo()
     captures = capture_attention(model, x)
     if kind == "mhsa":
-        for cap, weights in zip(captures, recorded):  # (1, heads, HW, HW) -> mean over heads and queries
-            expected = weights.mean((1, 2))[0].view(cap.spatial.shape)
-            torch.testing.assert_close(cap.spatial, expected, atol=1e-5, rtol=1e-4)
+        # per AttnC2f (P2, P3, P4, P5): the key grid and the pooling factor r
+        key_grids = {(64, 64): [((16, 16), 1), ((8, 8), 1), ((4, 4), 1), ((2, 2), 1)],
+                     (160, 224): [((14, 19), 3), ((10, 14), 2), ((10, 14), 1), ((5, 7), 1)]}
+        assert [tuple(c.spatial.shape) for c in captures] == [(size[0] // s, size[1] // s) for s in (4, 8, 16, 32)]
+        for cap, weights, (grid, r) in zip(captures, recorded, key_grids[size], strict=True):
+            # (1, heads, HW, keys) -> mean over heads and queries; the map's window sums are the key weights
+            assert weights.shape[-2:] == (cap.spatial.numel(), grid[0] * grid[1])
+            per_key = F.avg_pool2d(cap.spatial[None], r, r, ceil_mode=True, divisor_override=1)[0]
+            torch.testing.assert_close(per_key, weights.mean((1, 2))[0].view(grid), atol=1e-5, rtol=1e-4)
+            assert cap.spatial.sum().item() == pytest.approx(1.0, abs=1e-4)
     else:
         for cap, (rows, cols) in zip(captures, zip(recorded[0::2], recorded[1::2])):
             h, w = cap.spatial.shape
