@@ -79,7 +79,7 @@ def _data_check(overrides: dict[str, str]) -> int:
     return data_check(Path(opts.data), strict=opts.strict, save_dir=Path(opts.save_dir), imgsz=opts.imgsz)
 
 
-BENCHES = ("models", "data", "train", "val")
+BENCHES = ("models", "data", "train", "val", "amp")
 
 
 def _bench(name: str) -> Callable[[dict[str, str]], None]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`python scripts/bench.py models|data|train|val key=value ...`: the same as `detector bench <name> ...`."""
+"""`python scripts/bench.py models|data|train|val|amp key=value ...`: the same as `detector bench <name> ...`."""
 
 import sys
 
@@ -7,5 +7,5 @@ from detector.cli import main
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python scripts/bench.py models|data|train|val [key=value ...]")
+        sys.exit("usage: python scripts/bench.py models|data|train|val|amp [key=value ...]")
     sys.exit(main(["bench", *sys.argv[1:]]))
