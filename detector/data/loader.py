@@ -124,6 +124,7 @@ class TrainDataset(Dataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._streams_epoch = -1  # the epoch this process's random streams were started for
         self.failed_files: list[str] = []
+        self._sample_unreadable: list[str] = []  # files replaced while building the current sample
 
     def __len__(self) -> int:
         return len(self.coco)
@@ -161,6 +162,7 @@ class TrainDataset(Dataset):
             except READ_ERRORS as err:
                 if self.strict:
                     raise DetectorError(f"cannot read image {record.file} (changed since the scan?): {err}") from err
+                self._sample_unreadable.append(str(record.file))
                 if str(record.file) not in self.failed_files:
                     self.failed_files.append(str(record.file))
                     LOGGER.warning("cannot read image %s (%s); using another image instead", record.file, err)
@@ -172,6 +174,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.coco.records[index]
         self._start_epoch_streams()
+        self._sample_unreadable = []
         try:
             recent = list(self.source.recent)
             pool = recent if len(recent) >= PARTNER_POOL_MIN else len(self)
@@ -188,6 +191,7 @@ class TrainDataset(Dataset):
             "ratio": float(self.ratios[index]),
             "pad": (0, 0),
             "mosaic": used_mosaic,
+            "unreadable": self._sample_unreadable,  # seen by the main process, whichever worker read it
         }
         return {"image": _to_chw(image), "labels": _labels(boxes, classes, width, height), "meta": meta}
 

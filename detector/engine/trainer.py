@@ -252,9 +252,9 @@ class Trainer:
             metrics: dict = {}
             for epoch in range(self.state.epoch + 1, self.cfg.epochs):
                 started = time.perf_counter()
-                losses, nonfinite, seen = self._train_epoch(epoch)
+                losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
                 elapsed = time.perf_counter() - started
-                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen / elapsed) or metrics
+                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen / elapsed, unreadable) or metrics
                 if broadcast_flag(self.dist, self._should_stop(epoch)):
                     LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
                     break
@@ -266,8 +266,10 @@ class Trainer:
                 self.logger.close()
             shutdown(self.dist)
 
-    def _train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int]:
-        """One pass over the train loader; returns the mean loss parts, the skipped steps and the images seen."""
+    def _train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
+        """One pass over the train loader; returns the mean loss parts, the skipped steps, the images seen and the
+        files that could not be read (replaced by other images, possibly inside worker processes; under DDP, those of
+        this rank's samples)."""
         cfg = self.cfg
         self.train_model.train()
         mosaic_on = epoch < cfg.epochs - cfg.close_mosaic
@@ -277,6 +279,7 @@ class Trainer:
         nonfinite_run = 0
         nonfinite_epoch = 0
         seen = 0
+        unreadable: set[str] = set()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
@@ -298,6 +301,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             running = running + (parts - running) / (i + 1)
             seen += images.shape[0]
+            unreadable.update(f for meta in batch["meta"] for f in meta["unreadable"])
             if sync_now:
                 if self._optimizer_step():
                     nonfinite_run = 0
@@ -323,7 +327,7 @@ class Trainer:
                     self.logger.images("train/batch0", batch["images"][:16], step)
                     self._batch_grid_logged = True
         bar.close()
-        return running.cpu(), nonfinite_epoch, seen
+        return running.cpu(), nonfinite_epoch, seen, unreadable
 
     def _accumulate_at(self, step: int) -> int:
         """Gradient accumulation ramps from 1 to nbs/batch over the warmup (YOLOv5)."""
@@ -349,7 +353,7 @@ class Trainer:
             self.ema.update(self.model)
         return finite
 
-    def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float) -> dict | None:
+    def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
         metrics = None
         if self.dist.is_main:
@@ -363,7 +367,9 @@ class Trainer:
                 if fit > self.state.best_fitness:
                     self.state.best_fitness, self.state.best_epoch = fit, epoch
             lr = self.optimizer.param_groups[0]["lr"]
-            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite)
+            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite, len(unreadable))
+            if unreadable:
+                LOGGER.warning("epoch %d: %d unreadable image(s) replaced by others: %s", epoch + 1, len(unreadable), ", ".join(sorted(unreadable)))
             self.state.epoch = epoch
             self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
             summary = f"epoch {epoch + 1}/{self.cfg.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"

@@ -35,6 +35,8 @@ def test_image_deleted_after_the_scan_is_substituted_inside_workers(make_coco) -
     (split.images / "img002.jpg").unlink()
     batches = list(loader)  # the worker that meets the missing file decodes another index instead
     assert sum(len(b["images"]) for b in batches) == 6
+    named = [f for b in batches for meta in b["meta"] for f in meta["unreadable"]]  # the main process learns of it
+    assert named == [str(split.images / "img002.jpg")]
 
 
 def test_image_corrupted_after_the_scan_is_a_one_line_error_from_a_worker_under_strict(make_coco) -> None:

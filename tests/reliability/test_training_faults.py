@@ -71,9 +71,12 @@ def faulty_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_an_image_vanishing_mid_run_is_replaced_and_named_once(faulty_run) -> None:
     run, victim, messages = faulty_run
-    named = [m for m in messages if str(victim) in m]
-    assert len(named) == 1 and "using another image instead" in named[0]
+    named = [m for m in messages if str(victim) in m and "using another image instead" in m]
+    assert len(named) == 1  # the reader's warning comes once per run
     assert [r["epoch"] for r in read_results(run)] == ["0", "1"]  # the run went on
+    assert [r["unreadable_images"] for r in read_results(run)] == ["1", "1"]  # counted per epoch in results.csv
+    for epoch in (1, 2):  # and the epoch's summary names it each epoch
+        assert sum(m.startswith(f"epoch {epoch}: 1 unreadable image(s) replaced") and str(victim) in m for m in messages) == 1
 
 
 def test_a_nonfinite_step_is_skipped_counted_and_keeps_ema_and_weights_clean(faulty_run) -> None:
