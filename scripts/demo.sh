@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh machine -> trained detector: install, generate the bundled shapes dataset if missing, train the
-# default nano model (configs/models/yolo-ca-n.yaml) on CPU (about 12 minutes on 2 cores), evaluate, print COCO metrics.
+# default nano model (configs/models/yolo-ca-n.yaml) on CPU (12-18 minutes on 2 cores, by machine), evaluate, print COCO metrics.
 # Extra key=value arguments go to `detector train` (e.g. `bash scripts/demo.sh epochs=5`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
