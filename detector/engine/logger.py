@@ -31,12 +31,14 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(run_dir))
 
     def truncate_after(self, epoch: int) -> None:
-        """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone)."""
+        """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone). A header
+        written by an older version with fewer columns is extended, so the rows appended now line up with it."""
         if not self.csv_path.exists():
             return
         with self.csv_path.open(newline="") as f:
             rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
+        header = list(self.columns) if rows and rows[0] == list(self.columns[: len(rows[0])]) else rows[0]
+        kept = [header] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
             csv.writer(f).writerows(kept)
