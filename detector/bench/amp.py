@@ -11,7 +11,7 @@ accumulates in fp32 either way) but the bf16 run is several times slower than fp
 
 Options (key=value): config (yolo-ca-n), images (training images, 500), val_images (100), imgsz (192),
 epochs (12), batch (16), workers (2), seed (0), noise_seed (seed + 1; -1 skips the noise run),
-channels_last (true).
+channels_last (true), device ('' = a GPU when there is one, else the CPU).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
-from detector.engine.device import cpu_supports_bf16
+from detector.engine.device import cpu_supports_bf16, select_device
 from detector.engine.trainer import train
 from detector.errors import DetectorError
 from detector.tables import format_table
 
 DEFAULTS = {"config": "yolo-ca-n", "images": "500", "val_images": "100", "imgsz": "192", "epochs": "12", "batch": "16",
-            "workers": "2", "seed": "0", "noise_seed": "", "channels_last": "true"}
+            "workers": "2", "seed": "0", "noise_seed": "", "channels_last": "true", "device": ""}
 LOSS_PARTS = ("train/box_loss", "train/obj_loss", "train/cls_loss")
 
 
@@ -38,7 +38,7 @@ def train_once(data_yaml: Path, project: Path, name: str, *, amp: str, seed: int
     """One training run; returns its results.csv rows."""
     values = {"model": opts["config"], "data": str(data_yaml), "project": str(project), "name": name, "exist_ok": "true",
               "epochs": opts["epochs"], "imgsz": opts["imgsz"], "batch": opts["batch"], "workers": opts["workers"],
-              "seed": str(seed), "amp": amp, "channels_last": opts["channels_last"], "plots": "false", "device": "cpu"}
+              "seed": str(seed), "amp": amp, "channels_last": opts["channels_last"], "plots": "false", "device": opts["device"]}
     train(build_options(TrainConfig, values, "bench amp"))
     with (project / name / "results.csv").open(newline="") as f:
         return list(csv.DictReader(f))
@@ -87,8 +87,13 @@ def main(options: dict[str, str]) -> None:
         if noise_seed >= 0:
             runs[f"fp32 s{noise_seed}"] = train_once(data_yaml, project, "fp32_noise", amp="off", seed=noise_seed, opts=opts)
     headers, table, verdict = compare(runs, images)
-    native = "native (AMX/AVX512-BF16)" if cpu_supports_bf16() else "emulated (no AMX/AVX512-BF16: slow, same numerics)"
+    device = select_device(opts["device"])
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        native = "native (AMX/AVX512-BF16)" if cpu_supports_bf16() else "emulated (no AMX/AVX512-BF16: slow, same numerics)"
+        where = f"CPU, bf16 {native}, {torch.get_num_threads()} threads"
     print(f"\nbf16 autocast against fp32: {opts['config']}, {images} images at {opts['imgsz']} px, {opts['epochs']} epochs, "
-          f"batch {opts['batch']}, CPU bf16 {native}, {torch.get_num_threads()} threads")
+          f"batch {opts['batch']}, {where}")
     print(format_table(headers, table, floatfmt=".4f"))
     print(verdict)
