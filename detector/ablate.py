@@ -140,20 +140,15 @@ def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
 
 def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
     """best.pt exists and results.csv reaches the last epoch (or the early stop that patience would trigger)."""
-    rows = _read_results(run_dir / "results.csv")
+    from detector.engine.logger import read_results
+
+    rows = read_results(run_dir / "results.csv")
     if not rows or not (run_dir / "weights" / "best.pt").exists():
         return False
     last = int(rows[-1]["epoch"])
     best = _best_row(rows)
     stopped = cfg.patience > 0 and best is not None and last - int(best["epoch"]) >= cfg.patience
     return last + 1 >= cfg.epochs or stopped
-
-
-def _read_results(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _best_row(rows: list[dict[str, str]]) -> dict[str, str] | None:
@@ -167,10 +162,11 @@ def _best_row(rows: list[dict[str, str]]) -> dict[str, str] | None:
 def collect_row(run_dir: Path, v: Variant, *, imgsz: int, train_images: int) -> dict[str, Any]:
     """One table row from a finished run folder; `train_images` is the training split's size."""
     from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from detector.engine.logger import read_results
     from detector.models.info import count_flops
 
     model = model_from_checkpoint(load_checkpoint(run_dir / "weights" / "best.pt"), source=str(run_dir / "weights" / "best.pt"))
-    rows = _read_results(run_dir / "results.csv")
+    rows = read_results(run_dir / "results.csv")
     best = _best_row(rows) or {}
     epoch_times = [float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")]
     metrics_path = run_dir / "metrics.json"

@@ -16,7 +16,6 @@ channels_last (true), device ('' = a GPU when there is one, else the CPU).
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.device import cpu_supports_bf16, select_device
+from detector.engine.logger import read_results
 from detector.engine.trainer import train
 from detector.errors import DetectorError
 from detector.tables import format_table
@@ -40,8 +40,7 @@ def train_once(data_yaml: Path, project: Path, name: str, *, amp: str, seed: int
               "epochs": opts["epochs"], "imgsz": opts["imgsz"], "batch": opts["batch"], "workers": opts["workers"],
               "seed": str(seed), "amp": amp, "channels_last": opts["channels_last"], "plots": "false", "device": opts["device"]}
     train(build_options(TrainConfig, values, "bench amp"))
-    with (project / name / "results.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
+    return read_results(project / name / "results.csv")
 
 
 def total_losses(rows: list[dict[str, str]]) -> list[float]:

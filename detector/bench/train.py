@@ -14,7 +14,6 @@ workers (2), images (training images per epoch, 320), amp (auto), channels_last 
 
 from __future__ import annotations
 
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from detector.config import TrainConfig, build_options, resolve_model_path
 from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.device import autocast_dtype
+from detector.engine.logger import read_results
 from detector.engine.loss import YoloLoss
 from detector.engine.trainer import train
 from detector.models.builder import build_model
@@ -67,8 +67,7 @@ def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: dict[str, 
               "imgsz": opts["imgsz"], "batch": opts["batch"], "workers": opts["workers"], "amp": opts["amp"],
               "channels_last": opts["channels_last"], "plots": "false", "close_mosaic": "0", "warmup_min_iters": "0"}
     train(build_options(TrainConfig, values, "bench train"))
-    with (project / model / "results.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_results(project / model / "results.csv")
     return int(opts["images"]) / float(rows[1]["epoch_time_s"])
 
 

@@ -86,6 +86,14 @@ class RunLogger:
             self.writer.close()
 
 
+def read_results(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a results.csv as dicts keyed by column ('' for a metric not evaluated that epoch); [] if absent."""
+    if not csv_path.exists():
+        return []
+    with csv_path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_results(csv_path: Path, out_png: Path) -> None:
     """Training curves (losses, lr, AP50, AP) from results.csv, one panel each."""
     import matplotlib
@@ -93,8 +101,7 @@ def plot_results(csv_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_results(csv_path)
     if not rows:
         return
     epochs = [int(r["epoch"]) for r in rows]

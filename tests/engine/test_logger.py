@@ -7,12 +7,7 @@ from pathlib import Path
 
 import torch
 
-from detector.engine.logger import RunLogger
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+from detector.engine.logger import RunLogger, read_results
 
 
 def log_epochs(logger: RunLogger, epochs: range) -> None:
@@ -25,7 +20,7 @@ def test_resume_drops_the_rows_after_the_checkpoint(tmp_path: Path) -> None:
     log_epochs(logger, range(4))
     logger.truncate_after(1)  # killed after epoch 3 was written, resumed from the epoch-1 checkpoint
     log_epochs(logger, range(2, 4))
-    rows = read(tmp_path / "results.csv")
+    rows = read_results(tmp_path / "results.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["unreadable_images"] for r in rows] == ["0", "1", "2", "3"]
 
@@ -39,6 +34,10 @@ def test_resume_extends_an_older_header_so_new_rows_line_up(tmp_path: Path) -> N
     logger = RunLogger(tmp_path, tensorboard=False)
     logger.truncate_after(0)
     log_epochs(logger, range(1, 2))
-    rows = read(tmp_path / "results.csv")
+    rows = read_results(tmp_path / "results.csv")
     assert list(rows[0]) == list(RunLogger.columns)
     assert rows[0]["unreadable_images"] is None and rows[1]["unreadable_images"] == "1"
+
+
+def test_read_results_of_a_run_without_a_csv_yet_is_empty(tmp_path: Path) -> None:
+    assert read_results(tmp_path / "results.csv") == []
