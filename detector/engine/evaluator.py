@@ -112,12 +112,19 @@ class Evaluator:
         self.verbose = verbose
 
     def run(
-        self, model: nn.Module, *, plots: bool | None = None, save_json: bool | None = None, verbose: bool | None = None
+        self,
+        model: nn.Module,
+        *,
+        plots: bool | None = None,
+        save_json: bool | None = None,
+        verbose: bool | None = None,
+        samples: int = 0,
     ) -> dict[str, Any]:
         """Evaluate `model` (any mode; put back in its previous mode) -> the 12 COCO_KEYS, per_class, speed_ms.
 
         `plots`, `save_json`, `verbose` override the constructor's choice for this run (e.g. only at a training's
-        last epoch).
+        last epoch). `samples` > 0 adds "samples": that many images of the first batch with GT and predictions
+        drawn in (uint8 (N, 3, H, W)), which the trainer logs to TensorBoard.
         """
         plots = self.plots if plots is None else plots
         save_json = self.save_json if save_json is None else save_json
@@ -147,7 +154,7 @@ class Evaluator:
                     totals["inference"] += t2 - t1
                     totals["nms"] += t3 - t2
                     seen_ids += [int(m["image_id"]) for m in batch["meta"]]
-                    if first_batch is None and plots:
+                    if first_batch is None and (plots or samples > 0):
                         first_batch = (batch["images"], batch["targets"], [d.cpu() for d in dets])
         finally:
             model.train(was_training)
@@ -161,7 +168,12 @@ class Evaluator:
         metrics["speed_ms"] = {k: 1000 * v / len(seen_ids) for k, v in totals.items()}
         self._report(metrics, len(seen_ids), verbose=verbose)
         if self.save_dir is not None:
-            self._save(metrics, rows, precision, seen_ids, first_batch, save_json=save_json)
+            self._save(metrics, rows, precision, seen_ids, first_batch if plots else None, save_json=save_json)
+        if samples > 0:
+            from detector.engine.plots import draw_val_samples
+
+            images, targets, dets = first_batch
+            metrics["samples"] = draw_val_samples(images[:samples], targets, dets[:samples], self.names)
         return metrics
 
     def _check_classes(self, pred: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Validation plots: PR curves at IoU 0.5, a normalized confusion matrix, a val batch with GT and predictions.
+"""Validation plots: PR curves at IoU 0.5, a normalized confusion matrix, a val batch with GT and predictions
+(a matplotlib figure for plots/, or boxes drawn into the image tensors for TensorBoard).
 
 Matplotlib through its object API on the Agg canvas (no pyplot, no global backend switch), so plotting works
 headless and never touches a user's interactive state.
@@ -168,6 +169,41 @@ def plot_val_batch(
             ax.text(x1, y2, f"{names[int(c)]} {score:.2f}", color="white", fontsize=6, backgroundcolor="red", va="top", clip_on=True)
     fig.suptitle("ground truth (green) and predictions with score >= %.2f (red)" % conf)
     _save(fig, path)
+
+
+def draw_val_samples(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    detections: list[torch.Tensor],
+    names: list[str],
+    *,
+    conf: float = CONFUSION_CONF,
+) -> torch.Tensor:
+    """The batch images (uint8 (B, 3, H, W)) with GT boxes (green) and detections with score >= `conf` (red,
+    labelled "name score") drawn in, as uint8 (B, 3, H, W): what TensorBoard shows each validation of a training.
+
+    `targets` rows are [b, class, cx, cy, w, h] normalized; `detections[i]` is (K, 6) [x1, y1, x2, y2, score,
+    class] in input pixels, as `non_max_suppression` returns them. Drawn by torchvision's `draw_bounding_boxes`.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    height, width = images.shape[2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    targets = targets.detach().float().cpu()
+    drawn = []
+    for i, image in enumerate(images.cpu()):
+        gt = targets[targets[:, 0] == i]
+        cxcywh = gt[:, 2:6] * scale
+        gt_boxes = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], dim=1)
+        if len(gt_boxes):  # (draw_bounding_boxes warns on an empty set)
+            image = draw_bounding_boxes(image, gt_boxes, colors="lime", width=1)
+        det = detections[i].detach().float().cpu()
+        det = det[det[:, 4] >= conf]
+        if len(det):
+            labels = [f"{names[int(c)]} {score:.2f}" for score, c in det[:, 4:6].tolist()]
+            image = draw_bounding_boxes(image, det[:, :4], labels=labels, colors="red", width=1, label_colors="white", fill_labels=True)
+        drawn.append(image)
+    return torch.stack(drawn) if drawn else images.new_zeros((0, 3, height, width))
 
 
 def _to_class(ids: np.ndarray, category_ids: list[int]) -> np.ndarray:

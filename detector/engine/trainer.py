@@ -32,6 +32,7 @@ LOGGER = logging.getLogger(__name__)
 # Keys a resumed run may change; any other difference is refused (the run would not be the same run).
 RESUME_SAFE_KEYS = {"batch", "workers", "device", "epochs", "resume", "project", "name", "exist_ok", "plots", "patience", "save_period", "val_interval", "compile", "max_nonfinite"}
 LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
+VAL_SAMPLES = 4  # val images with GT and predictions drawn, logged to TensorBoard at each validation
 
 
 @dataclass
@@ -362,7 +363,8 @@ class Trainer:
             final = epoch + 1 == self.cfg.epochs
             fit = None
             if (epoch + 1) % self.cfg.val_interval == 0 or final:
-                metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final)
+                metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final, samples=VAL_SAMPLES)
+                self.logger.images("val/predictions", metrics.pop("samples"), epoch)
                 fit = fitness(metrics)
                 if fit > self.state.best_fitness:
                     self.state.best_fitness, self.state.best_epoch = fit, epoch

@@ -57,6 +57,8 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     tags = set(events.Tags()["scalars"])
     assert {"train/box_loss", "train/obj_loss", "train/cls_loss", "train/lr", "metrics/AP", "metrics/AP50"} <= tags
     assert "train/batch0" in events.Tags()["images"]
+    val_images = events.Images("val/predictions")  # one grid of val images with predictions per validation
+    assert [e.step for e in val_images] == [0, 1] and all(e.width > 128 for e in val_images)
     # a second run with the same name goes to exp2
     assert Trainer(make_config(tiny_data, tmp_path, epochs="1")).run_dir == tmp_path / "exp2"
 
