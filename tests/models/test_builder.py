@@ -10,7 +10,7 @@ import torch
 
 from detector.models.attention import CBAM, MHSA, SE, CoordAtt, NoAttention
 from detector.models.blocks import C2f, Conv
-from detector.models.builder import DetectionModel, build_model, make_divisible
+from detector.models.builder import DetectionModel, build_model, inference_copy, make_divisible
 from detector.models.info import count_flops
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -191,3 +191,31 @@ def test_fuse_keeps_eval_output() -> None:
         fused = model.fuse()
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.layers[0].modules())
         assert torch.allclose(fused(x), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["yolo-ca-n", "yolov5n"])
+def test_inference_copy_folds_every_conv_bn_keeps_the_outputs_and_leaves_the_model_alone(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / f"{name}.yaml", nc=3).train()
+    with torch.no_grad():  # running statistics away from their (0, 1) start, so folding has something to fold
+        for _ in range(3):
+            model(torch.rand(4, 3, 96, 96) * 2 + 0.5)
+    model.eval()
+    convs = [m for m in model.modules() if isinstance(m, Conv)]
+    fused = inference_copy(model)
+    fused_convs = [m for m in fused.modules() if isinstance(m, Conv)]
+    assert fused is not model and len(fused_convs) == len(convs)
+    assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in convs)  # the model keeps its BNs
+    assert all(isinstance(m.bn, torch.nn.Identity) and m.conv.bias is not None for m in fused_convs)
+    assert all(m.conv.weight.is_contiguous(memory_format=torch.channels_last) for m in fused_convs)
+    assert not fused.training
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x)
+        got = fused(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_copy_passes_other_modules_through() -> None:
+    other = torch.nn.Conv2d(3, 4, 3)
+    assert inference_copy(other) is other
