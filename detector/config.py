@@ -202,6 +202,7 @@ class TrainConfig:
     model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path, or a name in configs/models)")
     data: str = option("data/shapes.yaml", "dataset YAML; the bundled data/shapes.yaml is generated on first use")
     epochs: int = option(100, "number of epochs")
+    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after the first epoch the run is refitted to the epochs that fit")
     batch: int = option(16, "global batch size (split across DDP ranks)")
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)")
     workers: int = option(2, "data-loading worker processes per rank")
@@ -279,6 +280,7 @@ def load_train_config(overrides: dict[str, str]) -> TrainConfig:
 def _check_train_config(cfg: TrainConfig) -> None:
     checks = [
         (cfg.epochs >= 1, "epochs must be >= 1"),
+        (cfg.time >= 0, f"time must be >= 0 hours, got {cfg.time}"),
         (cfg.batch >= 1, "batch must be >= 1"),
         (cfg.imgsz >= 32 and cfg.imgsz % 32 == 0, f"imgsz must be a multiple of 32, got {cfg.imgsz}"),
         (cfg.workers >= 0, "workers must be >= 0"),

@@ -51,11 +51,18 @@ def barrier(info: DistInfo) -> None:
 
 def broadcast_flag(info: DistInfo, value: bool) -> bool:
     """Rank 0's decision (e.g. early stop) for every rank."""
+    return bool(broadcast_int(info, int(value)))
+
+
+def broadcast_int(info: DistInfo, value: int) -> int:
+    """Rank 0's integer (e.g. the epoch count fitted to a time budget) for every rank."""
     if not (info.enabled and dist.is_initialized()):
         return value
-    flag = torch.tensor([int(value)], dtype=torch.int32)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    # NCCL only moves CUDA tensors (the trainer has set this rank's device); gloo moves CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def shutdown(info: DistInfo) -> None:

@@ -28,8 +28,8 @@ from detector.engine.metrics import (
     format_metrics_table,
 )
 from detector.engine.postprocess import non_max_suppression
-from detector.models.builder import inference_copy
 from detector.errors import DetectorError
+from detector.models.builder import inference_copy
 
 __all__ = ["Evaluator", "detections_to_rows", "fitness", "run_val"]
 

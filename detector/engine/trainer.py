@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from detector.config import TrainConfig, build_options, load_data_spec, resolve_model_path
 from detector.engine import checkpoint as ckpt_io
-from detector.engine.distributed import barrier, broadcast_flag, init_distributed, shutdown
+from detector.engine.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
 from detector.engine.logger import RunLogger, plot_results
 from detector.errors import DetectorError
 
@@ -83,6 +83,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from detector.engine.device import autocast_dtype, needs_grad_scaler, select_device
 
+        self._fit_started = time.perf_counter()  # a `time` budget counts from here
         self.resume_ckpt: dict | None = None
         if cfg.resume:
             cfg, self.resume_ckpt = self._load_resume(cfg)
@@ -247,11 +248,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train for cfg.epochs (from the resumed epoch), evaluating and checkpointing each epoch."""
+        """Train for cfg.epochs (from the resumed epoch; with a `time` budget, the epochs that fit it), evaluating and
+        checkpointing each epoch."""
         try:
             self._build()
             metrics: dict = {}
-            for epoch in range(self.state.epoch + 1, self.cfg.epochs):
+            epoch = self.state.epoch + 1
+            while epoch < self.cfg.epochs:  # (a time budget sets cfg.epochs after the first epoch)
                 started = time.perf_counter()
                 losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
                 elapsed = time.perf_counter() - started
@@ -259,6 +262,7 @@ class Trainer:
                 if broadcast_flag(self.dist, self._should_stop(epoch)):
                     LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
                     break
+                epoch += 1
             if self.dist.is_main:
                 self._finish()
             return metrics
@@ -357,14 +361,21 @@ class Trainer:
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
         metrics = None
+        budgeted = epoch == 0 and self.cfg.time > 0
         if self.dist.is_main:
             from detector.engine.metrics import fitness
 
             final = epoch + 1 == self.cfg.epochs
-            fit = None
+            val_started = time.perf_counter()
             if (epoch + 1) % self.cfg.val_interval == 0 or final:
-                metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final, samples=VAL_SAMPLES)
-                self.logger.images("val/predictions", metrics.pop("samples"), epoch)
+                metrics = self._validate(epoch, final=final)
+            if budgeted:
+                self._fit_to_budget(epoch_time + time.perf_counter() - val_started)
+                if not final and self.cfg.epochs == 1:  # the budget holds no second epoch: this one was the last
+                    final = True
+                    metrics = self._validate(epoch, final=True)
+            fit = None
+            if metrics is not None:
                 fit = fitness(metrics)
                 if fit > self.state.best_fitness:
                     self.state.best_fitness, self.state.best_epoch = fit, epoch
@@ -381,7 +392,27 @@ class Trainer:
         else:
             self.state.epoch = epoch
         barrier(self.dist)
+        if budgeted:
+            self.cfg.epochs = broadcast_int(self.dist, self.cfg.epochs)
+            self.schedule = replace(self.schedule, epochs=self.cfg.epochs)
         return metrics
+
+    def _validate(self, epoch: int, *, final: bool) -> dict:
+        """Evaluate the EMA model; the drawn sample images go to TensorBoard (plots and predictions.json at the end)."""
+        metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final, samples=VAL_SAMPLES)
+        self.logger.images("val/predictions", metrics.pop("samples"), epoch)
+        return metrics
+
+    def _fit_to_budget(self, epoch_s: float) -> None:
+        """After the first epoch of a run with `time`: set the epoch count to what the budget holds (rank 0; saved in
+        the checkpoint's config, so a resumed run keeps it). The cosine schedule is a function of the epoch, so the
+        remaining epochs follow it exactly as a run started with that count would."""
+        spent = time.perf_counter() - self._fit_started
+        before, self.cfg.epochs = self.cfg.epochs, epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
+        LOGGER.info(
+            "time budget %.3g h: the first epoch took %.0f s (%.0f s since the start): %d epochs in all (epochs=%d overridden)",
+            self.cfg.time, epoch_s, spent, self.cfg.epochs, before,
+        )
 
     @property
     def eval_model(self) -> nn.Module:
@@ -439,6 +470,12 @@ def _check_resume_classes(ckpt: dict, category_ids: list[int], names: list[str],
             diffs.append(f"{key}[{i}]: {show[0]} -> {show[1]}")
     if diffs:
         raise DetectorError(f"resume: {source} was trained on other classes than {annotations} has now ({'; '.join(diffs)}); start a new run instead")
+
+
+def epochs_for_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
+    """Epochs of a time-budgeted run in all: the first (done, `spent_s` since the start, `epoch_s` of it the epoch
+    itself) plus as many more as the rest of the budget holds."""
+    return 1 + max(int((budget_s - spent_s) // max(epoch_s, 1e-9)), 0)
 
 
 def train(cfg: TrainConfig) -> dict:

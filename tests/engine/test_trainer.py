@@ -17,7 +17,7 @@ import torch
 from detector.config import REPO_ROOT, TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.checkpoint import load_checkpoint
-from detector.engine.trainer import Trainer, train
+from detector.engine.trainer import Trainer, epochs_for_budget, train
 from detector.errors import DetectorError
 
 TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false"}
@@ -97,6 +97,43 @@ def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "detector", "train", *args]
+
+
+def test_epochs_for_budget_counts_the_first_epoch_and_what_the_rest_holds():
+    assert epochs_for_budget(600, spent_s=100, epoch_s=90) == 6  # 500 s left: 5 more epochs of 90 s
+    assert epochs_for_budget(600, spent_s=100, epoch_s=100) == 6
+    assert epochs_for_budget(100, spent_s=120, epoch_s=110) == 1  # over budget already: stop after the first
+
+
+def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_outputs(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="5", time="0.000001"))  # 3.6 ms
+    run = tmp_path / "exp"
+    assert [r["epoch"] for r in read_results(run)] == ["0"]
+    assert load_checkpoint(run / "weights" / "last.pt")["train_config"]["epochs"] == 1
+    assert (run / "predictions.json").exists()  # epoch 1 was validated as the last one
+
+
+def test_a_budget_refits_the_epoch_count_after_the_first_epoch(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from detector.engine import trainer as trainer_module
+
+    seen = {}
+
+    def three_epochs(budget_s: float, spent_s: float, epoch_s: float) -> int:
+        seen.update(budget_s=budget_s, spent_s=spent_s, epoch_s=epoch_s)
+        return 3
+
+    monkeypatch.setattr(trainer_module, "epochs_for_budget", three_epochs)
+    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="1", time="0.5"))
+    trainer.fit()
+    assert seen["budget_s"] == 1800 and 0 < seen["epoch_s"] <= seen["spent_s"]
+    run = tmp_path / "exp"
+    assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=1 overridden
+    assert trainer.schedule.epochs == 3
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["epoch"] == 2 and last["train_config"]["epochs"] == 3
+    lrs = [float(r["lr"]) for r in read_results(run)]
+    lr0, lrf = trainer.cfg.lr0, trainer.cfg.lrf
+    assert lrs[1:] == pytest.approx([lr0 * (1 + lrf) / 2, lr0 * lrf], rel=1e-4)  # a 3-epoch cosine, not epochs=1's
 
 
 @pytest.mark.slow
