@@ -43,6 +43,7 @@ class TrainState:
     best_fitness: float = -1.0
     best_epoch: int = -1
     nonfinite_total: int = 0
+    time_s: float = 0.0  # wall time of the run up to the last checkpoint (a `time` budget spans resumes)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -83,7 +84,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from detector.engine.device import autocast_dtype, needs_grad_scaler, select_device
 
-        self._fit_started = time.perf_counter()  # a `time` budget counts from here
+        self._fit_started = time.perf_counter()  # a `time` budget counts from here (plus a resumed run's time_s)
+        self._time_before = 0.0
         self.resume_ckpt: dict | None = None
         if cfg.resume:
             cfg, self.resume_ckpt = self._load_resume(cfg)
@@ -242,6 +244,7 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.state = TrainState(**ckpt["train_state"])
+        self._time_before = self.state.time_s
         ckpt_io.restore_rng_state(ckpt["rng"])
         LOGGER.info("resuming %s from epoch %d", self.run_dir, self.state.epoch + 1)
 
@@ -258,7 +261,7 @@ class Trainer:
                 started = time.perf_counter()
                 losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
                 elapsed = time.perf_counter() - started
-                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen / elapsed, unreadable) or metrics
+                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen * self.dist.world_size / elapsed, unreadable) or metrics  # all ranks' images
                 if broadcast_flag(self.dist, self._should_stop(epoch)):
                     LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
                     break
@@ -361,17 +364,17 @@ class Trainer:
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
         metrics = None
-        budgeted = epoch == 0 and self.cfg.time > 0
+        final = epoch + 1 == self.cfg.epochs
+        budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
         if self.dist.is_main:
             from detector.engine.metrics import fitness
 
-            final = epoch + 1 == self.cfg.epochs
             val_started = time.perf_counter()
             if (epoch + 1) % self.cfg.val_interval == 0 or final:
                 metrics = self._validate(epoch, final=final)
             if budgeted:
-                self._fit_to_budget(epoch_time + time.perf_counter() - val_started)
-                if not final and self.cfg.epochs == 1:  # the budget holds no second epoch: this one was the last
+                self._fit_to_budget(epoch, epoch_time + time.perf_counter() - val_started)
+                if self.cfg.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
                     final = True
                     metrics = self._validate(epoch, final=True)
             fit = None
@@ -384,6 +387,7 @@ class Trainer:
             if unreadable:
                 LOGGER.warning("epoch %d: %d unreadable image(s) replaced by others: %s", epoch + 1, len(unreadable), ", ".join(sorted(unreadable)))
             self.state.epoch = epoch
+            self.state.time_s = self._time_spent()
             self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
             summary = f"epoch {epoch + 1}/{self.cfg.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
             if metrics is not None:
@@ -403,16 +407,24 @@ class Trainer:
         self.logger.images("val/predictions", metrics.pop("samples"), epoch)
         return metrics
 
-    def _fit_to_budget(self, epoch_s: float) -> None:
-        """After the first epoch of a run with `time`: set the epoch count to what the budget holds (rank 0; saved in
-        the checkpoint's config, so a resumed run keeps it). The cosine schedule is a function of the epoch, so the
-        remaining epochs follow it exactly as a run started with that count would."""
-        spent = time.perf_counter() - self._fit_started
-        before, self.cfg.epochs = self.cfg.epochs, epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
-        LOGGER.info(
-            "time budget %.3g h: the first epoch took %.0f s (%.0f s since the start): %d epochs in all (epochs=%d overridden)",
-            self.cfg.time, epoch_s, spent, self.cfg.epochs, before,
-        )
+    def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
+        """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest
+        of the budget holds at the last epoch's pace (training and validation), so the first epoch's start-up cost and
+        a machine that speeds up or slows down are followed. Saved in the checkpoint's config with the time spent, so a
+        resumed run keeps both. The lr schedule is a function of (epoch, count), so a new count moves the remaining
+        epochs onto the cosine of a run started with it."""
+        spent = self._time_spent()
+        before = self.cfg.epochs
+        self.cfg.epochs = epoch + epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
+        if self.cfg.epochs != before:
+            LOGGER.info(
+                "time budget %.3g h: epoch %d took %.0f s, %.0f s spent: %d epochs in all (was %d)",
+                self.cfg.time, epoch + 1, epoch_s, spent, self.cfg.epochs, before,
+            )
+
+    def _time_spent(self) -> float:
+        """Wall seconds of this run: before the resumed checkpoint, plus since this process started it."""
+        return self._time_before + time.perf_counter() - self._fit_started
 
     @property
     def eval_model(self) -> nn.Module:
@@ -473,8 +485,8 @@ def _check_resume_classes(ckpt: dict, category_ids: list[int], names: list[str],
 
 
 def epochs_for_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
-    """Epochs of a time-budgeted run in all: the first (done, `spent_s` since the start, `epoch_s` of it the epoch
-    itself) plus as many more as the rest of the budget holds."""
+    """How many epochs, counting the one just done (`epoch_s` long, `spent_s` since the run started), a time budget
+    holds: that one plus as many more of the same length as the rest of it holds."""
     return 1 + max(int((budget_s - spent_s) // max(epoch_s, 1e-9)), 0)
 
 

@@ -113,24 +113,28 @@ def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_ou
     assert (run / "predictions.json").exists()  # epoch 1 was validated as the last one
 
 
-def test_a_budget_refits_the_epoch_count_after_the_first_epoch(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_budget_refits_the_epoch_count_after_each_epoch_but_the_last(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from detector.engine import trainer as trainer_module
 
-    seen = {}
+    calls = []
+    holds = iter([3, 2])  # after epoch 1: 3 in all; after epoch 2: it and 2 more... of which one is epoch 3
 
-    def three_epochs(budget_s: float, spent_s: float, epoch_s: float) -> int:
-        seen.update(budget_s=budget_s, spent_s=spent_s, epoch_s=epoch_s)
-        return 3
+    def fake_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
+        calls.append((budget_s, spent_s, epoch_s))
+        return next(holds)
 
-    monkeypatch.setattr(trainer_module, "epochs_for_budget", three_epochs)
-    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="1", time="0.5"))
+    monkeypatch.setattr(trainer_module, "epochs_for_budget", fake_budget)
+    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="2", time="0.5"))
     trainer.fit()
-    assert seen["budget_s"] == 1800 and 0 < seen["epoch_s"] <= seen["spent_s"]
+    assert len(calls) == 2  # not after the last epoch
+    assert all(budget == 1800 and 0 < epoch_s <= spent for budget, spent, epoch_s in calls)
+    assert calls[1][1] > calls[0][1]  # the time spent keeps counting
     run = tmp_path / "exp"
-    assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=1 overridden
+    assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=2 overridden
     assert trainer.schedule.epochs == 3
     last = load_checkpoint(run / "weights" / "last.pt")
     assert last["epoch"] == 2 and last["train_config"]["epochs"] == 3
+    assert last["train_state"]["time_s"] > calls[1][1]  # saved, so a resumed run's budget continues from it
     lrs = [float(r["lr"]) for r in read_results(run)]
     lr0, lrf = trainer.cfg.lr0, trainer.cfg.lrf
     assert lrs[1:] == pytest.approx([lr0 * (1 + lrf) / 2, lr0 * lrf], rel=1e-4)  # a 3-epoch cosine, not epochs=1's
