@@ -30,7 +30,7 @@ from detector.errors import DetectorError
 LOGGER = logging.getLogger(__name__)
 
 # Keys a resumed run may change; any other difference is refused (the run would not be the same run).
-RESUME_SAFE_KEYS = {"batch", "workers", "device", "epochs", "resume", "project", "name", "exist_ok", "plots", "patience", "save_period", "val_interval", "compile", "max_nonfinite"}
+RESUME_SAFE_KEYS = {"batch", "workers", "device", "epochs", "time", "resume", "project", "name", "exist_ok", "plots", "patience", "save_period", "val_interval", "compile", "max_nonfinite"}
 LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
 VAL_SAMPLES = 4  # val images with GT and predictions drawn, logged to TensorBoard at each validation
 

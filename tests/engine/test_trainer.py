@@ -95,6 +95,17 @@ def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_
         Trainer(make_config(tiny_data, tmp_path / "empty", resume="true"))
 
 
+def test_a_resumed_run_continues_the_time_budget_and_may_change_it(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="1", time="0.5"))  # one epoch done, its time saved
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    spent = load_checkpoint(last)["train_state"]["time_s"]
+    assert spent > 0
+    trainer = Trainer(make_config(tiny_data, tmp_path, resume=str(last), epochs="3", time="1.0"))
+    trainer._build()
+    assert trainer.cfg.time == 1.0 and trainer.cfg.epochs == 3
+    assert trainer._time_before == spent and trainer._time_spent() > spent  # the clock goes on from the checkpoint's
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "detector", "train", *args]
 
