@@ -202,7 +202,7 @@ class TrainConfig:
     model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path, or a name in configs/models)")
     data: str = option("data/shapes.yaml", "dataset YAML; the bundled data/shapes.yaml is generated on first use")
     epochs: int = option(100, "number of epochs")
-    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after the first epoch the run is refitted to the epochs that fit")
+    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds")
     batch: int = option(16, "global batch size (split across DDP ranks)")
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)")
     workers: int = option(2, "data-loading worker processes per rank")
