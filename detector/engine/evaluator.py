@@ -33,6 +33,8 @@ from detector.models.builder import inference_copy
 
 __all__ = ["Evaluator", "detections_to_rows", "fitness", "run_val"]
 
+SAMPLES_DPI = 60  # the TensorBoard grid of `samples`: 240 px per image, about 0.26 MB per validation (PNG)
+
 LOGGER = logging.getLogger(__name__)
 
 # predictions.json precision: 1/1000 px for boxes, 1e-5 for scores (scores below conf 0.001 never appear)
@@ -125,8 +127,8 @@ class Evaluator:
         """Evaluate `model` (any mode; put back in its previous mode) -> the 12 COCO_KEYS, per_class, speed_ms.
 
         `plots`, `save_json`, `verbose` override the constructor's choice for this run (e.g. only at a training's
-        last epoch). `samples` > 0 adds "samples": that many images of the first batch with GT and predictions
-        drawn in (uint8 (N, 3, H, W)), which the trainer logs to TensorBoard.
+        last epoch). `samples` > 0 adds "samples": the val_batch0 grid of that many first-batch images with GT and
+        predictions, rendered as uint8 (3, H, W) at a small size, which the trainer logs to TensorBoard.
         """
         plots = self.plots if plots is None else plots
         save_json = self.save_json if save_json is None else save_json
@@ -174,10 +176,10 @@ class Evaluator:
         if self.save_dir is not None:
             self._save(metrics, rows, precision, seen_ids, first_batch if plots else None, save_json=save_json)
         if samples > 0:
-            from detector.engine.plots import draw_val_samples
+            from detector.engine.plots import figure_pixels, val_batch_figure
 
             images, targets, dets = first_batch
-            metrics["samples"] = draw_val_samples(images[:samples], targets, dets[:samples], self.names)
+            metrics["samples"] = figure_pixels(val_batch_figure(images, targets, dets, self.names, max_images=samples, dpi=SAMPLES_DPI))
         return metrics
 
     def _check_classes(self, pred: torch.Tensor) -> None:

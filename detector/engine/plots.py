@@ -1,5 +1,5 @@
 """Validation plots: PR curves at IoU 0.5, a normalized confusion matrix, a val batch with GT and predictions
-(a matplotlib figure for plots/, or boxes drawn into the image tensors for TensorBoard).
+(saved in plots/, and rendered for TensorBoard at each validation of a training).
 
 Matplotlib through its object API on the Agg canvas (no pyplot, no global backend switch), so plotting works
 headless and never touches a user's interactive state.
@@ -147,12 +147,26 @@ def plot_val_batch(
     max_images: int = 16,
     conf: float = CONFUSION_CONF,
 ) -> None:
+    """`val_batch_figure` saved to `path`."""
+    _save(val_batch_figure(images, targets, detections, names, max_images=max_images, conf=conf), path)
+
+
+def val_batch_figure(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    detections: list[torch.Tensor],
+    names: list[str],
+    *,
+    max_images: int = 16,
+    conf: float = CONFUSION_CONF,
+    dpi: int = 100,
+) -> Figure:
     """Letterboxed batch images (uint8 (B, 3, H, W)) with GT (green, targets rows [b, class, cx, cy, w, h]
     normalized) and detections (red, (K, 6) in input pixels, score >= conf) drawn, in a grid."""
     count = min(len(images), max_images)
     cols = int(np.ceil(np.sqrt(count)))
     rows_n = int(np.ceil(count / cols))
-    fig = Figure(figsize=(4 * cols, 4 * rows_n), dpi=100)
+    fig = Figure(figsize=(4 * cols, 4 * rows_n), dpi=dpi)
     height, width = images.shape[2:]
     targets = targets.cpu().numpy()
     for i in range(count):
@@ -168,42 +182,16 @@ def plot_val_batch(
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=1))
             ax.text(x1, y2, f"{names[int(c)]} {score:.2f}", color="white", fontsize=6, backgroundcolor="red", va="top", clip_on=True)
     fig.suptitle("ground truth (green) and predictions with score >= %.2f (red)" % conf)
-    _save(fig, path)
+    return fig
 
 
-def draw_val_samples(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    detections: list[torch.Tensor],
-    names: list[str],
-    *,
-    conf: float = CONFUSION_CONF,
-) -> torch.Tensor:
-    """The batch images (uint8 (B, 3, H, W)) with GT boxes (green) and detections with score >= `conf` (red,
-    labelled "name score") drawn in, as uint8 (B, 3, H, W): what TensorBoard shows each validation of a training.
-
-    `targets` rows are [b, class, cx, cy, w, h] normalized; `detections[i]` is (K, 6) [x1, y1, x2, y2, score,
-    class] in input pixels, as `non_max_suppression` returns them. Drawn by torchvision's `draw_bounding_boxes`.
-    """
-    from torchvision.utils import draw_bounding_boxes
-
-    height, width = images.shape[2:]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    targets = targets.detach().float().cpu()
-    drawn = []
-    for i, image in enumerate(images.cpu()):
-        gt = targets[targets[:, 0] == i]
-        cxcywh = gt[:, 2:6] * scale
-        gt_boxes = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], dim=1)
-        if len(gt_boxes):  # (draw_bounding_boxes warns on an empty set)
-            image = draw_bounding_boxes(image, gt_boxes, colors="lime", width=1)
-        det = detections[i].detach().float().cpu()
-        det = det[det[:, 4] >= conf]
-        if len(det):
-            labels = [f"{names[int(c)]} {score:.2f}" for score, c in det[:, 4:6].tolist()]
-            image = draw_bounding_boxes(image, det[:, :4], labels=labels, colors="red", width=1, label_colors="white", fill_labels=True)
-        drawn.append(image)
-    return torch.stack(drawn) if drawn else images.new_zeros((0, 3, height, width))
+def figure_pixels(fig: Figure) -> torch.Tensor:
+    """A figure rendered on the Agg canvas as uint8 (3, H, W), e.g. for TensorBoard (without pyplot, unlike
+    SummaryWriter.add_figure)."""
+    canvas = FigureCanvasAgg(fig)
+    fig.tight_layout()
+    canvas.draw()
+    return torch.from_numpy(np.asarray(canvas.buffer_rgba())[..., :3].copy()).permute(2, 0, 1)
 
 
 def _to_class(ids: np.ndarray, category_ids: list[int]) -> np.ndarray:

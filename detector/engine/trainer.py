@@ -404,7 +404,7 @@ class Trainer:
     def _validate(self, epoch: int, *, final: bool) -> dict:
         """Evaluate the EMA model; the drawn sample images go to TensorBoard (plots and predictions.json at the end)."""
         metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final, samples=VAL_SAMPLES)
-        self.logger.images("val/predictions", metrics.pop("samples"), epoch)
+        self.logger.images("val/predictions", metrics.pop("samples")[None], epoch)
         return metrics
 
     def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
