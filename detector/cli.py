@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
+from detector.config import TrainConfig, describe_options, did_you_mean, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError
 from detector.options import AblateOptions, CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions
 
@@ -64,10 +64,21 @@ def _data_synth(overrides: dict[str, str]) -> None:
     from pathlib import Path
 
     from detector.data.synthetic import generate_shapes_dataset
+    from detector.data.synthetic_hard import format_stats, generate_hard_dataset, load_stats
 
     opts = load_options(SynthOptions, overrides)
-    out = generate_shapes_dataset(Path(opts.out), seed=opts.seed, n_train=opts.n_train, n_val=opts.n_val, imgsz=opts.imgsz)
-    print(out)
+    defaults = {"easy": ("data/shapes", 2000, 300), "hard": ("data/shapes-hard", 600, 150)}
+    if opts.profile not in defaults:
+        raise DetectorError(f"synth: unknown profile '{opts.profile}' (easy or hard){did_you_mean(opts.profile, defaults)}")
+    default_out, default_train, default_val = defaults[opts.profile]
+    out, n_train, n_val = Path(opts.out or default_out), opts.n_train or default_train, opts.n_val or default_val
+    if opts.profile == "easy":
+        print(generate_shapes_dataset(out, seed=opts.seed, n_train=n_train, n_val=n_val, imgsz=opts.imgsz))
+        return
+    yaml_path = generate_hard_dataset(out, seed=opts.seed, n_train=n_train, n_val=n_val)
+    print(format_stats(load_stats(out)))
+    print(f"statistics: {out / 'stats.json'}")
+    print(yaml_path)
 
 
 def _data_check(overrides: dict[str, str]) -> int:
@@ -98,7 +109,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(ExportOptions, _export, "export a checkpoint to ONNX, checked against onnxruntime"),
     "info": Command(InfoOptions, _info, "layer table, parameters and GFLOPs of a model (and attention maps)"),
     "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
-    "data synth": Command(SynthOptions, _data_synth, "generate the bundled synthetic shapes dataset"),
+    "data synth": Command(SynthOptions, _data_synth, "generate the synthetic shapes dataset (profile=easy, the bundled one, or hard)"),
     "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
     **{f"bench {b}": Command(None, _bench(b), f"benchmark: {b} (prints a table)") for b in BENCHES},
 }

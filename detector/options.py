@@ -49,11 +49,12 @@ class InfoOptions:
 
 @dataclass
 class SynthOptions:
-    out: str = option("data/shapes", "output folder")
+    profile: str = option("easy", "easy (the bundled shapes) or hard (the benchmark set: photos, clutter, tiny objects)")
+    out: str = option("", "output folder ('': data/shapes for easy, data/shapes-hard for hard)")
     seed: int = option(0, "generator seed (same seed, same bytes)")
-    n_train: int = option(2000, "training images")
-    n_val: int = option(300, "validation images")
-    imgsz: int = option(320, "long side of the generated images")
+    n_train: int = option(0, "training images (0: the profile's default, easy 2000, hard 600)")
+    n_val: int = option(0, "validation images (0: the profile's default, easy 300, hard 150)")
+    imgsz: int = option(320, "long side of the generated images (easy only; hard draws 192-512 px per side)")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ MIN_VISIBLE = 0.6  # an occluded shape keeps at least this fraction of its pixel
 EMPTY_FRACTION = 0.05
 MAX_OBJECTS = 8
 SUBPIXEL_BITS = 4  # cv2 drawing with 1/16 px vertex precision
+CHUNK = 50  # images per process-pool job
+
+Window = tuple[slice, slice]
+# one rendered image as the split writer takes it: (file bytes, file suffix, width, height, [annotation fields])
+Rendered = tuple[bytes, str, int, int, list[dict[str, Any]]]
 
 
 def _polygon(name: str, radius: float) -> list[np.ndarray]:
@@ -58,18 +64,31 @@ def _polygon(name: str, radius: float) -> list[np.ndarray]:
     raise ValueError(name)
 
 
-def _draw_mask(shape: tuple[int, int], name: str, center: np.ndarray, radius: float, angle: float, hole: float) -> np.ndarray:
-    """Anti-aliased coverage (H, W) uint8 of one shape centred at `center` (continuous pixels); 255 = covered."""
+def _draw_mask(
+    shape: tuple[int, int], name: str, center: np.ndarray, radius: float, angle: float, hole: float, aspect: float = 1.0
+) -> np.ndarray:
+    """Anti-aliased coverage (H, W) uint8 of one shape centred at `center` (continuous pixels); 255 = covered.
+
+    `aspect` > 1 squeezes the shape's own y axis by that factor before the rotation (circles become ellipses)."""
     mask = np.zeros(shape, np.uint8)
     scale = 1 << SUBPIXEL_BITS
     c = (center - 0.5) * scale  # cv2 puts pixel centres at integers; the continuous frame has them at +0.5
+    if name in ("circle", "ring") and aspect != 1.0:
+        centre, degrees = (round(c[0]), round(c[1])), math.degrees(angle)
+        for fill, r in ((255, radius), (0, hole * radius)) if name == "ring" else ((255, radius),):
+            axes = (round(r * scale), round(r / aspect * scale))
+            cv2.ellipse(mask, centre, axes, degrees, 0, 360, fill, -1, cv2.LINE_AA, SUBPIXEL_BITS)
+        return mask
     if name in ("circle", "ring"):
         cv2.circle(mask, (round(c[0]), round(c[1])), round(radius * scale), 255, -1, cv2.LINE_AA, SUBPIXEL_BITS)
         if name == "ring":
             cv2.circle(mask, (round(c[0]), round(c[1])), round(hole * radius * scale), 0, -1, cv2.LINE_AA, SUBPIXEL_BITS)
         return mask
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    polys = [np.round((p @ rot.T) * scale + c).astype(np.int32) for p in _polygon(name, radius)]
+    outlines = _polygon(name, radius)
+    if aspect != 1.0:
+        outlines = [p * np.array([1.0, 1.0 / aspect]) for p in outlines]
+    polys = [np.round((p @ rot.T) * scale + c).astype(np.int32) for p in outlines]
     cv2.fillPoly(mask, polys, 255, cv2.LINE_AA, SUBPIXEL_BITS)
     return mask
 
@@ -124,9 +143,7 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
             win = (slice(y0, y1), slice(x0, x1))
             coverage = _draw_mask((y1 - y0, x1 - x0), CLASSES[cls], center - (x0, y0), radius, angle, hole)
             solid = coverage >= 128
-            covered = np.bincount(owner[win][solid] + 1, minlength=len(areas) + 1)[1:]
-            visible = np.bincount(owner.ravel() + 1, minlength=len(areas) + 1)[1:] if areas else covered
-            if solid.any() and (visible - covered >= MIN_VISIBLE * np.array(areas, dtype=np.int64)).all():
+            if solid.any() and keeps_visible(owner, win, solid, areas, MIN_VISIBLE):
                 break
         else:
             continue  # every placement would hide an earlier shape: leave this one out
@@ -138,51 +155,67 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
         areas.append(int(solid.sum()))
         windows.append(win)
         classes.append(cls)
-    annotations = []
-    for k, (win, cls) in enumerate(zip(windows, classes)):
-        visible = owner[win] == k
-        ys, xs = np.nonzero(visible)
-        x1, y1 = int(xs.min()) + win[1].start, int(ys.min()) + win[0].start
-        x2, y2 = int(xs.max()) + 1 + win[1].start, int(ys.max()) + 1 + win[0].start
-        annotations.append({"category_id": cls + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(visible.sum())})
+    annotations = [
+        {"category_id": cls + 1, "bbox": bbox, "area": area} for (bbox, area), cls in zip(visible_boxes(owner, windows), classes)
+    ]
     pixels = np.clip(image, 0, 255).astype(np.uint8)
     buffer = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
     return buffer.tobytes(), w, h, annotations
 
 
-def _render_many(args: tuple[int, int, int, int, int]) -> list[tuple[bytes, int, int, list[dict[str, Any]]]]:
+def keeps_visible(owner: np.ndarray, win: Window, solid: np.ndarray, areas: Sequence[int], min_visible: float) -> bool:
+    """Whether drawing `solid` (a mask over `win`) on top leaves every earlier shape at least `min_visible` of its
+    `areas` pixels; `owner` (H, W) int16 holds the topmost shape index per pixel, -1 for none."""
+    covered = np.bincount(owner[win][solid] + 1, minlength=len(areas) + 1)[1:]
+    visible = np.bincount(owner.ravel() + 1, minlength=len(areas) + 1)[1:] if len(areas) else covered
+    return bool((visible - covered >= min_visible * np.array(areas, dtype=np.int64)).all())
+
+
+def visible_boxes(owner: np.ndarray, windows: Sequence[Window]) -> list[tuple[list[int], int]]:
+    """([x, y, w, h] tight box, pixel count) of each shape's visible pixels (owner == its index) within its window."""
+    boxes = []
+    for k, win in enumerate(windows):
+        visible = owner[win] == k
+        ys, xs = np.nonzero(visible)
+        x1, y1 = int(xs.min()) + win[1].start, int(ys.min()) + win[0].start
+        x2, y2 = int(xs.max()) + 1 + win[1].start, int(ys.max()) + 1 + win[0].start
+        boxes.append(([x1, y1, x2 - x1, y2 - y1], int(visible.sum())))
+    return boxes
+
+
+def _render_many(args: tuple[int, int, int, int, int]) -> list[Rendered]:
     seed, split_id, start, stop, imgsz = args
-    return [render_image((seed, split_id, i), imgsz) for i in range(start, stop)]
+    return [(data, ".jpg", w, h, anns) for data, w, h, anns in (render_image((seed, split_id, i), imgsz) for i in range(start, stop))]
 
 
-def _write_split(out: Path, split: str, *, seed: int, count: int, imgsz: int, workers: int) -> None:
-    """Render `count` images into a temporary folder, then move it to out/<split> in one rename."""
+def render_jobs(render_many: Callable[[Any], list[Rendered]], jobs: Sequence[Any], workers: int) -> list[Rendered]:
+    """Run `render_many` over `jobs` (in order) in `workers` processes; each image has its own seed, so the
+    process count never changes the output."""
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            return [r for part in pool.map(render_many, jobs) for r in part]
+    return [r for job in jobs for r in render_many(job)]
+
+
+def write_split(
+    out: Path, split: str, rendered: Callable[[], list[Rendered]], *, info: dict[str, Any], categories: list[dict[str, Any]]
+) -> None:
+    """Write the images of `rendered()` and instances_<split>.json into a temporary folder, then move it to
+    out/<split> in one rename. A folder there is replaced only if a generator with `info["description"]` wrote it."""
     final = out / split
-    if final.exists() and not _is_ours(final / f"instances_{split}.json") and any(final.iterdir()):
+    if final.exists() and not _is_ours(final / f"instances_{split}.json", info["description"]) and any(final.iterdir()):
         raise DetectorError(f"{final} exists and was not written by the shapes generator; not overwriting it")
     tmp = out / f".{split}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    chunk = 50
-    jobs = [(seed, SPLIT_IDS[split], s, min(s + chunk, count), imgsz) for s in range(0, count, chunk)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            rendered = [r for part in pool.map(_render_many, jobs) for r in part]
-    else:
-        rendered = [r for job in jobs for r in _render_many(job)]
     images, annotations = [], []
-    for i, (data, w, h, anns) in enumerate(rendered):
-        name = f"{i:06d}.jpg"
+    for i, (data, suffix, w, h, anns) in enumerate(rendered()):
+        name = f"{i:06d}{suffix}"
         (tmp / "images" / name).write_bytes(data)
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
         for a in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **a})
-    coco = {
-        "info": {"description": GENERATOR_TAG, "seed": seed, "imgsz": imgsz},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)],
-    }
+    coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     (tmp / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
     if final.exists():
         old = out / f".{split}.old-{os.getpid()}"
@@ -193,9 +226,9 @@ def _write_split(out: Path, split: str, *, seed: int, count: int, imgsz: int, wo
         tmp.rename(final)
 
 
-def _is_ours(annotations: Path) -> bool:
+def _is_ours(annotations: Path, tag: str) -> bool:
     try:
-        return json.loads(annotations.read_text()).get("info", {}).get("description") == GENERATOR_TAG
+        return json.loads(annotations.read_text()).get("info", {}).get("description") == tag
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -213,8 +246,11 @@ def generate_shapes_dataset(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+    info = {"description": GENERATOR_TAG, "seed": seed, "imgsz": imgsz}
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
     for split, count in (("train", n_train), ("val", n_val)):
-        _write_split(out, split, seed=seed, count=count, imgsz=imgsz, workers=workers)
+        jobs = [(seed, SPLIT_IDS[split], s, min(s + CHUNK, count), imgsz) for s in range(0, count, CHUNK)]
+        write_split(out, split, lambda: render_jobs(_render_many, jobs, workers), info=info, categories=categories)
     yaml_path = out / "dataset.yaml"
     yaml_path.write_text(
         f"# synthetic shapes (seed={seed}, imgsz={imgsz}), written by `detector data synth`\n"
