@@ -110,16 +110,12 @@ def _as_overrides(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _check_variant(model: str, v: Variant) -> None:
-    """Refuse a variant the model YAML would silently ignore (e.g. attention=se on CA_C2f rows)."""
-    from detector.models.attention import ATTENTIONS
+    """Build the variant before anything trains: the builder refuses an attention or place that reaches no row of
+    the model (e.g. attention=se on yolo-c2f-n), so a variant that would change nothing stops the whole ablation
+    up front instead of after the other variants' runs."""
     from detector.models.builder import build_model
 
-    built = build_model(resolve_model_path(model), attention=v.attention, attention_at=v.attention_at or None)
-    if v.attention != "none" and not any(isinstance(m, ATTENTIONS.get(v.attention)) for m in built.modules()):
-        raise DetectorError(
-            f"ablate: {model} has no rows that take the attention ('{v.attention}' would change nothing); "
-            "use a YAML with Attn/AttnC2f rows such as configs/models/yolo-attn-n.yaml"
-        )
+    build_model(resolve_model_path(model), attention=v.attention, attention_at=v.attention_at or None)
 
 
 def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:

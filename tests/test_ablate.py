@@ -25,8 +25,8 @@ def test_settings_that_would_break_the_comparison_are_refused(tmp_path: Path) ->
     base = {"project": str(tmp_path), "epochs": 1}
     with pytest.raises(DetectorError, match="train= cannot set 'epochs'"):
         run_ablation(AblateOptions(**base, train=["epochs=3"]))
-    with pytest.raises(DetectorError, match="no rows that take the attention"):  # CA_C2f rows ignore `attention`
-        run_ablation(AblateOptions(**base, model="configs/models/yolo-ca-n.yaml", attentions=["se"]))
+    with pytest.raises(DetectorError, match="the override 'se' reaches no row"):  # C2f rows carry no attention
+        run_ablation(AblateOptions(**base, model="configs/models/yolo-c2f-n.yaml", attentions=["se"]))
     with pytest.raises(DetectorError, match="unknown key 'lr'"):
         run_ablation(AblateOptions(**base, train=["lr=0.1"]))
     assert not any(tmp_path.iterdir())  # nothing trained
@@ -68,6 +68,12 @@ def test_two_attentions_one_epoch_each_then_a_rerun_skips_them_and_resumes_a_lon
     assert all(float(r["train img/s"]) > 0 and float(r["infer ms/img"]) > 0 and r["AP50:95"] != "" for r in rows)
     assert (root / "ablation.md").exists() and (root / "ablation.png").exists()
     assert "| cbam |" in capsys.readouterr().out
+    args = (root / "cbam" / "args.yaml").read_text().splitlines()  # the run records what it built
+    assert args[0] == "# attention as built: " + ", ".join(f"backbone[{i}] cbam at output" for i in (2, 4, 6, 8))
+    assert "attention: cbam" in args
+    from detector.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(root / "cbam" / "weights" / "best.pt")["model_yaml"]["attention"] == "cbam"
 
     stamps = {v: (root / v / "weights" / "best.pt").stat().st_mtime_ns for v in ("none", "cbam")}
     with caplog.at_level(logging.INFO, logger="detector.ablate"):

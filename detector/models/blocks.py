@@ -3,7 +3,9 @@
 Row modules take `(c_in, c_out, *args)` (see registry.py for how the builder feeds each one); YAML args
 follow the YOLOv5/YOLOv8 convention, e.g. `[-1, 3, C2f, [128, True]]` is C2f(c_in, 128 * width, n, True).
 
-C2f with attention (`CA_C2f`, `AttnC2f`) place it by `attention_at`:
+C2f with attention (`AttnC2f`, and its alias `CA_C2f`) takes the file's `attention:` key (default `ca`), so an
+`attention=` override swaps every such block; the standalone rows named for one attention (`CoordAtt`, `SE`,
+`CBAM`, ...) keep their kind. It places the attention by `attention_at`:
   output      after the fuse conv (default)
   concat      on the concatenated branches, before the fuse conv
   bottleneck  inside each bottleneck, before its residual add
@@ -93,7 +95,7 @@ class C2f(nn.Module):
     """YOLOv8 CSP block: cv1 to 2c, split in two, n bottlenecks each on the last chunk, all concatenated, cv2.
 
     Row args: [c_out, shortcut=False, g=1, e=0.5]. `attention`/`attention_at` (see the module docstring)
-    are used by the CA_C2f and AttnC2f rows; plain C2f has none.
+    are used by the AttnC2f (CA_C2f) rows; plain C2f has none.
     """
 
     def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
@@ -116,22 +118,19 @@ class C2f(nn.Module):
         return self.attn_output(self.cv2(self.attn_concat(torch.cat(y, 1))))
 
 
-@register_module(repeats=True, attention_at=True)
-class CA_C2f(C2f):  # noqa: N801 (the YAML row name)
-    """C2f with Coordinate Attention (Hou et al., CVPR 2021) at `attention_at`. Row args as C2f."""
-
-    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
-                 *, attention_at: str = "output") -> None:
-        super().__init__(c_in, c_out, n, shortcut, g, e, attention="ca", attention_at=attention_at)
-
-
 @register_module(repeats=True, attention=True, attention_at=True)
 class AttnC2f(C2f):
-    """C2f with the file's `attention:` (any registry name) at `attention_at`. Row args as C2f."""
+    """C2f with the file's `attention:` (any registry name, default ca) at `attention_at`. Row args as C2f."""
 
     def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5,
                  *, attention: str = "ca", attention_at: str = "output") -> None:
         super().__init__(c_in, c_out, n, shortcut, g, e, attention=attention, attention_at=attention_at)
+
+
+# The name published CA-C2f YAMLs use: a C2f carrying an attention whose default is Coordinate Attention (Hou et
+# al., CVPR 2021). It is AttnC2f under another name, so `attention=cbam` puts CBAM in these blocks too, rather
+# than training CA while the run records cbam.
+register_alias("CA_C2f", "AttnC2f")
 
 
 @register_module()

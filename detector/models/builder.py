@@ -16,12 +16,20 @@ or an int: placeholder anchors for auto-anchor, see head.placeholder_anchors), a
 ch (input channels), channel_multiple (8), name (defaults to the file's stem), backbone, head.
 Overrides (`build_model(..., attention="cbam")`) win over the file and over row keywords; the resolved config
 is kept as `model.yaml` (plain types) so `build_model(model.yaml)` rebuilds the same architecture.
+
+Attention keys: `attention` reaches every row that takes it (`Attn`, `AttnC2f` and its alias `CA_C2f`; default
+ca), `attention_at` every C2f carrying one (default output); rows named for one attention (`CoordAtt`, `SE`, ...)
+keep their kind. An override that reaches no row is an error, not a silent no-op, and `model.yaml` records the
+resolved file-wide values, so a run's checkpoint says what was built (`model.attentions` gives it per row).
+A `Detect` row without anchors (Ultralytics' anchor-free files, `Detect, [nc]`) builds this project's
+anchor-based head with fitted anchors, and says so in one warning.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -43,11 +51,14 @@ from detector.models.registry import MODULES, RowModule, UnknownNameError, sugge
 KNOWN_KEYS = ("nc", "depth_multiple", "width_multiple", "scales", "scale", "attention", "attention_at", "anchors",
               "activation", "ch", "channel_multiple", "name", "backbone", "head")
 SYMBOLS = ("nc", "anchors", "None")
+DEFAULT_ATTENTION = "ca"
+DEFAULT_ATTENTION_AT = "output"
 STRIDE_PROBE_PX = 256
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "silu": nn.SiLU, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "hardswish": nn.Hardswish, "mish": nn.Mish,
     "gelu": nn.GELU, "relu6": nn.ReLU6, "identity": nn.Identity,
 }
+LOGGER = logging.getLogger(__name__)
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -58,7 +69,8 @@ def make_divisible(x: float, divisor: int = 8) -> int:
 @dataclass(frozen=True)
 class LayerInfo:
     """What one row became, for `model_info`'s table: `row` like 'head[3]', `source` as written, `repeats` after
-    depth scaling, `args` as passed to the constructor."""
+    depth scaling, `args` as passed to the constructor, `attention` the registry name of the attention it
+    carries ('' for none) and `attention_at` its place in a C2f ('' for a standalone attention row)."""
 
     index: int
     row: str
@@ -66,6 +78,13 @@ class LayerInfo:
     repeats: int
     module: str
     args: list
+    attention: str = ""
+    attention_at: str = ""
+
+    @property
+    def attention_label(self) -> str:
+        """'ca at output', 'se' (a standalone row) or '' (no attention)."""
+        return f"{self.attention} at {self.attention_at}" if self.attention_at else self.attention
 
 
 class DetectionModel(nn.Module):
@@ -101,6 +120,12 @@ class DetectionModel(nn.Module):
     @property
     def name(self) -> str:
         return str(self.yaml.get("name", "model"))
+
+    @property
+    def attentions(self) -> dict[str, str]:
+        """Row -> the attention it was built with, e.g. {'backbone[2]': 'cbam at output'}: what an `attention=`
+        override actually reached, for run records and `detector info`."""
+        return {li.row: li.attention_label for li in self.layer_info if li.attention}
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run every layer but the head; return the head's input maps (one per level)."""
@@ -149,8 +174,10 @@ def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str
     spec = _resolve(raw, label, nc=nc, attention=attention, attention_at=attention_at)
     layers, sources, info = _build_layers(spec, label)
     _check_outputs_used(sources, info, label)
+    _settle_attention_keys(spec, info, label, attention=attention, attention_at=attention_at)
     model = DetectionModel(layers, sources, info, spec)
     _finalize(model, spec, label)
+    _settle_default_anchors(model, spec, label)
     return model
 
 
@@ -338,9 +365,9 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
     if entry.repeats:
         call.append(n)
     if entry.attention:
-        kwargs.setdefault("attention", spec.get("attention", "ca"))
+        kwargs.setdefault("attention", spec.get("attention", DEFAULT_ATTENTION))
     if entry.attention_at:
-        kwargs.setdefault("attention_at", spec.get("attention_at", "output"))
+        kwargs.setdefault("attention_at", spec.get("attention_at", DEFAULT_ATTENTION_AT))
     copies = 1 if entry.repeats else n
     if copies > 1 and entry.channels not in ("arg0", "same"):
         raise DetectorError(f"{where}: {name} cannot be repeated (repeats must be 1)")
@@ -350,7 +377,36 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
         more = (_construct(entry, [*again, *rest], kwargs, where, args) for _ in range(copies - 1))
         module = nn.Sequential(module, *more)
     shown = [*call, *rest] + ([kwargs] if kwargs else [])
-    return module, absolute if entry.multi_input else absolute[0], LayerInfo(i, row_name, src, n, name, shown), c_out
+    layer_info = LayerInfo(i, row_name, src, n, name, shown, *_row_attention(entry, kwargs))
+    return module, absolute if entry.multi_input else absolute[0], layer_info, c_out
+
+
+def _row_attention(entry: RowModule, kwargs: dict) -> tuple[str, str]:
+    """(attention, attention_at) a row carries: the keywords it was built with, or the registry name of a
+    standalone attention row (`CoordAtt` -> 'ca'); ('', '') for a row without one."""
+    if entry.attention:
+        return str(kwargs["attention"]), str(kwargs.get("attention_at", ""))
+    named = [name for name in _attention.ATTENTIONS if _attention.ATTENTIONS.get(name) is entry.factory]
+    return (named[0], "") if named else ("", "")
+
+
+def _rows_taking(flag: str) -> str:
+    """'Attn, AttnC2f and CA_C2f': the registered modules that take the key `flag`, for error messages."""
+    names = [name for name in MODULES if getattr(MODULES.get(name), flag)]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _settle_attention_keys(spec: dict, info: list[LayerInfo], label: str, *, attention: str | None,
+                           attention_at: str | None) -> None:
+    """Refuse an override that reaches no row (it would change nothing while the run records it), and write the
+    file-wide defaults the rows used into `spec`, so `model.yaml` states what was built."""
+    for key, override, default in (("attention", attention, DEFAULT_ATTENTION),
+                                   ("attention_at", attention_at, DEFAULT_ATTENTION_AT)):
+        if any(getattr(MODULES.get(li.module), key) for li in info):
+            spec.setdefault(key, default)
+        elif override is not None:
+            raise DetectorError(f"{label}: {key}: the override '{override}' reaches no row ({_rows_taking(key)} "
+                                f"rows take the {key} key; {Path(label).name} has none)")
 
 
 def _check_outputs_used(sources: list[int | list[int]], info: list[LayerInfo], label: str) -> None:
@@ -445,6 +501,28 @@ def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
     strides = [STRIDE_PROBE_PX / f.shape[-2] for f in feats]
     head.set_stride(strides)
     head.init_biases()
+
+
+def _settle_default_anchors(model: DetectionModel, spec: dict, label: str) -> None:
+    """A Detect row that leaves `anchors` to its default (Ultralytics' anchor-free `Detect, [nc]`) gets this
+    project's anchor-based head: warn once, and record the anchor count in `spec` (top level, which asks the
+    trainer to fit them, and in the row, so a rebuild from `model.yaml` is silent and the same)."""
+    row = (spec.get("head") or spec["backbone"])[-1]
+    info = model.layer_info[-1]
+    *positional, last = info.args  # [c_ins, *row args] and a trailing keyword dict, if the row has one
+    keywords = last if isinstance(last, dict) else {}
+    if not isinstance(last, dict):
+        positional.append(last)
+    if "anchors" in inspect.signature(Detect).bind(*positional, **keywords).arguments:
+        return
+    na = model.head.na
+    LOGGER.warning("%s: %s: Detect has no anchors: the head is this project's anchor-based one, with %d anchors "
+                   "per level fitted by auto-anchor at train time", label, info.row, na)
+    spec.setdefault("anchors", na)
+    if row[3] and isinstance(row[3][-1], dict):
+        row[3][-1]["anchors"] = na
+    else:
+        row[3].append({"anchors": na})
 
 
 def _dry_run(model: DetectionModel, ch: int, label: str) -> list[torch.Tensor]:

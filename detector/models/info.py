@@ -30,13 +30,16 @@ def count_flops(model: nn.Module, imgsz: int = 640) -> float:
 
 
 def model_info(model: DetectionModel, imgsz: int = 640) -> str:
-    """The layer table (index, from, repeats, params, module, args) and a summary line:
-    `<name>: <L> layers, <P> parameters, <G> GFLOPs at <imgsz>x<imgsz>` (L = rows of the table)."""
+    """The layer table (index, from, repeats, params, module, attention, args) and a summary line:
+    `<name>: <L> layers, <P> parameters, <G> GFLOPs at <imgsz>x<imgsz>` (L = rows of the table).
+
+    The attention column is what each row was built with ('cbam at output'), so an override's reach is visible."""
     rows = [
-        (li.index, str(li.source), li.repeats, sum(p.numel() for p in layer.parameters()), li.module, str(li.args))
+        (li.index, str(li.source), li.repeats, sum(p.numel() for p in layer.parameters()), li.module,
+         li.attention_label, str(li.args))
         for li, layer in zip(model.layer_info, model.layers)
     ]
-    table = format_table(["", "from", "n", "params", "module", "arguments"], rows)
+    table = format_table(["", "from", "n", "params", "module", "attention", "arguments"], rows)
     params = sum(p.numel() for p in model.parameters())
     gflops = count_flops(model, imgsz)
     summary = f"{model.name}: {len(rows)} layers, {params:,} parameters, {gflops:.1f} GFLOPs at {imgsz}x{imgsz}"

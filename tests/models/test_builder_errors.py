@@ -109,3 +109,19 @@ def test_bad_row_keyword(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(DetectorError):
         build_model("configs/models/does-not-exist.yaml")
+
+
+def test_override_that_reaches_no_row(tmp_path: Path) -> None:
+    assert fails(tmp_path, BASE, attention="cbam") == ("attention: the override 'cbam' reaches no row (Attn, AttnC2f "
+                                                       "and CA_C2f rows take the attention key; x.yaml has none)")
+    assert fails(tmp_path, BASE, attention="none").startswith("attention: the override 'none' reaches no row")
+    assert fails(tmp_path, BASE, attention_at="concat") == ("attention_at: the override 'concat' reaches no row "
+                                                            "(AttnC2f and CA_C2f rows take the attention_at key; "
+                                                            "x.yaml has none)")
+
+
+@pytest.mark.parametrize("module", ["C3k2", "C2PSA"])
+def test_newer_ultralytics_modules_are_unknown(tmp_path: Path, module: str) -> None:
+    """YOLO11's blocks are not in the registry: the build stops on the row instead of guessing."""
+    text = BASE.replace("[-1, 3, C3, [128]]", f"[-1, 2, {module}, [256, False, 0.25]]")
+    assert fails(tmp_path, text).startswith(f"backbone[2]: unknown module '{module}'")

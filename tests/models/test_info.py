@@ -23,9 +23,10 @@ def test_model_info_table_and_summary() -> None:
     model = build_model(CONFIGS / "yolo-ca-n.yaml", nc=3)
     text = model_info(model, imgsz=320)
     lines = text.splitlines()
-    assert lines[0].split() == ["from", "n", "params", "module", "arguments"]
+    assert lines[0].split() == ["from", "n", "params", "module", "attention", "arguments"]
     assert len(lines) == 2 + len(model.layers) + 1
     assert "CA_C2f" in text and "Detect" in text
+    assert [line.split()[4:7] for line in lines[2:] if "CA_C2f" in line] == [["CA_C2f", "ca", "at"]] * 4
     params = sum(p.numel() for p in model.parameters())
     match = re.fullmatch(r"yolo-ca-n: (\d+) layers, ([\d,]+) parameters, (\d+\.\d) GFLOPs at 320x320", lines[-1])
     assert match, lines[-1]
@@ -36,3 +37,8 @@ def test_model_info_table_and_summary() -> None:
     table_params = sum(int(line[start:end].replace(",", "")) for line in lines[2:-1])
     assert table_params == params
     assert model.training
+
+
+def test_layer_table_shows_what_an_override_reached() -> None:
+    text = model_info(build_model(CONFIGS / "yolo-ca-n.yaml", nc=3, attention="cbam", attention_at="concat"), imgsz=64)
+    assert len(re.findall(r"CA_C2f +cbam at concat", text)) == 4
