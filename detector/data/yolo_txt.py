@@ -1,0 +1,121 @@
+"""Export a COCO dataset (our dataset YAML) to the YOLO-txt layout other trainers read.
+
+Used by the rival harness (`detector.bench.rivals`) so that another tool trains on exactly the boxes we train on:
+the scan of `detector.data.coco.CocoDataset` decides everything (skipped images, dropped and clipped boxes, crowd
+boxes set apart, image sizes after EXIF), and this module only writes it out. Layout under `out`:
+
+    images/{train,val}/<name>        symlinks to the original files (a file_name's sub-folders joined by '__')
+    labels/{train,val}/<stem>.txt    one row per non-crowd box: class cx cy w h, normalised to the image size
+    data.yaml                        path, train, val, names (class index = rank of the category id)
+    index.json                       per split: image_id, original file, yolo image path; and category_ids
+
+Class i is the i-th smallest category id (as in our trainer), so non-contiguous, unordered ids map back through
+`category_ids[i]`. Crowd regions are never labels: the other tool learns them as background, as ours does not
+train on them either. Rows carry 9 decimals, so a box survives the round trip to well under 0.01 px.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from detector.config import DataSpec
+from detector.data.coco import CocoDataset, ImageRecord
+from detector.errors import DetectorError
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class YoloExport:
+    """What `export_yolo_txt` wrote: the data.yaml to hand the other tool and the maps back to our ids."""
+
+    root: Path
+    data_yaml: Path
+    names: list[str]
+    category_ids: list[int]
+    images: dict[str, list[dict[str, Any]]]  # split -> [{image_id, file, yolo_file}]
+
+
+def yolo_rows(record: ImageRecord) -> np.ndarray:
+    """(n, 5) float64 [class, cx, cy, w, h] of the record's training boxes, normalised by its size after EXIF."""
+    boxes = np.asarray(record.boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    size = np.array([record.width, record.height, record.width, record.height], dtype=np.float64)
+    cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1) / size
+    return np.concatenate([np.asarray(record.classes, dtype=np.float64).reshape(-1, 1), cxcywh], axis=1)
+
+
+def format_label_file(rows: np.ndarray) -> str:
+    """The text of one labels/*.txt (empty for a negative image)."""
+    return "".join(f"{int(r[0])} {r[1]:.9f} {r[2]:.9f} {r[3]:.9f} {r[4]:.9f}\n" for r in rows.tolist())
+
+
+def read_label_file(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `format_label_file` for checks: (classes (n,) int64, boxes (n, 4) xyxy float64 in pixels)."""
+    text = path.read_text()
+    values = np.array([row.split() for row in text.splitlines() if row.strip()], dtype=np.float64).reshape(-1, 5)
+    size = np.array([width, height, width, height], dtype=np.float64)
+    cxcywh = values[:, 1:] * size
+    xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], axis=1)
+    return values[:, 0].astype(np.int64), xyxy
+
+
+def export_yolo_txt(spec: DataSpec, out: Path, *, strict: bool = False) -> YoloExport:
+    """Write `spec`'s train and val splits under `out`; earlier images/ and labels/ there (and the label caches
+    another tool keeps beside them, which could go stale) are removed first."""
+    out = Path(out).resolve()
+    for folder in ("images", "labels"):
+        if (out / folder).is_dir():
+            shutil.rmtree(out / folder)
+    images: dict[str, list[dict[str, Any]]] = {}
+    category_ids: list[int] | None = None
+    names: list[str] = []
+    for split in SPLITS:
+        dataset = CocoDataset(getattr(spec, split), strict=strict, names=spec.names)
+        if category_ids is None:
+            category_ids, names = list(dataset.category_ids), list(dataset.names)
+        elif dataset.category_ids != category_ids:
+            raise DetectorError(
+                f"{dataset.annotations}: categories {dataset.category_ids} differ from the train split's {category_ids}"
+            )
+        images[split] = _write_split(dataset, out, split)
+    assert category_ids is not None
+    data_yaml = out / "data.yaml"
+    content = {"path": str(out), "train": "images/train", "val": "images/val", "names": dict(enumerate(names))}
+    data_yaml.write_text(yaml.safe_dump(content, sort_keys=False))
+    index = {"category_ids": category_ids, "names": names, "images": images}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return YoloExport(root=out, data_yaml=data_yaml, names=names, category_ids=category_ids, images=images)
+
+
+def _write_split(dataset: CocoDataset, out: Path, split: str) -> list[dict[str, Any]]:
+    """Links and label files of one split; returns its index rows."""
+    rows = []
+    for folder in ("images", "labels"):
+        (out / folder / split).mkdir(parents=True, exist_ok=True)
+    for record in dataset.records:
+        name = _link_name(record.file, dataset.images_dir, dataset.annotations)
+        image_link = out / "images" / split / name
+        label_file = (out / "labels" / split / name).with_suffix(".txt")
+        if image_link.is_symlink() or label_file.exists():
+            raise DetectorError(f"{dataset.annotations}: two images map to the link or label name '{name}'")
+        os.symlink(record.file.resolve(), image_link)
+        label_file.write_text(format_label_file(yolo_rows(record)))
+        rows.append({"image_id": record.image_id, "file": str(record.file.resolve()), "yolo_file": str(image_link)})
+    return rows
+
+
+def _link_name(file: Path, images_dir: Path, annotations: Path) -> str:
+    """file_name relative to the images folder, sub-folders flattened ('a/b.jpg' -> 'a__b.jpg'), so every link
+    sits directly in images/<split>/ and its label path is unambiguous; a name climbing out is refused."""
+    relative = Path(os.path.relpath(file, images_dir))
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DetectorError(f"{annotations}: file_name '{file}' lies outside the images folder {images_dir}")
+    return "__".join(relative.parts)

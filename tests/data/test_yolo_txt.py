@@ -1,0 +1,112 @@
+"""COCO -> YOLO-txt export: boxes round-trip exactly, crowd boxes left out, category ids mapped, any image mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from detector.config import load_data_spec
+from detector.data.yolo_txt import export_yolo_txt, read_label_file
+from detector.errors import DetectorError
+
+# non-contiguous ids listed out of order: class i must be the i-th smallest id
+UNORDERED = [{"id": 12, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
+
+
+def sub_pixel_boxes(data: dict) -> None:
+    """Move every box by a fraction of a pixel, so the check covers non-integer boxes."""
+    for k, ann in enumerate(data["annotations"]):
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [x + 0.37 + 0.01 * k, y + 0.21, w - 0.5, h - 0.13]
+
+
+def restyle_images(root: Path) -> None:
+    """Split `root`: img001 gray PNG, img002 RGBA PNG, img000 a JPEG stored rotated with EXIF orientation 6."""
+    images, json_path = root / "images", root / "instances.json"
+    data = json.loads(json_path.read_text())
+    for index, mode in ((1, "L"), (2, "RGBA")):
+        old = images / data["images"][index]["file_name"]
+        Image.open(old).convert(mode).save(old.with_suffix(".png"))
+        old.unlink()
+        data["images"][index]["file_name"] = old.with_suffix(".png").name
+    first = images / data["images"][0]["file_name"]
+    displayed = Image.open(first)
+    stored = displayed.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back on display
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(first, exif=exif, quality=95)
+    json_path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def data_yaml(make_data_yaml) -> Path:
+    path = make_data_yaml(categories=UNORDERED, mutate=sub_pixel_boxes, boxes_per_image=3)
+    for split in ("train", "val"):
+        restyle_images(path.parent / split)
+    return path
+
+
+def expected_boxes(json_path: Path) -> dict[str, list[tuple[int, tuple[float, ...]]]]:
+    """file_name -> sorted (category id, xyxy) of its non-crowd boxes, straight from the json."""
+    data = json.loads(json_path.read_text())
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    out: dict[str, list] = {name: [] for name in names.values()}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd"):
+            x, y, w, h = ann["bbox"]
+            out[names[ann["image_id"]]].append((ann["category_id"], (x, y, x + w, y + h)))
+    return {name: sorted(rows) for name, rows in out.items()}
+
+
+def test_boxes_round_trip_crowd_excluded_and_ids_mapped(data_yaml: Path, tmp_path: Path) -> None:
+    export = export_yolo_txt(load_data_spec(data_yaml), tmp_path / "yolo")
+    assert export.category_ids == [3, 7, 12] and export.names == ["circle", "star", "ring"]
+    assert yaml.safe_load(export.data_yaml.read_text())["names"] == {0: "circle", 1: "star", 2: "ring"}
+    for split in ("train", "val"):
+        expected = expected_boxes(data_yaml.parent / split / "instances.json")
+        assert sorted(Path(row["file"]).name for row in export.images[split]) == sorted(expected)
+        for row in export.images[split]:
+            link = Path(row["yolo_file"])
+            assert link.is_symlink() and link.resolve() == Path(row["file"])
+            with Image.open(row["file"]) as im:
+                width, height = im.size
+                if im.getexif().get(0x0112) == 6:
+                    width, height = height, width  # labels are in the displayed frame
+            classes, xyxy = read_label_file(tmp_path / "yolo" / "labels" / split / (link.stem + ".txt"), width, height)
+            got = sorted((export.category_ids[c], tuple(b)) for c, b in zip(classes.tolist(), xyxy.tolist()))
+            want = expected[Path(row["file"]).name]
+            assert [c for c, _ in got] == [c for c, _ in want]
+            np.testing.assert_allclose([b for _, b in got], [b for _, b in want], atol=0.01, rtol=0)
+
+
+def test_negative_image_gets_an_empty_label_file_and_modes_are_kept(data_yaml: Path, tmp_path: Path) -> None:
+    export = export_yolo_txt(load_data_spec(data_yaml), tmp_path / "yolo")
+    labels = tmp_path / "yolo" / "labels" / "val"
+    assert (labels / "img005.txt").read_text() == ""  # the last image has no annotations
+    assert (labels / "img001.txt").read_text() and (labels / "img002.txt").read_text()  # gray, RGBA
+    index = json.loads((tmp_path / "yolo" / "index.json").read_text())
+    assert index["category_ids"] == [3, 7, 12] and len(index["images"]["val"]) == len(export.images["val"]) == 6
+
+
+def test_rerun_replaces_stale_links_labels_and_caches(data_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "yolo"
+    export_yolo_txt(load_data_spec(data_yaml), out)
+    (out / "labels" / "train.cache").write_text("stale")
+    (out / "labels" / "train" / "gone.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    export_yolo_txt(load_data_spec(data_yaml), out)
+    assert not (out / "labels" / "train.cache").exists() and not (out / "labels" / "train" / "gone.txt").exists()
+
+
+def test_categories_must_agree_between_splits(make_data_yaml, tmp_path: Path) -> None:
+    path = make_data_yaml()
+    val_json = path.parent / "val" / "instances.json"
+    data = json.loads(val_json.read_text())
+    data["categories"].append({"id": 99, "name": "extra"})
+    val_json.write_text(json.dumps(data))
+    with pytest.raises(DetectorError, match="differ from the train split"):
+        export_yolo_txt(load_data_spec(path), tmp_path / "yolo")
