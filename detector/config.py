@@ -231,7 +231,7 @@ class TrainConfig:
     ema_decay: float = option(0.9999, "EMA decay, ramped by 1 - exp(-updates / ema_tau)")
     ema_tau: float = option(2000.0, "EMA ramp length in updates")
     # loss
-    box: float = option(0.05, "box loss gain")
+    box: float | None = option(None, "box loss gain (default: the head's own, 0.05 for Detect, 7.5 for DecoupledDetect)")
     cls: float = option(0.5, "class loss gain")
     obj: float = option(1.0, "objectness loss gain")
     anchor_t: float = option(4.0, "anchor-target size ratio threshold")

@@ -24,7 +24,7 @@ from detector.config import TrainConfig, build_options, resolve_model_path
 from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.device import autocast_dtype
 from detector.engine.logger import read_results
-from detector.engine.loss import YoloLoss
+from detector.engine.loss import build_loss
 from detector.engine.trainer import train
 from detector.models.builder import build_model
 from detector.models.info import count_flops
@@ -39,7 +39,7 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: s
     model = build_model(model_path, nc=nc).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    criterion = YoloLoss(model.head, imgsz=imgsz)
+    criterion = build_loss(model.head, imgsz=imgsz)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     dtype = autocast_dtype(device, amp)
     images = torch.rand(batch, 3, imgsz, imgsz).contiguous(memory_format=fmt)

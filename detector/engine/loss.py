@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import complete_box_iou_loss
 
+from detector.engine.loss_aligned import AlignedLoss
+from detector.errors import DetectorError
+from detector.models.head import DecoupledDetect
+
 # Subtracted from a centre (grid units) to reach: own cell, left, up, right, down neighbour.
 _CELL_OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5))
 # Objectness weight per level, finest first (YOLOv5: P3-P5 for three levels, P3-P7 otherwise).
@@ -208,3 +212,19 @@ class YoloLoss:
                 raise ValueError(
                     f"raw map {i} has shape {tuple(p.shape)}, expected (B, {num_anchors}, H, W, {5 + self.nc})"
                 )
+
+
+def build_loss(head: AnchorHead, *, box: float | None = None, cls: float = 0.5, obj: float = 1.0, anchor_t: float = 4.0,
+               label_smoothing: float = 0.0, imgsz: int = 640) -> YoloLoss | AlignedLoss:
+    """The loss a head's raw maps are for: `AlignedLoss` for `DecoupledDetect`, `YoloLoss` for `Detect`.
+
+    `box=None` takes that loss's reference gain (YOLOv5 0.05 for 1 - CIoU averaged per level, YOLOv8 7.5 for the
+    soft-label-weighted sum), since the two gains live on different scales.
+    """
+    if isinstance(head, DecoupledDetect):
+        if label_smoothing:
+            raise DetectorError("label_smoothing applies to the YOLOv5 Detect head only; the DecoupledDetect head's "
+                             "class targets are soft IoU-aware labels already")
+        return AlignedLoss(head, box=7.5 if box is None else box, cls=cls, anchor_t=anchor_t)
+    return YoloLoss(head, box=0.05 if box is None else box, cls=cls, obj=obj, anchor_t=anchor_t,
+                    label_smoothing=label_smoothing, imgsz=imgsz)

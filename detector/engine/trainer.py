@@ -139,7 +139,7 @@ class Trainer:
         from detector.data.synthetic import ensure_bundled_dataset
         from detector.engine.ema import ModelEMA
         from detector.engine.evaluator import Evaluator
-        from detector.engine.loss import YoloLoss
+        from detector.engine.loss import build_loss
         from detector.engine.optim import LRSchedule, build_optimizer, scaled_weight_decay
         from detector.models.builder import build_model
 
@@ -191,7 +191,7 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.criterion = YoloLoss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
+        self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
 
         self.accumulate = max(round(cfg.nbs / cfg.batch), 1)
         weight_decay = scaled_weight_decay(cfg.weight_decay, cfg.batch, self.accumulate, cfg.nbs)
@@ -232,10 +232,13 @@ class Trainer:
             self._write_args()
 
     def _write_args(self) -> None:
+        """The config as given (so `cfg=args.yaml` reruns it), headed by a comment of the attention each row was
+        built with: `attention: ''` means the model file's own, and the comment says what that was."""
         import yaml
 
+        built = ", ".join(f"{row} {kind}" for row, kind in self.model.attentions.items()) or "none"
         text = yaml.safe_dump(asdict(self.cfg), sort_keys=False)
-        (self.run_dir / "args.yaml").write_text(text)
+        (self.run_dir / "args.yaml").write_text(f"# attention as built: {built}\n{text}")
 
     def _restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -45,6 +45,18 @@ def _parse_anchors(anchors: object, nl: int) -> tuple[int, torch.Tensor | None]:
     return na, torch.tensor(anchors, dtype=torch.float32).view(nl, na, 2)
 
 
+def decode_boxes(p: torch.Tensor, cell: torch.Tensor, anchor: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
+    """YOLOv5's bounded decode: sigmoid outputs (..., N, 4) -> boxes cx, cy, w, h in input pixels.
+
+    xy = (2 sig - 0.5 + cell) * stride reaches the own cell and half of each neighbour; wh = (2 sig)^2 * anchor
+    spans 0 .. 4x the anchor, which is why a target is only matched to anchors within a ratio of 4.
+    cell (N, 2) x, y; anchor (N, 2) px; stride (N, 1) px, as `Detect.cell_priors` gives them.
+    """
+    xy = (p[..., :2] * 2 - 0.5 + cell) * stride
+    wh = (p[..., 2:4] * 2) ** 2 * anchor
+    return torch.cat([xy, wh], -1)
+
+
 @register_module(channels="none", multi_input=True)
 class Detect(nn.Module):
     """Anchor-based head over nl feature maps; na anchors per level, each predicting [tx, ty, tw, th, obj, cls...].
@@ -138,6 +150,60 @@ class Detect(nn.Module):
             b = maps[0].shape[0]
             p = torch.cat([m.reshape(b, -1, self.no) for m in maps], 1).float().sigmoid()
             cell, anchor, stride = self.cell_priors([m.shape[2:4] for m in maps], p.device)
-            xy = (p[..., :2] * 2 - 0.5 + cell) * stride
-            wh = (p[..., 2:4] * 2) ** 2 * anchor
-            return torch.cat([xy, wh, p[..., 4:]], -1)
+            return torch.cat([decode_boxes(p[..., :4], cell, anchor, stride), p[..., 4:]], -1)
+
+
+def _branch(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
+    """Two 3x3 Conv-BN-SiLU then a 1x1 prediction conv (with bias): one task branch of a decoupled head."""
+    from detector.models.blocks import Conv
+
+    return nn.Sequential(Conv(c_in, c_mid, 3), Conv(c_mid, c_mid, 3), nn.Conv2d(c_mid, c_out, 1))
+
+
+@register_module(channels="none", multi_input=True)
+class DecoupledDetect(Detect):
+    """Anchor-based head with separate box and class branches and an IoU-aware class score (no objectness).
+
+    Same anchors, strides, auto-anchor and box decode as `Detect` (YOLOv5's bounded decode around each anchor
+    box); what differs is what it learns, the recipe that closes most of the anchor-based gap:
+    - decoupled branches per level, two 3x3 convs each (YOLOX, Ge et al. 2021, Table 2);
+    - the class score is trained toward the box's quality, so it ranks boxes by localisation too (VFL/QFL);
+    - positives are chosen by task alignment over the anchor boxes (TOOD, Feng et al. 2021), in
+      `detector.engine.loss_aligned.AlignedLoss`, which this head's maps are for.
+    Train mode returns maps (B, na, H_l, W_l, 4 + nc) logits. Eval mode returns the `Detect` layout
+    (B, N, 5 + nc) with the objectness column set to 1, so NMS's obj * cls score is the class score and every
+    consumer of `Detect` (NMS, export, evaluator) works unchanged.
+    """
+
+    def __init__(self, c_ins: Sequence[int], nc: int = 80, anchors: int | Sequence[Sequence[float]] = 1) -> None:
+        super().__init__(c_ins, nc, anchors)
+        self.no = 4 + nc
+        c_box = max(16, c_ins[0] // 4, 64)
+        c_cls = max(c_ins[0], min(nc, 100))
+        self.m = nn.ModuleList(_branch(c, c_box, self.na * 4) for c in c_ins)
+        self.cls = nn.ModuleList(_branch(c, c_cls, self.na * nc) for c in c_ins)
+
+    @torch.no_grad()
+    def init_biases(self, imgsz: int = 640) -> None:
+        """Box outputs start at the anchor box itself; class probability ~5 objects per `imgsz` image per class."""
+        for box_branch, cls_branch, s in zip(self.m, self.cls, self.stride.tolist()):
+            box_branch[-1].bias.zero_()
+            cls_branch[-1].bias.fill_(math.log(5 / self.nc / (imgsz / s) ** 2))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        maps = []
+        for box_branch, cls_branch, x in zip(self.m, self.cls, xs):
+            b, _, h, w = x.shape
+            box = box_branch(x).view(b, self.na, 4, h, w)
+            cls = cls_branch(x).view(b, self.na, self.nc, h, w)
+            maps.append(torch.cat((box, cls), 2).permute(0, 1, 3, 4, 2))
+        return maps if self.training else self.decode(maps)
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Raw maps -> (B, N, 5 + nc): cx, cy, w, h in input pixels, a constant objectness 1, class scores."""
+        with torch.autocast(maps[0].device.type, enabled=False):
+            b = maps[0].shape[0]
+            p = torch.cat([m.reshape(b, -1, self.no) for m in maps], 1).float().sigmoid()
+            cell, anchor, stride = self.cell_priors([m.shape[2:4] for m in maps], p.device)
+            boxes = decode_boxes(p[..., :4], cell, anchor, stride)
+            return torch.cat([boxes, torch.ones_like(p[..., :1]), p[..., 4:]], -1)

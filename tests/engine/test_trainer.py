@@ -189,15 +189,17 @@ def test_torchrun_two_processes_gloo(tiny_data: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_overfits_eight_images(tmp_path: Path):
+@pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-decoupled"])
+def test_overfits_eight_images(tmp_path: Path, model: str):
     """~100 optimizer steps on 8 images (no augmentation, val = train) cut the loss several times over and then
-    detect those objects. Also guards eval-mode BatchNorm statistics keeping up with fast-moving weights."""
+    detect those objects, with either head and its loss. Also guards eval-mode BatchNorm statistics keeping up
+    with fast-moving weights."""
     generate_shapes_dataset(tmp_path / "d", seed=7, n_train=8, n_val=8, imgsz=128)
     same = tmp_path / "d" / "same.yaml"
     same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
                     "val: {images: train/images, annotations: train/instances_train.json}\n")
     no_aug = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
-    cfg = make_config(same, tmp_path, model="yolo-ca-n", epochs="120", nbs="8", optimizer="AdamW", lr0="0.002",
+    cfg = make_config(same, tmp_path, model=model, epochs="120", nbs="8", optimizer="AdamW", lr0="0.002",
                       momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
     metrics = train(cfg)
     rows = read_results(tmp_path / "exp")

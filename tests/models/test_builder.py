@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from detector.models.attention import CBAM, MHSA, SE, CoordAtt, NoAttention
+import yaml
+
+from detector.errors import DetectorError
+from detector.models.attention import ATTENTIONS, CBAM, MHSA, SE, CoordAtt, NoAttention
 from detector.models.blocks import C2f, Conv
 from detector.models.builder import DetectionModel, build_model, inference_copy, make_divisible
 from detector.models.info import count_flops
+from detector.models.registry import MODULES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -38,15 +43,15 @@ def test_bundled_configs_exist() -> None:
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_runs_train_and_eval(name: str) -> None:
     model = built(name)
-    assert model.stride.tolist() == [8.0, 16.0, 32.0]
     head = model.head
+    assert model.stride.tolist() == [32.0 / 2 ** (head.nl - 1 - i) for i in range(head.nl)]  # ... 8, 16, 32
     for h, w in [(128, 128), (160, 96)]:
         x = torch.rand(2, 3, h, w)
         model.train()
         maps = model(x)
         assert len(maps) == head.nl
         for m, s in zip(maps, model.stride.tolist()):
-            assert m.shape == (2, head.na, int(h / s), int(w / s), 5 + model.nc)
+            assert m.shape == (2, head.na, int(h / s), int(w / s), head.no)  # 5 + nc, or 4 + nc without objectness
         model.eval()
         with torch.no_grad():
             out = model(x)
@@ -92,6 +97,55 @@ def test_attention_override_swaps_every_attn_block() -> None:
     assert swapped.yaml["attention"] == "cbam"
     none = built("yolo-attn-n", attention="none")
     assert n_params(none) == n_params(built("yolo-c2f-n"))
+
+
+def test_attention_override_swaps_ca_c2f_too() -> None:
+    """CA_C2f is a C2f carrying an attention whose default is ca: the override reaches it (it used to train CA
+    while the run recorded the override)."""
+    default = built("yolo-ca-n")
+    assert default.yaml["attention"] == "ca" and default.yaml["attention_at"] == "output"  # recorded as built
+    swapped = built("yolo-ca-n", attention="cbam")
+    assert CBAM in kinds(swapped) and CoordAtt not in kinds(swapped)
+    assert n_params(swapped) == n_params(built("yolo-attn-n", attention="cbam"))
+    assert swapped.attentions == {f"backbone[{i}]": "cbam at output" for i in (2, 4, 6, 8)}
+    assert build_model(swapped.yaml).attentions == swapped.attentions  # a checkpoint's model_yaml rebuilds it
+    assert n_params(built("yolo-ca-n", attention="none")) == n_params(built("yolo-c2f-n"))
+
+
+def test_standalone_attention_rows_keep_their_kind() -> None:
+    spec = tiny("yolo-c2f-n")
+    spec["head"][-1:] = [[-1, 1, "SE", []], [-1, 1, "Attn", []], [[15, 18, 23], 1, "Detect", ["nc", "anchors"]]]
+    model = build_model(spec, attention="eca")
+    assert model.attentions == {"head[12]": "se", "head[13]": "eca"}
+
+
+def tiny(name: str) -> dict:
+    """A bundled config at 1/8 width (8 to 128 channels), so building it for every attention stays fast."""
+    spec = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    return {**spec, "name": name, "width_multiple": 0.125}
+
+
+def takes_attention(spec: dict) -> bool:
+    return any(MODULES.get(row[2]).attention for row in spec["backbone"] + spec["head"])
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_builds_the_asked_attention(name: str, attention: str) -> None:
+    """Every attention module of the built model is the asked kind, or the override is refused."""
+    spec = tiny(name)
+    if not takes_attention(spec):
+        with pytest.raises(DetectorError, match=f"^{name}: attention: the override '{attention}' reaches no row "
+                                                r"\(Attn, AttnC2f and CA_C2f rows take the attention key"):
+            build_model(spec, attention=attention)
+        return
+    model = build_model(spec, attention=attention)
+    registered = {ATTENTIONS.get(n) for n in ATTENTIONS.names()}
+    assert {type(m) for m in model.modules()} & registered <= {ATTENTIONS.get(attention), NoAttention}
+    assert model.attentions and set(model.attentions.values()) == {f"{attention} at output"}
+    for li, layer in zip(model.layer_info, model.layers):
+        if li.attention:
+            assert isinstance(layer.attn_output, ATTENTIONS.get(attention)), li.row
 
 
 def test_attention_at_variants_differ() -> None:
@@ -219,3 +273,56 @@ def test_inference_copy_folds_every_conv_bn_keeps_the_outputs_and_leaves_the_mod
 def test_inference_copy_passes_other_modules_through() -> None:
     other = torch.nn.Conv2d(3, 4, 3)
     assert inference_copy(other) is other
+
+
+YOLOV8N = """\
+# the public Ultralytics yolov8.yaml rows: anchor-free, `Detect, [nc]`
+nc: 80
+scales:
+  n: [0.33, 0.25, 1024]
+backbone:
+  - [-1, 1, Conv, [64, 3, 2]]
+  - [-1, 1, Conv, [128, 3, 2]]
+  - [-1, 3, C2f, [128, True]]
+  - [-1, 1, Conv, [256, 3, 2]]
+  - [-1, 6, C2f, [256, True]]
+  - [-1, 1, Conv, [512, 3, 2]]
+  - [-1, 6, C2f, [512, True]]
+  - [-1, 1, Conv, [1024, 3, 2]]
+  - [-1, 3, C2f, [1024, True]]
+  - [-1, 1, SPPF, [1024, 5]]
+head:
+  - [-1, 1, nn.Upsample, [None, 2, "nearest"]]
+  - [[-1, 6], 1, Concat, [1]]
+  - [-1, 3, C2f, [512]]
+  - [-1, 1, nn.Upsample, [None, 2, "nearest"]]
+  - [[-1, 4], 1, Concat, [1]]
+  - [-1, 3, C2f, [256]]
+  - [-1, 1, Conv, [256, 3, 2]]
+  - [[-1, 12], 1, Concat, [1]]
+  - [-1, 3, C2f, [512]]
+  - [-1, 1, Conv, [512, 3, 2]]
+  - [[-1, 9], 1, Concat, [1]]
+  - [-1, 3, C2f, [1024]]
+  - [[15, 18, 21], 1, Detect, [nc]]
+"""
+
+
+def test_anchor_free_ultralytics_yaml_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "yolov8n.yaml"
+    path.write_text(YOLOV8N)
+    with caplog.at_level(logging.WARNING, logger="detector.models.builder"):
+        model = build_model(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"{path}: head[12]: Detect has no anchors: the head is this project's anchor-based one, "
+                        "with 3 anchors per level fitted by auto-anchor at train time"]
+    assert model.head.na == 3 and n_params(model) == n_params(built("yolo-c2f-n"))  # the same layers
+    assert model.yaml["anchors"] == 3  # an anchor count: the trainer fits them (see Trainer's autoanchor force)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detector.models.builder"):
+        again = build_model(model.yaml)  # a checkpoint's rebuild: the anchors are in the row now, no warning
+    assert not caplog.records and n_params(again) == n_params(model)
+    with caplog.at_level(logging.WARNING, logger="detector.models.builder"):
+        build_model(CONFIGS / "yolo-c2f-n.yaml")
+        build_model(CONFIGS / "yolov5n.yaml")
+    assert not caplog.records  # anchors given: nothing to say

@@ -1,4 +1,4 @@
-"""The Detect head: YOLOv5 decode, anchors in stride units, prior biases, fp32 decode under autocast."""
+"""The Detect and DecoupledDetect heads: YOLOv5 decode, anchors in stride units, prior biases, fp32 decode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from detector.models.head import Detect
+from detector.models.head import DecoupledDetect, Detect
 
 
 def make_head(nc: int = 2) -> Detect:
@@ -71,3 +71,47 @@ def test_prior_bias_init() -> None:
 def test_bad_anchors(anchors: object) -> None:
     with pytest.raises(ValueError, match="anchors"):
         Detect([8], 2, anchors)
+
+
+def make_decoupled(nc: int = 3) -> DecoupledDetect:
+    head = DecoupledDetect([8, 16], nc, [[10, 13, 16, 30], [40, 50, 30, 61]])
+    head.set_stride([8, 16])
+    head.init_biases()
+    return head
+
+
+def test_decoupled_maps_and_decode_layout() -> None:
+    """Train maps carry 4 + nc logits (no objectness); eval gives Detect's (B, N, 5 + nc) with obj = 1, so
+    NMS's obj * cls score is the class score, and the box columns decode exactly as Detect's do."""
+    torch.manual_seed(0)
+    head = make_decoupled().eval()
+    xs = [torch.randn(2, 8, 4, 6), torch.randn(2, 16, 2, 3)]
+    out = head(xs)
+    head.training = True  # raw maps from the same eval-mode BatchNorms
+    raw = head(xs)
+    assert [tuple(m.shape) for m in raw] == [(2, 2, 4, 6, 7), (2, 2, 2, 3, 7)]
+    assert out.shape == (2, 2 * 24 + 2 * 6, 8)
+    t = raw[1][1, 1, 1, 2].sigmoid()
+    row = out[1, 2 * 24 + 1 * 6 + 1 * 3 + 2]
+    assert torch.allclose(row[0], (2 * t[0] - 0.5 + 2) * 16) and torch.allclose(row[3], (2 * t[3]) ** 2 * 50)
+    assert row[4] == 1.0 and torch.allclose(row[5:], t[4:])
+
+
+def test_decoupled_branches_are_separate() -> None:
+    """The class logits do not depend on the box branch's weights, nor the box on the class branch's."""
+    head = make_decoupled()
+    xs = [torch.randn(1, 8, 4, 4), torch.randn(1, 16, 2, 2)]
+    before = head(xs)
+    with torch.no_grad():
+        for p in head.cls.parameters():
+            p.add_(0.5)
+    after = head(xs)
+    for b, a in zip(before, after):
+        assert torch.equal(b[..., :4], a[..., :4]) and not torch.allclose(b[..., 4:], a[..., 4:])
+
+
+def test_decoupled_prior_bias_init() -> None:
+    head = make_decoupled(nc=5)
+    for branch, s in zip(head.cls, (8, 16)):
+        assert torch.allclose(branch[-1].bias, torch.full((2 * 5,), math.log(5 / 5 / (640 / s) ** 2)))
+    assert all(torch.equal(b[-1].bias, torch.zeros(2 * 4)) for b in head.m)  # boxes start as the anchors

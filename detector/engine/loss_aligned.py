@@ -1,0 +1,178 @@
+"""Task-aligned assignment over anchor boxes, and the loss of the `DecoupledDetect` head.
+
+ATSS (Zhang et al., CVPR 2020) showed that the anchor-based / anchor-free gap is mostly the choice of positives.
+Here the positives are chosen as TOOD does (Feng et al., ICCV 2021): each target ranks its candidate anchors by
+the alignment t = s^alpha * u^beta (s: the predicted score of the target's class, u: the IoU of the predicted box
+with the target) and takes the top k. The candidates are anchor boxes, not points: an anchor is a candidate when
+its cell centre lies inside the target box (or its cell holds the target's centre, so a box smaller than a cell
+still gets one) and its shape is within `anchor_t` of the target's, the range YOLOv5's bounded decode can reach.
+An anchor claimed by several targets goes to the one its prediction overlaps most.
+
+The class score is trained toward t normalized per target so that its best anchor's target equals that anchor's
+IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
+the positives weighted by the same soft label. Both are divided by the sum of the soft labels.
+
+Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, N)
+matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_convert, complete_box_iou_loss
+
+from detector.models.head import decode_boxes
+
+_EPS = 1e-9
+_MIN_WH = 1e-2  # px, keeps decoded widths and heights above 0 (1e-6 is below float32 resolution at 256 px)
+
+
+class AnchorGridHead(Protocol):
+    """What the loss reads from the head: class count, per-row width, level strides and the prior grid."""
+
+    nc: int
+    no: int
+    stride: Tensor
+
+    def cell_priors(self, shapes: Sequence[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class Priors(NamedTuple):
+    """Per anchor row n of the flattened maps: cell (N, 2) x, y; anchor (N, 2) w, h px; stride (N, 1) px."""
+
+    cell: Tensor
+    anchor: Tensor
+    stride: Tensor
+
+
+class Assignment(NamedTuple):
+    """Per (image, anchor row): `target` (B, N) index into the batch's targets or -1 (background),
+    `score` (B, N) the soft class label of that positive (0 for background)."""
+
+    target: Tensor
+    score: Tensor
+
+
+def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Elementwise IoU of broadcastable xyxy boxes (..., 4) and (..., 4) -> (...)."""
+    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    return inter / (area1 + area2 - inter + _EPS)
+
+
+def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
+    """(M, N) anchors a target may take: cell centre inside the box or cell holding its centre, shape in range."""
+    centre = (priors.cell + 0.5) * priors.stride  # (N, 2) px
+    inside = ((centre > gt_xyxy[:, None, :2]) & (centre < gt_xyxy[:, None, 2:])).all(-1)
+    gt_centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
+    own_cell = (torch.floor(gt_centre[:, None] / priors.stride) == priors.cell).all(-1)
+    ratio = (gt_xyxy[:, None, 2:] - gt_xyxy[:, None, :2]) / priors.anchor  # (M, N, 2)
+    shape_ok = torch.maximum(ratio, ratio.reciprocal()).amax(-1) < anchor_t
+    return (inside | own_cell) & shape_ok
+
+
+@torch.no_grad()
+def assign_aligned(
+    pred_scores: Tensor,
+    pred_xyxy: Tensor,
+    gt_image: Tensor,
+    gt_cls: Tensor,
+    gt_xyxy: Tensor,
+    priors: Priors,
+    *,
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    anchor_t: float = 4.0,
+) -> Assignment:
+    """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
+    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Returns the per-anchor `Assignment`."""
+    batch, num_rows = pred_scores.shape[:2]
+    num_targets = gt_xyxy.shape[0]
+    iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy[gt_image])  # (M, N)
+    score = pred_scores.transpose(1, 2)[gt_image, gt_cls]  # (M, N)
+    candidate = candidate_mask(gt_xyxy, priors, anchor_t)
+    metric = score.pow(alpha) * iou.pow(beta)
+    # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
+    ranked = torch.where(candidate, metric, -1.0)
+    top = ranked.topk(min(topk, num_rows), dim=1).indices
+    positive = torch.zeros_like(candidate).scatter_(1, top, True) & candidate
+
+    # One target per anchor: the highest IoU wins, ties go to the later target (deterministic scatter amax).
+    flat = (gt_image[:, None] * num_rows + torch.arange(num_rows, device=iou.device)).reshape(-1)
+    best_iou = iou.new_full((batch * num_rows,), -1.0)
+    best_iou.scatter_reduce_(0, flat, torch.where(positive, iou, -1.0).reshape(-1), "amax")
+    wins = positive & (iou >= best_iou[flat].view_as(iou))
+    target_index = torch.arange(num_targets, device=iou.device)[:, None].expand_as(iou)
+    owner = torch.full((batch * num_rows,), -1, dtype=torch.long, device=iou.device)
+    owner.scatter_reduce_(0, flat, torch.where(wins, target_index, -1).reshape(-1), "amax")
+    positive = wins & (owner[flat].view_as(iou) == target_index)
+
+    # Soft label: t rescaled per target so that its best positive gets that positive's IoU.
+    metric = metric * positive
+    peak_metric = metric.amax(1, keepdim=True)
+    peak_iou = (iou * positive).amax(1, keepdim=True)
+    soft = metric * peak_iou / (peak_metric + _EPS)
+    score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat, soft.reshape(-1))
+    return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows))
+
+
+class AlignedLoss:
+    """Loss for `DecoupledDetect` maps: task-aligned positives, BCE toward the soft label, weighted 1 - CIoU.
+
+    Gains as YOLOv8 uses for this pair of losses (box 7.5, cls 0.5); the total is multiplied by the batch size,
+    as `YoloLoss` is, so the optimizer settings carry over.
+    """
+
+    def __init__(self, head: AnchorGridHead, *, box: float = 7.5, cls: float = 0.5, anchor_t: float = 4.0,
+                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0) -> None:
+        self.head = head
+        self.box_gain, self.cls_gain = box, cls
+        self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
+
+    def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
+        """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
+        normalized. Returns (total for backward, detached (3,) [box, obj, cls]) in float32, the parts laid out as
+        `YoloLoss`'s for the logs; obj is always 0, the class score carries objectness."""
+        head = self.head
+        maps = [p.float() for p in raw_maps]
+        batch = maps[0].shape[0]
+        pred = torch.cat([p.reshape(batch, -1, head.no) for p in maps], 1)  # (B, N, 4 + nc)
+        priors = Priors(*head.cell_priors([p.shape[2:4] for p in maps], pred.device))
+        pred_boxes = decode_boxes(pred[..., :4].sigmoid(), *priors)
+        # A sigmoid that underflows to 0 gives a zero width, and CIoU's aspect term w / h a 0 / 0.
+        pred_boxes = torch.cat((pred_boxes[..., :2], pred_boxes[..., 2:].clamp(min=_MIN_WH)), -1)
+        pred_xyxy = box_convert(pred_boxes, "cxcywh", "xyxy")
+        cls_logits = pred[..., 4:]
+
+        targets = targets.to(device=pred.device, dtype=torch.float32)
+        image_px = torch.stack((maps[0].new_tensor(maps[0].shape[3]), maps[0].new_tensor(maps[0].shape[2])))
+        image_px = image_px * head.stride[0].float()
+        gt_xyxy = box_convert(targets[:, 2:6] * image_px.repeat(2), "cxcywh", "xyxy")
+        gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
+        assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy.detach(), gt_image, gt_cls, gt_xyxy,
+                                  priors, **self.assign_kw)
+
+        foreground = assigned.target >= 0
+        owner = assigned.target.clamp(min=0)
+        cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]
+        norm = assigned.score.sum().clamp(min=1.0)
+        loss_cls = F.binary_cross_entropy_with_logits(cls_logits, cls_target, reduction="sum") / norm
+
+        # Background rows score a constant unit box against itself: no gradient reaches them, and no NaN either.
+        unit = pred_xyxy.new_tensor([0.0, 0.0, 1.0, 1.0])
+        box_pred = torch.where(foreground[..., None], pred_xyxy, unit)
+        box_target = torch.where(foreground[..., None], gt_xyxy[owner], unit) if len(gt_cls) else unit.expand_as(box_pred)
+        ciou = complete_box_iou_loss(box_pred.reshape(-1, 4), box_target.reshape(-1, 4)).view(batch, -1)
+        loss_box = (ciou * assigned.score).sum() / norm
+
+        loss_box, loss_cls = loss_box * self.box_gain, loss_cls * self.cls_gain
+        return (loss_box + loss_cls) * batch, torch.stack((loss_box, torch.zeros_like(loss_box), loss_cls)).detach()
