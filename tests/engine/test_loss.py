@@ -13,7 +13,7 @@ from detector.models.head import Detect
 
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 STRIDES = (8.0, 16.0, 32.0)
-MODEL_YAML = Path(__file__).parents[2] / "configs" / "models" / "yolo-c2f-n.yaml"
+MODEL_YAML = Path(__file__).parents[2] / "configs" / "models" / "yolo-ca-n-v5head.yaml"  # the YOLOv5 head
 
 
 def make_head(nc: int = 3) -> Detect:

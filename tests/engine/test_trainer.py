@@ -66,7 +66,7 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from detector.engine import loss as loss_module
 
-    real_call = loss_module.YoloLoss.__call__
+    real_call = loss_module.AlignedLoss.__call__  # the loss of yolo-c2f-n's DecoupledDetect head
     calls = {"n": 0}
 
     def poisoned(self, raw, targets):
@@ -74,7 +74,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_pat
         calls["n"] += 1
         return (total * float("nan") if calls["n"] >= 3 else total), parts
 
-    monkeypatch.setattr(loss_module.YoloLoss, "__call__", poisoned)
+    monkeypatch.setattr(loss_module.AlignedLoss, "__call__", poisoned)
     # epoch 0 (2 steps) is fine and checkpointed; from step 3 every loss is NaN
     cfg = make_config(tiny_data, tmp_path, epochs="3", max_nonfinite="2", nbs="8", warmup_min_iters="0", warmup_epochs="0")
     with pytest.raises(DetectorError, match="2 non-finite steps in a row at epoch 2"):
@@ -189,7 +189,7 @@ def test_torchrun_two_processes_gloo(tiny_data: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-decoupled"])
+@pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-v5head"])
 def test_overfits_eight_images(tmp_path: Path, model: str):
     """~100 optimizer steps on 8 images (no augmentation, val = train) cut the loss several times over and then
     detect those objects, with either head and its loss. Also guards eval-mode BatchNorm statistics keeping up

@@ -186,9 +186,12 @@ def test_rebuild_from_yaml_matches() -> None:
 
 
 def test_nc_override_changes_head() -> None:
-    model = built("yolo-c2f-n", nc=3)
+    model = built("yolov5n", nc=3)  # the YOLOv5 head: one 1x1 conv per level, 5 + nc per anchor
     assert model.nc == 3 and model.head.no == 8
     assert model.head.m[0].out_channels == 3 * 8
+    decoupled = built("yolo-c2f-n", nc=3)  # box branch 4 per anchor, class branch nc per anchor
+    assert decoupled.nc == 3 and decoupled.head.no == 7
+    assert decoupled.head.m[0][-1].out_channels == 3 * 4 and decoupled.head.cls[0][-1].out_channels == 3 * 3
 
 
 def test_scales_table(tmp_path: Path) -> None:
@@ -316,7 +319,7 @@ def test_anchor_free_ultralytics_yaml_warns_once(tmp_path: Path, caplog: pytest.
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"{path}: head[12]: Detect has no anchors: the head is this project's anchor-based one, "
                         "with 3 anchors per level fitted by auto-anchor at train time"]
-    assert model.head.na == 3 and n_params(model) == n_params(built("yolo-c2f-n"))  # the same layers
+    assert model.head.na == 3 and n_params(model) == n_params(built("yolo-ca-n-v5head", attention="none"))  # same layers
     assert model.yaml["anchors"] == 3  # an anchor count: the trainer fits them (see Trainer's autoanchor force)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="detector.models.builder"):

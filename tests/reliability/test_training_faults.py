@@ -41,7 +41,7 @@ def faulty_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     root = tmp_path_factory.mktemp("faulty")
     data = Path(shutil.copytree(shapes.parent, root / "data")) / shapes.name
     victim = sorted((data.parent / "train" / "images").iterdir())[3]
-    real_build, real_loss = loader_module.build_train_loader, loss_module.YoloLoss.__call__
+    real_build, real_loss = loader_module.build_train_loader, loss_module.AlignedLoss.__call__
     calls = {"n": 0}
 
     def build_then_delete(*args, **kwargs):
@@ -59,7 +59,7 @@ def faulty_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     logging.getLogger("detector").setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loader_module, "build_train_loader", build_then_delete)
-        mp.setattr(loss_module.YoloLoss, "__call__", poisoned)
+        mp.setattr(loss_module.AlignedLoss, "__call__", poisoned)  # the loss of the DecoupledDetect models
         cfg = make_config(data, root / "runs", epochs="2", amp="fp16", device="cpu", nbs="8", max_nonfinite="2")
         try:
             train(cfg)
