@@ -233,9 +233,9 @@ class TrainConfig:
     # loss
     box: float | None = option(None, "box loss gain (default: the head's own, 0.05 for Detect, 7.5 for DecoupledDetect)")
     cls: float = option(0.5, "class loss gain")
-    obj: float = option(1.0, "objectness loss gain")
+    obj: float = option(1.0, "objectness loss gain (Detect only)")
     anchor_t: float = option(4.0, "anchor-target size ratio threshold")
-    label_smoothing: float = option(0.0, "class label smoothing epsilon")
+    label_smoothing: float = option(0.0, "class label smoothing epsilon (Detect only)")
     autoanchor: bool = option(True, "check anchors before training and evolve them when recall < 0.98")
     # augmentation
     hsv_h: float = option(0.015, "hue jitter (fraction)")
