@@ -67,15 +67,15 @@ def _data_synth(overrides: dict[str, str]) -> None:
     from detector.data.synthetic_hard import format_stats, generate_hard_dataset, load_stats
 
     opts = load_options(SynthOptions, overrides)
-    defaults = {"easy": ("data/shapes", 2000, 300), "hard": ("data/shapes-hard", 600, 150)}
-    if opts.profile not in defaults:
-        raise DetectorError(f"synth: unknown profile '{opts.profile}' (easy or hard){did_you_mean(opts.profile, defaults)}")
-    default_out, default_train, default_val = defaults[opts.profile]
-    out, n_train, n_val = Path(opts.out or default_out), opts.n_train or default_train, opts.n_val or default_val
+    default_out = {"easy": "data/shapes", "hard": "data/shapes-hard"}
+    if opts.profile not in default_out:
+        raise DetectorError(f"synth: unknown profile '{opts.profile}' (easy or hard){did_you_mean(opts.profile, default_out)}")
+    out = Path(opts.out or default_out[opts.profile])
+    counts = {k: v for k, v in (("n_train", opts.n_train), ("n_val", opts.n_val)) if v}  # 0: the generator's default
     if opts.profile == "easy":
-        print(generate_shapes_dataset(out, seed=opts.seed, n_train=n_train, n_val=n_val, imgsz=opts.imgsz))
+        print(generate_shapes_dataset(out, seed=opts.seed, imgsz=opts.imgsz, **counts))
         return
-    yaml_path = generate_hard_dataset(out, seed=opts.seed, n_train=n_train, n_val=n_val)
+    yaml_path = generate_hard_dataset(out, seed=opts.seed, **counts)
     print(format_stats(load_stats(out)))
     print(f"statistics: {out / 'stats.json'}")
     print(yaml_path)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detector.config import build_options, describe_options, load_data_spec, option
+from detector.config import build_options, describe_options, load_data_spec, option, parse_overrides
 from detector.data.yolo_txt import YoloExport, export_yolo_txt
 from detector.errors import DetectorError
 
@@ -63,17 +63,11 @@ class RivalsOptions:
 
 def parse_args(argv: list[str]) -> tuple[RivalsOptions, list[str]]:
     """key=value args -> (options, our extra `detector train` args given as ours.key=value)."""
-    values: dict[str, str] = {}
-    ours_extra: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise DetectorError(f"command line: '{arg}' is not key=value")
-        if key.startswith("ours."):
-            ours_extra.append(f"{key[len('ours.'):]}={value}")
-        else:
-            values[key.replace("-", "_")] = value
+    ours = [arg for arg in argv if arg.startswith("ours.")]
+    parse_overrides(ours)  # the same key=value check as every other argument; passed through as written
+    values = parse_overrides([arg for arg in argv if not arg.startswith("ours.")])
     opts = build_options(RivalsOptions, values, "command line")
+    ours_extra = [arg[len("ours."):] for arg in ours]
     for rival in rival_names(opts):
         if rival != OURS and rival not in ULTRALYTICS_MODELS:
             valid = ", ".join([*ULTRALYTICS_MODELS, OURS])

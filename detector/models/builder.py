@@ -513,11 +513,11 @@ def _settle_default_anchors(model: DetectionModel, spec: dict, label: str) -> No
     keywords = last if isinstance(last, dict) else {}
     if not isinstance(last, dict):
         positional.append(last)
-    if "anchors" in inspect.signature(Detect).bind(*positional, **keywords).arguments:
+    if "anchors" in inspect.signature(type(model.head)).bind(*positional, **keywords).arguments:
         return
     na = model.head.na
-    LOGGER.warning("%s: %s: Detect has no anchors: the head is this project's anchor-based one, with %d anchors "
-                   "per level fitted by auto-anchor at train time", label, info.row, na)
+    LOGGER.warning("%s: %s: %s has no anchors: the head is this project's anchor-based one, with %d anchors "
+                   "per level fitted by auto-anchor at train time", label, info.row, info.module, na)
     spec.setdefault("anchors", na)
     if row[3] and isinstance(row[3][-1], dict):
         row[3][-1]["anchors"] = na

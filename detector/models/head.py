@@ -146,11 +146,16 @@ class Detect(nn.Module):
 
     def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Raw maps -> (B, N, 5 + nc) boxes cx, cy, w, h in input pixels + probabilities, all levels at once."""
+        return torch.cat(self.decode_rows(maps), -1)
+
+    def decode_rows(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps -> (boxes (B, N, 4) cx, cy, w, h in input pixels, the other columns' probabilities (B, N, no - 4)),
+        every level at once, in float32 whatever the autocast dtype of the maps."""
         with torch.autocast(maps[0].device.type, enabled=False):
             b = maps[0].shape[0]
             p = torch.cat([m.reshape(b, -1, self.no) for m in maps], 1).float().sigmoid()
             cell, anchor, stride = self.cell_priors([m.shape[2:4] for m in maps], p.device)
-            return torch.cat([decode_boxes(p[..., :4], cell, anchor, stride), p[..., 4:]], -1)
+            return decode_boxes(p[..., :4], cell, anchor, stride), p[..., 4:]
 
 
 def _branch(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
@@ -201,9 +206,5 @@ class DecoupledDetect(Detect):
 
     def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Raw maps -> (B, N, 5 + nc): cx, cy, w, h in input pixels, a constant objectness 1, class scores."""
-        with torch.autocast(maps[0].device.type, enabled=False):
-            b = maps[0].shape[0]
-            p = torch.cat([m.reshape(b, -1, self.no) for m in maps], 1).float().sigmoid()
-            cell, anchor, stride = self.cell_priors([m.shape[2:4] for m in maps], p.device)
-            boxes = decode_boxes(p[..., :4], cell, anchor, stride)
-            return torch.cat([boxes, torch.ones_like(p[..., :1]), p[..., 4:]], -1)
+        boxes, scores = self.decode_rows(maps)
+        return torch.cat([boxes, torch.ones_like(scores[..., :1]), scores], -1)
