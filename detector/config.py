@@ -1,4 +1,6 @@
-"""Configuration: YAML files (``yaml.safe_load`` only) and ``key=value`` overrides into validated dataclasses.
+"""Configuration: YAML files and ``key=value`` overrides into validated dataclasses.
+
+YAML is read by `detector.yamlfile.load_yaml` (``yaml.safe_load`` semantics, bounded in size, depth and nodes).
 
 Every option class is a plain dataclass whose fields carry their help text, so `--help`, validation and
 the defaults come from one place. Values from the command line are strings typed by the field's type;
@@ -17,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from detector.errors import DetectorError
+from detector.yamlfile import load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOGGER = logging.getLogger(__name__)
@@ -31,48 +32,6 @@ def option(default: Any, help: str) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-
-def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
-    """Read a YAML file safely; return its data and a map from dotted key path to 1-based line number.
-
-    `safe_load` semantics: tags such as ``!!python/object/apply`` are refused (nothing is executed).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DetectorError(f"{path}: file not found") from None
-    except OSError as err:
-        raise DetectorError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise DetectorError(f"{where}: invalid YAML: {problem}") from None
-    lines: dict[str, int] = {}
-    _collect_lines(node, "", lines)
-    return data, lines
-
-
-def _collect_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}{key_node.value}"
-            out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key + ".", out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = f"{prefix.rstrip('.')}[{i}]"
-            out[key] = item.start_mark.line + 1
-            _collect_lines(item, key + ".", out)
 
 
 def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:

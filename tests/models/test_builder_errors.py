@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,11 @@ def test_last_row_must_be_detect(tmp_path: Path) -> None:
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:
-    assert fails(tmp_path, "nc: 80\nbackbone: [[-1, 1, Conv\n").startswith("invalid YAML at line 3")
+    # the one YAML reader's form, as for train and dataset YAMLs: <file>:<line>: invalid YAML: <problem>
+    path = tmp_path / "x.yaml"
+    path.write_text("nc: 80\nbackbone: [[-1, 1, Conv\n")
+    with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}:3: invalid YAML: "):
+        build_model(path)
 
 
 def test_bad_repeats_and_upsample_size(tmp_path: Path) -> None:

@@ -1,0 +1,78 @@
+"""The one YAML reader refuses hostile files fast, in one line naming the file, for every kind of YAML."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from detector.config import load_data_spec, load_train_config
+from detector.errors import DetectorError
+from detector.models.builder import build_model
+from detector.yamlfile import MAX_BYTES, MAX_DEPTH, MAX_NODES, load_yaml
+
+ALIAS_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+                       + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)]) + "\n"
+DEEP = "k: " + "[" * 10_000 + "]" * 10_000 + "\n"
+
+READERS: dict[str, Callable[[Path], object]] = {
+    "yaml": load_yaml,
+    "model": build_model,
+    "data": load_data_spec,
+    "train": lambda path: load_train_config({"cfg": str(path)}),
+}
+
+
+def refused(path: Path, reader: Callable[[Path], object], pattern: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(DetectorError, match=pattern) as info:
+        reader(path)
+    assert time.perf_counter() - start < 1.0
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("reader", READERS, ids=str)
+def test_alias_bomb_is_refused(tmp_path: Path, reader: str) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)  # 10^9 scalars once expanded, 400 bytes on disk
+    assert path.stat().st_size < 1000
+    refused(path, READERS[reader], rf"bomb\.yaml:\d+: YAML expands to more than {MAX_NODES:,} nodes")
+
+
+@pytest.mark.parametrize("reader", READERS, ids=str)
+def test_deep_nesting_is_refused(tmp_path: Path, reader: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(DEEP)
+    refused(path, READERS[reader], rf"deep\.yaml:1: YAML nested deeper than {MAX_DEPTH} levels")
+
+
+def test_large_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    with path.open("wb") as f:
+        f.truncate(MAX_BYTES + 1)
+    refused(path, load_yaml, rf"big\.yaml: {MAX_BYTES + 1:,} bytes is too large for a YAML config")
+
+
+def test_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("nc: 3\nnames: [caf\u00e9]\n".encode("latin-1"))
+    refused(path, load_yaml, r"latin1\.yaml:2: not UTF-8 text \(byte 17 is 0xe9\)")
+
+
+def test_bounds_leave_ordinary_files_alone(tmp_path: Path) -> None:
+    """Anchors, a BOM, nesting up to the limit and many nodes below it read as before, with their lines."""
+    path = tmp_path / "ok.yaml"
+    nested = "[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1)
+    many = ", ".join(["1"] * (MAX_NODES // 2))
+    path.write_text(f"\ufeffbase: &b {{lr0: 0.01}}\nuse: *b\nnested: {nested}\nmany: [{many}]\n", encoding="utf-8")
+    data, lines = load_yaml(path)
+    assert data["use"] == {"lr0": 0.01} and len(data["many"]) == MAX_NODES // 2
+    assert lines["use"] == 2 and lines["many"] == 4
+
+
+def test_a_directory_is_named(tmp_path: Path) -> None:
+    refused(tmp_path, load_yaml, "is a directory, not a YAML file")
