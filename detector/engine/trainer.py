@@ -142,6 +142,7 @@ class Trainer:
         from detector.engine.loss import build_loss
         from detector.engine.optim import LRSchedule, build_optimizer, scaled_weight_decay
         from detector.models.builder import build_model
+        from detector.models.footprint import check_training_fits
 
         cfg = self.cfg
         data_yaml = Path(cfg.data)
@@ -179,6 +180,7 @@ class Trainer:
                 report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
                 if self.dist.is_main:
                     LOGGER.info("autoanchor: %s", report)
+        check_training_fits(model, imgsz=cfg.imgsz, batch=per_rank_batch, source=f"model {cfg.model}")
         if model.yaml.get("ch", 3) != 3:
             raise DetectorError(
                 f"model: {cfg.model} takes ch={model.yaml['ch']} input channels, but training images are always loaded "

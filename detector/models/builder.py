@@ -38,15 +38,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from detector.errors import DetectorError
 from detector.models import attention as _attention  # importing the block modules registers them
 from detector.models import blocks as _blocks
+from detector.models import footprint
 from detector.models.blocks import ATTENTION_PLACES
 from detector.models.head import Detect
 from detector.models.registry import MODULES, RowModule, UnknownNameError, suggest
+from detector.yamlfile import load_yaml
 
 KNOWN_KEYS = ("nc", "depth_multiple", "width_multiple", "scales", "scale", "attention", "attention_at", "anchors",
               "activation", "ch", "channel_multiple", "name", "backbone", "head")
@@ -193,14 +194,7 @@ def _load(cfg: str | Path | dict) -> tuple[dict, str]:
         label = str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         label = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DetectorError(f"{label}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise DetectorError(f"{label}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    data, _ = load_yaml(label)  # errors name the file relative to the working directory, as rows do
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return data, label
@@ -318,8 +312,10 @@ def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | l
     scaling = _scaling(spec)
     channels: list[int | None] = []  # output channels per layer; None: no feature map (the head)
     layers, sources, info = [], [], []
+    params = 0
     for i, (section, j, row) in enumerate(rows):
-        module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, label, spec, scaling, channels)
+        module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, label, spec, scaling, channels, params)
+        params += sum(p.numel() for p in module.parameters())
         layers.append(module)
         sources.append(source)
         info.append(layer_info)
@@ -331,8 +327,8 @@ def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | l
 
 
 def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling: _Scaling,
-               channels: list[int | None]) -> tuple[nn.Module, int | list[int], LayerInfo, int | None]:
-    """One row -> (module, absolute source(s), table info, output channels)."""
+               channels: list[int | None], params_so_far: int) -> tuple[nn.Module, int | list[int], LayerInfo, int | None]:
+    """One row -> (module, absolute source(s), table info, output channels); sized before it is allocated."""
     where = f"{label}: {row_name}"
     if not isinstance(row, list) or len(row) != 4:
         raise DetectorError(f"{where}: a row is [from, repeats, module, args], got {row!r}")
@@ -371,11 +367,16 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
     copies = 1 if entry.repeats else n
     if copies > 1 and entry.channels not in ("arg0", "same"):
         raise DetectorError(f"{where}: {name} cannot be repeated (repeats must be 1)")
-    module = _construct(entry, [*call, *rest], kwargs, where, args)
-    if copies > 1:
+    footprint.check_row_bounds(where, n, c_out)
+
+    def construct() -> nn.Module:
+        module = _construct(entry, [*call, *rest], kwargs, where, args)
+        if copies == 1:
+            return module
         again = [c_out, c_out] if entry.channels == "arg0" else [c_out]
-        more = (_construct(entry, [*again, *rest], kwargs, where, args) for _ in range(copies - 1))
-        module = nn.Sequential(module, *more)
+        return nn.Sequential(module, *(_construct(entry, [*again, *rest], kwargs, where, args) for _ in range(copies - 1)))
+
+    module = footprint.sized_construct(where, construct, sum(c_ins) * (c_out or 1) * n, params_so_far)
     shown = [*call, *rest] + ([kwargs] if kwargs else [])
     layer_info = LayerInfo(i, row_name, src, n, name, shown, *_row_attention(entry, kwargs))
     return module, absolute if entry.multi_input else absolute[0], layer_info, c_out
@@ -526,13 +527,16 @@ def _settle_default_anchors(model: DetectionModel, spec: dict, label: str) -> No
 
 
 def _dry_run(model: DetectionModel, ch: int, label: str) -> list[torch.Tensor]:
-    """Run the layers once on a zero image, so shape mismatches surface now, naming their row."""
+    """Run the layers once on a zero image, so shape mismatches surface now, naming their row; records the
+    activation elements per row (`model.probe_activations`) that `footprint.check_training_fits` scales."""
     current = [0]
 
     def mark(index: int) -> Callable:
         return lambda module, inputs: current.__setitem__(0, index)
 
     hooks = [layer.register_forward_pre_hook(mark(i)) for i, layer in enumerate(model.layers)]
+    model.probe_px, model.probe_activations = STRIDE_PROBE_PX, [0] * len(model.layers)
+    hooks += footprint.activation_counter(model, lambda: current[0], model.probe_activations)
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,66 @@
+"""Absurd model rows and runs that cannot fit are refused in one line, before the memory is allocated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from detector.errors import DetectorError
+from detector.models import footprint
+from detector.models.builder import build_model
+
+BASE = (Path(__file__).resolve().parents[2] / "configs" / "models" / "yolov5n.yaml").read_text()
+ROW = "[-1, 1, Conv, [128, 3, 2]]"
+
+
+def refused(tmp_path: Path, text: str, pattern: str) -> str:
+    path = tmp_path / "absurd.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(DetectorError, match=pattern) as info:
+        build_model(path)
+    assert time.perf_counter() - start < 1.0
+    assert str(info.value).startswith(f"{path}: backbone[1]: ") and "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_a_million_repeats_is_refused(tmp_path: Path) -> None:
+    refused(tmp_path, BASE.replace(ROW, "[-1, 1000000, Conv, [128, 3, 2]]"),
+            r"330,000 repeats \(after depth_multiple\) is over the limit of 100")
+
+
+def test_a_billion_channels_is_refused(tmp_path: Path) -> None:
+    refused(tmp_path, BASE.replace(ROW, "[-1, 1, Conv, [1000000000, 3, 2]]"),
+            r"250,000,000 output channels \(after width_multiple\) is over the limit of 16,384")
+
+
+def test_a_row_too_large_for_memory_is_sized_on_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16,384 x 16,384 x 3 x 3 is 2.4 billion weights: refused from its meta-device size, never allocated."""
+    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 24 * 2**30)
+    text = BASE.replace("width_multiple: 0.25", "width_multiple: 1.0").replace(
+        "[-1, 1, Conv, [64, 6, 2, 2]]", "[-1, 1, Conv, [16384, 3, 1]]").replace(ROW, "[-1, 1, Conv, [16384, 3, 2]]")
+    message = refused(tmp_path, text, r"the model would have 2,416,\d{3},\d{3} parameters \(2,415,951,872 in this row\)")
+    assert "more than this machine's 24.0 GiB" in message
+
+
+def test_ordinary_models_record_their_probe_activations() -> None:
+    model = build_model("yolov5n", nc=3)
+    assert model.probe_px == 256 and len(model.probe_activations) == len(model.layers)
+    assert model.probe_activations[0] == 3 * 16 * 128 * 128  # the stem Conv: conv, BN and SiLU outputs
+    footprint.check_training_fits(model, imgsz=640, batch=16, source="model yolov5n")  # fits
+
+
+def test_training_that_cannot_fit_names_the_heaviest_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 8 * 2**30)
+    model = build_model("yolov5n", nc=3)
+    footprint.check_training_fits(model, imgsz=640, batch=16, source="model yolov5n")
+    scale = 64 * (4096 / 256) ** 2
+    need = sum(p.numel() for p in model.parameters()) * 16 + sum(model.probe_activations) * scale * 4
+    heaviest = max(range(len(model.layers)), key=model.probe_activations.__getitem__)
+    assert model.layer_info[heaviest].row == "backbone[2]"  # the C3 at stride 4 keeps the most outputs
+    with pytest.raises(DetectorError, match=rf"^model yolov5n: training at imgsz=4096, batch=64 needs about "
+                                            rf"{need / 2**30:,.1f} GiB .*more than this machine's 8.0 GiB; "
+                                            r"backbone\[2\] \(C3\) holds the most activations"):
+        footprint.check_training_fits(model, imgsz=4096, batch=64, source="model yolov5n")
