@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from detector.models.builder import DetectionModel
 from detector.tables import format_table
 
 
+def _sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: object,
+                **kwargs: object) -> int:
+    """Q K^T plus (attention) V, each 2 x multiply-adds: 2 * batch * Lq * Lk * (E + Ev); batch = q's leading dims."""
+    *batch, lq, e = query_shape
+    return 2 * math.prod(batch) * lq * key_shape[-2] * (e + value_shape[-1])
+
+
+# Fused `scaled_dot_product_attention` forward kernels that torch's own table does not count (in torch 2.14 the
+# CPU flash kernel, the one CPU SDPA runs on contiguous inputs, plus the MPS and out-of-tree backends), so they
+# would add 0 FLOPs. The CUDA flash / efficient / cuDNN kernels have formulas there; the math fallback
+# decomposes into counted bmm. Looked up by name: a kernel missing from this torch build is skipped.
+_SDPA_KERNELS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_attention_math_for_mps",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
+_SDPA_FLOPS = {
+    op: _sdpa_flops
+    for op in (getattr(torch.ops.aten, name, None) for name in _SDPA_KERNELS)
+    if op is not None and op not in flop_registry
+}
+
+
+def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one no-grad forward `model(*inputs)` (mode unchanged): convolutions and matrix products, attention
+    included whichever SDPA kernel runs, as 2 x multiply-adds."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_SDPA_FLOPS) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
 def count_flops(model: nn.Module, imgsz: int = 640) -> float:
     """GFLOPs of one eval-mode forward pass on a (1, ch, imgsz, imgsz) image.
 
-    `FlopCounterMode` counts convolutions and matrix products (attention included) as 2 x multiply-adds;
-    norms, activations, pooling and element-wise ops are not counted (as in the published YOLO figures).
+    Convolutions and matrix products count as 2 x multiply-adds, including the two products of every
+    `scaled_dot_product_attention` (Q K^T and attention x V; `mhsa`, `axial`), whose fused CPU kernel
+    `FlopCounterMode` alone counts as 0. Norms, activations, softmax, pooling, resampling and element-wise ops
+    are not counted (as in the published YOLO figures).
     """
     param = next(model.parameters())
     ch = getattr(model, "yaml", {}).get("ch", 3)
@@ -22,11 +58,10 @@ def count_flops(model: nn.Module, imgsz: int = 640) -> float:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+        flops = forward_flops(model, x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() / 1e9
+    return flops / 1e9
 
 
 def model_info(model: DetectionModel, imgsz: int = 640) -> str:
