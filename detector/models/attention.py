@@ -1,12 +1,13 @@
-"""The attention registry: `ca`, `se`, `cbam`, `eca`, `mhsa`, `axial`, `ssa`, `gate`, `none`.
+"""The attention registry: `ca`, `se`, `cbam`, `eca`, `mhsa`, `axial`, `ssa`, `gate`, `none` live here; the spatial
+priors `edge`, `coord` and `gc` live in priors.py and register into the same `ATTENTIONS`.
 
 Every module is `Attention(channels, **kw)` and maps (B, C, H, W) -> (B, C, H, W) at any H, W >= 1.
 A new attention is one class plus one `@register_attention("name")` line (and `@register_module()` to also
 be a standalone YAML row). `build_attention(name, channels)` is what blocks and `Attn` rows call.
 
 Attention maps for visualisation: modules that materialise weights compute them through an `AttentionMap`
-submodule (sigmoid gates, or the softmax of `ssa`); a forward hook on every `AttentionMap` in a model reads
-them at no cost to ordinary runs. `mhsa` and `axial` use fused `scaled_dot_product_attention`, which never
+submodule (sigmoid gates, or the softmax of `ssa` and `gc`); a forward hook on every `AttentionMap` in a model
+reads them at no cost to ordinary runs. `mhsa` and `axial` use fused `scaled_dot_product_attention`, which never
 materialises its weights, so they have no map.
 """
 

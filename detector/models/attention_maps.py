@@ -5,6 +5,8 @@ Forward hooks read what each module computes, without changing the model:
   se, eca -> the channel weights (bar plot) and the channel-weighted activation map mean_c(w_c |x_c|);
   cbam -> the spatial gate (and the channel gate as bars); gate -> its spatial gate; ssa -> the context scores
   (softmax over the H*W tokens).
+- the priors (priors.py): edge -> mean over channels of its gate; gc -> its context scores (softmax over H*W);
+  coord has no weights: its map is mean_c |coord branch output|, where the coordinate conv adds the most.
 - mhsa and axial run fused `scaled_dot_product_attention`, which never materialises its weights: their softmax
   weights are recomputed from the module's input with the module's own projections and position embeddings,
   then averaged over heads and queries (the attention each position receives); axial multiplies its row and
@@ -100,6 +102,9 @@ READERS: dict[str, Reader] = {
     "ssa": lambda m, x, g: (g["scores"][0].view(x.shape[2], x.shape[3]), None),
     "mhsa": lambda m, x, g: (_mhsa_received(m, x), None),
     "axial": lambda m, x, g: (_axis_received(m.row, x) * _axis_received(m.col, m.row(x)), None),
+    "edge": lambda m, x, g: (g["gate"][0].mean(0), None),
+    "gc": lambda m, x, g: (g["scores"][0].view(x.shape[2], x.shape[3]), None),
+    "coord": lambda m, x, g: ((m(x) - x)[0].abs().mean(0), None),
 }
 
 

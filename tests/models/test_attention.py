@@ -54,7 +54,7 @@ def test_bf16_autocast_channels_last(name: str) -> None:
     assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["ca", "se", "cbam", "eca", "gate", "ssa"])
+@pytest.mark.parametrize("name", ["ca", "se", "cbam", "eca", "gate", "ssa", "edge", "gc"])
 def test_attention_maps_are_hookable(name: str) -> None:
     module = build_attention(name, 16)
     maps = []
@@ -181,7 +181,8 @@ def test_mhsa_onnx_matches_over_the_bound(tmp_path) -> None:
 
 
 def test_standalone_rows_registered() -> None:
-    for row in ["CoordAtt", "SE", "CBAM", "ECA", "MHSA", "Axial", "SSA", "Gate", "Attn"]:
+    for row in ["CoordAtt", "SE", "CBAM", "ECA", "MHSA", "Axial", "SSA", "Gate", "Attn", "EdgePrior", "CoordConv",
+                "GlobalContext"]:
         assert row in MODULES
         assert MODULES.get(row).channels == "same"
 

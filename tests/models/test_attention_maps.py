@@ -42,7 +42,7 @@ def test_capture_gives_maps_at_the_module_resolution(kind: str) -> None:
         assert torch.isfinite(cap.spatial).all()
         if kind in ("se", "eca", "cbam"):
             assert cap.channels is not None and ((cap.channels > 0) & (cap.channels < 1)).all()
-    if kind in ("ssa", "mhsa"):  # attention received, averaged over queries: a distribution over positions
+    if kind in ("ssa", "mhsa", "gc"):  # attention received, averaged over queries: a distribution over positions
         assert all(c.spatial.sum().item() == pytest.approx(1.0, abs=1e-4) for c in captures)
 
 
