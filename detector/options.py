@@ -102,13 +102,15 @@ class ExportOptions:
 class AblateOptions:
     model: str = option("configs/models/yolo-attn-n.yaml", "model YAML with Attn/AttnC2f rows")
     data: str = option("data/shapes.yaml", "dataset YAML")
-    attentions: list[str] = option(["none", "ca", "se", "cbam", "eca", "mhsa", "axial", "ssa", "gate"], "attention variants (comma list)")
+    attentions: list[str] = option(["none", "ca", "se", "cbam", "eca", "mhsa", "axial", "ssa", "gate", "edge", "coord", "gc"],
+                                   "attention variants and spatial priors (comma list)")
     attention_at: list[str] = option([], "insertion points to cross with the attentions: output,concat,bottleneck")
     epochs: int = option(30, "epochs per run")
     imgsz: int = option(320, "image size")
     batch: int = option(16, "batch size")
     workers: int = option(2, "data-loading workers")
     seed: int = option(0, "seed shared by every run (same init, same data order)")
+    seeds: list[int] = option([], "train every variant under each seed (comma list, e.g. 0,1,2; overrides seed): mean ± std and paired AP differences")
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     project: str = option("runs/ablate", "parent folder")
     name: str = option("exp", "ablation folder name (re-running the same name resumes it)")
