@@ -180,10 +180,15 @@ class DecoupledDetect(Detect):
     consumer of `Detect` (NMS, export, evaluator) works unchanged.
     """
 
-    def __init__(self, c_ins: Sequence[int], nc: int = 80, anchors: int | Sequence[Sequence[float]] = 1) -> None:
+    def __init__(self, c_ins: Sequence[int], nc: int = 80, anchors: int | Sequence[Sequence[float]] = 1,
+                 box_width: int = 0) -> None:
+        """`box_width`: channels of the box branches; 0 takes YOLOv8's max(16, c_ins[0] / 4, 64). Its floor of 64
+        is sized for DFL's 4 x 16 outputs; this head regresses 4 per anchor, so a stride-4 level can take less."""
+        if not isinstance(box_width, int) or isinstance(box_width, bool) or box_width < 0:
+            raise ValueError(f"box_width must be an int >= 0 (0: the default width), got {box_width!r}")
         super().__init__(c_ins, nc, anchors)
         self.no = 4 + nc
-        c_box = max(16, c_ins[0] // 4, 64)
+        c_box = box_width or max(16, c_ins[0] // 4, 64)
         c_cls = max(c_ins[0], min(nc, 100))
         self.m = nn.ModuleList(_branch(c, c_box, self.na * 4) for c in c_ins)
         self.cls = nn.ModuleList(_branch(c, c_cls, self.na * nc) for c in c_ins)

@@ -115,3 +115,16 @@ def test_decoupled_prior_bias_init() -> None:
     for branch, s in zip(head.cls, (8, 16)):
         assert torch.allclose(branch[-1].bias, torch.full((2 * 5,), math.log(5 / 5 / (640 / s) ** 2)))
     assert all(torch.equal(b[-1].bias, torch.zeros(2 * 4)) for b in head.m)  # boxes start as the anchors
+
+
+def test_decoupled_box_width() -> None:
+    """box_width sets every box branch's width (0: YOLOv8's rule, 64 at nano widths); the class branches keep theirs."""
+    default = DecoupledDetect([32, 64, 128], nc=6, anchors=3)
+    narrow = DecoupledDetect([32, 64, 128], nc=6, anchors=3, box_width=32)
+    assert [b[0].conv.out_channels for b in default.m] == [64, 64, 64]
+    assert [b[0].conv.out_channels for b in narrow.m] == [32, 32, 32]
+    assert [b[-1].out_channels for b in narrow.m] == [12, 12, 12]
+    assert [c[0].conv.out_channels for c in narrow.cls] == [c[0].conv.out_channels for c in default.cls]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="box_width must be an int >= 0"):
+            DecoupledDetect([32, 64], nc=6, anchors=3, box_width=bad)
