@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,11 +28,52 @@ LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its `--help` text; list defaults are copied per instance."""
+@dataclass(frozen=True)
+class Bounds:
+    """What values a key accepts: a numeric range (with a step), or a set of strings. Floats must also be finite.
+
+    Checked by `build_options` on every value from the command line, a YAML file or the Python API, before any
+    work starts; `rule()` says it in words for the error and for `--help`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+                and (self.multiple_of is None or value % self.multiple_of == 0))
+
+    def rule(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) if c == "" else c for c in self.choices)
+        parts = [f"{op} {_number(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if v is not None]
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        return " and ".join(parts)
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if float(value).is_integer() and abs(value) >= 10_000 else f"{value:g}"
+
+
+def option(default: Any, help: str, **bounds: Any) -> Any:
+    """A dataclass field with its `--help` text and its `Bounds` (ge=, gt=, le=, lt=, multiple_of=, choices=);
+    list defaults are copied per instance, and a list's bounds apply to each item."""
+    if "choices" in bounds:
+        bounds["choices"] = tuple(bounds["choices"])
+    metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
@@ -117,7 +159,19 @@ def build_options(cls: type[T], values: dict[str, Any], where: str | dict[str, s
         if key not in hints:
             raise DetectorError(f"{source}: unknown key '{key}'{did_you_mean(key, names)}")
         typed[key] = _coerce(value, hints[key], key, source)
+        _check_bounds(cls, key, typed[key], value, source)
     return cls(**typed)
+
+
+def _check_bounds(cls: type, key: str, value: Any, given: Any, source: str) -> None:
+    """Refuse a typed `value` outside its field's `Bounds` (each item of a list); the error shows it as `given`."""
+    bounds = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("bounds")
+    for item in value if isinstance(value, list) else [value]:
+        shown = item if isinstance(value, list) or isinstance(given, (list, tuple)) else given
+        if isinstance(item, float) and not math.isfinite(item):
+            raise DetectorError(f"{source}: '{key}' must be a finite number, got {shown!r}")
+        if bounds is not None and item is not None and not bounds.accepts(item):
+            raise DetectorError(f"{source}: '{key}' must be {bounds.rule()}, got {shown!r}")
 
 
 def describe_options(cls: type) -> str:
@@ -126,7 +180,9 @@ def describe_options(cls: type) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        rows.append((f"{f.name}={shown}", f.metadata.get("help", "")))
+        bounds = f.metadata.get("bounds")
+        rule = f" [{bounds.rule()}]" if bounds is not None and bounds.choices is None else ""
+        rows.append((f"{f.name}={shown}", f.metadata.get("help", "") + rule))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {key.ljust(width)}  {text}" for key, text in rows)
 
@@ -160,97 +216,78 @@ class TrainConfig:
 
     model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path, or a name in configs/models)")
     data: str = option("data/shapes.yaml", "dataset YAML; the bundled data/shapes.yaml is generated on first use")
-    epochs: int = option(100, "number of epochs")
-    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds")
-    batch: int = option(16, "global batch size (split across DDP ranks)")
-    imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)")
-    workers: int = option(2, "data-loading worker processes per rank")
+    epochs: int = option(100, "number of epochs", ge=1, le=100_000)
+    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000)
+    batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096)
+    imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
+    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64)
     device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...")
-    seed: int = option(0, "seed for torch, numpy, random and the data workers")
+    seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
     project: str = option("runs/train", "parent folder of the run folder")
     name: str = option("exp", "run folder name (auto-incremented unless exist_ok)")
     exist_ok: bool = option(False, "reuse an existing run folder")
     resume: str = option("", "'true' for the newest run, or a path to weights/last.pt")
     # optimisation
-    optimizer: str = option("AdamW", "AdamW, SGD or Adam (AdamW learns far faster from scratch in short runs; see README)")
-    lr0: float = option(0.004, "initial learning rate (SGD wants about 0.01)")
-    lrf: float = option(0.01, "final learning rate as a fraction of lr0")
-    momentum: float = option(0.9, "Adam beta1 / SGD momentum (YOLOv5 SGD: 0.937)")
-    weight_decay: float = option(5e-4, "weight decay on conv/linear weights (scaled by batch/nbs)")
-    warmup_epochs: float = option(1.0, "warmup length in epochs")
-    warmup_min_iters: int = option(50, "warmup lasts at least this many iterations (capped at half the run)")
-    warmup_momentum: float = option(0.8, "momentum at the start of warmup")
-    warmup_bias_lr: float = option(0.0, "bias learning rate at the start of warmup (YOLOv5 SGD: 0.1)")
+    optimizer: str = option("AdamW", "AdamW, SGD or Adam (AdamW learns far faster from scratch in short runs; see README)", choices=["SGD", "AdamW", "Adam"])
+    lr0: float = option(0.004, "initial learning rate (SGD wants about 0.01)", gt=0, le=1)
+    lrf: float = option(0.01, "final learning rate as a fraction of lr0", gt=0, le=1)
+    momentum: float = option(0.9, "Adam beta1 / SGD momentum (YOLOv5 SGD: 0.937)", ge=0, lt=1)
+    weight_decay: float = option(5e-4, "weight decay on conv/linear weights (scaled by batch/nbs)", ge=0, lt=1)
+    warmup_epochs: float = option(1.0, "warmup length in epochs", ge=0, le=10_000)
+    warmup_min_iters: int = option(50, "warmup lasts at least this many iterations (capped at half the run)", ge=0, le=1_000_000)
+    warmup_momentum: float = option(0.8, "momentum at the start of warmup", ge=0, lt=1)
+    warmup_bias_lr: float = option(0.0, "bias learning rate at the start of warmup (YOLOv5 SGD: 0.1)", ge=0, le=1)
     cos_lr: bool = option(True, "cosine decay (false: linear)")
-    nbs: int = option(16, "nominal batch size: gradients are accumulated up to it (YOLOv5: 64)")
-    clip_grad: float = option(10.0, "max gradient norm (0: off)")
-    bn_momentum: float = option(0.1, "BatchNorm running-stat momentum (YOLOv5: 0.03); higher keeps eval-mode stats up with fast-moving weights in short runs")
+    nbs: int = option(16, "nominal batch size: gradients are accumulated up to it (YOLOv5: 64)", ge=1, le=4096)
+    clip_grad: float = option(10.0, "max gradient norm (0: off)", ge=0, le=1e6)
+    bn_momentum: float = option(0.1, "BatchNorm running-stat momentum (YOLOv5: 0.03); higher keeps eval-mode stats up with fast-moving weights in short runs", ge=0, le=1)
     ema: bool = option(True, "keep an exponential moving average of the weights (evaluated and saved)")
-    ema_decay: float = option(0.9999, "EMA decay, ramped by 1 - exp(-updates / ema_tau)")
-    ema_tau: float = option(2000.0, "EMA ramp length in updates")
+    ema_decay: float = option(0.9999, "EMA decay, ramped by 1 - exp(-updates / ema_tau)", ge=0, lt=1)
+    ema_tau: float = option(2000.0, "EMA ramp length in updates", gt=0, le=1e9)
     # loss
-    box: float | None = option(None, "box loss gain (default: the head's own, 0.05 for Detect, 7.5 for DecoupledDetect)")
-    cls: float = option(0.5, "class loss gain")
-    obj: float = option(1.0, "objectness loss gain (Detect only)")
-    anchor_t: float = option(4.0, "anchor-target size ratio threshold")
-    label_smoothing: float = option(0.0, "class label smoothing epsilon (Detect only)")
+    box: float | None = option(None, "box loss gain (default: the head's own, 0.05 for Detect, 7.5 for DecoupledDetect)", ge=0, le=1000)
+    cls: float = option(0.5, "class loss gain", ge=0, le=1000)
+    obj: float = option(1.0, "objectness loss gain (Detect only)", ge=0, le=1000)
+    anchor_t: float = option(4.0, "anchor-target size ratio threshold", gt=1, le=100)
+    label_smoothing: float = option(0.0, "class label smoothing epsilon (Detect only)", ge=0, lt=1)
     autoanchor: bool = option(True, "check anchors before training and evolve them when recall < 0.98")
     # augmentation
-    hsv_h: float = option(0.015, "hue jitter (fraction)")
-    hsv_s: float = option(0.7, "saturation jitter (fraction)")
-    hsv_v: float = option(0.4, "value jitter (fraction)")
-    degrees: float = option(0.0, "rotation (+/- degrees)")
-    translate: float = option(0.1, "translation (+/- fraction)")
-    scale: float = option(0.5, "scale jitter (+/- gain)")
-    shear: float = option(0.0, "shear (+/- degrees)")
-    fliplr: float = option(0.5, "horizontal flip probability")
-    flipud: float = option(0.0, "vertical flip probability")
-    mosaic: float = option(1.0, "mosaic probability")
-    mixup: float = option(0.0, "mixup probability")
-    close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)")
-    cache: str = option("", "'ram' keeps decoded training images in memory")
+    hsv_h: float = option(0.015, "hue jitter (fraction)", ge=0, le=1)
+    hsv_s: float = option(0.7, "saturation jitter (fraction)", ge=0, le=1)
+    hsv_v: float = option(0.4, "value jitter (fraction)", ge=0, le=1)
+    degrees: float = option(0.0, "rotation (+/- degrees)", ge=0, le=180)
+    translate: float = option(0.1, "translation (+/- fraction)", ge=0, lt=1)
+    scale: float = option(0.5, "scale jitter (+/- gain)", ge=0, lt=1)
+    shear: float = option(0.0, "shear (+/- degrees)", ge=0, lt=90)
+    fliplr: float = option(0.5, "horizontal flip probability", ge=0, le=1)
+    flipud: float = option(0.0, "vertical flip probability", ge=0, le=1)
+    mosaic: float = option(1.0, "mosaic probability", ge=0, le=1)
+    mixup: float = option(0.0, "mixup probability", ge=0, le=1)
+    close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
+    cache: str = option("", "'ram' keeps decoded training images in memory", choices=["", "ram"])
     # precision and speed
-    amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off")
+    amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model")
     sync_bn: bool = option(False, "SyncBatchNorm under DDP on GPU")
     # validation, checkpoints, logging
-    val_interval: int = option(1, "evaluate every N epochs (and always after the last)")
-    val_conf: float = option(0.001, "confidence threshold for validation")
-    val_iou: float = option(0.6, "NMS IoU threshold for validation")
-    max_det: int = option(300, "detections kept per image")
-    patience: int = option(50, "stop after N epochs without fitness improvement (0: never)")
-    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)")
-    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row")
+    val_interval: int = option(1, "evaluate every N epochs (and always after the last)", ge=1, le=100_000)
+    val_conf: float = option(0.001, "confidence threshold for validation", ge=0, le=1)
+    val_iou: float = option(0.6, "NMS IoU threshold for validation", ge=0, le=1)
+    max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
+    patience: int = option(50, "stop after N epochs without fitness improvement (0: never)", ge=0, le=100_000)
+    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000)
+    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000)
     strict: bool = option(False, "treat every skipped image or box in the dataset as an error")
     plots: bool = option(True, "save training curves, labels and validation plots")
     attention: str = option("", "override the model YAML's attention (ca, se, cbam, eca, mhsa, axial, ssa, gate, none)")
-    attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck")
+    attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck", choices=["", "output", "concat", "bottleneck"])
 
 
 def load_train_config(overrides: dict[str, str]) -> TrainConfig:
     """Defaults, then an optional `cfg=<yaml>` of train keys, then the command-line overrides."""
-    config = load_options(TrainConfig, overrides, file_key="cfg")
-    _check_train_config(config)
-    return config
-
-
-def _check_train_config(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.epochs >= 1, "epochs must be >= 1"),
-        (cfg.time >= 0, f"time must be >= 0 hours, got {cfg.time}"),
-        (cfg.batch >= 1, "batch must be >= 1"),
-        (cfg.imgsz >= 32 and cfg.imgsz % 32 == 0, f"imgsz must be a multiple of 32, got {cfg.imgsz}"),
-        (cfg.workers >= 0, "workers must be >= 0"),
-        (cfg.optimizer in ("SGD", "AdamW", "Adam"), f"optimizer must be SGD, AdamW or Adam, got '{cfg.optimizer}'"),
-        (cfg.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'"),
-        (cfg.cache in ("", "ram"), f"cache must be '' or ram, got '{cfg.cache}'"),
-        (cfg.val_interval >= 1, "val_interval must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DetectorError(f"config: {message}")
+    return load_options(TrainConfig, overrides, file_key="cfg")
 
 
 def resolve_model_path(model: str) -> Path:
