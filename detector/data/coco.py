@@ -33,7 +33,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from detector import memory
 from detector.errors import DetectorError
+from detector.memory import gib
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     from detector.config import SplitSpec
 
 LOGGER = logging.getLogger(__name__)
+JSON_BYTES_PER_IMAGE = 1 << 20
+JSON_SLACK_BYTES = 16 << 20
+JSON_PARSE_FACTOR = 8
 
 MIN_IMAGE_SIDE_PX = 10  # smaller images are skipped: nothing useful survives the stride-32 network
 CLIP_TOLERANCE_PX = 1.0  # a box past the border by less than this is float rounding: clipped silently
@@ -168,6 +173,7 @@ class CocoDataset:
         self.images_dir = Path(split.images)
         self.annotations = Path(split.annotations)
         self.strict = strict
+        _check_json_size(self.annotations, self.images_dir)
         data = _read_json(self.annotations)
         images, categories, anns = _parse_coco(data, self.annotations)
         self.category_ids: list[int] = sorted(c["id"] for c in categories)
@@ -409,6 +415,24 @@ def _gt_annotations(anns: list[dict], kept: np.ndarray, boxes: np.ndarray) -> li
 
 
 # ---------------------------------------------------------------------------------------------- json
+
+
+def _check_json_size(path: Path, images_dir: Path) -> None:
+    """Before parsing: refuse a JSON whose parsed objects cannot fit in memory (Python's objects take about
+    `JSON_PARSE_FACTOR` x the text), and warn when it is far larger than its images could need (COCO's
+    instances_train2017, polygons included, is 3.8 KB per image; `JSON_BYTES_PER_IMAGE` is 1 MiB)."""
+    try:
+        size = path.stat().st_size
+        n_images = sum(1 for _ in os.scandir(images_dir)) if images_dir.is_dir() else 0
+    except OSError:
+        return  # `_read_json` and the image scan name the file
+    need, have = size * JSON_PARSE_FACTOR, memory.machine_memory_bytes()
+    if need > have:
+        raise DetectorError(f"{path}: {gib(size)} of JSON needs about {gib(need)} to parse, more than this machine's "
+                            f"{gib(have)}; split it, or drop what training does not read (segmentation polygons)")
+    if size > JSON_SLACK_BYTES + JSON_BYTES_PER_IMAGE * n_images:
+        LOGGER.warning("%s: %s for %d entries in %s, far more than annotations need (parsing it takes about %s)",
+                       path, gib(size), n_images, images_dir, gib(need))
 
 
 def _read_json(path: Path) -> Any:

@@ -13,28 +13,20 @@ Each refusal states the estimate, the machine's memory and the row that asks for
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from detector import memory
 from detector.errors import DetectorError
+from detector.memory import gib
 
 MAX_REPEATS = 100
 MAX_CHANNELS = 16_384
 META_CHECK_ELEMENTS = 2**20  # c_in x c_out x copies above which a row is sized on `meta` before it is built
 TRAIN_BYTES_PER_PARAM = 16
 TRAIN_BYTES_PER_ACTIVATION = 4  # fp32 outputs kept for backward (autocast halves some: this is the bound)
-
-
-def machine_memory_bytes() -> int:
-    """Physical memory of this machine (what a run can hope to use at most)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:,.1f} GiB"
 
 
 def check_row_bounds(where: str, repeats: int, c_out: int | None) -> None:
@@ -60,7 +52,7 @@ def sized_construct(where: str, construct: Callable[[], nn.Module], elements: in
 
 
 def _check_params(where: str, total: int, row: int) -> None:
-    need, have = total * TRAIN_BYTES_PER_PARAM, machine_memory_bytes()
+    need, have = total * TRAIN_BYTES_PER_PARAM, memory.machine_memory_bytes()
     if need > have:
         raise DetectorError(f"{where}: the model would have {total:,} parameters ({row:,} in this row), about "
                             f"{gib(need)} to train, more than this machine's {gib(have)}")
@@ -87,7 +79,7 @@ def check_training_fits(model: nn.Module, *, imgsz: int, batch: int, source: str
     scale = batch * (imgsz / model.probe_px) ** 2
     params = sum(p.numel() for p in model.parameters())
     need = params * TRAIN_BYTES_PER_PARAM + sum(per_row) * scale * TRAIN_BYTES_PER_ACTIVATION
-    have = machine_memory_bytes()
+    have = memory.machine_memory_bytes()
     if need > have:
         worst = max(range(len(per_row)), key=per_row.__getitem__)
         row = model.layer_info[worst]

@@ -182,6 +182,33 @@ def test_invalid_json_and_missing_file(tmp_path: Path) -> None:
         CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "none.json"))
 
 
+def test_an_oversized_json_warns_before_parsing(make_coco, caplog: pytest.LogCaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 1 MiB of JSON per image (here without the 16 MiB of slack): a warning naming the file and the image
+    count, then the scan goes on."""
+    from detector.data import coco
+
+    monkeypatch.setattr(coco, "JSON_SLACK_BYTES", 0)
+    split = make_coco()
+    with split.annotations.open("a") as f:
+        f.write(" " * (7 << 20))  # 6 images; trailing whitespace keeps it valid JSON
+    with caplog.at_level("WARNING", logger="detector.data.coco"):
+        ds = CocoDataset(split)
+    assert len(ds.records) == 6
+    assert any(str(split.annotations) in r.getMessage() and "for 6 entries in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_json_too_large_to_parse_is_refused_unread(make_coco, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector import memory
+    from detector.data import coco
+
+    split = make_coco()
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: split.annotations.stat().st_size * 4)
+    monkeypatch.setattr(coco, "_read_json", lambda path: pytest.fail("parsed anyway"))
+    with pytest.raises(DetectorError, match=rf"^{split.annotations}: .* of JSON needs about .* to parse, more than "):
+        CocoDataset(split)
+
+
 @pytest.mark.parametrize(
     "mutate",
     [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from detector import memory
 from detector.errors import DetectorError
 from detector.models import footprint
 from detector.models.builder import build_model
@@ -38,7 +39,7 @@ def test_a_billion_channels_is_refused(tmp_path: Path) -> None:
 
 def test_a_row_too_large_for_memory_is_sized_on_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """16,384 x 16,384 x 3 x 3 is 2.4 billion weights: refused from its meta-device size, never allocated."""
-    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 24 * 2**30)
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: 24 * 2**30)
     text = BASE.replace("width_multiple: 0.25", "width_multiple: 1.0").replace(
         "[-1, 1, Conv, [64, 6, 2, 2]]", "[-1, 1, Conv, [16384, 3, 1]]").replace(ROW, "[-1, 1, Conv, [16384, 3, 2]]")
     message = refused(tmp_path, text, r"the model would have 2,416,\d{3},\d{3} parameters \(2,415,951,872 in this row\)")
@@ -53,7 +54,7 @@ def test_ordinary_models_record_their_probe_activations() -> None:
 
 
 def test_training_that_cannot_fit_names_the_heaviest_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: 8 * 2**30)
     model = build_model("yolov5n", nc=3)
     footprint.check_training_fits(model, imgsz=640, batch=16, source="model yolov5n")
     scale = 64 * (4096 / 256) ** 2
