@@ -115,3 +115,72 @@ class AblateOptions:
     project: str = option("runs/ablate", "parent folder")
     name: str = option("exp", "ablation folder name (re-running the same name resumes it)")
     train: list[str] = option([], "extra train key=value pairs, as k1=v1,k2=v2 (e.g. lr0=0.002)")
+
+
+# `detector bench <name>`: the keys of each benchmark in detector/bench/ (here, not beside the code, so that the CLI
+# lists and checks them without importing torch).
+
+
+@dataclass
+class BenchModelsOptions:
+    configs: list[str] = option([], "model configs, names or paths (comma list; empty: every YAML in configs/models)")
+    imgsz: int = option(320, "input size of the random images and the GFLOPs count", ge=32, le=8192, multiple_of=32)
+    batch: int = option(8, "batch size of the batched eval forward and the train step", ge=1, le=4096)
+    iters: int = option(5, "timed iterations per rate (the fastest one counts)", ge=1, le=100_000)
+    warmup: int = option(2, "untimed iterations before the timed ones", ge=0, le=100_000)
+    modes: list[str] = option(["fp32", "fp32-cl", "bf16-cl"],
+                              "comma list of fp32 (NCHW), fp32-cl (channels_last), bf16-cl (bf16 autocast + channels_last)",
+                              choices=["fp32", "fp32-cl", "bf16-cl"])
+    device: str = option("cpu", "device to time on: cpu, cuda, cuda:0 ...")
+    threads: int = option(0, "CPU intra-op threads (0: torch's default)", ge=0, le=1024)
+
+
+@dataclass
+class BenchDataOptions:
+    data: str = option("", "dataset YAML ('': 192 synthetic images drawn at each imgsz, in a temporary folder)")
+    imgsz: list[int] = option([320, 640], "image sizes (comma list)", ge=32, le=8192, multiple_of=32)
+    workers: list[int] = option([0, 1, 2], "data-loading worker counts (comma list)", ge=0, le=64)
+    batch: int = option(16, "batch size", ge=1, le=4096)
+    batches: int = option(8, "batches timed per row, after one warm-up batch", ge=1, le=100_000)
+    cache: str = option("", "'ram' keeps decoded images in memory", choices=["", "ram"])
+
+
+@dataclass
+class BenchTrainOptions:
+    configs: list[str] = option(["yolo-ca-n", "yolo-c2f-n", "yolov5n"], "model configs, names or paths (comma list)")
+    imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
+    batch: int = option(16, "batch size", ge=1, le=4096)
+    workers: int = option(2, "data-loading workers of the end-to-end run", ge=0, le=64)
+    images: int = option(320, "training images per epoch (a generated shapes set)", ge=1, le=1_000_000)
+    amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
+    channels_last: bool = option(True, "channels_last memory format")
+
+
+@dataclass
+class BenchValOptions:
+    models: list[str] = option(["yolo-c2f-n", "yolo-ca-n", "yolov5n"], "model configs, names or paths (comma list; untrained)")
+    weights: str = option("", "a checkpoint instead of the models")
+    data: str = option("", "dataset YAML ('': a synthetic shapes val set of `images` images, in a temporary folder)")
+    imgsz: list[int] = option([320, 640], "image sizes (comma list)", ge=32, le=8192, multiple_of=32)
+    batch: int = option(16, "batch size", ge=1, le=4096)
+    images: int = option(64, "images of the synthetic val set (unused with data=)", ge=1, le=1_000_000)
+    workers: int = option(0, "data-loading workers", ge=0, le=64)
+    device: str = option("", "'' (auto), cpu, cuda, 0 ...")
+    metric_images: int = option(5000, "images of the synthetic COCO metric case (0: skip it)", ge=0, le=100_000)
+    dets_per_image: int = option(100, "detections per image in the metric case", ge=1, le=10_000)
+    classes: int = option(80, "classes in the metric case", ge=1, le=10_000)
+
+
+@dataclass
+class BenchAmpOptions:
+    config: str = option("yolo-ca-n", "model config, name or path")
+    images: int = option(500, "training images (a generated shapes set)", ge=1, le=1_000_000)
+    val_images: int = option(100, "validation images", ge=1, le=1_000_000)
+    imgsz: int = option(192, "image size", ge=32, le=8192, multiple_of=32)
+    epochs: int = option(12, "epochs per run", ge=1, le=100_000)
+    batch: int = option(16, "batch size", ge=1, le=4096)
+    workers: int = option(2, "data-loading workers", ge=0, le=64)
+    seed: int = option(0, "seed of the fp32 and bf16 runs (and of the generated set)", ge=0, le=2**32 - 2)
+    noise_seed: int | None = option(None, "seed of the second fp32 run, the noise (None: seed + 1; -1 skips that run)", ge=-1, le=2**32 - 1)
+    channels_last: bool = option(True, "channels_last memory format")
+    device: str = option("", "'' (a GPU when there is one, else the CPU), cpu, cuda, 0 ...")

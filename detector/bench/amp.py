@@ -9,9 +9,8 @@ three runs, their final COCO AP/AP50 and images/s, and one verdict line.
 On a CPU without AMX/AVX512-BF16, bf16 is emulated: the numbers are the same as on bf16 hardware (oneDNN
 accumulates in fp32 either way) but the bf16 run is several times slower than fp32.
 
-Options (key=value): config (yolo-ca-n), images (training images, 500), val_images (100), imgsz (192),
-epochs (12), batch (16), workers (2), seed (0), noise_seed (seed + 1; -1 skips the noise run),
-channels_last (true), device ('' = a GPU when there is one, else the CPU).
+Options (key=value): `detector.options.BenchAmpOptions`; `detector bench amp --help` lists them with their defaults
+and ranges.
 """
 
 from __future__ import annotations
@@ -26,19 +25,17 @@ from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.device import cpu_supports_bf16, select_device
 from detector.engine.logger import read_results
 from detector.engine.trainer import train
-from detector.errors import DetectorError
+from detector.options import BenchAmpOptions
 from detector.tables import format_table
 
-DEFAULTS = {"config": "yolo-ca-n", "images": "500", "val_images": "100", "imgsz": "192", "epochs": "12", "batch": "16",
-            "workers": "2", "seed": "0", "noise_seed": "", "channels_last": "true", "device": ""}
 LOSS_PARTS = ("train/box_loss", "train/obj_loss", "train/cls_loss")
 
 
-def train_once(data_yaml: Path, project: Path, name: str, *, amp: str, seed: int, opts: dict[str, str]) -> list[dict[str, str]]:
+def train_once(data_yaml: Path, project: Path, name: str, *, amp: str, seed: int, opts: BenchAmpOptions) -> list[dict[str, str]]:
     """One training run; returns its results.csv rows."""
-    values = {"model": opts["config"], "data": str(data_yaml), "project": str(project), "name": name, "exist_ok": "true",
-              "epochs": opts["epochs"], "imgsz": opts["imgsz"], "batch": opts["batch"], "workers": opts["workers"],
-              "seed": str(seed), "amp": amp, "channels_last": opts["channels_last"], "plots": "false", "device": opts["device"]}
+    values = {"model": opts.config, "data": str(data_yaml), "project": str(project), "name": name, "exist_ok": True,
+              "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers,
+              "seed": seed, "amp": amp, "channels_last": opts.channels_last, "plots": False, "device": opts.device}
     train(build_options(TrainConfig, values, "bench amp"))
     return read_results(project / name / "results.csv")
 
@@ -70,29 +67,25 @@ def compare(runs: dict[str, list[dict[str, str]]], images: int) -> tuple[list[st
     return headers, table, verdict
 
 
-def main(options: dict[str, str]) -> None:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise DetectorError(f"bench amp: unknown option(s) {', '.join(unknown)}; options: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
-    seed = int(opts["seed"])
-    noise_seed = int(opts["noise_seed"]) if opts["noise_seed"] else seed + 1
-    images = int(opts["images"])
+def main(opts: BenchAmpOptions) -> None:
+    """Train the three runs and print their table and the verdict (`opts` already checked, e.g. by `load_options`)."""
+    seed = opts.seed
+    noise_seed = seed + 1 if opts.noise_seed is None else opts.noise_seed
     with tempfile.TemporaryDirectory() as tmp:
-        data_yaml = generate_shapes_dataset(Path(tmp) / "shapes", seed=seed, n_train=images, n_val=int(opts["val_images"]), imgsz=int(opts["imgsz"]))
+        data_yaml = generate_shapes_dataset(Path(tmp) / "shapes", seed=seed, n_train=opts.images, n_val=opts.val_images, imgsz=opts.imgsz)
         project = Path(tmp) / "runs"
         runs = {f"fp32 s{seed}": train_once(data_yaml, project, "fp32", amp="off", seed=seed, opts=opts),
                 f"bf16 s{seed}": train_once(data_yaml, project, "bf16", amp="bf16", seed=seed, opts=opts)}
         if noise_seed >= 0:
             runs[f"fp32 s{noise_seed}"] = train_once(data_yaml, project, "fp32_noise", amp="off", seed=noise_seed, opts=opts)
-    headers, table, verdict = compare(runs, images)
-    device = select_device(opts["device"])
+    headers, table, verdict = compare(runs, opts.images)
+    device = select_device(opts.device)
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
         native = "native (AMX/AVX512-BF16)" if cpu_supports_bf16() else "emulated (no AMX/AVX512-BF16: slow, same numerics)"
         where = f"CPU, bf16 {native}, {torch.get_num_threads()} threads"
-    print(f"\nbf16 autocast against fp32: {opts['config']}, {images} images at {opts['imgsz']} px, {opts['epochs']} epochs, "
-          f"batch {opts['batch']}, {where}")
+    print(f"\nbf16 autocast against fp32: {opts.config}, {opts.images} images at {opts.imgsz} px, {opts.epochs} epochs, "
+          f"batch {opts.batch}, {where}")
     print(format_table(headers, table, floatfmt=".4f"))
     print(verdict)

@@ -1,9 +1,8 @@
 """`detector bench data`: training-pipeline throughput (images/s through the train loader, augmentation and collate
 included, no model) at several image sizes and worker counts, mosaic on and off.
 
-Options (key=value): data (dataset YAML; default: 192 synthetic images drawn at each imgsz, in a temporary folder),
-imgsz (comma list, default 320,640), workers (comma list, default 0,1,2), batch (default 16), batches (timed per
-row, default 8), cache ('' or ram).
+Options (key=value): `detector.options.BenchDataOptions`; `detector bench data --help` lists them with their
+defaults and ranges.
 """
 
 from __future__ import annotations
@@ -12,17 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from detector.errors import DetectorError
+from detector.options import BenchDataOptions
 from detector.tables import format_table
-
-DEFAULTS = {"data": "", "imgsz": "320,640", "workers": "0,1,2", "batch": "16", "batches": "8", "cache": ""}
-
-
-def _ints(key: str, value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise DetectorError(f"bench data: '{key}' expects integers, got '{value}'") from None
 
 
 def measure(split, *, imgsz: int, workers: int, mosaic: bool, batch: int, batches: int, cache: str = "") -> float:
@@ -46,27 +36,22 @@ def measure(split, *, imgsz: int, workers: int, mosaic: bool, batch: int, batche
     return seen / elapsed
 
 
-def main(options: dict[str, str]) -> None:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise DetectorError(f"bench data: unknown option '{sorted(unknown)[0]}'; known: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+def main(opts: BenchDataOptions) -> None:
+    """Print one row per imgsz, worker count and mosaic setting (`opts` already checked, e.g. by `load_options`)."""
     from detector.config import load_data_spec
     from detector.data.synthetic import generate_shapes_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for imgsz in _ints("imgsz", opts["imgsz"]):
-            if opts["data"]:
-                split = load_data_spec(opts["data"]).train
+        for imgsz in opts.imgsz:
+            if opts.data:
+                split = load_data_spec(opts.data).train
             else:
                 split = load_data_spec(generate_shapes_dataset(Path(tmp) / str(imgsz), n_train=192, n_val=1, imgsz=imgsz)).train
-            for workers in _ints("workers", opts["workers"]):
+            for workers in opts.workers:
                 for mosaic in (True, False):
-                    rate = measure(
-                        split, imgsz=imgsz, workers=workers, mosaic=mosaic, batch=int(opts["batch"]),
-                        batches=int(opts["batches"]), cache=opts["cache"],
-                    )
+                    rate = measure(split, imgsz=imgsz, workers=workers, mosaic=mosaic, batch=opts.batch,
+                                   batches=opts.batches, cache=opts.cache)
                     rows.append([imgsz, workers, "on" if mosaic else "off", rate])
                     print(f"  imgsz {imgsz} workers {workers} mosaic {rows[-1][2]}: {rate:.0f} images/s", flush=True)
     print(format_table(["imgsz", "workers", "mosaic", "images/s"], rows, floatfmt=".0f"))

@@ -5,9 +5,8 @@ Throughput in images/s of random inputs (the fastest of `iters` timed iterations
 Modes: fp32 (NCHW), fp32-cl (channels_last), bf16-cl (bf16 autocast + channels_last). bf16 is fast only where
 the hardware computes it natively (AMX / AVX512-BF16 CPUs, recent GPUs); the header line says which.
 
-Options (key=value): configs (comma list of names or paths; default every YAML in configs/models), imgsz (320),
-batch (8), iters (timed iterations, 5), warmup (2), modes (fp32,fp32-cl,bf16-cl), device (cpu), threads
-(CPU intra-op threads; default: torch's).
+Options (key=value): `detector.options.BenchModelsOptions`; `detector bench models --help` lists them with their
+defaults and ranges.
 """
 
 from __future__ import annotations
@@ -18,21 +17,10 @@ from collections.abc import Callable
 import torch
 
 from detector.errors import DetectorError
+from detector.options import BenchModelsOptions
 from detector.tables import format_table
 
-DEFAULTS = {"configs": "", "imgsz": "320", "batch": "8", "iters": "5", "warmup": "2",
-            "modes": "fp32,fp32-cl,bf16-cl", "device": "cpu", "threads": ""}
 MODES = {"fp32": (None, False), "fp32-cl": (None, True), "bf16-cl": (torch.bfloat16, True)}
-
-
-def _int(opts: dict[str, str], key: str) -> int:
-    try:
-        value = int(opts[key])
-    except ValueError:
-        raise DetectorError(f"bench models: '{key}' expects an integer, got '{opts[key]}'") from None
-    if value < (0 if key == "warmup" else 1):
-        raise DetectorError(f"bench models: '{key}' must be positive, got {value}")
-    return value
 
 
 def images_per_second(step: Callable[[], None], images: int, *, iters: int, warmup: int,
@@ -96,20 +84,14 @@ def _hardware(device: torch.device) -> str:
             f"bf16 {'native (AVX512-BF16/AMX)' if native else 'emulated: expect bf16 to be slower than fp32'}")
 
 
-def main(options: dict[str, str]) -> None:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise DetectorError(f"bench models: unknown option '{sorted(unknown)[0]}'; known: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
-    imgsz, batch, iters, warmup = (_int(opts, k) for k in ("imgsz", "batch", "iters", "warmup"))
-    modes = [m.strip() for m in opts["modes"].split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise DetectorError(f"bench models: modes: '{','.join(bad)}' unknown; choose from {', '.join(MODES)}")
-    if opts["threads"]:
-        torch.set_num_threads(_int(opts, "threads"))
+def main(opts: BenchModelsOptions) -> None:
+    """Print one row per config and mode (`opts` already checked, e.g. by `load_options`)."""
+    if not opts.modes:
+        raise DetectorError(f"bench models: 'modes' is empty; choose from {', '.join(MODES)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     try:
-        device = torch.device(opts["device"])
+        device = torch.device(opts.device)
     except RuntimeError as err:
         raise DetectorError(f"bench models: device: {err}") from None
 
@@ -117,15 +99,15 @@ def main(options: dict[str, str]) -> None:
     from detector.models.builder import build_model
     from detector.models.info import count_flops
 
-    names = [c.strip() for c in opts["configs"].split(",") if c.strip()]
-    paths = [resolve_model_path(n) for n in names] or sorted((REPO_ROOT / "configs" / "models").glob("*.yaml"))
+    imgsz, batch, iters, warmup = opts.imgsz, opts.batch, opts.iters, opts.warmup
+    paths = [resolve_model_path(n) for n in opts.configs] or sorted((REPO_ROOT / "configs" / "models").glob("*.yaml"))
     print(f"bench models: imgsz {imgsz}, batch {batch}, {iters} timed iterations after {warmup}; {_hardware(device)}")
     rows = []
     for path in paths:
         model = build_model(path)
         params = sum(p.numel() for p in model.parameters())
         gflops = count_flops(model, imgsz)
-        for mode in modes:
+        for mode in opts.modes:
             b1, bn, train = measure(model, mode, imgsz=imgsz, batch=batch, iters=iters, warmup=warmup, device=device)
             rows.append([model.name, mode, params, gflops, b1, bn, train])
     headers = ["model", "mode", "params", f"GFLOPs@{imgsz}", "eval b1 img/s", f"eval b{batch} img/s",

@@ -8,8 +8,8 @@ image at the benchmark's size, is the model arithmetic actually sustained (forwa
 comparable across models and sizes (Ultralytics YOLOv8n on this kind of machine: 29 img/s at 256 px x 8.7
 GFLOPs x (256/640)^2 = 40 GFLOP/s).
 
-Options (key=value): configs (comma list; default yolo-ca-n,yolo-c2f-n,yolov5n), imgsz (320), batch (16),
-workers (2), images (training images per epoch, 320), amp (auto), channels_last (true).
+Options (key=value): `detector.options.BenchTrainOptions`; `detector bench train --help` lists them with their
+defaults and ranges.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from detector.engine.device import autocast_dtype
 from detector.engine.logger import read_results
 from detector.engine.loss import build_loss
 from detector.engine.trainer import train
+from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.models.info import count_flops
+from detector.options import BenchTrainOptions
 from detector.tables import format_table
-
-DEFAULTS = {"configs": "yolo-ca-n,yolo-c2f-n,yolov5n", "imgsz": "320", "batch": "16", "workers": "2", "images": "320", "amp": "auto", "channels_last": "true"}
 
 
 def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: str, channels_last: bool, iters: int = 5) -> float:
@@ -61,29 +61,30 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: s
     return batch / best
 
 
-def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: dict[str, str]) -> float:
+def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions) -> float:
     """Images/s of the second epoch of a real training run (validation only after it)."""
-    values = {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": "2", "val_interval": "99",
-              "imgsz": opts["imgsz"], "batch": opts["batch"], "workers": opts["workers"], "amp": opts["amp"],
-              "channels_last": opts["channels_last"], "plots": "false", "close_mosaic": "0", "warmup_min_iters": "0"}
+    values = {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
+              "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "amp": opts.amp,
+              "channels_last": opts.channels_last, "plots": False, "close_mosaic": 0, "warmup_min_iters": 0}
     train(build_options(TrainConfig, values, "bench train"))
     rows = read_results(project / model / "results.csv")
-    return int(opts["images"]) / float(rows[1]["epoch_time_s"])
+    return opts.images / float(rows[1]["epoch_time_s"])
 
 
-def main(options: dict[str, str]) -> None:
-    opts = {**DEFAULTS, **options}
-    imgsz, batch = int(opts["imgsz"]), int(opts["batch"])
-    channels_last = opts["channels_last"].lower() == "true"
+def main(opts: BenchTrainOptions) -> None:
+    """Print one row per config (`opts` already checked, e.g. by `load_options`)."""
+    if not opts.configs:
+        raise DetectorError("bench train: 'configs' is empty")
+    imgsz, batch = opts.imgsz, opts.batch
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_yaml = generate_shapes_dataset(Path(tmp) / "shapes", seed=0, n_train=int(opts["images"]), n_val=16, imgsz=imgsz)
-        for name in opts["configs"].split(","):
+        data_yaml = generate_shapes_dataset(Path(tmp) / "shapes", seed=0, n_train=opts.images, n_val=16, imgsz=imgsz)
+        for name in opts.configs:
             path = resolve_model_path(name)
             gflops = count_flops(build_model(path, nc=6), imgsz)
-            model_rate = model_only_rate(path, nc=6, imgsz=imgsz, batch=batch, amp=opts["amp"], channels_last=channels_last)
+            model_rate = model_only_rate(path, nc=6, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
             e2e_rate = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts)
             rows.append([name, round(gflops, 2), round(model_rate, 1), round(e2e_rate, 1), round(e2e_rate / model_rate, 2), round(e2e_rate * gflops, 1)])
-    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {opts['workers']}, amp {opts['amp']}, "
-          f"channels_last {channels_last}, {torch.get_num_threads()} threads")
+    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {opts.workers}, amp {opts.amp}, "
+          f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads")
     print(format_table(["config", f"GFLOPs@{imgsz}", "model img/s", "end-to-end img/s", "ratio", "GFLOP/s"], rows, floatfmt=".2f"))

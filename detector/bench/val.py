@@ -1,10 +1,8 @@
 """`detector bench val`: validation throughput of the nano models, split into pre-process / inference / NMS / metric
 (ms per image), and the metric alone on a 5,000-image synthetic COCO case against plain pycocotools.
 
-Options (key=value): models (comma list, default the nano configs), weights (a checkpoint instead of the models),
-data (dataset YAML; default: a synthetic shapes val set of `images` images in a temporary folder), imgsz (comma list,
-default 320,640), batch (16), images (64), workers (0), device ('' auto), metric_images (5000, 0 skips the metric
-case), dets_per_image (100), classes (80).
+Options (key=value): `detector.options.BenchValOptions`; `detector bench val --help` lists them with their defaults
+and ranges.
 
 Untrained models produce almost no boxes above conf 0.001 (the head's bias init), so their NMS and metric columns
 are a floor; pass weights= for a trained model's figures. The metric case scores identical detections with each
@@ -23,47 +21,30 @@ from typing import Any
 import numpy as np
 
 from detector.errors import DetectorError
+from detector.options import BenchValOptions
 from detector.tables import format_table
 
-NANO_MODELS = "yolo-c2f-n,yolo-ca-n,yolov5n"
-DEFAULTS = {
-    "models": NANO_MODELS,
-    "weights": "",
-    "data": "",
-    "imgsz": "320,640",
-    "batch": "16",
-    "images": "64",
-    "workers": "0",
-    "device": "",
-    "metric_images": "5000",
-    "dets_per_image": "100",
-    "classes": "80",
-}
 
-
-def main(options: dict[str, str]) -> None:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise DetectorError(f"bench val: unknown option '{sorted(unknown)[0]}'; known: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
-    images = _int(opts, "images")
+def main(opts: BenchValOptions) -> None:
+    """Print the pipeline table, then the metric table (`opts` already checked, e.g. by `load_options`)."""
+    if not opts.imgsz:
+        raise DetectorError("bench val: 'imgsz' is empty")
     with tempfile.TemporaryDirectory() as tmp:
-        if opts["data"]:
-            data = Path(opts["data"])
+        if opts.data:
+            data = Path(opts.data)
         else:
             from detector.data.synthetic import generate_shapes_dataset
 
-            data = generate_shapes_dataset(Path(tmp), n_train=1, n_val=images, imgsz=640)
+            data = generate_shapes_dataset(Path(tmp), n_train=1, n_val=opts.images, imgsz=640)
         rows = bench_pipeline(opts, data)
     print(format_table(["model", "imgsz", "images", "images/s", "pre-process ms", "inference ms", "NMS ms", "metric ms"], rows, floatfmt=".1f"))
-    metric_images = _int(opts, "metric_images")
-    if metric_images > 0:
+    if opts.metric_images > 0:
         print()
-        rows = bench_metric(metric_images, _int(opts, "dets_per_image"), _int(opts, "classes"))
+        rows = bench_metric(opts.metric_images, opts.dets_per_image, opts.classes)
         print(format_table(["metric", "images", "detections", "seconds", "ms/image", "AP"], rows, floatfmt=".3f"))
 
 
-def bench_pipeline(opts: dict[str, str], data: Path) -> list[list[Any]]:
+def bench_pipeline(opts: BenchValOptions, data: Path) -> list[list[Any]]:
     """The second of two Evaluator passes per (model, imgsz) (the first warms up kernels for every batch shape);
     images/s counts data loading too."""
     from detector.config import load_data_spec, resolve_model_path
@@ -72,11 +53,11 @@ def bench_pipeline(opts: dict[str, str], data: Path) -> list[list[Any]]:
     from detector.engine.evaluator import Evaluator
     from detector.models.builder import build_model
 
-    device = select_device(opts["device"])
+    device = select_device(opts.device)
     split = load_data_spec(data).val
     rows = []
-    for imgsz in _ints(opts, "imgsz"):
-        loader = build_val_loader(split, imgsz=imgsz, batch_size=_int(opts, "batch"), workers=_int(opts, "workers"), rect=True)
+    for imgsz in opts.imgsz:
+        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=opts.workers, rect=True)
         nc = loader.dataset.coco.num_classes
         for name, model in _models(opts, nc, build_model, resolve_model_path):
             model.to(device).eval()
@@ -92,13 +73,13 @@ def bench_pipeline(opts: dict[str, str], data: Path) -> list[list[Any]]:
     return rows
 
 
-def _models(opts: dict[str, str], nc: int, build_model: Any, resolve_model_path: Any) -> list[tuple[str, Any]]:
-    if opts["weights"]:
+def _models(opts: BenchValOptions, nc: int, build_model: Any, resolve_model_path: Any) -> list[tuple[str, Any]]:
+    if opts.weights:
         from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
-        ckpt = load_checkpoint(Path(opts["weights"]))
-        return [(Path(opts["weights"]).name, model_from_checkpoint(ckpt, source=opts["weights"]))]
-    return [(name, build_model(resolve_model_path(name), nc=nc)) for name in opts["models"].split(",") if name.strip()]
+        ckpt = load_checkpoint(Path(opts.weights))
+        return [(Path(opts.weights).name, model_from_checkpoint(ckpt, source=opts.weights))]
+    return [(name, build_model(resolve_model_path(name), nc=nc)) for name in opts.models]
 
 
 def bench_metric(num_images: int, dets_per_image: int, num_classes: int, seed: int = 0) -> list[list[Any]]:
@@ -178,16 +159,3 @@ def synthetic_coco(num_images: int, dets_per_image: int, num_classes: int, seed:
     det[:, 5] = det[:, 5].round(5)
     return dataset, det
 
-
-def _int(opts: dict[str, str], key: str) -> int:
-    return _ints(opts, key)[0]
-
-
-def _ints(opts: dict[str, str], key: str) -> list[int]:
-    try:
-        values = [int(v) for v in opts[key].split(",") if v.strip()]
-    except ValueError:
-        raise DetectorError(f"bench val: '{key}' expects integers, got '{opts[key]}'") from None
-    if not values:
-        raise DetectorError(f"bench val: '{key}' is empty")
-    return values

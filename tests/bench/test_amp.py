@@ -7,7 +7,9 @@ import re
 import pytest
 
 from detector.bench.amp import compare, main
+from detector.config import load_options
 from detector.errors import DetectorError
+from detector.options import BenchAmpOptions
 
 
 def rows(losses: list[float], ap: float) -> list[dict[str, str]]:
@@ -29,7 +31,7 @@ def test_compare_reports_the_gap_against_the_seed_noise() -> None:
 
 @pytest.mark.slow
 def test_bench_amp_trains_three_runs_and_prints_one_table(capsys: pytest.CaptureFixture[str]) -> None:
-    main({"config": "yolov5n", "images": "8", "val_images": "4", "imgsz": "64", "epochs": "2", "batch": "4", "workers": "0"})
+    main(BenchAmpOptions(config="yolov5n", images=8, val_images=4, imgsz=64, epochs=2, batch=4, workers=0))
     out = capsys.readouterr().out
     assert "loss fp32 s0" in out and "loss bf16 s0" in out and "loss fp32 s1" in out
     epoch_rows = [line for line in out.splitlines() if re.match(r"\s*[12]\s", line)]
@@ -42,5 +44,5 @@ def test_bench_amp_trains_three_runs_and_prints_one_table(capsys: pytest.Capture
 
 
 def test_bench_amp_names_unknown_options() -> None:
-    with pytest.raises(DetectorError, match="unknown option.*imgz"):
-        main({"imgz": "64"})
+    with pytest.raises(DetectorError, match="unknown key 'imgz' \\(did you mean 'imgsz'\\?\\)"):
+        load_options(BenchAmpOptions, {"imgz": "64"})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from detector.bench.train import main
+from detector.options import BenchTrainOptions
 
 
 @pytest.mark.slow
 def test_bench_train_prints_both_rates_and_their_ratio(capsys: pytest.CaptureFixture[str]) -> None:
-    main({"configs": "yolov5n", "imgsz": "64", "batch": "4", "workers": "0", "images": "8"})
+    main(BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=4, workers=0, images=8))
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("config"))
     assert header.split() == ["config", "GFLOPs@64", "model", "img/s", "end-to-end", "img/s", "ratio", "GFLOP/s"]

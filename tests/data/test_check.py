@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from detector.bench.data import main as bench_main
+from detector.config import load_options
 from detector.data.check import data_check
 from detector.errors import DetectorError
+from detector.options import BenchDataOptions
 
 
 def test_data_check_prints_statistics_and_saves_previews(make_data_yaml, tmp_path: Path, capsys) -> None:
@@ -33,8 +35,8 @@ def test_data_check_strict_fails_on_anything_skipped(make_data_yaml, tmp_path: P
 
 
 def test_bench_data_prints_a_table(make_data_yaml, capsys) -> None:
-    bench_main({"data": str(make_data_yaml()), "imgsz": "64", "workers": "0", "batch": "2", "batches": "2"})
+    bench_main(load_options(BenchDataOptions, {"data": str(make_data_yaml()), "imgsz": "64", "workers": "0", "batch": "2", "batches": "2"}))
     out = capsys.readouterr().out
     assert "images/s" in out and len([ln for ln in out.splitlines() if ln.startswith("   64")]) == 2
-    with pytest.raises(DetectorError, match="unknown option 'imgs'"):
-        bench_main({"imgs": "64"})
+    with pytest.raises(DetectorError, match="unknown key 'imgs'"):
+        load_options(BenchDataOptions, {"imgs": "64"})
