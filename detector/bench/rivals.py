@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detector.config import build_options, describe_options, load_data_spec, option, parse_overrides
-from detector.data.yolo_txt import YoloExport, export_yolo_txt
+from detector.data.yolo_txt import YoloExport, reuse_or_export
 from detector.errors import DetectorError
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
     opts, ours_extra = parse_args(argv)
     out = Path(opts.project) / opts.name
     spec = load_data_spec(opts.data)  # checks the YAML before anything long starts
-    export = export_yolo_txt(spec, out / "yolo")
+    export = reuse_or_export(spec, out / "yolo")  # shared by concurrent invocations of the same name
     from detector.data.coco import CocoDataset
 
     gt = CocoDataset(spec.val, names=spec.names).coco_gt()

@@ -16,6 +16,7 @@ train on them either. Rows carry 9 decimals, so a box survives the round trip to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,9 +91,29 @@ def export_yolo_txt(spec: DataSpec, out: Path, *, strict: bool = False) -> YoloE
     data_yaml = out / "data.yaml"
     content = {"path": str(out), "train": "images/train", "val": "images/val", "names": dict(enumerate(names))}
     data_yaml.write_text(yaml.safe_dump(content, sort_keys=False))
-    index = {"category_ids": category_ids, "names": names, "images": images}
-    (out / "index.json").write_text(json.dumps(index, indent=1))
+    index = {"category_ids": category_ids, "names": names, "images": images, "sources": source_digests(spec)}
+    (out / "index.json").write_text(json.dumps(index, indent=1))  # last: its presence marks a complete export
     return YoloExport(root=out, data_yaml=data_yaml, names=names, category_ids=category_ids, images=images)
+
+
+def source_digests(spec: DataSpec) -> dict[str, str]:
+    """sha256 of each split's annotation file (and the class names given), what an export was made from."""
+    digests = {split: hashlib.sha256(getattr(spec, split).annotations.read_bytes()).hexdigest() for split in SPLITS}
+    return digests | {"names": hashlib.sha256(json.dumps(spec.names).encode()).hexdigest()}
+
+
+def reuse_or_export(spec: DataSpec, out: Path) -> YoloExport:
+    """The complete export already at `out` when it was made from the same annotation files, else a new one.
+
+    Another process may be training from the existing one: rewriting it would delete the images under it."""
+    out = Path(out).resolve()
+    index_file = out / "index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+        if index.get("sources") == source_digests(spec):
+            return YoloExport(root=out, data_yaml=out / "data.yaml", names=index["names"],
+                              category_ids=index["category_ids"], images=index["images"])
+    return export_yolo_txt(spec, out)
 
 
 def _write_split(dataset: CocoDataset, out: Path, split: str) -> list[dict[str, Any]]:

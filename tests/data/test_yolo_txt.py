@@ -110,3 +110,21 @@ def test_categories_must_agree_between_splits(make_data_yaml, tmp_path: Path) ->
     val_json.write_text(json.dumps(data))
     with pytest.raises(DetectorError, match="differ from the train split"):
         export_yolo_txt(load_data_spec(path), tmp_path / "yolo")
+
+
+def test_an_export_of_the_same_annotations_is_reused_untouched(data_yaml: Path, tmp_path: Path) -> None:
+    """A second harness invocation must not rewrite the export a running rival is training from."""
+    from detector.data.yolo_txt import reuse_or_export
+
+    out = tmp_path / "yolo"
+    first = reuse_or_export(load_data_spec(data_yaml), out)
+    label = next((out / "labels" / "train").glob("*.txt"))
+    before = label.stat().st_mtime_ns
+    again = reuse_or_export(load_data_spec(data_yaml), out)
+    assert again == first and label.stat().st_mtime_ns == before
+    digest = json.loads((out / "index.json").read_text())["sources"]["train"]
+    spec = load_data_spec(data_yaml)
+    spec.train.annotations.write_text(spec.train.annotations.read_text() + " ")  # another source: a new export
+    reuse_or_export(spec, out)
+    assert json.loads((out / "index.json").read_text())["sources"]["train"] != digest
+    assert next((out / "labels" / "train").glob("*.txt")).stat().st_mtime_ns != before
