@@ -5,7 +5,7 @@ The public API: `Detector` (train / val / predict / export / info), `build_model
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from detector.version import __version__
 
 __all__ = ["Detector", "build_model", "load_config", "__version__"]
 

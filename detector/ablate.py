@@ -223,11 +223,11 @@ def _best_row(rows: list[dict[str, str]]) -> dict[str, str] | None:
 
 def collect_row(run_dir: Path, v: Variant, *, imgsz: int, train_images: int) -> dict[str, Any]:
     """One table row from a finished run folder; `train_images` is the training split's size."""
-    from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from detector.api import Detector
     from detector.engine.logger import read_results
     from detector.models.info import count_flops
 
-    model = model_from_checkpoint(load_checkpoint(run_dir / "weights" / "best.pt"), source=str(run_dir / "weights" / "best.pt"))
+    model = Detector.from_checkpoint(run_dir / "weights" / "best.pt", device="cpu").model
     rows = read_results(run_dir / "results.csv")
     best = _best_row(rows) or {}
     epoch_times = [float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")]

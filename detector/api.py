@@ -1,4 +1,5 @@
-"""The Python API (`Detector`) and the `detector val|predict|export|info` commands, which are thin calls into it.
+"""The Python API: `Detector`. `detector val|predict|export` are its methods called with the command's options
+(`Detector.from_checkpoint(opts.weights).val(opts)`); `detector info` is `run_info`.
 
     from detector import Detector
     det = Detector("yolo-ca-n")                      # a model YAML (path or name in configs/models) ...
@@ -14,21 +15,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from detector.config import build_options, load_train_config, resolve_model_path
 from detector.errors import DetectorError
 from detector.options import ExportOptions, InfoOptions, PredictOptions, ValOptions
 
-__all__ = ["Detector", "run_export", "run_info", "run_predict", "run_val"]
+__all__ = ["Detector", "run_info"]
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_IMGSZ = 640  # inference size of a model that has no checkpoint (and so no training size)
 ImageInput = str | Path | np.ndarray | Sequence[str | Path | np.ndarray]
+T = TypeVar("T")
 
 
 def _output_dir(project: str, name: str, exist_ok: bool) -> Path:
@@ -50,20 +53,17 @@ class Detector:
     """A model to train, evaluate, run, export and inspect: from a model YAML (path or a name in configs/models)
     or from a checkpoint (`weights/best.pt`, EMA weights when present).
 
+    The only code that opens a checkpoint for inference (`_load`); `detector val|predict|export` are its `val`,
+    `predict` and `export` called with the command's options, so the CLI and the Python API run the same lines.
+
     Attributes: `model` (eval mode, on `device`), `weights` (the checkpoint path, or None before training),
-    `names` and `category_ids` (index = contiguous class), `imgsz` (training size, or 640), `run_dir` (after
-    `train`). `device` '' picks CUDA when available.
+    `names` and `category_ids` (index = contiguous class), `imgsz` (training size, or 640), `train_data` (the
+    dataset YAML the checkpoint was trained on, or ''), `run_dir` (after `train`). `device` '' picks CUDA when
+    available.
     """
 
     def __init__(self, model: str | Path = "yolo-ca-n", *, device: str = "") -> None:
-        from detector.engine.device import select_device
-
-        self.device_spec = device
-        self.device = select_device(device)
-        self.weights: Path | None = None
-        self.model_yaml: Path | None = None
-        self.run_dir: Path | None = None
-        self._fused: nn.Module | None = None  # a BN-folded copy of `model` for predict, made on first use
+        self._start(device)
         if _is_checkpoint(model):
             self._load(Path(model))
         else:
@@ -75,7 +75,30 @@ class Detector:
             self.category_ids = list(range(self.model.nc))
             self.imgsz = DEFAULT_IMGSZ
 
+    @classmethod
+    def from_checkpoint(cls, weights: str | Path, *, device: str = "") -> Detector:
+        """A Detector of a checkpoint, never of a model YAML: what `weights=` means to val, predict and export, so a
+        wrong path is an error naming the checkpoint rather than an untrained model."""
+        if not str(weights):
+            raise DetectorError("weights=<checkpoint> is required")
+        detector = cls.__new__(cls)
+        detector._start(device)
+        detector._load(Path(weights))
+        return detector
+
+    def _start(self, device: str) -> None:
+        from detector.engine.device import select_device
+
+        self.device_spec = device
+        self.device = select_device(device)
+        self.weights: Path | None = None
+        self.model_yaml: Path | None = None
+        self.run_dir: Path | None = None
+        self.train_data = ""
+        self._fused: nn.Module | None = None  # a BN-folded copy of `model` for predict, made on first use
+
     def _load(self, weights: Path) -> None:
+        """Open a checkpoint: its model (EMA weights) on this Detector's device, class names, category ids, size."""
         from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(weights)
@@ -85,6 +108,7 @@ class Detector:
         self.names = list(ckpt["names"])
         self.category_ids = [int(c) for c in ckpt["category_ids"]]
         self.imgsz = int(ckpt["imgsz"])
+        self.train_data = str(ckpt["train_config"].get("data") or "")
 
     def __repr__(self) -> str:
         source = self.weights or self.model_yaml
@@ -93,18 +117,15 @@ class Detector:
     # ------------------------------------------------------------------------------------------ verbs
 
     def train(self, data: str | Path | None = None, epochs: int | None = None, **overrides: Any) -> dict[str, Any]:
-        """Train this Detector's model YAML with `detector train` keys (`imgsz=320, batch=8, attention="cbam"` ...);
-        afterwards the Detector holds the run's best.pt. Returns the last epoch's metrics."""
+        """Train with `detector train` keys (`imgsz=320, batch=8, attention="cbam"` ...): this Detector's model YAML
+        from scratch, or, for a Detector made from a checkpoint, a fine-tune that starts from its weights (a new
+        run; `resume=` continues the old one instead). Afterwards the Detector holds the run's best.pt. Returns the
+        last epoch's metrics."""
         from detector.engine.trainer import Trainer
 
         values = _plain({k: v for k, v in (("data", data), ("epochs", epochs)) if v is not None} | overrides)
-        if self.model_yaml is not None:
-            values.setdefault("model", str(self.model_yaml))
-        elif not values.get("resume"):
-            raise DetectorError(
-                f"train: {self.weights} is a checkpoint; train a model YAML (Detector('yolo-ca-n').train(...)) "
-                f"or continue this run with resume='{self.weights}'"
-            )
+        if not values.get("resume"):
+            values.setdefault("model", str(self.model_yaml if self.model_yaml is not None else self.weights))
         trainer = Trainer(load_train_config(values))
         metrics = trainer.fit()
         self.run_dir = trainer.run_dir
@@ -113,32 +134,118 @@ class Detector:
             self._load(best)
         return metrics
 
-    def val(self, data: str | Path | None = None, **options: Any) -> dict[str, Any]:
-        """COCO metrics (the 12 COCO keys, per_class, speed_ms) with `detector val` keys; `data` defaults to the
-        dataset the checkpoint was trained on. Files go to runs/val/<name> as for the CLI."""
-        values = _plain({"device": self.device_spec, **options, "data": data or ""})
-        if self.weights is not None:
-            values["weights"] = str(self.weights)
-        return run_val(build_options(ValOptions, values, "Detector.val()"), model=None if self.weights else self.model)
+    def val(self, opts: ValOptions | None = None, /, **options: Any) -> dict[str, Any]:
+        """`detector val`: COCO metrics (the 12 COCO keys, per_class, speed_ms) of this Detector's model, with the
+        command's keys as a ValOptions or as keywords (`det.val(data="x.yaml", iou=0.65)`). `data` '' means the
+        dataset the checkpoint was trained on, `imgsz` 0 its training size; metrics.json, predictions.json and
+        plots/ go to runs/val/<name>. `opts.weights` is not read: the Detector's own model is evaluated."""
+        from detector.engine.evaluator import Evaluator, save_results
 
-    def predict(
-        self,
-        images: ImageInput,
-        *,
-        conf: float = 0.25,
-        iou: float = 0.45,
-        max_det: int = 300,
-        imgsz: int | None = None,
-        classes: Sequence[int] | None = None,
-        batch: int = 8,
-    ) -> list[dict[str, Any]]:
-        """Detections for images: a path (image, folder or glob), an (H, W, 3) uint8 RGB array, or a list of them.
+        opts = _options(ValOptions, opts, options, "Detector.val()")
+        save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
+        device = self._to(opts.device)
+        loader = self._val_loader(opts, device)
+        evaluator = Evaluator(
+            loader, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, device=device,
+            half=opts.half and device.type == "cuda", backend=opts.backend,
+        )
+        result = evaluator.run(self.model)
+        save_results(result, save_dir, save_json=opts.save_json, plots=opts.plots)
+        LOGGER.info("val: results in %s", save_dir)
+        return result.metrics
+
+    def predict(self, images: ImageInput | PredictOptions | None = None, /, *, save: bool = False, **options: Any) -> list[dict[str, Any]]:
+        """Detections for images: a path (image, folder or glob), an (H, W, 3) uint8 RGB array, or a list of them;
+        or a PredictOptions, whose `source` names them. Options: `detector predict` keys (conf, iou, max_det, imgsz,
+        classes, batch ...), as that PredictOptions or as keywords.
 
         One dict per image, in input order: boxes_xyxy float32 (K, 4) original pixels, scores (K,), classes (K,)
         contiguous, category_ids (K,) original ids, names (K class names), file (path or None). Unreadable files of
         a folder or glob are skipped with a warning; an unreadable file named directly raises DetectorError.
+        `save` (what `detector predict` does) also writes the drawn images (unless save_images=False) and
+        predictions.json to runs/predict/<name>, and prints that predictions.json path last.
         """
-        from detector.engine.predictor import Predictor, detection_dict, iter_batches, list_images
+        from detector.engine.predictor import Predictor
+
+        given = images if isinstance(images, PredictOptions) else None
+        opts = _options(PredictOptions, given, options, "Detector.predict()")
+        source = opts.source if given is not None or images is None else images
+        if isinstance(source, str) and not source:
+            raise DetectorError("predict: source=<image, folder or glob> is required")
+        device = self._to(opts.device)
+        predictor = Predictor(
+            self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.conf, iou=opts.iou,
+            max_det=opts.max_det, classes=opts.classes or None, device=device,
+        )
+        if save:
+            return self._predict_to_files(predictor, source, opts)
+        return self._predict_in_memory(predictor, source, opts.batch)
+
+    def export(self, opts: ExportOptions | None = None, /, **options: Any) -> Path:
+        """`detector export`: the model as ONNX, checked with onnxruntime, with the command's keys as an ExportOptions
+        or as keywords (format, imgsz, dynamic, nms, opset, out ...); returns the file's path, also printed last.
+        Default path: beside the weights as <stem>.onnx (for a bare YAML model: <model name>.onnx here)."""
+        from detector.export import ExportSpec, export_onnx
+
+        opts = _options(ExportOptions, opts, options, "Detector.export()")
+        if opts.format.lower() != "onnx":  # for an ExportOptions built in Python, whose values no one has checked
+            raise DetectorError(f"export: format '{opts.format}' is not supported (onnx)")
+        if opts.out:
+            out = Path(opts.out)
+        elif self.weights is not None:
+            out = self.weights.with_suffix(".onnx")
+        else:
+            out = Path(f"{self.model.name}.onnx")
+        spec = ExportSpec(
+            imgsz=opts.imgsz or self.imgsz, batch=opts.batch, dynamic=opts.dynamic, nms=opts.nms, conf=opts.conf,
+            iou=opts.iou, max_det=opts.max_det, opset=opts.opset, simplify=opts.simplify,
+        )
+        path = export_onnx(self.model, out, spec, metadata=self._metadata())
+        print(path)
+        return path
+
+    def info(self, imgsz: int = 640) -> str:
+        """The layer table, parameters and GFLOPs at `imgsz`."""
+        from detector.models.info import model_info
+
+        return model_info(self.model, imgsz)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _to(self, device: str) -> torch.device:
+        """The device a call runs on: a command's `device=` moves the Detector there ('' keeps its own)."""
+        from detector.engine.device import select_device
+
+        if device:
+            target = select_device(device)
+            if target != self.device:
+                self.model.to(target)
+                self.device, self.device_spec, self._fused = target, device, None
+        return self.device
+
+    def _val_loader(self, opts: ValOptions, device: torch.device) -> Any:
+        """The loader of `opts.split` at `opts.imgsz` (0: the Detector's size); a checkpoint's category ids must be
+        the dataset's, or its AP would be meaningless."""
+        from detector.config import load_data_spec
+        from detector.data.loader import build_val_loader
+        from detector.data.synthetic import ensure_bundled_dataset
+
+        data = opts.data or self.train_data
+        if not data:
+            raise DetectorError("val: data=<dataset yaml> is required")
+        imgsz = opts.imgsz or self.imgsz
+        ensure_bundled_dataset(Path(data))
+        split = getattr(load_data_spec(data), opts.split)
+        if opts.conf > 0.001:
+            LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", opts.conf)
+        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=opts.workers, rect=opts.rect)
+        if self.weights is not None:
+            _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
+        LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)
+        return loader
+
+    def _predict_in_memory(self, predictor: Any, images: ImageInput, batch: int) -> list[dict[str, Any]]:
+        from detector.engine.predictor import detection_dict, iter_batches, list_images
 
         if isinstance(images, (str, Path)):
             items: list[Path | np.ndarray] = list(list_images(images))
@@ -149,27 +256,31 @@ class Detector:
             items, skip = [images], False
         else:
             items, skip = [Path(i) if isinstance(i, str) else i for i in images], False
-        predictor = Predictor(self._inference_model(), imgsz=imgsz or self.imgsz, conf=conf, iou=iou, max_det=max_det, classes=classes, device=self.device)
         results = []
-        for chunk in iter_batches(items, max(batch, 1), skip_unreadable=skip, skipped=[]):
+        for chunk in iter_batches(items, batch, skip_unreadable=skip, skipped=[]):
             for file, det in zip(chunk.files, predictor(chunk.images)):
                 results.append(detection_dict(det, self.names, self.category_ids, file))
         return results
 
-    def export(self, format: str = "onnx", **options: Any) -> Path:  # noqa: A002 (the CLI key's name)
-        """Export with `detector export` keys (imgsz, dynamic, nms, opset, out ...); returns the file's path.
-        Default path: beside the weights as <stem>.onnx (for a bare YAML model: <model name>.onnx here)."""
-        values = _plain({**options, "format": format, "weights": self.weights or ""})
-        opts = build_options(ExportOptions, values, "Detector.export()")
-        return _export(opts, self.model, self._metadata(), default_imgsz=self.imgsz)
+    def _predict_to_files(self, predictor: Any, source: ImageInput, opts: PredictOptions) -> list[dict[str, Any]]:
+        """Every readable image of `source` (a path, folder, glob or list of paths), drawn and in predictions.json."""
+        from detector.engine.predictor import list_images, predict_source
 
-    def info(self, imgsz: int = 640) -> str:
-        """The layer table, parameters and GFLOPs at `imgsz`."""
-        from detector.models.info import model_info
-
-        return model_info(self.model, imgsz)
-
-    # ------------------------------------------------------------------------------------------ helpers
+        if isinstance(source, (str, Path)):
+            files = list_images(source)
+        elif not isinstance(source, np.ndarray) and all(isinstance(i, (str, Path)) for i in source):
+            files = [Path(i) for i in source]
+        else:
+            raise DetectorError("predict: save=True needs image files (a path, a folder, a glob or a list of paths)")
+        save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
+        shown = source if isinstance(source, (str, Path)) else f"{len(files)} path(s)"
+        LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), shown, predictor.imgsz, self.device)
+        results = predict_source(
+            predictor, files, save_dir, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
+            save_images=opts.save_images,
+        )
+        print(save_dir / "predictions.json")
+        return results
 
     def _inference_model(self) -> nn.Module:
         """A BN-folded channels_last copy of the model for inference (the model itself stays trainable and countable)."""
@@ -183,82 +294,31 @@ class Detector:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name}
 
 
+def _options(cls: type[T], given: T | None, values: dict[str, Any], where: str) -> T:
+    """A call's options: an options object as given (built by `load_options` or by hand), or keywords checked
+    against `cls` as the command line is (unknown keys, types, ranges; None means the default)."""
+    if given is not None:
+        if values:
+            raise TypeError(f"{where}: give a {cls.__name__} or keywords, not both (got {', '.join(values)})")
+        return given
+    return build_options(cls, _plain({k: v for k, v in values.items() if v is not None}), where)
+
+
+def _check_categories(model_ids: list[int], data_ids: list[int], weights: str, annotations: str) -> None:
+    """Contiguous class c means category model_ids[c] to the model; the data must agree or AP is meaningless."""
+    model_ids, data_ids = [int(c) for c in model_ids], [int(c) for c in data_ids]
+    if model_ids != data_ids:
+
+        def show(ids: list[int]) -> str:
+            return ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+
+        raise DetectorError(
+            f"val: {weights} was trained on category ids [{show(model_ids)}] but {annotations} has [{show(data_ids)}] "
+            "(another dataset?)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- commands
-
-
-def run_val(opts: ValOptions, *, model: nn.Module | None = None) -> dict[str, Any]:
-    """`detector val`: metrics of `opts.weights` (or of `model`) on `opts.data`; files in runs/val/<name>."""
-    from detector.engine import evaluator
-
-    save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
-    return evaluator.run_val(
-        weights="" if model is not None else opts.weights, model=model, data=opts.data, split=opts.split,
-        imgsz=opts.imgsz, batch=opts.batch, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, rect=opts.rect,
-        workers=opts.workers, device=opts.device, half=opts.half, backend=opts.backend, save_json=opts.save_json,
-        plots=opts.plots, save_dir=save_dir,
-    )
-
-
-def run_predict(opts: PredictOptions) -> list[dict[str, Any]]:
-    """`detector predict`: drawn images and predictions.json for every image of `opts.source` in
-    runs/predict/<name>; returns one detection dict per readable image."""
-    from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from detector.engine.device import select_device
-    from detector.engine.predictor import Predictor, list_images, predict_source
-    from detector.models.builder import inference_copy
-
-    if not opts.weights:
-        raise DetectorError("predict: weights=<checkpoint> is required")
-    if not opts.source:
-        raise DetectorError("predict: source=<image, folder or glob> is required")
-    _check_thresholds("predict", opts.conf, opts.iou, opts.max_det, opts.batch)
-    files = list_images(opts.source)
-    ckpt = load_checkpoint(Path(opts.weights))
-    device = select_device(opts.device)
-    model = inference_copy(model_from_checkpoint(ckpt, source=opts.weights)).to(device)
-    imgsz = opts.imgsz or int(ckpt["imgsz"])
-    predictor = Predictor(model, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, classes=opts.classes or None, device=device)
-    save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
-    LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), opts.source, imgsz, device)
-    results = predict_source(
-        predictor, files, save_dir, names=list(ckpt["names"]), category_ids=[int(c) for c in ckpt["category_ids"]],
-        batch_size=opts.batch, save_images=opts.save_images,
-    )
-    print(save_dir / "predictions.json")
-    return results
-
-
-def run_export(opts: ExportOptions) -> Path:
-    """`detector export`: the checkpoint as ONNX, checked with onnxruntime; the path is the last line printed."""
-    from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
-
-    if not opts.weights:
-        raise DetectorError("export: weights=<checkpoint> is required")
-    ckpt = load_checkpoint(Path(opts.weights))
-    model = model_from_checkpoint(ckpt, source=opts.weights)
-    metadata = {"names": list(ckpt["names"]), "category_ids": [int(c) for c in ckpt["category_ids"]], "model": model.name}
-    return _export(opts, model, metadata, default_imgsz=int(ckpt["imgsz"]))
-
-
-def _export(opts: ExportOptions, model: nn.Module, metadata: dict[str, Any], *, default_imgsz: int) -> Path:
-    from detector.export import ExportSpec, export_onnx
-
-    if opts.format.lower() != "onnx":
-        raise DetectorError(f"export: format '{opts.format}' is not supported (onnx)")
-    _check_thresholds("export", opts.conf, opts.iou, opts.max_det, opts.batch)
-    if opts.out:
-        out = Path(opts.out)
-    elif opts.weights:
-        out = Path(opts.weights).with_suffix(".onnx")
-    else:
-        out = Path(f"{model.name}.onnx")
-    spec = ExportSpec(
-        imgsz=opts.imgsz or default_imgsz, batch=opts.batch, dynamic=opts.dynamic, nms=opts.nms, conf=opts.conf,
-        iou=opts.iou, max_det=opts.max_det, opset=opts.opset, simplify=opts.simplify,
-    )
-    path = export_onnx(model, out, spec, metadata=metadata)
-    print(path)
-    return path
 
 
 def run_info(opts: InfoOptions) -> str:
@@ -270,11 +330,8 @@ def run_info(opts: InfoOptions) -> str:
     if opts.weights:
         if opts.attention or opts.attention_at or opts.nc:
             raise DetectorError("info: nc, attention and attention_at apply to a model YAML, not to weights=")
-        from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
-
-        ckpt = load_checkpoint(Path(opts.weights))
-        model = model_from_checkpoint(ckpt, source=opts.weights)
-        map_size = int(ckpt["imgsz"])
+        checkpoint = Detector.from_checkpoint(opts.weights, device="cpu")
+        model, map_size = checkpoint.model, checkpoint.imgsz
     else:
         from detector.models.builder import build_model
 
@@ -308,15 +365,3 @@ def _read_source(source: str) -> np.ndarray:
         raise DetectorError(f"info: source '{source}' not found") from None
     except READ_ERRORS as err:
         raise DetectorError(f"info: cannot read image {source} ({err})") from None
-
-
-def _check_thresholds(command: str, conf: float, iou: float, max_det: int, batch: int) -> None:
-    checks = [
-        (0.0 <= conf <= 1.0, f"conf must be in [0, 1], got {conf}"),
-        (0.0 <= iou <= 1.0, f"iou must be in [0, 1], got {iou}"),
-        (max_det >= 1, f"max_det must be >= 1, got {max_det}"),
-        (batch >= 1, f"batch must be >= 1, got {batch}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DetectorError(f"{command}: {message}")

@@ -12,8 +12,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detector.config import TrainConfig, describe_options, did_you_mean, load_options, load_train_config, parse_overrides
-from detector.errors import DetectorError
+from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
+from detector.errors import DetectorError, did_you_mean
 from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchModelsOptions, BenchTrainOptions,
                                BenchValOptions, CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions)
 
@@ -32,21 +32,24 @@ def _train(overrides: dict[str, str]) -> None:
 
 
 def _val(overrides: dict[str, str]) -> None:
-    from detector.api import run_val
+    from detector.api import Detector
 
-    run_val(load_options(ValOptions, overrides))
+    opts = load_options(ValOptions, overrides)
+    Detector.from_checkpoint(opts.weights, device=opts.device).val(opts)
 
 
 def _predict(overrides: dict[str, str]) -> None:
-    from detector.api import run_predict
+    from detector.api import Detector
 
-    run_predict(load_options(PredictOptions, overrides))
+    opts = load_options(PredictOptions, overrides)
+    Detector.from_checkpoint(opts.weights, device=opts.device).predict(opts, save=True)
 
 
 def _export(overrides: dict[str, str]) -> None:
-    from detector.api import run_export
+    from detector.api import Detector
 
-    run_export(load_options(ExportOptions, overrides))
+    opts = load_options(ExportOptions, overrides)
+    Detector.from_checkpoint(opts.weights, device="cpu").export(opts)  # exported from a CPU copy in any case
 
 
 def _info(overrides: dict[str, str]) -> None:

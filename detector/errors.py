@@ -1,5 +1,20 @@
-"""The one exception type users see: a one-line message naming the file, key or row at fault."""
+"""The one exception type users see: a one-line message naming the file, key or row at fault, and the one
+did-you-mean hint every such message uses. Imports nothing of ours, so every layer may import it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class DetectorError(Exception):
     """Bad input or an unrecoverable fault; the CLI prints `str(err)` on one line and exits non-zero."""
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, matched case-insensitively and shown as spelled, or ''.
+
+    One helper for every 'unknown key / module / name' message, so they all read the same."""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""

@@ -36,6 +36,13 @@ def write_checkpoint(path: Path, model_cfg: str, *, attention: str | None = None
     return path
 
 
+def export_command(opts: ExportOptions) -> Path:
+    """What `detector export` runs: the checkpoint's Detector, then its export."""
+    from detector.api import Detector
+
+    return Detector.from_checkpoint(opts.weights, device="cpu").export(opts)
+
+
 def export_lines(capsys) -> list[str]:
     return capsys.readouterr().out.strip().splitlines()
 
@@ -48,10 +55,8 @@ def test_default_model_round_trip_beside_the_weights(tmp_path: Path, capsys) -> 
     import onnx
     import onnxruntime as ort
 
-    from detector.api import run_export
-
     weights = write_checkpoint(tmp_path / "weights" / "best.pt", "yolo-ca-n")
-    path = run_export(ExportOptions(weights=str(weights), opset=17))
+    path = export_command(ExportOptions(weights=str(weights), opset=17))
     lines = export_lines(capsys)
     assert path == tmp_path / "weights" / "best.onnx" and path.exists()
     assert lines[-1] == str(path)
@@ -60,18 +65,16 @@ def test_default_model_round_trip_beside_the_weights(tmp_path: Path, capsys) -> 
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"images": np.zeros((3, 3, 64, 64), np.float32)})  # the batch axis is dynamic
-    assert out.shape == (3, 3 * (8 * 8 + 4 * 4 + 2 * 2), 5 + 3)
+    assert out.shape == (3, 3 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2), 5 + 3)  # the default has four levels, P2-P5
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["names"]) == ["c0", "c1", "c2"] and json.loads(meta["stride"]) == 32
 
 
 def test_attention_model_with_dynamic_size(tmp_path: Path, capsys, caplog) -> None:
-    from detector.api import run_export
-
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-attn-n", attention="mhsa")
     out = tmp_path / "export" / "mhsa.onnx"
     with caplog.at_level(logging.WARNING, logger="detector.export"):
-        run_export(ExportOptions(weights=str(weights), dynamic=True, out=str(out)))
+        export_command(ExportOptions(weights=str(weights), dynamic=True, out=str(out)))
     assert "key/value pooling (max_kv) is fixed at imgsz" in caplog.text
     lines = export_lines(capsys)
     assert lines[-1] == str(out)
@@ -82,21 +85,17 @@ def test_attention_model_with_dynamic_size(tmp_path: Path, capsys, caplog) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["axial", "ssa", "cbam"])
 def test_other_attention_models_export(tmp_path: Path, capsys, attention: str) -> None:
-    from detector.api import run_export
-
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-attn-n", attention=attention)
-    run_export(ExportOptions(weights=str(weights), dynamic=True))
+    export_command(ExportOptions(weights=str(weights), dynamic=True))
     assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
 
 
 def test_nms_in_the_graph(tmp_path: Path, capsys, caplog) -> None:
     import onnxruntime as ort
 
-    from detector.api import run_export
-
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
     with caplog.at_level(logging.WARNING):
-        path = run_export(ExportOptions(weights=str(weights), nms=True, conf=0.001, max_det=4, simplify=True))
+        path = export_command(ExportOptions(weights=str(weights), nms=True, conf=0.001, max_det=4, simplify=True))
     assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
     assert any("simplify" in r.getMessage() for r in caplog.records)  # neither onnxslim nor onnxsim installed here
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -127,14 +126,12 @@ def test_in_graph_nms_matches_the_predictor_nms() -> None:
 
 
 def test_bad_requests_name_the_key(tmp_path: Path) -> None:
-    from detector.api import run_export
-
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
     with pytest.raises(DetectorError, match="format 'tflite'"):
-        run_export(ExportOptions(weights=str(weights), format="tflite"))
+        export_command(ExportOptions(weights=str(weights), format="tflite"))
     with pytest.raises(DetectorError, match="multiple of the model stride"):
-        run_export(ExportOptions(weights=str(weights), imgsz=100))
+        export_command(ExportOptions(weights=str(weights), imgsz=100))
     with pytest.raises(DetectorError, match="opset must be 14..23"):
-        run_export(ExportOptions(weights=str(weights), opset=11))
+        export_command(ExportOptions(weights=str(weights), opset=11))
     with pytest.raises(DetectorError, match="weights="):
-        run_export(ExportOptions())
+        export_command(ExportOptions())

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.engine.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.errors import DetectorError
 from detector.options import BenchValOptions
 from detector.tables import format_table
@@ -61,12 +62,11 @@ def bench_pipeline(opts: BenchValOptions, data: Path) -> list[list[Any]]:
         nc = loader.dataset.coco.num_classes
         for name, model in _models(opts, nc, build_model, resolve_model_path):
             model.to(device).eval()
-            evaluator = Evaluator(loader, device=device, half=device.type == "cuda", save_dir=None, verbose=False)
+            evaluator = Evaluator(loader, device=device, half=device.type == "cuda")
             evaluator.run(model)
             started = time.perf_counter()
-            metrics = evaluator.run(model)
+            speed = evaluator.run(model).speed_ms
             elapsed = time.perf_counter() - started
-            speed = metrics["speed_ms"]
             count = len(loader.dataset)
             rows.append([name, imgsz, count, count / elapsed, speed["preprocess"], speed["inference"], speed["nms"], speed["metric"]])
             print(f"  {name} {imgsz}: {count / elapsed:.1f} images/s", flush=True)
@@ -75,10 +75,9 @@ def bench_pipeline(opts: BenchValOptions, data: Path) -> list[list[Any]]:
 
 def _models(opts: BenchValOptions, nc: int, build_model: Any, resolve_model_path: Any) -> list[tuple[str, Any]]:
     if opts.weights:
-        from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
+        from detector.api import Detector
 
-        ckpt = load_checkpoint(Path(opts.weights))
-        return [(Path(opts.weights).name, model_from_checkpoint(ckpt, source=opts.weights))]
+        return [(Path(opts.weights).name, Detector.from_checkpoint(opts.weights, device=opts.device).model)]
     return [(name, build_model(resolve_model_path(name), nc=nc)) for name in opts.models]
 
 
@@ -155,7 +154,7 @@ def synthetic_coco(num_images: int, dets_per_image: int, num_classes: int, seed:
     )
     det = np.concatenate([tp, fp])
     det = det[np.lexsort((-det[:, 5], det[:, 0]))]
-    det[:, 1:5] = det[:, 1:5].round(3)
-    det[:, 5] = det[:, 5].round(5)
+    det[:, 1:5] = det[:, 1:5].round(BOX_DECIMALS)  # as predictions.json stores them
+    det[:, 5] = det[:, 5].round(SCORE_DECIMALS)
     return dataset, det
 

@@ -106,6 +106,35 @@ def unletterbox_boxes(
     return torch.minimum(out.clamp(min=0), upper)
 
 
+def letterbox_batch(images: Sequence[np.ndarray], imgsz: int, stride: int) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
+    """Letterbox RGB images into one uint8 batch (B, 3, H, W).
+
+    Each image is scaled so its long side is `imgsz`; the batch shape is the smallest multiple of `stride` holding
+    every scaled image (a batch of landscape images is not padded to a square). Returns the batch, and per image the
+    ratio and (pad_left, pad_top) that `unletterbox_boxes` inverts.
+    """
+    sizes = np.array([image.shape[:2] for image in images], dtype=np.float64)  # (B, 2) h, w
+    scaled = np.round(sizes * (imgsz / sizes.max(axis=1, keepdims=True)))
+    shape_hw = (np.ceil(scaled.max(axis=0) / stride) * stride).astype(int)
+    out, ratios, pads = [], [], []
+    for image in images:
+        boxed, ratio, pad = letterbox(image, (int(shape_hw[0]), int(shape_hw[1])))
+        out.append(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))))
+        ratios.append(ratio)
+        pads.append(pad)
+    return torch.stack(out), ratios, pads
+
+
+def to_model_input(images: torch.Tensor, device: torch.device | str, *, channels_last: bool = True,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A uint8 (B, 3, H, W) batch as the model takes it: on `device`, `dtype` in [0, 1], channels_last if asked.
+
+    The one place images are scaled, so training, validation, prediction and the attention maps feed the model the
+    same numbers (the conversion runs on the device: a uint8 copy is a quarter of a float one)."""
+    x = images.to(device, non_blocking=True).to(dtype).div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 # ---------------------------------------------------------------------------------------------- mosaic
 
 

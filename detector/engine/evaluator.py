@@ -3,15 +3,18 @@
 The detections are kept as one (N, 7) array [image_id, x, y, w, h, score, category_id] (bbox xywh in original
 pixels, rounded as predictions.json stores them); the metrics are computed from exactly these rows, so re-scoring
 the saved predictions.json with pycocotools gives the same numbers.
+
+`Evaluator.run` returns an `EvalResult` and writes nothing; `save_results` logs and writes it (metrics.json,
+predictions.json, plots/), for `Detector.val` and the trainer alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +22,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from detector.engine.metrics import (
-    BACKENDS,
-    COCO_KEYS,
-    detections_to_coco_results,
-    evaluate_coco,
-    fitness,
-    format_metrics_table,
-)
+from detector.engine.coco_rows import coco_rows, detections_to_coco_results, write_json
+from detector.engine.metrics import BACKENDS, COCO_KEYS, evaluate_coco, fitness, format_metrics_table
 from detector.engine.postprocess import non_max_suppression
 from detector.errors import DetectorError
 from detector.models.builder import inference_copy
 
-__all__ = ["Evaluator", "detections_to_rows", "fitness", "run_val"]
+__all__ = ["EvalResult", "Evaluator", "detections_to_rows", "fitness", "save_results"]
 
 SAMPLES_DPI = 60  # the TensorBoard grid of `samples`: 240 px per image, about 0.26 MB per validation (PNG)
 
 LOGGER = logging.getLogger(__name__)
-
-# predictions.json precision: 1/1000 px for boxes, 1e-5 for scores (scores below conf 0.001 never appear)
-BOX_DECIMALS = 3
-SCORE_DECIMALS = 5
-
 
 def detections_to_rows(
     detections: list[torch.Tensor], meta: list[dict[str, Any]], category_ids: torch.Tensor
@@ -61,24 +53,49 @@ def detections_to_rows(
     if not parts:
         return np.zeros((0, 7), dtype=np.float64)
     rows = torch.cat(parts).cpu().numpy()
-    out = np.empty_like(rows)
-    out[:, 0] = rows[:, 0]
-    out[:, 1:3] = rows[:, 1:3]
-    out[:, 3:5] = rows[:, 3:5] - rows[:, 1:3]
-    out[:, 1:5] = np.round(out[:, 1:5], BOX_DECIMALS)
-    out[:, 5] = np.round(rows[:, 5], SCORE_DECIMALS)
-    out[:, 6] = category_ids.cpu().numpy()[rows[:, 6].astype(np.int64)]
-    return out
+    return coco_rows(rows[:, 0], rows[:, 1:5], rows[:, 5], category_ids.cpu().numpy()[rows[:, 6].astype(np.int64)])
+
+
+@dataclass
+class EvalResult:
+    """One evaluation, kept apart from its outputs so the val command and the trainer save it through one function
+    (`save_results`) and the trainer can log `sample` without digging it out of the metrics.
+
+    `metrics`: the 12 COCO_KEYS, per_class and speed_ms (what metrics.json stores). `rows`: the (N, 7) detections
+    [image_id, x, y, w, h, score, category_id] the metrics were computed from (predictions.json). `precision`:
+    COCOeval's (T, R, K, A, M) array for the PR curves. `first_batch`: (images, targets, detections) of the first
+    batch, for val_batch0.jpg. `sample`: the uint8 (3, H, W) grid `run(samples=n)` drew from it, else None.
+    `gt`, `names`, `category_ids`: the dataset evaluated against (for the confusion matrix and the drawings).
+    """
+
+    metrics: dict[str, Any]
+    rows: np.ndarray
+    precision: np.ndarray
+    image_ids: list[int]
+    first_batch: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]
+    gt: Any
+    names: list[str]
+    category_ids: list[int]
+    sample: torch.Tensor | None = None
+
+    @property
+    def per_class(self) -> list[dict[str, Any]]:
+        """One row per GT category: name, category_id, instances, AP, AP50."""
+        return self.metrics["per_class"]
+
+    @property
+    def speed_ms(self) -> dict[str, float]:
+        """ms per image: preprocess, inference, nms, metric."""
+        return self.metrics["speed_ms"]
 
 
 class Evaluator:
     """COCO mAP of a model on a val loader (`build_val_loader`); `run(model)` is called by the trainer each
-    `val_interval` epochs (rank 0 only) and by `detector val`. `verbose` logs the per-class table (the speed line
-    is always logged).
+    `val_interval` epochs (rank 0 only), by `Detector.val` and by `detector bench val`. It computes and returns an
+    `EvalResult`; writing and logging it is `save_results`' job, so `run` has no output flags.
 
     `half` runs the forward under fp16 autocast on CUDA (ignored elsewhere); the model is never modified (a
-    DetectionModel is evaluated through its BN-folded channels_last `inference_copy`). With a
-    `save_dir`, each run writes metrics.json, predictions.json (when `save_json`) and plots/ (when `plots`).
+    DetectionModel is evaluated through its BN-folded channels_last `inference_copy`).
     """
 
     def __init__(
@@ -91,10 +108,6 @@ class Evaluator:
         device: torch.device | str | None = None,
         half: bool = False,
         backend: str = "pycocotools",
-        save_dir: str | Path | None = None,
-        plots: bool = False,
-        save_json: bool = True,
-        verbose: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise DetectorError(f"backend: unknown '{backend}'; valid: {', '.join(BACKENDS)}")
@@ -110,212 +123,95 @@ class Evaluator:
         self.device = torch.device(device) if device is not None else None
         self.half = half
         self.backend = backend
-        self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.plots = plots
-        self.save_json = save_json
-        self.verbose = verbose
 
-    def run(
-        self,
-        model: nn.Module,
-        *,
-        plots: bool | None = None,
-        save_json: bool | None = None,
-        verbose: bool | None = None,
-        samples: int = 0,
-    ) -> dict[str, Any]:
-        """Evaluate `model` (any mode; put back in its previous mode) -> the 12 COCO_KEYS, per_class, speed_ms.
+    def run(self, model: nn.Module, *, samples: int = 0) -> EvalResult:
+        """Evaluate `model` (any mode; put back in its previous mode) -> an `EvalResult`.
 
-        `plots`, `save_json`, `verbose` override the constructor's choice for this run (e.g. only at a training's
-        last epoch). `samples` > 0 adds "samples": the val_batch0 grid of that many first-batch images with GT and
+        `samples` > 0 also draws `result.sample`: the val_batch0 grid of that many first-batch images with GT and
         predictions, rendered as uint8 (3, H, W) at a small size, which the trainer logs to TensorBoard.
         """
-        plots = self.plots if plots is None else plots
-        save_json = self.save_json if save_json is None else save_json
-        verbose = self.verbose if verbose is None else verbose
         device = self.device or next(model.parameters()).device
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.half and device.type == "cuda" else contextlib.nullcontext()
         was_training = model.training
         model.eval()
-        net = inference_copy(model)  # BN folded, channels_last: the given model is left as it is
-        totals = dict.fromkeys(("preprocess", "inference", "nms"), 0.0)
-        parts: list[np.ndarray] = []
-        seen_ids: list[int] = []
-        first_batch = None
         try:
-            with torch.inference_mode():
-                for batch in self.loader:
-                    t0 = _clock(device)
-                    images = batch["images"].to(device, non_blocking=True).float().div_(255)
-                    images = images.contiguous(memory_format=torch.channels_last)
-                    t1 = _clock(device)
-                    with amp:
-                        pred = net(images)
-                    t2 = _clock(device)
-                    self._check_classes(pred)
-                    dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det)
-                    parts.append(detections_to_rows(dets, batch["meta"], self.category_ids))
-                    t3 = _clock(device)
-                    totals["preprocess"] += t1 - t0
-                    totals["inference"] += t2 - t1
-                    totals["nms"] += t3 - t2
-                    seen_ids += [int(m["image_id"]) for m in batch["meta"]]
-                    if first_batch is None and (plots or samples > 0):
-                        first_batch = (batch["images"], batch["targets"], [d.cpu() for d in dets])
+            rows, image_ids, first_batch, totals = self._infer(inference_copy(model), device)
         finally:
             model.train(was_training)
-        if not seen_ids:
-            raise DetectorError("validation: the val loader yielded no images")
-
-        rows = np.concatenate(parts)
         t0 = time.perf_counter()
-        metrics, precision = evaluate_coco(self.gt, rows, image_ids=seen_ids, backend=self.backend)
+        metrics, precision = evaluate_coco(self.gt, rows, image_ids=image_ids, backend=self.backend)
         totals["metric"] = time.perf_counter() - t0
-        metrics["speed_ms"] = {k: 1000 * v / len(seen_ids) for k, v in totals.items()}
-        self._report(metrics, len(seen_ids), verbose=verbose)
-        if self.save_dir is not None:
-            self._save(metrics, rows, precision, seen_ids, first_batch if plots else None, save_json=save_json)
+        metrics["speed_ms"] = {k: 1000 * v / len(image_ids) for k, v in totals.items()}
+        sample = None
         if samples > 0:
             from detector.engine.plots import figure_pixels, val_batch_figure
 
             images, targets, dets = first_batch
-            metrics["samples"] = figure_pixels(val_batch_figure(images, targets, dets, self.names, max_images=samples, dpi=SAMPLES_DPI))
-        return metrics
+            sample = figure_pixels(val_batch_figure(images, targets, dets, self.names, max_images=samples, dpi=SAMPLES_DPI))
+        return EvalResult(
+            metrics=metrics, rows=rows, precision=precision, image_ids=image_ids, first_batch=first_batch, gt=self.gt,
+            names=self.names, category_ids=self.category_ids.tolist(), sample=sample,
+        )
+
+    def _infer(self, net: nn.Module, device: torch.device) -> tuple[np.ndarray, list[int], tuple, dict[str, float]]:
+        """Every batch through `net` (BN folded, channels_last) and NMS -> (rows, image ids, first batch, stage
+        seconds); the first batch is kept on the CPU for the drawings."""
+        from detector.data.transforms import to_model_input  # lazy, as in detections_to_rows: cv2/albumentations
+
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.half and device.type == "cuda" else contextlib.nullcontext()
+        totals = dict.fromkeys(("preprocess", "inference", "nms"), 0.0)
+        parts: list[np.ndarray] = []
+        seen_ids: list[int] = []
+        first_batch = None
+        with torch.inference_mode():
+            for batch in self.loader:
+                t0 = _clock(device)
+                images = to_model_input(batch["images"], device)
+                t1 = _clock(device)
+                with amp:
+                    pred = net(images)
+                t2 = _clock(device)
+                self._check_classes(pred)
+                dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det)
+                parts.append(detections_to_rows(dets, batch["meta"], self.category_ids))
+                t3 = _clock(device)
+                totals["preprocess"] += t1 - t0
+                totals["inference"] += t2 - t1
+                totals["nms"] += t3 - t2
+                seen_ids += [int(m["image_id"]) for m in batch["meta"]]
+                if first_batch is None:
+                    first_batch = (batch["images"], batch["targets"], [d.cpu() for d in dets])
+        if not seen_ids:
+            raise DetectorError("validation: the val loader yielded no images")
+        return np.concatenate(parts), seen_ids, first_batch, totals
 
     def _check_classes(self, pred: torch.Tensor) -> None:
         nc = pred.shape[-1] - 5
         if nc != len(self.category_ids):
             raise DetectorError(f"validation: the model predicts {nc} classes but the dataset has {len(self.category_ids)}")
 
-    def _report(self, metrics: dict[str, Any], num_images: int, *, verbose: bool) -> None:
-        if verbose:
-            LOGGER.info("\n%s", format_metrics_table(metrics, num_images))
-        speed = metrics["speed_ms"]
-        LOGGER.info(
-            "speed: %.1f ms pre-process, %.1f ms inference, %.1f ms NMS, %.1f ms metric per image",
-            *(speed[k] for k in ("preprocess", "inference", "nms", "metric")),
-        )
 
-    def _save(
-        self,
-        metrics: dict[str, Any],
-        rows: np.ndarray,
-        precision: np.ndarray,
-        image_ids: list[int],
-        first_batch: tuple | None,
-        *,
-        save_json: bool,
-    ) -> None:
-        assert self.save_dir is not None
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.save_dir / "metrics.json", {k: metrics[k] for k in (*COCO_KEYS, "per_class", "speed_ms")})
-        if save_json:
-            _write_json(self.save_dir / "predictions.json", detections_to_coco_results(rows))
-        if first_batch is not None:  # plots requested
-            from detector.engine import plots
-
-            plots.save_validation_plots(
-                self.save_dir / "plots",
-                precision=precision,
-                rows=rows,
-                gt=self.gt,
-                image_ids=image_ids,
-                category_ids=self.category_ids.tolist(),
-                names=self.names,
-                first_batch=first_batch,
-            )
-
-
-def run_val(
-    *,
-    weights: str | Path = "",
-    model: nn.Module | None = None,
-    data: str | Path = "",
-    split: str = "val",
-    imgsz: int = 0,
-    batch: int = 16,
-    conf: float = 0.001,
-    iou: float = 0.6,
-    max_det: int = 300,
-    rect: bool = True,
-    workers: int = 2,
-    device: str = "",
-    half: bool = True,
-    backend: str = "pycocotools",
-    save_json: bool = True,
-    plots: bool = True,
-    save_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """`detector val`: COCO mAP of a checkpoint (`weights`, EMA weights when present) or of a `model` on a split.
-
-    `data` '' means the dataset the checkpoint was trained on; `imgsz` 0 the checkpoint's training size (640 for a
-    bare model); `half` applies on CUDA only; a given `model` stays on its device unless `device` is set.
-    Returns what `Evaluator.run` returns; files go to `save_dir`.
-    """
-    from detector.config import load_data_spec
-    from detector.data.loader import build_val_loader
-    from detector.data.synthetic import ensure_bundled_dataset
-    from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from detector.engine.device import select_device
-
-    _check_val_options(split=split, batch=batch, conf=conf, iou=iou, max_det=max_det, backend=backend)
-    if (model is None) == (not weights):
-        raise DetectorError("val: give exactly one of weights=<checkpoint> or a model")
-    ckpt = None
-    if model is None:
-        ckpt = load_checkpoint(Path(weights))
-        model = model_from_checkpoint(ckpt, source=str(weights))
-    if not data:
-        if ckpt is None or not ckpt["train_config"].get("data"):
-            raise DetectorError("val: data=<dataset yaml> is required")
-        data = ckpt["train_config"]["data"]
-    imgsz = imgsz or (int(ckpt["imgsz"]) if ckpt is not None else 640)
-    ensure_bundled_dataset(Path(data))
-    split_spec = getattr(load_data_spec(data), split)
-    run_device = select_device(device) if device or ckpt is not None else next(model.parameters()).device
-    model.to(run_device)
-    if conf > 0.001:
-        LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", conf)
-
-    loader = build_val_loader(split_spec, imgsz=imgsz, batch_size=batch, workers=workers, rect=rect)
-    if ckpt is not None:
-        _check_categories(ckpt["category_ids"], loader.dataset.coco.category_ids, str(weights), str(split_spec.annotations))
-    LOGGER.info("val: %s (%s split, %d px, %s)", split_spec.annotations, split, imgsz, run_device)
-    evaluator = Evaluator(
-        loader, conf=conf, iou=iou, max_det=max_det, device=run_device, half=half and run_device.type == "cuda",
-        backend=backend, save_dir=save_dir, plots=plots, save_json=save_json,
+def save_results(result: EvalResult, save_dir: str | Path, *, save_json: bool = True, plots: bool = False, verbose: bool = True) -> None:
+    """The outputs of an evaluation, for `detector val` and the trainer alike: the per-class table (when `verbose`)
+    and the speed line logged; metrics.json, predictions.json (when `save_json`) and plots/ (when `plots`) in
+    `save_dir`."""
+    metrics = result.metrics
+    if verbose:
+        LOGGER.info("\n%s", format_metrics_table(metrics, len(result.image_ids)))
+    LOGGER.info(
+        "speed: %.1f ms pre-process, %.1f ms inference, %.1f ms NMS, %.1f ms metric per image",
+        *(result.speed_ms[k] for k in ("preprocess", "inference", "nms", "metric")),
     )
-    metrics = evaluator.run(model)
-    if save_dir is not None:
-        LOGGER.info("val: results in %s", save_dir)
-    return metrics
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    write_json(save_dir / "metrics.json", {k: metrics[k] for k in (*COCO_KEYS, "per_class", "speed_ms")})
+    if save_json:
+        write_json(save_dir / "predictions.json", detections_to_coco_results(result.rows))
+    if plots:
+        from detector.engine import plots as drawing
 
-
-def _check_val_options(*, split: str, batch: int, conf: float, iou: float, max_det: int, backend: str) -> None:
-    checks = [
-        (split in ("val", "train"), f"split must be val or train, got '{split}'"),
-        (batch >= 1, f"batch must be >= 1, got {batch}"),
-        (0.0 <= conf <= 1.0, f"conf must be in [0, 1], got {conf}"),
-        (0.0 <= iou <= 1.0, f"iou must be in [0, 1], got {iou}"),
-        (max_det >= 1, f"max_det must be >= 1, got {max_det}"),
-        (backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DetectorError(f"val: {message}")
-
-
-def _check_categories(model_ids: list[int], data_ids: list[int], weights: str, annotations: str) -> None:
-    """Contiguous class c means category model_ids[c] to the model; the data must agree or AP is meaningless."""
-    model_ids, data_ids = [int(c) for c in model_ids], [int(c) for c in data_ids]
-    if model_ids != data_ids:
-
-        def show(ids: list[int]) -> str:
-            return ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
-
-        raise DetectorError(
-            f"val: {weights} was trained on category ids [{show(model_ids)}] but {annotations} has [{show(data_ids)}] "
-            "(another dataset?)"
+        drawing.save_validation_plots(
+            save_dir / "plots", precision=result.precision, rows=result.rows, gt=result.gt, image_ids=result.image_ids,
+            category_ids=result.category_ids, names=result.names, first_batch=result.first_batch,
         )
 
 
@@ -323,11 +219,3 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a CPU-GPU sync point, for honest per-stage times
     return time.perf_counter()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write via a temporary file, so a crash never leaves a half-written json behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    tmp.replace(path)

@@ -16,30 +16,22 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
+from detector.engine.coco_rows import coco_results_to_detections, detections_to_coco_results
 from detector.errors import DetectorError
 from detector.tables import format_table
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("pycocotools", "faster")
 
+__all__ = [
+    "BACKENDS", "COCO_KEYS", "coco_results_to_detections", "detections_to_coco_results", "evaluate_coco", "fitness",
+    "format_metrics_table",
+]
+
 
 def fitness(metrics: dict[str, Any]) -> float:
     """The single number the trainer maximises: 0.1 * AP50 + 0.9 * AP50:95."""
     return 0.1 * float(metrics["AP50"]) + 0.9 * float(metrics["AP"])
-
-
-def detections_to_coco_results(detections: np.ndarray) -> list[dict[str, Any]]:
-    """(N, 7) rows -> COCO results list (what predictions.json holds), values as plain Python numbers."""
-    return [
-        {"image_id": int(r[0]), "category_id": int(r[6]), "bbox": r[1:5], "score": r[5]}
-        for r in np.asarray(detections, dtype=np.float64).tolist()
-    ]
-
-
-def coco_results_to_detections(results: Sequence[dict[str, Any]]) -> np.ndarray:
-    """COCO results list -> (N, 7) float64 rows [image_id, x, y, w, h, score, category_id]."""
-    rows = [(r["image_id"], *r["bbox"], r["score"], r["category_id"]) for r in results]
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
 
 
 def evaluate_coco(

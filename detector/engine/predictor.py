@@ -10,7 +10,6 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import glob
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -27,15 +26,14 @@ from tqdm import tqdm
 
 from detector.data.coco import read_rgb
 from detector.data.loader import READ_ERRORS
-from detector.data.transforms import letterbox, unletterbox_boxes
+from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
+from detector.engine.coco_rows import coco_rows, detections_to_coco_results, write_json
 from detector.engine.postprocess import non_max_suppression
 from detector.errors import DetectorError
 
 LOGGER = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-BOX_DECIMALS = 3  # predictions.json precision, as the evaluator's
-SCORE_DECIMALS = 5
 READ_THREADS = 4  # image decoding threads (PIL and cv2 release the GIL while decoding)
 
 
@@ -67,25 +65,6 @@ def check_image_array(image: Any, label: str) -> np.ndarray:
     shape = getattr(image, "shape", None)
     dtype = getattr(image, "dtype", type(image).__name__)
     raise DetectorError(f"{label}: expected an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}")
-
-
-def letterbox_batch(images: Sequence[np.ndarray], imgsz: int, stride: int) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
-    """Letterbox RGB images into one uint8 batch (B, 3, H, W).
-
-    Each image is scaled so its long side is `imgsz`; the batch shape is the smallest multiple of `stride` holding
-    every scaled image (a batch of landscape images is not padded to a square). Returns the batch, and per image the
-    ratio and (pad_left, pad_top) that `unletterbox_boxes` inverts.
-    """
-    sizes = np.array([image.shape[:2] for image in images], dtype=np.float64)  # (B, 2) h, w
-    scaled = np.round(sizes * (imgsz / sizes.max(axis=1, keepdims=True)))
-    shape_hw = (np.ceil(scaled.max(axis=0) / stride) * stride).astype(int)
-    out, ratios, pads = [], [], []
-    for image in images:
-        boxed, ratio, pad = letterbox(image, (int(shape_hw[0]), int(shape_hw[1])))
-        out.append(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))))
-        ratios.append(ratio)
-        pads.append(pad)
-    return torch.stack(out), ratios, pads
 
 
 class Predictor:
@@ -122,7 +101,7 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         batch, ratios, pads = letterbox_batch(images, self.imgsz, self.stride)
-        x = batch.to(self.device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(batch, self.device)
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
         with amp:
             pred = self.model(x)
@@ -261,7 +240,7 @@ def predict_source(
         bar.update(len(results) + len(skipped) - bar.n)
     bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
     bar.close()
-    _write_json(save_dir / "predictions.json", entries)
+    write_json(save_dir / "predictions.json", entries)
     found = sum(len(r["scores"]) for r in results)
     LOGGER.info("predict: %d images, %d detections, results in %s", len(results), found, save_dir)
     if skipped:
@@ -279,19 +258,8 @@ def _save_image(image: Image.Image, path: Path) -> None:
 
 
 def _json_entries(det: torch.Tensor, image_id: int, file_name: str, hw: tuple[int, int], category_ids: Sequence[int]) -> list[dict[str, Any]]:
-    boxes = det[:, :4].double().numpy()
-    xywh = np.round(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), BOX_DECIMALS)
-    scores = np.round(det[:, 4].double().numpy(), SCORE_DECIMALS)
+    """One image's COCO results (the evaluator's rows and rounding) plus its file name and size."""
     ids = np.asarray(category_ids, dtype=np.int64)[det[:, 5].long().numpy()]
+    rows = coco_rows(image_id, det[:, :4].double().numpy(), det[:, 4].double().numpy(), ids)
     h, w = int(hw[0]), int(hw[1])
-    return [
-        {"image_id": image_id, "category_id": c, "bbox": b, "score": s, "file_name": file_name, "width": w, "height": h}
-        for b, s, c in zip(xywh.tolist(), scores.tolist(), ids.tolist())
-    ]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    tmp.replace(path)
+    return [{**r, "file_name": file_name, "width": w, "height": h} for r in detections_to_coco_results(rows)]

@@ -152,11 +152,11 @@ def capture_attention(model: nn.Module, x: torch.Tensor) -> list[AttentionCaptur
 def save_attention_maps(model: nn.Module, image: np.ndarray, imgsz: int, out_dir: Path) -> list[Path]:
     """Letterbox `image` (H, W, 3) uint8 RGB to long side `imgsz`, capture every attention layer's weights and save
     one PNG per layer in `out_dir`, named `<layer>_<kind>[_<place>].png` (e.g. 02_ca_attn_output.png)."""
-    from detector.engine.predictor import letterbox_batch
+    from detector.data.transforms import letterbox_batch, to_model_input  # lazy: cv2 and albumentations
 
     param = next(model.parameters())
     batch, _, _ = letterbox_batch([image], imgsz, int(model.stride.max()))
-    x = batch.to(param.device).to(param.dtype) / 255
+    x = to_model_input(batch, param.device, channels_last=False, dtype=param.dtype)
     captures = capture_attention(model, x)
     if not captures:
         LOGGER.warning("attention maps: the model has no attention layers (attention 'none' everywhere?)")

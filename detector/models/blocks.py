@@ -26,6 +26,27 @@ from detector.models.registry import register_alias, register_module
 
 ATTENTION_PLACES = ("output", "concat", "bottleneck")
 
+# YOLOv5's BatchNorm settings, for every norm of every model (the builder applies them after building, so
+# attention and head norms made with torch's defaults get them too); the trainer may override the momentum.
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.03
+
+
+def set_batchnorm(model: nn.Module, *, eps: float | None = BN_EPS, momentum: float | None = BN_MOMENTUM) -> int:
+    """Set eps and momentum of every BatchNorm in `model` (None leaves that one as it is); returns how many.
+
+    The one place BN settings are written: the builder calls it with the YOLOv5 defaults, the trainer with
+    `eps=None, momentum=cfg.bn_momentum`."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if eps is not None:
+                module.eps = eps
+            if momentum is not None:
+                module.momentum = momentum
+            count += 1
+    return count
+
 
 def autopad(k: int, p: int | None = None, d: int = 1) -> int:
     """'Same' padding for an odd kernel (stride 1 keeps the size; stride s divides it by s)."""
@@ -40,7 +61,7 @@ class Conv(nn.Module):
                  d: int = 1, act: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, s, autopad(k, p, d), dilation=d, groups=g, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+        self.bn = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

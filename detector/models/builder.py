@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from detector.errors import DetectorError
+from detector.errors import DetectorError, did_you_mean
 from detector.models import attention as _attention  # importing the block modules registers them
 from detector.models import blocks as _blocks
 from detector.models import footprint
 from detector.models.blocks import ATTENTION_PLACES
 from detector.models.head import Detect
-from detector.models.registry import MODULES, RowModule, UnknownNameError, suggest
+from detector.models.registry import MODULES, RowModule, UnknownNameError
 from detector.yamlfile import load_yaml
 
 KNOWN_KEYS = ("nc", "depth_multiple", "width_multiple", "scales", "scale", "attention", "attention_at", "anchors",
@@ -206,7 +206,7 @@ def _resolve(raw: Any, label: str, *, nc: int | None, attention: str | None, att
         raise DetectorError(f"{label}: a model config is a mapping (nc, backbone, head, ...), got {type(raw).__name__}")
     for key in raw:
         if key not in KNOWN_KEYS:
-            raise DetectorError(f"{label}: unknown key '{key}'{suggest(str(key), list(KNOWN_KEYS))}")
+            raise DetectorError(f"{label}: unknown key '{key}'{did_you_mean(key, KNOWN_KEYS)}")
     if "backbone" not in raw:
         raise DetectorError(f"{label}: missing 'backbone' (a list of [from, repeats, module, args] rows)")
     for section in ("backbone", "head"):
@@ -234,7 +234,7 @@ def _resolve(raw: Any, label: str, *, nc: int | None, attention: str | None, att
                 raise DetectorError(f"{label}: scales given but no 'scale:' key (one of {', '.join(map(str, scales))})")
             spec["scale"] = guess
         if spec["scale"] not in scales:
-            hint = suggest(str(spec["scale"]), list(map(str, scales)))
+            hint = did_you_mean(spec["scale"], map(str, scales))
             raise DetectorError(f"{label}: scale: '{spec['scale']}' is not in scales{hint}")
     _check_value(spec, label)
     return spec
@@ -275,7 +275,7 @@ def _activation(text: Any, label: str) -> Callable[[], nn.Module]:
     match = re.fullmatch(r"\s*(?:nn\.)?(\w+)\s*(?:\(\s*([-+.\deE]*)\s*\))?\s*", str(text))
     name = match.group(1).lower() if match else ""
     if name not in ACTIVATIONS:
-        raise DetectorError(f"{label}: activation: unknown '{text}'{suggest(name, list(ACTIVATIONS))}; "
+        raise DetectorError(f"{label}: activation: unknown '{text}'{did_you_mean(name, ACTIVATIONS)}; "
                             f"known: {', '.join(ACTIVATIONS)}")
     arg = match.group(2)
     if arg:
@@ -492,9 +492,7 @@ def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
         for m in model.modules():
             if isinstance(m, _blocks.Conv) and isinstance(m.act, nn.SiLU):
                 m.act = make_act()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # YOLOv5's BN hyperparameters, for every norm in the model
-            m.eps, m.momentum = 1e-3, 0.03
+    _blocks.set_batchnorm(model)  # YOLOv5's BN eps and momentum, for every norm in the model
     feats = _dry_run(model, spec.get("ch", 3), label)
     head = model.head
     if len(feats) != head.nl:

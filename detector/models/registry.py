@@ -19,12 +19,13 @@ Registering a module is one decorator: `@register_module(channels="arg0", repeat
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from torch import nn
+
+from detector.errors import did_you_mean
 
 T = TypeVar("T")
 ChannelRule = Literal["arg0", "same", "sum", "none"]
@@ -35,13 +36,6 @@ class UnknownNameError(LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-def suggest(name: str, choices: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, case-insensitively, or ''."""
-    by_lower = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
 
 
 class Registry(Generic[T]):
@@ -60,7 +54,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise UnknownNameError(f"unknown {self.kind} '{name}'{suggest(name, self.names())}") from None
+            raise UnknownNameError(f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -184,12 +184,6 @@ def test_grad_scaler_only_for_fp16() -> None:
     assert not dev.needs_grad_scaler(None)
 
 
-def test_channels_last_default() -> None:
-    assert dev.channels_last_default(CPU)
-    assert dev.channels_last_default(GPU)
-    assert not dev.channels_last_default(torch.device("mps"))
-
-
 def test_cpu_bf16_autocast_runs() -> None:
     """The dtype autocast_dtype returns is one torch.autocast accepts on the CPU (whatever its speed here)."""
     layer = nn.Linear(4, 2)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detector.engine.evaluator import Evaluator, detections_to_rows
+from detector.engine.evaluator import Evaluator, detections_to_rows, save_results
 from detector.engine.metrics import COCO_KEYS
 from detector.engine.plots import confusion_matrix, val_batch_figure
 from detector.errors import DetectorError
@@ -176,7 +176,9 @@ def rescore(annotations_json: dict | Path, predictions: Path, image_ids: list[in
 
 def test_ground_truth_as_predictions_scores_one_and_writes_the_files(tmp_path: Path) -> None:
     loader, model = fake_setup()
-    metrics = Evaluator(loader, save_dir=tmp_path, plots=True).run(model)
+    result = Evaluator(loader).run(model)
+    save_results(result, tmp_path, plots=True)
+    metrics = result.metrics
     assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == metrics["AR100"] == 1.0
     assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
     assert set(metrics["speed_ms"]) == {"preprocess", "inference", "nms", "metric"}
@@ -196,15 +198,16 @@ def test_ground_truth_as_predictions_scores_one_and_writes_the_files(tmp_path: P
 
 def test_samples_are_a_rendered_grid_of_the_first_images_and_are_not_saved(tmp_path: Path) -> None:
     loader, model = fake_setup()
-    metrics = Evaluator(loader, save_dir=tmp_path).run(model, samples=2)
-    samples = metrics.pop("samples")
+    result = Evaluator(loader).run(model, samples=2)
+    save_results(result, tmp_path)
+    metrics, samples = result.metrics, result.sample
     assert samples.dtype == torch.uint8 and samples.shape == (3, 240, 480)  # 2 images side by side, 240 px each
     pixels = samples.permute(1, 2, 0).reshape(-1, 3).tolist()
     assert [0, 255, 0] in pixels and [255, 0, 0] in pixels  # GT labels in green, the (perfect) predictions in red
     assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
     assert "samples" not in json.loads((tmp_path / "metrics.json").read_text())
     assert not (tmp_path / "plots").exists()  # samples do not turn the plots on
-    assert "samples" not in Evaluator(loader).run(model)
+    assert "samples" not in metrics and Evaluator(loader).run(model).sample is None
 
 
 def test_val_batch_figure_draws_gt_green_and_confident_detections_red() -> None:
@@ -234,7 +237,9 @@ def test_val_batch_figure_draws_gt_green_and_confident_detections_red() -> None:
 
 def test_saved_predictions_rescored_equal_reported_metrics_exactly(tmp_path: Path) -> None:
     loader, model = fake_setup(noise_px=2.0, false_positives=5)
-    metrics = Evaluator(loader, save_dir=tmp_path, iou=0.6).run(model)
+    result = Evaluator(loader, iou=0.6).run(model)
+    save_results(result, tmp_path)
+    metrics = result.metrics
     assert 0.2 < metrics["AP"] < 0.95
     expected = rescore(coco_json(), tmp_path / "predictions.json", image_ids=[im["id"] for im in IMAGES])
     assert [metrics[k] for k in COCO_KEYS] == expected
@@ -245,20 +250,22 @@ def test_saved_predictions_rescored_equal_reported_metrics_exactly(tmp_path: Pat
 def test_faster_backend_gives_the_same_numbers() -> None:
     pytest.importorskip("faster_coco_eval")
     loader, model = fake_setup(noise_px=2.0, false_positives=5)
-    slow = Evaluator(loader).run(model)
+    slow = Evaluator(loader).run(model).metrics
     loader, model = fake_setup(noise_px=2.0, false_positives=5)
-    fast = Evaluator(loader, backend="faster").run(model)
+    fast = Evaluator(loader, backend="faster").run(model).metrics
     assert [fast[k] for k in COCO_KEYS] == pytest.approx([slow[k] for k in COCO_KEYS], abs=1e-4)
 
 
 def test_zero_detections_give_zeros_and_an_empty_predictions_file(tmp_path: Path) -> None:
     loader, model = fake_setup()
-    evaluator = Evaluator(loader, conf=1.0, save_dir=tmp_path, plots=True)  # score 1.0 is not > conf 1.0
-    metrics = evaluator.run(model, plots=False)
+    evaluator = Evaluator(loader, conf=1.0)  # score 1.0 is not > conf 1.0
+    result = evaluator.run(model)
+    save_results(result, tmp_path, plots=False)
+    metrics = result.metrics
     assert all(metrics[k] == 0.0 for k in COCO_KEYS)
     assert json.loads((tmp_path / "predictions.json").read_text()) == []
     assert not (tmp_path / "plots").exists()
-    evaluator.run(model)  # plots of nothing
+    save_results(evaluator.run(model), tmp_path, plots=True)  # plots of nothing
     assert (tmp_path / "plots" / "pr_curve.png").exists()
 
 
@@ -340,7 +347,9 @@ def test_letterbox_round_trip_through_the_real_val_loader(tmp_path: Path, rect: 
     split = SplitSpec(images=tmp_path / "data" / "images", annotations=annotations)
     loader = loader_module.build_val_loader(split, imgsz=IMGSZ, batch_size=4, workers=0, rect=rect)
     model = TargetsAsPredictions(len(CATEGORIES))
-    metrics = Evaluator(FeedTargets(loader, model), save_dir=tmp_path / "val").run(model)
+    result = Evaluator(FeedTargets(loader, model)).run(model)
+    save_results(result, tmp_path / "val")
+    metrics = result.metrics
     assert metrics["AP"] == 1.0 and metrics["AR100"] == 1.0
     predictions = json.loads((tmp_path / "val" / "predictions.json").read_text())
     gt = [a for a in coco_json()["annotations"] if not a["iscrowd"]]
@@ -366,7 +375,9 @@ def test_real_model_end_to_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = builder.build_model(resolve_model_path("yolo-ca-n"), nc=len(CATEGORIES))
     model.train()
-    metrics = Evaluator(loader, conf=0.001, save_dir=tmp_path / "val", plots=True).run(model)
+    result = Evaluator(loader, conf=0.001).run(model)
+    save_results(result, tmp_path / "val", plots=True)
+    metrics = result.metrics
     assert model.training
     assert all(math.isfinite(metrics[k]) for k in COCO_KEYS)
     assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
@@ -388,9 +399,13 @@ def write_checkpoint(path: Path, category_ids: list[int]) -> None:
     save_checkpoint(path, state)
 
 
-def test_run_val_from_a_checkpoint(tmp_path: Path) -> None:
+def test_val_from_a_checkpoint(tmp_path: Path) -> None:
     pytest.importorskip("detector.engine.checkpoint")
-    from detector.engine.evaluator import run_val
+    from detector.api import Detector
+
+    def val(weights: Path | str, **options) -> dict:
+        """What `detector val weights=... key=value` runs: the checkpoint's Detector, then its val."""
+        return Detector.from_checkpoint(weights, device="cpu").val(project=tmp_path, exist_ok=True, **options)
 
     annotations = write_dataset(tmp_path / "data")
     data_yaml = tmp_path / "data.yaml"
@@ -398,16 +413,16 @@ def test_run_val_from_a_checkpoint(tmp_path: Path) -> None:
     data_yaml.write_text(f"train: {split}\nval: {split}\n")
     weights = tmp_path / "best.pt"
     write_checkpoint(weights, [c["id"] for c in CATEGORIES])
-    metrics = run_val(weights=weights, data=data_yaml, batch=4, workers=0, device="cpu", plots=False, save_dir=tmp_path / "val")
+    metrics = val(weights, data=data_yaml, batch=4, workers=0, plots=False, name="val")
     assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
     assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
 
     write_checkpoint(weights, [1, 2, 3])
     with pytest.raises(DetectorError, match="category ids"):
-        run_val(weights=weights, data=data_yaml, batch=4, workers=0, device="cpu")
+        val(weights, data=data_yaml, batch=4, workers=0)
     with pytest.raises(DetectorError, match="data="):
-        run_val(weights=weights, batch=4, workers=0, device="cpu")
-    with pytest.raises(DetectorError, match="exactly one"):
-        run_val(data=data_yaml)
+        val(weights, batch=4, workers=0)
+    with pytest.raises(DetectorError, match="weights="):  # no checkpoint: the Detector cannot be made
+        val("", data=data_yaml)
     with pytest.raises(DetectorError, match="split"):
-        run_val(weights=weights, data=data_yaml, split="test")
+        val(weights, data=data_yaml, split="test")

@@ -119,7 +119,7 @@ def test_boxes_land_in_original_pixels_on_a_non_square_image(tmp_path: Path) -> 
 
 
 def test_predict_folder_with_a_corrupt_image_writes_the_others_and_names_it(tmp_path: Path, capsys, caplog) -> None:
-    from detector.api import run_predict
+    from detector.api import Detector
     from detector.options import PredictOptions
 
     weights = write_checkpoint(tmp_path / "best.pt")
@@ -132,7 +132,7 @@ def test_predict_folder_with_a_corrupt_image_writes_the_others_and_names_it(tmp_
     (source / "readme.txt").write_text("not an image")
     out = tmp_path / "runs"
     opts = PredictOptions(weights=str(weights), source=str(source), conf=0.0, max_det=5, project=str(out), name="run", batch=2, device="cpu")
-    results = run_predict(opts)
+    results = Detector.from_checkpoint(opts.weights, device=opts.device).predict(opts, save=True)  # as `detector predict`
     assert [Path(r["file"]).name for r in results] == ["a.jpg", "b.png", "c.jpg"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("bad.jpg" in w and "unreadable" in w for w in warnings)

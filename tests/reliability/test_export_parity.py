@@ -19,7 +19,7 @@ pytest.importorskip("onnx")
 
 @pytest.mark.slow
 def test_onnxruntime_outputs_equal_pytorch_at_batch_1_and_2(tmp_path: Path) -> None:
-    from detector.api import run_export
+    from detector.api import Detector
 
     torch.manual_seed(0)
     model = build_model("yolo-c2f-n", nc=3)
@@ -31,7 +31,7 @@ def test_onnxruntime_outputs_equal_pytorch_at_batch_1_and_2(tmp_path: Path) -> N
     )
     weights = tmp_path / "best.pt"
     save_checkpoint(weights, state)
-    path = run_export(ExportOptions(weights=str(weights)))
+    path = Detector.from_checkpoint(weights, device="cpu").export(ExportOptions(weights=str(weights)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference = model_from_checkpoint(load_checkpoint(weights))
     for batch in (1, 2):
