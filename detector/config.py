@@ -11,7 +11,7 @@ YAML key, or "command line" for an override, with a did-you-mean for misspelled 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib.resources
 import logging
 import math
 import types
@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from detector.errors import DetectorError
+from detector.errors import DetectorError, did_you_mean
 from detector.yamlfile import load_yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# the model YAMLs and the default train config ship inside the package (the checkout's configs/ links to them);
+# a filesystem install is assumed (a zipped package would need importlib.resources.as_file)
+MODEL_CONFIGS = Path(str(importlib.resources.files("detector").joinpath("configs", "models")))
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -65,21 +67,16 @@ def _number(value: float) -> str:
     return f"{value:,}" if float(value).is_integer() and abs(value) >= 10_000 else f"{value:g}"
 
 
-def option(default: Any, help: str, **bounds: Any) -> Any:
+def option(default: Any, help: str, *, run_only: bool = False, **bounds: Any) -> Any:
     """A dataclass field with its `--help` text and its `Bounds` (ge=, gt=, le=, lt=, multiple_of=, choices=);
-    list defaults are copied per instance, and a list's bounds apply to each item."""
+    list defaults are copied per instance, and a list's bounds apply to each item. `run_only`: the key shapes
+    how a run is carried out, not what it trains (batch, workers, epochs ...), so a resumed run may change it."""
     if "choices" in bounds:
         bounds["choices"] = tuple(bounds["choices"])
-    metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None}
+    metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None, "run_only": run_only}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +157,20 @@ def build_options(cls: type[T], values: dict[str, Any], where: str | dict[str, s
             raise DetectorError(f"{source}: unknown key '{key}'{did_you_mean(key, names)}")
         typed[key] = _coerce(value, hints[key], key, source)
         _check_bounds(cls, key, typed[key], value, source)
-    return cls(**typed)
+    options = cls(**typed)
+    object.__setattr__(options, "_given", frozenset(typed))  # not a field: never saved, never compared
+    return options
+
+
+def given_keys(options: Any) -> frozenset[str]:
+    """The keys a user set (on the command line, in a cfg file or in the API call), defaults or not, for options
+    made by `build_options`; every field for options constructed directly."""
+    return getattr(options, "_given", frozenset(f.name for f in dataclasses.fields(options)))
+
+
+def run_only_keys(cls: type) -> frozenset[str]:
+    """The fields declared `run_only` (a resumed run may change them)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only"))
 
 
 def _check_bounds(cls: type, key: str, value: Any, given: Any, source: str) -> None:
@@ -216,18 +226,20 @@ class TrainConfig:
 
     model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path, or a name in configs/models)")
     data: str = option("data/shapes.yaml", "dataset YAML; the bundled data/shapes.yaml is generated on first use")
-    epochs: int = option(100, "number of epochs", ge=1, le=100_000)
-    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000)
-    batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096)
+    epochs: int = option(100, "number of epochs", ge=1, le=100_000, run_only=True)
+    time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000, run_only=True)
+    batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096, run_only=True)
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
-    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64)
-    device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...")
+    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64, run_only=True)
+    device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", run_only=True)
     seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
-    project: str = option("runs/train", "parent folder of the run folder")
-    name: str = option("exp", "run folder name (auto-incremented unless exist_ok)")
-    exist_ok: bool = option(False, "reuse an existing run folder")
-    resume: str = option("", "'true' for the newest run, or a path to weights/last.pt")
+    project: str = option("runs/train", "parent folder of the run folder", run_only=True)
+    name: str = option("exp", "run folder name (auto-incremented unless exist_ok)", run_only=True)
+    exist_ok: bool = option(False, "reuse an existing run folder", run_only=True)
+    resume: str = option("", "'true' for the newest run, or a path to weights/last.pt", run_only=True)
+    weights: str = option("", "fine-tune: start a new run from this checkpoint's (EMA) weights, matched by name and shape (model=<checkpoint.pt> does the same with its architecture)")
+    freeze: list[int] = option([], "freeze rows: N (the first N rows) or a comma list of row indices (0,1,2): no gradients, BN in eval mode", ge=0, le=10_000)
     # optimisation
     optimizer: str = option("AdamW", "AdamW, SGD or Adam (AdamW learns far faster from scratch in short runs; see README)", choices=["SGD", "AdamW", "Adam"])
     lr0: float = option(0.004, "initial learning rate (SGD wants about 0.01)", gt=0, le=1)
@@ -269,18 +281,18 @@ class TrainConfig:
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model", run_only=True)
     sync_bn: bool = option(False, "SyncBatchNorm under DDP on GPU")
     # validation, checkpoints, logging
-    val_interval: int = option(1, "evaluate every N epochs (and always after the last)", ge=1, le=100_000)
+    val_interval: int = option(1, "evaluate every N epochs (and always after the last)", ge=1, le=100_000, run_only=True)
     val_conf: float = option(0.001, "confidence threshold for validation", ge=0, le=1)
     val_iou: float = option(0.6, "NMS IoU threshold for validation", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
-    patience: int = option(50, "stop after N epochs without fitness improvement (0: never)", ge=0, le=100_000)
-    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000)
-    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000)
+    patience: int = option(50, "stop after N epochs without fitness improvement (0: never)", ge=0, le=100_000, run_only=True)
+    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000, run_only=True)
+    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000, run_only=True)
     strict: bool = option(False, "treat every skipped image or box in the dataset as an error")
-    plots: bool = option(True, "save training curves, labels and validation plots")
+    plots: bool = option(True, "save training curves, labels and validation plots", run_only=True)
     attention: str = option("", "override the model YAML's attention (ca, se, cbam, eca, mhsa, axial, ssa, gate, none)")
     attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck", choices=["", "output", "concat", "bottleneck"])
 
@@ -291,14 +303,15 @@ def load_train_config(overrides: dict[str, str]) -> TrainConfig:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A model YAML path as given, or a bare name ('yolo-ca-n') looked up in the repository's configs/models."""
+    """A model YAML path as given, or a bare name ('yolo-ca-n', 'configs/models/yolo-ca-n.yaml') looked up among
+    the model YAMLs shipped inside the package (so an installed package needs no checkout)."""
     given = Path(model)
     if given.exists():
         return given
-    for candidate in (REPO_ROOT / "configs" / "models" / given.name, REPO_ROOT / "configs" / "models" / f"{model}.yaml"):
+    for candidate in (MODEL_CONFIGS / given.name, MODEL_CONFIGS / f"{model}.yaml"):
         if candidate.exists():
             return candidate
-    known = sorted(p.stem for p in (REPO_ROOT / "configs" / "models").glob("*.yaml"))
+    known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
     raise DetectorError(f"model: '{model}' not found{did_you_mean(given.stem, known)}; known: {', '.join(known)}")
 
 

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from detector.config import (
-    REPO_ROOT,
     TrainConfig,
     load_data_spec,
     load_train_config,
@@ -18,6 +17,8 @@ from detector.config import (
     resolve_model_path,
 )
 from detector.errors import DetectorError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
 
 
 def test_overrides_are_typed_by_the_default():
@@ -89,6 +90,6 @@ def test_data_spec_errors(tmp_path: Path, text: str, message: str):
 
 
 def test_model_path_by_name_and_suggestion():
-    assert resolve_model_path("yolov5n") == REPO_ROOT / "configs/models/yolov5n.yaml"
+    assert resolve_model_path("yolov5n").resolve() == (REPO_ROOT / "configs/models/yolov5n.yaml").resolve()  # the packaged copy
     with pytest.raises(DetectorError, match=r"did you mean 'yolov5s'\?\); known: yolo-attn-n"):
         resolve_model_path("yolov5m")

@@ -95,12 +95,12 @@ def main(opts: BenchModelsOptions) -> None:
     except RuntimeError as err:
         raise DetectorError(f"bench models: device: {err}") from None
 
-    from detector.config import REPO_ROOT, resolve_model_path
+    from detector.config import MODEL_CONFIGS, resolve_model_path
     from detector.models.builder import build_model
     from detector.models.info import count_flops
 
     imgsz, batch, iters, warmup = opts.imgsz, opts.batch, opts.iters, opts.warmup
-    paths = [resolve_model_path(n) for n in opts.configs] or sorted((REPO_ROOT / "configs" / "models").glob("*.yaml"))
+    paths = [resolve_model_path(n) for n in opts.configs] or sorted(MODEL_CONFIGS.glob("*.yaml"))
     print(f"bench models: imgsz {imgsz}, batch {batch}, {iters} timed iterations after {warmup}; {_hardware(device)}")
     rows = []
     for path in paths:

@@ -260,14 +260,28 @@ def generate_shapes_dataset(
     return yaml_path
 
 
-def ensure_bundled_dataset(data_yaml: Path) -> None:
-    """Generate the bundled dataset when `data_yaml` is the repository's data/shapes.yaml and its folders are
-    missing (first use). Any other YAML is left alone: a user's missing data is an error for the scan to report."""
-    from detector.config import REPO_ROOT, load_data_spec
+BUNDLED_YAML = Path("data") / "shapes.yaml"  # the `data` default, relative to the working directory
+BUNDLED_YAML_TEXT = """\
+# The bundled synthetic dataset (detector/data/synthetic.py): six shape classes on textured backgrounds.
+# `detector train` writes this file and generates data/shapes/ on first use; `detector data synth out=data/shapes`
+# regenerates it. Paths are relative to this file.
+train: {images: shapes/train/images, annotations: shapes/train/instances_train.json}
+val: {images: shapes/val/images, annotations: shapes/val/instances_val.json}
+"""
 
-    bundled = REPO_ROOT / "data" / "shapes.yaml"
-    if not bundled.exists() or Path(data_yaml).resolve() != bundled.resolve():
+
+def ensure_bundled_dataset(data_yaml: Path) -> None:
+    """On first use of the bundled dataset (`data/shapes.yaml` under the working directory, the `data` default),
+    write its YAML and generate its images there, in a checkout or any other folder. Any other YAML is left alone:
+    a user's missing data is an error for the scan to report."""
+    from detector.config import load_data_spec
+
+    bundled = Path.cwd() / BUNDLED_YAML
+    if Path(data_yaml).resolve() != bundled.resolve():
         return
+    if not bundled.exists():
+        bundled.parent.mkdir(parents=True, exist_ok=True)
+        bundled.write_text(BUNDLED_YAML_TEXT)
     spec = load_data_spec(bundled)
     paths = [spec.train.images, spec.train.annotations, spec.val.images, spec.val.annotations]
     if all(p.exists() for p in paths):

@@ -41,12 +41,13 @@ def _skips_decay(module: nn.Module, qualified_name: str, param: nn.Parameter) ->
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Split the model's parameters into the "decay", "no_decay" and "bias" groups (shared ones counted once)."""
+    """Split the model's trainable parameters into the "decay", "no_decay" and "bias" groups (shared ones counted
+    once; frozen ones, `requires_grad=False`, left out)."""
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
+            if id(param) in seen or not param.requires_grad:  # frozen rows stay out of the optimizer
                 continue
             seen.add(id(param))
             qualified = f"{module_name}.{name}" if module_name else name

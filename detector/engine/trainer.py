@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +21,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from detector.config import TrainConfig, build_options, load_data_spec, resolve_model_path
+from detector.config import TrainConfig, build_options, given_keys, load_data_spec, resolve_model_path, run_only_keys
 from detector.engine import checkpoint as ckpt_io
 from detector.engine.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
+from detector.engine.finetune import keep_frozen_norms_in_eval
 from detector.engine.logger import RunLogger, plot_results
 from detector.errors import DetectorError
+from detector.version import __version__
 
 LOGGER = logging.getLogger(__name__)
 
-# Keys a resumed run may change; any other difference is refused (the run would not be the same run).
-RESUME_SAFE_KEYS = {"batch", "workers", "device", "epochs", "time", "resume", "project", "name", "exist_ok", "plots", "patience", "save_period", "val_interval", "compile", "max_nonfinite"}
+# Keys a resumed run may change (declared `run_only` beside their fields); any other difference is refused.
+RESUME_SAFE_KEYS = run_only_keys(TrainConfig)
 LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
 VAL_SAMPLES = 4  # val images with GT and predictions drawn, logged to TensorBoard at each validation
 
@@ -119,15 +121,13 @@ class Trainer:
         path = find_resume_checkpoint(cfg.resume, Path(cfg.project))
         ckpt = ckpt_io.load_checkpoint(path)
         saved = ckpt["train_config"]
-        given = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
-        defaults = asdict(TrainConfig())
-        # keys the user set on this command line that differ from the saved run
-        changed = [k for k, v in given.items() if v != defaults.get(k) and k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
+        given = {k: getattr(cfg, k) for k in given_keys(cfg)}  # what the user set, defaults or not
+        changed = [k for k, v in given.items() if k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
         if changed:
             diffs = ", ".join(f"{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
             raise DetectorError(f"resume: {path} was trained with a different config ({diffs}); start a new run instead")
         merged = dict(saved)
-        merged.update({k: given[k] for k in RESUME_SAFE_KEYS if given[k] != defaults[k]})
+        merged.update({k: v for k, v in given.items() if k in RESUME_SAFE_KEYS})
         merged["resume"] = str(path)
         resumed = build_options(TrainConfig, merged, str(path))
         if ckpt["epoch"] + 1 >= resumed.epochs:
@@ -135,14 +135,17 @@ class Trainer:
         return resumed, ckpt
 
     def _build(self) -> None:
-        from detector.data.loader import build_train_loader, build_val_loader
+        """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation."""
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self._wrap()
+        self._build_validation()
+
+    def _build_data(self) -> None:
+        """The dataset YAML (the bundled set generated on first use), the train loader and the class list."""
+        from detector.data.loader import build_train_loader
         from detector.data.synthetic import ensure_bundled_dataset
-        from detector.engine.ema import ModelEMA
-        from detector.engine.evaluator import Evaluator
-        from detector.engine.loss import build_loss
-        from detector.engine.optim import LRSchedule, build_optimizer, scaled_weight_decay
-        from detector.models.builder import build_model
-        from detector.models.footprint import check_training_fits
 
         cfg = self.cfg
         data_yaml = Path(cfg.data)
@@ -150,9 +153,9 @@ class Trainer:
             ensure_bundled_dataset(data_yaml)
         barrier(self.dist)
         self.data = load_data_spec(data_yaml)
-        per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
+        self.per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
         self.train_loader = build_train_loader(
-            self.data.train, imgsz=cfg.imgsz, batch_size=per_rank_batch, workers=cfg.workers, hyp=cfg, seed=cfg.seed,
+            self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=cfg.workers, hyp=cfg, seed=cfg.seed,
             strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.train_set = self.train_loader.dataset
@@ -164,40 +167,77 @@ class Trainer:
         self.names = self.data.names or self.train_set.coco.names
         self.category_ids = self.train_set.coco.category_ids
 
+    def _build_model(self) -> None:
+        """The model (resumed, or new with auto-anchor), checked to fit in memory, with the run's BN momentum and
+        memory format, on its device; and its loss."""
+        from detector.engine.finetune import freeze, frozen_rows
+        from detector.engine.loss import build_loss
+        from detector.models.blocks import set_batchnorm
+        from detector.models.builder import build_model
+        from detector.models.footprint import check_training_fits
+
+        cfg = self.cfg
         if self.resume_ckpt is not None:
             _check_resume_classes(self.resume_ckpt, self.category_ids, self.names, cfg.resume, self.data.train.annotations)
             model = build_model(self.resume_ckpt["model_yaml"])
             ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
         else:
-            model = build_model(resolve_model_path(cfg.model), nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
-            if model.nc != nc:
-                raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")
-            if cfg.autoanchor:
-                from detector.models.anchors import check_anchors
-
-                wh = self.train_set.train_box_wh(cfg.imgsz)
-                force = isinstance(model.yaml.get("anchors"), int)  # `anchors: 3` in the YAML asks for fitted anchors
-                report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
-                if self.dist.is_main:
-                    LOGGER.info("autoanchor: %s", report)
-        check_training_fits(model, imgsz=cfg.imgsz, batch=per_rank_batch, source=f"model {cfg.model}")
+            model = self._new_model()
+        check_training_fits(model, imgsz=cfg.imgsz, batch=self.per_rank_batch, source=f"model {cfg.model}")
         if model.yaml.get("ch", 3) != 3:
             raise DetectorError(
                 f"model: {cfg.model} takes ch={model.yaml['ch']} input channels, but training images are always loaded "
                 "as 3-channel RGB (gray, palette, RGBA and 16-bit files are converted); set ch: 3"
             )
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = cfg.bn_momentum
+        set_batchnorm(model, eps=None, momentum=cfg.bn_momentum)
+        self.frozen = frozen_rows(cfg.freeze, len(model.layers)) if cfg.freeze else []
+        frozen_tensors = freeze(model, self.frozen)
+        if self.frozen and self.dist.is_main:
+            LOGGER.info("freeze: rows %s (%d parameter tensors)", ",".join(map(str, self.frozen)), frozen_tensors)
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
 
+    def _new_model(self) -> nn.Module:
+        """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
+        checkpoint's weights when fine-tuning, its anchors checked (and fitted) on the training boxes."""
+        from detector.engine.finetune import load_finetune_checkpoint, transfer_weights
+        from detector.models.anchors import check_anchors
+        from detector.models.builder import build_model
+
+        cfg = self.cfg
+        nc = self.train_set.coco.num_classes
+        source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
+        ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
+        architecture = ckpt["model_yaml"] if cfg.model.endswith(".pt") else resolve_model_path(cfg.model)
+        model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
+        if model.nc != nc:
+            raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")
+        if weights is not None:
+            report = transfer_weights(model, weights, source)
+            if self.dist.is_main:
+                LOGGER.info(report.summary(source))
+        if cfg.autoanchor:
+            wh = self.train_set.train_box_wh(cfg.imgsz)
+            # `anchors: 3` in the YAML asks for fitted anchors; a fine-tune keeps the checkpoint's unless recall is low
+            force = isinstance(model.yaml.get("anchors"), int) and weights is None
+            report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
+            if self.dist.is_main:
+                LOGGER.info("autoanchor: %s", report)
+        return model
+
+    def _build_optimization(self) -> None:
+        """Accumulation to the nominal batch, the optimizer, the warmup + cosine schedule and the EMA (rank 0);
+        a resumed run restores their states."""
+        from detector.engine.ema import ModelEMA
+        from detector.engine.optim import LRSchedule, build_optimizer, scaled_weight_decay
+
+        cfg = self.cfg
         self.accumulate = max(round(cfg.nbs / cfg.batch), 1)
         weight_decay = scaled_weight_decay(cfg.weight_decay, cfg.batch, self.accumulate, cfg.nbs)
-        self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
         self.iters_per_epoch = len(self.train_loader)
         warmup_iters = max(round(cfg.warmup_epochs * self.iters_per_epoch), cfg.warmup_min_iters)
         warmup_iters = min(warmup_iters, max(cfg.epochs * self.iters_per_epoch // 2, 1))
@@ -205,12 +245,14 @@ class Trainer:
             lr0=cfg.lr0, lrf=cfg.lrf, epochs=cfg.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
             warmup_bias_lr=cfg.warmup_bias_lr, warmup_momentum=cfg.warmup_momentum, momentum=cfg.momentum, cos_lr=cfg.cos_lr,
         )
-        self.ema = ModelEMA(model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
-
+        self.ema = ModelEMA(self.model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
 
-        self.train_model: nn.Module = model
+    def _wrap(self) -> None:
+        """The module the step calls: the model, under SyncBN and DDP when distributed, compiled when asked."""
+        cfg = self.cfg
+        self.train_model: nn.Module = self.model
         if self.dist.enabled:
             if cfg.sync_bn and self.device.type == "cuda":
                 self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
@@ -221,17 +263,24 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
+    def _build_validation(self) -> None:
+        """Rank 0: the val loader and evaluator, the logger (a resumed run's rows after its epoch dropped), args.yaml."""
+        from detector.data.loader import build_val_loader
+        from detector.engine.evaluator import Evaluator
+
+        cfg = self.cfg
         self.evaluator = None
         self.logger = None
-        if self.dist.is_main:
-            val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=per_rank_batch * 2, workers=cfg.workers, strict=cfg.strict, cache_dir=self.run_dir)
-            self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda", save_dir=self.run_dir)
-            self.logger = RunLogger(self.run_dir)
-            if self.resume_ckpt is not None:
-                self.logger.truncate_after(self.state.epoch)
-            else:
-                self.logger.csv_path.unlink(missing_ok=True)  # a fresh run in a reused folder (exist_ok)
-            self._write_args()
+        if not self.dist.is_main:
+            return
+        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=cfg.workers, strict=cfg.strict, cache_dir=self.run_dir)
+        self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda")
+        self.logger = RunLogger(self.run_dir)
+        if self.resume_ckpt is not None:
+            self.logger.truncate_after(self.state.epoch)
+        else:
+            self.logger.csv_path.unlink(missing_ok=True)  # a fresh run in a reused folder (exist_ok)
+        self._write_args()
 
     def _write_args(self) -> None:
         """The config as given (so `cfg=args.yaml` reruns it), headed by a comment of the attention each row was
@@ -283,8 +332,11 @@ class Trainer:
         """One pass over the train loader; returns the mean loss parts, the skipped steps, the images seen and the
         files that could not be read (replaced by other images, possibly inside worker processes; under DDP, those of
         this rank's samples)."""
+        from detector.data.transforms import to_model_input
+
         cfg = self.cfg
         self.train_model.train()
+        keep_frozen_norms_in_eval(self.model, self.frozen)
         mosaic_on = epoch < cfg.epochs - cfg.close_mosaic
         self.train_set.set_mosaic(mosaic_on)
         self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
@@ -299,9 +351,7 @@ class Trainer:
             step = epoch * self.iters_per_epoch + i
             accumulate = self._accumulate_at(step)
             self.schedule.apply(self.optimizer, epoch, i)
-            images = batch["images"].to(self.device, non_blocking=True).float().div_(255)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
             targets = batch["targets"].to(self.device, non_blocking=True)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
             no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
@@ -329,18 +379,22 @@ class Trainer:
                             f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
                         )
             if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
-                values = running.tolist()  # host read at log intervals only (a GPU sync point)
-                lr = self.optimizer.param_groups[0]["lr"]
-                postfix = {"box": f"{values[0]:.4f}", "obj": f"{values[1]:.4f}", "cls": f"{values[2]:.4f}", "inst": int(targets.shape[0]), "lr": f"{lr:.2e}"}
-                if self.device.type == "cuda":
-                    postfix["mem"] = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G"
-                bar.set_postfix(postfix)
-                self.logger.step(step, running, lr)
-                if i == 0 and not self._batch_grid_logged:
-                    self.logger.images("train/batch0", batch["images"][:16], step)
-                    self._batch_grid_logged = True
+                self._log_progress(bar, step, running, batch, first=i == 0)
         bar.close()
         return running.cpu(), nonfinite_epoch, seen, unreadable
+
+    def _log_progress(self, bar: tqdm, step: int, running: torch.Tensor, batch: dict, *, first: bool) -> None:
+        """Rank 0, every LOG_INTERVAL steps: the progress bar's losses, TensorBoard scalars, the first batch's grid."""
+        values = running.tolist()  # host read at log intervals only (a GPU sync point)
+        lr = self.optimizer.param_groups[0]["lr"]
+        postfix = {"box": f"{values[0]:.4f}", "obj": f"{values[1]:.4f}", "cls": f"{values[2]:.4f}", "inst": int(batch["targets"].shape[0]), "lr": f"{lr:.2e}"}
+        if self.device.type == "cuda":
+            postfix["mem"] = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G"
+        bar.set_postfix(postfix)
+        self.logger.step(step, running, lr)
+        if first and not self._batch_grid_logged:
+            self.logger.images("train/batch0", batch["images"][:16], step)
+            self._batch_grid_logged = True
 
     def _accumulate_at(self, step: int) -> int:
         """Gradient accumulation ramps from 1 to nbs/batch over the warmup (YOLOv5)."""
@@ -408,9 +462,12 @@ class Trainer:
 
     def _validate(self, epoch: int, *, final: bool) -> dict:
         """Evaluate the EMA model; the drawn sample images go to TensorBoard (plots and predictions.json at the end)."""
-        metrics = self.evaluator.run(self.eval_model, plots=self.cfg.plots and final, save_json=final, verbose=final, samples=VAL_SAMPLES)
-        self.logger.images("val/predictions", metrics.pop("samples")[None], epoch)
-        return metrics
+        from detector.engine.evaluator import save_results
+
+        result = self.evaluator.run(self.eval_model, samples=VAL_SAMPLES)
+        save_results(result, self.run_dir, save_json=final, plots=self.cfg.plots and final, verbose=final)
+        self.logger.images("val/predictions", result.sample[None], epoch)
+        return result.metrics
 
     def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
         """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest
@@ -440,8 +497,6 @@ class Trainer:
         return patience > 0 and self.state.best_epoch >= 0 and epoch - self.state.best_epoch >= patience
 
     def _checkpoint(self, epoch: int) -> dict:
-        from detector import __version__
-
         return {
             "format_version": ckpt_io.FORMAT_VERSION,
             "version": __version__,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-import detector.config
 import detector.data.synthetic as synthetic
 from detector.config import load_data_spec
 from detector.data.coco import CocoDataset
@@ -94,11 +93,11 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
 
 
 def test_bundled_dataset_is_generated_on_first_use_only(tmp_path: Path, monkeypatch) -> None:
-    repo = tmp_path / "repo"
+    repo = tmp_path / "repo"  # any working directory: a checkout or a user's folder
     (repo / "data").mkdir(parents=True)
     bundled = repo / "data" / "shapes.yaml"
-    bundled.write_text((Path(detector.config.REPO_ROOT) / "data" / "shapes.yaml").read_text())
-    monkeypatch.setattr(detector.config, "REPO_ROOT", repo)
+    bundled.write_text(synthetic.BUNDLED_YAML_TEXT)
+    monkeypatch.chdir(repo)
     calls = []
     real = synthetic.generate_shapes_dataset
     monkeypatch.setattr(
@@ -113,3 +112,8 @@ def test_bundled_dataset_is_generated_on_first_use_only(tmp_path: Path, monkeypa
     assert len(CocoDataset(load_data_spec(bundled).train)) == 3
     synthetic.ensure_bundled_dataset(bundled)
     assert len(calls) == 1
+    empty = tmp_path / "empty"  # a folder without data/: the YAML is written too, then the images
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    synthetic.ensure_bundled_dataset(Path("data/shapes.yaml"))
+    assert (empty / "data" / "shapes.yaml").read_text() == synthetic.BUNDLED_YAML_TEXT and calls[-1] == empty / "data" / "shapes"

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import REPO_ROOT, TrainConfig, build_options
+from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
 from detector.engine.checkpoint import load_checkpoint
 from detector.engine.trainer import Trainer, epochs_for_budget, train
 from detector.errors import DetectorError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false"}
 
@@ -93,6 +95,17 @@ def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_
         Trainer(make_config(tiny_data, tmp_path, resume=str(last)))
     with pytest.raises(DetectorError, match="nothing to resume"):
         Trainer(make_config(tiny_data, tmp_path / "empty", resume="true"))
+
+
+def test_resume_sees_a_key_typed_at_its_default_value(tiny_data: Path, tmp_path: Path):
+    """`lr0=0.004` is the default, but typed against a run trained with 0.002 it is a change: refused, not ignored."""
+    train(make_config(tiny_data, tmp_path, epochs="2", lr0="0.002", save_period="1"))
+    first = tmp_path / "exp" / "weights" / "epoch1.pt"
+    assert TrainConfig().lr0 == 0.004
+    with pytest.raises(DetectorError, match=r"different config \(lr0: 0.002 -> 0.004\)"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(first), lr0="0.004"))
+    resumed = Trainer(make_config(tiny_data, tmp_path, resume=str(first), workers="0", batch="4"))  # run-only keys
+    assert resumed.cfg.lr0 == 0.002 and resumed.cfg.batch == 4
 
 
 def test_a_resumed_run_continues_the_time_budget_and_may_change_it(tiny_data: Path, tmp_path: Path):

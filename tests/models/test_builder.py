@@ -90,7 +90,7 @@ def test_yolov5_scaling_rules() -> None:
 def test_attention_override_swaps_every_attn_block() -> None:
     default = built("yolo-attn-n")
     assert CoordAtt in kinds(default) and CBAM not in kinds(default)
-    assert n_params(default) == n_params(built("yolo-ca-n"))  # same architecture with `attention: ca`
+    assert n_params(default) == n_params(built("yolo-ca-n-p3-p5"))  # same architecture with `attention: ca`
     swapped = built("yolo-attn-n", attention="cbam")
     assert CBAM in kinds(swapped) and CoordAtt not in kinds(swapped)
     assert n_params(swapped) != n_params(default)
@@ -102,14 +102,15 @@ def test_attention_override_swaps_every_attn_block() -> None:
 def test_attention_override_swaps_ca_c2f_too() -> None:
     """CA_C2f is a C2f carrying an attention whose default is ca: the override reaches it (it used to train CA
     while the run recorded the override)."""
-    default = built("yolo-ca-n")
+    default = built("yolo-ca-n-p3-p5")
     assert default.yaml["attention"] == "ca" and default.yaml["attention_at"] == "output"  # recorded as built
-    swapped = built("yolo-ca-n", attention="cbam")
+    assert built("yolo-ca-n").yaml["attention"] == "ca"
+    swapped = built("yolo-ca-n-p3-p5", attention="cbam")
     assert CBAM in kinds(swapped) and CoordAtt not in kinds(swapped)
     assert n_params(swapped) == n_params(built("yolo-attn-n", attention="cbam"))
     assert swapped.attentions == {f"backbone[{i}]": "cbam at output" for i in (2, 4, 6, 8)}
     assert build_model(swapped.yaml).attentions == swapped.attentions  # a checkpoint's model_yaml rebuilds it
-    assert n_params(built("yolo-ca-n", attention="none")) == n_params(built("yolo-c2f-n"))
+    assert n_params(built("yolo-ca-n-p3-p5", attention="none")) == n_params(built("yolo-c2f-n"))
 
 
 def test_standalone_attention_rows_keep_their_kind() -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from detector.config import REPO_ROOT, load_data_spec, load_train_config
+from detector.config import load_data_spec, load_train_config
 from detector.engine.trainer import Trainer
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from reliability_helpers import make_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 MODEL_YAML = (REPO_ROOT / "configs" / "models" / "yolov5n.yaml").read_text()
 DATA_YAML = "train: {images: tr, annotations: tr.json}\nval: {images: va, annotations: va.json}\n"

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import REPO_ROOT
 from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS
 from detector.models.blocks import ATTENTION_PLACES, AttnC2f
 from detector.models.builder import build_model
 from reliability_helpers import TINY, hooks_env, read_results
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 ATTENTION_NAMES = sorted(ATTENTIONS.names())
 

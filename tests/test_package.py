@@ -1,0 +1,59 @@
+"""The package installs from a wheel and runs from any folder: model YAMLs, the train config and the bundled
+dataset come with it, not from the checkout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
+
+
+def test_the_configs_ship_as_package_data() -> None:
+    from detector.config import MODEL_CONFIGS
+
+    assert MODEL_CONFIGS == Path(__import__("detector").__file__).parent / "configs" / "models"
+    assert (MODEL_CONFIGS / "yolo-ca-n.yaml").is_file() and (MODEL_CONFIGS.parent / "train" / "default.yaml").is_file()
+    assert (REPO_ROOT / "configs").resolve() == MODEL_CONFIGS.parent  # the checkout's configs/ is the same folder
+
+
+@pytest.mark.slow
+def test_a_wheel_runs_outside_the_checkout(tmp_path: Path) -> None:
+    """Build a wheel, install it into a fresh venv that reuses this environment's torch, and run the commands a new
+    user runs from an empty folder."""
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside what it builds
+    shutil.copytree(REPO_ROOT / "detector", source / "detector", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("detector-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "detector/configs/models/yolo-ca-n.yaml" in names and "detector/configs/train/default.yaml" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([str(python), *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    where = run("-c", "import detector; print(detector.__file__)")
+    assert str(venv) in where  # the wheel's copy, not the checkout's
+    assert "eca at output" in run("-m", "detector", "info", "model=yolo-attn-n", "attention=eca", "imgsz=64")
+    run("-m", "detector", "data", "synth", "out=shapes", "n_train=16", "n_val=8", "imgsz=96")
+    run("-m", "detector", "train", "data=shapes/dataset.yaml", "epochs=1", "imgsz=64", "batch=8", "workers=0",
+        "plots=false", "model=yolo-c2f-n")
+    assert (work / "runs" / "train" / "exp" / "weights" / "best.pt").is_file()
+    assert "yolo-ca-n" in run("-c", "from detector import Detector; print(Detector('yolo-ca-n').model.name)")
