@@ -46,6 +46,7 @@ class TrainState:
     best_epoch: int = -1
     nonfinite_total: int = 0
     time_s: float = 0.0  # wall time of the run up to the last checkpoint (a `time` budget spans resumes)
+    epochs: int = 0  # the planned epoch count: cfg.epochs, or what a `time` budget refitted it to (the config stays)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -100,7 +101,7 @@ class Trainer:
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype) and self.device.type == "cuda")
-        self.state = TrainState()
+        self.state = TrainState(epochs=self.resume_ckpt["train_state"]["epochs"] if self.resume_ckpt else cfg.epochs)
         self._batch_grid_logged = False
         self.evaluator = None
         self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
@@ -130,8 +131,11 @@ class Trainer:
         merged.update({k: v for k, v in given.items() if k in RESUME_SAFE_KEYS})
         merged["resume"] = str(path)
         resumed = build_options(TrainConfig, merged, str(path))
-        if ckpt["epoch"] + 1 >= resumed.epochs:
-            raise DetectorError(f"resume: {path} already finished all {resumed.epochs} epochs; nothing to resume (pass epochs=N to train longer)")
+        # the plan: epochs= given now, else the saved plan (a budget's refit; checkpoints before it kept it in the config)
+        planned = resumed.epochs if "epochs" in given else ckpt["train_state"].get("epochs") or resumed.epochs
+        ckpt["train_state"]["epochs"] = planned
+        if ckpt["epoch"] + 1 >= planned:
+            raise DetectorError(f"resume: {path} already finished all {planned} epochs; nothing to resume (pass epochs=N to train longer)")
         return resumed, ckpt
 
     def _build(self) -> None:
@@ -240,9 +244,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
         self.iters_per_epoch = len(self.train_loader)
         warmup_iters = max(round(cfg.warmup_epochs * self.iters_per_epoch), cfg.warmup_min_iters)
-        warmup_iters = min(warmup_iters, max(cfg.epochs * self.iters_per_epoch // 2, 1))
+        warmup_iters = min(warmup_iters, max(self.epochs * self.iters_per_epoch // 2, 1))
         self.schedule = LRSchedule(
-            lr0=cfg.lr0, lrf=cfg.lrf, epochs=cfg.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
+            lr0=cfg.lr0, lrf=cfg.lrf, epochs=self.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
             warmup_bias_lr=cfg.warmup_bias_lr, warmup_momentum=cfg.warmup_momentum, momentum=cfg.momentum, cos_lr=cfg.cos_lr,
         )
         self.ema = ModelEMA(self.model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
@@ -305,13 +309,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train for cfg.epochs (from the resumed epoch; with a `time` budget, the epochs that fit it), evaluating and
+        """Train for the planned epochs (from the resumed epoch; with a `time` budget, the epochs that fit it), evaluating and
         checkpointing each epoch."""
         try:
             self._build()
             metrics: dict = {}
             epoch = self.state.epoch + 1
-            while epoch < self.cfg.epochs:  # (a time budget sets cfg.epochs after the first epoch)
+            while epoch < self.epochs:  # (a time budget refits the plan after every epoch but the last)
                 started = time.perf_counter()
                 losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
                 elapsed = time.perf_counter() - started
@@ -337,7 +341,7 @@ class Trainer:
         cfg = self.cfg
         self.train_model.train()
         keep_frozen_norms_in_eval(self.model, self.frozen)
-        mosaic_on = epoch < cfg.epochs - cfg.close_mosaic
+        mosaic_on = epoch < self.epochs - cfg.close_mosaic
         self.train_set.set_mosaic(mosaic_on)
         self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
         running = torch.zeros(3, device=self.device)
@@ -345,7 +349,7 @@ class Trainer:
         nonfinite_epoch = 0
         seen = 0
         unreadable: set[str] = set()
-        bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
             step = epoch * self.iters_per_epoch + i
@@ -423,7 +427,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
         metrics = None
-        final = epoch + 1 == self.cfg.epochs
+        final = epoch + 1 == self.epochs
         budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
         if self.dist.is_main:
             from detector.engine.metrics import fitness
@@ -433,7 +437,7 @@ class Trainer:
                 metrics = self._validate(epoch, final=final)
             if budgeted:
                 self._fit_to_budget(epoch, epoch_time + time.perf_counter() - val_started)
-                if self.cfg.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
+                if self.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
                     final = True
                     metrics = self._validate(epoch, final=True)
             fit = None
@@ -448,7 +452,7 @@ class Trainer:
             self.state.epoch = epoch
             self.state.time_s = self._time_spent()
             self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
-            summary = f"epoch {epoch + 1}/{self.cfg.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
+            summary = f"epoch {epoch + 1}/{self.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
             if metrics is not None:
                 summary += f"  AP50 {metrics['AP50']:.4f}  AP {metrics['AP']:.4f}"
             LOGGER.info(summary)
@@ -456,8 +460,8 @@ class Trainer:
             self.state.epoch = epoch
         barrier(self.dist)
         if budgeted:
-            self.cfg.epochs = broadcast_int(self.dist, self.cfg.epochs)
-            self.schedule = replace(self.schedule, epochs=self.cfg.epochs)
+            self.state.epochs = broadcast_int(self.dist, self.state.epochs)
+            self.schedule = replace(self.schedule, epochs=self.epochs)
         return metrics
 
     def _validate(self, epoch: int, *, final: bool) -> dict:
@@ -472,21 +476,26 @@ class Trainer:
     def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
         """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest
         of the budget holds at the last epoch's pace (training and validation), so the first epoch's start-up cost and
-        a machine that speeds up or slows down are followed. Saved in the checkpoint's config with the time spent, so a
-        resumed run keeps both. The lr schedule is a function of (epoch, count), so a new count moves the remaining
+        a machine that speeds up or slows down are followed. Kept in the run's state (saved with the time spent, so a
+        resumed run keeps both); the config keeps the user's `epochs`. The lr schedule is a function of (epoch, count), so a new count moves the remaining
         epochs onto the cosine of a run started with it."""
         spent = self._time_spent()
-        before = self.cfg.epochs
-        self.cfg.epochs = epoch + epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
-        if self.cfg.epochs != before:
+        before = self.epochs
+        self.state.epochs = epoch + epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
+        if self.epochs != before:
             LOGGER.info(
                 "time budget %.3g h: epoch %d took %.0f s, %.0f s spent: %d epochs in all (was %d)",
-                self.cfg.time, epoch + 1, epoch_s, spent, self.cfg.epochs, before,
+                self.cfg.time, epoch + 1, epoch_s, spent, self.epochs, before,
             )
 
     def _time_spent(self) -> float:
         """Wall seconds of this run: before the resumed checkpoint, plus since this process started it."""
         return self._time_before + time.perf_counter() - self._fit_started
+
+    @property
+    def epochs(self) -> int:
+        """The planned epoch count (the run's state; the config keeps the user's `epochs`)."""
+        return self.state.epochs
 
     @property
     def eval_model(self) -> nn.Module:

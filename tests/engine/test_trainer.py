@@ -133,7 +133,8 @@ def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_ou
     train(make_config(tiny_data, tmp_path, epochs="5", time="0.000001"))  # 3.6 ms
     run = tmp_path / "exp"
     assert [r["epoch"] for r in read_results(run)] == ["0"]
-    assert load_checkpoint(run / "weights" / "last.pt")["train_config"]["epochs"] == 1
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["train_state"]["epochs"] == 1 and last["train_config"]["epochs"] == 5  # the plan moved, the config did not
     assert (run / "predictions.json").exists()  # epoch 1 was validated as the last one
 
 
@@ -157,7 +158,7 @@ def test_a_budget_refits_the_epoch_count_after_each_epoch_but_the_last(tiny_data
     assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=2 overridden
     assert trainer.schedule.epochs == 3
     last = load_checkpoint(run / "weights" / "last.pt")
-    assert last["epoch"] == 2 and last["train_config"]["epochs"] == 3
+    assert last["epoch"] == 2 and last["train_state"]["epochs"] == 3 and last["train_config"]["epochs"] == 2
     assert last["train_state"]["time_s"] > calls[1][1]  # saved, so a resumed run's budget continues from it
     lrs = [float(r["lr"]) for r in read_results(run)]
     lr0, lrf = trainer.cfg.lr0, trainer.cfg.lrf
