@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from detector.models.attention import ATTENTIONS, AttentionMap, build_attention, fit_heads, kv_pool_factor
 from detector.models.registry import MODULES, Registry, UnknownNameError
 
-SIZES = [(20, 13), (7, 5), (1, 1), (16, 16)]
+SIZES = [(20, 13), (7, 5), (1, 1), (1, 9), (9, 1), (16, 16)]
 
 
 @pytest.mark.parametrize("name", ATTENTIONS.names())
