@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, box_convert
 
-# Candidates per image kept (highest scores) before NMS: bounds the NMS cost of an untrained model at conf 0.001.
-MAX_CANDIDATES = 30_000
+# Candidates per image kept (highest scores) before NMS: bounds the NMS cost of a barely trained model at conf 0.001,
+# whose every anchor passes (16,320 anchors x 6 classes at 256 px with P2). Measured on 2 CPU cores, random scores:
+# 402 ms per image at 30,000, 18 ms at 5,000; a trained model has far fewer and its AP is the same at either.
+MAX_CANDIDATES = 5_000
 
 
 def non_max_suppression(

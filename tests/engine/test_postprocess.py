@@ -102,3 +102,17 @@ def test_matches_a_per_image_per_class_reference() -> None:
         assert [g[0] for g in got] == [e[0] for e in sorted(expected)]
         assert [g[1] for g in got] == pytest.approx([e[1] for e in sorted(expected)], abs=1e-6)
         assert torch.all(out[b][:-1, 4] >= out[b][1:, 4])  # sorted by score
+
+
+def test_only_the_best_candidates_enter_nms() -> None:
+    """Above MAX_CANDIDATES pairs in an image, the highest-scoring ones are kept: NMS cost stays bounded early on."""
+    from detector.engine import postprocess
+
+    n = postprocess.MAX_CANDIDATES + 500
+    pred = torch.zeros(1, n, 6)
+    pred[0, :, 0] = torch.arange(n, dtype=torch.float32) * 10  # disjoint 4 px boxes: NMS removes none
+    pred[0, :, 1], pred[0, :, 2:4], pred[0, :, 4] = 5.0, 4.0, 1.0
+    pred[0, :, 5] = torch.linspace(0.9, 0.01, n)
+    (out,) = non_max_suppression(pred, conf=0.001, iou=0.5, max_det=n)
+    assert len(out) == postprocess.MAX_CANDIDATES
+    assert out[:, 4].min() == pytest.approx(float(pred[0, postprocess.MAX_CANDIDATES - 1, 5]))
