@@ -32,6 +32,7 @@ from typing import Any
 from detector.config import TrainConfig, load_data_spec, load_train_config, parse_overrides, resolve_model_path
 from detector.errors import DetectorError
 from detector.options import AblateOptions
+from detector.yamlfile import load_yaml
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,14 +101,18 @@ def run_folder(root: Path, v: Variant, seed: int, *, several_seeds: bool) -> Pat
     return flat
 
 
-def _saved_seed(run_dir: Path) -> int | None:
-    """The seed an earlier run in `run_dir` was trained with (None: no run there)."""
-    import yaml
-
+def _saved_args(run_dir: Path) -> dict[str, Any] | None:
+    """The train config an earlier run in `run_dir` recorded in its args.yaml (None: no run there)."""
     args = run_dir / "args.yaml"
     if not args.exists():
         return None
-    seed = (yaml.safe_load(args.read_text()) or {}).get("seed")
+    saved, _ = load_yaml(args)
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_seed(run_dir: Path) -> int | None:
+    """The seed an earlier run in `run_dir` was trained with (None: no run there)."""
+    seed = (_saved_args(run_dir) or {}).get("seed")
     return int(seed) if seed is not None else None
 
 
@@ -187,12 +192,9 @@ def _check_variant(model: str, v: Variant) -> None:
 def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
     """A run folder left by an earlier invocation must have used this invocation's settings (else its row would
     compare unequal runs)."""
-    import yaml
-
-    args = run_dir / "args.yaml"
-    if not args.exists():
+    saved = _saved_args(run_dir)
+    if saved is None:
         return
-    saved = yaml.safe_load(args.read_text()) or {}
     wanted = asdict(cfg)
     changed = [k for k in wanted if k not in FREE_KEYS and k in saved and saved[k] != wanted[k]]
     if changed:

@@ -32,10 +32,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Bounds:
-    """What values a key accepts: a numeric range (with a step), or a set of strings. Floats must also be finite.
+    """What values a key accepts: a numeric range (with a step), or a set of strings.
 
     Checked by `build_options` on every value from the command line, a YAML file or the Python API, before any
-    work starts; `rule()` says it in words for the error and for `--help`."""
+    work starts, after its own check that every float is finite (`_check_bounds`); `rule()` says it in words for
+    the error and for `--help`."""
 
     ge: float | None = None
     gt: float | None = None
@@ -47,8 +48,6 @@ class Bounds:
     def accepts(self, value: Any) -> bool:
         if self.choices is not None:
             return value in self.choices
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
                 and (self.multiple_of is None or value % self.multiple_of == 0))
@@ -293,7 +292,7 @@ class TrainConfig:
     max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000, run_only=True)
     strict: bool = option(False, "treat every skipped image or box in the dataset as an error")
     plots: bool = option(True, "save training curves, labels and validation plots", run_only=True)
-    attention: str = option("", "override the model YAML's attention (ca, se, cbam, eca, mhsa, axial, ssa, gate, none)")
+    attention: str = option("", "override the model YAML's attention: any name of the attention registry (ca, se, cbam, eca, mhsa, axial, ssa, gate, none, and the priors edge, coord, gc)")
     attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck", choices=["", "output", "concat", "bottleneck"])
 
 

@@ -33,8 +33,7 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     text = _read_text(path)
     try:
         _check_bounds(text, path)
-        node = yaml.compose(text, Loader=LOADER)
-        data = yaml.load(text, Loader=LOADER)  # noqa: S506 (LOADER is a safe loader)
+        node, data = _compose_and_construct(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -43,6 +42,16 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     lines: dict[str, int] = {}
     _collect_lines(node, "", lines)
     return data, lines
+
+
+def _compose_and_construct(text: str) -> tuple[yaml.Node | None, Any]:
+    """The node graph (for the line numbers) and the data built from that same graph: one parse, not two."""
+    loader = LOADER(text)
+    try:
+        node = loader.get_single_node()
+        return node, loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
 
 
 def _read_text(path: Path) -> str:

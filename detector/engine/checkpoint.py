@@ -225,6 +225,19 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # weights into a model
 
 
+def state_differences(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How a state dict differs from a model's: (keys it lacks, keys the model lacks, keys of another shape)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    return missing, unexpected, reshaped
+
+
+def listed(items: list[str], most: int) -> str:
+    """The first `most` items, comma-separated, with ', ...' when there are more."""
+    return ", ".join(items[:most]) + (", ..." if len(items) > most else "")
+
+
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load `state_dict` into `model` exactly, or raise DetectorError saying how they differ.
 
@@ -232,21 +245,23 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     which is what a checkpoint of another model YAML or another class count produces.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and state_dict[k].shape != own[k].shape
-    ]
+    missing, unexpected, reshaped = state_differences(own, state_dict)
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in reshaped]
     if missing or unexpected or mismatched:
         parts = [
-            f"{len(items)} {label} ({', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''})"
+            f"{len(items)} {label} ({listed(items, _SHOWN)})"
             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
             if items
         ]
         raise DetectorError(f"{source}: weights do not fit this model (another model YAML or class count?): {'; '.join(parts)}")
     model.load_state_dict(state_dict)
+
+
+def checkpoint_weights(ckpt: Checkpoint, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint is used with: its EMA (what its metrics were measured on), or the raw ones when it
+    kept no EMA or `use_ema` is off."""
+    ema = ckpt["ema"]
+    return ema["module"] if use_ema and ema is not None else ckpt["model"]
 
 
 def model_from_checkpoint(ckpt: Checkpoint, *, use_ema: bool = True, source: str = "checkpoint") -> nn.Module:
@@ -257,7 +272,5 @@ def model_from_checkpoint(ckpt: Checkpoint, *, use_ema: bool = True, source: str
     from detector.models.builder import build_model  # lazy: the model code is only needed here
 
     model = build_model(ckpt["model_yaml"])
-    ema = ckpt["ema"]
-    weights = ema["module"] if use_ema and ema is not None else ckpt["model"]
-    load_model_weights(model, weights, source)
+    load_model_weights(model, checkpoint_weights(ckpt, use_ema=use_ema), source)
     return model.eval()

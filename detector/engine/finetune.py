@@ -33,30 +33,26 @@ class Transfer:
     skipped: list[str]
 
     def summary(self, source: str) -> str:
-        shown = "; skipped " + ", ".join(self.skipped[:SHOWN]) + (", ..." if len(self.skipped) > SHOWN else "") if self.skipped else ""
+        shown = f"; skipped {ckpt_io.listed(self.skipped, SHOWN)}" if self.skipped else ""
         return f"weights: transferred {self.transferred}/{self.total} tensors from {source}{shown}"
 
 
 def load_finetune_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the checkpoint, its EMA weights, or its raw weights when it kept no EMA); loaded with weights_only."""
     ckpt = ckpt_io.load_checkpoint(Path(path))
-    ema = ckpt.get("ema")
-    return ckpt, ema["module"] if ema is not None else ckpt["model"]
+    return ckpt, ckpt_io.checkpoint_weights(ckpt)
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> Transfer:
     """Copy every tensor of `state` whose name and shape match into `model`; refuse anything but head shape changes."""
     own = model.state_dict()
     head = f"layers.{len(model.layers) - 1}."
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing, unexpected, reshaped = ckpt_io.state_differences(own, state)
     foreign = [f"{k} (missing in the checkpoint)" for k in missing] + [f"{k} (not in the model)" for k in unexpected]
     foreign += [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in reshaped if not k.startswith(head)]
     if foreign:
-        listed = ", ".join(foreign[:SHOWN]) + (", ..." if len(foreign) > SHOWN else "")
         raise DetectorError(f"weights: {source} is another architecture than the model ({len(foreign)} tensors differ "
-                            f"beyond the head's class rows: {listed})")
+                            f"beyond the head's class rows: {ckpt_io.listed(foreign, SHOWN)})")
     model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
     skipped = [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in reshaped]
     return Transfer(len(own) - len(reshaped), len(own), skipped)

@@ -477,8 +477,8 @@ class Trainer:
         """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest
         of the budget holds at the last epoch's pace (training and validation), so the first epoch's start-up cost and
         a machine that speeds up or slows down are followed. Kept in the run's state (saved with the time spent, so a
-        resumed run keeps both); the config keeps the user's `epochs`. The lr schedule is a function of (epoch, count), so a new count moves the remaining
-        epochs onto the cosine of a run started with it."""
+        resumed run keeps both); the config keeps the user's `epochs`. The lr schedule is a function of (epoch,
+        count), so a new count moves the remaining epochs onto the cosine of a run started with it."""
         spent = self._time_spent()
         before = self.epochs
         self.state.epochs = epoch + epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)

@@ -315,7 +315,9 @@ def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | l
     params = 0
     for i, (section, j, row) in enumerate(rows):
         module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, label, spec, scaling, channels, params)
-        params += sum(p.numel() for p in module.parameters())
+        row_params = sum(p.numel() for p in module.parameters())
+        params += row_params
+        footprint.check_params(f"{label}: {section}[{j}]", params, row_params)
         layers.append(module)
         sources.append(source)
         info.append(layer_info)

@@ -4,8 +4,8 @@ Three checks, cheapest first:
 - row bounds at parse time: at most `MAX_REPEATS` repeats after the depth multiple and `MAX_CHANNELS` output
   channels after the width multiple (the largest published YOLO rows use 12 and 1,280);
 - a row whose channel product is large is first built on the `meta` device (shapes, no storage) and its
-  parameters counted; the running total must leave training room (`TRAIN_BYTES_PER_PARAM`: fp32 weight,
-  gradient, momentum and EMA copy) in this machine's memory;
+  parameters counted, and every built row is counted too; the running total must leave training room
+  (`TRAIN_BYTES_PER_PARAM`: fp32 weight, gradient, momentum and EMA copy) in this machine's memory;
 - at train time, `check_training_fits` scales the activations the builder's dry run measured per row to the
   training image size and batch.
 Each refusal states the estimate, the machine's memory and the row that asks for the most.
@@ -40,18 +40,16 @@ def check_row_bounds(where: str, repeats: int, c_out: int | None) -> None:
 
 def sized_construct(where: str, construct: Callable[[], nn.Module], elements: int, params_so_far: int) -> nn.Module:
     """`construct()`, after sizing it on `meta` when `elements` (c_in x c_out x copies) is large, so that a row
-    of 10^9 channels is refused without allocating it. Raises when the model would not train in memory."""
+    of 10^9 channels is refused without allocating it (the builder checks every built row with `check_params`)."""
     if elements > META_CHECK_ELEMENTS:
         with torch.device("meta"):
             params = sum(p.numel() for p in construct().parameters())
-        _check_params(where, params_so_far + params, params)
-    module = construct()
-    params = sum(p.numel() for p in module.parameters())
-    _check_params(where, params_so_far + params, params)
-    return module
+        check_params(where, params_so_far + params, params)
+    return construct()
 
 
-def _check_params(where: str, total: int, row: int) -> None:
+def check_params(where: str, total: int, row: int) -> None:
+    """Refuse a model of `total` parameters (`row` of them in the row at `where`) that would not train here."""
     need, have = total * TRAIN_BYTES_PER_PARAM, memory.machine_memory_bytes()
     if need > have:
         raise DetectorError(f"{where}: the model would have {total:,} parameters ({row:,} in this row), about "
