@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from detector.config import build_options, load_train_config, resolve_model_path
+from detector.config import build_options, load_train_config
+
+from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
 from detector.options import ExportOptions, InfoOptions, PredictOptions, ValOptions
 
@@ -35,7 +37,7 @@ T = TypeVar("T")
 
 
 def _output_dir(project: str, name: str, exist_ok: bool) -> Path:
-    from detector.engine.trainer import next_run_dir
+    from detector.train.trainer import next_run_dir
 
     return next_run_dir(Path(project), name, exist_ok)
 
@@ -87,7 +89,7 @@ class Detector:
         return detector
 
     def _start(self, device: str) -> None:
-        from detector.engine.device import select_device
+        from detector.runtime.device import select_device
 
         self.device_spec = device
         self.device = select_device(device)
@@ -99,7 +101,7 @@ class Detector:
 
     def _load(self, weights: Path) -> None:
         """Open a checkpoint: its model (EMA weights) on this Detector's device, class names, category ids, size."""
-        from detector.engine.checkpoint import load_checkpoint, model_from_checkpoint
+        from detector.runtime.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(weights)
         self.model = model_from_checkpoint(ckpt, source=str(weights)).to(self.device).eval()
@@ -121,7 +123,7 @@ class Detector:
         from scratch, or, for a Detector made from a checkpoint, a fine-tune that starts from its weights (a new
         run; `resume=` continues the old one instead). Afterwards the Detector holds the run's best.pt. Returns the
         last epoch's metrics."""
-        from detector.engine.trainer import Trainer
+        from detector.train.trainer import Trainer
 
         values = _plain({k: v for k, v in (("data", data), ("epochs", epochs)) if v is not None} | overrides)
         if not values.get("resume"):
@@ -139,7 +141,7 @@ class Detector:
         command's keys as a ValOptions or as keywords (`det.val(data="x.yaml", iou=0.65)`). `data` '' means the
         dataset the checkpoint was trained on, `imgsz` 0 its training size; metrics.json, predictions.json and
         plots/ go to runs/val/<name>. `opts.weights` is not read: the Detector's own model is evaluated."""
-        from detector.engine.evaluator import Evaluator, save_results
+        from detector.infer.evaluator import Evaluator, save_results
 
         opts = _options(ValOptions, opts, options, "Detector.val()")
         save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
@@ -165,7 +167,7 @@ class Detector:
         `save` (what `detector predict` does) also writes the drawn images (unless save_images=False) and
         predictions.json to runs/predict/<name>, and prints that predictions.json path last.
         """
-        from detector.engine.predictor import Predictor
+        from detector.infer.predictor import Predictor
 
         given = images if isinstance(images, PredictOptions) else None
         opts = _options(PredictOptions, given, options, "Detector.predict()")
@@ -185,7 +187,7 @@ class Detector:
         """`detector export`: the model as ONNX, checked with onnxruntime, with the command's keys as an ExportOptions
         or as keywords (format, imgsz, dynamic, nms, opset, out ...); returns the file's path, also printed last.
         Default path: beside the weights as <stem>.onnx (for a bare YAML model: <model name>.onnx here)."""
-        from detector.export import ExportSpec, export_onnx
+        from detector.infer.export import ExportSpec, export_onnx
 
         opts = _options(ExportOptions, opts, options, "Detector.export()")
         if opts.format.lower() != "onnx":  # for an ExportOptions built in Python, whose values no one has checked
@@ -214,7 +216,7 @@ class Detector:
 
     def _to(self, device: str) -> torch.device:
         """The device a call runs on: a command's `device=` moves the Detector there ('' keeps its own)."""
-        from detector.engine.device import select_device
+        from detector.runtime.device import select_device
 
         if device:
             target = select_device(device)
@@ -226,7 +228,7 @@ class Detector:
     def _val_loader(self, opts: ValOptions, device: torch.device) -> Any:
         """The loader of `opts.split` at `opts.imgsz` (0: the Detector's size); a checkpoint's category ids must be
         the dataset's, or its AP would be meaningless."""
-        from detector.config import load_data_spec
+        from detector.data.spec import load_data_spec
         from detector.data.loader import build_val_loader
         from detector.data.synthetic import ensure_bundled_dataset
 
@@ -245,7 +247,7 @@ class Detector:
         return loader
 
     def _predict_in_memory(self, predictor: Any, images: ImageInput, batch: int) -> list[dict[str, Any]]:
-        from detector.engine.predictor import detection_dict, iter_batches, list_images
+        from detector.infer.predictor import detection_dict, iter_batches, list_images
 
         if isinstance(images, (str, Path)):
             items: list[Path | np.ndarray] = list(list_images(images))
@@ -264,7 +266,7 @@ class Detector:
 
     def _predict_to_files(self, predictor: Any, source: ImageInput, opts: PredictOptions) -> list[dict[str, Any]]:
         """Every readable image of `source` (a path, folder, glob or list of paths), drawn and in predictions.json."""
-        from detector.engine.predictor import list_images, predict_source
+        from detector.infer.predictor import list_images, predict_source
 
         if isinstance(source, (str, Path)):
             files = list_images(source)
@@ -341,7 +343,7 @@ def run_info(opts: InfoOptions) -> str:
     text = model_info(model, opts.imgsz)
     print(text)
     if image is not None:
-        from detector.models.attention_maps import save_attention_maps
+        from detector.infer.attention_maps import save_attention_maps
 
         if not opts.weights:
             LOGGER.warning("info: attention maps of an untrained model (no weights=) show its random initialisation")

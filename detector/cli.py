@@ -26,7 +26,7 @@ class Command:
 
 
 def _train(overrides: dict[str, str]) -> None:
-    from detector.engine.trainer import train
+    from detector.train.trainer import train
 
     train(load_train_config(overrides))
 
@@ -59,7 +59,7 @@ def _info(overrides: dict[str, str]) -> None:
 
 
 def _ablate(overrides: dict[str, str]) -> None:
-    from detector.ablate import run_ablation
+    from detector.tools.ablate import run_ablation
 
     run_ablation(load_options(AblateOptions, overrides))
 
@@ -109,7 +109,7 @@ def _bench(name: str, options: type) -> Callable[[dict[str, str]], None]:
         import importlib
 
         opts = load_options(options, overrides)
-        importlib.import_module(f"detector.bench.{name}").main(opts)
+        importlib.import_module(f"detector.tools.bench.{name}").main(opts)
 
     return run
 

@@ -11,22 +11,15 @@ YAML key, or "command line" for an override, with a did-you-mean for misspelled 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import logging
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from detector.errors import DetectorError, did_you_mean
 from detector.yamlfile import load_yaml
 
-# the model YAMLs and the default train config ship inside the package (the checkout's configs/ links to them);
-# a filesystem install is assumed (a zipped package would need importlib.resources.as_file)
-MODEL_CONFIGS = Path(str(importlib.resources.files("detector").joinpath("configs", "models")))
-LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -299,80 +292,3 @@ class TrainConfig:
 def load_train_config(overrides: dict[str, str]) -> TrainConfig:
     """Defaults, then an optional `cfg=<yaml>` of train keys, then the command-line overrides."""
     return load_options(TrainConfig, overrides, file_key="cfg")
-
-
-def resolve_model_path(model: str) -> Path:
-    """A model YAML path as given, or a bare name ('yolo-ca-n', 'configs/models/yolo-ca-n.yaml') looked up among
-    the model YAMLs shipped inside the package (so an installed package needs no checkout)."""
-    given = Path(model)
-    if given.exists():
-        return given
-    for candidate in (MODEL_CONFIGS / given.name, MODEL_CONFIGS / f"{model}.yaml"):
-        if candidate.exists():
-            return candidate
-    known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
-    raise DetectorError(f"model: '{model}' not found{did_you_mean(given.stem, known)}; known: {', '.join(known)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# datasets
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """One split of a COCO-format dataset: an image folder and its instances json (absolute paths)."""
-
-    images: Path
-    annotations: Path
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A dataset YAML: `train` and `val` splits and optional class-name overrides."""
-
-    path: Path
-    train: SplitSpec
-    val: SplitSpec
-    names: list[str] | None = None
-
-
-_DATA_KEYS = ("path", "train", "val", "names", "download")
-
-
-def load_data_spec(path: str | Path) -> DataSpec:
-    """Parse a dataset YAML; relative paths are relative to the YAML's folder (or its `path:` key).
-
-    A `download:` key (common in other tools' YAMLs) is never executed: it is ignored with a warning.
-    """
-    path = Path(path)
-    data, lines = load_yaml(path)
-    if not isinstance(data, dict):
-        raise DetectorError(f"{path}: expected a mapping with 'train' and 'val'")
-    for key in data:
-        if key not in _DATA_KEYS:
-            raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, _DATA_KEYS)}")
-    if "download" in data:
-        LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
-    root = path.resolve().parent
-    if data.get("path") is not None:
-        root = (root / str(data["path"])).resolve()
-    splits = {}
-    for split in ("train", "val"):
-        if split not in data:
-            raise DetectorError(f"{path}: missing key '{split}' ({{images: <dir>, annotations: <instances json>}})")
-        entry = data[split]
-        where = f"{path}:{lines.get(split, 1)}"
-        for key in entry if isinstance(entry, dict) else ():
-            if key not in ("images", "annotations"):
-                line = lines.get(f"{split}.{key}", lines.get(split, 1))
-                raise DetectorError(f"{path}:{line}: unknown key '{split}.{key}'{did_you_mean(key, ('images', 'annotations'))}")
-        if not isinstance(entry, dict) or set(entry) != {"images", "annotations"}:
-            raise DetectorError(f"{where}: '{split}' must be {{images: <dir>, annotations: <instances json>}}, got {entry!r}")
-        splits[split] = SplitSpec(images=(root / str(entry["images"])).resolve(), annotations=(root / str(entry["annotations"])).resolve())
-    names = data.get("names")
-    if names is not None:
-        if isinstance(names, dict):
-            names = [names[k] for k in sorted(names)]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' must be a list of strings")
-    return DataSpec(path=path.resolve(), train=splits["train"], val=splits["val"], names=names)

@@ -117,7 +117,7 @@ class AblateOptions:
     train: list[str] = option([], "extra train key=value pairs, as k1=v1,k2=v2 (e.g. lr0=0.002)")
 
 
-# `detector bench <name>`: the keys of each benchmark in detector/bench/ (here, not beside the code, so that the CLI
+# `detector bench <name>`: the keys of each benchmark in detector/tools/bench/ (here, not beside the code, so that the CLI
 # lists and checks them without importing torch).
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.config import SplitSpec
+from detector.data.spec import SplitSpec
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
 SIZES_WH = [(96, 64), (64, 96), (80, 80), (120, 72), (72, 120), (100, 60)]

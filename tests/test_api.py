@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from detector import Detector
-from detector.engine.metrics import COCO_KEYS
+from detector.infer.metrics import COCO_KEYS
 from detector.errors import DetectorError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
@@ -25,7 +25,7 @@ RESULT_KEYS = {"boxes_xyxy", "scores", "classes", "category_ids", "names", "file
 
 def write_checkpoint(path: Path, names: tuple[str, ...] = ("cat", "dog")) -> Path:
     """An inference checkpoint of an untrained, seeded yolo-c2f-n (the trainer's keys)."""
-    from detector.engine.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
     from detector.models.builder import build_model
 
     torch.manual_seed(0)

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detector.config import (
-    TrainConfig,
-    load_data_spec,
-    load_train_config,
-    load_yaml,
-    parse_overrides,
-    resolve_model_path,
-)
+from detector.config import TrainConfig, load_train_config, load_yaml, parse_overrides
+from detector.data.spec import load_data_spec
+from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detector import options
-from detector.bench.rivals import RivalsOptions
+from detector.tools.bench.rivals import RivalsOptions
 from detector.config import Bounds, TrainConfig, build_options, describe_options, load_options
 from detector.errors import DetectorError
 

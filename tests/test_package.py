@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
 
 
 def test_the_configs_ship_as_package_data() -> None:
-    from detector.config import MODEL_CONFIGS
+    from detector.models.catalog import MODEL_CONFIGS
 
     assert MODEL_CONFIGS == Path(__import__("detector").__file__).parent / "configs" / "models"
     assert (MODEL_CONFIGS / "yolo-ca-n.yaml").is_file() and (MODEL_CONFIGS.parent / "train" / "default.yaml").is_file()

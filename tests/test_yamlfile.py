@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from detector.config import load_data_spec, load_train_config
+from detector.config import load_train_config
+
+from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.yamlfile import MAX_BYTES, MAX_DEPTH, MAX_NODES, load_yaml

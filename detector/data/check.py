@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detector.data.coco import CocoDataset
-from detector.tables import format_table
+from detector.viz.tables import format_table
 
 COUNT_BINS = [0, 1, 2, 3, 6, 11, 21, 51]  # boxes per image: 0, 1, 2, 3-5, 6-10, 11-20, 21-50, 51+
 SIZE_BINS_PX = [0, 8, 16, 32, 64, 128, 256, 512]  # sqrt(w * h) at long side imgsz
@@ -103,7 +103,8 @@ def data_check(
     An unusable dataset (or, with strict=True, anything skipped) raises DetectorError with a one-line message,
     which the CLI prints and turns into a non-zero exit code.
     """
-    from detector.config import TrainConfig, load_data_spec
+    from detector.config import TrainConfig
+    from detector.data.spec import load_data_spec
     from detector.data.loader import TrainDataset, collate
     from detector.data.synthetic import ensure_bundled_dataset
 

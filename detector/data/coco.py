@@ -40,7 +40,7 @@ from detector.memory import gib
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
-    from detector.config import SplitSpec
+    from detector.data.spec import SplitSpec
 
 LOGGER = logging.getLogger(__name__)
 JSON_BYTES_PER_IMAGE = 1 << 20

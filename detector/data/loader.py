@@ -30,7 +30,7 @@ from detector.errors import DetectorError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from detector.config import SplitSpec
+    from detector.data.spec import SplitSpec
 
 LOGGER = logging.getLogger(__name__)
 STRIDE = 32  # rectangular val batch shapes are multiples of this

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detector.tables import format_table
+from detector.viz.tables import format_table
 
 SQRT_AREA_BINS_PX = (0, 8, 16, 32, 64, 96, 128)  # last bin is open: >= 128
 COCO_SMALL_PX2, COCO_LARGE_PX2 = 32**2, 96**2  # COCOeval's area ranges

@@ -274,7 +274,7 @@ def ensure_bundled_dataset(data_yaml: Path) -> None:
     """On first use of the bundled dataset (`data/shapes.yaml` under the working directory, the `data` default),
     write its YAML and generate its images there, in a checkout or any other folder. Any other YAML is left alone:
     a user's missing data is an error for the scan to report."""
-    from detector.config import load_data_spec
+    from detector.data.spec import load_data_spec
 
     bundled = Path.cwd() / BUNDLED_YAML
     if Path(data_yaml).resolve() != bundled.resolve():

@@ -1,6 +1,6 @@
 """Export a COCO dataset (our dataset YAML) to the YOLO-txt layout other trainers read.
 
-Used by the rival harness (`detector.bench.rivals`) so that another tool trains on exactly the boxes we train on:
+Used by the rival harness (`detector.tools.bench.rivals`) so that another tool trains on exactly the boxes we train on:
 the scan of `detector.data.coco.CocoDataset` decides everything (skipped images, dropped and clipped boxes, crowd
 boxes set apart, image sizes after EXIF), and this module only writes it out. Layout under `out`:
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detector.config import DataSpec
+from detector.data.spec import DataSpec
 from detector.data.coco import CocoDataset, ImageRecord
 from detector.errors import DetectorError
 

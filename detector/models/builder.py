@@ -45,6 +45,7 @@ from detector.models import attention as _attention  # importing the block modul
 from detector.models import blocks as _blocks
 from detector.models import footprint
 from detector.models.blocks import ATTENTION_PLACES
+from detector.models.catalog import resolve_model_path
 from detector.models.head import Detect
 from detector.models.registry import MODULES, RowModule, UnknownNameError
 from detector.yamlfile import load_yaml
@@ -187,8 +188,6 @@ def _load(cfg: str | Path | dict) -> tuple[dict, str]:
         return copy.deepcopy(cfg), str(cfg.get("name") or "model config")
     path = Path(cfg)
     if not path.exists():
-        from detector.config import resolve_model_path  # lazy: only bare names need the repository lookup
-
         path = resolve_model_path(str(cfg))
     try:
         label = str(path.resolve().relative_to(Path.cwd()))

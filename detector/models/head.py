@@ -174,7 +174,7 @@ class DecoupledDetect(Detect):
     - decoupled branches per level, two 3x3 convs each (YOLOX, Ge et al. 2021, Table 2);
     - the class score is trained toward the box's quality, so it ranks boxes by localisation too (VFL/QFL);
     - positives are chosen by task alignment over the anchor boxes (TOOD, Feng et al. 2021), in
-      `detector.engine.loss_aligned.AlignedLoss`, which this head's maps are for.
+      `detector.train.loss_aligned.AlignedLoss`, which this head's maps are for.
     Train mode returns maps (B, na, H_l, W_l, 4 + nc) logits. Eval mode returns the `Detect` layout
     (B, N, 5 + nc) with the objectness column set to 1, so NMS's obj * cls score is the class score and every
     consumer of `Detect` (NMS, export, evaluator) works unchanged.

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from detector.models.builder import DetectionModel
-from detector.tables import format_table
+from detector.viz.tables import format_table
 
 
 def _sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: object,

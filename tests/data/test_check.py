@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from detector.bench.data import main as bench_main
+from detector.tools.bench.data import main as bench_main
 from detector.config import load_options
 from detector.data.check import data_check
 from detector.errors import DetectorError

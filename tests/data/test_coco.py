@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.config import SplitSpec
+from detector.data.spec import SplitSpec
 from detector.data.coco import CocoDataset, inspect_image
 from detector.errors import DetectorError
 

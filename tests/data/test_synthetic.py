@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 
 import detector.data.synthetic as synthetic
-from detector.config import load_data_spec
+from detector.data.spec import load_data_spec
 from detector.data.coco import CocoDataset
 from detector.errors import DetectorError
 

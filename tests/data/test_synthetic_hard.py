@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 
 import detector.data.synthetic_hard as hard
 from detector.cli import main
-from detector.config import load_data_spec
+from detector.data.spec import load_data_spec
 from detector.data.coco import CocoDataset
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.config import SplitSpec, TrainConfig
+from detector.config import TrainConfig
+
+from detector.data.spec import SplitSpec
 from detector.data.coco import CocoDataset
 from detector.data.loader import TrainDataset
 from detector.data.transforms import (

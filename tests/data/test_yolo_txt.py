@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from detector.config import load_data_spec
+from detector.data.spec import load_data_spec
 from detector.data.yolo_txt import export_yolo_txt, read_label_file
 from detector.errors import DetectorError
 

@@ -43,7 +43,7 @@ def _park() -> None:
 def _install() -> None:
     park = os.environ.get("DRILL_PARK")
     if park == "step":
-        from detector.engine.trainer import Trainer
+        from detector.train.trainer import Trainer
 
         real_step = Trainer._optimizer_step
 
@@ -55,7 +55,7 @@ def _install() -> None:
 
         Trainer._optimizer_step = step
     elif park == "val":
-        import detector.engine.evaluator as evaluator
+        import detector.infer.evaluator as evaluator
 
         real_nms = evaluator.non_max_suppression
 
@@ -80,7 +80,7 @@ def _install() -> None:
 
         torch.save = save
     if os.environ.get("DRILL_RSS"):
-        from detector.engine.trainer import Trainer
+        from detector.train.trainer import Trainer
 
         real_epoch = Trainer._train_epoch
 
@@ -110,7 +110,7 @@ def _install() -> None:
     if os.environ.get("DRILL_WEIGHTS"):
         import torch
 
-        from detector.engine.trainer import Trainer
+        from detector.train.trainer import Trainer
 
         real_fit = Trainer.fit
 

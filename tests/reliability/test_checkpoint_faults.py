@@ -1,6 +1,6 @@
 """Checkpoints meeting the trainer and `val`: a full disk mid-run (RELIABILITY row 26), weights of another model or
 class count (23), a resume whose model, config or classes changed (28). The unit tests of the writer and the
-loader are in tests/engine/test_checkpoint.py."""
+loader are in tests/runtime/test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 
 from detector.cli import main
 from detector.config import TrainConfig
-from detector.engine import checkpoint as ck
-from detector.engine.trainer import Trainer, train
+from detector.runtime import checkpoint as ck
+from detector.train.trainer import Trainer, train
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from reliability_helpers import make_config, read_results

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from detector.config import load_data_spec, load_train_config
-from detector.engine.trainer import Trainer
+from detector.config import load_train_config
+
+from detector.data.spec import load_data_spec
+from detector.train.trainer import Trainer
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from reliability_helpers import make_config
@@ -68,7 +70,7 @@ def test_code_in_a_model_yaml_is_a_name_error_never_evaluated(tmp_path: Path, ol
 
 
 def test_resume_of_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
-    """Row 27 (a finished run and an empty project are in tests/engine/test_trainer.py)."""
+    """Row 27 (a finished run and an empty project are in tests/train/test_trainer.py)."""
     gone = tmp_path / "runs" / "exp" / "weights" / "last.pt"
     with pytest.raises(DetectorError, match=f"resume: checkpoint '{gone}' not found"):
         Trainer(make_config(tmp_path, tmp_path / "runs", resume=str(gone)))

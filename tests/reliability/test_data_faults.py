@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from detector.cli import main
-from detector.config import TrainConfig, load_data_spec
+from detector.config import TrainConfig
+from detector.data.spec import load_data_spec
 from detector.data import coco as coco_module
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_train_loader, build_val_loader
 from detector.errors import DetectorError
-from detector.engine.trainer import train
+from detector.train.trainer import train
 from detector.models.builder import build_model
 from reliability_helpers import TINY, make_config, shut_down_workers
 

@@ -1,5 +1,5 @@
 """ONNX export (RELIABILITY row 35), checked independently of the exporter's own self-check: the file loads in
-onnxruntime and its outputs equal PyTorch's at batch 1 and 2 (tests/test_export.py covers the options)."""
+onnxruntime and its outputs equal PyTorch's at batch 1 and 2 (tests/infer/test_export.py covers the options)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.engine.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
 from detector.models.builder import build_model
 from detector.options import ExportOptions
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.engine.checkpoint import load_checkpoint
+from detector.runtime.checkpoint import load_checkpoint
 from reliability_helpers import cli_args, hooks_env, read_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in

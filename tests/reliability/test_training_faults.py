@@ -17,9 +17,9 @@ import torch
 
 from detector.config import TrainConfig
 from detector.data import loader as loader_module
-from detector.engine import loss as loss_module
-from detector.engine.checkpoint import load_checkpoint
-from detector.engine.trainer import Trainer, train
+from detector.train import loss as loss_module
+from detector.runtime.checkpoint import load_checkpoint
+from detector.train.trainer import Trainer, train
 from reliability_helpers import make_config, read_results
 
 POISONED_CALL = 2  # the loss of the 2nd step (epoch 0, iteration 1) is NaN; 2 steps an epoch, 4 in all

@@ -1,1 +1,0 @@
-"""Training engine: the loss, the training loop, evaluation, checkpoints."""

@@ -1,0 +1,265 @@
+"""Inference on images: letterbox a batch -> model -> NMS -> boxes in original pixels, drawn and saved as JSON.
+
+`Predictor` turns a list of RGB arrays into detections; `predict_source` runs it over an image, a folder or a
+glob for `detector predict`: it writes the images with their boxes drawn and one predictions.json (COCO results
+format plus `file_name`, `width`, `height`), and names every unreadable file instead of stopping at it.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import glob
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from detector.data.coco import read_rgb
+from detector.data.loader import READ_ERRORS
+from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
+from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
+from detector.infer.postprocess import non_max_suppression
+from detector.errors import DetectorError
+
+LOGGER = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+READ_THREADS = 4  # image decoding threads (PIL and cv2 release the GIL while decoding)
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """The image files of `source`: one file (any extension), a folder (recursively) or a glob (`**` recursive),
+    sorted. Raises DetectorError when it names nothing or holds no image."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    elif glob.has_magic(str(source)):
+        matches = (Path(p) for p in glob.glob(str(source), recursive=True))
+        files = [p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    else:
+        raise DetectorError(f"source: '{source}' not found (an image, a folder or a glob)")
+    if not files:
+        raise DetectorError(f"source: no images ({' '.join(IMAGE_SUFFIXES)}) in '{source}'")
+    return sorted(files)
+
+
+def check_image_array(image: Any, label: str) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from `image`; a (H, W) gray array is repeated to 3 channels."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim == 2:
+            return np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 1:
+            return image
+    shape = getattr(image, "shape", None)
+    dtype = getattr(image, "dtype", type(image).__name__)
+    raise DetectorError(f"{label}: expected an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}")
+
+
+class Predictor:
+    """Detections of a model on RGB images, in original pixels: `predictor(images) -> list[(K, 6)]`.
+
+    Rows [x1, y1, x2, y2, score, class] (float32, CPU), best class per box, sorted by score. `classes` keeps only
+    those class indices. On CUDA the forward runs under fp16 autocast. The model is put in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        imgsz: int,
+        conf: float = 0.25,
+        iou: float = 0.45,
+        max_det: int = 300,
+        classes: Sequence[int] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.device = device or next(model.parameters()).device
+        self.stride = int(model.stride.max())
+        if imgsz < self.stride:
+            raise DetectorError(f"imgsz must be at least the model stride {self.stride}, got {imgsz}")
+        self.imgsz = int(imgsz)
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        nc = int(model.nc)
+        bad = [c for c in classes or () if not 0 <= int(c) < nc]
+        if bad:
+            raise DetectorError(f"classes: {bad[0]} is not a class index of this model (0..{nc - 1})")
+        self.classes = [int(c) for c in classes] if classes else None
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        batch, ratios, pads = letterbox_batch(images, self.imgsz, self.stride)
+        x = to_model_input(batch, self.device)
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with amp:
+            pred = self.model(x)
+        dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det, multi_label=False, classes=self.classes)
+        out = []
+        for det, image, ratio, pad in zip(dets, images, ratios, pads):
+            det = det.float().cpu()
+            det[:, :4] = unletterbox_boxes(det[:, :4], ratio, pad, image.shape[:2])
+            out.append(det)
+        return out
+
+
+def detection_dict(det: torch.Tensor, names: Sequence[str], category_ids: Sequence[int], file: str | None) -> dict[str, Any]:
+    """One image's (K, 6) detections as numpy: boxes_xyxy float32 (K, 4) original pixels, scores float32 (K,),
+    classes int64 (K,) contiguous, category_ids int64 (K,) original ids, names list[str] (K), file or None."""
+    classes = det[:, 5].long().numpy()
+    return {
+        "boxes_xyxy": det[:, :4].numpy().astype(np.float32),
+        "scores": det[:, 4].numpy().astype(np.float32),
+        "classes": classes,
+        "category_ids": np.asarray(category_ids, dtype=np.int64)[classes],
+        "names": [names[c] for c in classes.tolist()],
+        "file": file,
+    }
+
+
+@dataclass
+class Batch:
+    """Images of one forward pass: `files` (the path, or None for an array) and the decoded arrays."""
+
+    files: list[str | None]
+    images: list[np.ndarray]
+
+
+def _read(path: Path) -> np.ndarray | str:
+    """The image, or the reason it could not be read."""
+    try:
+        return read_rgb(path)
+    except READ_ERRORS as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_unreadable: bool, skipped: list[str]) -> Iterator[Batch]:
+    """Batches of decoded images from paths and arrays, decoded on a few threads one batch ahead.
+
+    An unreadable file is named in a warning and appended to `skipped` when `skip_unreadable`, else it raises
+    DetectorError naming it. A malformed array raises DetectorError naming its index.
+    """
+
+    def load(chunk: Sequence[tuple[int, Path | np.ndarray]]) -> list[tuple[str | None, np.ndarray | str]]:
+        return [(str(item), _read(item)) if isinstance(item, Path) else (None, check_image_array(item, f"images[{i}]")) for i, item in chunk]
+
+    indexed = list(enumerate(items))
+    chunks = [indexed[i : i + batch_size] for i in range(0, len(indexed), batch_size)]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        pending = pool.submit(load, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            loaded = pending.result()
+            pending = pool.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
+            batch = Batch([], [])
+            for file, image in loaded:
+                if isinstance(image, str):
+                    if not skip_unreadable:
+                        raise DetectorError(f"{file}: cannot read image ({image})")
+                    LOGGER.warning("%s: unreadable image skipped (%s)", file, image)
+                    skipped.append(str(file))
+                    continue
+                batch.files.append(file)
+                batch.images.append(image)
+            if batch.images:
+                yield batch
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A distinct, stable RGB colour per class (hues spaced by the golden ratio)."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> Image.Image:
+    """The image with each box, its class name and score drawn in the class colour (one loop per box: drawing)."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    size = max(image.shape[:2])
+    width = max(1, round(size / 320))
+    font = ImageFont.load_default(size=max(10, round(size / 50)))
+    for x1, y1, x2, y2, score, c in det.tolist():
+        colour = class_colour(int(c))
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        text = f"{names[int(c)]} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top + 2
+        ty = y1 - th if y1 - th >= 0 else y1
+        draw.rectangle((x1, ty, x1 + tw + 2, ty + th), fill=colour)
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        draw.text((x1 + 1, ty - top + 1), text, fill=ink, font=font)
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- a source
+
+
+def predict_source(
+    predictor: Predictor,
+    files: Sequence[Path],
+    save_dir: Path,
+    *,
+    names: Sequence[str],
+    category_ids: Sequence[int],
+    batch_size: int = 8,
+    save_images: bool = True,
+) -> list[dict[str, Any]]:
+    """`detector predict`: detections for every readable file, drawn images and predictions.json in `save_dir`.
+
+    Drawn images keep their path relative to the files' common folder. predictions.json holds COCO results
+    ([{image_id, category_id, bbox [x, y, w, h] original pixels, score}]) plus file_name, width and height;
+    image_id is the file's index in the sorted source list. Returns `detection_dict`s (one per readable file).
+    """
+    save_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+    image_ids = {str(p): i for i, p in enumerate(files)}
+    skipped: list[str] = []
+    results, entries = [], []
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
+    for batch in iter_batches(list(files), batch_size, skip_unreadable=True, skipped=skipped):
+        dets = predictor(batch.images)
+        for file, image, det in zip(batch.files, batch.images, dets):
+            relative = Path(file).resolve().relative_to(root)
+            results.append(detection_dict(det, names, category_ids, file))
+            entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
+            if save_images:
+                _save_image(draw_detections(image, det, names), save_dir / relative)
+        bar.update(len(results) + len(skipped) - bar.n)
+    bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
+    bar.close()
+    write_json(save_dir / "predictions.json", entries)
+    found = sum(len(r["scores"]) for r in results)
+    LOGGER.info("predict: %d images, %d detections, results in %s", len(results), found, save_dir)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        LOGGER.warning("predict: %d unreadable file(s) skipped: %s", len(skipped), shown)
+    return results
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+    except OSError as err:
+        raise DetectorError(f"{path}: cannot write the drawn image ({err.strerror or err})") from err
+
+
+def _json_entries(det: torch.Tensor, image_id: int, file_name: str, hw: tuple[int, int], category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One image's COCO results (the evaluator's rows and rounding) plus its file name and size."""
+    ids = np.asarray(category_ids, dtype=np.int64)[det[:, 5].long().numpy()]
+    rows = coco_rows(image_id, det[:, :4].double().numpy(), det[:, 4].double().numpy(), ids)
+    h, w = int(hw[0]), int(hw[1])
+    return [{**r, "file_name": file_name, "width": w, "height": h} for r in detections_to_coco_results(rows)]

@@ -1,0 +1,25 @@
+"""The model YAMLs shipped inside the package, and the lookup of a bare model name among them."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from detector.errors import DetectorError, did_you_mean
+
+# the model YAMLs and the default train config ship inside the package (the checkout's configs/ links to them);
+# a filesystem install is assumed (a zipped package would need importlib.resources.as_file)
+MODEL_CONFIGS = Path(str(importlib.resources.files("detector").joinpath("configs", "models")))
+
+
+def resolve_model_path(model: str) -> Path:
+    """A model YAML path as given, or a bare name ('yolo-ca-n', 'configs/models/yolo-ca-n.yaml') looked up among
+    the model YAMLs shipped inside the package (so an installed package needs no checkout)."""
+    given = Path(model)
+    if given.exists():
+        return given
+    for candidate in (MODEL_CONFIGS / given.name, MODEL_CONFIGS / f"{model}.yaml"):
+        if candidate.exists():
+            return candidate
+    known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
+    raise DetectorError(f"model: '{model}' not found{did_you_mean(given.stem, known)}; known: {', '.join(known)}")

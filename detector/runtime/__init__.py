@@ -1,0 +1,1 @@
+"""What training and inference share at run time: the device and AMP choice, checkpoints, distributed set-up."""

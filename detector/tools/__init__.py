@@ -1,0 +1,1 @@
+"""Tools built on training and inference: the attention ablation and the benchmarks."""

@@ -1,0 +1,115 @@
+"""`detector bench models`: parameters, GFLOPs and throughput of model configs, one row per config and mode.
+
+Throughput in images/s of random inputs (the fastest of `iters` timed iterations): eval forward (`torch.inference_mode`, decode included) at batch 1 and
+`batch`, and a train step (forward + backward of a stand-in loss) at `batch`, after `warmup` untimed iterations.
+Modes: fp32 (NCHW), fp32-cl (channels_last), bf16-cl (bf16 autocast + channels_last). bf16 is fast only where
+the hardware computes it natively (AMX / AVX512-BF16 CPUs, recent GPUs); the header line says which.
+
+Options (key=value): `detector.options.BenchModelsOptions`; `detector bench models --help` lists them with their
+defaults and ranges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from detector.errors import DetectorError
+from detector.options import BenchModelsOptions
+from detector.viz.tables import format_table
+
+MODES = {"fp32": (None, False), "fp32-cl": (None, True), "bf16-cl": (torch.bfloat16, True)}
+
+
+def images_per_second(step: Callable[[], None], images: int, *, iters: int, warmup: int,
+                      device: torch.device) -> float:
+    """Run `step` warmup + iters times; images/s of the fastest timed iteration (robust on a shared machine)."""
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return images / best
+
+
+def measure(model: torch.nn.Module, mode: str, *, imgsz: int, batch: int, iters: int, warmup: int,
+            device: torch.device) -> tuple[float, float, float]:
+    """(eval images/s at batch 1, eval images/s at `batch`, train images/s at `batch`) in `mode`."""
+    dtype, channels_last = MODES[mode]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+
+    def inputs(n: int) -> torch.Tensor:
+        return torch.rand(n, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def eval_step(x: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+        return step
+
+    x_train = inputs(batch)
+
+    def train_step() -> None:
+        with autocast():
+            maps = model(x_train)
+        sum(m.float().square().mean() for m in maps).backward()  # a stand-in loss touching every output
+        model.zero_grad(set_to_none=True)
+
+    model.eval()
+    rates = [images_per_second(eval_step(inputs(n)), n, iters=iters, warmup=warmup, device=device)
+             for n in (1, batch)]
+    model.train()
+    rates.append(images_per_second(train_step, batch, iters=iters, warmup=warmup, device=device))
+    return rates[0], rates[1], rates[2]
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        bf16 = "native" if torch.cuda.is_bf16_supported() else "emulated"
+        return f"{torch.cuda.get_device_name(device)}, bf16 {bf16}"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (f"CPU, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'native (AVX512-BF16/AMX)' if native else 'emulated: expect bf16 to be slower than fp32'}")
+
+
+def main(opts: BenchModelsOptions) -> None:
+    """Print one row per config and mode (`opts` already checked, e.g. by `load_options`)."""
+    if not opts.modes:
+        raise DetectorError(f"bench models: 'modes' is empty; choose from {', '.join(MODES)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        device = torch.device(opts.device)
+    except RuntimeError as err:
+        raise DetectorError(f"bench models: device: {err}") from None
+
+    from detector.models.catalog import MODEL_CONFIGS, resolve_model_path
+    from detector.models.builder import build_model
+    from detector.models.info import count_flops
+
+    imgsz, batch, iters, warmup = opts.imgsz, opts.batch, opts.iters, opts.warmup
+    paths = [resolve_model_path(n) for n in opts.configs] or sorted(MODEL_CONFIGS.glob("*.yaml"))
+    print(f"bench models: imgsz {imgsz}, batch {batch}, {iters} timed iterations after {warmup}; {_hardware(device)}")
+    rows = []
+    for path in paths:
+        model = build_model(path)
+        params = sum(p.numel() for p in model.parameters())
+        gflops = count_flops(model, imgsz)
+        for mode in opts.modes:
+            b1, bn, train = measure(model, mode, imgsz=imgsz, batch=batch, iters=iters, warmup=warmup, device=device)
+            rows.append([model.name, mode, params, gflops, b1, bn, train])
+    headers = ["model", "mode", "params", f"GFLOPs@{imgsz}", "eval b1 img/s", f"eval b{batch} img/s",
+               f"train b{batch} img/s"]
+    print(format_table(headers, rows, floatfmt=".1f"))

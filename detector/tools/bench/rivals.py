@@ -1,0 +1,305 @@
+"""`python scripts/rivals.py`: ours against Ultralytics YOLOv8n / YOLO26n on the same COCO data, side by side.
+
+Each side trains from scratch with the same data, epochs, imgsz, batch, seed and thread count, with its own recipe
+(our defaults; Ultralytics' defaults, optimizer=auto). Both sides' val predictions (conf, NMS IoU and max_det as set
+here) are scored by OUR pycocotools path (`detector.infer.metrics.evaluate_coco`) against the val json, so the
+numbers compare. Ultralytics is AGPL: it is pip-installed into its own venv (system site-packages, so torch is
+reused) and run as a separate program, `scripts/rivals_driver.py`; nothing here imports it. Its data is our COCO
+json exported by our own `detector.data.yolo_txt`.
+
+Output folder `<project>/<name>/`: yolo/ (the export), one folder per rival with its `result.json` (a rival whose
+result.json exists is not run again; `force=true` reruns), and results.json + results.md with the table.
+Train wall time is the training alone, per-epoch validation included: Ultralytics' `model.train()` call, our whole
+`detector train` process (a few seconds of start-up more); images/s is epochs x train images / that time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from detector.config import build_options, describe_options, option, parse_overrides
+
+from detector.data.spec import load_data_spec
+from detector.data.yolo_txt import YoloExport, reuse_or_export
+from detector.errors import DetectorError
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+
+ULTRALYTICS_MODELS = {"yolov8n": "yolov8n.yaml", "yolo26n": "yolo26n.yaml"}
+OURS = "ours"
+TABLE_KEYS = ("AP", "AP50", "APs", "APm", "APl", "AR100")
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+DRIVER = Path(__file__).resolve().parents[2] / "scripts" / "rivals_driver.py"
+
+
+@dataclass
+class RivalsOptions:
+    data: str = option("data/shapes.yaml", "dataset YAML (COCO json splits)")
+    rivals: str = option("yolov8n,yolo26n,ours", "comma list of: yolov8n, yolo26n, ours")
+    epochs: int = option(60, "epochs, every side", ge=1, le=100_000)
+    imgsz: int = option(256, "train and val image size, every side", ge=32, le=8192, multiple_of=32)
+    batch: int = option(16, "batch size, every side", ge=1, le=4096)
+    seed: int = option(0, "seed, every side", ge=0, le=2**32 - 1)
+    threads: int = option(0, "torch threads, every side (0: the CPUs this process may use)", ge=0, le=1024)
+    device: str = option("cpu", "device for every side: cpu, or a CUDA index such as 0 ('' lets each tool pick)")
+    model: str = option("", "our model YAML (default: detector train's default)")
+    workers: int = option(2, "our data-loading workers (Ultralytics forces 0 on CPU by its own choice)", ge=0, le=64)
+    conf: float = option(0.001, "confidence threshold of the scored predictions", ge=0, le=1)
+    iou: float = option(0.65, "NMS IoU of the scored predictions (0.65: what README's COCO figures use)", ge=0, le=1)
+    max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
+    venv: str = option("~/.cache/detector/rivals-venv", "the Ultralytics venv (created on first use)")
+    ultralytics: str = option("ultralytics", "pip requirement for Ultralytics (e.g. ultralytics==8.4.190)")
+    project: str = option("runs/rivals", "parent folder")
+    name: str = option("exp", "output folder name (a rerun with the same name reuses finished results)")
+    force: bool = option(False, "rerun rivals whose result.json exists")
+
+
+def parse_args(argv: list[str]) -> tuple[RivalsOptions, list[str]]:
+    """key=value args -> (options, our extra `detector train` args given as ours.key=value)."""
+    ours = [arg for arg in argv if arg.startswith("ours.")]
+    parse_overrides(ours)  # the same key=value check as every other argument; passed through as written
+    values = parse_overrides([arg for arg in argv if not arg.startswith("ours.")])
+    opts = build_options(RivalsOptions, values, "command line")
+    ours_extra = [arg[len("ours."):] for arg in ours]
+    for rival in rival_names(opts):
+        if rival != OURS and rival not in ULTRALYTICS_MODELS:
+            valid = ", ".join([*ULTRALYTICS_MODELS, OURS])
+            raise DetectorError(f"command line: unknown rival '{rival}' in 'rivals'; valid: {valid}")
+    return opts, ours_extra
+
+
+def rival_names(opts: RivalsOptions) -> list[str]:
+    return [r.strip() for r in opts.rivals.split(",") if r.strip()]
+
+
+def thread_count(opts: RivalsOptions) -> int:
+    return opts.threads if opts.threads > 0 else len(os.sched_getaffinity(0))
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """CPU model and bf16 support (what decides whether ours' amp=auto trains in bf16), torch version, GPU."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.partition(":")[2].split()) for line in lines if line.startswith("flags")), set())
+    cpu = names[0] if names else platform.processor() or "unknown CPU"
+    bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "bf16": ", ".join(bf16) if bf16 else "none (emulated)",
+        "torch": torch.__version__, "gpu": gpu, "python": platform.python_version(),
+    }
+
+
+def run_command(cmd: list[str], *, env: dict[str, str], log: Path) -> float:
+    """Run `cmd` with its output both shown and kept in `log`; returns its wall time; an error names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    with log.open("a") as sink, subprocess.Popen(cmd, env=env, **pipe) as proc:  # type: ignore[call-overload]
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sink.write(line)
+    if proc.returncode != 0:
+        raise DetectorError(f"'{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}' exited with status {proc.returncode}; see {log}")
+    return time.perf_counter() - start
+
+
+def thread_env(threads: int, **extra: str) -> dict[str, str]:
+    """The environment for a child: the thread count pinned (OpenMP and MKL read it when torch starts)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **extra}
+
+
+def ensure_venv(opts: RivalsOptions, log: Path) -> Path:
+    """The venv's python, creating the venv and installing Ultralytics on first use (marker file: .rivals-ready)."""
+    venv = Path(opts.venv).expanduser()
+    python = venv / "bin" / "python"
+    marker = venv / ".rivals-ready"
+    if marker.exists() and python.exists() and marker.read_text().strip() == opts.ultralytics:
+        return python
+    start = time.perf_counter()
+    env = thread_env(1)
+    if not python.exists():
+        run_command([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], env=env, log=log)
+    # torch and torchvision come from the system site-packages (and pip's constraints); nothing here pins them
+    run_command([str(python), "-m", "pip", "install", "-q", opts.ultralytics], env=env, log=log)
+    marker.write_text(opts.ultralytics + "\n")
+    print(f"rivals venv {venv} ready in {time.perf_counter() - start:.0f} s", flush=True)
+    return python
+
+
+def run_ultralytics(rival: str, opts: RivalsOptions, export: YoloExport, folder: Path, python: Path) -> dict[str, Any]:
+    """Train and predict with the driver in the venv; returns its train.json plus the predictions path."""
+    threads = thread_count(opts)
+    job = {
+        "model": ULTRALYTICS_MODELS[rival], "data_yaml": str(export.data_yaml), "out": str(folder),
+        "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch, "seed": opts.seed, "device": opts.device,
+        "threads": threads, "conf": opts.conf, "iou": opts.iou, "max_det": opts.max_det,
+        "category_ids": export.category_ids, "val_images": export.images["val"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    job_file = folder / "job.json"
+    job_file.write_text(json.dumps(job, indent=1))
+    # offline: no analytics, no update checks; its settings file lives in the venv, not in the user's home
+    env = thread_env(threads, YOLO_OFFLINE="true", YOLO_CONFIG_DIR=str(python.parent.parent / "ultralytics-config"))
+    run_command([str(python), str(DRIVER), str(job_file)], env=env, log=folder / "log.txt")
+    info = json.loads((folder / "train.json").read_text())
+    return {**info, "predictions": str(folder / "predictions.json")}
+
+
+def run_ours(opts: RivalsOptions, ours_extra: list[str], folder: Path) -> dict[str, Any]:
+    """`detector train` then `detector val` (best.pt, the scored conf / iou / max_det) as subprocesses."""
+    threads = thread_count(opts)
+    env, log = thread_env(threads), folder / "log.txt"
+    detector = [sys.executable, "-m", "detector"]
+    run_dir = folder / "train"
+    last, best, train_json = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt", folder / "train.json"
+    if not train_json.exists():
+        resumed = last.exists()
+        if resumed:
+            cmd = [*detector, "train", f"resume={last}"]
+        else:
+            shared = [f"data={opts.data}", f"epochs={opts.epochs}", f"imgsz={opts.imgsz}", f"batch={opts.batch}"]
+            cmd = [*detector, "train", *shared, f"seed={opts.seed}", f"workers={opts.workers}", f"device={opts.device}",
+                   f"project={folder}", "name=train", "exist_ok=true", *([f"model={opts.model}"] if opts.model else []),
+                   *ours_extra]
+        wall_s = run_command(cmd, env=env, log=log)
+        info = {"wall_s": wall_s, "resumed": resumed, "params": count_params(best), "label": ours_label(run_dir)}
+        train_json.write_text(json.dumps(info, indent=1))
+    val = [f"weights={best}", f"data={opts.data}", f"imgsz={opts.imgsz}", f"conf={opts.conf}", f"iou={opts.iou}",
+           f"max_det={opts.max_det}", f"device={opts.device}", f"workers={opts.workers}"]
+    run_command([*detector, "val", *val, f"project={folder}", "name=val", "exist_ok=true", "plots=false"], env=env, log=log)
+    info = json.loads(train_json.read_text())
+    return {**info, "weights": str(best), "predictions": str(folder / "val" / "predictions.json")}
+
+
+def ours_label(run_dir: Path) -> str:
+    """'ours (yolo-ca-n, amp auto)' from the run's args.yaml, so the table says which of our configs ran."""
+    import yaml
+
+    args = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else {}
+    args = args if isinstance(args, dict) else {}
+    return f"ours ({Path(str(args.get('model', '?'))).stem}, amp {args.get('amp', '?')})"
+
+
+def count_params(weights: Path) -> int:
+    """Parameters of our checkpoint's model (buffers such as anchors and BN statistics not counted)."""
+    from detector.api import Detector
+
+    return int(sum(p.numel() for p in Detector(weights, device="cpu").model.parameters()))
+
+
+def score_predictions(predictions: Path, gt: COCO) -> dict[str, float]:
+    """The COCO numbers of a predictions.json (COCO result rows) by our pycocotools path."""
+    from detector.infer.metrics import evaluate_coco
+
+    if not predictions.exists():
+        raise DetectorError(f"{predictions}: missing (the run did not write its predictions)")
+    try:
+        rows = json.loads(predictions.read_text())
+    except json.JSONDecodeError as err:
+        raise DetectorError(f"{predictions}:{err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(rows, list):
+        raise DetectorError(f"{predictions}: expected a list of COCO result rows")
+    metrics, _ = evaluate_coco(gt, rows, backend="pycocotools")
+    return {k: float(metrics[k]) for k in COCO_KEYS}
+
+
+def rival_result(rival: str, run: dict[str, Any], metrics: dict[str, float], opts: RivalsOptions, train_images: int) -> dict[str, Any]:
+    """One table row's data, as result.json stores it."""
+    wall_s = float(run["wall_s"])
+    return {
+        "model": run.get("label", rival), "rival": rival, "params": int(run["params"]), "metrics": metrics, "wall_s": wall_s,
+        "images_per_s": opts.epochs * train_images / wall_s if wall_s > 0 else 0.0, "train_images": train_images,
+        "epochs": opts.epochs, "resumed": bool(run.get("resumed", False)), "predictions": run["predictions"],
+        "version": run.get("version", ""),
+    }
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The side-by-side table: model, params, the COCO numbers, train wall time and images/s."""
+    headers = ["model", "params", *TABLE_KEYS, "train wall (s)", "train img/s"]
+    align = ["---", "---:", *["---:"] * len(TABLE_KEYS), "---:", "---:"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    for r in results:
+        wall = f"{r['wall_s']:.0f}" + (" (resumed: last part only)" if r["resumed"] else "")
+        cells = [r["model"], f"{r['params']:,}", *(f"{r['metrics'][k]:.3f}" for k in TABLE_KEYS), wall, f"{r['images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_header(info: dict[str, Any], opts: RivalsOptions, versions: dict[str, str]) -> str:
+    """Where and how the table was made: machine, budget, scoring settings."""
+    where = f"{info['cpu']} ({info['cpus']} CPUs, bf16: {info['bf16']})" + (f", GPU {info['gpu']}" if info["gpu"] else "")
+    used = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    return (
+        f"Machine: {where}; torch {info['torch']}, {info['threads']} threads, device {opts.device or 'auto'}"
+        + (f"; {used}" if used else "") + ".\n"
+        f"Data {opts.data}: {opts.epochs} epochs, imgsz {opts.imgsz}, batch {opts.batch}, seed {opts.seed}, from scratch. "
+        f"Scored by pycocotools on the val json: conf {opts.conf}, NMS IoU {opts.iou} (YOLO26 is NMS-free: its own top-k), "
+        f"max_det {opts.max_det}."
+    )
+
+
+def run_rival(rival: str, opts: RivalsOptions, ours_extra: list[str], out: Path, export: YoloExport, gt: COCO) -> dict[str, Any]:
+    """One rival's result, reused from its result.json unless `force`."""
+    folder = out / rival
+    result_file = folder / "result.json"
+    if result_file.exists() and not opts.force:
+        print(f"{rival}: reusing {result_file}", flush=True)
+        return json.loads(result_file.read_text())
+    if rival == OURS:
+        run = run_ours(opts, ours_extra, folder)
+    else:
+        python = ensure_venv(opts, out / "venv-log.txt")
+        run = run_ultralytics(rival, opts, export, folder, python)
+    result = rival_result(rival, run, score_predictions(Path(run["predictions"]), gt), opts, len(export.images["train"]))
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Export the data, run every rival in turn, print and save the table."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("\n\n")[0] + "\n\nkeys (key=value; ours.<key>=<value> goes to our `detector train`):")
+        print(describe_options(RivalsOptions))
+        return 0
+    opts, ours_extra = parse_args(argv)
+    out = Path(opts.project) / opts.name
+    spec = load_data_spec(opts.data)  # checks the YAML before anything long starts
+    export = reuse_or_export(spec, out / "yolo")  # shared by concurrent invocations of the same name
+    from detector.data.coco import CocoDataset
+
+    gt = CocoDataset(spec.val, names=spec.names).coco_gt()
+    info = machine_info(thread_count(opts))
+    results = [run_rival(rival, opts, ours_extra, out, export, gt) for rival in rival_names(opts)]
+    versions = {"ultralytics": next((r["version"] for r in results if r.get("version")), "")}
+    text = report_header(info, opts, versions) + "\n\n" + markdown_table(results)
+    print("\n" + text)
+    (out / "results.md").write_text(text + "\n")
+    payload = {"machine": info, "options": asdict(opts), "ours_extra": ours_extra, "results": results}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point of scripts/rivals.py: a DetectorError is one line and status 2, as in the project CLI."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except DetectorError as err:
+        print(f"rivals: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,568 @@
+"""The training loop: `Trainer(cfg).fit()` reads top to bottom.
+
+One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> backward (accumulated up to
+the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
+the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
+best.pt) atomically; the other ranks wait at a barrier. Resume restores model, EMA, optimizer, scaler, epoch
+and RNG states; the LR is a pure function of (epoch, iteration), so it needs no state of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from detector.config import TrainConfig, build_options, given_keys, run_only_keys
+
+from detector.data.spec import load_data_spec
+
+from detector.models.catalog import resolve_model_path
+from detector.runtime import checkpoint as ckpt_io
+from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
+from detector.train.finetune import keep_frozen_norms_in_eval
+from detector.viz.logger import RunLogger, plot_results
+from detector.errors import DetectorError
+from detector.version import __version__
+
+LOGGER = logging.getLogger(__name__)
+
+# Keys a resumed run may change (declared `run_only` beside their fields); any other difference is refused.
+RESUME_SAFE_KEYS = run_only_keys(TrainConfig)
+LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
+VAL_SAMPLES = 4  # val images with GT and predictions drawn, logged to TensorBoard at each validation
+
+
+@dataclass
+class TrainState:
+    """What changes during training and is saved in every checkpoint."""
+
+    epoch: int = -1  # last completed epoch
+    best_fitness: float = -1.0
+    best_epoch: int = -1
+    nonfinite_total: int = 0
+    time_s: float = 0.0  # wall time of the run up to the last checkpoint (a `time` budget spans resumes)
+    epochs: int = 0  # the planned epoch count: cfg.epochs, or what a `time` budget refitted it to (the config stays)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
+    """runs/train/exp, exp2, exp3 ... unless exist_ok."""
+    path = project / name
+    if exist_ok or not path.exists():
+        return path
+    n = 2
+    while (project / f"{name}{n}").exists():
+        n += 1
+    return project / f"{name}{n}"
+
+
+def find_resume_checkpoint(resume: str, project: Path) -> Path:
+    """`resume=true` -> the newest runs/train/*/weights/last.pt; otherwise the given path."""
+    if resume.lower() == "true":
+        candidates = sorted(project.glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise DetectorError(f"resume: nothing to resume: no */weights/last.pt under {project}")
+        return candidates[-1]
+    path = Path(resume)
+    if not path.exists():
+        raise DetectorError(f"resume: checkpoint '{path}' not found")
+    return path
+
+
+class Trainer:
+    """Owns the objects of one training run; `fit()` runs it and returns the final metrics."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from detector.runtime.device import autocast_dtype, needs_grad_scaler, select_device
+
+        self._fit_started = time.perf_counter()  # a `time` budget counts from here (plus a resumed run's time_s)
+        self._time_before = 0.0
+        self.resume_ckpt: dict | None = None
+        if cfg.resume:
+            cfg, self.resume_ckpt = self._load_resume(cfg)
+        self.cfg = cfg
+        self.device = select_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype) and self.device.type == "cuda")
+        self.state = TrainState(epochs=self.resume_ckpt["train_state"]["epochs"] if self.resume_ckpt else cfg.epochs)
+        self._batch_grid_logged = False
+        self.evaluator = None
+        self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
+
+        if self.resume_ckpt is not None:
+            self.run_dir = Path(self.resume_ckpt["run_dir"]) if Path(self.resume_ckpt["run_dir"]).exists() else Path(cfg.resume).resolve().parents[1]
+        else:
+            self.run_dir = next_run_dir(Path(cfg.project), cfg.name, cfg.exist_ok)
+        self.weights_dir = self.run_dir / "weights"
+        if self.dist.is_main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    @staticmethod
+    def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+        path = find_resume_checkpoint(cfg.resume, Path(cfg.project))
+        ckpt = ckpt_io.load_checkpoint(path)
+        saved = ckpt["train_config"]
+        given = {k: getattr(cfg, k) for k in given_keys(cfg)}  # what the user set, defaults or not
+        changed = [k for k, v in given.items() if k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
+            raise DetectorError(f"resume: {path} was trained with a different config ({diffs}); start a new run instead")
+        merged = dict(saved)
+        merged.update({k: v for k, v in given.items() if k in RESUME_SAFE_KEYS})
+        merged["resume"] = str(path)
+        resumed = build_options(TrainConfig, merged, str(path))
+        # the plan: epochs= given now, else the saved plan (a budget's refit; checkpoints before it kept it in the config)
+        planned = resumed.epochs if "epochs" in given else ckpt["train_state"].get("epochs") or resumed.epochs
+        ckpt["train_state"]["epochs"] = planned
+        if ckpt["epoch"] + 1 >= planned:
+            raise DetectorError(f"resume: {path} already finished all {planned} epochs; nothing to resume (pass epochs=N to train longer)")
+        return resumed, ckpt
+
+    def _build(self) -> None:
+        """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation."""
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self._wrap()
+        self._build_validation()
+
+    def _build_data(self) -> None:
+        """The dataset YAML (the bundled set generated on first use), the train loader and the class list."""
+        from detector.data.loader import build_train_loader
+        from detector.data.synthetic import ensure_bundled_dataset
+
+        cfg = self.cfg
+        data_yaml = Path(cfg.data)
+        if self.dist.is_main:
+            ensure_bundled_dataset(data_yaml)
+        barrier(self.dist)
+        self.data = load_data_spec(data_yaml)
+        self.per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
+        self.train_loader = build_train_loader(
+            self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=cfg.workers, hyp=cfg, seed=cfg.seed,
+            strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.train_set = self.train_loader.dataset
+        if self.dist.is_main:
+            LOGGER.info("train: %s\n%s", self.data.train.annotations, self.train_set.coco.summary)
+        nc = self.train_set.coco.num_classes
+        if self.data.names is not None and len(self.data.names) != nc:
+            raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
+        self.names = self.data.names or self.train_set.coco.names
+        self.category_ids = self.train_set.coco.category_ids
+
+    def _build_model(self) -> None:
+        """The model (resumed, or new with auto-anchor), checked to fit in memory, with the run's BN momentum and
+        memory format, on its device; and its loss."""
+        from detector.train.finetune import freeze, frozen_rows
+        from detector.train.loss import build_loss
+        from detector.models.blocks import set_batchnorm
+        from detector.models.builder import build_model
+        from detector.models.footprint import check_training_fits
+
+        cfg = self.cfg
+        if self.resume_ckpt is not None:
+            _check_resume_classes(self.resume_ckpt, self.category_ids, self.names, cfg.resume, self.data.train.annotations)
+            model = build_model(self.resume_ckpt["model_yaml"])
+            ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
+        else:
+            model = self._new_model()
+        check_training_fits(model, imgsz=cfg.imgsz, batch=self.per_rank_batch, source=f"model {cfg.model}")
+        if model.yaml.get("ch", 3) != 3:
+            raise DetectorError(
+                f"model: {cfg.model} takes ch={model.yaml['ch']} input channels, but training images are always loaded "
+                "as 3-channel RGB (gray, palette, RGBA and 16-bit files are converted); set ch: 3"
+            )
+        set_batchnorm(model, eps=None, momentum=cfg.bn_momentum)
+        self.frozen = frozen_rows(cfg.freeze, len(model.layers)) if cfg.freeze else []
+        frozen_tensors = freeze(model, self.frozen)
+        if self.frozen and self.dist.is_main:
+            LOGGER.info("freeze: rows %s (%d parameter tensors)", ",".join(map(str, self.frozen)), frozen_tensors)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
+
+    def _new_model(self) -> nn.Module:
+        """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
+        checkpoint's weights when fine-tuning, its anchors checked (and fitted) on the training boxes."""
+        from detector.train.finetune import load_finetune_checkpoint, transfer_weights
+        from detector.models.anchors import check_anchors
+        from detector.models.builder import build_model
+
+        cfg = self.cfg
+        nc = self.train_set.coco.num_classes
+        source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
+        ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
+        architecture = ckpt["model_yaml"] if cfg.model.endswith(".pt") else resolve_model_path(cfg.model)
+        model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
+        if model.nc != nc:
+            raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")
+        if weights is not None:
+            report = transfer_weights(model, weights, source)
+            if self.dist.is_main:
+                LOGGER.info(report.summary(source))
+        if cfg.autoanchor:
+            wh = self.train_set.train_box_wh(cfg.imgsz)
+            # `anchors: 3` in the YAML asks for fitted anchors; a fine-tune keeps the checkpoint's unless recall is low
+            force = isinstance(model.yaml.get("anchors"), int) and weights is None
+            report = check_anchors(model, wh, thr=cfg.anchor_t, imgsz=cfg.imgsz, seed=cfg.seed, force=force)
+            if self.dist.is_main:
+                LOGGER.info("autoanchor: %s", report)
+        return model
+
+    def _build_optimization(self) -> None:
+        """Accumulation to the nominal batch, the optimizer, the warmup + cosine schedule and the EMA (rank 0);
+        a resumed run restores their states."""
+        from detector.train.ema import ModelEMA
+        from detector.train.optim import LRSchedule, build_optimizer, scaled_weight_decay
+
+        cfg = self.cfg
+        self.accumulate = max(round(cfg.nbs / cfg.batch), 1)
+        weight_decay = scaled_weight_decay(cfg.weight_decay, cfg.batch, self.accumulate, cfg.nbs)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
+        self.iters_per_epoch = len(self.train_loader)
+        warmup_iters = max(round(cfg.warmup_epochs * self.iters_per_epoch), cfg.warmup_min_iters)
+        warmup_iters = min(warmup_iters, max(self.epochs * self.iters_per_epoch // 2, 1))
+        self.schedule = LRSchedule(
+            lr0=cfg.lr0, lrf=cfg.lrf, epochs=self.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
+            warmup_bias_lr=cfg.warmup_bias_lr, warmup_momentum=cfg.warmup_momentum, momentum=cfg.momentum, cos_lr=cfg.cos_lr,
+        )
+        self.ema = ModelEMA(self.model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt)
+
+    def _wrap(self) -> None:
+        """The module the step calls: the model, under SyncBN and DDP when distributed, compiled when asked."""
+        cfg = self.cfg
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            if cfg.sync_bn and self.device.type == "cuda":
+                self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
+            elif cfg.sync_bn and self.dist.is_main:
+                LOGGER.warning("sync_bn=true ignored: SyncBatchNorm needs CUDA (this run uses %s)", self.device)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _build_validation(self) -> None:
+        """Rank 0: the val loader and evaluator, the logger (a resumed run's rows after its epoch dropped), args.yaml."""
+        from detector.data.loader import build_val_loader
+        from detector.infer.evaluator import Evaluator
+
+        cfg = self.cfg
+        self.evaluator = None
+        self.logger = None
+        if not self.dist.is_main:
+            return
+        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=cfg.workers, strict=cfg.strict, cache_dir=self.run_dir)
+        self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda")
+        self.logger = RunLogger(self.run_dir)
+        if self.resume_ckpt is not None:
+            self.logger.truncate_after(self.state.epoch)
+        else:
+            self.logger.csv_path.unlink(missing_ok=True)  # a fresh run in a reused folder (exist_ok)
+        self._write_args()
+
+    def _write_args(self) -> None:
+        """The config as given (so `cfg=args.yaml` reruns it), headed by a comment of the attention each row was
+        built with: `attention: ''` means the model file's own, and the comment says what that was."""
+        import yaml
+
+        built = ", ".join(f"{row} {kind}" for row, kind in self.model.attentions.items()) or "none"
+        text = yaml.safe_dump(asdict(self.cfg), sort_keys=False)
+        (self.run_dir / "args.yaml").write_text(f"# attention as built: {built}\n{text}")
+
+    def _restore(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.state = TrainState(**ckpt["train_state"])
+        self._time_before = self.state.time_s
+        ckpt_io.restore_rng_state(ckpt["rng"])
+        LOGGER.info("resuming %s from epoch %d", self.run_dir, self.state.epoch + 1)
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train for the planned epochs (from the resumed epoch; with a `time` budget, the epochs that fit it), evaluating and
+        checkpointing each epoch."""
+        try:
+            self._build()
+            metrics: dict = {}
+            epoch = self.state.epoch + 1
+            while epoch < self.epochs:  # (a time budget refits the plan after every epoch but the last)
+                started = time.perf_counter()
+                losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
+                elapsed = time.perf_counter() - started
+                metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen * self.dist.world_size / elapsed, unreadable) or metrics  # all ranks' images
+                if broadcast_flag(self.dist, self._should_stop(epoch)):
+                    LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
+                    break
+                epoch += 1
+            if self.dist.is_main:
+                self._finish()
+            return metrics
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            shutdown(self.dist)
+
+    def _train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
+        """One pass over the train loader; returns the mean loss parts, the skipped steps, the images seen and the
+        files that could not be read (replaced by other images, possibly inside worker processes; under DDP, those of
+        this rank's samples)."""
+        from detector.data.transforms import to_model_input
+
+        cfg = self.cfg
+        self.train_model.train()
+        keep_frozen_norms_in_eval(self.model, self.frozen)
+        mosaic_on = epoch < self.epochs - cfg.close_mosaic
+        self.train_set.set_mosaic(mosaic_on)
+        self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
+        running = torch.zeros(3, device=self.device)
+        nonfinite_run = 0
+        nonfinite_epoch = 0
+        seen = 0
+        unreadable: set[str] = set()
+        bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            step = epoch * self.iters_per_epoch + i
+            accumulate = self._accumulate_at(step)
+            self.schedule.apply(self.optimizer, epoch, i)
+            images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
+            targets = batch["targets"].to(self.device, non_blocking=True)
+            sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
+            no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
+            with no_sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    raw = self.train_model(images)
+                loss, parts = self.criterion(raw, targets)
+                if self.dist.enabled:
+                    loss = loss * self.dist.world_size  # DDP averages gradients over ranks; YOLO's loss is a sum
+                self.scaler.scale(loss).backward()
+            running = running + (parts - running) / (i + 1)
+            seen += images.shape[0]
+            unreadable.update(f for meta in batch["meta"] for f in meta["unreadable"])
+            if sync_now:
+                if self._optimizer_step():
+                    nonfinite_run = 0
+                else:
+                    nonfinite_run += 1
+                    nonfinite_epoch += 1
+                    self.state.nonfinite_total += 1
+                    LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, nonfinite_run)
+                    if nonfinite_run >= cfg.max_nonfinite:
+                        raise DetectorError(
+                            f"training stopped: {nonfinite_run} non-finite steps in a row at epoch {epoch + 1}; "
+                            f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
+                        )
+            if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
+                self._log_progress(bar, step, running, batch, first=i == 0)
+        bar.close()
+        return running.cpu(), nonfinite_epoch, seen, unreadable
+
+    def _log_progress(self, bar: tqdm, step: int, running: torch.Tensor, batch: dict, *, first: bool) -> None:
+        """Rank 0, every LOG_INTERVAL steps: the progress bar's losses, TensorBoard scalars, the first batch's grid."""
+        values = running.tolist()  # host read at log intervals only (a GPU sync point)
+        lr = self.optimizer.param_groups[0]["lr"]
+        postfix = {"box": f"{values[0]:.4f}", "obj": f"{values[1]:.4f}", "cls": f"{values[2]:.4f}", "inst": int(batch["targets"].shape[0]), "lr": f"{lr:.2e}"}
+        if self.device.type == "cuda":
+            postfix["mem"] = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G"
+        bar.set_postfix(postfix)
+        self.logger.step(step, running, lr)
+        if first and not self._batch_grid_logged:
+            self.logger.images("train/batch0", batch["images"][:16], step)
+            self._batch_grid_logged = True
+
+    def _accumulate_at(self, step: int) -> int:
+        """Gradient accumulation ramps from 1 to nbs/batch over the warmup (YOLOv5)."""
+        warmup = self.schedule.warmup_iters
+        if step >= warmup:
+            return self.accumulate
+        return max(1, round(float(np.interp(step, [0, warmup], [1, self.cfg.nbs / self.cfg.batch]))))
+
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # a scaler skips non-finite steps itself
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite and self.ema is not None:
+            self.ema.update(self.model)
+        return finite
+
+    def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
+        """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
+        metrics = None
+        final = epoch + 1 == self.epochs
+        budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
+        if self.dist.is_main:
+            from detector.infer.metrics import fitness
+
+            val_started = time.perf_counter()
+            if (epoch + 1) % self.cfg.val_interval == 0 or final:
+                metrics = self._validate(epoch, final=final)
+            if budgeted:
+                self._fit_to_budget(epoch, epoch_time + time.perf_counter() - val_started)
+                if self.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
+                    final = True
+                    metrics = self._validate(epoch, final=True)
+            fit = None
+            if metrics is not None:
+                fit = fitness(metrics)
+                if fit > self.state.best_fitness:
+                    self.state.best_fitness, self.state.best_epoch = fit, epoch
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite, len(unreadable))
+            if unreadable:
+                LOGGER.warning("epoch %d: %d unreadable image(s) replaced by others: %s", epoch + 1, len(unreadable), ", ".join(sorted(unreadable)))
+            self.state.epoch = epoch
+            self.state.time_s = self._time_spent()
+            self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
+            summary = f"epoch {epoch + 1}/{self.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
+            if metrics is not None:
+                summary += f"  AP50 {metrics['AP50']:.4f}  AP {metrics['AP']:.4f}"
+            LOGGER.info(summary)
+        else:
+            self.state.epoch = epoch
+        barrier(self.dist)
+        if budgeted:
+            self.state.epochs = broadcast_int(self.dist, self.state.epochs)
+            self.schedule = replace(self.schedule, epochs=self.epochs)
+        return metrics
+
+    def _validate(self, epoch: int, *, final: bool) -> dict:
+        """Evaluate the EMA model; the drawn sample images go to TensorBoard (plots and predictions.json at the end)."""
+        from detector.infer.evaluator import save_results
+
+        result = self.evaluator.run(self.eval_model, samples=VAL_SAMPLES)
+        save_results(result, self.run_dir, save_json=final, plots=self.cfg.plots and final, verbose=final)
+        self.logger.images("val/predictions", result.sample[None], epoch)
+        return result.metrics
+
+    def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
+        """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest
+        of the budget holds at the last epoch's pace (training and validation), so the first epoch's start-up cost and
+        a machine that speeds up or slows down are followed. Kept in the run's state (saved with the time spent, so a
+        resumed run keeps both); the config keeps the user's `epochs`. The lr schedule is a function of (epoch,
+        count), so a new count moves the remaining epochs onto the cosine of a run started with it."""
+        spent = self._time_spent()
+        before = self.epochs
+        self.state.epochs = epoch + epochs_for_budget(self.cfg.time * 3600, spent, epoch_s)
+        if self.epochs != before:
+            LOGGER.info(
+                "time budget %.3g h: epoch %d took %.0f s, %.0f s spent: %d epochs in all (was %d)",
+                self.cfg.time, epoch + 1, epoch_s, spent, self.epochs, before,
+            )
+
+    def _time_spent(self) -> float:
+        """Wall seconds of this run: before the resumed checkpoint, plus since this process started it."""
+        return self._time_before + time.perf_counter() - self._fit_started
+
+    @property
+    def epochs(self) -> int:
+        """The planned epoch count (the run's state; the config keeps the user's `epochs`)."""
+        return self.state.epochs
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _should_stop(self, epoch: int) -> bool:
+        patience = self.cfg.patience
+        return patience > 0 and self.state.best_epoch >= 0 and epoch - self.state.best_epoch >= patience
+
+    def _checkpoint(self, epoch: int) -> dict:
+        return {
+            "format_version": ckpt_io.FORMAT_VERSION,
+            "version": __version__,
+            "model_yaml": self.model.yaml,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": epoch,
+            "train_state": asdict(self.state),
+            "rng": ckpt_io.capture_rng_state(),
+            "train_config": asdict(self.cfg),
+            "names": list(self.names),
+            "category_ids": [int(c) for c in self.category_ids],
+            "imgsz": self.cfg.imgsz,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _save(self, epoch: int, *, is_best: bool) -> None:
+        state = self._checkpoint(epoch)
+        ckpt_io.save_checkpoint(self.weights_dir / "last.pt", state)
+        if is_best:
+            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", state)
+        if self.cfg.save_period > 0 and (epoch + 1) % self.cfg.save_period == 0:
+            ckpt_io.save_checkpoint(self.weights_dir / f"epoch{epoch + 1}.pt", state)
+
+    def _finish(self) -> None:
+        if not (self.weights_dir / "best.pt").exists():
+            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", self._checkpoint(self.state.epoch))
+        if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
+            plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
+        LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)
+
+
+def _check_resume_classes(ckpt: dict, category_ids: list[int], names: list[str], source: str, annotations: Path) -> None:
+    """A resumed run must see the classes it was trained on; name what changed in the dataset since."""
+    pairs = {"category_ids": (list(ckpt["category_ids"]), [int(c) for c in category_ids]), "names": (list(ckpt["names"]), list(names))}
+    diffs = [f"nc: {len(ckpt['category_ids'])} -> {len(category_ids)}"] if len(ckpt["category_ids"]) != len(category_ids) else []
+    for key, (saved, now) in pairs.items():
+        if saved != now:
+            i = next(i for i in range(max(len(saved), len(now))) if i >= min(len(saved), len(now)) or saved[i] != now[i])
+            show = [repr(v[i]) if i < len(v) else "(none)" for v in (saved, now)]
+            diffs.append(f"{key}[{i}]: {show[0]} -> {show[1]}")
+    if diffs:
+        raise DetectorError(f"resume: {source} was trained on other classes than {annotations} has now ({'; '.join(diffs)}); start a new run instead")
+
+
+def epochs_for_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
+    """How many epochs, counting the one just done (`epoch_s` long, `spent_s` since the run started), a time budget
+    holds: that one plus as many more of the same length as the rest of it holds."""
+    return 1 + max(int((budget_s - spent_s) // max(epoch_s, 1e-9)), 0)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job; returns the final epoch's metrics (rank 0) and leaves the run folder."""
+    return Trainer(cfg).fit()

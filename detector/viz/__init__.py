@@ -1,0 +1,1 @@
+"""Drawing and writing helpers (plots, the run logger, text tables); they run no model."""

@@ -1,0 +1,429 @@
+"""Evaluator: the whole path (model output -> NMS -> original pixels and ids -> COCOeval -> files) with fake
+models that output the ground truth, then through the real val loader and the real model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detector.infer.evaluator import Evaluator, detections_to_rows, save_results
+from detector.infer.metrics import COCO_KEYS
+from detector.viz.plots import confusion_matrix, val_batch_figure
+from detector.errors import DetectorError
+
+IMGSZ = 128
+# Gapped category ids; non-square images; a crowd box; images 5 and 6 have no annotations.
+CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"}]
+IMAGES = [
+    {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+    {"id": 2, "file_name": "b.jpg", "width": 90, "height": 160},
+    {"id": 3, "file_name": "c.jpg", "width": 128, "height": 128},
+    {"id": 5, "file_name": "d.jpg", "width": 150, "height": 60},
+    {"id": 6, "file_name": "e.jpg", "width": 64, "height": 96},
+    {"id": 8, "file_name": "f.jpg", "width": 300, "height": 180},
+]
+BOXES = [  # image_id, category_id, x, y, w, h, iscrowd
+    (1, 2, 10.0, 20.0, 60.0, 50.0, 0),
+    (1, 5, 120.5, 10.25, 40.0, 30.0, 0),
+    (1, 2, 150.0, 60.0, 45.0, 35.0, 1),
+    (2, 9, 5.0, 30.0, 70.0, 100.0, 0),
+    (2, 5, 40.0, 120.0, 20.0, 25.0, 0),
+    (3, 2, 0.0, 0.0, 128.0, 128.0, 0),
+    (8, 9, 30.0, 20.0, 120.0, 90.0, 0),
+    (8, 9, 200.0, 100.0, 12.0, 9.0, 0),
+    (8, 2, 180.0, 40.0, 100.0, 120.0, 0),
+]
+
+
+def coco_json() -> dict:
+    anns = [
+        {"id": 10 + i, "image_id": im, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd}
+        for i, (im, c, x, y, w, h, crowd) in enumerate(BOXES)
+    ]
+    return {"images": copy.deepcopy(IMAGES), "categories": copy.deepcopy(CATEGORIES), "annotations": anns}
+
+
+class FakeCocoDataset:
+    """What the Evaluator reads from a CocoDataset: coco_gt(), names, category_ids (index = contiguous class)."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+        self.category_ids = [c["id"] for c in data["categories"]]
+        self.names = [c["name"] for c in data["categories"]]
+
+    def coco_gt(self) -> COCO:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO()
+            coco.dataset = copy.deepcopy(self.data)
+            coco.createIndex()
+        return coco
+
+
+class FakeLoader:
+    """Batches as the val loader gives them (letterboxed into IMGSZ x IMGSZ, centred padding), built by hand."""
+
+    def __init__(self, data: dict, batch_size: int = 4) -> None:
+        self.dataset = FakeCocoDataset(data)
+        self.data = data
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        images = self.data["images"]
+        to_class = {c: i for i, c in enumerate(self.dataset.category_ids)}
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            targets, meta = [], []
+            for b, im in enumerate(chunk):
+                h, w = im["height"], im["width"]
+                ratio = IMGSZ / max(h, w)
+                pad = ((IMGSZ - w * ratio) / 2, (IMGSZ - h * ratio) / 2)
+                meta.append({"image_id": im["id"], "file": im["file_name"], "orig_hw": (h, w), "ratio": ratio, "pad": pad})
+                for a in self.data["annotations"]:
+                    if a["image_id"] == im["id"] and not a["iscrowd"]:
+                        x, y, bw, bh = a["bbox"]
+                        cx, cy = (x + bw / 2) * ratio + pad[0], (y + bh / 2) * ratio + pad[1]
+                        targets.append([b, to_class[a["category_id"]], cx / IMGSZ, cy / IMGSZ, bw * ratio / IMGSZ, bh * ratio / IMGSZ])
+            yield {
+                "images": torch.full((len(chunk), 3, IMGSZ, IMGSZ), 114, dtype=torch.uint8),
+                "targets": torch.tensor(targets, dtype=torch.float32).reshape(-1, 6),
+                "meta": meta,
+            }
+
+
+class TargetsAsPredictions(nn.Module):
+    """A 'model' whose eval output (B, N, 5 + nc) is the batch's ground truth (score 1), plus optional noise and
+    false positives. The loader hands it each batch's targets through `FeedTargets`."""
+
+    def __init__(self, nc: int, *, noise_px: float = 0.0, false_positives: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.nc, self.noise_px, self.false_positives = nc, noise_px, false_positives
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scale = nn.Parameter(torch.ones(()))  # so the Evaluator finds a device
+        self.targets = torch.zeros(0, 6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        per_image = [self.targets[self.targets[:, 0] == b] for b in range(batch)]
+        n = max([len(t) for t in per_image] + [1]) + self.false_positives
+        pred = torch.zeros(batch, n, 5 + self.nc)
+        for b, t in enumerate(per_image):
+            box = t[:, 2:6] * torch.tensor([width, height, width, height])
+            if self.noise_px:
+                box = box + torch.randn(box.shape, generator=self.generator) * self.noise_px
+            pred[b, : len(t), :4] = box
+            pred[b, : len(t), 4] = 1.0 if not self.noise_px else 0.5 + 0.5 * torch.rand(len(t), generator=self.generator)
+            pred[b, torch.arange(len(t)), 5 + t[:, 1].long()] = 1.0
+            fp = slice(n - self.false_positives, n)
+            pred[b, fp, :2] = torch.rand(self.false_positives, 2, generator=self.generator) * min(height, width)
+            pred[b, fp, 2:4] = 4 + torch.rand(self.false_positives, 2, generator=self.generator) * 40
+            pred[b, fp, 4] = torch.rand(self.false_positives, generator=self.generator) * 0.6
+            pred[b, fp, 5:] = torch.rand(self.false_positives, self.nc, generator=self.generator)
+        return pred.to(images.device) * self.scale
+
+
+class FeedTargets:
+    """Wraps a loader: before each batch is used, the fake model gets that batch's targets."""
+
+    def __init__(self, loader, model: TargetsAsPredictions) -> None:
+        self.loader, self.model, self.dataset = loader, model, loader.dataset
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.model.targets = batch["targets"]
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def fake_setup(noise_px: float = 0.0, false_positives: int = 0) -> tuple[FeedTargets, TargetsAsPredictions]:
+    model = TargetsAsPredictions(len(CATEGORIES), noise_px=noise_px, false_positives=false_positives)
+    return FeedTargets(FakeLoader(coco_json()), model), model
+
+
+def rescore(annotations_json: dict | Path, predictions: Path, image_ids: list[int] | None = None) -> list[float]:
+    """pycocotools from scratch on files, as a user re-scoring predictions.json would."""
+    if isinstance(annotations_json, dict):
+        gt_file = predictions.parent / "gt_for_rescore.json"
+        gt_file.write_text(json.dumps(annotations_json))
+    else:
+        gt_file = annotations_json
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        ev = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(s) for s in ev.stats]
+
+
+# --------------------------------------------------------------------------------------------------
+# with hand-made batches (no dependency on detector.data's loader)
+
+
+def test_ground_truth_as_predictions_scores_one_and_writes_the_files(tmp_path: Path) -> None:
+    loader, model = fake_setup()
+    result = Evaluator(loader).run(model)
+    save_results(result, tmp_path, plots=True)
+    metrics = result.metrics
+    assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == metrics["AR100"] == 1.0
+    assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
+    assert set(metrics["speed_ms"]) == {"preprocess", "inference", "nms", "metric"}
+    assert [(c["category_id"], c["instances"]) for c in metrics["per_class"]] == [(2, 3), (5, 2), (9, 3)]
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(saved) == [*COCO_KEYS, "per_class", "speed_ms"]
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(predictions) == sum(1 for a in coco_json()["annotations"] if not a["iscrowd"])
+    for p in predictions:
+        assert set(p) == {"image_id", "category_id", "bbox", "score"}
+        assert p["score"] == 1.0
+        assert any(np.allclose(p["bbox"], a["bbox"], atol=0.01) for a in coco_json()["annotations"] if a["image_id"] == p["image_id"] and a["category_id"] == p["category_id"])
+    for name in ("pr_curve.png", "confusion_matrix.png", "val_batch0.jpg"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+
+
+def test_samples_are_a_rendered_grid_of_the_first_images_and_are_not_saved(tmp_path: Path) -> None:
+    loader, model = fake_setup()
+    result = Evaluator(loader).run(model, samples=2)
+    save_results(result, tmp_path)
+    metrics, samples = result.metrics, result.sample
+    assert samples.dtype == torch.uint8 and samples.shape == (3, 240, 480)  # 2 images side by side, 240 px each
+    pixels = samples.permute(1, 2, 0).reshape(-1, 3).tolist()
+    assert [0, 255, 0] in pixels and [255, 0, 0] in pixels  # GT labels in green, the (perfect) predictions in red
+    assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
+    assert "samples" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert not (tmp_path / "plots").exists()  # samples do not turn the plots on
+    assert "samples" not in metrics and Evaluator(loader).run(model).sample is None
+
+
+def test_val_batch_figure_draws_gt_green_and_confident_detections_red() -> None:
+    from matplotlib.patches import Rectangle
+
+    images = torch.zeros(3, 3, 64, 64, dtype=torch.uint8)
+    targets = torch.tensor([[0, 1, 0.25, 0.25, 0.25, 0.25], [2, 0, 0.5, 0.5, 0.5, 0.5]])  # image 2 is past max_images
+    detections = [
+        torch.tensor([[40.0, 40.0, 56.0, 56.0, 0.9, 0.0], [30.0, 2.0, 60.0, 20.0, 0.1, 1.0]]),  # 2nd below conf
+        torch.zeros(0, 6),
+        torch.tensor([[0.0, 0.0, 64.0, 64.0, 0.9, 0.0]]),
+    ]
+    fig = val_batch_figure(images, targets, detections, ["a", "b"], max_images=2, conf=0.25)
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 2
+
+    def boxes(ax, colour: str) -> list[tuple[float, ...]]:
+        from matplotlib.colors import to_rgba
+
+        return [(*p.get_xy(), p.get_width(), p.get_height()) for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor() == to_rgba(colour)]
+
+    assert boxes(axes[0], "lime") == [(8.0, 8.0, 16.0, 16.0)]
+    assert boxes(axes[0], "red") == [(40.0, 40.0, 16.0, 16.0)]
+    assert [t.get_text() for t in axes[0].texts] == ["b", "a 0.90"]
+    assert boxes(axes[1], "lime") == boxes(axes[1], "red") == []
+
+
+def test_saved_predictions_rescored_equal_reported_metrics_exactly(tmp_path: Path) -> None:
+    loader, model = fake_setup(noise_px=2.0, false_positives=5)
+    result = Evaluator(loader, iou=0.6).run(model)
+    save_results(result, tmp_path)
+    metrics = result.metrics
+    assert 0.2 < metrics["AP"] < 0.95
+    expected = rescore(coco_json(), tmp_path / "predictions.json", image_ids=[im["id"] for im in IMAGES])
+    assert [metrics[k] for k in COCO_KEYS] == expected
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [saved[k] for k in COCO_KEYS] == expected
+
+
+def test_faster_backend_gives_the_same_numbers() -> None:
+    pytest.importorskip("faster_coco_eval")
+    loader, model = fake_setup(noise_px=2.0, false_positives=5)
+    slow = Evaluator(loader).run(model).metrics
+    loader, model = fake_setup(noise_px=2.0, false_positives=5)
+    fast = Evaluator(loader, backend="faster").run(model).metrics
+    assert [fast[k] for k in COCO_KEYS] == pytest.approx([slow[k] for k in COCO_KEYS], abs=1e-4)
+
+
+def test_zero_detections_give_zeros_and_an_empty_predictions_file(tmp_path: Path) -> None:
+    loader, model = fake_setup()
+    evaluator = Evaluator(loader, conf=1.0)  # score 1.0 is not > conf 1.0
+    result = evaluator.run(model)
+    save_results(result, tmp_path, plots=False)
+    metrics = result.metrics
+    assert all(metrics[k] == 0.0 for k in COCO_KEYS)
+    assert json.loads((tmp_path / "predictions.json").read_text()) == []
+    assert not (tmp_path / "plots").exists()
+    save_results(evaluator.run(model), tmp_path, plots=True)  # plots of nothing
+    assert (tmp_path / "plots" / "pr_curve.png").exists()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_is_restored(training: bool) -> None:
+    loader, model = fake_setup()
+    model.train(training)
+    Evaluator(loader).run(model)
+    assert model.training is training
+
+
+def test_class_count_mismatch_is_an_error() -> None:
+    loader, _ = fake_setup()
+    with pytest.raises(DetectorError, match="4 classes but the dataset has 3"):
+        Evaluator(loader).run(TargetsAsPredictions(4))
+
+
+def test_detections_to_rows_maps_pixels_ids_and_rounds() -> None:
+    pytest.importorskip("detector.data.transforms")
+    meta = [
+        {"image_id": 7, "orig_hw": (100, 200), "ratio": 0.5, "pad": (0.0, 25.0)},
+        {"image_id": 9, "orig_hw": (50, 50), "ratio": 2.0, "pad": (0.0, 0.0)},
+    ]
+    dets = [
+        torch.tensor([[10.0, 30.0, 20.0, 45.0, 0.123456789, 2.0], [0.0, 25.0, 100.0, 75.0, 0.5, 0.0]]),
+        torch.zeros(0, 6),
+    ]
+    rows = detections_to_rows(dets, meta, torch.tensor([4, 8, 15]))
+    expected = np.array([[7, 20.0, 10.0, 20.0, 30.0, 0.12346, 15], [7, 0.0, 0.0, 200.0, 100.0, 0.5, 4]])
+    assert rows.dtype == np.float64
+    assert np.array_equal(rows, expected)
+    assert detections_to_rows([], [], torch.tensor([1])).shape == (0, 7)
+
+
+def test_confusion_matrix_counts() -> None:
+    data = coco_json()
+    gt = FakeCocoDataset(data).coco_gt()
+    rows = np.array(
+        [
+            [1, 10, 20, 60, 50, 0.9, 2],  # circle found
+            [1, 120.5, 10.25, 40, 30, 0.9, 9],  # square called a triangle
+            [1, 152, 62, 40, 30, 0.9, 5],  # on the crowd circle: ignored
+            [5, 10, 10, 20, 20, 0.8, 5],  # false positive on an empty image
+            [3, 0, 0, 128, 128, 0.1, 2],  # below conf 0.25: not counted
+        ]
+    )
+    matrix = confusion_matrix(rows, gt, [1, 3, 5], [2, 5, 9])
+    expected = np.zeros((4, 4), dtype=np.int64)
+    expected[0, 0] = 1  # circle -> circle
+    expected[2, 1] = 1  # predicted triangle, true square
+    expected[3, 0] = 1  # the image-3 circle missed
+    expected[1, 3] = 1  # square false positive
+    assert np.array_equal(matrix, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# through the real val loader and the real model (detector.data, detector.models)
+
+
+def write_dataset(root: Path) -> Path:
+    """The same json plus matching JPEGs on disk; returns the annotations path."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    for im in IMAGES:
+        Image.new("RGB", (im["width"], im["height"]), (90, 120, 150)).save(images / im["file_name"])
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps(coco_json()))
+    return annotations
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_letterbox_round_trip_through_the_real_val_loader(tmp_path: Path, rect: bool) -> None:
+    loader_module = pytest.importorskip("detector.data.loader")
+    from detector.data.spec import SplitSpec
+
+    annotations = write_dataset(tmp_path / "data")
+    split = SplitSpec(images=tmp_path / "data" / "images", annotations=annotations)
+    loader = loader_module.build_val_loader(split, imgsz=IMGSZ, batch_size=4, workers=0, rect=rect)
+    model = TargetsAsPredictions(len(CATEGORIES))
+    result = Evaluator(FeedTargets(loader, model)).run(model)
+    save_results(result, tmp_path / "val")
+    metrics = result.metrics
+    assert metrics["AP"] == 1.0 and metrics["AR100"] == 1.0
+    predictions = json.loads((tmp_path / "val" / "predictions.json").read_text())
+    gt = [a for a in coco_json()["annotations"] if not a["iscrowd"]]
+    assert len(predictions) == len(gt)
+    for p in predictions:
+        err = min(
+            np.abs(np.array(p["bbox"]) - a["bbox"]).max()
+            for a in gt
+            if a["image_id"] == p["image_id"] and a["category_id"] == p["category_id"]
+        )
+        assert err <= 0.5, (p, err)
+    assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
+
+
+def test_real_model_end_to_end(tmp_path: Path) -> None:
+    loader_module = pytest.importorskip("detector.data.loader")
+    builder = pytest.importorskip("detector.models.builder")
+    from detector.data.spec import SplitSpec
+    from detector.models.catalog import resolve_model_path
+
+    annotations = write_dataset(tmp_path / "data")
+    split = SplitSpec(images=tmp_path / "data" / "images", annotations=annotations)
+    loader = loader_module.build_val_loader(split, imgsz=64, batch_size=4, workers=0)
+    torch.manual_seed(0)
+    model = builder.build_model(resolve_model_path("yolo-ca-n"), nc=len(CATEGORIES))
+    model.train()
+    result = Evaluator(loader, conf=0.001).run(model)
+    save_results(result, tmp_path / "val", plots=True)
+    metrics = result.metrics
+    assert model.training
+    assert all(math.isfinite(metrics[k]) for k in COCO_KEYS)
+    assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
+
+
+def write_checkpoint(path: Path, category_ids: list[int]) -> None:
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.models.builder import build_model
+    from detector.models.catalog import resolve_model_path
+
+    torch.manual_seed(0)
+    model = build_model(resolve_model_path("yolo-ca-n"), nc=len(category_ids))
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(
+        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None, epoch=0,
+        train_state={}, rng={}, train_config={"data": ""}, names=[c["name"] for c in CATEGORIES], category_ids=category_ids,
+        imgsz=64, run_dir=str(path.parent),
+    )
+    save_checkpoint(path, state)
+
+
+def test_val_from_a_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("detector.runtime.checkpoint")
+    from detector.api import Detector
+
+    def val(weights: Path | str, **options) -> dict:
+        """What `detector val weights=... key=value` runs: the checkpoint's Detector, then its val."""
+        return Detector.from_checkpoint(weights, device="cpu").val(project=tmp_path, exist_ok=True, **options)
+
+    annotations = write_dataset(tmp_path / "data")
+    data_yaml = tmp_path / "data.yaml"
+    split = "{images: data/images, annotations: data/instances.json}"
+    data_yaml.write_text(f"train: {split}\nval: {split}\n")
+    weights = tmp_path / "best.pt"
+    write_checkpoint(weights, [c["id"] for c in CATEGORIES])
+    metrics = val(weights, data=data_yaml, batch=4, workers=0, plots=False, name="val")
+    assert list(metrics) == [*COCO_KEYS, "per_class", "speed_ms"]
+    assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
+
+    write_checkpoint(weights, [1, 2, 3])
+    with pytest.raises(DetectorError, match="category ids"):
+        val(weights, data=data_yaml, batch=4, workers=0)
+    with pytest.raises(DetectorError, match="data="):
+        val(weights, batch=4, workers=0)
+    with pytest.raises(DetectorError, match="weights="):  # no checkpoint: the Detector cannot be made
+        val("", data=data_yaml)
+    with pytest.raises(DetectorError, match="split"):
+        val(weights, data=data_yaml, split="test")

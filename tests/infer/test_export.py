@@ -1,0 +1,137 @@
+"""ONNX export: onnxruntime matches PyTorch at batch 1 and 2 (default model, attention models, dynamic size, NMS in
+the graph), the file lands beside the weights, its path is printed last."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.errors import DetectorError
+from detector.options import ExportOptions
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def write_checkpoint(path: Path, model_cfg: str, *, attention: str | None = None, nc: int = 3) -> Path:
+    """An inference checkpoint of an untrained, seeded model (the trainer's keys)."""
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.models.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg, nc=nc, attention=attention)
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(
+        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
+        epoch=0, train_state={}, rng={}, train_config={}, names=[f"c{i}" for i in range(nc)],
+        category_ids=list(range(1, nc + 1)), imgsz=64, run_dir=str(path.parent),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, state)
+    return path
+
+
+def export_command(opts: ExportOptions) -> Path:
+    """What `detector export` runs: the checkpoint's Detector, then its export."""
+    from detector.api import Detector
+
+    return Detector.from_checkpoint(opts.weights, device="cpu").export(opts)
+
+
+def export_lines(capsys) -> list[str]:
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def max_diffs(lines: list[str]) -> list[float]:
+    return [float(line.split("max abs difference ")[1].split()[0]) for line in lines if "max abs difference" in line]
+
+
+def test_default_model_round_trip_beside_the_weights(tmp_path: Path, capsys) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    weights = write_checkpoint(tmp_path / "weights" / "best.pt", "yolo-ca-n")
+    path = export_command(ExportOptions(weights=str(weights), opset=17))
+    lines = export_lines(capsys)
+    assert path == tmp_path / "weights" / "best.onnx" and path.exists()
+    assert lines[-1] == str(path)
+    diffs = max_diffs(lines)
+    assert len(diffs) == 2 and all(d < 1e-3 for d in diffs)  # batch 1 and batch 2
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"images": np.zeros((3, 3, 64, 64), np.float32)})  # the batch axis is dynamic
+    assert out.shape == (3, 3 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2), 5 + 3)  # the default has four levels, P2-P5
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["names"]) == ["c0", "c1", "c2"] and json.loads(meta["stride"]) == 32
+
+
+def test_attention_model_with_dynamic_size(tmp_path: Path, capsys, caplog) -> None:
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-attn-n", attention="mhsa")
+    out = tmp_path / "export" / "mhsa.onnx"
+    with caplog.at_level(logging.WARNING, logger="detector.infer.export"):
+        export_command(ExportOptions(weights=str(weights), dynamic=True, out=str(out)))
+    assert "key/value pooling (max_kv) is fixed at imgsz" in caplog.text
+    lines = export_lines(capsys)
+    assert lines[-1] == str(out)
+    assert any("batch 2, 32x96" in line for line in lines)  # the second check runs at another size
+    assert all(d < 1e-3 for d in max_diffs(lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["axial", "ssa", "cbam"])
+def test_other_attention_models_export(tmp_path: Path, capsys, attention: str) -> None:
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-attn-n", attention=attention)
+    export_command(ExportOptions(weights=str(weights), dynamic=True))
+    assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
+
+
+def test_nms_in_the_graph(tmp_path: Path, capsys, caplog) -> None:
+    import onnxruntime as ort
+
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    with caplog.at_level(logging.WARNING):
+        path = export_command(ExportOptions(weights=str(weights), nms=True, conf=0.001, max_det=4, simplify=True))
+    assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
+    assert any("simplify" in r.getMessage() for r in caplog.records)  # neither onnxslim nor onnxsim installed here
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["detections", "num_detections", "output"]
+    dets, num = session.run(["detections", "num_detections"], {"images": np.random.default_rng(0).random((2, 3, 64, 64), np.float32)})
+    assert dets.shape == (2, 4, 6) and num.tolist() == [4, 4]
+    assert (np.diff(dets[..., 4], axis=1) <= 0).all()  # sorted by score
+    assert ((dets[..., :4] >= 0) & (dets[..., :4] <= 64)).all()  # clipped to the input
+
+
+def test_in_graph_nms_matches_the_predictor_nms() -> None:
+    """Per image and class, the shifted single-call NMS keeps what `non_max_suppression` keeps (boxes inside)."""
+    from detector.infer.postprocess import non_max_suppression
+    from detector.infer.export import DetectWithNMS
+
+    g = torch.Generator().manual_seed(0)
+    b, n, nc, size = 3, 200, 4, 96
+    xy = torch.rand(b, n, 2, generator=g) * 60 + 18
+    wh = torch.rand(b, n, 2, generator=g) * 30 + 4
+    pred = torch.cat([xy, wh, torch.rand(b, n, 1 + nc, generator=g)], -1)
+    wrapper = DetectWithNMS(torch.nn.Identity(), conf=0.3, iou=0.5, max_det=50)
+    dets, num = wrapper.suppress(pred, size, size)
+    expected = non_max_suppression(pred, conf=0.3, iou=0.5, max_det=50, multi_label=False)
+    for i in range(b):
+        assert num[i].item() == len(expected[i])
+        torch.testing.assert_close(dets[i, : len(expected[i])], expected[i])
+        assert (dets[i, len(expected[i]) :] == 0).all()
+
+
+def test_bad_requests_name_the_key(tmp_path: Path) -> None:
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    with pytest.raises(DetectorError, match="format 'tflite'"):
+        export_command(ExportOptions(weights=str(weights), format="tflite"))
+    with pytest.raises(DetectorError, match="multiple of the model stride"):
+        export_command(ExportOptions(weights=str(weights), imgsz=100))
+    with pytest.raises(DetectorError, match="opset must be 14..23"):
+        export_command(ExportOptions(weights=str(weights), opset=11))
+    with pytest.raises(DetectorError, match="weights="):
+        export_command(ExportOptions())

@@ -1,0 +1,147 @@
+"""Predictor: sources, letterboxed batches, boxes back in original pixels (a model that finds a white rectangle),
+and `detector predict` on a folder with a corrupt image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from detector.infer.predictor import Predictor, letterbox_batch, list_images, predict_source
+from detector.errors import DetectorError
+
+RECT_XYXY = (50, 20, 150, 60)  # the white rectangle of `rect_image`, original pixels
+
+
+def rect_image(width: int = 200, height: int = 90) -> np.ndarray:
+    image = np.zeros((height, width, 3), np.uint8)
+    x1, y1, x2, y2 = RECT_XYXY
+    image[y1:y2, x1:x2] = 255
+    return image
+
+
+class BrightBoxModel(nn.Module):
+    """A 'detector' whose one box per image is the extent of its bright pixels (input pixels): ground truth through
+    whatever letterbox the predictor applied. Class 1 with score 0.9 * 0.95."""
+
+    nc = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("stride", torch.tensor([8.0, 16.0, 32.0]))
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(1) > 0.5  # (B, H, W)
+        cols, rows = bright.any(1).float(), bright.any(2).float()  # (B, W), (B, H)
+        xs = torch.arange(x.shape[3], dtype=x.dtype)
+        ys = torch.arange(x.shape[2], dtype=x.dtype)
+        x1 = torch.where(cols > 0, xs, torch.inf).amin(1)
+        x2 = torch.where(cols > 0, xs, -torch.inf).amax(1) + 1
+        y1 = torch.where(rows > 0, ys, torch.inf).amin(1)
+        y2 = torch.where(rows > 0, ys, -torch.inf).amax(1) + 1
+        box = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1)
+        probs = torch.tensor([0.9, 0.1, 0.95]).expand(len(x), 3)
+        return torch.cat([box, probs], 1)[:, None, :]  # (B, 1, 7)
+
+
+def write_checkpoint(path: Path, *, model_cfg: str = "yolo-c2f-n", names: tuple[str, ...] = ("circle", "square", "triangle")) -> Path:
+    """An inference checkpoint of an untrained model (seeded), as the trainer would write it."""
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.models.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg, nc=len(names))
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(
+        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
+        epoch=0, train_state={}, rng={}, train_config={"data": ""}, names=list(names),
+        category_ids=[1, 3, 7][: len(names)], imgsz=64, run_dir=str(path.parent),
+    )
+    save_checkpoint(path, state)
+    return path
+
+
+def test_list_images_file_folder_glob(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jpg", "a.PNG", "sub/c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.jpg", "c.webp"]
+    assert [p.name for p in list_images(str(tmp_path / "*.jpg"))] == ["b.jpg"]
+    assert [p.name for p in list_images(str(tmp_path / "**" / "*.webp"))] == ["c.webp"]
+    assert list_images(tmp_path / "notes.txt") == [tmp_path / "notes.txt"]  # a file named directly is taken
+    with pytest.raises(DetectorError, match="not found"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DetectorError, match="no images"):
+        list_images(tmp_path / "empty")
+
+
+def test_letterbox_batch_pads_to_the_smallest_stride_multiple() -> None:
+    landscape = [np.zeros((90, 200, 3), np.uint8), np.zeros((50, 100, 3), np.uint8)]
+    batch, ratios, pads = letterbox_batch(landscape, 128, 32)
+    assert batch.shape == (2, 3, 64, 128) and batch.dtype == torch.uint8  # not padded to a square
+    assert ratios == pytest.approx([0.64, 1.28])
+    assert pads[0] == (0, 3)  # 90 * 0.64 = 57.6 -> 58 rows, centred in 64
+    mixed, _, _ = letterbox_batch([landscape[0], np.zeros((200, 90, 3), np.uint8)], 128, 32)
+    assert mixed.shape == (2, 3, 128, 128)
+
+
+def test_boxes_land_in_original_pixels_on_a_non_square_image(tmp_path: Path) -> None:
+    predictor = Predictor(BrightBoxModel(), imgsz=128, conf=0.25)
+    small = rect_image()
+    big = np.kron(small, np.ones((3, 3, 1), np.uint8))  # same scene at 600x270: a different ratio in one batch
+    dets = predictor([small, big])
+    assert dets[0].shape == (1, 6) and dets[1].shape == (1, 6)
+    assert dets[0][0, :4].tolist() == pytest.approx(RECT_XYXY, abs=2.0)  # one letterboxed pixel is 1.56 px here
+    assert dets[1][0, :4].tolist() == pytest.approx([3 * v for v in RECT_XYXY], abs=5.0)
+    assert dets[0][0, 4].item() == pytest.approx(0.9 * 0.95) and dets[0][0, 5].item() == 1
+
+    assert Predictor(BrightBoxModel(), imgsz=128, classes=[0])([small])[0].shape == (0, 6)
+    with pytest.raises(DetectorError, match="classes"):
+        Predictor(BrightBoxModel(), imgsz=128, classes=[5])
+
+    Image.fromarray(small).save(tmp_path / "rect.png")
+    results = predict_source(predictor, [tmp_path / "rect.png"], tmp_path / "out", names=["a", "b"], category_ids=[4, 9])
+    assert results[0]["names"] == ["b"] and results[0]["category_ids"].tolist() == [9]
+    (entry,) = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert entry["file_name"] == "rect.png" and (entry["width"], entry["height"]) == (200, 90)
+    assert entry["category_id"] == 9 and entry["image_id"] == 0
+    x1, y1, x2, y2 = RECT_XYXY
+    assert entry["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=2.0)
+    drawn = np.asarray(Image.open(tmp_path / "out" / "rect.png"))
+    assert drawn.shape == small.shape and (drawn != small).any()  # same size, boxes drawn
+
+
+def test_predict_folder_with_a_corrupt_image_writes_the_others_and_names_it(tmp_path: Path, capsys, caplog) -> None:
+    from detector.api import Detector
+    from detector.options import PredictOptions
+
+    weights = write_checkpoint(tmp_path / "best.pt")
+    source = tmp_path / "images"
+    (source / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a.jpg": (48, 80), "b.png": (70, 40), "sub/c.jpg": (64, 64)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(source / name)
+    (source / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (source / "readme.txt").write_text("not an image")
+    out = tmp_path / "runs"
+    opts = PredictOptions(weights=str(weights), source=str(source), conf=0.0, max_det=5, project=str(out), name="run", batch=2, device="cpu")
+    results = Detector.from_checkpoint(opts.weights, device=opts.device).predict(opts, save=True)  # as `detector predict`
+    assert [Path(r["file"]).name for r in results] == ["a.jpg", "b.png", "c.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("bad.jpg" in w and "unreadable" in w for w in warnings)
+    assert any("1 unreadable file(s) skipped" in w for w in warnings)
+    run = out / "run"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "predictions.json")
+    assert {p.relative_to(run).as_posix() for p in run.rglob("*.*")} == {"a.jpg", "b.png", "sub/c.jpg", "predictions.json"}
+    entries = json.loads((run / "predictions.json").read_text())
+    assert {e["file_name"] for e in entries} == {"a.jpg", "b.png", "sub/c.jpg"}
+    assert all(e["category_id"] in (1, 3, 7) and len(e["bbox"]) == 4 for e in entries)
+    sizes = {e["file_name"]: (e["width"], e["height"]) for e in entries}
+    assert sizes == {"a.jpg": (80, 48), "b.png": (40, 70), "sub/c.jpg": (64, 64)}

@@ -1,0 +1,287 @@
+"""Checkpoints: atomic writes under faults (RELIABILITY 25, 26), refused pickles (22), foreign weights (23), RNG."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from detector.runtime import checkpoint as ck
+from detector.train.ema import ModelEMA
+from detector.train.optim import build_optimizer
+from detector.errors import DetectorError
+from detector.models.builder import build_model
+
+TINY = {
+    "nc": 2,
+    "depth_multiple": 1.0,
+    "width_multiple": 1.0,
+    "anchors": [[10, 13, 16, 30, 33, 23]],
+    "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [16, 3, 2]]],
+    "head": [[[2], 1, "Detect", ["nc", "anchors"]]],
+}
+
+
+def _state(model: nn.Module | None = None, epoch: int = 0) -> dict:
+    """A complete checkpoint as the trainer writes it, after one optimizer step."""
+    model = model or build_model(TINY)
+    optimizer = build_optimizer(model, "SGD", lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # momentum buffers in the optimizer state
+    ema = ModelEMA(model)
+    ema.update(model)
+    return {
+        "format_version": ck.FORMAT_VERSION,
+        "version": "0.1.0",
+        "model_yaml": model.yaml,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": None,
+        "epoch": epoch,
+        "train_state": {"epoch": epoch, "best_fitness": 0.25, "best_epoch": epoch, "nonfinite_total": 0},
+        "rng": ck.capture_rng_state(),
+        "train_config": {"epochs": 3, "lr0": 0.01, "data": "data/shapes.yaml", "cos_lr": True},
+        "names": ["circle", "square"],
+        "category_ids": [1, 7],
+        "imgsz": 32,
+        "run_dir": "runs/train/exp",
+    }
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+
+def test_keys_are_defined_once() -> None:
+    assert set(_state()) == ck.CHECKPOINT_KEYS
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    state = _state()
+    path = tmp_path / "weights" / "last.pt"
+    path.parent.mkdir()
+    ck.save_checkpoint(path, state)
+    loaded = ck.load_checkpoint(path)
+    assert set(loaded) == ck.CHECKPOINT_KEYS
+    assert loaded["names"] == ["circle", "square"] and loaded["category_ids"] == [1, 7]
+    assert loaded["model_yaml"] == state["model_yaml"]
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+    assert loaded["optimizer"]["param_groups"][0]["name"] == "decay"
+    assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
+
+
+def test_overwrite_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(path, _state(epoch=0))
+    ck.save_checkpoint(path, _state(epoch=1))
+    assert ck.load_checkpoint(path)["epoch"] == 1
+
+
+def test_model_from_checkpoint(tmp_path: Path) -> None:
+    state = _state()
+    path = tmp_path / "best.pt"
+    ck.save_checkpoint(path, state)
+    ckpt = ck.load_checkpoint(path)
+    model = ck.model_from_checkpoint(ckpt, source=str(path))
+    assert not model.training
+    for key, value in ckpt["ema"]["module"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    raw = ck.model_from_checkpoint(ckpt, use_ema=False)
+    for key, value in ckpt["model"].items():
+        assert torch.equal(raw.state_dict()[key], value)
+    ckpt["ema"] = None  # no EMA: the raw weights
+    assert torch.equal(ck.model_from_checkpoint(ckpt).state_dict()["layers.0.conv.weight"], ckpt["model"]["layers.0.conv.weight"])
+
+
+# ------------------------------------------------------------------------------------------ faults while writing
+
+
+def _half_then_fail(exc: BaseException):
+    real_save = torch.save
+
+    def fake_save(obj: object, f: io.BufferedWriter) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise exc
+
+    return fake_save
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(path, _state(epoch=4))
+    newer = _state(epoch=5)
+    monkeypatch.setattr(torch, "save", _half_then_fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(DetectorError) as info:
+        ck.save_checkpoint(path, newer)
+    message = str(info.value)
+    assert str(path) in message and "No space left on device" in message and "MiB" in message
+    assert "\n" not in message
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["epoch"] == 4
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(path, _state(epoch=1))
+    monkeypatch.setattr(torch, "save", _half_then_fail(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(path, _state(epoch=2))
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_missing_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DetectorError, match="cannot write checkpoint"):
+        ck.save_checkpoint(tmp_path / "nowhere" / "last.pt", _state())
+
+
+def test_temp_file_of_a_killed_writer_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    stale = tmp_path / ".last.pt.tmp-99999999"  # above any pid_max: that writer is gone
+    stale.write_bytes(b"half a checkpoint")
+    ck.save_checkpoint(path, _state())
+    assert not stale.exists()
+
+
+def test_non_plain_value_is_refused_before_writing(tmp_path: Path) -> None:
+    state = _state()
+    state["train_state"]["best_fitness"] = np.float64(0.5)  # would be pickled as a numpy object
+    with pytest.raises(TypeError, match=r"checkpoint.train_state.best_fitness: float64 is not a plain value"):
+        ck.save_checkpoint(tmp_path / "last.pt", state)
+    state["train_state"]["best_fitness"] = 0.5
+    state["train_config"]["data"] = Path("data.yaml")
+    with pytest.raises(TypeError, match="checkpoint.train_config.data: PosixPath|WindowsPath"):
+        ck.save_checkpoint(tmp_path / "last.pt", state)
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class _Payload:
+    """Unpickling this runs code that creates a marker file (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_payload_is_live_for_plain_pickle(tmp_path: Path) -> None:
+    """The crafted payload does run under a normal unpickler, so the next test proves something."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps({"model": _Payload(marker)}))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(("writer", "reason"), [("torch.save", "GLOBAL exec"), ("pickle-2", "exec"), ("pickle-5", "Unsupported operand")])
+def test_malicious_checkpoint_is_refused_not_executed(tmp_path: Path, writer: str, reason: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"format_version": 1, "model": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(writer[-1])))
+    with pytest.raises(DetectorError) as info:
+        ck.load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused to load it (not a plain checkpoint; weights_only=True): ")
+    assert reason in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DetectorError, match=f"{tmp_path / 'gone.pt'}: checkpoint not found"):
+        ck.load_checkpoint(tmp_path / "gone.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_corrupt_file(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "last.pt"
+    if content == "truncated":
+        ck.save_checkpoint(path, _state())
+        content = path.read_bytes()[:1000]
+    path.write_bytes(content)
+    with pytest.raises(DetectorError, match=f"{re.escape(str(path))}: (not a readable checkpoint|refused to load it)"):
+        ck.load_checkpoint(path)
+
+
+def test_bare_state_dict_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(build_model(TINY).state_dict(), path)
+    with pytest.raises(DetectorError, match="not a detector checkpoint"):
+        ck.load_checkpoint(path)
+
+
+def test_newer_format_and_missing_keys(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    state = _state()
+    state["format_version"] = ck.FORMAT_VERSION + 1
+    torch.save(state, path)
+    with pytest.raises(DetectorError, match="newer than this detector reads"):
+        ck.load_checkpoint(path)
+    state = _state()
+    del state["names"], state["rng"]
+    torch.save(state, path)
+    with pytest.raises(DetectorError, match="lacks keys names, rng"):
+        ck.load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------ foreign weights
+
+
+def test_other_class_count_lists_shape_mismatches() -> None:
+    theirs = build_model(TINY, nc=5).state_dict()
+    with pytest.raises(DetectorError) as info:
+        ck.load_model_weights(build_model(TINY), theirs, "runs/x/weights/best.pt")
+    message = str(info.value)
+    assert message.startswith("runs/x/weights/best.pt: weights do not fit this model")
+    assert "2 shape mismatches (layers.3.m.0.weight (30, 16, 1, 1) vs model (21, 16, 1, 1), layers.3.m.0.bias (30,) vs model (21,))" in message
+    assert "missing" not in message and "unexpected" not in message
+
+
+def test_other_architecture_lists_keys_with_counts() -> None:
+    deeper = dict(TINY, backbone=[*TINY["backbone"], [-1, 1, "Conv", [16, 3, 1]]], head=[[[3], 1, "Detect", ["nc", "anchors"]]])
+    theirs = build_model(deeper).state_dict()
+    with pytest.raises(DetectorError) as info:
+        ck.load_model_weights(build_model(TINY), theirs, "other.pt")
+    message = str(info.value)
+    assert "4 missing (layers.3.anchors, layers.3.stride, layers.3.m.0.weight, ...)" in message
+    assert "10 unexpected (layers.3.conv.weight, layers.3.bn.weight, layers.3.bn.bias, ...)" in message
+    assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(1).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1)
+
+
+def test_rng_round_trip_through_a_file(tmp_path: Path) -> None:
+    np.random.randn(1)  # leaves a cached gaussian in numpy's state
+    random.gauss(0, 1)  # and one in python's
+    state = ck.capture_rng_state()
+    expected = _draws()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    _draws()
+    ck.restore_rng_state(torch.load(path, weights_only=True))
+    assert _draws() == expected

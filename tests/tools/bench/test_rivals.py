@@ -1,0 +1,87 @@
+"""The rival harness without Ultralytics: argument parsing, scoring a rival's predictions file, the table, reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detector.tools.bench import rivals
+from detector.data.spec import load_data_spec
+from detector.data.coco import CocoDataset
+from detector.errors import DetectorError
+
+
+def perfect_rows(data_yaml: Path) -> list[dict[str, Any]]:
+    """COCO result rows equal to the val ground truth (crowd left out), score 0.9: AP must be 1."""
+    data = json.loads((data_yaml.parent / "val" / "instances.json").read_text())
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in data["annotations"] if not a.get("iscrowd")
+    ]
+
+
+def test_parse_args_passes_ours_keys_through_and_names_bad_ones() -> None:
+    opts, extra = rivals.parse_args(["epochs=3", "rivals=yolov8n,ours", "ours.lr0=0.002", "ours.model.attention=cbam"])
+    assert opts.epochs == 3 and rivals.rival_names(opts) == ["yolov8n", "ours"]
+    assert extra == ["lr0=0.002", "model.attention=cbam"]
+    with pytest.raises(DetectorError, match="unknown key 'epohcs' .*did you mean 'epochs'"):
+        rivals.parse_args(["epohcs=3"])
+    with pytest.raises(DetectorError, match="unknown rival 'yolov5n'"):
+        rivals.parse_args(["rivals=yolov5n"])
+    with pytest.raises(DetectorError, match="'imgsz' expects an integer"):
+        rivals.parse_args(["imgsz=big"])
+
+
+def test_score_predictions_uses_pycocotools_on_our_ids(make_data_yaml, tmp_path: Path) -> None:
+    data_yaml = make_data_yaml()
+    gt = CocoDataset(load_data_spec(data_yaml).val).coco_gt()
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(perfect_rows(data_yaml)))
+    metrics = rivals.score_predictions(predictions, gt)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
+    predictions.write_text(json.dumps([]))
+    assert rivals.score_predictions(predictions, gt)["AP"] == 0.0
+    predictions.write_text(json.dumps([{**perfect_rows(data_yaml)[0], "category_id": 2}]))  # 2 is not a category
+    with pytest.raises(DetectorError, match="category id 2"):
+        rivals.score_predictions(predictions, gt)
+    predictions.write_text("{not json")
+    with pytest.raises(DetectorError, match="predictions.json:1: not valid JSON"):
+        rivals.score_predictions(predictions, gt)
+
+
+def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_path: Path, monkeypatch) -> None:
+    data_yaml = make_data_yaml()
+    calls: list[str] = []
+
+    def fake_ultralytics(rival: str, opts, export, folder: Path, python: Path) -> dict[str, Any]:
+        calls.append(rival)
+        folder.mkdir(parents=True, exist_ok=True)
+        assert export.category_ids == [1, 3, 7] and len(export.images["val"]) == 6
+        (folder / "predictions.json").write_text(json.dumps(perfect_rows(data_yaml)))
+        return {"wall_s": 10.0, "params": 1234, "resumed": False, "version": "0.0-test",
+                "label": f"Ultralytics {rival}", "predictions": str(folder / "predictions.json")}
+
+    monkeypatch.setattr(rivals, "run_ultralytics", fake_ultralytics)
+    monkeypatch.setattr(rivals, "ensure_venv", lambda opts, log: Path("/nonexistent/python"))
+    args = [f"data={data_yaml}", "epochs=2", "rivals=yolov8n,yolo26n", f"project={tmp_path / 'runs'}", "name=t"]
+    assert rivals.main(args) == 0
+    out = tmp_path / "runs" / "t"
+    table = (out / "results.md").read_text()
+    assert "| Ultralytics yolov8n | 1,234 | 1.000 | 1.000 |" in table
+    assert "bf16:" in table and "NMS IoU 0.65" in table and "ultralytics 0.0-test" in table
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["results"][0]["images_per_s"] == pytest.approx(2 * 6 / 10.0)  # epochs x train images / wall
+    assert rivals.main(args) == 0 and calls == ["yolov8n", "yolo26n"]  # the rerun reused both result.json
+    assert rivals.main([*args, "force=true", "rivals=yolo26n"]) == 0 and calls == ["yolov8n", "yolo26n", "yolo26n"]
+
+
+def test_markdown_table_marks_a_resumed_run() -> None:
+    metrics = {k: 0.5 for k in rivals.COCO_KEYS}
+    row = {"model": "ours (yolo-ca-n, amp auto)", "params": 2286995, "metrics": metrics, "wall_s": 100.0,
+           "images_per_s": 12.0, "resumed": True}
+    lines = rivals.markdown_table([row]).splitlines()
+    assert lines[0].startswith("| model | params | AP | AP50 | APs | APm | APl | AR100 |")
+    assert lines[2] == "| ours (yolo-ca-n, amp auto) | 2,286,995 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 100 (resumed: last part only) | 12.0 |"

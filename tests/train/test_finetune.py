@@ -1,0 +1,107 @@
+"""Fine-tuning: weights transferred by name and shape (the head's class rows re-initialised), frozen rows that
+stay bit-identical, an architecture mismatch named key by key, and a fine-tune that beats training from scratch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.api import Detector
+from detector.config import TrainConfig, build_options
+from detector.data.synthetic import generate_shapes_dataset
+from detector.runtime.checkpoint import load_checkpoint
+from detector.train.finetune import frozen_rows, transfer_weights
+from detector.train.trainer import train
+from detector.errors import DetectorError
+from detector.models.builder import build_model
+
+NO_AUG = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
+TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "nbs": "8", "workers": "0", "plots": "false", "amp": "off",
+        "autoanchor": "false", "lr0": "0.002", "warmup_min_iters": "5", "val_interval": "1000", **NO_AUG}
+
+
+def test_transfer_to_another_class_count_skips_only_the_class_rows() -> None:
+    source = build_model("yolo-c2f-n", nc=3)
+    target = build_model("yolo-c2f-n", nc=2)
+    fresh_cls = {k: v.clone() for k, v in target.state_dict().items() if ".cls." in k}
+    report = transfer_weights(target, source.state_dict(), "a.pt")
+    total = len(target.state_dict())
+    assert report.total == total and report.transferred == total - 6  # weight + bias of the 3 levels' class convs
+    head = len(target.layers) - 1
+    assert report.skipped[0] == f"layers.{head}.cls.0.2.weight (9, 64, 1, 1) -> (6, 64, 1, 1)"  # 3 anchors x 3 -> x 2
+    own = target.state_dict()
+    for key, value in source.state_dict().items():
+        if value.shape == own[key].shape:
+            assert torch.equal(own[key], value), key
+        else:  # the class rows keep the builder's fresh init (prior bias included)
+            assert torch.equal(own[key], fresh_cls[key]), key
+    assert report.summary("a.pt").startswith(f"weights: transferred {total - 6}/{total} tensors from a.pt; skipped layers.")
+
+
+def test_another_architecture_is_an_error_listing_keys() -> None:
+    with pytest.raises(DetectorError, match=r"^weights: v5\.pt is another architecture than the model \(\d+ tensors "
+                                            r"differ beyond the head's class rows: layers\.\d+\..* \(missing in the checkpoint\)"):
+        transfer_weights(build_model("yolo-c2f-n", nc=2), build_model("yolov5n", nc=2).state_dict(), "v5.pt")
+
+
+def test_freeze_rows() -> None:
+    assert frozen_rows([3], 23) == [0, 1, 2]
+    assert frozen_rows([5, 0, 2, 2], 23) == [0, 2, 5]
+    with pytest.raises(DetectorError, match=r"freeze: the model has 23 rows \(0-22\); freeze=0,30 asks for row 30"):
+        frozen_rows([0, 30], 23)
+    with pytest.raises(DetectorError, match="leaves nothing to train"):
+        frozen_rows([23], 23)
+
+
+def split_classes(data_yaml: Path, keep: list[str], out: Path) -> Path:
+    """A copy of `data_yaml`'s dataset that labels only the `keep` classes (the others become background)."""
+    root = data_yaml.parent
+    for split in ("train", "val"):
+        coco = json.loads((root / split / f"instances_{split}.json").read_text())
+        ids = {c["id"] for c in coco["categories"] if c["name"] in keep}
+        coco["categories"] = [c for c in coco["categories"] if c["id"] in ids]
+        coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in ids]
+        (root / split / f"{out.stem}_{split}.json").write_text(json.dumps(coco))
+    out.write_text(f"train: {{images: {root}/train/images, annotations: {root}/train/{out.stem}_train.json}}\n"
+                   f"val: {{images: {root}/train/images, annotations: {root}/train/{out.stem}_train.json}}\n")
+    return out
+
+
+def run(data: Path, project: Path, name: str, **keys: str) -> dict:
+    return train(build_options(TrainConfig, {**TINY, "data": str(data), "project": str(project), "name": name, **keys}, "test"))
+
+
+@pytest.mark.slow
+def test_finetune_beats_scratch_and_frozen_rows_stay_bit_identical(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A: circles, triangles, squares (3 classes); B: stars and crosses (2 others) in the same 8 images, scored on
+    them. From A's weights, B learns in 25 epochs what it cannot from scratch in the same 25 (same seed)."""
+    shapes = generate_shapes_dataset(tmp_path / "shapes", seed=7, n_train=8, n_val=8, imgsz=128)
+    a = split_classes(shapes, ["circle", "triangle", "square"], tmp_path / "a.yaml")
+    b = split_classes(shapes, ["star", "cross"], tmp_path / "b.yaml")
+    run(a, tmp_path, "a", epochs="40")
+    a_best = tmp_path / "a" / "weights" / "best.pt"
+    scratch = run(b, tmp_path, "scratch", epochs="25")
+    with caplog.at_level(logging.INFO, logger="detector.train.trainer"):
+        tuned = run(b, tmp_path, "tuned", epochs="25", weights=str(a_best), freeze="9")
+    total = len(build_model("yolo-c2f-n", nc=2).state_dict())
+    assert f"weights: transferred {total - 6}/{total} tensors from {a_best}" in caplog.text
+    assert tuned["AP50"] > scratch["AP50"], (tuned["AP50"], scratch["AP50"])
+
+    start = load_checkpoint(a_best)["ema"]["module"]
+    end = load_checkpoint(tmp_path / "tuned" / "weights" / "last.pt")
+    frozen = [k for k in start if int(k.split(".")[1]) < 9]  # rows 0-8: weights and BN running statistics
+    assert frozen and all(torch.equal(end["model"][k], start[k]) for k in frozen)
+    assert all(torch.equal(end["ema"]["module"][k], start[k]) for k in frozen)
+    assert not torch.equal(end["model"]["layers.9.cv1.conv.weight"], start["layers.9.cv1.conv.weight"])  # trained
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detector.train.trainer"):
+        run(b, tmp_path, "as-model", epochs="1", model=str(a_best))  # model=<checkpoint.pt>: its architecture
+    assert f"weights: transferred {total - 6}/{total} tensors from {a_best}" in caplog.text
+    keys = {k: v for k, v in TINY.items() if k != "model"}  # the Detector's checkpoint is the model
+    Detector(a_best, device="cpu").train(**keys, data=str(b), project=str(tmp_path), name="api", epochs=1)
+    assert load_checkpoint(tmp_path / "api" / "weights" / "last.pt")["train_config"]["model"] == str(a_best)  # a fine-tune

@@ -1,0 +1,159 @@
+"""AlignedLoss and assign_aligned: hand-computed positives, a perfect prediction, conflicts, empty batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torchvision.ops import box_convert
+
+from detector.train.loss import YoloLoss, build_loss
+from detector.train.loss_aligned import AlignedLoss, Priors, assign_aligned, candidate_mask, pairwise_iou
+from detector.models.head import DecoupledDetect, Detect, decode_boxes
+
+ANCHORS_PX = [[16, 16], [48, 48], [128, 128]]  # one square anchor per level
+STRIDES = (8.0, 16.0, 32.0)
+IMGSZ = 128
+
+
+def make_head(nc: int = 3) -> DecoupledDetect:
+    head = DecoupledDetect([8, 16, 32], nc=nc, anchors=ANCHORS_PX)
+    head.set_stride(STRIDES)
+    head.init_biases()
+    return head
+
+
+def grid_shapes() -> list[tuple[int, int]]:
+    return [(IMGSZ // int(s), IMGSZ // int(s)) for s in STRIDES]
+
+
+def priors(head: DecoupledDetect) -> Priors:
+    return Priors(*head.cell_priors(grid_shapes(), torch.device("cpu")))
+
+
+def test_a_box_smaller_than_a_cell_still_has_its_own_cell_as_candidate() -> None:
+    head = make_head()
+    gt = torch.tensor([[41.0, 41.0, 47.0, 47.0]])  # 6x6 px inside P3 cell (5, 5), centre (44, 44)
+    mask = candidate_mask(gt, priors(head), anchor_t=4.0)
+    rows = mask[0].nonzero().flatten().tolist()
+    assert rows == [5 * 16 + 5]  # only the P3 row of cell (x 5, y 5): no cell centre lies inside the box
+
+
+def test_shape_filter_keeps_anchors_the_bounded_decode_can_reach() -> None:
+    head = make_head()
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])  # 100 px: 6.25x the 16 px anchor, 2.1x 48 px, 1.3x 128 px
+    mask = candidate_mask(gt, priors(head), anchor_t=4.0)[0]
+    n3, n4 = 16 * 16, 8 * 8
+    assert not mask[:n3].any()
+    assert mask[n3:n3 + n4].any() and mask[n3 + n4:].any()
+
+
+def test_perfect_prediction_is_positive_with_iou_target_and_gives_near_zero_loss() -> None:
+    """A target centred on a P3 cell with the anchor's size; the maps predict exactly that box with class score
+    ~1 there, and ~0 everywhere else: that cell is the positive, its soft label is 1, and the loss is ~0."""
+    head = make_head(nc=3)
+    cell_x, cell_y = 6, 9
+    cx, cy = (cell_x + 0.5) * 8, (cell_y + 0.5) * 8
+    targets = torch.tensor([[0, 2, cx / IMGSZ, cy / IMGSZ, 16 / IMGSZ, 16 / IMGSZ]])
+    maps = [torch.zeros(1, 1, h, w, 4 + 3) for h, w in grid_shapes()]
+    for m in maps:
+        m[..., 4:] = -30.0  # background everywhere
+        m[..., 2:4] = 0.0  # wh = anchor; xy = cell centre (2 * 0.5 - 0.5 + cell + ... = cell + 0.5)
+    maps[0][0, 0, cell_y, cell_x, 4 + 2] = 30.0  # the right class, certain
+    loss = AlignedLoss(head)
+    total, parts = loss(maps, targets)
+    assert total.item() < 1e-6 and parts[0].item() < 1e-6 and parts[2].item() < 1e-6
+
+    p = torch.cat([m.reshape(1, -1, 7) for m in maps], 1)
+    xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
+    gt = torch.tensor([[cx - 8, cy - 8, cx + 8, cy + 8]])
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, torch.tensor([0]), torch.tensor([2]), gt, priors(head))
+    row = cell_y * 16 + cell_x
+    assert assigned.target[0, row] == 0
+    assert torch.isclose(assigned.score[0, row], torch.tensor(1.0), atol=1e-5)
+    assert (assigned.score[0] > 0.5).nonzero().flatten().tolist() == [row]
+
+
+def test_topk_bounds_the_positives_per_target() -> None:
+    head = make_head()
+    gt = torch.tensor([[8.0, 8.0, 120.0, 120.0]])
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    xyxy = gt.expand(1, n, 4).clone()  # every anchor predicts the box exactly
+    scores = torch.full((1, n, 3), 0.5)
+    for k in (1, 4, 10):
+        assigned = assign_aligned(scores, xyxy, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=k)
+        assert int((assigned.target == 0).sum()) == k
+
+
+def test_an_anchor_claimed_by_two_targets_goes_to_the_one_it_overlaps_most() -> None:
+    head = make_head()
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    pred = torch.tensor([40.0, 40.0, 56.0, 56.0]).expand(1, n, 4).clone()  # every row predicts box A
+    gt = torch.tensor([[40.0, 40.0, 56.0, 56.0], [38.0, 38.0, 60.0, 60.0]])  # A, and B overlapping the same cells
+    scores = torch.full((1, n, 3), 0.5)
+    assigned = assign_aligned(scores, pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, topk=10)
+    mask_a = candidate_mask(gt[:1], pr, 4.0)[0]
+    shared = mask_a & candidate_mask(gt[1:], pr, 4.0)[0]
+    assert shared.any()
+    assert (assigned.target[0][shared] == 0).all()  # IoU 1 with A beats IoU 0.53 with B
+    assert pairwise_iou(gt[1], gt[0]) < 1
+
+
+def test_targets_of_one_image_never_claim_anchors_of_another() -> None:
+    head = make_head()
+    maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
+    targets = torch.tensor([[1, 0, 0.5, 0.5, 0.2, 0.2]])
+    p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
+    xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
+    gt = torch.tensor([[51.2, 51.2, 76.8, 76.8]])
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head))
+    assert (assigned.target[0] == -1).all() and (assigned.target[1] == 0).any()
+
+
+def test_empty_batch_and_gradients_are_finite() -> None:
+    head = make_head()
+    maps = [torch.randn(2, 1, h, w, 7, requires_grad=True) for h, w in grid_shapes()]
+    total, parts = AlignedLoss(head)(maps, torch.zeros(0, 6))
+    total.backward()
+    assert parts[0] == 0 and parts[2] > 0
+    assert all(torch.isfinite(m.grad).all() for m in maps)
+
+
+def test_loss_falls_when_the_prediction_improves() -> None:
+    head = make_head()
+    targets = torch.tensor([[0, 1, 0.4, 0.45, 0.3, 0.25], [1, 0, 0.7, 0.3, 0.1, 0.12]])
+    maps = [torch.zeros(2, 1, h, w, 7, requires_grad=True) for h, w in grid_shapes()]
+    optimizer = torch.optim.Adam(maps, lr=0.1)
+    loss = AlignedLoss(head)
+    first = None
+    for _ in range(30):
+        total, _ = loss(maps, targets)
+        first = total.item() if first is None else first
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert loss(maps, targets)[0].item() < first / 3
+
+
+def test_build_loss_picks_the_loss_of_the_head() -> None:
+    detect = Detect([8, 16, 32], nc=3, anchors=3)
+    detect.set_stride(STRIDES)
+    assert isinstance(build_loss(detect), YoloLoss) and math.isclose(build_loss(detect).box_gain, 0.05)
+    aligned = build_loss(make_head(), box=None)
+    assert isinstance(aligned, AlignedLoss) and aligned.box_gain == 7.5
+    assert build_loss(make_head(), box=2.0).box_gain == 2.0
+
+
+def test_saturated_logits_give_finite_loss_and_gradients() -> None:
+    """Box logits far negative decode to zero-size boxes (sigmoid underflows): the loss must stay finite
+    (the failure this guards: non-finite steps in bf16 training after a few epochs)."""
+    head = make_head()
+    maps = [torch.full((2, 1, h, w, 7), -200.0, requires_grad=True) for h, w in grid_shapes()]
+    targets = torch.tensor([[0, 1, 0.4, 0.45, 0.3, 0.25], [1, 0, 0.7, 0.3, 0.1, 0.12]])
+    total, parts = AlignedLoss(head)(maps, targets)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(parts).all()
+    assert all(torch.isfinite(m.grad).all() for m in maps)

@@ -1,0 +1,224 @@
+"""The training loop end to end on tiny synthetic data: learning, resume after SIGKILL, non-finite guard,
+TensorBoard tags, DDP through torchrun (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.config import TrainConfig, build_options
+from detector.data.synthetic import generate_shapes_dataset
+from detector.runtime.checkpoint import load_checkpoint
+from detector.train.trainer import Trainer, epochs_for_budget, train
+from detector.errors import DetectorError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
+
+TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=1, n_train=16, n_val=8, imgsz=128)
+
+
+def make_config(data: Path, project: Path, **overrides: str) -> TrainConfig:
+    values = {**TINY, "data": str(data), "project": str(project), **overrides}
+    return build_options(TrainConfig, values, "test")
+
+
+def read_results(run: Path) -> list[dict[str, str]]:
+    with (run / "results.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path):
+    metrics = train(make_config(tiny_data, tmp_path, epochs="2", plots="true"))
+    run = tmp_path / "exp"
+    assert {"AP", "AP50", "ARl"} <= set(metrics)
+    rows = read_results(run)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(r["metrics/AP"] != "" for r in rows)
+    ckpt = load_checkpoint(run / "weights" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["names"] == ["circle", "triangle", "square", "star", "cross", "ring"]
+    assert (run / "weights" / "best.pt").exists() and (run / "args.yaml").exists()
+    assert (run / "plots" / "results.png").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/box_loss", "train/obj_loss", "train/cls_loss", "train/lr", "metrics/AP", "metrics/AP50"} <= tags
+    assert "train/batch0" in events.Tags()["images"]
+    val_images = events.Images("val/predictions")  # one grid of val images with predictions per validation
+    assert [e.step for e in val_images] == [0, 1] and all(e.width > 128 for e in val_images)
+    # a second run with the same name goes to exp2
+    assert Trainer(make_config(tiny_data, tmp_path, epochs="1")).run_dir == tmp_path / "exp2"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from detector.train import loss as loss_module
+
+    real_call = loss_module.AlignedLoss.__call__  # the loss of yolo-c2f-n's DecoupledDetect head
+    calls = {"n": 0}
+
+    def poisoned(self, raw, targets):
+        total, parts = real_call(self, raw, targets)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] >= 3 else total), parts
+
+    monkeypatch.setattr(loss_module.AlignedLoss, "__call__", poisoned)
+    # epoch 0 (2 steps) is fine and checkpointed; from step 3 every loss is NaN
+    cfg = make_config(tiny_data, tmp_path, epochs="3", max_nonfinite="2", nbs="8", warmup_min_iters="0", warmup_epochs="0")
+    with pytest.raises(DetectorError, match="2 non-finite steps in a row at epoch 2"):
+        train(cfg)
+    last = load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="1"))
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    with pytest.raises(DetectorError, match=r"different config \(model: 'yolo-c2f-n' -> 'yolov5n'\)"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(last), model="yolov5n"))
+    with pytest.raises(DetectorError, match="already finished all 1 epochs; nothing to resume"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(last)))
+    with pytest.raises(DetectorError, match="nothing to resume"):
+        Trainer(make_config(tiny_data, tmp_path / "empty", resume="true"))
+
+
+def test_resume_sees_a_key_typed_at_its_default_value(tiny_data: Path, tmp_path: Path):
+    """`lr0=0.004` is the default, but typed against a run trained with 0.002 it is a change: refused, not ignored."""
+    train(make_config(tiny_data, tmp_path, epochs="2", lr0="0.002", save_period="1"))
+    first = tmp_path / "exp" / "weights" / "epoch1.pt"
+    assert TrainConfig().lr0 == 0.004
+    with pytest.raises(DetectorError, match=r"different config \(lr0: 0.002 -> 0.004\)"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(first), lr0="0.004"))
+    resumed = Trainer(make_config(tiny_data, tmp_path, resume=str(first), workers="0", batch="4"))  # run-only keys
+    assert resumed.cfg.lr0 == 0.002 and resumed.cfg.batch == 4
+
+
+def test_a_resumed_run_continues_the_time_budget_and_may_change_it(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="1", time="0.5"))  # one epoch done, its time saved
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    spent = load_checkpoint(last)["train_state"]["time_s"]
+    assert spent > 0
+    trainer = Trainer(make_config(tiny_data, tmp_path, resume=str(last), epochs="3", time="1.0"))
+    trainer._build()
+    assert trainer.cfg.time == 1.0 and trainer.cfg.epochs == 3
+    assert trainer._time_before == spent and trainer._time_spent() > spent  # the clock goes on from the checkpoint's
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "detector", "train", *args]
+
+
+def test_epochs_for_budget_counts_the_first_epoch_and_what_the_rest_holds():
+    assert epochs_for_budget(600, spent_s=100, epoch_s=90) == 6  # 500 s left: 5 more epochs of 90 s
+    assert epochs_for_budget(600, spent_s=100, epoch_s=100) == 6
+    assert epochs_for_budget(100, spent_s=120, epoch_s=110) == 1  # over budget already: stop after the first
+
+
+def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_outputs(tiny_data: Path, tmp_path: Path):
+    train(make_config(tiny_data, tmp_path, epochs="5", time="0.000001"))  # 3.6 ms
+    run = tmp_path / "exp"
+    assert [r["epoch"] for r in read_results(run)] == ["0"]
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["train_state"]["epochs"] == 1 and last["train_config"]["epochs"] == 5  # the plan moved, the config did not
+    assert (run / "predictions.json").exists()  # epoch 1 was validated as the last one
+
+
+def test_a_budget_refits_the_epoch_count_after_each_epoch_but_the_last(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from detector.train import trainer as trainer_module
+
+    calls = []
+    holds = iter([3, 2])  # after epoch 1: 3 in all; after epoch 2: it and 2 more... of which one is epoch 3
+
+    def fake_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
+        calls.append((budget_s, spent_s, epoch_s))
+        return next(holds)
+
+    monkeypatch.setattr(trainer_module, "epochs_for_budget", fake_budget)
+    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="2", time="0.5"))
+    trainer.fit()
+    assert len(calls) == 2  # not after the last epoch
+    assert all(budget == 1800 and 0 < epoch_s <= spent for budget, spent, epoch_s in calls)
+    assert calls[1][1] > calls[0][1]  # the time spent keeps counting
+    run = tmp_path / "exp"
+    assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=2 overridden
+    assert trainer.schedule.epochs == 3
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["epoch"] == 2 and last["train_state"]["epochs"] == 3 and last["train_config"]["epochs"] == 2
+    assert last["train_state"]["time_s"] > calls[1][1]  # saved, so a resumed run's budget continues from it
+    lrs = [float(r["lr"]) for r in read_results(run)]
+    lr0, lrf = trainer.cfg.lr0, trainer.cfg.lrf
+    assert lrs[1:] == pytest.approx([lr0 * (1 + lrf) / 2, lr0 * lrf], rel=1e-4)  # a 3-epoch cosine, not epochs=1's
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_finishes_every_epoch_once(tiny_data: Path, tmp_path: Path):
+    # 10 short epochs: the kill, right after the first epoch's row, lands while later epochs still run even on a
+    # machine that trains an epoch of this tiny set in a fraction of a second (3 epochs could all be done by then)
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(tmp_path), "epochs": "10"}.items()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(*args), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "exp"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "weights" / "last.pt").exists() and (run / "results.csv").exists() and len(read_results(run)) >= 1:
+            break  # epoch 1 logged and checkpointed: the run is into epoch 2
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "weights" / "last.pt")["epoch"] >= 0
+    resumed = subprocess.run(_cli(f"resume={run / 'weights' / 'last.pt'}"), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in read_results(run)] == [str(e) for e in range(10)]
+    assert load_checkpoint(run / "weights" / "best.pt")["train_config"]["epochs"] == 10
+    assert load_checkpoint(run / "weights" / "last.pt")["epoch"] == 9
+    assert not list((run / "weights").glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tiny_data: Path, tmp_path: Path):
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(tmp_path), "epochs": "1", "device": "cpu"}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "detector", "train", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["exp"]  # one run folder: only rank 0 writes
+    assert len(read_results(tmp_path / "exp")) == 1
+    assert len(list((tmp_path / "exp").glob("events.out.tfevents.*"))) == 1
+    assert load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")["epoch"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-v5head"])
+def test_overfits_eight_images(tmp_path: Path, model: str):
+    """~100 optimizer steps on 8 images (no augmentation, val = train) cut the loss several times over and then
+    detect those objects, with either head and its loss. Also guards eval-mode BatchNorm statistics keeping up
+    with fast-moving weights."""
+    generate_shapes_dataset(tmp_path / "d", seed=7, n_train=8, n_val=8, imgsz=128)
+    same = tmp_path / "d" / "same.yaml"
+    same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
+                    "val: {images: train/images, annotations: train/instances_train.json}\n")
+    no_aug = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
+    cfg = make_config(same, tmp_path, model=model, epochs="120", nbs="8", optimizer="AdamW", lr0="0.002",
+                      momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
+    metrics = train(cfg)
+    rows = read_results(tmp_path / "exp")
+    first = sum(float(rows[0][f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss"))
+    last = sum(float(rows[-1][f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss"))
+    assert last < first / 3
+    assert metrics["AP50"] > 0.8

@@ -1,0 +1,43 @@
+"""RunLogger: results.csv rows per epoch, and what a resume does to them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from detector.viz.logger import RunLogger, read_results
+
+
+def log_epochs(logger: RunLogger, epochs: range) -> None:
+    for e in epochs:
+        logger.epoch(e, torch.tensor([0.1, 0.2, 0.3]), 0.01, {"AP": 0.5}, 0.45, 1.0, 0, unreadable_images=e)
+
+
+def test_resume_drops_the_rows_after_the_checkpoint(tmp_path: Path) -> None:
+    logger = RunLogger(tmp_path, tensorboard=False)
+    log_epochs(logger, range(4))
+    logger.truncate_after(1)  # killed after epoch 3 was written, resumed from the epoch-1 checkpoint
+    log_epochs(logger, range(2, 4))
+    rows = read_results(tmp_path / "results.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["unreadable_images"] for r in rows] == ["0", "1", "2", "3"]
+
+
+def test_resume_extends_an_older_header_so_new_rows_line_up(tmp_path: Path) -> None:
+    old_columns = RunLogger.columns[:-1]  # a run written before `unreadable_images` existed
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(old_columns)
+        writer.writerow(["0", *["0.1"] * (len(old_columns) - 1)])
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.truncate_after(0)
+    log_epochs(logger, range(1, 2))
+    rows = read_results(tmp_path / "results.csv")
+    assert list(rows[0]) == list(RunLogger.columns)
+    assert rows[0]["unreadable_images"] is None and rows[1]["unreadable_images"] == "1"
+
+
+def test_read_results_of_a_run_without_a_csv_yet_is_empty(tmp_path: Path) -> None:
+    assert read_results(tmp_path / "results.csv") == []
