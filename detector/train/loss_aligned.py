@@ -12,8 +12,10 @@ The class score is trained toward t normalized per target so that its best ancho
 IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
 the positives weighted by the same soft label. Both are divided by the sum of the soft labels.
 
-Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, N)
+Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, C)
 matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync.
+C is not all N anchor rows but each target's window of (2r + 1)^2 cells per level (`window_rows`): at 256 px a
+P2-P5 model has N = 16,320 rows and C = 1,452, and the assignment is most of the loss's time.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ _MIN_WH = 1e-2  # px, keeps decoded widths and heights above 0 (1e-6 is below fl
 
 
 class AnchorGridHead(Protocol):
-    """What the loss reads from the head: class count, per-row width, level strides and the prior grid."""
+    """What the loss reads from the head: class count, anchors per cell, per-row width, level strides and the
+    prior grid."""
 
     nc: int
+    na: int
     no: int
     stride: Tensor
 
@@ -50,12 +54,25 @@ class Priors(NamedTuple):
     stride: Tensor
 
 
+class Grid(NamedTuple):
+    """How the flattened rows are laid out: per level (H_l, W_l) and its stride (nl,) px; `na` anchors per cell,
+    level by level, anchor-major within a level (the order of `cell_priors`)."""
+
+    shapes: Sequence[tuple[int, int]]
+    strides: Tensor
+    na: int
+
+
 class Assignment(NamedTuple):
     """Per (image, anchor row): `target` (B, N) index into the batch's targets or -1 (background),
-    `score` (B, N) the soft class label of that positive (0 for background)."""
+    `score` (B, N) the soft class label of that positive (0 for background). Per target, its top-k ranked
+    anchors: `rows` (M, k) flat indices into the batch's B * N rows and `soft` (M, k) their soft labels (0 where
+    the anchor is not that target's positive), so the box loss runs over M * k pairs, not B * N rows."""
 
     target: Tensor
     score: Tensor
+    rows: Tensor
+    soft: Tensor
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -79,6 +96,32 @@ def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
     return (inside | own_cell) & shape_ok
 
 
+def window_rows(gt_xyxy: Tensor, grid: Grid, radius: int) -> tuple[Tensor, Tensor]:
+    """The anchor rows each target may be matched to: at every level, the (2r + 1)^2 cells around the cell that
+    holds its centre, all `na` anchors of each. Returns rows (M, C) indices into the N flattened rows and valid
+    (M, C), False where the window leaves the grid (those columns repeat an in-grid row and must be masked).
+
+    A static-shape stand-in for "every row" that holds every candidate of a box up to 2r + 1 cells wide at the
+    levels whose anchors fit it: a box's candidates are cells inside it (or its own cell), and
+    the bounded decode keeps each prediction within a cell of its anchor, so rows outside cannot align with it."""
+    span = torch.arange(-radius, radius + 1, device=gt_xyxy.device)
+    offsets = torch.stack(torch.meshgrid(span, span, indexing="xy"), -1).reshape(-1, 2)  # (P, 2) dx, dy
+    centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
+    anchor_index = torch.arange(grid.na, device=gt_xyxy.device)[None, :, None]
+    rows, valid, first_row = [], [], 0
+    for level, (h, w) in enumerate(grid.shapes):
+        size = torch.tensor([w, h], device=gt_xyxy.device)
+        own = torch.minimum(torch.floor(centre / grid.strides[level]).long().clamp(min=0), size - 1)
+        cell = own[:, None] + offsets  # (M, P, 2)
+        inside = ((cell >= 0) & (cell < size)).all(-1)
+        cell = torch.minimum(cell.clamp(min=0), size - 1)
+        level_rows = first_row + anchor_index * (h * w) + (cell[..., 1] * w + cell[..., 0])[:, None]  # (M, na, P)
+        rows.append(level_rows.flatten(1))
+        valid.append(inside[:, None].expand(-1, grid.na, -1).flatten(1))
+        first_row += grid.na * h * w
+    return torch.cat(rows, 1), torch.cat(valid, 1)
+
+
 @torch.no_grad()
 def assign_aligned(
     pred_scores: Tensor,
@@ -87,42 +130,45 @@ def assign_aligned(
     gt_cls: Tensor,
     gt_xyxy: Tensor,
     priors: Priors,
+    grid: Grid,
     *,
     topk: int = 10,
     alpha: float = 0.5,
     beta: float = 6.0,
     anchor_t: float = 4.0,
+    radius: int = 5,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
-    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Returns the per-anchor `Assignment`."""
-    batch, num_rows = pred_scores.shape[:2]
-    num_targets = gt_xyxy.shape[0]
-    iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy[gt_image])  # (M, N)
-    score = pred_scores.transpose(1, 2)[gt_image, gt_cls]  # (M, N)
-    candidate = candidate_mask(gt_xyxy, priors, anchor_t)
+    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Only each target's `window_rows` are scored: (M, C) work
+    with C = nl * na * (2 radius + 1)^2 instead of (M, N). Returns the `Assignment`."""
+    batch, num_rows, nc = pred_scores.shape
+    rows, valid = window_rows(gt_xyxy, grid, radius)
+    flat = gt_image[:, None] * num_rows + rows  # (M, C) into the batch's B * N rows
+    iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy.reshape(-1, 4)[flat])
+    score = pred_scores.reshape(-1)[flat * nc + gt_cls[:, None]]
+    candidate = valid & candidate_mask(gt_xyxy, Priors(*(t[rows] for t in priors)), anchor_t)
     metric = score.pow(alpha) * iou.pow(beta)
     # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
-    ranked = torch.where(candidate, metric, -1.0)
-    top = ranked.topk(min(topk, num_rows), dim=1).indices
-    positive = torch.zeros_like(candidate).scatter_(1, top, True) & candidate
+    top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
+    flat, iou, metric = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top)
+    positive = candidate.gather(1, top)
 
     # One target per anchor: the highest IoU wins, ties go to the later target (deterministic scatter amax).
-    flat = (gt_image[:, None] * num_rows + torch.arange(num_rows, device=iou.device)).reshape(-1)
     best_iou = iou.new_full((batch * num_rows,), -1.0)
-    best_iou.scatter_reduce_(0, flat, torch.where(positive, iou, -1.0).reshape(-1), "amax")
-    wins = positive & (iou >= best_iou[flat].view_as(iou))
-    target_index = torch.arange(num_targets, device=iou.device)[:, None].expand_as(iou)
+    best_iou.scatter_reduce_(0, flat.reshape(-1), torch.where(positive, iou, -1.0).reshape(-1), "amax")
+    wins = positive & (iou >= best_iou[flat])
+    target_index = torch.arange(gt_xyxy.shape[0], device=iou.device)[:, None].expand_as(iou)
     owner = torch.full((batch * num_rows,), -1, dtype=torch.long, device=iou.device)
-    owner.scatter_reduce_(0, flat, torch.where(wins, target_index, -1).reshape(-1), "amax")
-    positive = wins & (owner[flat].view_as(iou) == target_index)
+    owner.scatter_reduce_(0, flat.reshape(-1), torch.where(wins, target_index, -1).reshape(-1), "amax")
+    positive = wins & (owner[flat] == target_index)
 
     # Soft label: t rescaled per target so that its best positive gets that positive's IoU.
     metric = metric * positive
-    peak_metric = metric.amax(1, keepdim=True)
     peak_iou = (iou * positive).amax(1, keepdim=True)
-    soft = metric * peak_iou / (peak_metric + _EPS)
-    score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat, soft.reshape(-1))
-    return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows))
+    soft = metric * peak_iou / (metric.amax(1, keepdim=True) + _EPS)
+    score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat.reshape(-1), soft.reshape(-1))
+    return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows), rows=flat,
+                      soft=soft)
 
 
 class AlignedLoss:
@@ -133,10 +179,10 @@ class AlignedLoss:
     """
 
     def __init__(self, head: AnchorGridHead, *, box: float = 7.5, cls: float = 0.5, anchor_t: float = 4.0,
-                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0) -> None:
+                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0, radius: int = 5) -> None:
         self.head = head
         self.box_gain, self.cls_gain = box, cls
-        self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
+        self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t, radius=radius)
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
@@ -158,21 +204,23 @@ class AlignedLoss:
         image_px = image_px * head.stride[0].float()
         gt_xyxy = box_convert(targets[:, 2:6] * image_px.repeat(2), "cxcywh", "xyxy")
         gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
+        grid = Grid([p.shape[2:4] for p in maps], head.stride, head.na)
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy.detach(), gt_image, gt_cls, gt_xyxy,
-                                  priors, **self.assign_kw)
+                                  priors, grid, **self.assign_kw)
 
-        foreground = assigned.target >= 0
         owner = assigned.target.clamp(min=0)
         cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]
         norm = assigned.score.sum().clamp(min=1.0)
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, cls_target, reduction="sum") / norm
 
-        # Background rows score a constant unit box against itself: no gradient reaches them, and no NaN either.
+        # The box loss runs over each target's top-k anchors, weighted by their soft labels; the others score a
+        # constant unit box against itself: no gradient reaches them, and no NaN from an arbitrary box either.
+        weighted = (assigned.soft > 0)[..., None]
         unit = pred_xyxy.new_tensor([0.0, 0.0, 1.0, 1.0])
-        box_pred = torch.where(foreground[..., None], pred_xyxy, unit)
-        box_target = torch.where(foreground[..., None], gt_xyxy[owner], unit) if len(gt_cls) else unit.expand_as(box_pred)
-        ciou = complete_box_iou_loss(box_pred.reshape(-1, 4), box_target.reshape(-1, 4)).view(batch, -1)
-        loss_box = (ciou * assigned.score).sum() / norm
+        box_pred = torch.where(weighted, pred_xyxy.reshape(-1, 4)[assigned.rows], unit)
+        box_target = torch.where(weighted, gt_xyxy[:, None], unit)
+        ciou = complete_box_iou_loss(box_pred.reshape(-1, 4), box_target.reshape(-1, 4))
+        loss_box = (ciou * assigned.soft.reshape(-1)).sum() / norm
 
         loss_box, loss_cls = loss_box * self.box_gain, loss_cls * self.cls_gain
         return (loss_box + loss_cls) * batch, torch.stack((loss_box, torch.zeros_like(loss_box), loss_cls)).detach()

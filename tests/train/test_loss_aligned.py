@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import box_convert
 
 from detector.train.loss import YoloLoss, build_loss
-from detector.train.loss_aligned import AlignedLoss, Priors, assign_aligned, candidate_mask, pairwise_iou
+from detector.train.loss_aligned import AlignedLoss, Grid, Priors, assign_aligned, candidate_mask, pairwise_iou
 from detector.models.head import DecoupledDetect, Detect, decode_boxes
 
 ANCHORS_PX = [[16, 16], [48, 48], [128, 128]]  # one square anchor per level
@@ -30,6 +30,10 @@ def grid_shapes() -> list[tuple[int, int]]:
 
 def priors(head: DecoupledDetect) -> Priors:
     return Priors(*head.cell_priors(grid_shapes(), torch.device("cpu")))
+
+
+def grid(head: DecoupledDetect) -> Grid:
+    return Grid(grid_shapes(), head.stride, head.na)
 
 
 def test_a_box_smaller_than_a_cell_still_has_its_own_cell_as_candidate() -> None:
@@ -68,7 +72,7 @@ def test_perfect_prediction_is_positive_with_iou_target_and_gives_near_zero_loss
     p = torch.cat([m.reshape(1, -1, 7) for m in maps], 1)
     xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
     gt = torch.tensor([[cx - 8, cy - 8, cx + 8, cy + 8]])
-    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, torch.tensor([0]), torch.tensor([2]), gt, priors(head))
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, torch.tensor([0]), torch.tensor([2]), gt, priors(head), grid(head))
     row = cell_y * 16 + cell_x
     assert assigned.target[0, row] == 0
     assert torch.isclose(assigned.score[0, row], torch.tensor(1.0), atol=1e-5)
@@ -83,7 +87,7 @@ def test_topk_bounds_the_positives_per_target() -> None:
     xyxy = gt.expand(1, n, 4).clone()  # every anchor predicts the box exactly
     scores = torch.full((1, n, 3), 0.5)
     for k in (1, 4, 10):
-        assigned = assign_aligned(scores, xyxy, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=k)
+        assigned = assign_aligned(scores, xyxy, torch.tensor([0]), torch.tensor([1]), gt, pr, grid(head), topk=k)
         assert int((assigned.target == 0).sum()) == k
 
 
@@ -94,7 +98,7 @@ def test_an_anchor_claimed_by_two_targets_goes_to_the_one_it_overlaps_most() -> 
     pred = torch.tensor([40.0, 40.0, 56.0, 56.0]).expand(1, n, 4).clone()  # every row predicts box A
     gt = torch.tensor([[40.0, 40.0, 56.0, 56.0], [38.0, 38.0, 60.0, 60.0]])  # A, and B overlapping the same cells
     scores = torch.full((1, n, 3), 0.5)
-    assigned = assign_aligned(scores, pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, topk=10)
+    assigned = assign_aligned(scores, pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, grid(head), topk=10)
     mask_a = candidate_mask(gt[:1], pr, 4.0)[0]
     shared = mask_a & candidate_mask(gt[1:], pr, 4.0)[0]
     assert shared.any()
@@ -109,7 +113,7 @@ def test_targets_of_one_image_never_claim_anchors_of_another() -> None:
     p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
     xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
     gt = torch.tensor([[51.2, 51.2, 76.8, 76.8]])
-    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head))
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head), grid(head))
     assert (assigned.target[0] == -1).all() and (assigned.target[1] == 0).any()
 
 
@@ -157,3 +161,50 @@ def test_saturated_logits_give_finite_loss_and_gradients() -> None:
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(parts).all()
     assert all(torch.isfinite(m.grad).all() for m in maps)
+
+
+def dense_assignment(pred_scores: torch.Tensor, pred_xyxy: torch.Tensor, gt_image: torch.Tensor,
+                     gt_cls: torch.Tensor, gt_xyxy: torch.Tensor, pr: Priors, topk: int = 10) -> torch.Tensor:
+    """The specification over every anchor row (TOOD top-k of s^0.5 u^6 among the candidates, one target per
+    anchor by the highest IoU): (B, N) owner index or -1, written plainly for small cases."""
+    batch, n, _ = pred_scores.shape
+    owner = torch.full((batch, n), -1)
+    best = torch.full((batch, n), -1.0)
+    candidates = candidate_mask(gt_xyxy, pr, 4.0)
+    for m in range(len(gt_xyxy)):
+        b = int(gt_image[m])
+        iou = pairwise_iou(gt_xyxy[m], pred_xyxy[b])
+        metric = pred_scores[b, :, gt_cls[m]].pow(0.5) * iou.pow(6.0)
+        ranked = torch.where(candidates[m], metric, -1.0)
+        for row in ranked.topk(topk).indices.tolist():
+            if candidates[m, row] and iou[row] >= best[b, row]:
+                owner[b, row], best[b, row] = m, iou[row]
+    return owner
+
+
+def test_windowed_assignment_equals_the_assignment_over_every_row() -> None:
+    """Targets up to 2r + 1 cells wide at the levels their shape fits: scoring only each target's window of
+    cells gives the same positives as scoring all B * N rows."""
+    torch.manual_seed(0)
+    head = make_head()
+    maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
+    p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
+    xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
+    scores = p[..., 4:].sigmoid()
+    centre = torch.rand(12, 2) * IMGSZ
+    size = torch.tensor([6.0, 10, 14, 20, 30, 40, 60, 80, 9, 24, 50, 70]).unsqueeze(1) * torch.tensor([1.0, 0.8])
+    gt = torch.cat((centre - size / 2, centre + size / 2), 1).clamp(0, IMGSZ)
+    gt_image, gt_cls = torch.arange(12) % 2, torch.arange(12) % 3
+    windowed = assign_aligned(scores, xyxy, gt_image, gt_cls, gt, priors(head), grid(head), radius=5)
+    expected = dense_assignment(scores, xyxy, gt_image, gt_cls, gt, priors(head))
+    assert (expected >= 0).sum() > 40
+    assert torch.equal(windowed.target, expected)
+
+
+def test_the_loss_of_a_small_window_equals_the_loss_of_a_window_over_the_whole_grid() -> None:
+    torch.manual_seed(1)
+    head = make_head()
+    targets = torch.tensor([[0, 1, 0.4, 0.45, 0.3, 0.25], [1, 0, 0.7, 0.3, 0.1, 0.12], [1, 2, 0.2, 0.8, 0.05, 0.06]])
+    maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
+    small, whole = AlignedLoss(head, radius=5)(maps, targets), AlignedLoss(head, radius=16)(maps, targets)
+    assert torch.allclose(small[0], whole[0]) and torch.allclose(small[1], whole[1])
