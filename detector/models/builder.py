@@ -172,9 +172,9 @@ def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str
     Overrides replace the file's `nc`, `attention` and `attention_at` (and row keywords of the same name).
     Every user error is a one-line DetectorError naming the file and the row or key.
     """
-    raw, label = _load(cfg)
-    spec = _resolve(raw, label, nc=nc, attention=attention, attention_at=attention_at)
-    layers, sources, info = _build_layers(spec, label)
+    raw, label, lines = _load(cfg)
+    spec = _resolve(raw, label, lines, nc=nc, attention=attention, attention_at=attention_at)
+    layers, sources, info = _build_layers(spec, label, lines)
     _check_outputs_used(sources, info, label)
     _settle_attention_keys(spec, info, label, attention=attention, attention_at=attention_at)
     model = DetectionModel(layers, sources, info, spec)
@@ -183,9 +183,10 @@ def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str
     return model
 
 
-def _load(cfg: str | Path | dict) -> tuple[dict, str]:
+def _load(cfg: str | Path | dict) -> tuple[dict, str, dict[str, int]]:
+    """The config, the file's label for errors and the line of each key and row ('backbone[4]' -> 23)."""
     if isinstance(cfg, dict):
-        return copy.deepcopy(cfg), str(cfg.get("name") or "model config")
+        return copy.deepcopy(cfg), str(cfg.get("name") or "model config"), {}
     path = Path(cfg)
     if not path.exists():
         path = resolve_model_path(str(cfg))
@@ -193,24 +194,30 @@ def _load(cfg: str | Path | dict) -> tuple[dict, str]:
         label = str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         label = str(path)
-    data, _ = load_yaml(label)  # errors name the file relative to the working directory, as rows do
+    data, lines = load_yaml(label)  # errors name the file relative to the working directory, as rows do
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return data, label
+    return data, label, lines
 
 
-def _resolve(raw: Any, label: str, *, nc: int | None, attention: str | None, attention_at: str | None) -> dict:
+def _at(label: str, lines: dict[str, int], key: str) -> str:
+    """'x.yaml:23' for a key or row the file has a line for, else the label alone (a dict config, an override)."""
+    return f"{label}:{lines[key]}" if key in lines else label
+
+
+def _resolve(raw: Any, label: str, lines: dict[str, int], *, nc: int | None, attention: str | None,
+             attention_at: str | None) -> dict:
     """Validate the top level and apply overrides; returns the config `model.yaml` will hold."""
     if not isinstance(raw, dict):
         raise DetectorError(f"{label}: a model config is a mapping (nc, backbone, head, ...), got {type(raw).__name__}")
     for key in raw:
         if key not in KNOWN_KEYS:
-            raise DetectorError(f"{label}: unknown key '{key}'{did_you_mean(key, KNOWN_KEYS)}")
+            raise DetectorError(f"{_at(label, lines, str(key))}: unknown key '{key}'{did_you_mean(key, KNOWN_KEYS)}")
     if "backbone" not in raw:
         raise DetectorError(f"{label}: missing 'backbone' (a list of [from, repeats, module, args] rows)")
     for section in ("backbone", "head"):
         if not isinstance(raw.get(section, []), list):
-            raise DetectorError(f"{label}: {section}: expected a list of rows, got {type(raw[section]).__name__}")
+            raise DetectorError(f"{_at(label, lines, section)}: {section}: expected a list of rows, got {type(raw[section]).__name__}")
     spec = raw
     for key, value in (("nc", nc), ("attention", attention), ("attention_at", attention_at)):
         if value is None:
@@ -303,7 +310,7 @@ def _scaling(spec: dict) -> _Scaling:
     return _Scaling(depth, width, max_channels, spec.get("channel_multiple", 8))
 
 
-def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | list[int]], list[LayerInfo]]:
+def _build_layers(spec: dict, label: str, lines: dict[str, int]) -> tuple[list[nn.Module], list[int | list[int]], list[LayerInfo]]:
     rows = [("backbone", j, r) for j, r in enumerate(spec["backbone"])]
     rows += [("head", j, r) for j, r in enumerate(spec.get("head") or [])]
     if not rows:
@@ -313,17 +320,19 @@ def _build_layers(spec: dict, label: str) -> tuple[list[nn.Module], list[int | l
     layers, sources, info = [], [], []
     params = 0
     for i, (section, j, row) in enumerate(rows):
-        module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, label, spec, scaling, channels, params)
+        where = _at(label, lines, f"{section}[{j}]")
+        module, source, layer_info, c_out = _build_row(i, f"{section}[{j}]", row, where, spec, scaling, channels, params)
         row_params = sum(p.numel() for p in module.parameters())
         params += row_params
-        footprint.check_params(f"{label}: {section}[{j}]", params, row_params)
+        footprint.check_params(f"{where}: {section}[{j}]", params, row_params)
         layers.append(module)
         sources.append(source)
         info.append(layer_info)
         channels.append(c_out)
     if not isinstance(layers[-1], Detect):
         section, j, _ = rows[-1]
-        raise DetectorError(f"{label}: {section}[{j}]: the last row must be the Detect head, got {info[-1].module}")
+        where = _at(label, lines, f"{section}[{j}]")
+        raise DetectorError(f"{where}: {section}[{j}]: the last row must be the Detect head, got {info[-1].module}")
     return layers, sources, info
 
 

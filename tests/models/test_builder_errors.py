@@ -20,8 +20,23 @@ def fails(tmp_path: Path, text: str, **overrides) -> str:
         build_model(path, **overrides)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: ") or message.startswith(f"{path}:")
-    return message[len(str(path)) + 2:]
+    located = re.match(rf"{re.escape(str(path))}(?::\d+)?: (.*)", message)
+    assert located, message
+    return located.group(1)
+
+
+def test_row_and_key_errors_name_the_line(tmp_path: Path) -> None:
+    """'x.yaml:23: backbone[2]: ...': the line of the row (or key) in the file, so an editor jumps to it."""
+    path = tmp_path / "x.yaml"
+    row = "[-1, 3, C3, [128]]"
+    path.write_text(BASE.replace(row, "[-1, 3, C3F, [128]]"))
+    line = next(i for i, text in enumerate(BASE.splitlines(), 1) if row in text)
+    with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}:{line}: backbone\[2\]: unknown module 'C3F'"):
+        build_model(path)
+    path.write_text(BASE.replace("depth_multiple:", "depth_multiplier:"))
+    line = next(i for i, text in enumerate(BASE.splitlines(), 1) if text.startswith("depth_multiple:"))
+    with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}:{line}: unknown key 'depth_multiplier'"):
+        build_model(path)
 
 
 def test_unknown_module_suggests(tmp_path: Path) -> None:
