@@ -12,10 +12,10 @@ The class score is trained toward t normalized per target so that its best ancho
 IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
 the positives weighted by the same soft label. Both are divided by the sum of the soft labels.
 
-Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, C)
+Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, N)
 matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync.
-C is not all N anchor rows but each target's window of (2r + 1)^2 cells per level (`window_rows`): at 256 px a
-P2-P5 model has N = 16,320 rows and C = 1,452, and the assignment is most of the loss's time.
+The box loss runs over each target's top-k pairs (M x k), not over all B x N rows: a target's positives are
+among its top k, so the sum is the same at a fraction of the CIoU work.
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ _MIN_WH = 1e-2  # px, keeps decoded widths and heights above 0 (1e-6 is below fl
 
 
 class AnchorGridHead(Protocol):
-    """What the loss reads from the head: class count, anchors per cell, per-row width, level strides and the
-    prior grid."""
+    """What the loss reads from the head: class count, per-row width, level strides and the prior grid."""
 
     nc: int
-    na: int
     no: int
     stride: Tensor
 
@@ -52,15 +50,6 @@ class Priors(NamedTuple):
     cell: Tensor
     anchor: Tensor
     stride: Tensor
-
-
-class Grid(NamedTuple):
-    """How the flattened rows are laid out: per level (H_l, W_l) and its stride (nl,) px; `na` anchors per cell,
-    level by level, anchor-major within a level (the order of `cell_priors`)."""
-
-    shapes: Sequence[tuple[int, int]]
-    strides: Tensor
-    na: int
 
 
 class Assignment(NamedTuple):
@@ -96,32 +85,6 @@ def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
     return (inside | own_cell) & shape_ok
 
 
-def window_rows(gt_xyxy: Tensor, grid: Grid, radius: int) -> tuple[Tensor, Tensor]:
-    """The anchor rows each target may be matched to: at every level, the (2r + 1)^2 cells around the cell that
-    holds its centre, all `na` anchors of each. Returns rows (M, C) indices into the N flattened rows and valid
-    (M, C), False where the window leaves the grid (those columns repeat an in-grid row and must be masked).
-
-    A static-shape stand-in for "every row" that holds every candidate of a box up to 2r + 1 cells wide at the
-    levels whose anchors fit it: a box's candidates are cells inside it (or its own cell), and
-    the bounded decode keeps each prediction within a cell of its anchor, so rows outside cannot align with it."""
-    span = torch.arange(-radius, radius + 1, device=gt_xyxy.device)
-    offsets = torch.stack(torch.meshgrid(span, span, indexing="xy"), -1).reshape(-1, 2)  # (P, 2) dx, dy
-    centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
-    anchor_index = torch.arange(grid.na, device=gt_xyxy.device)[None, :, None]
-    rows, valid, first_row = [], [], 0
-    for level, (h, w) in enumerate(grid.shapes):
-        size = torch.tensor([w, h], device=gt_xyxy.device)
-        own = torch.minimum(torch.floor(centre / grid.strides[level]).long().clamp(min=0), size - 1)
-        cell = own[:, None] + offsets  # (M, P, 2)
-        inside = ((cell >= 0) & (cell < size)).all(-1)
-        cell = torch.minimum(cell.clamp(min=0), size - 1)
-        level_rows = first_row + anchor_index * (h * w) + (cell[..., 1] * w + cell[..., 0])[:, None]  # (M, na, P)
-        rows.append(level_rows.flatten(1))
-        valid.append(inside[:, None].expand(-1, grid.na, -1).flatten(1))
-        first_row += grid.na * h * w
-    return torch.cat(rows, 1), torch.cat(valid, 1)
-
-
 @torch.no_grad()
 def assign_aligned(
     pred_scores: Tensor,
@@ -130,26 +93,23 @@ def assign_aligned(
     gt_cls: Tensor,
     gt_xyxy: Tensor,
     priors: Priors,
-    grid: Grid,
     *,
     topk: int = 10,
     alpha: float = 0.5,
     beta: float = 6.0,
     anchor_t: float = 4.0,
-    radius: int = 5,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
-    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Only each target's `window_rows` are scored: (M, C) work
-    with C = nl * na * (2 radius + 1)^2 instead of (M, N). Returns the `Assignment`."""
+    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Returns the `Assignment`."""
     batch, num_rows, nc = pred_scores.shape
-    rows, valid = window_rows(gt_xyxy, grid, radius)
-    flat = gt_image[:, None] * num_rows + rows  # (M, C) into the batch's B * N rows
+    rows = torch.arange(num_rows, device=gt_xyxy.device)
+    flat = gt_image[:, None] * num_rows + rows  # (M, N) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy.reshape(-1, 4)[flat])
     score = pred_scores.reshape(-1)[flat * nc + gt_cls[:, None]]
-    candidate = valid & candidate_mask(gt_xyxy, Priors(*(t[rows] for t in priors)), anchor_t)
+    candidate = candidate_mask(gt_xyxy, priors, anchor_t)
     metric = score.pow(alpha) * iou.pow(beta)
     # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
-    top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
+    top = torch.where(candidate, metric, -1.0).topk(min(topk, num_rows), dim=1).indices  # (M, k)
     flat, iou, metric = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top)
     positive = candidate.gather(1, top)
 
@@ -179,10 +139,10 @@ class AlignedLoss:
     """
 
     def __init__(self, head: AnchorGridHead, *, box: float = 7.5, cls: float = 0.5, anchor_t: float = 4.0,
-                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0, radius: int = 5) -> None:
+                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0) -> None:
         self.head = head
         self.box_gain, self.cls_gain = box, cls
-        self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t, radius=radius)
+        self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
@@ -204,9 +164,8 @@ class AlignedLoss:
         image_px = image_px * head.stride[0].float()
         gt_xyxy = box_convert(targets[:, 2:6] * image_px.repeat(2), "cxcywh", "xyxy")
         gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
-        grid = Grid([p.shape[2:4] for p in maps], head.stride, head.na)
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy.detach(), gt_image, gt_cls, gt_xyxy,
-                                  priors, grid, **self.assign_kw)
+                                  priors, **self.assign_kw)
 
         owner = assigned.target.clamp(min=0)
         cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, complete_box_iou_loss
 
-from detector.train.loss import YoloLoss, build_loss
-from detector.train.loss_aligned import AlignedLoss, Grid, Priors, assign_aligned, candidate_mask, pairwise_iou
 from detector.models.head import DecoupledDetect, Detect, decode_boxes
+from detector.train.loss import YoloLoss, build_loss
+from detector.train.loss_aligned import AlignedLoss, Priors, assign_aligned, candidate_mask, pairwise_iou
 
 ANCHORS_PX = [[16, 16], [48, 48], [128, 128]]  # one square anchor per level
 STRIDES = (8.0, 16.0, 32.0)
@@ -30,10 +30,6 @@ def grid_shapes() -> list[tuple[int, int]]:
 
 def priors(head: DecoupledDetect) -> Priors:
     return Priors(*head.cell_priors(grid_shapes(), torch.device("cpu")))
-
-
-def grid(head: DecoupledDetect) -> Grid:
-    return Grid(grid_shapes(), head.stride, head.na)
 
 
 def test_a_box_smaller_than_a_cell_still_has_its_own_cell_as_candidate() -> None:
@@ -72,7 +68,7 @@ def test_perfect_prediction_is_positive_with_iou_target_and_gives_near_zero_loss
     p = torch.cat([m.reshape(1, -1, 7) for m in maps], 1)
     xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
     gt = torch.tensor([[cx - 8, cy - 8, cx + 8, cy + 8]])
-    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, torch.tensor([0]), torch.tensor([2]), gt, priors(head), grid(head))
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, torch.tensor([0]), torch.tensor([2]), gt, priors(head))
     row = cell_y * 16 + cell_x
     assert assigned.target[0, row] == 0
     assert torch.isclose(assigned.score[0, row], torch.tensor(1.0), atol=1e-5)
@@ -87,7 +83,7 @@ def test_topk_bounds_the_positives_per_target() -> None:
     xyxy = gt.expand(1, n, 4).clone()  # every anchor predicts the box exactly
     scores = torch.full((1, n, 3), 0.5)
     for k in (1, 4, 10):
-        assigned = assign_aligned(scores, xyxy, torch.tensor([0]), torch.tensor([1]), gt, pr, grid(head), topk=k)
+        assigned = assign_aligned(scores, xyxy, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=k)
         assert int((assigned.target == 0).sum()) == k
 
 
@@ -98,7 +94,7 @@ def test_an_anchor_claimed_by_two_targets_goes_to_the_one_it_overlaps_most() -> 
     pred = torch.tensor([40.0, 40.0, 56.0, 56.0]).expand(1, n, 4).clone()  # every row predicts box A
     gt = torch.tensor([[40.0, 40.0, 56.0, 56.0], [38.0, 38.0, 60.0, 60.0]])  # A, and B overlapping the same cells
     scores = torch.full((1, n, 3), 0.5)
-    assigned = assign_aligned(scores, pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, grid(head), topk=10)
+    assigned = assign_aligned(scores, pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, topk=10)
     mask_a = candidate_mask(gt[:1], pr, 4.0)[0]
     shared = mask_a & candidate_mask(gt[1:], pr, 4.0)[0]
     assert shared.any()
@@ -113,7 +109,7 @@ def test_targets_of_one_image_never_claim_anchors_of_another() -> None:
     p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
     xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
     gt = torch.tensor([[51.2, 51.2, 76.8, 76.8]])
-    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head), grid(head))
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head))
     assert (assigned.target[0] == -1).all() and (assigned.target[1] == 0).any()
 
 
@@ -182,9 +178,9 @@ def dense_assignment(pred_scores: torch.Tensor, pred_xyxy: torch.Tensor, gt_imag
     return owner
 
 
-def test_windowed_assignment_equals_the_assignment_over_every_row() -> None:
-    """Targets up to 2r + 1 cells wide at the levels their shape fits: scoring only each target's window of
-    cells gives the same positives as scoring all B * N rows."""
+def test_vectorized_assignment_equals_the_plain_specification() -> None:
+    """Twelve targets of many sizes over two images of random predictions: the batched (M, N) assignment gives
+    the same owner per anchor row as the specification written target by target."""
     torch.manual_seed(0)
     head = make_head()
     maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
@@ -195,16 +191,26 @@ def test_windowed_assignment_equals_the_assignment_over_every_row() -> None:
     size = torch.tensor([6.0, 10, 14, 20, 30, 40, 60, 80, 9, 24, 50, 70]).unsqueeze(1) * torch.tensor([1.0, 0.8])
     gt = torch.cat((centre - size / 2, centre + size / 2), 1).clamp(0, IMGSZ)
     gt_image, gt_cls = torch.arange(12) % 2, torch.arange(12) % 3
-    windowed = assign_aligned(scores, xyxy, gt_image, gt_cls, gt, priors(head), grid(head), radius=5)
+    assigned = assign_aligned(scores, xyxy, gt_image, gt_cls, gt, priors(head))
     expected = dense_assignment(scores, xyxy, gt_image, gt_cls, gt, priors(head))
     assert (expected >= 0).sum() > 40
-    assert torch.equal(windowed.target, expected)
+    assert torch.equal(assigned.target, expected)
 
 
-def test_the_loss_of_a_small_window_equals_the_loss_of_a_window_over_the_whole_grid() -> None:
-    torch.manual_seed(1)
+def test_box_loss_over_the_top_k_pairs_equals_the_sum_over_every_row() -> None:
+    """The box term sums 1 - CIoU x soft label over each target's top-k pairs; written over all B x N rows
+    (every positive row against its owner's box) it is the same number."""
+    torch.manual_seed(2)
     head = make_head()
     targets = torch.tensor([[0, 1, 0.4, 0.45, 0.3, 0.25], [1, 0, 0.7, 0.3, 0.1, 0.12], [1, 2, 0.2, 0.8, 0.05, 0.06]])
     maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
-    small, whole = AlignedLoss(head, radius=5)(maps, targets), AlignedLoss(head, radius=16)(maps, targets)
-    assert torch.allclose(small[0], whole[0]) and torch.allclose(small[1], whole[1])
+    _, parts = AlignedLoss(head, box=1.0)(maps, targets)
+    p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
+    xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *priors(head)), "cxcywh", "xyxy")
+    gt = box_convert(targets[:, 2:] * IMGSZ, "cxcywh", "xyxy")
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), targets[:, 1].long(), gt, priors(head))
+    positive = assigned.target >= 0
+    assert positive.sum() > 3
+    ciou = complete_box_iou_loss(xyxy[positive], gt[assigned.target[positive]])
+    expected = (ciou * assigned.score[positive]).sum() / assigned.score.sum().clamp(min=1.0)
+    assert torch.allclose(parts[0], expected, rtol=1e-5)
