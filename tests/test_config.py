@@ -10,8 +10,8 @@ import yaml
 
 from detector.config import TrainConfig, load_train_config, load_yaml, parse_overrides
 from detector.data.spec import load_data_spec
-from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
+from detector.models.catalog import resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
 
@@ -88,3 +88,14 @@ def test_model_path_by_name_and_suggestion():
     assert resolve_model_path("yolov5n").resolve() == (REPO_ROOT / "configs/models/yolov5n.yaml").resolve()  # the packaged copy
     with pytest.raises(DetectorError, match=r"did you mean 'yolov5s'\?\); known: yolo-attn-n"):
         resolve_model_path("yolov5m")
+
+
+def test_a_keyword_key_is_typed_bare_and_listed_bare() -> None:
+    """`from` cannot be a dataclass field: the field `from_` is what `from=yolo` sets, and --help lists `from=`."""
+    from detector.config import build_options, describe_options
+    from detector.options import ConvertOptions
+
+    assert build_options(ConvertOptions, {"from": "yolo"}, "command line").from_ == "yolo"
+    assert describe_options(ConvertOptions).splitlines()[0].split()[0] == "from=yolo"
+    with pytest.raises(DetectorError, match=r"^command line: 'from' must be one of yolo, got 'coco'$"):
+        build_options(ConvertOptions, {"from": "coco"}, "command line")

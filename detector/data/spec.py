@@ -1,4 +1,5 @@
-"""A dataset YAML: its `train` and `val` splits (image folder + COCO instances json) and class-name overrides."""
+"""A dataset YAML: its `train` and `val` splits (image folder + COCO instances json) and class-name overrides;
+or an Ultralytics data.yaml (image folders with labels/*.txt), read through `detector.data.yolo_import`."""
 
 from __future__ import annotations
 
@@ -33,15 +34,26 @@ class DataSpec:
 _DATA_KEYS = ("path", "train", "val", "names", "download")
 
 
+def is_yolo_layout(data: dict) -> bool:
+    """True for an Ultralytics data.yaml: `train` or `val` is a path (or a list of paths), not {images, annotations}."""
+    return any(isinstance(data.get(split), (str, list)) for split in ("train", "val"))
+
+
 def load_data_spec(path: str | Path) -> DataSpec:
     """Parse a dataset YAML; relative paths are relative to the YAML's folder (or its `path:` key).
 
-    A `download:` key (common in other tools' YAMLs) is never executed: it is ignored with a warning.
+    A `download:` key (common in other tools' YAMLs) is never executed: it is ignored with a warning. An
+    Ultralytics data.yaml (`train:`/`val:` an image folder or a .txt list, labels/*.txt beside images/) is converted
+    once into cached COCO json files (`detector.data.yolo_import`) and read as those.
     """
     path = Path(path)
     data, lines = load_yaml(path)
     if not isinstance(data, dict):
         raise DetectorError(f"{path}: expected a mapping with 'train' and 'val'")
+    if is_yolo_layout(data):
+        from detector.data.yolo_import import load_yolo_spec  # it builds on DataSpec: imported here, when needed
+
+        return load_yolo_spec(path, data, lines)
     for key in data:
         if key not in _DATA_KEYS:
             raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, _DATA_KEYS)}")

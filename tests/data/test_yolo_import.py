@@ -1,0 +1,237 @@
+"""Ultralytics data.yaml + labels/*.txt -> COCO: exact boxes (round trip to 0.01 px), stable ids, EXIF sizes,
+polygons as boxes, negatives, bad rows named by file:line, the conversion cache, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.cli import main
+from detector.data.coco import CocoDataset
+from detector.data.spec import load_data_spec
+from detector.data.yolo_import import convert_yolo_dataset, label_path
+from detector.data.yolo_txt import export_yolo_txt
+from detector.errors import DetectorError
+
+UNORDERED = [{"id": 12, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
+NAMES = ["circle", "star", "ring"]
+
+
+def sub_pixel_boxes(data: dict) -> None:
+    for k, ann in enumerate(data["annotations"]):
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [x + 0.37 + 0.01 * k, y + 0.21, w - 0.5, h - 0.13]
+
+
+def rotate_with_exif(path: Path) -> None:
+    """Store the JPEG turned a quarter, with EXIF orientation 6 turning it back on display."""
+    stored = Image.open(path).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif, quality=95)
+
+
+def write_yolo(root: Path, labels: dict[str, str | None], *, names: str = "[circle, star, ring]",
+               sizes_wh: dict[str, tuple[int, int]] | None = None, extra: str = "") -> Path:
+    """An Ultralytics dataset: images/{train,val}/<name>.jpg, labels/.../<name>.txt (None: no file), data.yaml."""
+    for split in ("train", "val"):
+        for stem, text in labels.items():
+            w, h = (sizes_wh or {}).get(stem, (80, 60))
+            image = root / "images" / split / f"{stem}.jpg"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(image)
+            if text is not None:
+                label_path(image).parent.mkdir(parents=True, exist_ok=True)
+                label_path(image).write_text(text)
+    path = root / "data.yaml"
+    path.write_text(f"path: .\ntrain: images/train\nval: images/val\nnames: {names}\n{extra}")
+    return path
+
+
+def coco_boxes(json_path: Path) -> dict[str, list[tuple[int, tuple[float, ...]]]]:
+    """file name -> sorted (category id, xyxy) of its non-crowd boxes."""
+    data = json.loads(json_path.read_text())
+    names = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
+    out: dict[str, list] = {name: [] for name in names.values()}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd"):
+            x, y, w, h = ann["bbox"]
+            out[names[ann["image_id"]]].append((ann["category_id"], (x, y, x + w, y + h)))
+    return {name: sorted(rows) for name, rows in out.items()}
+
+
+@pytest.fixture
+def coco_yaml(make_data_yaml) -> Path:
+    path = make_data_yaml(categories=UNORDERED, mutate=sub_pixel_boxes, boxes_per_image=3)
+    for split in ("train", "val"):
+        rotate_with_exif(path.parent / split / "images" / "img000.jpg")
+    return path
+
+
+def test_round_trip_coco_yolo_coco_keeps_every_box_to_a_hundredth_of_a_pixel(coco_yaml: Path, tmp_path: Path) -> None:
+    export = export_yolo_txt(load_data_spec(coco_yaml), tmp_path / "yolo")
+    result = convert_yolo_dataset(export.data_yaml, tmp_path / "coco")
+    assert "dataset YAML: " + str(tmp_path / "coco" / "data-coco.yaml") in str(result)
+    ours = load_data_spec(result.data_yaml)
+    assert ours.names == NAMES
+    for split in ("train", "val"):
+        want = coco_boxes(coco_yaml.parent / split / "instances.json")
+        got = coco_boxes(result.annotations[split])
+        assert sorted(got) == sorted(want)
+        for name, rows in got.items():
+            assert [export.category_ids[c] for c, _ in rows] == [c for c, _ in want[name]]
+            np.testing.assert_allclose([b for _, b in rows], [b for _, b in want[name]], atol=0.01, rtol=0)
+        original, again = CocoDataset(getattr(load_data_spec(coco_yaml), split)), CocoDataset(getattr(ours, split))
+        assert [(r.width, r.height) for r in again.records] == [(r.width, r.height) for r in original.records]
+        assert (again.records[0].width, again.records[0].height) == (96, 64)  # displayed size: stored 64x96, EXIF 6
+        assert Image.open(again.records[0].file).size == (64, 96)
+
+
+def test_read_directly_the_yaml_gives_the_converted_splits_and_the_same_ids(coco_yaml: Path, tmp_path: Path) -> None:
+    export = export_yolo_txt(load_data_spec(coco_yaml), tmp_path / "yolo")
+    spec = load_data_spec(export.data_yaml)
+    assert spec.path == export.data_yaml and spec.names == NAMES
+    assert spec.train.images == tmp_path / "yolo" / "images" / "train"
+    converted = convert_yolo_dataset(export.data_yaml, tmp_path / "coco")
+    for split in ("train", "val"):
+        cached = json.loads(getattr(spec, split).annotations.read_text())
+        assert cached == json.loads(converted.annotations[split].read_text())  # one conversion, same ids
+        assert [im["id"] for im in cached["images"]] == list(range(1, 7))
+        assert [im["file_name"] for im in cached["images"]] == sorted(im["file_name"] for im in cached["images"])
+        assert [c["id"] for c in cached["categories"]] == [0, 1, 2]
+    first = converted.annotations["train"].read_bytes()
+    assert convert_yolo_dataset(export.data_yaml, tmp_path / "coco").annotations["train"].read_bytes() == first
+
+
+def test_the_cache_is_reused_until_a_label_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.25 0.5\n", "b": "1 0.5 0.5 0.5 0.5\n"})
+    caplog.set_level(logging.INFO, logger="detector")
+    spec = load_data_spec(path)
+    assert sum("converted" in r.message and "first use" in r.message for r in caplog.records) == 2
+    written = spec.train.annotations.stat().st_mtime_ns
+    caplog.clear()
+    assert load_data_spec(path) == spec and not any("converted" in r.message for r in caplog.records)
+    assert spec.train.annotations.stat().st_mtime_ns == written
+    label = tmp_path / "ds" / "labels" / "train" / "a.txt"
+    label.write_text("0 0.5 0.5 0.25 0.5\n2 0.25 0.25 0.5 0.5\n")
+    os.utime(label, ns=(written + 10**9, written + 10**9))
+    load_data_spec(path)
+    assert [r.message for r in caplog.records if "converted" in r.message][0].count("images or labels changed") == 1
+    boxes = coco_boxes(spec.train.annotations)["a.jpg"]
+    assert boxes == [(0, (30.0, 15.0, 50.0, 45.0)), (2, (0.0, 0.0, 40.0, 30.0))]
+    assert not list(spec.train.annotations.parent.glob("*.tmp"))
+
+
+def test_polygon_rows_become_their_box_and_a_missing_label_file_is_a_negative(tmp_path: Path) -> None:
+    polygon = "2 0.1 0.2 0.5 0.2 0.3 0.6 0.15 0.4\n"
+    path = write_yolo(tmp_path / "ds", {"a": polygon, "b": None, "c": "", "d": "0 0.5 0.5 0.5 0.5\n"})
+    result = convert_yolo_dataset(path)
+    assert result.data_yaml == tmp_path / "ds" / "data-coco.yaml"
+    stats = result.stats["train"]
+    assert (stats.images, stats.negatives, stats.missing_labels, stats.boxes, stats.from_polygons) == (4, 2, 1, 2, 1)
+    boxes = coco_boxes(result.annotations["train"])
+    assert boxes["b.jpg"] == [] and boxes["c.jpg"] == []
+    np.testing.assert_allclose(boxes["a.jpg"][0][1], (8.0, 12.0, 40.0, 36.0), atol=1e-9)
+    dataset = CocoDataset(load_data_spec(result.data_yaml).train)
+    assert len(dataset) == 4 and dataset.summary.negatives == 2
+
+
+def test_an_exif_rotated_jpeg_gets_its_displayed_size(tmp_path: Path) -> None:
+    path = write_yolo(tmp_path / "ds", {"r": "0 0.25 0.5 0.5 0.2\n"}, sizes_wh={"r": (120, 40)})
+    for split in ("train", "val"):
+        rotate_with_exif(tmp_path / "ds" / "images" / split / "r.jpg")  # stored 40x120, displayed 120x40
+    data = json.loads(load_data_spec(path).train.annotations.read_text())
+    assert (data["images"][0]["width"], data["images"][0]["height"]) == (120, 40)
+    assert data["annotations"][0]["bbox"] == pytest.approx([0.0, 16.0, 60.0, 8.0])
+
+
+BAD_ROWS = [
+    ("0 0.5 0.5 0.2", r"4 fields; a row is 'class cx cy w h' \(5\) or a polygon"),
+    ("0 0.1 0.1 0.2 0.2 0.3", r"6 fields"),
+    ("3 0.5 0.5 0.2 0.2", r"class 3 is outside names \(0\.\.2\)"),
+    ("-1 0.5 0.5 0.2 0.2", r"class -1 is outside names"),
+    ("0.5 0.5 0.5 0.2 0.2", r"class 0\.5 is outside names"),
+    ("0 1.5 0.5 0.2 0.2", r"coordinate 1\.5 is outside \[0, 1\]"),
+    ("0 0.5 -0.1 0.2 0.2", r"coordinate -0\.1 is outside \[0, 1\]"),
+    ("0 nan 0.5 0.2 0.2", r"coordinate nan is not finite"),
+    ("0 0.5 0.5 inf 0.2", r"coordinate inf is not finite"),
+    ("0 0.5 0.5 0.2 x", r"'x' is not a number"),
+    ("1 0.1 0.2 0.5 0.2 1.3 0.6", r"coordinate 1\.3 is outside \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_ROWS, ids=[r for r, _ in BAD_ROWS])
+def test_a_bad_row_is_an_error_naming_the_file_and_line(tmp_path: Path, row: str, message: str) -> None:
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n", "b": f"1 0.5 0.5 0.2 0.2\n\n{row}\n"})
+    label = tmp_path / "ds" / "labels" / "train" / "b.txt"
+    with pytest.raises(DetectorError, match=rf"^{label}:3: {message}") as info:
+        load_data_spec(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DetectorError, match=rf"^{label}:3: "):
+        convert_yolo_dataset(path)
+
+
+@pytest.mark.parametrize(("names", "extra", "message"), [
+    ("{0: a, 2: b}", "", r"data\.yaml:4: 'names' keys must be the class indices 0\.\.1, got \[0, 2\]"),
+    ("[a, b]", "nc: 3\n", r"data\.yaml:5: 'nc' is 3 but 'names' lists 2 classes"),
+    ("[]", "", r"data\.yaml:4: 'names' must be a non-empty list"),
+    ("[a, b]", "nmaes: [c]\n", r"data\.yaml:5: unknown key 'nmaes' \(did you mean 'names'\?\)"),
+])
+def test_bad_names_and_keys_name_the_yaml_line(tmp_path: Path, names: str, extra: str, message: str) -> None:
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n"}, names=names, extra=extra)
+    with pytest.raises(DetectorError, match=message):
+        load_data_spec(path)
+
+
+def test_dict_names_sorted_by_key_and_a_txt_list_of_images(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    path = write_yolo(root, {"a": "1 0.5 0.5 0.5 0.5\n", "b": "0 0.5 0.5 0.5 0.5\n"}, names="{1: dog, 0: cat}")
+    (root / "val.txt").write_text("./images/val/b.jpg\nimages/val/a.jpg\n\n")
+    path.write_text(path.read_text().replace("val: images/val", "val: val.txt"))
+    spec = load_data_spec(path)
+    assert spec.names == ["cat", "dog"] and spec.val.images == root / "images" / "val"
+    data = json.loads(spec.val.annotations.read_text())
+    assert [(im["id"], im["file_name"]) for im in data["images"]] == [(1, "a.jpg"), (2, "b.jpg")]
+    assert [c["name"] for c in data["categories"]] == ["cat", "dog"]
+    (root / "val.txt").write_text("images/val/a.png.txt\n")
+    with pytest.raises(DetectorError, match=rf"^{root / 'val.txt'}:1: 'images/val/a.png.txt' is not an image"):
+        load_data_spec(path)
+    path.write_text(path.read_text().replace("val: val.txt", "val: images/nowhere"))
+    with pytest.raises(DetectorError, match=r"data\.yaml:3: 'val': .*nowhere is neither an image folder nor a \.txt list"):
+        load_data_spec(path)
+
+
+def test_cli_convert_prints_where_and_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    assert main(["data", "convert", "from=yolo", f"data={path}", f"out={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: {tmp_path / 'out' / 'instances_train.json'}  1 images" in out
+    assert f"dataset YAML: {tmp_path / 'out' / 'data-coco.yaml'}" in out
+    assert main(["data", "convert", "--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(key in listing for key in ("from=yolo", "data=", "out="))
+    (tmp_path / "ds" / "labels" / "val" / "a.txt").write_text("0 0.5 0.5 0.2\n")
+    assert main(["data", "convert", f"data={path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"detector data convert: error: {tmp_path / 'ds' / 'labels' / 'val' / 'a.txt'}:1: 4 fields; a row is "
+        "'class cx cy w h' (5) or a polygon 'class x1 y1 x2 y2 ...' (an odd count >= 7)"]
+    assert main(["data", "convert", "from=coco", f"data={path}"]) == 2
+    assert "must be one of yolo, got 'coco'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_and_val_on_an_ultralytics_yaml_end_to_end(coco_yaml: Path, tmp_path: Path) -> None:
+    export = export_yolo_txt(load_data_spec(coco_yaml), tmp_path / "yolo")
+    args = ["epochs=1", "imgsz=64", "batch=4", "workers=0", "plots=false", "model=yolo-c2f-n", "autoanchor=false",
+            "device=cpu", f"project={tmp_path / 'runs'}", "name=exp"]
+    assert main(["train", f"data={export.data_yaml}", *args]) == 0
+    best = tmp_path / "runs" / "exp" / "weights" / "best.pt"
+    assert best.is_file()
+    assert main(["val", f"weights={best}", f"data={export.data_yaml}", "imgsz=64", "workers=0", "plots=false",
+                 "device=cpu", f"project={tmp_path / 'val'}"]) == 0
