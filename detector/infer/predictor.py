@@ -2,13 +2,15 @@
 
 `Predictor` turns a list of RGB arrays into detections; `predict_source` runs it over an image, a folder or a
 glob for `detector predict`: it writes the images with their boxes drawn and one predictions.json (COCO results
-format plus `file_name`, `width`, `height`), and names every unreadable file instead of stopping at it.
+format plus `file_name`, `width`, `height`), and names every unreadable file instead of stopping at it. Boxes are
+drawn by torchvision's `draw_bounding_boxes`. Videos and cameras: `detector.infer.video`, on the same Predictor.
 """
 
 from __future__ import annotations
 
 import colorsys
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from detector.data.coco import read_rgb
@@ -29,6 +32,7 @@ from detector.data.loader import READ_ERRORS
 from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
 from detector.infer.postprocess import non_max_suppression
+from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
 
 LOGGER = logging.getLogger(__name__)
@@ -71,7 +75,8 @@ class Predictor:
     """Detections of a model on RGB images, in original pixels: `predictor(images) -> list[(K, 6)]`.
 
     Rows [x1, y1, x2, y2, score, class] (float32, CPU), best class per box, sorted by score. `classes` keeps only
-    those class indices. On CUDA the forward runs under fp16 autocast. The model is put in eval mode.
+    those class indices. On CUDA the forward runs under fp16 autocast. The model is put in eval mode. `augment` runs
+    test-time augmentation (`tta.augmented_forward`: three scales, one flipped) before the NMS.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class Predictor:
         max_det: int = 300,
         classes: Sequence[int] | None = None,
         device: torch.device | None = None,
+        augment: bool = False,
     ) -> None:
         self.model = model.eval()
         self.device = device or next(model.parameters()).device
@@ -92,6 +98,7 @@ class Predictor:
             raise DetectorError(f"imgsz must be at least the model stride {self.stride}, got {imgsz}")
         self.imgsz = int(imgsz)
         self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.augment = augment
         nc = int(model.nc)
         bad = [c for c in classes or () if not 0 <= int(c) < nc]
         if bad:
@@ -104,7 +111,7 @@ class Predictor:
         x = to_model_input(batch, self.device)
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
         with amp:
-            pred = self.model(x)
+            pred = augmented_forward(self.model, x, stride=self.stride) if self.augment else self.model(x)
         dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det, multi_label=False, classes=self.classes)
         out = []
         for det, image, ratio, pad in zip(dets, images, ratios, pads):
@@ -184,24 +191,32 @@ def class_colour(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> Image.Image:
-    """The image with each box, its class name and score drawn in the class colour (one loop per box: drawing)."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    size = max(image.shape[:2])
-    width = max(1, round(size / 320))
-    font = ImageFont.load_default(size=max(10, round(size / 50)))
-    for x1, y1, x2, y2, score, c in det.tolist():
-        colour = class_colour(int(c))
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        text = f"{names[int(c)]} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top + 2
-        ty = y1 - th if y1 - th >= 0 else y1
-        draw.rectangle((x1, ty, x1 + tw + 2, ty + th), fill=colour)
-        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
-        draw.text((x1 + 1, ty - top + 1), text, fill=ink, font=font)
-    return canvas
+def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image with each box and a filled "name score" label (inside its top-left corner) in
+    the class colour, by torchvision's draw_bounding_boxes; line width and font size scale with the image."""
+    if not len(det):
+        return image
+    classes = det[:, 5].long().tolist()
+    colours = [class_colour(c) for c in classes]
+    labels = [f"{names[c]} {score:.2f}" for c, score in zip(classes, det[:, 4].tolist())]
+    ink = [(0, 0, 0) if sum(colour) > 380 else (255, 255, 255) for colour in colours]
+    size, font = max(image.shape[:2]), _font_file()
+    pixels = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
+    drawn = draw_bounding_boxes(
+        pixels, det[:, :4], labels, colours, width=max(1, round(size / 320)), font=font,
+        font_size=max(10, round(size / 50)) if font else None, label_colors=ink, fill_labels=True,
+    )
+    return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy())  # a no-op: the drawn tensor is an HWC array's view
+
+
+@functools.cache
+def _font_file() -> str | None:
+    """A TrueType font that ships with matplotlib (DejaVu Sans), so labels scale with the image; None (PIL's
+    fixed-size default font) where it is missing."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return str(path) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- a source
@@ -249,10 +264,10 @@ def predict_source(
     return results
 
 
-def _save_image(image: Image.Image, path: Path) -> None:
+def _save_image(image: np.ndarray, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+        Image.fromarray(image).save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
     except OSError as err:
         raise DetectorError(f"{path}: cannot write the drawn image ({err.strerror or err})") from err
 

@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pycocotools.coco import COCO
+from torchvision.ops import box_iou
 
 # Confusion-matrix operating point (a deployment-like threshold, not the 0.001 used for mAP).
 CONFUSION_CONF = 0.25
@@ -96,7 +97,7 @@ def confusion_matrix(
         g = gt_order[np.searchsorted(gt_img[gt_order], image_id) : np.searchsorted(gt_img[gt_order], image_id, "right")]
         d = det_order[np.searchsorted(det[det_order, 0], image_id) : np.searchsorted(det[det_order, 0], image_id, "right")]
         crowd, g = g[gt_crowd[g]], g[~gt_crowd[g]]
-        ious = _box_iou(gt_box[g], det_box[d])
+        ious = _iou(gt_box[g], det_box[d])
         gi, di = np.nonzero(ious > iou)
         by_iou = np.argsort(-ious[gi, di], kind="stable")
         gi, di = gi[by_iou], di[by_iou]
@@ -111,7 +112,7 @@ def confusion_matrix(
         spurious = np.ones(len(d), dtype=bool)
         spurious[di] = False
         if len(crowd):
-            spurious &= ~(_box_iou(gt_box[crowd], det_box[d]) > iou).any(axis=0)
+            spurious &= ~(_iou(gt_box[crowd], det_box[d]) > iou).any(axis=0)
         np.add.at(matrix, (det_cls[d[spurious]], nc), 1)
     return matrix
 
@@ -204,14 +205,10 @@ def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4]], axis=1)
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of xyxy boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of float64 xyxy boxes, by torchvision.ops.box_iou (NaN for two zero-area boxes, which
+    no threshold matches)."""
+    return box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def _save(fig: Figure, path: Path) -> None:
