@@ -15,6 +15,9 @@ exports the plain model, but 5-15x slower here, and with NMS in the graph it spe
 sample's size; the TorchScript exporter handles every attention module (mhsa and axial through
 scaled_dot_product_attention), dynamic H/W and NonMaxSuppression. Class names, category ids, strides and the
 output layout are written into the file's metadata_props.
+
+The same file runs in OpenCV's DNN module (`cv2.dnn.readNetFromONNX`, NMS included; tested with OpenCV 5.0).
+`export_openvino.py` converts it to OpenVINO IR.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,8 @@ from detector.models.attention import MHSA
 
 LOGGER = logging.getLogger(__name__)
 
-TOLERANCE = 1e-3  # max abs difference onnxruntime vs PyTorch (fp32) accepted
+TOLERANCE = 1e-3  # max abs difference of an exported file's runtime vs PyTorch (fp32) accepted
+HALF_TOLERANCE = 1e-2  # with fp16 weights: max |runtime - PyTorch| / (1 + |PyTorch|) accepted
 CHECK_BATCHES = (1, 2)
 # scaled_dot_product_attention (mhsa, axial) exports from opset 14; 23 is the newest the exporter writes (torch 2.14)
 OPSETS = range(14, 24)
@@ -104,6 +109,16 @@ def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dic
     for name in ("onnx", "onnxruntime"):
         if importlib.util.find_spec(name) is None:
             raise DetectorError(f"export: the '{name}' package is needed (pip install 'detector[export]')")
+    graph, stride = build_graph(model, spec)
+    path = write_onnx(graph, Path(path), spec, name=getattr(model, "name", "model"))
+    _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)})
+    check_onnx(graph, path, spec, stride=stride)
+    return path
+
+
+def build_graph(model: nn.Module, spec: ExportSpec) -> tuple[nn.Module, int]:
+    """The module to trace, after checking `spec` against the model: a BN-folded fp32 CPU copy in eval mode,
+    wrapped in DetectWithNMS when `spec.nms`; and the model's largest stride."""
     stride = int(model.stride.max())
     if spec.imgsz < stride or spec.imgsz % stride:
         raise DetectorError(f"export: imgsz must be a multiple of the model stride {stride}, got {spec.imgsz}")
@@ -118,16 +133,20 @@ def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dic
             "at input sizes where a layer would pool by another factor the graph differs from PyTorch", spec.imgsz
         )
     graph: nn.Module = DetectWithNMS(net, conf=spec.conf, iou=spec.iou, max_det=spec.max_det) if spec.nms else net
-    graph.eval()
+    return graph.eval(), stride
+
+
+def write_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, name: str = "model") -> Path:
+    """Trace `graph` (from `build_graph`) into the ONNX file `path` with the TorchScript exporter; `spec.simplify`
+    runs onnxslim/onnxsim on it. Input `images`, outputs as the module docstring says; no metadata, no check."""
     outputs = ["detections", "num_detections", "output"] if spec.nms else ["output"]
     axes: dict[str, dict[int, str]] = {"images": {0: "batch", **({2: "height", 3: "width"} if spec.dynamic else {})}}
     axes["output"] = {0: "batch", **({1: "anchors"} if spec.dynamic else {})}
     if spec.nms:
         axes.update({"detections": {0: "batch"}, "num_detections": {0: "batch"}})
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sample = torch.rand(spec.batch, 3, spec.imgsz, spec.imgsz, generator=torch.Generator().manual_seed(0))
-    LOGGER.info("export: %s -> %s (opset %d, TorchScript exporter)", getattr(model, "name", "model"), path, spec.opset)
+    LOGGER.info("export: %s -> %s (opset %d, TorchScript exporter)", name, path, spec.opset)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings say nothing actionable here
@@ -140,12 +159,11 @@ def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dic
         raise DetectorError(f"export: torch.onnx.export failed at opset {spec.opset}: {first}") from err
     if spec.simplify:
         _simplify(path)
-    _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": _layout(spec)})
-    check_onnx(graph, path, spec, stride=stride)
     return path
 
 
-def _layout(spec: ExportSpec) -> str:
+def layout(spec: ExportSpec) -> str:
+    """The outputs' layout in words, as written into the exported file's metadata."""
     if spec.nms:
         return (f"detections (B, {spec.max_det}, 6) [x1, y1, x2, y2, score, class] input pixels, zero-padded; "
                 f"num_detections (B,); conf {spec.conf}, iou {spec.iou}")
@@ -153,51 +171,77 @@ def _layout(spec: ExportSpec) -> str:
 
 
 def check_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, stride: int) -> float:
-    """Run onnxruntime and PyTorch on the same random inputs at batch 1 and 2 (a non-square size too when dynamic)
-    and print the max abs difference; DetectorError when it is >= TOLERANCE. Returns the largest difference.
-
-    The decoded output is compared with the PyTorch model's. With NMS in the graph, onnxruntime's detections are
-    compared with PyTorch's NMS applied to onnxruntime's own decoded output: on one input NMS must agree exactly,
-    whereas across the two runtimes float noise may reorder near-equal scores and legitimately change which box
-    survives.
-    """
+    """Run onnxruntime and PyTorch on the same random inputs (`check_runtime`); DetectorError when they differ by
+    TOLERANCE or more. Returns the largest max abs difference."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {"images": images})))
+
+    return check_runtime(graph, run, spec, stride=stride, runtime="onnxruntime", path=path)
+
+
+def check_runtime(graph: nn.Module, run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: ExportSpec, *,
+                  stride: int, runtime: str, path: Path, relative: bool = False) -> float:
+    """Run an exported file (`run`: images (B, 3, H, W) float32 -> outputs by name) and PyTorch on the same random
+    inputs at batch 1 and 2 (a non-square size too when dynamic) and print the max abs difference; DetectorError
+    when it is >= TOLERANCE. Returns the largest difference checked.
+
+    `relative` (fp16 weights): the difference checked is |runtime - PyTorch| / (1 + |PyTorch|), against
+    HALF_TOLERANCE, printed beside the max abs difference; the boxes are in pixels, so halving the weights' bits
+    moves them by about 1e-3 of their size. The decoded output is compared with the PyTorch model's. With NMS in
+    the graph, the runtime's detections are compared with PyTorch's NMS applied to the runtime's own decoded
+    output: on one input NMS must agree exactly, whereas across two runtimes float noise may reorder near-equal
+    scores and legitimately change which box survives.
+    """
     model = graph.model if isinstance(graph, DetectWithNMS) else graph
     generator = torch.Generator().manual_seed(1)
+    tolerance = HALF_TOLERANCE if relative else TOLERANCE
     worst = 0.0
     for batch in CHECK_BATCHES:
         h, w = (spec.imgsz, spec.imgsz)
         if spec.dynamic and batch > 1:
             h, w = max(spec.imgsz - stride, stride), spec.imgsz + stride
         x = torch.rand(batch, 3, h, w, generator=generator)
-        got = dict(zip(names, session.run(None, {"images": x.numpy()})))
+        got = run(x.numpy())
         where = f"batch {batch}, {h}x{w}"
         with torch.no_grad():
-            diff = _max_abs_diff(model(x), got["output"], f"{path}: output at {where}")
-            line = f"export: onnxruntime vs PyTorch at {where}: max abs difference {diff:.2e}"
-            if isinstance(graph, DetectWithNMS):
-                dets, num = graph.suppress(torch.from_numpy(got["output"]), h, w)
-                nms_diff = max(
-                    _max_abs_diff(dets, got["detections"], f"{path}: detections at {where}"),
-                    _max_abs_diff(num, got["num_detections"], f"{path}: num_detections at {where}"),
-                )
-                line += f" (decoded), {nms_diff:.2e} (NMS, {int(num.sum())} detections)"
-                diff = max(diff, nms_diff)
+            expected = model(x)
+        diff = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime)
+        line = f"export: {runtime} vs PyTorch at {where}: max abs difference {diff:.2e}"
+        if relative:
+            diff = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime, relative=True)
+            line += f", relative {diff:.2e} (fp16 weights)"
+        if isinstance(graph, DetectWithNMS):
+            nms_diff, found = _nms_diff(graph, got, h, w, f"{path}: %s at {where}", runtime)
+            line += f" (decoded), {nms_diff:.2e} (NMS, {found} detections)"
+            diff = max(diff, nms_diff)
         print(line)
         worst = max(worst, diff)
-        if not diff < TOLERANCE:
-            raise DetectorError(f"export: {path}: onnxruntime differs from PyTorch by {diff:.3g} (>= {TOLERANCE:g}) at {where}")
+        if not diff < tolerance:
+            raise DetectorError(f"export: {path}: {runtime} differs from PyTorch by {diff:.3g} (>= {tolerance:g}) at {where}")
     return worst
 
 
-def _max_abs_diff(expected: torch.Tensor, got: np.ndarray, what: str) -> float:
-    ref = expected.numpy()
+def _nms_diff(graph: DetectWithNMS, got: dict[str, np.ndarray], h: int, w: int, what: str, runtime: str) -> tuple[float, int]:
+    """Max abs difference of the runtime's detections and counts from PyTorch's NMS of its decoded output."""
+    with torch.no_grad():
+        dets, num = graph.suppress(torch.from_numpy(got["output"]), h, w)
+    diff = max(_max_diff(dets, got["detections"], what % "detections", runtime),
+               _max_diff(num, got["num_detections"], what % "num_detections", runtime))
+    return diff, int(num.sum())
+
+
+def _max_diff(expected: torch.Tensor, got: np.ndarray, what: str, runtime: str, *, relative: bool = False) -> float:
+    """max |got - expected|, or max |got - expected| / (1 + |expected|) when `relative`."""
+    ref = expected.numpy().astype(np.float64)
     if ref.shape != got.shape:
-        raise DetectorError(f"export: {what}: onnxruntime gives shape {got.shape}, PyTorch {ref.shape}")
-    return float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max(initial=0.0))
+        raise DetectorError(f"export: {what}: {runtime} gives shape {got.shape}, PyTorch {ref.shape}")
+    diff = np.abs(ref - got.astype(np.float64))
+    return float((diff / (1 + np.abs(ref)) if relative else diff).max(initial=0.0))
 
 
 def _simplify(path: Path) -> None:

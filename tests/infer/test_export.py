@@ -1,5 +1,5 @@
 """ONNX export: onnxruntime matches PyTorch at batch 1 and 2 (default model, attention models, dynamic size, NMS in
-the graph), the file lands beside the weights, its path is printed last."""
+the graph), the file lands beside the weights, its path is printed last; OpenCV's DNN module runs it too."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_in_graph_nms_matches_the_predictor_nms() -> None:
 
 def test_bad_requests_name_the_key(tmp_path: Path) -> None:
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
-    with pytest.raises(DetectorError, match="format 'tflite'"):
+    with pytest.raises(DetectorError, match="'format' must be one of onnx, openvino, got 'tflite'"):
         export_command(ExportOptions(weights=str(weights), format="tflite"))
     with pytest.raises(DetectorError, match="multiple of the model stride"):
         export_command(ExportOptions(weights=str(weights), imgsz=100))
@@ -135,3 +135,32 @@ def test_bad_requests_name_the_key(tmp_path: Path) -> None:
         export_command(ExportOptions(weights=str(weights), opset=11))
     with pytest.raises(DetectorError, match="weights="):
         export_command(ExportOptions())
+
+
+@pytest.mark.parametrize("nms", [False, True], ids=["decoded", "nms"])
+def test_opencv_dnn_runs_the_onnx_file(tmp_path: Path, capsys, nms: bool) -> None:
+    """cv2.dnn.readNetFromONNX loads the file and its outputs match onnxruntime's (NMS included: OpenCV 5.0 runs
+    NonMaxSuppression) and PyTorch's, at batch 1 and 2."""
+    cv2 = pytest.importorskip("cv2")
+    import onnxruntime as ort
+    from detector.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-ca-n")
+    path = export_command(ExportOptions(weights=str(weights), imgsz=96, nms=nms, conf=0.001, max_det=8))
+    net = cv2.dnn.readNetFromONNX(str(path))
+    names = list(net.getUnconnectedOutLayersNames())
+    assert names == (["detections", "num_detections", "output"] if nms else ["output"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = model_from_checkpoint(load_checkpoint(weights)).eval()
+    for batch in (1, 2):
+        images = torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(batch))
+        net.setInput(images.numpy())
+        got = dict(zip(names, net.forward(names)))
+        expected = dict(zip(names, session.run(names, {"images": images.numpy()})))
+        with torch.no_grad():
+            np.testing.assert_allclose(got["output"], reference(images).numpy(), rtol=1e-4, atol=1e-3)
+        for name in names:
+            assert got[name].shape == expected[name].shape, name
+            np.testing.assert_allclose(got[name].astype(np.float64), expected[name].astype(np.float64), rtol=1e-4, atol=1e-3)
+    if nms:
+        assert got["num_detections"].tolist() == [8, 8]  # conf 0.001 keeps max_det boxes in each image

@@ -1,0 +1,215 @@
+"""`detector bench export`: batch-1 CPU latency of one model in each deployment runtime, at each image size.
+
+At each imgsz the model is exported with fixed H/W through `Detector.export`, to ONNX and to OpenVINO IR in a
+temporary folder (each file checked against PyTorch as `detector export` checks it; those lines are printed under
+the table); then each runtime runs one random (1, 3, imgsz, imgsz) image `warmup` times untimed and `iters` times
+timed. The table gives the median and the fastest run in ms, and the images/s of the median.
+
+- pytorch: the BN-folded channels_last copy that `detector val` and `predict` run (`models.builder.inference_copy`),
+  fp32, under `torch.inference_mode`.
+- onnxruntime: CPUExecutionProvider, its default (full) graph optimizations.
+- openvino: the CPU plugin with the LATENCY hint, f32 inference precision.
+- openvino-bf16: the same in bf16, OpenVINO's own default on CPUs with bf16 units; skipped on other CPUs.
+- opencv: `cv2.dnn.readNetFromONNX` on the ONNX file, its default backend (OpenCV's own) on the CPU.
+
+Every runtime gets the same number of threads. The header names the CPU (the model name of /proc/cpuinfo, as
+lscpu prints it), its cores, whether it has bf16 units, the threads and the versions; the load average before
+and after shows whether something else shared the cores.
+
+Options (key=value): `detector.options.BenchExportOptions`; `detector bench export --help` lists them with their
+defaults and ranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.api import Detector
+from detector.errors import DetectorError
+from detector.models.builder import inference_copy
+from detector.options import BenchExportOptions
+from detector.runtime.device import cpu_supports_bf16
+from detector.viz.tables import format_table
+
+Runner = Callable[[np.ndarray], Any]
+PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino", "opencv": "cv2"}
+
+
+def main(opts: BenchExportOptions) -> None:
+    """Export, time and print the table (`opts` already checked, e.g. by `load_options`)."""
+    if not opts.imgsz or not opts.runtimes:
+        raise DetectorError("bench export: 'imgsz' and 'runtimes' must not be empty")
+    threads = opts.threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        detector = Detector(opts.model, device="cpu")
+        runtimes, notes = available_runtimes(opts.runtimes)
+        print(header(detector, threads))
+        load_before = os.getloadavg()
+        rows, checks = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for imgsz in opts.imgsz:
+                files, lines = export_files(detector, imgsz, Path(tmp), runtimes)
+                checks += lines
+                image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+                for runtime in runtimes:
+                    precision, run = RUNNERS[runtime](detector, files, threads)
+                    times = time_runs(run, image, iters=opts.iters, warmup=opts.warmup)
+                    median = statistics.median(times)
+                    rows.append([runtime, imgsz, precision, median, min(times), 1000 / median])
+    finally:
+        torch.set_num_threads(previous)
+    print(format_table(["runtime", "imgsz", "precision", "median ms", "min ms", "images/s"], rows, floatfmt=".1f"))
+    load_after = os.getloadavg()
+    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} CPUs")
+    for line in notes + checks:
+        print(line)
+
+
+def header(detector: Detector, threads: int) -> str:
+    """One line: the model, the CPU, its bf16 units, the threads and the runtimes' versions."""
+    versions = [f"torch {torch.__version__}"]
+    for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("opencv", "cv2")):
+        if importlib.util.find_spec(module) is not None:
+            versions.append(f"{name} {__import__(module).__version__.split('-')[0]}")  # openvino's has a build tag
+    bf16 = "yes" if cpu_supports_bf16() else "no"
+    return (f"bench export: {detector.model.name}, batch 1, CPU {cpu_name()} ({os.cpu_count()} cores; bf16 units: "
+            f"{bf16}), {threads} threads; {', '.join(versions)}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as lscpu prints it (from /proc/cpuinfo), or the platform's word for it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
+    """The requested runtimes that can run here, in order, and a note for each one left out."""
+    runtimes, notes = [], []
+    for runtime in dict.fromkeys(requested):
+        package = PACKAGES.get(runtime)
+        if package is not None and importlib.util.find_spec(package) is None:
+            notes.append(f"{runtime}: skipped, the '{package}' package is not installed (pip install 'detector[export]')")
+        elif runtime == "openvino-bf16" and not _openvino_has_bf16():
+            notes.append("openvino-bf16: skipped, this CPU has no bf16 units (OpenVINO would emulate it)")
+        else:
+            runtimes.append(runtime)
+    return runtimes, notes
+
+
+def _openvino_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def export_files(detector: Detector, imgsz: int, folder: Path, runtimes: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """The ONNX file and the OpenVINO .xml at `imgsz` (fixed H/W) that `runtimes` need, exported by the Detector,
+    and the check lines the exports printed (their max abs difference against PyTorch)."""
+    formats = {"onnx": {"onnxruntime", "opencv"}, "openvino": {"openvino", "openvino-bf16"}}
+    files, lines = {}, []
+    for fmt, users in formats.items():
+        if not users & set(runtimes):
+            continue
+        out = folder / (f"{imgsz}.onnx" if fmt == "onnx" else f"m{imgsz}_openvino_model")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), _quiet("detector.infer"):
+            files[fmt] = detector.export(format=fmt, imgsz=imgsz, out=str(out))
+        lines += [line for line in printed.getvalue().splitlines() if " vs PyTorch " in line]
+    return files, lines
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """The exporters' INFO lines (temporary paths) left out of the bench's output; warnings still show."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def time_runs(run: Runner, image: np.ndarray, *, iters: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `iters` calls of `run(image)`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        run(image)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run(image)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def pytorch_runner(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
+    model = inference_copy(detector.model)
+
+    def run(image: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model(torch.from_numpy(image).contiguous(memory_format=torch.channels_last))
+
+    return "fp32", run
+
+
+def onnxruntime_runner(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(files["onnx"]), options, providers=["CPUExecutionProvider"])
+    return "fp32", lambda image: session.run(None, {"images": image})
+
+
+def openvino_runner(precision: str) -> Callable[[Detector, dict[str, Path], int], tuple[str, Runner]]:
+    """A runner of the OpenVINO IR on the CPU with `precision` ('f32' or 'bf16') as its inference precision."""
+    def make(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+        request = ov.Core().compile_model(str(files["openvino"]), "CPU", config).create_infer_request()
+        return ("fp32" if precision == "f32" else precision), lambda image: request.infer({"images": image})
+
+    return make
+
+
+def opencv_runner(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
+    import cv2
+
+    cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromONNX(str(files["onnx"]))  # its default backend and target: OpenCV's own, the CPU
+    names = net.getUnconnectedOutLayersNames()
+
+    def run(image: np.ndarray) -> Any:
+        net.setInput(image)
+        return net.forward(names)
+
+    return "fp32", run
+
+
+RUNNERS: dict[str, Callable[[Detector, dict[str, Path], int], tuple[str, Runner]]] = {
+    "pytorch": pytorch_runner,
+    "onnxruntime": onnxruntime_runner,
+    "openvino": openvino_runner("f32"),
+    "openvino-bf16": openvino_runner("bf16"),
+    "opencv": opencv_runner,
+}

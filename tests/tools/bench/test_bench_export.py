@@ -1,0 +1,31 @@
+"""`detector bench export`: one latency row per runtime and size, the CPU and threads named, the exports checked.
+
+(Named test_bench_export.py: tests/infer/test_export.py already holds the basename test_export.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from detector.options import BenchExportOptions
+from detector.tools.bench.export import RUNNERS, available_runtimes, cpu_name, main
+
+pytest.importorskip("onnxruntime")
+
+
+def test_bench_export_times_every_runtime_at_every_size(capsys: pytest.CaptureFixture[str]) -> None:
+    main(BenchExportOptions(model="yolov5n", imgsz=[64, 96], iters=2, warmup=1, threads=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bench export: yolov5n, batch 1, CPU ") and "1 threads" in lines[0]
+    assert cpu_name() in lines[0] and "bf16 units: " in lines[0]
+    runtimes, skipped = available_runtimes(list(RUNNERS))
+    assert "pytorch" in runtimes and "onnxruntime" in runtimes
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in RUNNERS]
+    assert [(r[0], int(r[1])) for r in rows] == [(name, size) for size in (64, 96) for name in runtimes]
+    for row in rows:
+        median, fastest, rate = map(float, row[3:6])
+        assert 0 < fastest <= median and rate == pytest.approx(1000 / median, rel=0.05)
+    assert any(line.startswith("load average") for line in lines)
+    assert all(line in lines for line in skipped)  # a runtime left out says why
+    checks = [line for line in lines if " vs PyTorch at " in line]
+    assert len(checks) == 2 * 2 * (1 + any(r.startswith("openvino") for r in runtimes))  # 2 batches x 2 sizes x files
+    assert all(float(line.split("max abs difference ")[1].split()[0]) < 1e-3 for line in checks)
