@@ -7,13 +7,14 @@
     det.val()["AP"]                                  # COCO metrics on the dataset it was trained on
     det.predict("photo.jpg")[0]["boxes_xyxy"]        # numpy, original pixels
     det.export()                                     # best.onnx beside the weights, checked with onnxruntime
+    det.export(format="openvino")                    # best_openvino_model/best.xml, checked with OpenVINO
     Detector("runs/train/exp/weights/best.pt").predict(images)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,60 +150,75 @@ class Detector:
         loader = self._val_loader(opts, device)
         evaluator = Evaluator(
             loader, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, device=device,
-            half=opts.half and device.type == "cuda", backend=opts.backend,
+            half=opts.half and device.type == "cuda", backend=opts.backend, augment=opts.augment,
         )
         result = evaluator.run(self.model)
         save_results(result, save_dir, save_json=opts.save_json, plots=opts.plots)
         LOGGER.info("val: results in %s", save_dir)
         return result.metrics
 
-    def predict(self, images: ImageInput | PredictOptions | None = None, /, *, save: bool = False, **options: Any) -> list[dict[str, Any]]:
+    def predict(self, images: ImageInput | int | PredictOptions | None = None, /, *, save: bool = False,
+                stream: bool = False, **options: Any) -> list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Detections for images: a path (image, folder or glob), an (H, W, 3) uint8 RGB array, or a list of them;
-        or a PredictOptions, whose `source` names them. Options: `detector predict` keys (conf, iou, max_det, imgsz,
-        classes, batch ...), as that PredictOptions or as keywords.
+        a video file or a camera index (0); or a PredictOptions, whose `source` names them. Options: `detector
+        predict` keys (conf, iou, max_det, imgsz, classes, batch, vid_stride ...), as that PredictOptions or as keywords.
 
         One dict per image, in input order: boxes_xyxy float32 (K, 4) original pixels, scores (K,), classes (K,)
         contiguous, category_ids (K,) original ids, names (K class names), file (path or None). Unreadable files of
         a folder or glob are skipped with a warning; an unreadable file named directly raises DetectorError.
         `save` (what `detector predict` does) also writes the drawn images (unless save_images=False) and
         predictions.json to runs/predict/<name>, and prints that predictions.json path last.
+
+        A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
+        `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
+        last. `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
+        a long video; images are predicted at once all the same).
         """
         from detector.infer.predictor import Predictor
+        from detector.infer.video import is_video_source
 
         given = images if isinstance(images, PredictOptions) else None
         opts = _options(PredictOptions, given, options, "Detector.predict()")
         source = opts.source if given is not None or images is None else images
         if isinstance(source, str) and not source:
-            raise DetectorError("predict: source=<image, folder or glob> is required")
+            raise DetectorError("predict: source=<image, folder, glob, video or camera index> is required")
         device = self._to(opts.device)
         predictor = Predictor(
             self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.conf, iou=opts.iou,
-            max_det=opts.max_det, classes=opts.classes or None, device=device,
+            max_det=opts.max_det, classes=opts.classes or None, device=device, augment=opts.augment,
         )
-        if save:
-            return self._predict_to_files(predictor, source, opts)
-        return self._predict_in_memory(predictor, source, opts.batch)
+        if is_video_source(source):
+            frames = self._predict_video(predictor, source, opts, save)
+            return frames if stream else list(frames)
+        results = self._predict_to_files(predictor, source, opts) if save else self._predict_in_memory(predictor, source, opts.batch)
+        return iter(results) if stream else results
 
     def export(self, opts: ExportOptions | None = None, /, **options: Any) -> Path:
-        """`detector export`: the model as ONNX, checked with onnxruntime, with the command's keys as an ExportOptions
-        or as keywords (format, imgsz, dynamic, nms, opset, out ...); returns the file's path, also printed last.
-        Default path: beside the weights as <stem>.onnx (for a bare YAML model: <model name>.onnx here)."""
+        """`detector export`: the model as ONNX (checked with onnxruntime) or OpenVINO IR (`format="openvino"`,
+        checked with OpenVINO's CPU runtime), with the command's keys as an ExportOptions or as keywords (format,
+        imgsz, dynamic, nms, opset, half, out ...); returns the file's path (the .xml for OpenVINO), also printed
+        last. Default path: beside the weights as <stem>.onnx or <stem>_openvino_model/<stem>.xml (for a bare YAML
+        model: named after the model, here)."""
         from detector.infer.export import ExportSpec, export_onnx
+        from detector.infer.export_openvino import export_openvino, openvino_folder
 
         opts = _options(ExportOptions, opts, options, "Detector.export()")
-        if opts.format.lower() != "onnx":  # for an ExportOptions built in Python, whose values no one has checked
-            raise DetectorError(f"export: format '{opts.format}' is not supported (onnx)")
-        if opts.out:
-            out = Path(opts.out)
-        elif self.weights is not None:
-            out = self.weights.with_suffix(".onnx")
-        else:
-            out = Path(f"{self.model.name}.onnx")
+        fmt = opts.format.lower()
+        if fmt not in ("onnx", "openvino"):  # for an ExportOptions built in Python, whose values no one has checked
+            raise DetectorError(f"export: 'format' must be one of onnx, openvino, got '{opts.format}'")
+        if opts.half and fmt != "openvino":
+            raise DetectorError("export: 'half' is for format=openvino (the ONNX file keeps fp32 weights)")
+        stem = self.weights.with_suffix("") if self.weights is not None else Path(self.model.name)
         spec = ExportSpec(
             imgsz=opts.imgsz or self.imgsz, batch=opts.batch, dynamic=opts.dynamic, nms=opts.nms, conf=opts.conf,
             iou=opts.iou, max_det=opts.max_det, opset=opts.opset, simplify=opts.simplify,
         )
-        path = export_onnx(self.model, out, spec, metadata=self._metadata())
+        if fmt == "openvino":
+            folder = Path(opts.out) if opts.out else openvino_folder(stem)
+            path = export_openvino(self.model, folder, spec, half=opts.half, metadata=self._metadata())
+        else:
+            out = Path(opts.out) if opts.out else stem.with_name(stem.name + ".onnx")
+            path = export_onnx(self.model, out, spec, metadata=self._metadata())
         print(path)
         return path
 
@@ -284,6 +300,19 @@ class Detector:
         print(save_dir / "predictions.json")
         return results
 
+    def _predict_video(self, predictor: Any, source: str | int | Path, opts: PredictOptions, save: bool) -> Iterator[dict[str, Any]]:
+        """The frames' detections of a video file or camera, opened now; with `save` also the drawn video and the
+        JSON lines in runs/predict/<name>, the .jsonl path printed once the last frame is done."""
+        from detector.infer.video import predict_video, video_stem
+
+        save_dir = _output_dir(opts.project, opts.name, opts.exist_ok) if save else None
+        LOGGER.info("predict: video %s at %d px on %s (vid_stride %d)", source, predictor.imgsz, self.device, opts.vid_stride)
+        frames = predict_video(
+            predictor, source, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
+            vid_stride=opts.vid_stride, save_dir=save_dir, save_video=opts.save_images,
+        )
+        return _print_when_done(frames, save_dir / f"{video_stem(source)}.jsonl") if save_dir is not None else frames
+
     def _inference_model(self) -> nn.Module:
         """A BN-folded channels_last copy of the model for inference (the model itself stays trainable and countable)."""
         from detector.models.builder import inference_copy
@@ -294,6 +323,12 @@ class Detector:
 
     def _metadata(self) -> dict[str, Any]:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name}
+
+
+def _print_when_done(items: Iterator[T], path: Path) -> Iterator[T]:
+    """`items`, then `path` printed (the last line of `detector predict` names its results file)."""
+    yield from items
+    print(path)
 
 
 def _options(cls: type[T], given: T | None, values: dict[str, Any], where: str) -> T:

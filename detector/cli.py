@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError, did_you_mean
-from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchModelsOptions, BenchTrainOptions,
-                               BenchValOptions, CheckOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions)
+from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchExportOptions, BenchModelsOptions, BenchTrainOptions,
+                               BenchValOptions, CheckOptions, ConvertOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def _predict(overrides: dict[str, str]) -> None:
     from detector.api import Detector
 
     opts = load_options(PredictOptions, overrides)
-    Detector.from_checkpoint(opts.weights, device=opts.device).predict(opts, save=True)
+    for _ in Detector.from_checkpoint(opts.weights, device=opts.device).predict(opts, save=True, stream=True):
+        pass  # frame by frame: a long video or a camera keeps nothing in memory
 
 
 def _export(overrides: dict[str, str]) -> None:
@@ -94,12 +95,24 @@ def _data_check(overrides: dict[str, str]) -> int:
     return data_check(Path(opts.data), strict=opts.strict, save_dir=Path(opts.save_dir), imgsz=opts.imgsz)
 
 
+def _data_convert(overrides: dict[str, str]) -> None:
+    from pathlib import Path
+
+    from detector.data.yolo_import import convert_yolo_dataset
+
+    opts = load_options(ConvertOptions, overrides)
+    if not opts.data:
+        raise DetectorError("convert: data=<Ultralytics data.yaml> is required")
+    print(convert_yolo_dataset(Path(opts.data), Path(opts.out) if opts.out else None))
+
+
 BENCHES: dict[str, tuple[type, str]] = {
     "models": (BenchModelsOptions, "parameters, GFLOPs, eval and train images/s of model configs (prints a table)"),
     "data": (BenchDataOptions, "train-pipeline images/s per imgsz, workers and mosaic (prints a table)"),
     "train": (BenchTrainOptions, "model-only and end-to-end training images/s and their ratio (prints a table)"),
     "val": (BenchValOptions, "validation ms per image by stage, and the COCO metric's speed (prints a table)"),
     "amp": (BenchAmpOptions, "bf16 autocast against fp32 training, next to the seed-to-seed noise (prints a table)"),
+    "export": (BenchExportOptions, "batch-1 CPU latency of PyTorch (fused), onnxruntime, OpenVINO, OpenCV DNN (prints a table)"),
 }
 
 
@@ -117,12 +130,13 @@ def _bench(name: str, options: type) -> Callable[[dict[str, str]], None]:
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainConfig, _train, "train a detector (model=<yaml> data=<yaml> epochs=N ...)"),
     "val": Command(ValOptions, _val, "COCO mAP of a checkpoint on a dataset split"),
-    "predict": Command(PredictOptions, _predict, "detect objects in images, save drawn images and a JSON"),
-    "export": Command(ExportOptions, _export, "export a checkpoint to ONNX, checked against onnxruntime"),
+    "predict": Command(PredictOptions, _predict, "detect objects in images or a video, save drawn copies and a JSON"),
+    "export": Command(ExportOptions, _export, "export a checkpoint to ONNX or OpenVINO, checked against PyTorch (onnxruntime, OpenVINO CPU)"),
     "info": Command(InfoOptions, _info, "layer table, parameters and GFLOPs of a model (and attention maps)"),
     "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
     "data synth": Command(SynthOptions, _data_synth, "generate the synthetic shapes dataset (profile=easy, the bundled one, or hard)"),
     "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
+    "data convert": Command(ConvertOptions, _data_convert, "convert an Ultralytics data.yaml + labels/*.txt to COCO json and a dataset YAML of ours"),
     **{f"bench {b}": Command(cls, _bench(b, cls), summary) for b, (cls, summary) in BENCHES.items()},
 }
 

@@ -1,8 +1,12 @@
-"""This machine's memory, for the checks that refuse work which cannot fit before it is allocated."""
+"""This machine's memory, for the checks that refuse work which cannot fit before it is allocated; a process's
+memory as Linux reports it (RSS, USS); handing a worker's freed heap back to the OS."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+from pathlib import Path
+from typing import Any
 
 
 def machine_memory_bytes() -> int:
@@ -13,3 +17,65 @@ def machine_memory_bytes() -> int:
 def gib(n_bytes: float) -> str:
     """'12.3 GiB'."""
     return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def _smaps_rollup(pid: int | str) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup as {field: bytes} (Linux; empty where it cannot be read)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="ascii")
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            fields[name] = int(parts[0]) * 1024
+    return fields
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """Bytes of a process's memory: `rss` (resident), `uss` (resident and private to it: what it would free on
+    exit; a forked worker's USS grows as it writes into pages it shares with its parent) and `pss`. Linux only
+    (/proc/<pid>/smaps_rollup); zeros elsewhere."""
+    fields = _smaps_rollup(pid)
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return {"rss": fields.get("Rss", 0), "uss": uss, "pss": fields.get("Pss", 0)}
+
+
+def child_pids(pid: int | str = "self") -> list[int]:
+    """The direct children of a process (e.g. DataLoader workers), from /proc/<pid>/task/*/children (Linux)."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            pids += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text(encoding="ascii").split()]
+        except OSError:
+            continue
+    return sorted(set(pids))
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc; absent on macOS, musl, Windows
+    except (OSError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere).
+
+    A data worker allocates and frees image-sized buffers (about 1 MB at 640 px, mosaic canvases 5 MB) all the
+    time; glibc raises its mmap threshold after the first frees, serves them from the heap, and keeps the freed
+    pages resident: a worker's private memory grew by 1.2 GB in 300 batches at imgsz 640 (the README's COCO-scale
+    benchmark), with or without the dataset. Trimming every few dozen samples keeps it near its working set at no
+    measurable cost; a fixed mmap threshold did too but cost 20-40% of the loader's images/s in page faults.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -20,6 +20,7 @@ class ValOptions:
     conf: float = option(0.001, "confidence threshold", ge=0, le=1)
     iou: float = option(0.6, "NMS IoU threshold (0.65 for reported COCO figures)", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
+    augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     rect: bool = option(True, "rectangular batches (images sorted by aspect ratio)")
     workers: int = option(2, "data-loading workers", ge=0, le=64)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
@@ -66,17 +67,26 @@ class CheckOptions:
 
 
 @dataclass
+class ConvertOptions:
+    from_: str = option("yolo", "source format: yolo, an Ultralytics data.yaml (path, train, val, names) with labels/*.txt", choices=["yolo"])
+    data: str = option("", "the Ultralytics data.yaml to convert")
+    out: str = option("", "folder for instances_train.json, instances_val.json and <data stem>-coco.yaml ('': beside data)")
+
+
+@dataclass
 class PredictOptions:
     weights: str = option("", "checkpoint (weights/best.pt)")
-    source: str = option("", "an image, a folder or a glob")
+    source: str = option("", "an image, a folder, a glob, a video (mp4 avi mov mkv webm m4v mpeg mpg) or a camera index (0)")
     imgsz: int = option(0, "image size (0: the checkpoint's training size)", ge=0, le=8192, multiple_of=32)
-    batch: int = option(8, "images per forward pass", ge=1, le=4096)
+    batch: int = option(8, "images (or video frames) per forward pass", ge=1, le=4096)
+    vid_stride: int = option(1, "video: predict every N-th frame (the saved video keeps those, at fps / N)", ge=1, le=10_000)
     conf: float = option(0.25, "confidence threshold", ge=0, le=1)
     iou: float = option(0.45, "NMS IoU threshold", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
+    augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     classes: list[int] = option([], "keep only these class indices (comma list)", ge=0, le=100_000)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
-    save_images: bool = option(True, "save images with the boxes drawn")
+    save_images: bool = option(True, "save images (or the video) with the boxes drawn")
     project: str = option("runs/predict", "parent folder of the output folder")
     name: str = option("exp", "output folder name (auto-incremented unless exist_ok)")
     exist_ok: bool = option(False, "reuse an existing output folder")
@@ -85,7 +95,7 @@ class PredictOptions:
 @dataclass
 class ExportOptions:
     weights: str = option("", "checkpoint to export")
-    format: str = option("onnx", "export format (onnx)", choices=["onnx"])
+    format: str = option("onnx", "onnx (checked with onnxruntime) or openvino (IR, checked with OpenVINO's CPU runtime)", choices=["onnx", "openvino"])
     imgsz: int = option(0, "input size (0: the checkpoint's training size)", ge=0, le=8192, multiple_of=32)
     batch: int = option(1, "batch size of the sample input", ge=1, le=4096)
     dynamic: bool = option(False, "dynamic height and width too (the batch axis is always dynamic)")
@@ -95,7 +105,8 @@ class ExportOptions:
     max_det: int = option(300, "detections per image of the in-graph NMS", ge=1, le=100_000)
     opset: int = option(18, "ONNX opset", ge=14, le=23)
     simplify: bool = option(False, "run onnxslim/onnxsim if installed")
-    out: str = option("", "output path (default: beside the weights, <stem>.onnx)")
+    half: bool = option(False, "fp16 weights (format=openvino only: half the .bin, checked to 1e-2 relative)")
+    out: str = option("", "output path (default: beside the weights, <stem>.onnx; openvino: the folder <stem>_openvino_model)")
 
 
 @dataclass
@@ -143,6 +154,9 @@ class BenchDataOptions:
     batch: int = option(16, "batch size", ge=1, le=4096)
     batches: int = option(8, "batches timed per row, after one warm-up batch", ge=1, le=100_000)
     cache: str = option("", "'ram' keeps decoded images in memory", choices=["", "ram"])
+    scale: str = option("", "'coco': scan and loader at COCO scale instead (118,287 hard-linked images: scan times, "
+                        "RSS, worker USS, time to the first batch at the largest imgsz and workers)", choices=["", "coco"])
+    steps: int = option(300, "scale=coco: batches between the two readings of each worker's USS", ge=1, le=100_000)
 
 
 @dataclass
@@ -151,9 +165,11 @@ class BenchTrainOptions:
     imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
     workers: int = option(2, "data-loading workers of the end-to-end run", ge=0, le=64)
-    images: int = option(320, "training images per epoch (a generated shapes set)", ge=1, le=1_000_000)
+    images: int = option(320, "training images per epoch (a generated shapes set; unused with data=)", ge=1, le=1_000_000)
+    data: str = option("", "dataset YAML to time a real epoch on ('': the generated shapes set)")
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
+    profile: bool = option(False, "also split the end-to-end run's main process into its stages (torch.profiler)")
 
 
 @dataclass
@@ -184,3 +200,16 @@ class BenchAmpOptions:
     noise_seed: int | None = option(None, "seed of the second fp32 run, the noise (None: seed + 1; -1 skips that run)", ge=-1, le=2**32 - 1)
     channels_last: bool = option(True, "channels_last memory format")
     device: str = option("", "'' (a GPU when there is one, else the CPU), cpu, cuda, 0 ...")
+
+
+@dataclass
+class BenchExportOptions:
+    model: str = option("yolo-ca-n", "model config (name or path; untrained weights) or a checkpoint")
+    imgsz: list[int] = option([320, 640], "input sizes (comma list)", ge=32, le=8192, multiple_of=32)
+    runtimes: list[str] = option(["pytorch", "onnxruntime", "openvino", "openvino-bf16", "opencv"],
+                                 "comma list: pytorch (BN-folded copy, channels_last), onnxruntime, openvino (f32), "
+                                 "openvino-bf16 (CPUs with bf16 units only), opencv (cv2.dnn)",
+                                 choices=["pytorch", "onnxruntime", "openvino", "openvino-bf16", "opencv"])
+    iters: int = option(30, "timed batch-1 runs per row (the median counts)", ge=1, le=100_000)
+    warmup: int = option(5, "untimed runs before the timed ones", ge=0, le=100_000)
+    threads: int = option(0, "CPU threads of every runtime (0: torch's default)", ge=0, le=1024)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from detector import options
-from detector.tools.bench.rivals import RivalsOptions
 from detector.config import Bounds, TrainConfig, build_options, describe_options, load_options
 from detector.errors import DetectorError
+from detector.tools.bench.rivals import RivalsOptions
 
 CLASSES = [TrainConfig, RivalsOptions] + [c for c in vars(options).values()
                                           if dataclasses.is_dataclass(c) and c.__module__ == options.__name__]

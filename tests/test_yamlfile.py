@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from detector.config import load_train_config
-
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model

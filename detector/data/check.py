@@ -39,11 +39,12 @@ def _histogram(values: np.ndarray, edges: list[float], *, integer: bool = False)
 
 def label_stats(coco: CocoDataset, imgsz: int) -> str:
     """Boxes per image, box size in pixels at long side `imgsz`, aspect ratios, COCO size classes: text tables."""
-    per_image = np.array([len(r.boxes_xyxy) for r in coco.records])
+    per_image = coco.boxes_per_image()
     wh = coco.train_box_wh(imgsz)
     size = np.sqrt(wh.prod(axis=1))
     aspect = wh[:, 0] / np.maximum(wh[:, 1], 1e-6)
-    areas = np.concatenate([np.prod(r.boxes_xyxy[:, 2:] - r.boxes_xyxy[:, :2], axis=1) for r in coco.records])
+    boxes = coco.train_boxes_xyxy
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
     coco_sizes = [
         ["small (< 32^2 px)", int((areas < 32**2).sum())],
         ["medium", int(((areas >= 32**2) & (areas < 96**2)).sum())],

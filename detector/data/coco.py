@@ -10,21 +10,27 @@ COCO tools and annotation tools assume). Image sizes are read with the orientati
 and height) and `load_image` returns the transposed pixels, so boxes and pixels agree. Boxes are stored as
 float32 `[x1, y1, x2, y2]` in original pixels, pixel edges at integers (a box `[0, 0, w, h]` covers the image).
 
-Re-scans are fast: the per-image checks are cached in a JSON file (never pickle) keyed by the json's and each
-image's size and mtime, beside the json when that folder is writable, else under `cache_dir`.
+The scanned split is a few flat numpy arrays (no per-image Python objects, see `CocoDataset`), so forked data
+workers share its pages. The first scan reads image headers only (never the pixels) in a process pool over the
+machine's cores, with a progress bar on a terminal. The result and the per-image checks are cached as arrays in
+one `.npz` (never pickle; `detector.data.scan_cache`) keyed by the json's and each image's size and mtime,
+beside the json when that folder is writable, else under `cache_dir`: a re-scan of an unchanged split loads the
+arrays and parses no json (train and val from one file parse it once), one with changed images re-checks those.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import gc
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
+import struct
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +38,19 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from detector import memory
+from detector.data.scan_cache import (
+    CACHE_VERSION,
+    STATUS,
+    cache_paths,
+    load_cache,
+    pack_strings,
+    save_cache,
+    string_at,
+    unpack_strings,
+)
 from detector.errors import DetectorError
 from detector.memory import gib
 
@@ -50,8 +67,12 @@ JSON_PARSE_FACTOR = 8
 MIN_IMAGE_SIDE_PX = 10  # smaller images are skipped: nothing useful survives the stride-32 network
 CLIP_TOLERANCE_PX = 1.0  # a box past the border by less than this is float rounding: clipped silently
 MIN_BOX_SIDE_PX = 1.0  # boxes narrower or lower than this after clipping are dropped
-CACHE_VERSION = 1
 EXIF_ORIENTATION = 0x0112
+JPEG_TAIL_BYTES = 4096  # a JPEG's end-of-image marker is looked for in its last bytes (after any padding)
+POOL_MIN_IMAGES = 2000  # fewer images to check are inspected in this process (a pool costs more to start)
+MAX_SCAN_PROCESSES = 16
+SCAN_CHUNK = 256  # images per pool task
+PROGRESS_MIN_IMAGES = 1000  # a first scan of fewer images shows no progress bar
 NAMED_PER_KIND = 5  # problems named in the summary before "... and N more"
 
 # Problem kinds in the order the scan finds them; the bool says whether strict=True makes it an error.
@@ -155,11 +176,36 @@ class ScanSummary:
         return "\n".join(lines)
 
 
+class Records(Sequence[ImageRecord]):
+    """`CocoDataset.records`: an `ImageRecord` per usable image, made when indexed (from the flat arrays), so the
+    dataset holds no per-image Python objects."""
+
+    def __init__(self, dataset: CocoDataset) -> None:
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._dataset.record(i) for i in range(len(self))[index]]  # type: ignore[return-value]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"record {index} of {n}")
+        return self._dataset.record(index % n)
+
+
 class CocoDataset:
-    """A scanned COCO split: `records`, contiguous class index <-> original category id, names, summary.
+    """A scanned COCO split: per-image arrays, contiguous class index <-> original category id, names, summary.
 
     `names` overrides the category names (one per category, in category-id order). Class index i is the i-th
     smallest category id; `category_ids[i]` maps it back.
+
+    Storage: a few flat, read-only numpy arrays (`detector.data.scan_cache.RESULT_SCHEMA`): image ids, sizes, file
+    sizes, the file names as one string table, the training boxes and classes with per-image offsets, the crowd
+    boxes likewise, and each box's annotation id, area and position in the json (for `coco_gt`). Forked data
+    workers share these pages; no per-image Python object exists for their reference counts or the cyclic GC to
+    write into. `records[i]` / `record(i)` builds an `ImageRecord` view when asked.
     """
 
     def __init__(
@@ -173,12 +219,9 @@ class CocoDataset:
         self.images_dir = Path(split.images)
         self.annotations = Path(split.annotations)
         self.strict = strict
-        _check_json_size(self.annotations, self.images_dir)
-        data = _read_json(self.annotations)
-        images, categories, anns = _parse_coco(data, self.annotations)
-        self.category_ids: list[int] = sorted(c["id"] for c in categories)
-        by_id = {c["id"]: c for c in categories}
-        self._categories = [by_id[i] for i in self.category_ids]
+        meta, self._arrays = _scan(self.annotations, self.images_dir, cache_dir)
+        self._categories: list[dict[str, Any]] = meta["categories"]
+        self.category_ids: list[int] = [int(c["id"]) for c in self._categories]
         self.names: list[str] = [str(c["name"]) for c in self._categories]
         if names is not None:
             if len(names) != len(self.names):
@@ -186,69 +229,137 @@ class CocoDataset:
                     f"names: {len(names)} given but {self.annotations} has {len(self.names)} categories"
                 )
             self.names = [str(n) for n in names]
-        self.summary = ScanSummary(self.annotations, self.images_dir, images_listed=len(images))
-        checks = _check_images(images, self.images_dir, self.annotations, cache_dir)
-        self.records: list[ImageRecord] = []
-        self._gt_annotations: list[dict[str, Any]] = []
-        self._build(images, anns, checks)
+        self.summary = self._summary(meta)
         error = self.summary.first_strict_error()
         if strict and error:
             raise DetectorError(error)
-        if not self.records or self.summary.boxes_kept == 0:
+        if len(self) == 0 or self.summary.boxes_kept == 0:
             raise DetectorError(f"no labelled images in {self.annotations}")
+
+    def _summary(self, meta: dict[str, Any]) -> ScanSummary:
+        a = self._arrays
+        summary = ScanSummary(self.annotations, self.images_dir, images_listed=int(meta["images_listed"]))
+        for kind in PROBLEMS:
+            summary.problems[kind] = list(meta["problems"].get(kind, []))
+        summary.images_used = len(self)
+        summary.negatives = int((self.boxes_per_image() == 0).sum())
+        summary.boxes_kept, summary.crowd_kept = len(a["boxes"]), len(a["crowd"])
+        counts = np.bincount(a["classes"], minlength=self.num_classes)
+        summary.instances = {name: int(c) for name, c in zip(self.names, counts)}
+        return summary
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._arrays["image_id"])
+
+    # ------------------------------------------------------------------------------------ per image
+
+    @property
+    def records(self) -> Records:
+        """Sequence of `ImageRecord`, one per usable image (built on access)."""
+        return Records(self)
+
+    def record(self, index: int) -> ImageRecord:
+        """Image `index` as an `ImageRecord` (its arrays are copies: the dataset's stay untouched)."""
+        a = self._arrays
+        height, width = self.size_hw(index)
+        return ImageRecord(
+            image_id=self.image_id(index),
+            file=self.file(index),
+            width=width,
+            height=height,
+            boxes_xyxy=self.boxes(index).copy(),
+            classes=self.classes(index).copy(),
+            crowd_xyxy=self.crowd(index).copy(),
+            file_size=int(a["file_size"][index]),
+            fast_decode=bool(a["fast"][index]),
+        )
+
+    def image_id(self, index: int) -> int:
+        return int(self._arrays["image_id"][index])
+
+    def size_hw(self, index: int) -> tuple[int, int]:
+        """(height, width) of image `index` after EXIF."""
+        height, width = self._arrays["hw"][index].tolist()
+        return height, width
+
+    def file(self, index: int) -> Path:
+        return self.images_dir / string_at(self._arrays["names"], self._arrays["name_offsets"], index)
+
+    def boxes(self, index: int) -> np.ndarray:
+        """(n, 4) float32 xyxy training boxes of image `index`, original pixels (a read-only view)."""
+        offsets = self._arrays["box_offsets"]
+        return self._arrays["boxes"][offsets[index] : offsets[index + 1]]
+
+    def classes(self, index: int) -> np.ndarray:
+        """(n,) int64 contiguous classes of image `index`'s training boxes (a read-only view)."""
+        offsets = self._arrays["box_offsets"]
+        return self._arrays["classes"][offsets[index] : offsets[index + 1]]
+
+    def crowd(self, index: int) -> np.ndarray:
+        """(k, 4) float32 xyxy crowd boxes of image `index` (evaluation only; a read-only view)."""
+        offsets = self._arrays["crowd_offsets"]
+        return self._arrays["crowd"][offsets[index] : offsets[index + 1]]
+
+    # ------------------------------------------------------------------------------------ whole split
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """(n,) int64 image ids (read-only)."""
+        return self._arrays["image_id"]
 
     @property
     def image_hw(self) -> np.ndarray:
-        """(n, 2) int64 height, width of each record after EXIF."""
-        return np.array([(r.height, r.width) for r in self.records], dtype=np.int64).reshape(-1, 2)
+        """(n, 2) int64 height, width of each image after EXIF (read-only)."""
+        return self._arrays["hw"]
+
+    @property
+    def train_boxes_xyxy(self) -> np.ndarray:
+        """(N, 4) float32 every training box, image by image (`boxes_per_image` long runs; read-only)."""
+        return self._arrays["boxes"]
+
+    def boxes_per_image(self) -> np.ndarray:
+        """(n,) int64 training boxes of each image."""
+        return np.diff(self._arrays["box_offsets"])
 
     def load_image(self, index: int) -> np.ndarray:
-        """Decode record `index` as (H, W, 3) uint8 RGB with EXIF applied; OSError/ValueError if unreadable.
+        """Decode image `index` as (H, W, 3) uint8 RGB with EXIF applied; OSError/ValueError if unreadable.
 
         Files the scan found plain (see ImageRecord.fast_decode) and whose size is unchanged go through
         cv2.imdecode, about twice as fast as PIL here; everything else, and any cv2 failure, through `read_rgb`.
         """
-        record = self.records[index]
-        if record.fast_decode:
-            data = record.file.read_bytes()
-            if len(data) == record.file_size:
+        path = self.file(index)
+        if self._arrays["fast"][index]:
+            data = path.read_bytes()
+            if len(data) == self._arrays["file_size"][index]:
                 flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
                 image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-                if image is not None and image.shape[:2] == (record.height, record.width):
+                if image is not None and image.shape[:2] == self.size_hw(index):
                     return image
-        return read_rgb(record.file)
+        return read_rgb(path)
 
     def train_box_wh(self, imgsz: int) -> np.ndarray:
         """(N, 2) float32 pixel width, height of every training box once its image's long side is `imgsz`
         (what the network sees before augmentation; used by auto-anchor)."""
-        if not self.records:
+        boxes = self._arrays["boxes"]
+        if len(self) == 0:
             return np.zeros((0, 2), np.float32)
-        scales = np.array([imgsz / max(r.width, r.height) for r in self.records], np.float32)
-        counts = np.array([len(r.boxes_xyxy) for r in self.records])
-        boxes = np.concatenate([r.boxes_xyxy for r in self.records]).reshape(-1, 4)
-        return ((boxes[:, 2:] - boxes[:, :2]) * np.repeat(scales, counts)[:, None]).astype(np.float32)
+        scales = (imgsz / self._arrays["hw"].max(axis=1)).astype(np.float32)
+        return ((boxes[:, 2:] - boxes[:, :2]) * np.repeat(scales, self.boxes_per_image())[:, None]).astype(np.float32)
 
     def coco_gt(self) -> COCO:
-        """In-memory ground truth for COCOeval: the usable images, their kept annotations (crowd included,
-        boxes clipped, original category ids, `area` from the file or w*h when absent) and all categories."""
+        """In-memory ground truth for COCOeval, built now from the arrays (call it in the process that scores):
+        the usable images, their kept annotations in the json's order (crowd included, boxes clipped, original
+        category ids, `area` from the file or w*h when absent) and all categories."""
         from pycocotools.coco import COCO
 
         dataset = {
-            "images": [
-                {"id": r.image_id, "file_name": r.file.name, "width": r.width, "height": r.height}
-                for r in self.records
-            ],
-            "annotations": [dict(a) for a in self._gt_annotations],
-            "categories": [
-                {**c, "name": name} for c, name in zip(self._categories, self.names)
-            ],
+            "images": self._gt_images(),
+            "annotations": self._gt_annotations(),
+            "categories": [{**c, "name": name} for c, name in zip(self._categories, self.names)],
         }
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
             coco = COCO()
@@ -256,45 +367,124 @@ class CocoDataset:
             coco.createIndex()
         return coco
 
-    # ------------------------------------------------------------------------------------------ the scan
+    def _gt_images(self) -> list[dict[str, Any]]:
+        a = self._arrays
+        names = unpack_strings(a["names"], a["name_offsets"])
+        return [
+            {"id": image_id, "file_name": (self.images_dir / name).name, "width": w, "height": h}
+            for image_id, name, (h, w) in zip(a["image_id"].tolist(), names, a["hw"].tolist())
+        ]
 
-    def _build(self, images: list[dict], anns: list[dict], checks: dict[str, tuple]) -> None:
-        if not images:
-            return
-        table = _image_table(images, checks, self.images_dir, self.summary.problems)
-        checked = _check_annotations(anns, table, self.category_ids, self.summary.problems)
-        alive, boxes, img_idx = checked["alive"], checked["boxes"], checked["img_idx"]
-        classes = np.searchsorted(np.array(self.category_ids, dtype=np.int64), checked["category_ids"])
-        train, crowd = alive & ~checked["crowd"], alive & checked["crowd"]
-        self._gt_annotations = _gt_annotations(anns, np.flatnonzero(alive), boxes)
-        per_image_train = _group(np.flatnonzero(train), img_idx, len(images))
-        per_image_crowd = _group(np.flatnonzero(crowd), img_idx, len(images))
-        for i in np.flatnonzero(table["usable"]):
-            t, c = per_image_train[i], per_image_crowd[i]
-            self.records.append(
-                ImageRecord(
-                    image_id=int(table["ids"][i]),
-                    file=self.images_dir / images[i]["file_name"],
-                    width=int(table["widths"][i]),
-                    height=int(table["heights"][i]),
-                    boxes_xyxy=boxes[t],
-                    classes=classes[t].astype(np.int64),
-                    crowd_xyxy=boxes[c],
-                    file_size=int(table["file_sizes"][i]),
-                    fast_decode=bool(table["fast"][i]),
-                )
-            )
-        s = self.summary
-        s.images_used = len(self.records)
-        s.negatives = sum(len(r.boxes_xyxy) == 0 for r in self.records)
-        s.boxes_kept = int(train.sum())
-        s.crowd_kept = int(crowd.sum())
-        counts = np.bincount(classes[train], minlength=self.num_classes)
-        s.instances = {name: int(c) for name, c in zip(self.names, counts)}
+    def _gt_annotations(self) -> list[dict[str, Any]]:
+        a = self._arrays
+        image = np.concatenate([np.repeat(np.arange(len(self)), np.diff(a[f"{p}_offsets"])) for p in ("box", "crowd")])
+        order = np.argsort(np.concatenate([a["box_order"], a["crowd_order"]]), kind="stable")
+        xyxy = np.concatenate([a["boxes"], a["crowd"]]).astype(np.float64)[order]
+        columns = {
+            "id": np.concatenate([a["box_ann"], a["crowd_ann"]])[order].tolist(),
+            "image_id": a["image_id"][image[order]].tolist(),
+            "category_id": np.array(self.category_ids, np.int64)[np.concatenate([a["classes"], a["crowd_classes"]])][order].tolist(),
+            "bbox": np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist(),
+            "area": np.concatenate([a["box_area"], a["crowd_area"]])[order].tolist(),
+            "iscrowd": np.repeat([0, 1], [len(a["boxes"]), len(a["crowd"])])[order].tolist(),
+        }
+        keys = list(columns)
+        return [dict(zip(keys, row)) for row in zip(*columns.values())]
+
+
+# ---------------------------------------------------------------------------------------------- the scan
+
+
+def _scan(annotations: Path, images_dir: Path, cache_dir: Path | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of the split: from the cache when the json and every image it lists are unchanged (no json
+    parse then), else scanned (the unchanged images' checks reused from the cache) and cached."""
+    key = {"version": CACHE_VERSION, "annotations": list(_stat_key(annotations) or (0, 0)),
+           "images_dir": str(images_dir.resolve())}
+    paths = cache_paths(annotations, cache_dir)
+    cached = load_cache(paths, key)
+    listed: tuple[list[str], np.ndarray, dict[str, np.ndarray]] | None = None
+    if cached is not None:
+        meta, arrays = cached
+        names = unpack_strings(arrays["listed_names"], arrays["listed_name_offsets"])
+        stats = _stat_keys(images_dir, names)
+        if meta.get("result") is True and meta.get("given") == str(images_dir) and np.array_equal(stats, arrays["listed_stat"]):
+            return meta, arrays
+        listed = names, stats, arrays
+    _check_json_size(annotations, images_dir)
+    images, categories, anns = _parse_coco(_read_json(annotations), annotations)
+    file_names = [im["file_name"] for im in images]
+    if listed is not None and listed[0] == file_names:
+        stats, reuse = listed[1], listed[2]
+    else:
+        stats, reuse = _stat_keys(images_dir, file_names), None
+    checks = _check_images(file_names, stats, images_dir, reuse)
+    problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
+    table = _image_table(images, checks, images_dir, problems)
+    categories = sorted(categories, key=lambda c: c["id"])
+    category_ids = [c["id"] for c in categories]
+    arrays = {**_listed_arrays(file_names, stats, checks), **_result_arrays(images, anns, table, category_ids, problems)}
+    meta = {**key, "result": True, "given": str(images_dir), "images_listed": len(images), "problems": problems,
+            "categories": categories}
+    save_cache(paths, meta, arrays)
+    for a in arrays.values():
+        a.flags.writeable = False
+    return meta, arrays
+
+
+def _stat_keys(images_dir: Path, names: list[str]) -> np.ndarray:
+    """(m, 2) int64 size and mtime (ns) of each file, (-1, -1) where it cannot be read."""
+    base = os.fspath(images_dir)
+    keys = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(base, name))
+            keys.append((st.st_size, st.st_mtime_ns))
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name
+            keys.append((-1, -1))
+    return np.array(keys, np.int64).reshape(-1, 2)
+
+
+def _listed_arrays(names: list[str], stats: np.ndarray, checks: dict[str, Any]) -> dict[str, np.ndarray]:
+    name_bytes, name_offsets = pack_strings(names)
+    reason_bytes, reason_offsets = pack_strings(checks["reasons"])
+    return {
+        "listed_names": name_bytes, "listed_name_offsets": name_offsets, "listed_stat": stats,
+        "listed_status": checks["status"], "listed_wh": checks["wh"], "listed_fast": checks["fast"],
+        "listed_reasons": reason_bytes, "listed_reason_offsets": reason_offsets,
+    }
+
+
+def _result_arrays(
+    images: list[dict], anns: list[dict], table: dict[str, np.ndarray], category_ids: list[int],
+    problems: dict[str, list[str]],
+) -> dict[str, np.ndarray]:
+    """The arrays of RESULT_SCHEMA: usable images in json order, each one's boxes in annotation order."""
+    checked = _check_annotations(anns, table, category_ids, problems)
+    alive, img_idx = checked["alive"], checked["img_idx"]
+    classes = np.searchsorted(np.array(category_ids, dtype=np.int64), checked["category_ids"]).astype(np.int64)
+    area = _gt_area(anns, alive, checked["boxes"])
+    usable = np.flatnonzero(table["usable"])
+    position = np.cumsum(table["usable"]) - 1  # json image index -> index among the usable images
+    names, name_offsets = pack_strings([images[i]["file_name"] for i in usable])
+    out = {
+        "image_id": table["ids"][usable], "hw": np.stack([table["heights"], table["widths"]], 1)[usable].astype(np.int64),
+        "file_size": table["file_sizes"][usable], "fast": table["fast"][usable], "names": names, "name_offsets": name_offsets,
+    }
+    for prefix, boxes_key, chosen in (("box", "boxes", alive & ~checked["crowd"]), ("crowd", "crowd", alive & checked["crowd"])):
+        index = np.flatnonzero(chosen)
+        index = index[np.argsort(img_idx[index], kind="stable")]
+        counts = np.bincount(position[img_idx[index]], minlength=len(usable))
+        out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out[boxes_key] = checked["boxes"][index].reshape(-1, 4)
+        out["classes" if prefix == "box" else "crowd_classes"] = classes[index]
+        out[f"{prefix}_ann"] = checked["ann_ids"][index]
+        out[f"{prefix}_area"] = area[index]
+        out[f"{prefix}_order"] = index.astype(np.int64)
+    return out
 
 
 def _image_table(
-    images: list[dict], checks: dict[str, tuple], images_dir: Path, problems: dict[str, list[str]]
+    images: list[dict], checks: dict[str, Any], images_dir: Path, problems: dict[str, list[str]]
 ) -> dict[str, np.ndarray]:
     """Per json image: ids, widths, heights (after EXIF), usable, file_sizes, fast; image problems recorded."""
     n = len(images)
@@ -306,8 +496,9 @@ def _image_table(
         "file_sizes": np.zeros(n, np.int64),
         "fast": np.zeros(n, bool),
     }
+    statuses, sizes, reasons = checks["status"].tolist(), checks["wh"].tolist(), checks["reasons"]
     for i, im in enumerate(images):
-        status, width, height, reason, table["file_sizes"][i], table["fast"][i] = checks[im["file_name"]]
+        status, (width, height), reason = STATUS[statuses[i]], sizes[i], reasons[i]
         path = images_dir / im["file_name"]
         if status == "missing":
             problems["missing image file"].append(f"{path} (image id {im['id']})")
@@ -323,6 +514,8 @@ def _image_table(
                 problems["json width/height differ from the file (the file's are used)"].append(
                     f"{path} (json {json_size[0]}x{json_size[1]}, file {width}x{height})"
                 )
+    table["file_sizes"] = np.where(table["usable"], checks["file_sizes"], 0)
+    table["fast"] = table["usable"] & checks["fast"]
     return table
 
 
@@ -331,7 +524,7 @@ def _check_annotations(
 ) -> dict[str, np.ndarray]:
     """Vectorised box checks. Each annotation is dropped for the first problem it has (in PROBLEMS order) or kept
     (`alive`), boxes clipped to their image. Returns alive, boxes (n, 4) xyxy float32, img_idx, category_ids,
-    crowd; problems recorded with the annotation ids."""
+    ann_ids, crowd; problems recorded with the annotation ids."""
     n = len(anns)
     ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
     ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)
@@ -371,15 +564,9 @@ def _check_annotations(
         "boxes": clipped_xyxy.astype(np.float32).reshape(n, 4),
         "img_idx": img_idx,
         "category_ids": ann_cat,
+        "ann_ids": ann_ids,
         "crowd": crowd,
     }
-
-
-def _group(ann_index: np.ndarray, img_idx: np.ndarray, n_img: int) -> list[np.ndarray]:
-    """Split annotation indices by their image index: list of n_img index arrays (annotation order kept)."""
-    order = ann_index[np.argsort(img_idx[ann_index], kind="stable")]
-    counts = np.bincount(img_idx[ann_index], minlength=n_img)
-    return np.split(order, np.cumsum(counts)[:-1])
 
 
 def _describe_annotations(
@@ -392,26 +579,17 @@ def _describe_annotations(
     return [f"annotation {ann_ids[i]}" for i in hits]
 
 
-def _gt_annotations(anns: list[dict], kept: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
-    out = []
-    for i in kept:
-        a = anns[i]
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        w, h = x2 - x1, y2 - y1
-        area = a.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not np.isfinite(area) or area <= 0:
-            area = w * h
-        out.append(
-            {
-                "id": a["id"],
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "bbox": [x1, y1, w, h],
-                "area": float(area),
-                "iscrowd": int(bool(a.get("iscrowd", 0))),
-            }
-        )
-    return out
+def _gt_area(anns: list[dict], alive: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n,) float64 COCOeval `area` of each kept annotation: the file's when a positive finite number, else the
+    clipped box's w * h; NaN for dropped annotations."""
+    area = np.full(len(anns), np.nan)
+    for i in np.flatnonzero(alive).tolist():
+        value = anns[i].get("area")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0:
+            area[i] = float(value)
+    xyxy = boxes.astype(np.float64)
+    computed = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+    return np.where(alive & np.isnan(area), computed, area)
 
 
 # ---------------------------------------------------------------------------------------------- json
@@ -508,28 +686,113 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
+def _png_late_exif(path: Path) -> bytes | None:
+    """The eXIf chunk of a PNG that stores it after the image data (PIL reads it only by decoding the pixels):
+    found by walking the chunk headers."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)
+
+
+def _orientation(im: Image.Image, path: Path) -> int:
+    """EXIF orientation (1-8) from the headers; a PNG's getexif() would decode the pixels, so its eXIf chunk is
+    looked up directly."""
+    if im.format == "PNG":
+        if "exif" not in im.info:
+            late = _png_late_exif(path)
+            if late:
+                im.info["exif"] = b"Exif\x00\x00" + late
+        return Image.Image.getexif(im).get(EXIF_ORIENTATION, 1)
+    return im.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """True when the file ends with the end-of-image marker (trailing padding allowed): not truncated."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - JPEG_TAIL_BYTES, 0))
+        return f.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+
+
+def _decode_small(path: Path) -> None:
+    """Decode at 1/8 scale (libjpeg's DCT scaling): fails on a truncated JPEG."""
+    with Image.open(path) as im:
+        im.draft(None, (max(im.size[0] // 8, 1), max(im.size[1] // 8, 1)))
+        im.load()
+
+
 def inspect_image(path: Path) -> tuple[str, int, int, str, bool]:
     """(status, width, height, reason, fast_decode); status is ok or corrupt; size after EXIF orientation.
 
-    `verify()` checks the container; a full decode (JPEGs at 1/8 scale through libjpeg's DCT scaling, which still
-    reads every byte of entropy-coded data) catches a truncated file. The file is never modified.
+    Reads headers, never the pixels: PIL's open (size, mode, EXIF), `verify()` (a PNG's chunk checksums up to IEND;
+    nothing for JPEG) and, for a JPEG, its last bytes: one that does not end with the end-of-image marker
+    (truncated, or with data appended after it) is decoded at 1/8 scale, which a truncated file fails. The file is
+    never modified. A file damaged inside its data but complete is found when it is decoded (see the loaders).
     """
     try:
         with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
             width, height = im.size
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            fast = im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L") and orientation == 1
-            if im.format == "JPEG":
-                im.draft(None, (max(im.size[0] // 8, 1), max(im.size[1] // 8, 1)))
-            im.load()
+            fmt, mode = im.format, im.mode
+            orientation = _orientation(im, path)
+            im.verify()
+        if fmt == "JPEG" and not _jpeg_complete(path):
+            _decode_small(path)
     except Exception as err:  # any decoder failure (OSError, SyntaxError, struct.error, bombs ...) = corrupt
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return "corrupt", 0, 0, reason, False
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    fast = fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1
     return "ok", width, height, "", fast
+
+
+def _inspect_chunk(paths: list[str]) -> list[tuple[str, int, int, str, bool]]:
+    """A pool task: `inspect_image` of each path."""
+    return [inspect_image(Path(p)) for p in paths]
+
+
+def _progress(total: int, images_dir: Path) -> Any:
+    """A tqdm bar on stderr for a first scan of many images (none for a few, or when stderr is not a terminal)."""
+    disable = True if total < PROGRESS_MIN_IMAGES else None  # None: tqdm's "only on a terminal"
+    return tqdm(total=total, desc=f"scanning {images_dir}", unit="img", disable=disable, dynamic_ncols=True)
+
+
+def _inspect_many(paths: list[Path], images_dir: Path) -> list[tuple[str, int, int, str, bool]]:
+    """`inspect_image` of each path: here for a few, else in a process pool over the machine's cores (header
+    parsing is Python code, so threads would queue on the GIL)."""
+    workers = min(os.cpu_count() or 1, MAX_SCAN_PROCESSES)
+    if len(paths) < POOL_MIN_IMAGES or workers < 2:
+        with _progress(len(paths), images_dir) as bar:
+            results = []
+            for path in paths:
+                results.append(inspect_image(path))
+                bar.update()
+            return results
+    chunks = [[str(p) for p in paths[i : i + SCAN_CHUNK]] for i in range(0, len(paths), SCAN_CHUNK)]
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    results = []
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        frozen = gc.get_freeze_count() == 0
+        gc.freeze()  # the parsed json is in the permanent generation: the children's GC never writes into its pages
+        try:
+            futures = [pool.submit(_inspect_chunk, chunk) for chunk in chunks]  # with fork, the children start here
+        finally:
+            if frozen:
+                gc.unfreeze()
+        with _progress(len(paths), images_dir) as bar:
+            for future, chunk in zip(futures, chunks):
+                results += future.result()
+                bar.update(len(chunk))
+    return results
 
 
 def _stat_key(path: Path) -> tuple[int, int] | None:
@@ -540,98 +803,32 @@ def _stat_key(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _cache_paths(annotations: Path, cache_dir: Path | None) -> list[Path]:
-    paths = [annotations.parent / f".{annotations.name}.scan-cache.json"]
-    if cache_dir is not None:
-        digest = hashlib.sha1(str(annotations.resolve()).encode()).hexdigest()[:12]
-        paths.append(Path(cache_dir) / f"{annotations.stem}-{digest}.scan-cache.json")
-    return paths
-
-
-def _load_cache(paths: list[Path], json_key: list[int], images_dir: Path) -> dict[str, list]:
-    """Per-image entries of the first valid cache; a stale, foreign or unreadable cache counts as none."""
-    for path in paths:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if (
-            isinstance(data, dict)
-            and data.get("version") == CACHE_VERSION
-            and data.get("annotations") == json_key
-            and data.get("images_dir") == str(images_dir.resolve())
-            and isinstance(data.get("images"), dict)
-        ):
-            return data["images"]
-    return {}
-
-
-def _save_cache(paths: list[Path], payload: dict) -> None:
-    """Write atomically (temp file + os.replace) to the first writable candidate; no cache is not an error."""
-    text = json.dumps(payload, separators=(",", ":"))
-    for path in paths:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-            return
-        except OSError as err:
-            LOGGER.debug("scan cache not written to %s: %s", path, err)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-def _valid_entry(entry: Any, key: tuple[int, int]) -> bool:
-    return (
-        isinstance(entry, list)
-        and len(entry) == 7
-        and entry[:2] == list(key)
-        and entry[2] in ("ok", "corrupt")
-        and all(_is_int(v) for v in entry[3:5])
-        and isinstance(entry[5], str)
-        and isinstance(entry[6], bool)
-    )
-
-
 def _check_images(
-    images: list[dict], images_dir: Path, annotations: Path, cache_dir: Path | None
-) -> dict[str, tuple[str, int, int, str, int, bool]]:
-    """file_name -> (status, width, height, reason, file_size, fast_decode), status ok, corrupt or missing;
-    from the cache where each file's size+mtime still match."""
-    json_key = list(_stat_key(annotations) or (0, 0))
-    paths = _cache_paths(annotations, cache_dir)
-    cached = _load_cache(paths, json_key, images_dir)
-    checks: dict[str, tuple[str, int, int, str, bool]] = {}
-    keys: dict[str, tuple[int, int]] = {}
-    todo: list[str] = []
-    for im in images:
-        name = im["file_name"]
-        key = _stat_key(images_dir / name)
-        if key is None:
-            continue
-        keys[name] = key
-        if _valid_entry(cached.get(name), key):
-            checks[name] = tuple(cached[name][2:])  # type: ignore[assignment]
-        else:
-            todo.append(name)
-    if todo:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-            checks.update(zip(todo, pool.map(inspect_image, [images_dir / name for name in todo])))
-    if todo or not cached:
-        payload = {
-            "version": CACHE_VERSION,
-            "annotations": json_key,
-            "images_dir": str(images_dir.resolve()),
-            "images": {name: [*key, *checks[name]] for name, key in keys.items()},
-        }
-        _save_cache(paths, payload)
-    results = {}
-    for im in images:
-        name = im["file_name"]
-        if name in keys:
-            status, width, height, reason, fast = checks[name]
-            results[name] = (status, width, height, reason, keys[name][0], fast)
-        else:
-            results[name] = ("missing", 0, 0, "not found", 0, False)
-    return results
+    names: list[str], stats: np.ndarray, images_dir: Path, cached: dict[str, np.ndarray] | None
+) -> dict[str, Any]:
+    """Per listed image: status (int8 codes of scan_cache.STATUS), wh (m, 2) after EXIF, reasons, fast,
+    file_sizes; from `cached` (the same names' earlier checks) where a file's size and mtime still match."""
+    m = len(names)
+    present = stats[:, 0] >= 0
+    checks = {
+        "status": np.where(present, 0, STATUS.index("missing")).astype(np.int8),
+        "wh": np.zeros((m, 2), np.int64),
+        "reasons": [""] * m,
+        "fast": np.zeros(m, bool),
+        "file_sizes": stats[:, 0].copy(),
+    }
+    reuse = np.zeros(m, bool)
+    if cached is not None:
+        reuse = present & (stats == cached["listed_stat"]).all(axis=1) & (cached["listed_status"] != STATUS.index("missing"))
+        for key in ("status", "wh", "fast"):
+            checks[key][reuse] = cached[f"listed_{key}"][reuse]
+        reasons = unpack_strings(cached["listed_reasons"], cached["listed_reason_offsets"])
+        for i in np.flatnonzero(reuse & (checks["status"] != 0)).tolist():
+            checks["reasons"][i] = reasons[i]
+    todo = np.flatnonzero(present & ~reuse).tolist()
+    for i, (status, width, height, reason, fast) in zip(todo, _inspect_many([images_dir / names[i] for i in todo], images_dir)):
+        checks["status"][i] = STATUS.index(status)
+        checks["wh"][i] = width, height
+        checks["reasons"][i] = reason
+        checks["fast"][i] = fast
+    return checks

@@ -11,6 +11,7 @@ Batch (what `collate` returns): {
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections import OrderedDict
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from detector import memory
 from detector.data.coco import CocoDataset
 from detector.data.transforms import AugmentHyp, Sample, TrainTransform, letterbox, resize_by
 from detector.errors import DetectorError
@@ -39,6 +41,7 @@ MAX_SUBSTITUTES = 10  # unreadable images replaced in a row before giving up
 # not four; below PARTNER_POOL_MIN buffered images (a worker's first samples) they are drawn from the whole set.
 PARTNER_BUFFER = 64
 PARTNER_POOL_MIN = 16
+HEAP_TRIM_DECODES = 64  # decodes between handing freed heap pages back to the OS (see memory.trim_heap)
 WORKER_TIMEOUT_S = 600  # a batch that takes longer than this from the workers is a hung worker: an error
 # What a file that changed or vanished after the scan raises while decoding.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -74,6 +77,7 @@ class _ImageSource:
         self.coco = coco
         self.ratios = ratios
         self.buffer_size = buffer_size
+        self.decodes = 0
         self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
         self.ram: list[np.ndarray] | None = None
         if cache == "ram":
@@ -85,6 +89,9 @@ class _ImageSource:
             raise DetectorError(f"cache must be '' or 'ram', got '{cache}'")
 
     def read(self, index: int) -> np.ndarray:
+        self.decodes += 1
+        if self.decodes % HEAP_TRIM_DECODES == 0:
+            memory.trim_heap()
         return resize_by(self.coco.load_image(index), float(self.ratios[index]))
 
     def get(self, index: int) -> np.ndarray:
@@ -156,23 +163,22 @@ class TrainDataset(Dataset):
     def _load(self, index: int) -> Sample:
         """Image `index` at long side imgsz with its boxes; an unreadable one is replaced (see the class doc)."""
         for _ in range(MAX_SUBSTITUTES):
-            record = self.coco.records[index]
             try:
                 image = self.source.get(index)
             except READ_ERRORS as err:
+                file = self.coco.file(index)
                 if self.strict:
-                    raise DetectorError(f"cannot read image {record.file} (changed since the scan?): {err}") from err
-                self._sample_unreadable.append(str(record.file))
-                if str(record.file) not in self.failed_files:
-                    self.failed_files.append(str(record.file))
-                    LOGGER.warning("cannot read image %s (%s); using another image instead", record.file, err)
+                    raise DetectorError(f"cannot read image {file} (changed since the scan?): {err}") from err
+                self._sample_unreadable.append(str(file))
+                if str(file) not in self.failed_files:
+                    self.failed_files.append(str(file))
+                    LOGGER.warning("cannot read image %s (%s); using another image instead", file, err)
                 index = int(self.transform.rng.integers(len(self)))
                 continue
-            return image, record.boxes_xyxy * np.float32(self.ratios[index]), record.classes
-        raise DetectorError(f"{MAX_SUBSTITUTES} images in a row unreadable, last {record.file}; was the dataset moved?")
+            return image, self.coco.boxes(index) * np.float32(self.ratios[index]), self.coco.classes(index)
+        raise DetectorError(f"{MAX_SUBSTITUTES} images in a row unreadable, last {file}; was the dataset moved?")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.coco.records[index]
         self._start_epoch_streams()
         self._sample_unreadable = []
         try:
@@ -182,12 +188,12 @@ class TrainDataset(Dataset):
         except DetectorError:
             raise
         except Exception as err:  # surface which file a worker was on, not a bare worker traceback
-            raise DetectorError(f"augmenting {record.file} failed: {type(err).__name__}: {err}") from err
+            raise DetectorError(f"augmenting {self.coco.file(index)} failed: {type(err).__name__}: {err}") from err
         height, width = image.shape[:2]
         meta = {
-            "image_id": record.image_id,
-            "file": str(record.file),
-            "orig_hw": (record.height, record.width),
+            "image_id": self.coco.image_id(index),
+            "file": str(self.coco.file(index)),
+            "orig_hw": self.coco.size_hw(index),
             "ratio": float(self.ratios[index]),
             "pad": (0, 0),
             "mosaic": used_mosaic,
@@ -234,23 +240,24 @@ class ValDataset(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = int(self.order[position])
-        record = self.coco.records[index]
+        file = self.coco.file(index)
         shape = self.shapes[position // self.batch_size] if self.rect else self.shapes[0]
         try:
             resized = self.source.get(index)  # already at long side imgsz: the letterbox below only pads
         except READ_ERRORS as err:
-            raise DetectorError(f"cannot read image {record.file} (changed since the scan?): {err}") from err
+            raise DetectorError(f"cannot read image {file} (changed since the scan?): {err}") from err
         image, extra, pad = letterbox(resized, (int(shape[0]), int(shape[1])))
         ratio = float(self.ratios[index]) * extra
-        boxes = record.boxes_xyxy * np.float32(ratio) + np.float32([pad[0], pad[1], pad[0], pad[1]])
+        boxes = self.coco.boxes(index) * np.float32(ratio) + np.float32([pad[0], pad[1], pad[0], pad[1]])
         meta = {
-            "image_id": record.image_id,
-            "file": str(record.file),
-            "orig_hw": (record.height, record.width),
+            "image_id": self.coco.image_id(index),
+            "file": str(file),
+            "orig_hw": self.coco.size_hw(index),
             "ratio": ratio,
             "pad": pad,
         }
-        return {"image": _to_chw(image), "labels": _labels(boxes, record.classes, image.shape[1], image.shape[0]), "meta": meta}
+        labels = _labels(boxes, self.coco.classes(index), image.shape[1], image.shape[0])
+        return {"image": _to_chw(image), "labels": labels, "meta": meta}
 
 
 class DetectorDataLoader(DataLoader):
@@ -286,6 +293,12 @@ class DetectorDataLoader(DataLoader):
                     raise DetectorError(f"{str(err).splitlines()[0].rstrip('. ')}; workers=0 shows the failing file") from err
                 raise
             yield batch
+
+
+def _worker_init(worker_id: int) -> None:
+    """In each new worker: the objects inherited from the main process go to the GC's permanent generation (an
+    O(1) move), so a full collection in the worker never writes into, and so copies, the pages they share."""
+    gc.freeze()
 
 
 def _check_imgsz(imgsz: int) -> None:
@@ -326,6 +339,7 @@ def build_train_loader(
         persistent_workers=workers > 0,
         generator=generator,
         timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+        worker_init_fn=_worker_init,
     )
 
 
@@ -353,4 +367,5 @@ def build_val_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+        worker_init_fn=_worker_init,
     )

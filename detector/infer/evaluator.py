@@ -25,6 +25,7 @@ import torch.nn as nn
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
 from detector.infer.metrics import BACKENDS, COCO_KEYS, evaluate_coco, fitness, format_metrics_table
 from detector.infer.postprocess import non_max_suppression
+from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
 from detector.models.builder import inference_copy
 
@@ -95,7 +96,8 @@ class Evaluator:
     `EvalResult`; writing and logging it is `save_results`' job, so `run` has no output flags.
 
     `half` runs the forward under fp16 autocast on CUDA (ignored elsewhere); the model is never modified (a
-    DetectionModel is evaluated through its BN-folded channels_last `inference_copy`).
+    DetectionModel is evaluated through its BN-folded channels_last `inference_copy`). `augment` runs each batch
+    through test-time augmentation (`tta.augmented_forward`: three scales, one flipped) before the same NMS.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Evaluator:
         device: torch.device | str | None = None,
         half: bool = False,
         backend: str = "pycocotools",
+        augment: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise DetectorError(f"backend: unknown '{backend}'; valid: {', '.join(BACKENDS)}")
@@ -116,13 +119,22 @@ class Evaluator:
         self.dataset = getattr(dataset, "coco", dataset)
         if self.dataset is None or not hasattr(self.dataset, "coco_gt"):
             raise TypeError("Evaluator needs a val loader whose dataset is (or has .coco) a CocoDataset")
-        self.gt = self.dataset.coco_gt()
+        self._gt: Any = None  # built at the first scoring: see `gt`
         self.names = list(self.dataset.names)
         self.category_ids = torch.as_tensor(list(self.dataset.category_ids), dtype=torch.int64)
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.device = torch.device(device) if device is not None else None
         self.half = half
         self.backend = backend
+        self.augment = augment
+
+    @property
+    def gt(self) -> Any:
+        """The COCO ground truth (`CocoDataset.coco_gt`), built from the dataset's arrays on first use, in this
+        process: data workers forked before the first scoring never inherit its per-annotation Python objects."""
+        if self._gt is None:
+            self._gt = self.dataset.coco_gt()
+        return self._gt
 
     def run(self, model: nn.Module, *, samples: int = 0) -> EvalResult:
         """Evaluate `model` (any mode; put back in its previous mode) -> an `EvalResult`.
@@ -168,7 +180,7 @@ class Evaluator:
                 images = to_model_input(batch["images"], device)
                 t1 = _clock(device)
                 with amp:
-                    pred = net(images)
+                    pred = augmented_forward(net, images) if self.augment else net(images)
                 t2 = _clock(device)
                 self._check_classes(pred)
                 dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det)

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import TrainConfig, load_train_config, parse_overrides
-
 from detector.data.spec import load_data_spec
-
-from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
+from detector.models.catalog import resolve_model_path
 from detector.options import AblateOptions
 from detector.yamlfile import load_yaml
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detector.runtime import checkpoint as ckpt_io
 from detector.errors import DetectorError
+from detector.runtime import checkpoint as ckpt_io
 
 LOGGER = logging.getLogger(__name__)
 SHOWN = 5  # differing keys named in a message

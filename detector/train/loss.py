@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import complete_box_iou_loss
 
-from detector.train.loss_aligned import AlignedLoss
 from detector.errors import DetectorError
 from detector.models.head import DecoupledDetect
+from detector.train.loss_aligned import AlignedLoss
 
 # Subtracted from a centre (grid units) to reach: own cell, left, up, right, down neighbour.
 _CELL_OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5))

@@ -13,25 +13,26 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from detector.config import TrainConfig, build_options, given_keys, run_only_keys
-
 from detector.data.spec import load_data_spec
-
+from detector.errors import DetectorError
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
 from detector.train.finetune import keep_frozen_norms_in_eval
-from detector.viz.logger import RunLogger, plot_results
-from detector.errors import DetectorError
 from detector.version import __version__
+from detector.viz.logger import RunLogger, plot_results
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,6 +84,17 @@ def find_resume_checkpoint(resume: str, project: Path) -> Path:
     if not path.exists():
         raise DetectorError(f"resume: checkpoint '{path}' not found")
     return path
+
+
+def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches, each fetch inside a `record_function` range: the time the step waits for the loader."""
+    iterator = iter(batches)
+    while True:
+        with record_function("data: wait for the loader"):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class Trainer:
@@ -355,26 +367,21 @@ class Trainer:
         unreadable: set[str] = set()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(_waited(bar)):
             step = epoch * self.iters_per_epoch + i
             accumulate = self._accumulate_at(step)
             self.schedule.apply(self.optimizer, epoch, i)
             images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
             targets = batch["targets"].to(self.device, non_blocking=True)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
-            no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
-            with no_sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    raw = self.train_model(images)
-                loss, parts = self.criterion(raw, targets)
-                if self.dist.enabled:
-                    loss = loss * self.dist.world_size  # DDP averages gradients over ranks; YOLO's loss is a sum
-                self.scaler.scale(loss).backward()
+            parts = self._forward_backward(images, targets, sync_now)
             running = running + (parts - running) / (i + 1)
             seen += images.shape[0]
             unreadable.update(f for meta in batch["meta"] for f in meta["unreadable"])
             if sync_now:
-                if self._optimizer_step():
+                with record_function("optimizer step + EMA"):
+                    stepped = self._optimizer_step()
+                if stepped:
                     nonfinite_run = 0
                 else:
                     nonfinite_run += 1
@@ -387,9 +394,27 @@ class Trainer:
                             f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
                         )
             if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
-                self._log_progress(bar, step, running, batch, first=i == 0)
+                with record_function("progress bar + logging"):
+                    self._log_progress(bar, step, running, batch, first=i == 0)
         bar.close()
         return running.cpu(), nonfinite_epoch, seen, unreadable
+
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync_now: bool) -> torch.Tensor:
+        """Autocast forward, loss, scaled backward (gradients synced across DDP ranks only when `sync_now`);
+        returns the detached loss parts. Each stage is a `record_function` range, so `detector bench train`'s
+        profile of a real epoch splits the step into them."""
+        no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
+        with no_sync:
+            with record_function("forward"), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                             enabled=self.amp_dtype is not None):
+                raw = self.train_model(images)
+            with record_function("loss + assignment"):
+                loss, parts = self.criterion(raw, targets)
+            if self.dist.enabled:
+                loss = loss * self.dist.world_size  # DDP averages gradients over ranks; YOLO's loss is a sum
+            with record_function("backward"):
+                self.scaler.scale(loss).backward()
+        return parts
 
     def _log_progress(self, bar: tqdm, step: int, running: torch.Tensor, batch: dict, *, first: bool) -> None:
         """Rank 0, every LOG_INTERVAL steps: the progress bar's losses, TensorBoard scalars, the first batch's grid."""

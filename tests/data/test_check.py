@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from detector.tools.bench.data import main as bench_main
 from detector.config import load_options
 from detector.data.check import data_check
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
+from detector.tools.bench.data import main as bench_main
 
 
 def test_data_check_prints_statistics_and_saves_previews(make_data_yaml, tmp_path: Path, capsys) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data.spec import SplitSpec
 from detector.data.coco import CocoDataset, inspect_image
+from detector.data.spec import SplitSpec
 from detector.errors import DetectorError
 
 
@@ -309,38 +309,67 @@ def test_summary_fits_a_screen_and_names_the_first_few(make_coco) -> None:
     assert "circle 3  square 4  triangle 3" in text
 
 
+def _read_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return json.loads(arrays.pop("meta").tobytes()), arrays
+
+
+def _write_cache(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
 def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monkeypatch) -> None:
     split = make_coco()
-    cache = split.annotations.parent / ".instances.json.scan-cache.json"
+    cache = split.annotations.parent / ".instances.json.scan-cache.npz"
     CocoDataset(split)
-    assert cache.exists() and json.loads(cache.read_text())["version"] == 1
+    assert cache.exists() and _read_cache(cache)[0]["version"] == 2
     calls = []
     import detector.data.coco as coco_module
 
-    real = coco_module.inspect_image
+    real, real_read_json = coco_module.inspect_image, coco_module._read_json
     monkeypatch.setattr(coco_module, "inspect_image", lambda p: calls.append(p.name) or real(p))
-    CocoDataset(split)
-    assert calls == []  # unchanged: nothing decoded again
+    monkeypatch.setattr(coco_module, "_read_json", lambda path: pytest.fail("json parsed again"))
+    again = CocoDataset(split)
+    assert calls == []  # unchanged: nothing decoded again, the json not even parsed
+    assert [r.file for r in again.records] == [split.images / f"img{i:03d}.jpg" for i in range(6)]
+    monkeypatch.setattr(coco_module, "_read_json", real_read_json)
     victim = split.images / "img001.jpg"
     victim.write_bytes(victim.read_bytes()[:-100])  # size changes: this one image is re-checked
     assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1 and calls == ["img001.jpg"]
-    cache.write_text("{not json")
+    cache.write_bytes(b"PK not a zip")
     calls.clear()
     assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1 and len(calls) == 6
-    forged = json.loads(cache.read_text())
-    forged["images"]["img001.jpg"][2] = "ok"  # a tampered entry for a changed file is not trusted ...
-    forged["images"]["img001.jpg"][1] += 1  # ... once its key no longer matches
-    cache.write_text(json.dumps(forged))
+    meta, arrays = _read_cache(cache)
+    listed = bytes(arrays["listed_names"]).decode()
+    index = [listed[a:b] for a, b in zip(arrays["listed_name_offsets"][:-1], arrays["listed_name_offsets"][1:])].index("img001.jpg")
+    arrays["listed_status"][index] = 0  # a tampered entry for a changed file is not trusted ...
+    arrays["listed_stat"][index, 1] += 1  # ... once its key no longer matches
+    _write_cache(cache, meta, arrays)
     calls.clear()
     CocoDataset(split)
     assert calls == ["img001.jpg"]
 
 
+def test_scan_cache_holds_no_pickle(make_coco) -> None:
+    split = make_coco()
+    CocoDataset(split)
+    cache = split.annotations.parent / ".instances.json.scan-cache.npz"
+    meta, arrays = _read_cache(cache)  # allow_pickle=False: it would raise on an object array
+    assert all(a.dtype != object for a in arrays.values())
+    arrays["boxes"] = np.array([object()] * 4, dtype=object).reshape(1, 4)  # a forged pickled array ...
+    with open(cache, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays, allow_pickle=True)
+    assert len(CocoDataset(split)) == 6  # ... is never unpickled: the cache counts as none and is rebuilt
+    assert _read_cache(cache)[1]["boxes"].dtype == np.float32
+
+
 def test_scan_cache_goes_to_cache_dir_when_the_json_folder_is_not_writable(make_coco, tmp_path: Path) -> None:
     split = make_coco()
-    (split.annotations.parent / ".instances.json.scan-cache.json").mkdir()  # writes there fail, even as root
+    (split.annotations.parent / ".instances.json.scan-cache.npz").mkdir()  # writes there fail, even as root
     CocoDataset(split, cache_dir=tmp_path / "run")
-    assert len(list((tmp_path / "run").glob("instances-*.scan-cache.json"))) == 1
+    assert len(list((tmp_path / "run").glob("instances-*.scan-cache.npz"))) == 1
 
 
 def test_inspect_image_reads_size_after_exif(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 from pycocotools.coco import COCO
 
 import detector.data.synthetic as synthetic
-from detector.data.spec import load_data_spec
 from detector.data.coco import CocoDataset
+from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 
 

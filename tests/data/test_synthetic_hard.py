@@ -16,8 +16,8 @@ from pycocotools.coco import COCO
 
 import detector.data.synthetic_hard as hard
 from detector.cli import main
-from detector.data.spec import load_data_spec
 from detector.data.coco import CocoDataset
+from detector.data.spec import load_data_spec
 
 
 def files(root: Path) -> dict[str, bytes]:

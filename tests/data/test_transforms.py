@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 
 from detector.config import TrainConfig
-
-from detector.data.spec import SplitSpec
 from detector.data.coco import CocoDataset
 from detector.data.loader import TrainDataset
+from detector.data.spec import SplitSpec
 from detector.data.transforms import (
     FILL,
     RandomHSV,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detector.models.attention import ATTENTIONS
 from detector.infer.attention_maps import READERS, capture_attention
+from detector.models.attention import ATTENTIONS
 from detector.models.builder import build_model
 
 KINDS = [name for name in ATTENTIONS if name != "none"]

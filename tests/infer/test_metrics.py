@@ -13,8 +13,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detector.infer.metrics import COCO_KEYS, detections_to_coco_results, evaluate_coco, fitness, format_metrics_table
 from detector.errors import DetectorError
+from detector.infer.metrics import COCO_KEYS, detections_to_coco_results, evaluate_coco, fitness, format_metrics_table
 
 # Gapped category ids, a crowd box, an image without annotations (id 4), boxes in all three size ranges.
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "bird"}]

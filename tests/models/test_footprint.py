@@ -23,7 +23,8 @@ def refused(tmp_path: Path, text: str, pattern: str) -> str:
     with pytest.raises(DetectorError, match=pattern) as info:
         build_model(path)
     assert time.perf_counter() - start < 1.0
-    assert str(info.value).startswith(f"{path}: backbone[1]: ") and "\n" not in str(info.value)
+    line = text.splitlines().index("backbone:") + 3  # backbone[1]: the second row under the key (lines count from 1)
+    assert str(info.value).startswith(f"{path}:{line}: backbone[1]: ") and "\n" not in str(info.value)
     return str(info.value)
 
 

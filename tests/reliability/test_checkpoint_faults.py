@@ -18,10 +18,10 @@ import torch
 
 from detector.cli import main
 from detector.config import TrainConfig
-from detector.runtime import checkpoint as ck
-from detector.train.trainer import Trainer, train
 from detector.errors import DetectorError
 from detector.models.builder import build_model
+from detector.runtime import checkpoint as ck
+from detector.train.trainer import Trainer, train
 from reliability_helpers import make_config, read_results
 
 

@@ -15,13 +15,13 @@ from PIL import Image
 
 from detector.cli import main
 from detector.config import TrainConfig
-from detector.data.spec import load_data_spec
 from detector.data import coco as coco_module
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_train_loader, build_val_loader
+from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
-from detector.train.trainer import train
 from detector.models.builder import build_model
+from detector.train.trainer import train
 from reliability_helpers import TINY, make_config, shut_down_workers
 
 NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)

@@ -17,8 +17,8 @@ import torch
 
 from detector.config import TrainConfig
 from detector.data import loader as loader_module
-from detector.train import loss as loss_module
 from detector.runtime.checkpoint import load_checkpoint
+from detector.train import loss as loss_module
 from detector.train.trainer import Trainer, train
 from reliability_helpers import make_config, read_results
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from detector.errors import DetectorError
+from detector.models.builder import build_model
 from detector.runtime import checkpoint as ck
 from detector.train.ema import ModelEMA
 from detector.train.optim import build_optimizer
-from detector.errors import DetectorError
-from detector.models.builder import build_model
 
 TINY = {
     "nc": 2,

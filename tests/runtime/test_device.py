@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from detector.runtime import device as dev
 from detector.errors import DetectorError
+from detector.runtime import device as dev
 
 
 @pytest.fixture(autouse=True)

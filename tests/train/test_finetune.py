@@ -13,11 +13,11 @@ import torch
 from detector.api import Detector
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
+from detector.errors import DetectorError
+from detector.models.builder import build_model
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train.finetune import frozen_rows, transfer_weights
 from detector.train.trainer import train
-from detector.errors import DetectorError
-from detector.models.builder import build_model
 
 NO_AUG = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
 TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "nbs": "8", "workers": "0", "plots": "false", "amp": "off",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.train.loss import LevelTargets, YoloLoss, build_targets, objectness_target
 from detector.models.head import Detect
+from detector.train.loss import LevelTargets, YoloLoss, build_targets, objectness_target
 
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 STRIDES = (8.0, 16.0, 32.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from detector.train.optim import LRSchedule, build_optimizer, param_groups, scaled_weight_decay
 from detector.errors import DetectorError
+from detector.train.optim import LRSchedule, build_optimizer, param_groups, scaled_weight_decay
 
 
 class _PosEmbed(nn.Module):

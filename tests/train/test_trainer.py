@@ -16,9 +16,9 @@ import torch
 
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
+from detector.errors import DetectorError
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train.trainer import Trainer, epochs_for_budget, train
-from detector.errors import DetectorError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 

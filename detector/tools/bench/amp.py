@@ -22,10 +22,10 @@ import torch
 
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
-from detector.runtime.device import cpu_supports_bf16, select_device
-from detector.viz.logger import read_results
-from detector.train.trainer import train
 from detector.options import BenchAmpOptions
+from detector.runtime.device import cpu_supports_bf16, select_device
+from detector.train.trainer import train
+from detector.viz.logger import read_results
 from detector.viz.tables import format_table
 
 LOSS_PARTS = ("train/box_loss", "train/obj_loss", "train/cls_loss")

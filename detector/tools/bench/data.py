@@ -1,5 +1,6 @@
 """`detector bench data`: training-pipeline throughput (images/s through the train loader, augmentation and collate
-included, no model) at several image sizes and worker counts, mosaic on and off.
+included, no model) at several image sizes and worker counts, mosaic on and off; `scale=coco`: the scan and the
+loader on a COCO-sized dataset (`detector.tools.bench.scale`).
 
 Options (key=value): `detector.options.BenchDataOptions`; `detector bench data --help` lists them with their
 defaults and ranges.
@@ -37,9 +38,16 @@ def measure(split, *, imgsz: int, workers: int, mosaic: bool, batch: int, batche
 
 
 def main(opts: BenchDataOptions) -> None:
-    """Print one row per imgsz, worker count and mosaic setting (`opts` already checked, e.g. by `load_options`)."""
+    """Print one row per imgsz, worker count and mosaic setting (`opts` already checked, e.g. by `load_options`);
+    with scale=coco, the COCO-scale table of `detector.tools.bench.scale` instead."""
     from detector.data.spec import load_data_spec
     from detector.data.synthetic import generate_shapes_dataset
+
+    if opts.scale == "coco":
+        from detector.tools.bench.scale import main as scale_main
+
+        scale_main(opts)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = []

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detector.config import build_options, describe_options, option, parse_overrides
-
 from detector.data.spec import load_data_spec
 from detector.data.yolo_txt import YoloExport, reuse_or_export
 from detector.errors import DetectorError

@@ -8,12 +8,20 @@ image at the benchmark's size, is the model arithmetic actually sustained (forwa
 comparable across models and sizes (Ultralytics YOLOv8n on this kind of machine: 29 img/s at 256 px x 8.7
 GFLOPs x (256/640)^2 = 40 GFLOP/s).
 
+`data=<dataset YAML>` times a real dataset instead of the generated set, and `profile=true` also splits the
+end-to-end run's main process into the trainer's stages (its `record_function` ranges: the wait for the loader,
+forward, loss + assignment, backward, optimizer step + EMA, progress + logging), which shows where the time
+around the model goes.
+
 Options (key=value): `detector.options.BenchTrainOptions`; `detector bench train --help` lists them with their
 defaults and ranges.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +29,17 @@ from pathlib import Path
 import torch
 
 from detector.config import TrainConfig, build_options
-
-from detector.models.catalog import resolve_model_path
+from detector.data.spec import load_data_spec
 from detector.data.synthetic import generate_shapes_dataset
-from detector.runtime.device import autocast_dtype
-from detector.viz.logger import read_results
-from detector.train.loss import build_loss
-from detector.train.trainer import train
 from detector.errors import DetectorError
 from detector.models.builder import build_model
+from detector.models.catalog import resolve_model_path
 from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
+from detector.runtime.device import autocast_dtype
+from detector.train.loss import build_loss
+from detector.train.trainer import train
+from detector.viz.logger import read_results
 from detector.viz.tables import format_table
 
 
@@ -63,30 +71,62 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: s
     return batch / best
 
 
-def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions) -> float:
-    """Images/s of the second epoch of a real training run (validation only after it)."""
+# the `record_function` ranges of the trainer's step (train/trainer.py), in the order a step runs them
+STAGES = ("data: wait for the loader", "forward", "loss + assignment", "backward", "optimizer step + EMA",
+          "progress bar + logging")
+
+
+def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions,
+                    images: int) -> tuple[float, list[list]]:
+    """Images/s of the second epoch of a real training run (validation only after it) and, with `opts.profile`,
+    rows [stage, s, share, ms per step] over both epochs' main process (the first pays the workers' start)."""
     values = {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
               "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "amp": opts.amp,
               "channels_last": opts.channels_last, "plots": False, "close_mosaic": 0, "warmup_min_iters": 0}
-    train(build_options(TrainConfig, values, "bench train"))
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if opts.profile else None
+    with profiler or contextlib.nullcontext():
+        train(build_options(TrainConfig, values, "bench train"))
     rows = read_results(project / model / "results.csv")
-    return opts.images / float(rows[1]["epoch_time_s"])
+    rate = images / float(rows[1]["epoch_time_s"])
+    return rate, stage_rows(profiler, 2 * math.ceil(images / opts.batch)) if profiler else []
+
+
+def stage_rows(profiler: torch.profiler.profile, steps: int) -> list[list]:
+    """The trainer's stages from a profile: total seconds, share of their sum, ms per step."""
+    totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages() if event.key in STAGES}
+    total = sum(totals.values()) or 1.0
+    return [[stage, round(totals.get(stage, 0.0), 2), f"{totals.get(stage, 0.0) / total:.0%}",
+             round(1000 * totals.get(stage, 0.0) / steps, 1)] for stage in STAGES]
 
 
 def main(opts: BenchTrainOptions) -> None:
-    """Print one row per config (`opts` already checked, e.g. by `load_options`)."""
+    """Print one row per config (`opts` already checked, e.g. by `load_options`), and with `profile=true` each
+    config's stage table."""
     if not opts.configs:
         raise DetectorError("bench train: 'configs' is empty")
     imgsz, batch = opts.imgsz, opts.batch
-    rows = []
+    rows, profiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        data_yaml = generate_shapes_dataset(Path(tmp) / "shapes", seed=0, n_train=opts.images, n_val=16, imgsz=imgsz)
+        data_yaml, nc, images = _dataset(opts, Path(tmp))
         for name in opts.configs:
             path = resolve_model_path(name)
-            gflops = count_flops(build_model(path, nc=6), imgsz)
-            model_rate = model_only_rate(path, nc=6, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
-            e2e_rate = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts)
+            gflops = count_flops(build_model(path, nc=nc), imgsz)
+            model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
+            e2e_rate, profiles[name] = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts, images)
             rows.append([name, round(gflops, 2), round(model_rate, 1), round(e2e_rate, 1), round(e2e_rate / model_rate, 2), round(e2e_rate * gflops, 1)])
     print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {opts.workers}, amp {opts.amp}, "
-          f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads")
+          f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
     print(format_table(["config", f"GFLOPs@{imgsz}", "model img/s", "end-to-end img/s", "ratio", "GFLOP/s"], rows, floatfmt=".2f"))
+    for name, stages in profiles.items():
+        if stages:
+            print(f"\n{name}: the main process's time per stage over both epochs (torch.profiler ranges)")
+            print(format_table(["stage", "s", "share", "ms/step"], stages, floatfmt=".1f"))
+
+
+def _dataset(opts: BenchTrainOptions, tmp: Path) -> tuple[Path, int, int]:
+    """(dataset YAML, class count, training images): `opts.data`'s, or a generated shapes set of `opts.images`."""
+    if not opts.data:
+        return generate_shapes_dataset(tmp / "shapes", seed=0, n_train=opts.images, n_val=16, imgsz=opts.imgsz), 6, opts.images
+    spec = load_data_spec(opts.data)
+    coco = json.loads(spec.train.annotations.read_text())
+    return Path(opts.data), len(coco["categories"]), len(coco["images"])

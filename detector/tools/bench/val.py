@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.errors import DetectorError
+from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.options import BenchValOptions
 from detector.viz.tables import format_table
 

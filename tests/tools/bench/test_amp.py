@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from detector.tools.bench.amp import compare, main
 from detector.config import load_options
 from detector.errors import DetectorError
 from detector.options import BenchAmpOptions
+from detector.tools.bench.amp import compare, main
 
 
 def rows(losses: list[float], ap: float) -> list[dict[str, str]]:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from detector.tools.bench import rivals
-from detector.data.spec import load_data_spec
 from detector.data.coco import CocoDataset
+from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
+from detector.tools.bench import rivals
 
 
 def perfect_rows(data_yaml: Path) -> list[dict[str, Any]]:
