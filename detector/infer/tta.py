@@ -10,7 +10,7 @@ scores are left as they are: NMS keeps, for each object, the pass that scored it
 
 As in YOLOv5 (`_clip_augmented`), the first (largest) pass drops its coarsest level's rows and the last (smallest) pass
 its finest level's: the large objects come from the downscaled images and the small ones from the full-size one.
-On the bundled shapes val set this was worth +0.3 to +1.0 AP over keeping every row (README, Benchmarks).
+On the bundled shapes val set this was worth AP +0.003 to +0.010 over keeping every row (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from detector.data.transforms import FILL
 
 __all__ = ["TTA_FLIPS", "TTA_SCALES", "augmented_forward", "descale_rows", "drop_level", "flip_rows_lr", "scale_images"]
 
-TTA_SCALES = (1.0, 0.83, 0.67)  # YOLOv5's: ~2.3x the forward cost of one pass once padded to stride 32 at 256 px
+TTA_SCALES = (1.0, 0.83, 0.67)  # YOLOv5's; padded to stride 32 the three passes are 2.3x the pixels of one at 256 or 320 px
 TTA_FLIPS = (False, True, False)  # the middle scale is the flipped one, as in YOLOv5
 PAD_VALUE = FILL / 255  # the letterbox grey in model-input units ([0, 1])
 
