@@ -95,8 +95,8 @@ def stage_rows(profiler: torch.profiler.profile, steps: int) -> list[list]:
     """The trainer's stages from a profile: total seconds, share of their sum, ms per step."""
     totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages() if event.key in STAGES}
     total = sum(totals.values()) or 1.0
-    return [[stage, round(totals.get(stage, 0.0), 2), f"{totals.get(stage, 0.0) / total:.0%}",
-             round(1000 * totals.get(stage, 0.0) / steps, 1)] for stage in STAGES]
+    return [[stage, round(totals.get(stage, 0.0), 3), f"{totals.get(stage, 0.0) / total:.0%}",
+             round(1000 * totals.get(stage, 0.0) / steps, 3)] for stage in STAGES]
 
 
 def main(opts: BenchTrainOptions) -> None:
@@ -120,7 +120,7 @@ def main(opts: BenchTrainOptions) -> None:
     for name, stages in profiles.items():
         if stages:
             print(f"\n{name}: the main process's time per stage over both epochs (torch.profiler ranges)")
-            print(format_table(["stage", "s", "share", "ms/step"], stages, floatfmt=".1f"))
+            print(format_table(["stage", "s", "share", "ms/step"], stages, floatfmt=".3f"))  # ms on a fast machine
 
 
 def _dataset(opts: BenchTrainOptions, tmp: Path) -> tuple[Path, int, int]:
