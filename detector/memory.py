@@ -73,9 +73,21 @@ def trim_heap() -> None:
 
     A data worker allocates and frees image-sized buffers (about 1 MB at 640 px, mosaic canvases 5 MB) all the
     time; glibc raises its mmap threshold after the first frees, serves them from the heap, and keeps the freed
-    pages resident: a worker's private memory grew by 1.2 GB in 300 batches at imgsz 640 (the README's COCO-scale
-    benchmark), with or without the dataset. Trimming every few dozen samples keeps it near its working set at no
+    pages resident: a worker's private memory grew by 0.4-1.4 GB in 300 batches at imgsz 640 (the README's
+    COCO-scale benchmark), whatever the dataset's layout. Trimming every few dozen samples keeps it near its working set at no
     measurable cost; a fixed mmap threshold did too but cost 20-40% of the loader's images/s in page faults.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """The process's peak resident memory since it started its program (VmHWM; unlike `ru_maxrss` it does not
+    carry over the parent's size through fork + exec); 0 where /proc cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

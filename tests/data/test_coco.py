@@ -375,3 +375,83 @@ def test_scan_cache_goes_to_cache_dir_when_the_json_folder_is_not_writable(make_
 def test_inspect_image_reads_size_after_exif(tmp_path: Path) -> None:
     _exif_image(tmp_path / "a.jpg", 6, (50, 20))
     assert inspect_image(tmp_path / "a.jpg") == ("ok", 20, 50, "", False)  # rotated: decoded by PIL, not cv2
+
+
+def test_train_and_val_of_one_read_only_json_parse_it_once(make_coco, monkeypatch, tmp_path: Path) -> None:
+    """The second split of the same json reads the first one's cache under cache_dir, not the json."""
+    import detector.data.coco as coco_module
+
+    split = make_coco()
+    (split.annotations.parent / ".instances.json.scan-cache.npz").mkdir()  # beside the json: not writable
+    parsed = []
+    real = coco_module._read_json
+    monkeypatch.setattr(coco_module, "_read_json", lambda path: parsed.append(path) or real(path))
+    first, second = CocoDataset(split, cache_dir=tmp_path), CocoDataset(split, cache_dir=tmp_path)
+    assert parsed == [split.annotations] and len(first) == len(second) == 6
+
+
+def test_the_process_pool_scan_finds_what_the_inline_one_does(make_coco, monkeypatch) -> None:
+    import detector.data.coco as coco_module
+
+    split = make_coco()
+    victim = split.images / "img001.jpg"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    (split.images / "img003.jpg").unlink()
+    inline = CocoDataset(split)
+    (split.annotations.parent / ".instances.json.scan-cache.npz").unlink()
+    monkeypatch.setattr(coco_module, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(coco_module, "SCAN_CHUNK", 2)
+    pooled = CocoDataset(split)
+    assert str(pooled.summary) == str(inline.summary) and pooled.image_hw.tolist() == inline.image_hw.tolist()
+    assert len(pooled.summary.problems["unreadable image"]) == 1 and len(pooled.summary.problems["missing image file"]) == 1
+
+
+def test_records_are_views_of_flat_arrays_and_coco_gt_keeps_the_json_order(make_coco) -> None:
+    def shuffle(d):
+        d["annotations"].reverse()  # the json's annotation order is not image order
+
+    ds = CocoDataset(make_coco(mutate=shuffle))
+    assert not any(isinstance(v, list) and len(v) == len(ds) for v in vars(ds).values())  # no per-image objects
+    record = ds.records[0]
+    assert record.boxes_xyxy.dtype == np.float32 and record.classes.dtype == np.int64
+    assert np.array_equal(record.boxes_xyxy, ds.boxes(0)) and record.file == ds.file(0)
+    assert (ds.records[-1].image_id, len(ds.records[1:3])) == (ds.image_id(len(ds) - 1), 2)
+    with pytest.raises(IndexError):
+        ds.records[len(ds)]
+    assert not ds.image_hw.flags.writeable and not ds.boxes(0).flags.writeable  # shared pages stay clean
+    data = json.loads(ds.annotations.read_text())
+    kept = [a["id"] for a in data["annotations"]]
+    assert [a["id"] for a in ds.coco_gt().dataset["annotations"]] == kept
+
+
+def _insert_png_chunk(path: Path, kind: bytes, payload: bytes) -> None:
+    """Insert a chunk just before IEND (after the image data)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    chunk = struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    end = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+
+
+def test_png_orientation_after_the_image_data_is_read_without_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "late.png"
+    Image.new("RGB", (50, 20), (200, 0, 0)).save(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _insert_png_chunk(path, b"eXIf", exif.tobytes())
+    assert inspect_image(path) == ("ok", 20, 50, "", False)
+    from detector.data.coco import read_rgb
+
+    assert read_rgb(path).shape == (50, 20, 3)  # the pixels agree with the size the scan recorded
+
+
+def test_jpeg_with_data_after_its_end_marker_is_usable(tmp_path: Path) -> None:
+    path = tmp_path / "trailer.jpg"
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(path)
+    path.write_bytes(path.read_bytes() + b"\x01" * 10_000)  # e.g. a phone's appended data
+    assert inspect_image(path) == ("ok", 40, 30, "", True)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size - 10_100])
+    assert inspect_image(truncated)[0] == "corrupt"

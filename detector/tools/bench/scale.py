@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -77,10 +76,6 @@ def write_coco_scale(root: Path, *, images: int = COCO_IMAGES, annotations: int 
 # ------------------------------------------------------------------------------- phases (child processes)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
 def phase_scan(images: str, annotations: str, cache_dir: str) -> dict[str, Any]:
     """One CocoDataset scan: seconds, RSS before it (imports) and the process's peak."""
     from detector import memory
@@ -89,7 +84,7 @@ def phase_scan(images: str, annotations: str, cache_dir: str) -> dict[str, Any]:
     before = memory.process_memory()["rss"]
     started = time.perf_counter()
     coco = CocoDataset(SplitSpec(images=Path(images), annotations=Path(annotations)), cache_dir=Path(cache_dir))
-    return {"seconds": time.perf_counter() - started, "rss_before": before, "peak_rss": _peak_rss_bytes(),
+    return {"seconds": time.perf_counter() - started, "rss_before": before, "peak_rss": memory.peak_rss_bytes(),
             "rss_after": memory.process_memory()["rss"], "images": len(coco)}
 
 
