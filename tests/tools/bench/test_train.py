@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from detector.options import BenchTrainOptions
@@ -22,14 +26,18 @@ def test_bench_train_prints_both_rates_and_their_ratio(capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-def test_bench_train_profile_splits_a_real_epoch_into_the_trainers_stages(
-        make_data_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_train_profile_splits_a_real_epoch_into_the_trainers_stages(make_data_yaml) -> None:
+    """Run as the CLI in its own process: torch.profiler's native state (kineto) must not outlive the test in the
+    pytest process (profiler state left in a long-lived process is a known source of late crashes)."""
     data = make_data_yaml()
-    main(BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=2, workers=0, data=str(data), profile=True))
-    lines = capsys.readouterr().out.splitlines()
+    proc = subprocess.run([sys.executable, "-m", "detector", "bench", "train", "configs=yolov5n", "imgsz=64", "batch=2",
+                           "workers=0", f"data={data}", "profile=true"], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
     assert any("data " + str(data) in line for line in lines)
-    stages = {line.rsplit(None, 3)[0].strip(): line.split()[-3:] for line in lines
-              if line.startswith(("data: wait", "forward", "loss", "backward", "optimizer", "progress"))}
+    table = lines[next(i for i, line in enumerate(lines) if "time per stage" in line) + 3:]  # title, header, rule
+    stages = {line.rsplit(None, 3)[0].strip(): line.split()[-3:] for line in table if line.strip()}
     assert set(stages) == {"data: wait for the loader", "forward", "loss + assignment", "backward",
                            "optimizer step + EMA", "progress bar + logging"}
     seconds = {stage: float(values[0]) for stage, values in stages.items()}
