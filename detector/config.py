@@ -60,13 +60,16 @@ def _number(value: float) -> str:
     return f"{value:,}" if float(value).is_integer() and abs(value) >= 10_000 else f"{value:g}"
 
 
-def option(default: Any, help: str, *, run_only: bool = False, **bounds: Any) -> Any:
+def option(default: Any, help: str, *, run_only: bool = False, neutral: bool = False, **bounds: Any) -> Any:
     """A dataclass field with its `--help` text and its `Bounds` (ge=, gt=, le=, lt=, multiple_of=, choices=);
     list defaults are copied per instance, and a list's bounds apply to each item. `run_only`: the key shapes
-    how a run is carried out, not what it trains (batch, workers, epochs ...), so a resumed run may change it."""
+    how a run is carried out, not what it trains (batch, workers, epochs ...), so a resumed run may change it.
+    `neutral` (implies run_only): the key says only where and with what a run executes (paths, devices, worker
+    processes, what it saves and plots), so two runs that differ in neutral keys alone are the same experiment."""
     if "choices" in bounds:
         bounds["choices"] = tuple(bounds["choices"])
-    metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None, "run_only": run_only}
+    metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None, "run_only": run_only or neutral,
+                "neutral": neutral}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -167,6 +170,11 @@ def run_only_keys(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only"))
 
 
+def neutral_keys(cls: type) -> frozenset[str]:
+    """The fields declared `neutral` (runs that differ only in them are the same experiment)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("neutral"))
+
+
 def _check_bounds(cls: type, name: str, value: Any, given: Any, source: str) -> None:
     """Refuse a typed `value` outside field `name`'s `Bounds` (each item of a list); the error shows it as `given`."""
     bounds = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("bounds")
@@ -231,14 +239,14 @@ class TrainConfig:
     time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000, run_only=True)
     batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096, run_only=True)
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
-    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64, run_only=True)
-    device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", run_only=True)
+    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64, neutral=True)
+    device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", neutral=True)
     seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
-    project: str = option("runs/train", "parent folder of the run folder", run_only=True)
-    name: str = option("exp", "run folder name (auto-incremented unless exist_ok)", run_only=True)
-    exist_ok: bool = option(False, "reuse an existing run folder", run_only=True)
-    resume: str = option("", "'true' for the newest run, or a path to weights/last.pt", run_only=True)
+    project: str = option("runs/train", "parent folder of the run folder", neutral=True)
+    name: str = option("exp", "run folder name (auto-incremented unless exist_ok)", neutral=True)
+    exist_ok: bool = option(False, "reuse an existing run folder", neutral=True)
+    resume: str = option("", "'true' for the newest run, or a path to weights/last.pt", neutral=True)
     weights: str = option("", "fine-tune: start a new run from this checkpoint's (EMA) weights, matched by name and shape (model=<checkpoint.pt> does the same with its architecture)")
     freeze: list[int] = option([], "freeze rows: N (the first N rows) or a comma list of row indices (0,1,2): no gradients, BN in eval mode", ge=0, le=10_000)
     # optimisation
@@ -282,7 +290,7 @@ class TrainConfig:
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
-    compile: bool = option(False, "torch.compile the model", run_only=True)
+    compile: bool = option(False, "torch.compile the model", neutral=True)
     sync_bn: bool = option(False, "SyncBatchNorm under DDP on GPU")
     # validation, checkpoints, logging
     val_interval: int = option(1, "evaluate every N epochs (and always after the last)", ge=1, le=100_000, run_only=True)
@@ -290,10 +298,10 @@ class TrainConfig:
     val_iou: float = option(0.6, "NMS IoU threshold for validation", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
     patience: int = option(50, "stop after N epochs without fitness improvement (0: never)", ge=0, le=100_000, run_only=True)
-    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000, run_only=True)
-    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000, run_only=True)
+    save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000, neutral=True)
+    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000, neutral=True)
     strict: bool = option(False, "treat every skipped image or box in the dataset as an error")
-    plots: bool = option(True, "save training curves, labels and validation plots", run_only=True)
+    plots: bool = option(True, "save training curves, labels and validation plots", neutral=True)
     attention: str = option("", "override the model YAML's attention: any name of the attention registry (ca, se, cbam, eca, mhsa, axial, ssa, gate, none, and the priors edge, coord, gc)")
     attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck", choices=["", "output", "concat", "bottleneck"])
 

@@ -99,3 +99,12 @@ def test_a_keyword_key_is_typed_bare_and_listed_bare() -> None:
     assert describe_options(ConvertOptions).splitlines()[0].split()[0] == "from=yolo"
     with pytest.raises(DetectorError, match=r"^command line: 'from' must be one of yolo, got 'coco'$"):
         build_options(ConvertOptions, {"from": "coco"}, "command line")
+
+
+def test_neutral_keys_are_run_only_and_change_no_result() -> None:
+    from detector.config import neutral_keys, run_only_keys
+
+    assert neutral_keys(TrainConfig) == {"workers", "device", "project", "name", "exist_ok", "resume", "compile",
+                                         "save_period", "max_nonfinite", "plots"}
+    assert neutral_keys(TrainConfig) < run_only_keys(TrainConfig)  # a resumed run may change them too
+    assert {"epochs", "batch", "time", "patience", "val_interval"} <= run_only_keys(TrainConfig) - neutral_keys(TrainConfig)

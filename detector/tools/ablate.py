@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from detector.config import TrainConfig, load_train_config, parse_overrides
+from detector.config import TrainConfig, load_train_config, neutral_keys, parse_overrides
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.catalog import resolve_model_path
@@ -38,10 +38,9 @@ from detector.yamlfile import load_yaml
 
 LOGGER = logging.getLogger(__name__)
 
-# keys a run folder may differ in from the current command and still belong to the same ablation
-FREE_KEYS = {"resume", "project", "name", "exist_ok", "workers", "device", "epochs", "plots"}
-# TrainConfig keys the ablation sets itself (a `train=` pair may not change them)
-OWN_KEYS = ("model", "data", "attention", "attention_at", "epochs", "imgsz", "batch", "workers", "seed", "device", "project", "name", "exist_ok", "resume")
+# Keys a run folder may differ in from the current command and still belong to the same ablation: the neutral
+# ones (paths, devices, workers, what is saved) and epochs, since raising epochs= continues the runs from last.pt.
+FREE_KEYS = neutral_keys(TrainConfig) | {"epochs"}
 FORMATS = {"GFLOPs": ".3f", "train img/s": ".1f", "infer ms/img": ".1f"}  # other floats: AP figures, .4f
 SPREAD_KEYS = ("AP50", "AP50:95", "APs")  # reported as mean ± sample std over the seeds
 MEAN_KEYS = ("train img/s", "infer ms/img", "APm", "APl")  # reported as the mean over the seeds
@@ -125,7 +124,7 @@ def run_ablation(opts: AblateOptions) -> Path:
         raise DetectorError("ablate: attentions= lists no variant")
     seeds = seed_list(opts)
     root = Path(opts.project) / opts.name
-    extra = _extra_train_keys(opts.train)
+    extra = _extra_train_keys(opts.train, opts)
     todo = variants(opts.attentions, opts.attention_at)
     runs = [(v, s, run_folder(root, v, s, several_seeds=len(seeds) > 1)) for v in todo for s in seeds]
     configs = [_train_config(opts, v, s, folder, extra) for v, s, folder in runs]
@@ -161,21 +160,28 @@ def _train_or_skip(run_dir: Path, cfg: TrainConfig, label: str) -> None:
     train(cfg)
 
 
-def _extra_train_keys(pairs: list[str]) -> dict[str, str]:
+def _extra_train_keys(pairs: list[str], opts: AblateOptions) -> dict[str, str]:
+    """The train= pairs, none of them a key the ablation sets itself (those of `_own_settings`)."""
     extra = parse_overrides(pairs)
-    taken = [k for k in extra if k in OWN_KEYS]
+    own = _own_settings(opts, Variant("none", ""), opts.seed, Path(opts.project) / opts.name)
+    taken = [k for k in extra if k in own]
     if taken:
         raise DetectorError(f"ablate: train= cannot set '{taken[0]}' (use the ablate key of that name)")
     return extra
 
 
-def _train_config(opts: AblateOptions, v: Variant, seed: int, run_dir: Path, extra: dict[str, str]) -> TrainConfig:
-    values = {
+def _own_settings(opts: AblateOptions, v: Variant, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The train keys the ablation sets for one run (a train= pair may not set them)."""
+    return {
         "model": opts.model, "data": opts.data, "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch,
         "workers": opts.workers, "seed": seed, "device": opts.device, "attention": v.attention,
-        "attention_at": v.attention_at, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True, **extra,
+        "attention_at": v.attention_at, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
+        "resume": "",  # `_run` points it at last.pt to continue an interrupted run
     }
-    return load_train_config(values)
+
+
+def _train_config(opts: AblateOptions, v: Variant, seed: int, run_dir: Path, extra: dict[str, str]) -> TrainConfig:
+    return load_train_config({**_own_settings(opts, v, seed, run_dir), **extra})
 
 
 def _as_overrides(cfg: TrainConfig) -> dict[str, Any]:

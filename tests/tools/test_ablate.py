@@ -30,6 +30,8 @@ def test_settings_that_would_break_the_comparison_are_refused(tmp_path: Path) ->
     base = {"project": str(tmp_path), "epochs": 1}
     with pytest.raises(DetectorError, match="train= cannot set 'epochs'"):
         run_ablation(AblateOptions(**base, train=["epochs=3"]))
+    with pytest.raises(DetectorError, match="train= cannot set 'resume'"):  # the ablation resumes its own runs
+        run_ablation(AblateOptions(**base, train=["resume=true"]))
     with pytest.raises(DetectorError, match="the override 'se' reaches no row"):  # C2f rows carry no attention
         run_ablation(AblateOptions(**base, model="configs/models/yolo-c2f-n.yaml", attentions=["se"]))
     with pytest.raises(DetectorError, match="unknown key 'lr'"):
@@ -169,6 +171,9 @@ def test_two_attentions_one_epoch_each_then_a_rerun_skips_them_and_resumes_a_lon
     with caplog.at_level(logging.INFO, logger="detector.tools.ablate"):
         run_ablation(opts)
     assert sum("finished earlier, skipped" in r.getMessage() for r in caplog.records) == 2
+    assert stamps == {v: (root / v / "weights" / "best.pt").stat().st_mtime_ns for v in ("none", "cbam")}
+    neutral = AblateOptions(**{**opts.__dict__, "workers": 1, "train": [*opts.train, "save_period=5"]})
+    run_ablation(neutral)  # where and with what the runs execute: still the same ablation, still skipped
     assert stamps == {v: (root / v / "weights" / "best.pt").stat().st_mtime_ns for v in ("none", "cbam")}
 
     with pytest.raises(DetectorError, match=r"other settings \(imgsz 128 -> 160\)"):  # would compare unequal runs
