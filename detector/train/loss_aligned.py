@@ -20,6 +20,7 @@ among its top k, so the sum is the same at a fraction of the CIoU work.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -39,7 +40,10 @@ class AnchorGridHead(Protocol):
 
     nc: int
     no: int
+    na: int
     stride: Tensor
+    anchors: Tensor
+    anchors_px: Tensor
 
     def cell_priors(self, shapes: Sequence[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]: ...
 
@@ -75,14 +79,49 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
-    """(M, N) anchors a target may take: cell centre inside the box or cell holding its centre, shape in range."""
-    centre = (priors.cell + 0.5) * priors.stride  # (N, 2) px
+    """(M, K) anchors a target may take: cell centre inside the box or cell holding its centre, shape in range.
+    `priors` hold one row per anchor (N, ...) shared by every target, or each target's own rows (M, K, ...)."""
+    centre = (priors.cell + 0.5) * priors.stride  # (N or M x K, 2) px
     inside = ((centre > gt_xyxy[:, None, :2]) & (centre < gt_xyxy[:, None, 2:])).all(-1)
     gt_centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
     own_cell = (torch.floor(gt_centre[:, None] / priors.stride) == priors.cell).all(-1)
-    ratio = (gt_xyxy[:, None, 2:] - gt_xyxy[:, None, :2]) / priors.anchor  # (M, N, 2)
+    ratio = (gt_xyxy[:, None, 2:] - gt_xyxy[:, None, :2]) / priors.anchor  # (M, N or K, 2)
     shape_ok = torch.maximum(ratio, ratio.reciprocal()).amax(-1) < anchor_t
     return (inside | own_cell) & shape_ok
+
+
+def window_sizes(anchors_px: Sequence[Sequence[Sequence[float]]], strides: Sequence[float],
+                 shapes: Sequence[tuple[int, int]], anchor_t: float) -> list[tuple[int, int, int, int]]:
+    """Per level (half_h, half_w, S_h, S_w): the cells around a target's centre cell that hold all its candidates.
+
+    A candidate's box side is under anchor_t x its anchor's, so its box spans under R = anchor_t x the level's
+    largest anchor side / stride cells, and a cell whose centre lies inside it is under R / 2 + 1 cells from the
+    centre cell: half = ceil(R / 2) + 1 either side holds them all. A window as large as the grid is the grid.
+    """
+    sizes = []
+    for anchors, stride, (h, w) in zip(anchors_px, strides, shapes):
+        half_w, half_h = (math.ceil(anchor_t * max(a[i] for a in anchors) / stride / 2) + 1 for i in (0, 1))
+        sizes.append((half_h, half_w, min(2 * half_h + 1, h), min(2 * half_w + 1, w)))
+    return sizes
+
+
+def window_rows(gt_xyxy: Tensor, strides: Sequence[float], shapes: Sequence[tuple[int, int]], na: int,
+                sizes: Sequence[tuple[int, int, int, int]]) -> Tensor:
+    """(M, K) anchor rows (into one image's N flattened rows, level by level, anchor-major as the head lays them
+    out) of each target's windows from `window_sizes`: every anchor that can be its candidate, K << N."""
+    gt_centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
+    rows, offset = [], 0
+    for stride, (h, w), (half_h, half_w, size_h, size_w) in zip(strides, shapes, sizes):
+        cell = torch.floor(gt_centre / stride).long()
+        x0 = (cell[:, 0].clamp(0, w - 1) - half_w).clamp(0, w - size_w)  # shifted inside the grid, never shrunk
+        y0 = (cell[:, 1].clamp(0, h - 1) - half_h).clamp(0, h - size_h)
+        xs = x0[:, None] + torch.arange(size_w, device=gt_xyxy.device)  # (M, S_w)
+        ys = y0[:, None] + torch.arange(size_h, device=gt_xyxy.device)
+        anchor = torch.arange(na, device=gt_xyxy.device) * (h * w)
+        level = anchor[None, :, None, None] + ys[:, None, :, None] * w + xs[:, None, None, :]  # (M, na, S_h, S_w)
+        rows.append(level.reshape(len(gt_xyxy), na * size_h * size_w) + offset)
+        offset += na * h * w
+    return torch.cat(rows, 1)
 
 
 @torch.no_grad()
@@ -98,18 +137,23 @@ def assign_aligned(
     alpha: float = 0.5,
     beta: float = 6.0,
     anchor_t: float = 4.0,
+    rows: Tensor | None = None,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
-    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px. Returns the `Assignment`."""
+    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px; rows (M, K) the anchor rows each target scores (every row
+    when None; `window_rows` gives the same positives from far fewer). Returns the `Assignment`."""
     batch, num_rows, nc = pred_scores.shape
-    rows = torch.arange(num_rows, device=gt_xyxy.device)
-    flat = gt_image[:, None] * num_rows + rows  # (M, N) into the batch's B * N rows
+    if rows is None:
+        rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
+    else:
+        priors = Priors(priors.cell[rows], priors.anchor[rows], priors.stride[rows])
+    flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy.reshape(-1, 4)[flat])
     score = pred_scores.reshape(-1)[flat * nc + gt_cls[:, None]]
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
     metric = score.pow(alpha) * iou.pow(beta)
     # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
-    top = torch.where(candidate, metric, -1.0).topk(min(topk, num_rows), dim=1).indices  # (M, k)
+    top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
     flat, iou, metric = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top)
     positive = candidate.gather(1, top)
 
@@ -143,6 +187,19 @@ class AlignedLoss:
         self.head = head
         self.box_gain, self.cls_gain = box, cls
         self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
+        self._windows: tuple[tuple, list[float], list[tuple[int, int, int, int]]] | None = None  # key, strides, sizes
+
+    def candidate_rows(self, gt_xyxy: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """(M, K) the anchor rows that can be each target's candidates (`window_rows`). The window sizes are read
+        from the anchors on the host once per anchor / stride / map-shape change, not on every step (a sync)."""
+        head = self.head
+        key = (tuple(shapes), head.anchors.data_ptr(), head.anchors._version, head.stride._version)
+        if self._windows is None or self._windows[0] != key:
+            strides = head.stride.tolist()
+            sizes = window_sizes(head.anchors_px.tolist(), strides, shapes, self.assign_kw["anchor_t"])
+            self._windows = key, strides, sizes
+        _, strides, sizes = self._windows
+        return window_rows(gt_xyxy, strides, shapes, head.na, sizes)
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
@@ -164,8 +221,9 @@ class AlignedLoss:
         image_px = image_px * head.stride[0].float()
         gt_xyxy = box_convert(targets[:, 2:6] * image_px.repeat(2), "cxcywh", "xyxy")
         gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
+        rows = self.candidate_rows(gt_xyxy, [tuple(p.shape[2:4]) for p in maps])
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy.detach(), gt_image, gt_cls, gt_xyxy,
-                                  priors, **self.assign_kw)
+                                  priors, rows=rows, **self.assign_kw)
 
         owner = assigned.target.clamp(min=0)
         cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]

@@ -214,3 +214,51 @@ def test_box_loss_over_the_top_k_pairs_equals_the_sum_over_every_row() -> None:
     ciou = complete_box_iou_loss(xyxy[positive], gt[assigned.target[positive]])
     expected = (ciou * assigned.score[positive]).sum() / assigned.score.sum().clamp(min=1.0)
     assert torch.allclose(parts[0], expected, rtol=1e-5)
+
+
+def four_level_head() -> tuple[DecoupledDetect, list[tuple[int, int]]]:
+    """The default model's layout: P2-P5, three anchors per level, on a 256 x 192 (letterboxed) batch."""
+    anchors = [[5, 6, 9, 14, 16, 10], [20, 30, 34, 22, 40, 52], [60, 90, 100, 70, 120, 140], [160, 200, 240, 150, 250, 250]]
+    head = DecoupledDetect([8, 8, 16, 32], nc=3, anchors=anchors)
+    head.set_stride((4.0, 8.0, 16.0, 32.0))
+    return head, [(192 // s, 256 // s) for s in (4, 8, 16, 32)]
+
+
+def random_targets(n: int, seed: int) -> torch.Tensor:
+    """n targets (batch of 2) from 2 px to the whole image, many at the borders: [image, class, cx, cy, w, h]."""
+    g = torch.Generator().manual_seed(seed)
+    wh = torch.exp(torch.empty(n, 2).uniform_(math.log(2 / 256), 0.0, generator=g))
+    centre = torch.rand(n, 2, generator=g)
+    centre[: n // 4] = centre[: n // 4].round()  # at a corner or an edge: the window shifts inside the grid
+    lo, hi = (centre - wh / 2).clamp(0, 1), (centre + wh / 2).clamp(0, 1)
+    keep = ((hi - lo) * torch.tensor([256.0, 192.0]) > 1).all(1)
+    box = torch.cat(((lo + hi) / 2, hi - lo), 1)[keep]
+    return torch.cat((torch.arange(len(box))[:, None] % 2, torch.arange(len(box))[:, None] % 3, box), 1).float()
+
+
+def test_each_targets_window_holds_every_candidate_it_has_on_the_grid() -> None:
+    head, shapes = four_level_head()
+    targets = random_targets(400, seed=3)
+    gt = box_convert(targets[:, 2:] * torch.tensor([256.0, 192, 256, 192]), "cxcywh", "xyxy")
+    pr = Priors(*head.cell_priors(shapes, torch.device("cpu")))
+    dense = candidate_mask(gt, pr, 4.0)
+    rows = AlignedLoss(head).candidate_rows(gt, shapes)
+    inside = torch.zeros_like(dense).scatter_(1, rows, True)
+    assert rows.shape[1] < dense.shape[1] / 3  # 3 x (17 x 19 + 24 x 23 + 12 x 16 + 6 x 8) of 3 x 4,080 rows
+    assert dense.sum() > 5000 and not (dense & ~inside).any()
+    assert all(len(set(r)) == len(r) for r in rows.tolist())  # no row twice: top-k never picks one anchor twice
+
+
+def test_the_windowed_loss_equals_the_loss_over_every_anchor_row() -> None:
+    """Same positives, soft labels, loss and gradients as scoring all N rows per target (`rows=None`)."""
+    torch.manual_seed(4)
+    head, shapes = four_level_head()
+    targets = random_targets(120, seed=5)
+    maps = [torch.randn(2, 3, h, w, 7, requires_grad=True) for h, w in shapes]
+    loss = AlignedLoss(head)
+    windowed, _ = loss(maps, targets)
+    grads = torch.autograd.grad(windowed, maps)
+    loss.candidate_rows = lambda gt, shapes: None  # every row: the plain (M, N) assignment
+    dense, _ = loss(maps, targets)
+    assert torch.allclose(windowed, dense, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(grads, torch.autograd.grad(dense, maps)))
