@@ -37,7 +37,7 @@ ULTRALYTICS_MODELS = {"yolov8n": "yolov8n.yaml", "yolo26n": "yolo26n.yaml"}
 OURS = "ours"
 TABLE_KEYS = ("AP", "AP50", "APs", "APm", "APl", "AR100")
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-DRIVER = Path(__file__).resolve().parents[2] / "scripts" / "rivals_driver.py"
+DRIVER = Path(__file__).resolve().parents[3] / "scripts" / "rivals_driver.py"  # the checkout's scripts/
 
 
 @dataclass

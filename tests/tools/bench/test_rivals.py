@@ -85,3 +85,9 @@ def test_markdown_table_marks_a_resumed_run() -> None:
     lines = rivals.markdown_table([row]).splitlines()
     assert lines[0].startswith("| model | params | AP | AP50 | APs | APm | APl | AR100 |")
     assert lines[2] == "| ours (yolo-ca-n, amp auto) | 2,286,995 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 100 (resumed: last part only) | 12.0 |"
+
+
+def test_the_driver_the_harness_runs_is_there() -> None:
+    """The venv runs this file by path (the folder split once left the path one level short)."""
+    assert rivals.DRIVER.is_file() and rivals.DRIVER.parent.name == "scripts"
+    compile(rivals.DRIVER.read_text(encoding="utf-8"), str(rivals.DRIVER), "exec")
