@@ -25,7 +25,7 @@ class ValOptions:
     workers: int = option(2, "data-loading workers", ge=0, le=64)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     half: bool = option(True, "half precision on GPU (ignored on CPU)")
-    backend: str = option("pycocotools", "pycocotools or faster (faster-coco-eval, same numbers)", choices=["pycocotools", "faster"])
+    backend: str = option("auto", "COCO metric: auto (faster when installed), pycocotools or faster (faster-coco-eval, same numbers)", choices=["auto", "pycocotools", "faster"])
     save_json: bool = option(True, "write predictions.json")
     plots: bool = option(True, "PR curves, confusion matrix, example images")
     project: str = option("runs/val", "parent folder of the output folder")

@@ -90,7 +90,9 @@ class _ImageSource:
 
     def read(self, index: int) -> np.ndarray:
         self.decodes += 1
-        if self.decodes % HEAP_TRIM_DECODES == 0:
+        # Only in a worker process, where the growth was measured (memory.trim_heap); the main process's heap
+        # (workers=0) also holds the model's tensors and other native runtimes' memory, where it was not measured.
+        if self.decodes % HEAP_TRIM_DECODES == 0 and get_worker_info() is not None:
             memory.trim_heap()
         return resize_by(self.coco.load_image(index), float(self.ratios[index]))
 

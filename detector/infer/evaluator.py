@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
-from detector.infer.metrics import BACKENDS, COCO_KEYS, evaluate_coco, fitness, format_metrics_table
+from detector.infer.metrics import COCO_KEYS, evaluate_coco, fitness, format_metrics_table, resolve_backend
 from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
@@ -109,11 +109,10 @@ class Evaluator:
         max_det: int = 300,
         device: torch.device | str | None = None,
         half: bool = False,
-        backend: str = "pycocotools",
+        backend: str = "auto",
         augment: bool = False,
     ) -> None:
-        if backend not in BACKENDS:
-            raise DetectorError(f"backend: unknown '{backend}'; valid: {', '.join(BACKENDS)}")
+        backend = resolve_backend(backend)
         self.loader = loader
         dataset = getattr(loader, "dataset", None)
         self.dataset = getattr(dataset, "coco", dataset)

@@ -93,6 +93,22 @@ def test_same_seed_same_batches_with_workers(make_coco) -> None:
     assert not all(torch.equal(a, b) for a, b in zip(first_two(1, 0), first_two(2, 0)))
 
 
+def test_heap_trimming_runs_in_workers_only(make_coco, monkeypatch, tmp_path) -> None:
+    """malloc_trim runs in data workers (their heap is theirs alone), never in the main process (workers=0), whose
+    heap other native runtimes' threads share."""
+    from detector import memory
+    from detector.data import loader as loader_module
+
+    marker = tmp_path / "trims"
+    monkeypatch.setattr(loader_module, "HEAP_TRIM_DECODES", 2)
+    monkeypatch.setattr(memory, "trim_heap", lambda: marker.open("a").write("x"))  # inherited by forked workers
+    split = make_coco()
+    for workers in (0, 1):
+        for _ in build_train_loader(split, imgsz=64, batch_size=3, workers=workers, hyp=TrainConfig(), seed=0):
+            pass
+        assert marker.exists() == (workers == 1)
+
+
 def test_image_deleted_after_the_scan_is_replaced_and_named(make_coco, caplog) -> None:
     split = make_coco()
     loader = build_train_loader(split, imgsz=64, batch_size=6, workers=0, hyp=NO_MOSAIC, seed=0)

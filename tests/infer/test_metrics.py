@@ -103,12 +103,14 @@ def test_known_answers_equal_pycocotools(case: str, tmp_path: Path) -> None:
         dets = [[d[0], d[1] + rng.normal(0, 4), d[2] + rng.normal(0, 4), d[3], d[4], rng.uniform(0.2, 1), d[6]] for d in dets]
         dets += [[int(rng.integers(1, 5)), *rng.uniform(0, 300, 2), *rng.uniform(5, 200, 2), rng.uniform(0, 0.6), int(rng.choice([3, 7, 11]))] for _ in range(30)]
     expected = pycocotools_stats(tmp_path, annotations(), dets)
-    metrics, _ = evaluate_coco(gt_coco(), np.array(dets, dtype=np.float64))
-    assert stats(metrics) == expected
+    metrics, _ = evaluate_coco(gt_coco(), np.array(dets, dtype=np.float64), backend="pycocotools")
+    assert stats(metrics) == expected  # exactly: our path into pycocotools changes no number
+    fast, _ = evaluate_coco(gt_coco(), np.array(dets, dtype=np.float64))  # auto: faster-coco-eval when installed
+    assert stats(fast) == pytest.approx(expected, abs=1e-12)
     if case != "on_crowd":
         assert metrics["AP"] < 1.0
     # the list-of-dicts input gives the same
-    assert stats(evaluate_coco(gt_coco(), detections_to_coco_results(np.array(dets)))[0]) == expected
+    assert stats(evaluate_coco(gt_coco(), detections_to_coco_results(np.array(dets)), backend="pycocotools")[0]) == expected
 
 
 def test_per_class_ap_equals_pycocotools_restricted_to_that_class(tmp_path: Path) -> None:
@@ -181,7 +183,7 @@ def test_faster_backend_equals_pycocotools() -> None:
         dets += [[im["id"], *rng.uniform(0, 250, 2), *rng.uniform(4, 200, 2), rng.random() * 0.5, int(rng.choice([3, 7, 11]))] for _ in range(3)]
     data = {"images": images, "categories": copy.deepcopy(CATEGORIES), "annotations": anns}
     det = np.array(dets)
-    slow, precision_slow = evaluate_coco(gt_coco(data), det)
+    slow, precision_slow = evaluate_coco(gt_coco(data), det, backend="pycocotools")
     fast, precision_fast = evaluate_coco(gt_coco(data), det, backend="faster")
     assert stats(fast) == pytest.approx(stats(slow), abs=1e-4)
     assert 0.1 < slow["AP"] < 0.9
@@ -191,6 +193,20 @@ def test_faster_backend_equals_pycocotools() -> None:
     assert np.allclose(precision_slow, precision_fast, atol=1e-4)
     empty, _ = evaluate_coco(gt_coco(data), np.zeros((0, 7)), backend="faster")
     assert all(empty[k] == 0.0 for k in COCO_KEYS)
+
+
+def test_auto_backend_is_faster_coco_eval_when_installed(monkeypatch) -> None:
+    import importlib.util
+
+    from detector.infer import metrics as metrics_module
+
+    installed = importlib.util.find_spec("faster_coco_eval") is not None
+    assert metrics_module.resolve_backend("auto") == ("faster" if installed else "pycocotools")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as on a machine without the extra
+    assert metrics_module.resolve_backend("auto") == "pycocotools"
+    assert metrics_module.resolve_backend("faster") == "faster"  # asked for by name: its own import error later
+    with pytest.raises(DetectorError, match="valid: auto, pycocotools, faster"):
+        metrics_module.resolve_backend("fast")
 
 
 def test_fitness_and_table() -> None:

@@ -10,6 +10,7 @@ from detector.options import BenchExportOptions
 from detector.tools.bench.export import RUNNERS, available_runtimes, cpu_name, main
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.isolated  # OpenVINO and onnxruntime run in their own pytest process (tests/conftest.py)
 
 
 def test_bench_export_times_every_runtime_at_every_size(capsys: pytest.CaptureFixture[str]) -> None:
