@@ -123,3 +123,25 @@ def make_data_yaml(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def untrained_checkpoint(tmp_path: Path) -> Path:
+    """tmp_path/best.pt: an inference checkpoint of a seeded, untrained yolo-c2f-n for the conftest datasets
+    (category ids 1, 3, 7), laid out as the trainer writes one."""
+    import torch
+
+    from detector.models.builder import build_model
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("yolo-c2f-n", nc=len(CATEGORIES))
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(
+        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
+        epoch=0, train_state={}, rng={}, train_config={"data": ""}, names=[c["name"] for c in CATEGORIES],
+        category_ids=[c["id"] for c in CATEGORIES], imgsz=64, run_dir=str(tmp_path),
+    )
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, state)
+    return path

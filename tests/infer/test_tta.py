@@ -137,28 +137,11 @@ def test_merged_rows_of_a_real_model_are_every_pass_concatenated_less_the_tails(
     torch.testing.assert_close(clipped[:, first.shape[1] : first.shape[1] + counts[1]], every[:, counts[0] : counts[0] + counts[1]])
 
 
-def write_checkpoint(path: Path) -> Path:
-    """An untrained, seeded yolo-c2f-n checkpoint for the conftest datasets (ids 1, 3, 7)."""
-    from detector.models.builder import build_model
-    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model("yolo-c2f-n", nc=3)
-    state = dict.fromkeys(CHECKPOINT_KEYS)
-    state.update(
-        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
-        epoch=0, train_state={}, rng={}, train_config={"data": ""}, names=["circle", "square", "triangle"],
-        category_ids=[1, 3, 7], imgsz=64, run_dir=str(path.parent),
-    )
-    save_checkpoint(path, state)
-    return path
-
-
-def test_val_and_predict_with_augment(tmp_path: Path, make_data_yaml) -> None:
+def test_val_and_predict_with_augment(tmp_path: Path, make_data_yaml, untrained_checkpoint: Path) -> None:
     from detector.api import Detector
 
     data = make_data_yaml()
-    weights = write_checkpoint(tmp_path / "best.pt")
+    weights = untrained_checkpoint
     args = [f"weights={weights}", f"data={data}", "batch=4", "workers=0", "plots=false", f"project={tmp_path / 'val'}"]
     assert main(["val", *args, "augment=true", "name=tta"]) == 0
     metrics = json.loads((tmp_path / "val" / "tta" / "metrics.json").read_text())

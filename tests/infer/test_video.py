@@ -150,28 +150,11 @@ def test_writer_falls_back_to_mjpg_avi_with_a_warning(clip: Path, tmp_path: Path
     assert [p.name for p in (tmp_path / "json-only").iterdir()] == ["clip.jsonl"]
 
 
-def write_checkpoint(path: Path) -> Path:
-    """An inference checkpoint of an untrained (seeded) model, as the trainer would write it."""
-    from detector.models.builder import build_model
-    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model("yolo-c2f-n", nc=3)
-    state = dict.fromkeys(CHECKPOINT_KEYS)
-    state.update(
-        format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(), ema=None,
-        epoch=0, train_state={}, rng={}, train_config={"data": ""}, names=["circle", "square", "triangle"],
-        category_ids=[1, 3, 7], imgsz=64, run_dir=str(path.parent),
-    )
-    save_checkpoint(path, state)
-    return path
-
-
-def test_detector_predict_video_as_the_cli_does(clip: Path, tmp_path: Path, capsys) -> None:
+def test_detector_predict_video_as_the_cli_does(clip: Path, tmp_path: Path, capsys, untrained_checkpoint: Path) -> None:
     from detector.api import Detector
     from detector.cli import main
 
-    weights = write_checkpoint(tmp_path / "best.pt")
+    weights = untrained_checkpoint
     det = Detector.from_checkpoint(weights, device="cpu")
     frames = det.predict(source=str(clip), conf=0.0, max_det=3, batch=4, stream=True)
     assert not isinstance(frames, list)
@@ -193,8 +176,8 @@ def test_detector_predict_video_as_the_cli_does(clip: Path, tmp_path: Path, caps
 
 
 @pytest.mark.slow  # a fresh interpreter: ffmpeg is quiet only if the process has not opened a video before
-def test_cli_broken_video_is_one_stderr_line(tmp_path: Path) -> None:
-    weights = write_checkpoint(tmp_path / "best.pt")
+def test_cli_broken_video_is_one_stderr_line(tmp_path: Path, untrained_checkpoint: Path) -> None:
+    weights = untrained_checkpoint
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(np.random.default_rng(1).bytes(4096))
     cmd = [sys.executable, "-m", "detector", "predict", f"weights={weights}", f"source={bad}", "device=cpu", f"project={tmp_path}"]
