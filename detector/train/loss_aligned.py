@@ -12,8 +12,10 @@ The class score is trained toward t normalized per target so that its best ancho
 IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
 the positives weighted by the same soft label. Both are divided by the sum of the soft labels.
 
-Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, N)
-matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync.
+Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, K)
+matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync. K is
+each target's anchor windows (`window_rows`), which hold every anchor that can be its candidate, so the result is
+the full (M, N) assignment's at a third or less of the rows.
 The box loss runs over each target's top-k pairs (M x k), not over all B x N rows: a target's positives are
 among its top k, so the sum is the same at a fraction of the CIoU work.
 """
