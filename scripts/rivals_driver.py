@@ -5,7 +5,7 @@ This file is a separate program, not part of the `detector` package (Ultralytics
 and nowhere else). `python rivals_driver.py job.json` reads the job the harness wrote and, in the job's `out`:
 
     train/                 Ultralytics' own run folder (weights/last.pt, best.pt, results.csv)
-    train.json             wall time of model.train(), parameter count, Ultralytics version (written once)
+    train.json             wall time of model.train(), parameter count, GFLOPs at imgsz, Ultralytics version (written once)
     predictions.json       COCO result rows on the val images: OUR image ids, ORIGINAL category ids
 
 Training uses Ultralytics' defaults (optimizer=auto, its augmentation, its workers choice) with only the shared
@@ -43,8 +43,24 @@ def train(job: dict[str, Any], out: Path) -> None:
     model = YOLO(str(best if best.exists() else last))
     params = sum(p.numel() for p in model.model.parameters())
     label = f"Ultralytics {Path(job['model']).stem}"
-    info = {"wall_s": wall_s, "resumed": resumed, "params": int(params), "version": __version__, "weights": str(best), "label": label}
+    info = {"wall_s": wall_s, "resumed": resumed, "params": int(params), "gflops": forward_gflops(model.model, job["imgsz"]),
+            "version": __version__, "weights": str(best), "label": label}
     (out / "train.json").write_text(json.dumps(info, indent=1))
+
+
+def forward_gflops(module: Any, imgsz: int) -> float:
+    """GFLOPs of one eval forward on a (1, 3, imgsz, imgsz) image by torch's FlopCounterMode, the counter the
+    harness uses for ours (2 FLOPs per multiply-add; element-wise work not counted), so the two compare."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(module).float().eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.zeros(1, 3, imgsz, imgsz))
+    return counter.get_total_flops() / 1e9
 
 
 def predict(job: dict[str, Any], out: Path) -> None:

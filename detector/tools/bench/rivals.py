@@ -11,6 +11,9 @@ Output folder `<project>/<name>/`: yolo/ (the export), one folder per rival with
 result.json exists is not run again; `force=true` reruns), and results.json + results.md with the table.
 Train wall time is the training alone, per-epoch validation included: Ultralytics' `model.train()` call, our whole
 `detector train` process (a few seconds of start-up more); images/s is epochs x train images / that time.
+GFLOPs are one eval forward at imgsz counted by torch's FlopCounterMode on both sides; the ratio columns divide
+each side's images/s, and its images/s x GFLOPs (arithmetic per second), by the first Ultralytics side's, so one
+run prints the per-image and the per-FLOP speed-ups.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class RivalsOptions:
     threads: int = option(0, "torch threads, every side (0: the CPUs this process may use)", ge=0, le=1024)
     device: str = option("cpu", "device for every side: cpu, or a CUDA index such as 0 ('' lets each tool pick)")
     model: str = option("", "our model YAML (default: detector train's default)")
-    workers: int = option(2, "our data-loading workers (Ultralytics forces 0 on CPU by its own choice)", ge=0, le=64)
+    workers: int | str = option("auto", "our data-loading workers, auto as in detector train (Ultralytics forces 0 on CPU by its own choice)", ge=0, le=64, words=["auto"])
     conf: float = option(0.001, "confidence threshold of the scored predictions", ge=0, le=1)
     iou: float = option(0.65, "NMS IoU of the scored predictions (0.65: what README's COCO figures use)", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
@@ -176,7 +179,8 @@ def run_ours(opts: RivalsOptions, ours_extra: list[str], folder: Path) -> dict[s
                    f"project={folder}", "name=train", "exist_ok=true", *([f"model={opts.model}"] if opts.model else []),
                    *ours_extra]
         wall_s = run_command(cmd, env=env, log=log)
-        info = {"wall_s": wall_s, "resumed": resumed, "params": count_params(best), "label": ours_label(run_dir)}
+        params, gflops = model_size(best, opts.imgsz)
+        info = {"wall_s": wall_s, "resumed": resumed, "params": params, "gflops": gflops, "label": ours_label(run_dir)}
         train_json.write_text(json.dumps(info, indent=1))
     val = [f"weights={best}", f"data={opts.data}", f"imgsz={opts.imgsz}", f"conf={opts.conf}", f"iou={opts.iou}",
            f"max_det={opts.max_det}", f"device={opts.device}", f"workers={opts.workers}"]
@@ -194,11 +198,14 @@ def ours_label(run_dir: Path) -> str:
     return f"ours ({Path(str(args.get('model', '?'))).stem}, amp {args.get('amp', '?')})"
 
 
-def count_params(weights: Path) -> int:
-    """Parameters of our checkpoint's model (buffers such as anchors and BN statistics not counted)."""
+def model_size(weights: Path, imgsz: int) -> tuple[int, float]:
+    """Parameters of our checkpoint's model (buffers such as anchors and BN statistics not counted) and its
+    GFLOPs at imgsz, counted as the driver counts Ultralytics'."""
     from detector.api import Detector
+    from detector.models.info import count_flops
 
-    return int(sum(p.numel() for p in Detector(weights, device="cpu").model.parameters()))
+    model = Detector(weights, device="cpu").model
+    return int(sum(p.numel() for p in model.parameters())), count_flops(model, imgsz)
 
 
 def score_predictions(predictions: Path, gt: COCO) -> dict[str, float]:
@@ -221,21 +228,40 @@ def rival_result(rival: str, run: dict[str, Any], metrics: dict[str, float], opt
     """One table row's data, as result.json stores it."""
     wall_s = float(run["wall_s"])
     return {
-        "model": run.get("label", rival), "rival": rival, "params": int(run["params"]), "metrics": metrics, "wall_s": wall_s,
+        "model": run.get("label", rival), "rival": rival, "params": int(run["params"]), "gflops": run.get("gflops"),
+        "metrics": metrics, "wall_s": wall_s,
         "images_per_s": opts.epochs * train_images / wall_s if wall_s > 0 else 0.0, "train_images": train_images,
         "epochs": opts.epochs, "resumed": bool(run.get("resumed", False)), "predictions": run["predictions"],
         "version": run.get("version", ""),
     }
 
 
+def speed_cells(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
+    """GFLOPs, GFLOP/s sustained (train images/s x forward GFLOPs) and the per-image and per-FLOP ratios to the
+    reference side ('-' where a figure is missing: a result.json from before GFLOPs were recorded)."""
+    gflops = result.get("gflops")
+    rate = result["images_per_s"]
+    cells = [f"{gflops:.2f}" if gflops else "-", f"{rate * gflops:.1f}" if gflops else "-"]
+    if reference is None or not reference["images_per_s"]:
+        return [*cells, "-", "-"]
+    per_flop = "-"
+    if gflops and reference.get("gflops"):
+        per_flop = f"{rate * gflops / (reference['images_per_s'] * reference['gflops']):.2f}x"
+    return [*cells, f"{rate / reference['images_per_s']:.2f}x", per_flop]
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """The side-by-side table: model, params, the COCO numbers, train wall time and images/s."""
-    headers = ["model", "params", *TABLE_KEYS, "train wall (s)", "train img/s"]
-    align = ["---", "---:", *["---:"] * len(TABLE_KEYS), "---:", "---:"]
+    """The side-by-side table: model, params, the COCO numbers, train wall time, images/s, GFLOPs, GFLOP/s and
+    the speed ratios to the first Ultralytics side (per image and per FLOP)."""
+    reference = next((r for r in results if r.get("rival", OURS) != OURS), None)
+    vs = f" vs {reference['rival']}" if reference else ""
+    headers = ["model", "params", *TABLE_KEYS, "train wall (s)", "train img/s", "GFLOPs", "GFLOP/s", f"img/s{vs}", f"per FLOP{vs}"]
+    align = ["---", "---:", *["---:"] * (len(headers) - 2)]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     for r in results:
         wall = f"{r['wall_s']:.0f}" + (" (resumed: last part only)" if r["resumed"] else "")
-        cells = [r["model"], f"{r['params']:,}", *(f"{r['metrics'][k]:.3f}" for k in TABLE_KEYS), wall, f"{r['images_per_s']:.1f}"]
+        cells = [r["model"], f"{r['params']:,}", *(f"{r['metrics'][k]:.3f}" for k in TABLE_KEYS), wall,
+                 f"{r['images_per_s']:.1f}", *speed_cells(r, reference)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

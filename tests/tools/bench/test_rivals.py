@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
@@ -61,7 +62,7 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
         folder.mkdir(parents=True, exist_ok=True)
         assert export.category_ids == [1, 3, 7] and len(export.images["val"]) == 6
         (folder / "predictions.json").write_text(json.dumps(perfect_rows(data_yaml)))
-        return {"wall_s": 10.0, "params": 1234, "resumed": False, "version": "0.0-test",
+        return {"wall_s": 10.0, "params": 1234, "gflops": 2.0 if rival == "yolov8n" else 1.0, "resumed": False, "version": "0.0-test",
                 "label": f"Ultralytics {rival}", "predictions": str(folder / "predictions.json")}
 
     monkeypatch.setattr(rivals, "run_ultralytics", fake_ultralytics)
@@ -71,6 +72,8 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
     out = tmp_path / "runs" / "t"
     table = (out / "results.md").read_text()
     assert "| Ultralytics yolov8n | 1,234 | 1.000 | 1.000 |" in table
+    # same wall time, half the FLOPs: yolo26n runs at 1.00x yolov8n's images/s and 0.50x its arithmetic per second
+    assert table.splitlines()[-1].endswith("| 1.2 | 1.00 | 1.2 | 1.00x | 0.50x |"), table
     assert "bf16:" in table and "NMS IoU 0.65" in table and "ultralytics 0.0-test" in table
     payload = json.loads((out / "results.json").read_text())
     assert payload["results"][0]["images_per_s"] == pytest.approx(2 * 6 / 10.0)  # epochs x train images / wall
@@ -78,13 +81,39 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
     assert rivals.main([*args, "force=true", "rivals=yolo26n"]) == 0 and calls == ["yolov8n", "yolo26n", "yolo26n"]
 
 
-def test_markdown_table_marks_a_resumed_run() -> None:
+def test_markdown_table_marks_a_resumed_run_and_divides_by_the_ultralytics_side() -> None:
     metrics = {k: 0.5 for k in rivals.COCO_KEYS}
-    row = {"model": "ours (yolo-ca-n, amp auto)", "params": 2286995, "metrics": metrics, "wall_s": 100.0,
-           "images_per_s": 12.0, "resumed": True}
-    lines = rivals.markdown_table([row]).splitlines()
-    assert lines[0].startswith("| model | params | AP | AP50 | APs | APm | APl | AR100 |")
-    assert lines[2] == "| ours (yolo-ca-n, amp auto) | 2,286,995 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 100 (resumed: last part only) | 12.0 |"
+    ours = {"model": "ours (yolo-ca-n, amp auto)", "rival": "ours", "params": 2286995, "gflops": 0.83, "metrics": metrics,
+            "wall_s": 100.0, "images_per_s": 40.0, "resumed": True}
+    theirs = {"model": "Ultralytics yolov8n", "rival": "yolov8n", "params": 3012018, "gflops": 1.31, "metrics": metrics,
+              "wall_s": 100.0, "images_per_s": 25.0, "resumed": False}
+    lines = rivals.markdown_table([ours, theirs]).splitlines()
+    assert lines[0] == ("| model | params | AP | AP50 | APs | APm | APl | AR100 | train wall (s) | train img/s | GFLOPs | GFLOP/s"
+                        " | img/s vs yolov8n | per FLOP vs yolov8n |")
+    # 40 / 25 = 1.60x per image; 40 x 0.83 = 33.2 against 25 x 1.31 = 32.75 GFLOP/s: 1.01x per FLOP
+    assert lines[2] == ("| ours (yolo-ca-n, amp auto) | 2,286,995 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500"
+                        " | 100 (resumed: last part only) | 40.0 | 0.83 | 33.2 | 1.60x | 1.01x |")
+    assert lines[3].endswith("| 25.0 | 1.31 | 32.8 | 1.00x | 1.00x |")
+    alone = rivals.markdown_table([{**ours, "gflops": None}]).splitlines()  # an old result.json, no Ultralytics side
+    assert alone[0].endswith("| GFLOP/s | img/s | per FLOP |") and alone[2].endswith("| 40.0 | - | - | - | - |")
+
+
+def test_the_driver_counts_flops_as_our_counter_does() -> None:
+    """The per-FLOP ratio divides the driver's count by ours: the same counter must give the same number."""
+    import importlib.util
+
+    from detector.models.builder import build_model
+    from detector.models.catalog import resolve_model_path
+    from detector.models.info import count_flops
+
+    spec = importlib.util.spec_from_file_location("rivals_driver", rivals.DRIVER)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert driver.forward_gflops(conv, 32) == pytest.approx(2 * 3 * 8 * 9 * 32 * 32 / 1e9)  # 2 x multiply-adds
+    model = build_model(resolve_model_path("yolo-ca-n"), nc=3)
+    assert driver.forward_gflops(model, 64) == pytest.approx(count_flops(model, 64), rel=1e-9)
+    assert model.training  # counted on a copy
 
 
 def test_the_driver_the_harness_runs_is_there() -> None:
