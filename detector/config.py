@@ -38,10 +38,13 @@ class Bounds:
     lt: float | None = None
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
+    words: tuple[str, ...] = ()  # strings a numeric key also takes (workers=auto)
 
     def accepts(self, value: Any) -> bool:
         if self.choices is not None:
             return value in self.choices
+        if isinstance(value, str):
+            return value in self.words
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
                 and (self.multiple_of is None or value % self.multiple_of == 0))
@@ -53,7 +56,7 @@ class Bounds:
                  if v is not None]
         if self.multiple_of is not None:
             parts.append(f"a multiple of {self.multiple_of}")
-        return " and ".join(parts)
+        return ", ".join(self.words) + " or " * bool(self.words) + " and ".join(parts)
 
 
 def _number(value: float) -> str:
@@ -66,8 +69,9 @@ def option(default: Any, help: str, *, run_only: bool = False, neutral: bool = F
     how a run is carried out, not what it trains (batch, workers, epochs ...), so a resumed run may change it.
     `neutral` (implies run_only): the key says only where and with what a run executes (paths, devices, worker
     processes, what it saves and plots), so two runs that differ in neutral keys alone are the same experiment."""
-    if "choices" in bounds:
-        bounds["choices"] = tuple(bounds["choices"])
+    for name in ("choices", "words"):
+        if name in bounds:
+            bounds[name] = tuple(bounds[name])
     metadata = {"help": help, "bounds": Bounds(**bounds) if bounds else None, "run_only": run_only or neutral,
                 "neutral": neutral}
     if isinstance(default, list):
@@ -98,10 +102,16 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Type `value` (a string from the command line, or a YAML value) as the field's `hint`."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        args = typing.get_args(hint)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
             return None
-        return _coerce(value, options[0], key, where)
+        options = [a for a in args if a is not type(None)]
+        for option_type in options[:-1]:  # int | str: a number when it reads as one, else the word (bounds check it)
+            try:
+                return _coerce(value, option_type, key, where)
+            except DetectorError:
+                continue
+        return _coerce(value, options[-1], key, where)
     if origin is list:
         (item_type,) = typing.get_args(hint) or (str,)
         if isinstance(value, str):
@@ -239,7 +249,7 @@ class TrainConfig:
     time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000, run_only=True)
     batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096, run_only=True)
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
-    workers: int = option(2, "data-loading worker processes per rank", ge=0, le=64, neutral=True)
+    workers: int | str = option("auto", "data-loading worker processes per rank; auto: the CPUs this process may use, split over the ranks on this machine, at most 8 and the per-rank batch", ge=0, le=64, words=["auto"], neutral=True)
     device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", neutral=True)
     seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
@@ -286,7 +296,7 @@ class TrainConfig:
     mosaic: float = option(1.0, "mosaic probability", ge=0, le=1)
     mixup: float = option(0.0, "mixup probability", ge=0, le=1)
     close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
-    cache: str = option("", "'ram' keeps decoded training images in memory", choices=["", "ram"])
+    cache: str = option("", "'ram' keeps the decoded training images in memory, 'auto' when they take at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")

@@ -14,6 +14,18 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def available_memory_bytes() -> int:
+    """Memory the kernel could hand out now without swapping (/proc/meminfo MemAvailable; the physical memory
+    where that file is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return machine_memory_bytes()
+
+
 def gib(n_bytes: float) -> str:
     """'12.3 GiB'."""
     return f"{n_bytes / 2**30:,.1f} GiB"

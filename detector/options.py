@@ -119,7 +119,7 @@ class AblateOptions:
     epochs: int = option(30, "epochs per run", ge=1, le=100_000)
     imgsz: int = option(320, "image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int = option(2, "data-loading workers", ge=0, le=64)
+    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
     seed: int = option(0, "seed shared by every run (same init, same data order)", ge=0, le=2**32 - 1)
     seeds: list[int] = option([], "train every variant under each seed (comma list, e.g. 0,1,2; overrides seed): mean ± std and paired AP differences", ge=0, le=2**32 - 1)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
@@ -153,7 +153,7 @@ class BenchDataOptions:
     workers: list[int] = option([0, 1, 2], "data-loading worker counts (comma list)", ge=0, le=64)
     batch: int = option(16, "batch size", ge=1, le=4096)
     batches: int = option(8, "batches timed per row, after one warm-up batch", ge=1, le=100_000)
-    cache: str = option("", "'ram' keeps decoded images in memory", choices=["", "ram"])
+    cache: str = option("", "'ram' keeps decoded images in memory, 'auto' when they fit a quarter of the available memory", choices=["auto", "ram", ""])
     scale: str = option("", "'coco': scan and loader at COCO scale instead (118,287 hard-linked images: scan times, "
                         "RSS, worker USS, time to the first batch at the largest imgsz and workers)", choices=["", "coco"])
     steps: int = option(300, "scale=coco: batches between the two readings of each worker's USS", ge=1, le=100_000)
@@ -164,12 +164,13 @@ class BenchTrainOptions:
     configs: list[str] = option(["yolo-ca-n", "yolo-c2f-n", "yolov5n"], "model configs, names or paths (comma list)")
     imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int = option(2, "data-loading workers of the end-to-end run", ge=0, le=64)
+    workers: int | str = option("auto", "data-loading workers (auto: as in detector train) of the end-to-end run", ge=0, le=64, words=["auto"])
     images: int = option(320, "training images per epoch (a generated shapes set; unused with data=)", ge=1, le=1_000_000)
     data: str = option("", "dataset YAML to time a real epoch on ('': the generated shapes set)")
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
     profile: bool = option(False, "also split the end-to-end run's main process into its stages (torch.profiler)")
+    cache: str = option("", "the end-to-end run's decoded-image cache: ram, auto or '' (off), as in detector train", choices=["auto", "ram", ""])
 
 
 @dataclass
@@ -195,7 +196,7 @@ class BenchAmpOptions:
     imgsz: int = option(192, "image size", ge=32, le=8192, multiple_of=32)
     epochs: int = option(12, "epochs per run", ge=1, le=100_000)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int = option(2, "data-loading workers", ge=0, le=64)
+    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
     seed: int = option(0, "seed of the fp32 and bf16 runs (and of the generated set)", ge=0, le=2**32 - 2)
     noise_seed: int | None = option(None, "seed of the second fp32 run, the noise (None: seed + 1; -1 skips that run)", ge=-1, le=2**32 - 1)
     channels_last: bool = option(True, "channels_last memory format")

@@ -37,6 +37,20 @@ def test_wrong_type_is_an_error():
         load_train_config({"cos_lr": "maybe"})
 
 
+def test_a_numeric_key_with_a_word_takes_the_number_or_the_word(tmp_path: Path):
+    assert load_train_config({"workers": "3"}).workers == 3 and load_train_config({"workers": "auto"}).workers == "auto"
+    assert TrainConfig().workers == "auto"
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("epochs: 3\nworkers: 4\n")
+    assert load_train_config({"cfg": str(cfg_file)}).workers == 4  # a YAML int stays an int
+    for bad in ("many", "-1", "65", "2.5"):
+        with pytest.raises(DetectorError, match=rf"command line: 'workers' must be auto or >= 0 and <= 64, got '{bad}'"):
+            load_train_config({"workers": bad})
+    cfg_file.write_text("workers: [1]\n")
+    with pytest.raises(DetectorError, match="train.yaml:1: 'workers' expects a string"):
+        load_train_config({"cfg": str(cfg_file)})
+
+
 def test_cfg_file_then_command_line(tmp_path: Path):
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("epochs: 3\nbatch: 4\n")
@@ -104,7 +118,7 @@ def test_a_keyword_key_is_typed_bare_and_listed_bare() -> None:
 def test_neutral_keys_are_run_only_and_change_no_result() -> None:
     from detector.config import neutral_keys, run_only_keys
 
-    assert neutral_keys(TrainConfig) == {"workers", "device", "project", "name", "exist_ok", "resume", "compile",
+    assert neutral_keys(TrainConfig) == {"workers", "device", "project", "name", "exist_ok", "resume", "compile", "cache",
                                          "save_period", "max_nonfinite", "plots"}
     assert neutral_keys(TrainConfig) < run_only_keys(TrainConfig)  # a resumed run may change them too
     assert {"epochs", "batch", "time", "patience", "val_interval"} <= run_only_keys(TrainConfig) - neutral_keys(TrainConfig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +42,11 @@ MAX_SUBSTITUTES = 10  # unreadable images replaced in a row before giving up
 # not four; below PARTNER_POOL_MIN buffered images (a worker's first samples) they are drawn from the whole set.
 PARTNER_BUFFER = 64
 PARTNER_POOL_MIN = 16
+# cache="auto" keeps the decoded training images in RAM when they take at most this share of the memory available
+# at start (per process on the machine: each DDP rank holds its own copy; forked workers share it).
+RAM_CACHE_SHARE = 0.25
 HEAP_TRIM_DECODES = 64  # decodes between handing freed heap pages back to the OS (see memory.trim_heap)
+MAX_AUTO_WORKERS = 8  # workers=auto never starts more (more rarely pays: each holds its own buffers)
 WORKER_TIMEOUT_S = 600  # a batch that takes longer than this from the workers is a hung worker: an error
 # What a file that changed or vanished after the scan raises while decoding.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -69,24 +74,45 @@ def _to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+def cache_bytes(image_hw: np.ndarray, ratios: np.ndarray) -> int:
+    """Bytes of every image decoded and resized by its ratio (uint8 RGB, cv2's round(side x ratio))."""
+    if not len(image_hw):
+        return 0
+    sides = np.maximum(np.round(image_hw * ratios[:, None]), 1).astype(np.int64)
+    return int((sides[:, 0] * sides[:, 1]).sum() * 3)
+
+
+def resolve_cache(cache: str, image_hw: np.ndarray, ratios: np.ndarray, *, processes: int = 1) -> str:
+    """'ram' or '' (off) for `cache`: "auto" is "ram" when the decoded set fits RAM_CACHE_SHARE of the available
+    memory, split over the machine's `processes` ranks, and says which it chose and why."""
+    if cache in ("", "ram"):
+        return cache
+    if cache != "auto":
+        raise DetectorError(f"cache must be 'auto', 'ram' or '' (off), got '{cache}'")
+    need, budget = cache_bytes(image_hw, ratios), RAM_CACHE_SHARE * memory.available_memory_bytes() / max(processes, 1)
+    chosen = "ram" if need <= budget else ""
+    LOGGER.info("cache=auto: %s (the decoded images take %.0f MB; budget %.0f MB, %.0f%% of the available memory%s)",
+                chosen or "off", need / 2**20, budget / 2**20, 100 * RAM_CACHE_SHARE,
+                f" over {processes} ranks" if processes > 1 else "")
+    return chosen
+
+
 class _ImageSource:
     """Decoded images of a CocoDataset resized by a per-image ratio: from RAM (cache="ram"), from a small buffer of
     the most recently decoded ones (`recent`, per process), or from disk."""
 
-    def __init__(self, coco: CocoDataset, ratios: np.ndarray, cache: str, buffer_size: int = 0) -> None:
+    def __init__(self, coco: CocoDataset, ratios: np.ndarray, cache: str, buffer_size: int = 0, processes: int = 1) -> None:
         self.coco = coco
         self.ratios = ratios
         self.buffer_size = buffer_size
         self.decodes = 0
         self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
         self.ram: list[np.ndarray] | None = None
-        if cache == "ram":
+        if resolve_cache(cache, coco.image_hw, ratios, processes=processes) == "ram":
             with ThreadPoolExecutor(max_workers=4) as pool:
                 self.ram = list(pool.map(self.read, range(len(coco))))
             mb = sum(a.nbytes for a in self.ram) / 2**20
             LOGGER.info("cache=ram: %d images, %.0f MB", len(self.ram), mb)
-        elif cache:
-            raise DetectorError(f"cache must be '' or 'ram', got '{cache}'")
 
     def read(self, index: int) -> np.ndarray:
         self.decodes += 1
@@ -97,11 +123,11 @@ class _ImageSource:
         return resize_by(self.coco.load_image(index), float(self.ratios[index]))
 
     def get(self, index: int) -> np.ndarray:
-        if self.ram is not None:
-            return self.ram[index]
+        """Image `index`; with or without the RAM cache it enters `recent` alike, so the mosaic partners drawn
+        from there, and so every sample, are the same whether the cache is on or off."""
         image = self.recent.get(index)
         if image is None:
-            image = self.read(index)
+            image = self.ram[index] if self.ram is not None else self.read(index)
             if self.buffer_size:
                 self.recent[index] = image
                 if len(self.recent) > self.buffer_size:
@@ -119,7 +145,8 @@ class TrainDataset(Dataset):
     that ran before it: a resumed run replays the epochs an uninterrupted one sees (same seed and workers)."""
 
     def __init__(
-        self, coco: CocoDataset, *, imgsz: int, hyp: AugmentHyp, seed: int = 0, strict: bool = False, cache: str = ""
+        self, coco: CocoDataset, *, imgsz: int, hyp: AugmentHyp, seed: int = 0, strict: bool = False, cache: str = "",
+        local_ranks: int = 1,
     ) -> None:
         self.coco = coco
         self.imgsz = imgsz
@@ -127,7 +154,7 @@ class TrainDataset(Dataset):
         self.seed = seed
         hw = coco.image_hw
         self.ratios = imgsz / hw.max(axis=1) if len(hw) else np.zeros(0)
-        self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER)
+        self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER, processes=local_ranks)
         self.transform = TrainTransform(imgsz, hyp, seed)
         self._mosaic = torch.ones(1, dtype=torch.uint8).share_memory_()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -303,6 +330,18 @@ def _worker_init(worker_id: int) -> None:
     gc.freeze()
 
 
+def resolve_workers(workers: int | str, *, batch_size: int, local_ranks: int = 1) -> int:
+    """The worker count for `workers`: a number as given; "auto" the CPUs this process may use split over the
+    ranks on this machine (they share its cores), at most MAX_AUTO_WORKERS and the per-rank batch (a worker
+    builds whole batches) and at least 1. On 2 cores and one rank that is 2, the count measured best there."""
+    if not isinstance(workers, str):
+        return workers
+    if workers != "auto":
+        raise DetectorError(f"workers must be a number or 'auto', got '{workers}'")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus // max(local_ranks, 1), MAX_AUTO_WORKERS, batch_size))
+
+
 def _check_imgsz(imgsz: int) -> None:
     if imgsz < STRIDE or imgsz % STRIDE:
         raise DetectorError(f"imgsz must be a multiple of {STRIDE}, got {imgsz}")
@@ -321,13 +360,15 @@ def build_train_loader(
     cache: str = "",
     rank: int = 0,
     world_size: int = 1,
+    local_ranks: int = 1,
 ) -> DetectorDataLoader:
     """Shuffled, augmented batches of `split`, this rank's share of them (a DistributedSampler, also for one
     process: its order is a pure function of (seed, epoch)); call `loader.set_epoch(epoch)` each epoch.
-    `cache="ram"` decodes every image once up front."""
+    `cache="ram"` decodes every image once up front; "auto" does when they fit (`resolve_cache`; `local_ranks`:
+    the ranks on this machine, each with its own copy)."""
     _check_imgsz(imgsz)
     coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
-    dataset = TrainDataset(coco, imgsz=imgsz, hyp=hyp, seed=seed + rank, strict=strict, cache=cache)
+    dataset = TrainDataset(coco, imgsz=imgsz, hyp=hyp, seed=seed + rank, strict=strict, cache=cache, local_ranks=local_ranks)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + rank)

@@ -164,7 +164,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         """The dataset YAML (the bundled set generated on first use), the train loader and the class list."""
-        from detector.data.loader import build_train_loader
+        from detector.data.loader import build_train_loader, resolve_workers
         from detector.data.synthetic import ensure_bundled_dataset
 
         cfg = self.cfg
@@ -174,13 +174,15 @@ class Trainer:
         barrier(self.dist)
         self.data = load_data_spec(data_yaml)
         self.per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
+        self.workers = resolve_workers(cfg.workers, batch_size=self.per_rank_batch, local_ranks=self.dist.local_world_size)
         self.train_loader = build_train_loader(
-            self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=cfg.workers, hyp=cfg, seed=cfg.seed,
+            self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=self.workers, hyp=cfg, seed=cfg.seed,
             strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
+            local_ranks=self.dist.local_world_size,
         )
         self.train_set = self.train_loader.dataset
         if self.dist.is_main:
-            LOGGER.info("train: %s\n%s", self.data.train.annotations, self.train_set.coco.summary)
+            LOGGER.info("train: %s (%d workers)\n%s", self.data.train.annotations, self.workers, self.train_set.coco.summary)
         nc = self.train_set.coco.num_classes
         if self.data.names is not None and len(self.data.names) != nc:
             raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
@@ -293,7 +295,7 @@ class Trainer:
         self.logger = None
         if not self.dist.is_main:
             return
-        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=cfg.workers, strict=cfg.strict, cache_dir=self.run_dir)
+        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers, strict=cfg.strict, cache_dir=self.run_dir)
         self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda")
         self.logger = RunLogger(self.run_dir)
         if self.resume_ckpt is not None:

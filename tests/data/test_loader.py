@@ -13,7 +13,9 @@ from torch.utils.data import DistributedSampler
 
 from detector.config import TrainConfig
 from detector.data import transforms
-from detector.data.loader import build_train_loader, build_val_loader, collate, rect_batch_shapes
+from detector import memory
+from detector.data import loader as loader_module
+from detector.data.loader import build_train_loader, build_val_loader, cache_bytes, collate, rect_batch_shapes, resolve_workers
 from detector.errors import DetectorError
 
 NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)
@@ -159,10 +161,43 @@ def test_distributed_sampler_splits_the_data(make_coco) -> None:
 
 def test_ram_cache(make_coco) -> None:
     loader = build_train_loader(make_coco(), imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0, cache="ram")
-    assert len(loader.dataset.source.ram) == 6 and max(loader.dataset.source.ram[0].shape[:2]) == 64
+    source = loader.dataset.source
+    assert len(source.ram) == 6 and max(source.ram[0].shape[:2]) == 64
+    assert loader_cache_bytes(loader) == sum(image.nbytes for image in source.ram)  # the estimate is exact
     assert len(list(loader)) == 2
-    with pytest.raises(DetectorError, match="cache must be"):
+    with pytest.raises(DetectorError, match="cache must be 'auto', 'ram' or '' \\(off\\), got 'disk'"):
         build_train_loader(make_coco("b"), imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0, cache="disk")
+
+
+def loader_cache_bytes(loader) -> int:
+    dataset = loader.dataset
+    return cache_bytes(dataset.coco.image_hw, dataset.ratios)
+
+
+def test_the_ram_cache_changes_no_sample(make_coco) -> None:
+    """Mosaic partners come from the recently used images with the cache on too: the batches are equal."""
+    sizes = [(40 + 7 * i, 64 - 3 * (i % 5)) for i in range(24)]  # more than PARTNER_POOL_MIN images
+    split = make_coco(sizes_wh=sizes)
+    batches = {}
+    for cache in ("", "ram"):
+        loader = build_train_loader(split, imgsz=64, batch_size=4, workers=0, hyp=TrainConfig(), seed=3, cache=cache)
+        loader.set_epoch(0)
+        batches[cache] = [(b["images"], b["targets"]) for b in loader]
+    assert len(batches[""]) == 6
+    for (images, targets), (cached_images, cached_targets) in zip(batches[""], batches["ram"]):
+        assert torch.equal(images, cached_images) and torch.equal(targets, cached_targets)
+
+
+def test_auto_cache_keeps_the_images_when_they_fit(make_coco, monkeypatch, caplog) -> None:
+    split = make_coco()
+    need = loader_cache_bytes(build_train_loader(split, imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0))
+    caplog.set_level(logging.INFO, logger="detector.data.loader")
+    for available, local_ranks, cached in ((4 * need, 1, True), (4 * need - 4, 1, False), (8 * need, 2, True), (8 * need, 3, False)):
+        monkeypatch.setattr(memory, "available_memory_bytes", lambda available=available: available)
+        loader = build_train_loader(split, imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0, cache="auto",
+                                    local_ranks=local_ranks)
+        assert (loader.dataset.source.ram is not None) is cached, (available, local_ranks)
+    assert "cache=auto: ram" in caplog.text and "cache=auto: off" in caplog.text and "over 3 ranks" in caplog.text
 
 
 def test_imgsz_must_be_a_multiple_of_32(make_coco) -> None:
@@ -180,3 +215,14 @@ def test_collate() -> None:
     assert batch["images"].shape == (3, 3, 8, 8)
     assert batch["targets"][:, 0].tolist() == [0.0, 2.0, 2.0] and batch["targets"].shape == (3, 6)
     assert [m["image_id"] for m in batch["meta"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("cpus", "local_ranks", "batch", "expected"), [
+    (2, 1, 16, 2), (16, 1, 16, 8), (16, 4, 16, 4), (16, 1, 3, 3), (1, 1, 16, 1), (2, 4, 16, 1),
+])
+def test_auto_workers_split_the_cpus_over_the_ranks(monkeypatch, cpus, local_ranks, batch, expected) -> None:
+    monkeypatch.setattr(loader_module.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert resolve_workers("auto", batch_size=batch, local_ranks=local_ranks) == expected
+    assert resolve_workers(5, batch_size=batch, local_ranks=local_ranks) == 5  # a number is kept as given
+    with pytest.raises(DetectorError, match="workers must be a number or 'auto', got 'many'"):
+        resolve_workers("many", batch_size=batch)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from detector.config import TrainConfig, build_options
+from detector.data.loader import resolve_workers
 from detector.data.spec import load_data_spec
 from detector.data.synthetic import generate_shapes_dataset
 from detector.errors import DetectorError
@@ -82,7 +83,7 @@ def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrain
     rows [stage, s, share, ms per step] over both epochs' main process (the first pays the workers' start)."""
     values = {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
               "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "amp": opts.amp,
-              "channels_last": opts.channels_last, "plots": False, "close_mosaic": 0, "warmup_min_iters": 0}
+              "channels_last": opts.channels_last, "cache": opts.cache, "plots": False, "close_mosaic": 0, "warmup_min_iters": 0}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if opts.profile else None
     with profiler or contextlib.nullcontext():
         train(build_options(TrainConfig, values, "bench train"))
@@ -114,7 +115,8 @@ def main(opts: BenchTrainOptions) -> None:
             model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
             e2e_rate, profiles[name] = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts, images)
             rows.append([name, round(gflops, 2), round(model_rate, 1), round(e2e_rate, 1), round(e2e_rate / model_rate, 2), round(e2e_rate * gflops, 1)])
-    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {opts.workers}, amp {opts.amp}, "
+    workers = resolve_workers(opts.workers, batch_size=batch)
+    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers}, cache {opts.cache or 'off'}, amp {opts.amp}, "
           f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
     print(format_table(["config", f"GFLOPs@{imgsz}", "model img/s", "end-to-end img/s", "ratio", "GFLOP/s"], rows, floatfmt=".2f"))
     for name, stages in profiles.items():
