@@ -471,13 +471,14 @@ class Trainer:
                 if self.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
                     final = True
                     metrics = self._validate(epoch, final=True)
+            val_time = time.perf_counter() - val_started
             fit = None
             if metrics is not None:
                 fit = fitness(metrics)
                 if fit > self.state.best_fitness:
                     self.state.best_fitness, self.state.best_epoch = fit, epoch
             lr = self.optimizer.param_groups[0]["lr"]
-            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite, len(unreadable))
+            self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite, len(unreadable), val_time)
             if unreadable:
                 LOGGER.warning("epoch %d: %d unreadable image(s) replaced by others: %s", epoch + 1, len(unreadable), ", ".join(sorted(unreadable)))
             self.state.epoch = epoch
@@ -485,7 +486,7 @@ class Trainer:
             self._save(epoch, is_best=fit is not None and self.state.best_epoch == epoch)
             summary = f"epoch {epoch + 1}/{self.epochs}  box {losses[0]:.4f} obj {losses[1]:.4f} cls {losses[2]:.4f}  {images_per_s:.1f} img/s"
             if metrics is not None:
-                summary += f"  AP50 {metrics['AP50']:.4f}  AP {metrics['AP']:.4f}"
+                summary += f"  AP50 {metrics['AP50']:.4f}  AP {metrics['AP']:.4f}  (train {epoch_time:.1f} s, val {val_time:.1f} s)"
             LOGGER.info(summary)
         else:
             self.state.epoch = epoch

@@ -19,7 +19,8 @@ LOSS_KEYS = ("box_loss", "obj_loss", "cls_loss")
 class RunLogger:
     """One row per epoch in results.csv (appended, so a resumed run continues the file) and TensorBoard scalars."""
 
-    columns = ("epoch", *(f"train/{k}" for k in LOSS_KEYS), "lr", *(f"metrics/{k}" for k in COCO_KEYS), "fitness", "epoch_time_s", "nonfinite_steps", "unreadable_images")
+    columns = ("epoch", *(f"train/{k}" for k in LOSS_KEYS), "lr", *(f"metrics/{k}" for k in COCO_KEYS), "fitness", "epoch_time_s", "nonfinite_steps", "unreadable_images",
+               "val_time_s")  # new columns go last: a resumed run's older header is then a prefix (truncate_after)
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
         self.run_dir = run_dir
@@ -52,11 +53,14 @@ class RunLogger:
             self.writer.add_scalar(f"train/{key}", value, global_step)
         self.writer.add_scalar("train/lr", lr, global_step)
 
-    def epoch(self, epoch: int, losses: torch.Tensor, lr: float, metrics: Mapping[str, float] | None, fitness: float | None, epoch_time_s: float, nonfinite_steps: int, unreadable_images: int = 0) -> None:
+    def epoch(self, epoch: int, losses: torch.Tensor, lr: float, metrics: Mapping[str, float] | None, fitness: float | None,
+              epoch_time_s: float, nonfinite_steps: int, unreadable_images: int = 0, val_time_s: float = 0.0) -> None:
+        """One results.csv row: `epoch_time_s` is the training alone, `val_time_s` the validation after it."""
         metrics = metrics or {}
         row = [epoch, *[round(v, 5) for v in losses.tolist()], f"{lr:.6g}"]
         row += [round(float(metrics[k]), 5) if k in metrics else "" for k in COCO_KEYS]
-        row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps, unreadable_images]
+        row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps, unreadable_images,
+                round(val_time_s, 2)]
         new = not self.csv_path.exists()
         with self.csv_path.open("a", newline="") as f:
             writer = csv.writer(f)

@@ -47,6 +47,7 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     rows = read_results(run)
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert all(r["metrics/AP"] != "" for r in rows)
+    assert all(float(r["val_time_s"]) > 0 and float(r["epoch_time_s"]) > 0 for r in rows)  # validation timed apart
     ckpt = load_checkpoint(run / "weights" / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["names"] == ["circle", "triangle", "square", "star", "cross", "ring"]
     assert (run / "weights" / "best.pt").exists() and (run / "args.yaml").exists()

@@ -12,7 +12,7 @@ from detector.viz.logger import RunLogger, read_results
 
 def log_epochs(logger: RunLogger, epochs: range) -> None:
     for e in epochs:
-        logger.epoch(e, torch.tensor([0.1, 0.2, 0.3]), 0.01, {"AP": 0.5}, 0.45, 1.0, 0, unreadable_images=e)
+        logger.epoch(e, torch.tensor([0.1, 0.2, 0.3]), 0.01, {"AP": 0.5}, 0.45, 1.0, 0, unreadable_images=e, val_time_s=0.25 * e)
 
 
 def test_resume_drops_the_rows_after_the_checkpoint(tmp_path: Path) -> None:
@@ -23,10 +23,11 @@ def test_resume_drops_the_rows_after_the_checkpoint(tmp_path: Path) -> None:
     rows = read_results(tmp_path / "results.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["unreadable_images"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["val_time_s"] for r in rows] == ["0.0", "0.25", "0.5", "0.75"]
 
 
 def test_resume_extends_an_older_header_so_new_rows_line_up(tmp_path: Path) -> None:
-    old_columns = RunLogger.columns[:-1]  # a run written before `unreadable_images` existed
+    old_columns = RunLogger.columns[:-2]  # a run written before `unreadable_images` and `val_time_s` existed
     with (tmp_path / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(old_columns)
@@ -37,6 +38,7 @@ def test_resume_extends_an_older_header_so_new_rows_line_up(tmp_path: Path) -> N
     rows = read_results(tmp_path / "results.csv")
     assert list(rows[0]) == list(RunLogger.columns)
     assert rows[0]["unreadable_images"] is None and rows[1]["unreadable_images"] == "1"
+    assert rows[0]["val_time_s"] is None and rows[1]["val_time_s"] == "0.25"
 
 
 def test_read_results_of_a_run_without_a_csv_yet_is_empty(tmp_path: Path) -> None:
