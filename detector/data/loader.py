@@ -347,6 +347,22 @@ def _check_imgsz(imgsz: int) -> None:
         raise DetectorError(f"imgsz must be a multiple of {STRIDE}, got {imgsz}")
 
 
+def _data_loader(dataset: Dataset, *, batch_size: int, workers: int, **order: Any) -> DetectorDataLoader:
+    """The loader settings train and val share: our collate, persistent workers that freeze their inherited
+    objects (`_worker_init`) and time out when hung, pinned memory for a GPU; `order` is the sampler or shuffle."""
+    return DetectorDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+        worker_init_fn=_worker_init,
+        **order,
+    )
+
+
 def build_train_loader(
     split: SplitSpec,
     *,
@@ -372,18 +388,7 @@ def build_train_loader(
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
-    return DetectorDataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        generator=generator,
-        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
-        worker_init_fn=_worker_init,
-    )
+    return _data_loader(dataset, batch_size=batch_size, workers=workers, sampler=sampler, generator=generator)
 
 
 def build_val_loader(
@@ -401,14 +406,4 @@ def build_val_loader(
     _check_imgsz(imgsz)
     coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
     dataset = ValDataset(coco, imgsz=imgsz, batch_size=batch_size, rect=rect, cache=cache)
-    return DetectorDataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
-        worker_init_fn=_worker_init,
-    )
+    return _data_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from detector.errors import DetectorError, did_you_mean
 from detector.yamlfile import load_yaml
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +43,15 @@ def is_yolo_layout(data: dict) -> bool:
     return any(isinstance(data.get(split), (str, list)) for split in ("train", "val"))
 
 
+def check_keys(path: Path, data: dict[str, Any], lines: dict[str, int], known: Sequence[str]) -> None:
+    """Refuse a dataset YAML key outside `known` (file, line, did-you-mean); say that 'download' is ignored."""
+    for key in data:
+        if key not in known:
+            raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, known)}")
+    if "download" in data:
+        LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
+
+
 def load_data_spec(path: str | Path) -> DataSpec:
     """Parse a dataset YAML; relative paths are relative to the YAML's folder (or its `path:` key).
 
@@ -54,11 +67,7 @@ def load_data_spec(path: str | Path) -> DataSpec:
         from detector.data.yolo_import import load_yolo_spec  # it builds on DataSpec: imported here, when needed
 
         return load_yolo_spec(path, data, lines)
-    for key in data:
-        if key not in _DATA_KEYS:
-            raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, _DATA_KEYS)}")
-    if "download" in data:
-        LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
+    check_keys(path, data, lines, _DATA_KEYS)
     root = path.resolve().parent
     if data.get("path") is not None:
         root = (root / str(data["path"])).resolve()

@@ -37,8 +37,8 @@ import yaml
 from PIL import Image
 
 from detector.data.coco import EXIF_ORIENTATION, NAMED_PER_KIND
-from detector.data.spec import DataSpec, SplitSpec, is_yolo_layout
-from detector.errors import DetectorError, did_you_mean
+from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
+from detector.errors import DetectorError
 from detector.yamlfile import load_yaml
 
 LOGGER = logging.getLogger(__name__)
@@ -103,11 +103,7 @@ class YoloConversion:
 
 def read_yolo_source(path: Path, data: dict[str, Any], lines: dict[str, int]) -> YoloSource:
     """Check an Ultralytics data.yaml's keys and list its splits' images; errors name the file, line and key."""
-    for key in data:
-        if key not in YOLO_KEYS:
-            raise DetectorError(f"{path}:{lines.get(str(key), 1)}: unknown key '{key}'{did_you_mean(key, YOLO_KEYS)}")
-    if "download" in data:
-        LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
+    check_keys(path, data, lines, YOLO_KEYS)
     root = path.resolve().parent
     if data.get("path") is not None:
         root = Path(os.path.abspath(root / str(data["path"])))

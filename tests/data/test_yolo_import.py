@@ -18,6 +18,7 @@ from detector.data.spec import load_data_spec
 from detector.data.yolo_import import convert_yolo_dataset, label_path
 from detector.data.yolo_txt import export_yolo_txt
 from detector.errors import DetectorError
+from data_helpers import coco_boxes
 
 UNORDERED = [{"id": 12, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
 NAMES = ["circle", "star", "ring"]
@@ -52,18 +53,6 @@ def write_yolo(root: Path, labels: dict[str, str | None], *, names: str = "[circ
     path = root / "data.yaml"
     path.write_text(f"path: .\ntrain: images/train\nval: images/val\nnames: {names}\n{extra}")
     return path
-
-
-def coco_boxes(json_path: Path) -> dict[str, list[tuple[int, tuple[float, ...]]]]:
-    """file name -> sorted (category id, xyxy) of its non-crowd boxes."""
-    data = json.loads(json_path.read_text())
-    names = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
-    out: dict[str, list] = {name: [] for name in names.values()}
-    for ann in data["annotations"]:
-        if not ann.get("iscrowd"):
-            x, y, w, h = ann["bbox"]
-            out[names[ann["image_id"]]].append((ann["category_id"], (x, y, x + w, y + h)))
-    return {name: sorted(rows) for name, rows in out.items()}
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from PIL import Image
 from detector.data.spec import load_data_spec
 from detector.data.yolo_txt import export_yolo_txt, read_label_file
 from detector.errors import DetectorError
+from data_helpers import coco_boxes
 
 # non-contiguous ids listed out of order: class i must be the i-th smallest id
 UNORDERED = [{"id": 12, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
@@ -51,24 +52,12 @@ def data_yaml(make_data_yaml) -> Path:
     return path
 
 
-def expected_boxes(json_path: Path) -> dict[str, list[tuple[int, tuple[float, ...]]]]:
-    """file_name -> sorted (category id, xyxy) of its non-crowd boxes, straight from the json."""
-    data = json.loads(json_path.read_text())
-    names = {im["id"]: im["file_name"] for im in data["images"]}
-    out: dict[str, list] = {name: [] for name in names.values()}
-    for ann in data["annotations"]:
-        if not ann.get("iscrowd"):
-            x, y, w, h = ann["bbox"]
-            out[names[ann["image_id"]]].append((ann["category_id"], (x, y, x + w, y + h)))
-    return {name: sorted(rows) for name, rows in out.items()}
-
-
 def test_boxes_round_trip_crowd_excluded_and_ids_mapped(data_yaml: Path, tmp_path: Path) -> None:
     export = export_yolo_txt(load_data_spec(data_yaml), tmp_path / "yolo")
     assert export.category_ids == [3, 7, 12] and export.names == ["circle", "star", "ring"]
     assert yaml.safe_load(export.data_yaml.read_text())["names"] == {0: "circle", 1: "star", 2: "ring"}
     for split in ("train", "val"):
-        expected = expected_boxes(data_yaml.parent / split / "instances.json")
+        expected = coco_boxes(data_yaml.parent / split / "instances.json")
         assert sorted(Path(row["file"]).name for row in export.images[split]) == sorted(expected)
         for row in export.images[split]:
             link = Path(row["yolo_file"])

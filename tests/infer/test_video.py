@@ -12,13 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 
 from detector.errors import DetectorError
 from detector.infer import video
 from detector.infer.predictor import Predictor
 from detector.infer.video import is_video_source, predict_video
+from infer_helpers import BrightBoxModel
 
 FRAMES, WIDTH, HEIGHT, FPS = 12, 96, 64, 10.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,27 +50,6 @@ def read_back(path: Path) -> tuple[int, tuple[int, int], float]:
         count += 1
     capture.release()
     return count, size, fps
-
-
-class BrightBoxModel(nn.Module):
-    """A 'detector' whose one box per image is the extent of its bright pixels (class 1, score 0.9 * 0.95)."""
-
-    nc = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("stride", torch.tensor([8.0, 16.0, 32.0]))
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bright = x.mean(1) > 0.5
-        cols, rows = bright.any(1).float(), bright.any(2).float()
-        xs, ys = torch.arange(x.shape[3], dtype=x.dtype), torch.arange(x.shape[2], dtype=x.dtype)
-        x1, x2 = torch.where(cols > 0, xs, torch.inf).amin(1), torch.where(cols > 0, xs, -torch.inf).amax(1) + 1
-        y1, y2 = torch.where(rows > 0, ys, torch.inf).amin(1), torch.where(rows > 0, ys, -torch.inf).amax(1) + 1
-        box = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1)
-        probs = torch.tensor([0.9, 0.1, 0.95]).expand(len(x), 3)
-        return torch.cat([box, probs], 1)[:, None, :]
 
 
 @pytest.fixture(scope="module")
