@@ -164,7 +164,7 @@ class BenchTrainOptions:
     configs: list[str] = option(["yolo-ca-n", "yolo-c2f-n", "yolov5n"], "model configs, names or paths (comma list)")
     imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int | str = option("auto", "data-loading workers (auto: as in detector train) of the end-to-end run", ge=0, le=64, words=["auto"])
+    workers: int | str = option("auto", "data-loading workers of the end-to-end run (auto: as in detector train)", ge=0, le=64, words=["auto"])
     images: int = option(320, "training images per epoch (a generated shapes set; unused with data=)", ge=1, le=1_000_000)
     data: str = option("", "dataset YAML to time a real epoch on ('': the generated shapes set)")
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
