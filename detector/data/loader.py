@@ -107,12 +107,19 @@ class _ImageSource:
         self.buffer_size = buffer_size
         self.decodes = 0
         self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.ram: list[np.ndarray] | None = None
+        self.ram: list[np.ndarray | Exception] | None = None
         if resolve_cache(cache, coco.image_hw, ratios, processes=processes) == "ram":
             with ThreadPoolExecutor(max_workers=4) as pool:
-                self.ram = list(pool.map(self.read, range(len(coco))))
-            mb = sum(a.nbytes for a in self.ram) / 2**20
+                self.ram = list(pool.map(self._read_or_error, range(len(coco))))
+            mb = sum(a.nbytes for a in self.ram if isinstance(a, np.ndarray)) / 2**20
             LOGGER.info("cache=ram: %d images, %.0f MB", len(self.ram), mb)
+
+    def _read_or_error(self, index: int) -> np.ndarray | Exception:
+        """The decoded image, or the error reading it, kept so that using it raises as a read from disk would."""
+        try:
+            return self.read(index)
+        except READ_ERRORS as err:
+            return err
 
     def read(self, index: int) -> np.ndarray:
         self.decodes += 1
@@ -128,6 +135,8 @@ class _ImageSource:
         image = self.recent.get(index)
         if image is None:
             image = self.ram[index] if self.ram is not None else self.read(index)
+            if isinstance(image, READ_ERRORS):  # unreadable when the cache was filled: what a read raises
+                raise image
             if self.buffer_size:
                 self.recent[index] = image
                 if len(self.recent) > self.buffer_size:

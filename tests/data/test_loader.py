@@ -15,7 +15,8 @@ from detector.config import TrainConfig
 from detector.data import transforms
 from detector import memory
 from detector.data import loader as loader_module
-from detector.data.loader import build_train_loader, build_val_loader, cache_bytes, collate, rect_batch_shapes, resolve_workers
+from detector.data.coco import CocoDataset
+from detector.data.loader import TrainDataset, build_train_loader, build_val_loader, cache_bytes, collate, rect_batch_shapes, resolve_workers
 from detector.errors import DetectorError
 
 NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)
@@ -226,3 +227,22 @@ def test_auto_workers_split_the_cpus_over_the_ranks(monkeypatch, cpus, local_ran
     assert resolve_workers(5, batch_size=batch, local_ranks=local_ranks) == 5  # a number is kept as given
     with pytest.raises(DetectorError, match="workers must be a number or 'auto', got 'many'"):
         resolve_workers("many", batch_size=batch)
+
+
+def test_an_image_unreadable_when_the_ram_cache_fills_is_replaced_or_under_strict_an_error(make_coco, caplog) -> None:
+    """An image that breaks between the scan and the cache fill: with the cache on, as without it, it is
+    replaced by another and named once, or under strict the error names it."""
+    coco = CocoDataset(make_coco())
+    (index,) = [i for i in range(len(coco)) if coco.file(i).name == "img002.jpg"]
+    victim = coco.file(index)
+    victim.write_bytes(victim.read_bytes()[:-100])  # after the scan: a truncated JPEG
+    with caplog.at_level(logging.WARNING, logger="detector.data.loader"):
+        dataset = TrainDataset(coco, imgsz=64, hyp=NO_MOSAIC, seed=0, cache="ram")
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert isinstance(dataset.source.ram[index], OSError)  # kept as the error, raised when the image is used
+    assert len(samples) == 6
+    assert dataset.failed_files == [str(victim)]
+    assert sum(str(victim) in r.getMessage() for r in caplog.records) == 1
+    strict = TrainDataset(coco, imgsz=64, hyp=NO_MOSAIC, seed=0, cache="ram", strict=True)
+    with pytest.raises(DetectorError, match="cannot read image .*img002.jpg"):
+        strict[index]
