@@ -245,7 +245,7 @@ class Detector:
         """The loader of `opts.split` at `opts.imgsz` (0: the Detector's size); a checkpoint's category ids must be
         the dataset's, or its AP would be meaningless."""
         from detector.data.spec import load_data_spec
-        from detector.data.loader import build_val_loader
+        from detector.data.loader import build_val_loader, resolve_workers
         from detector.data.synthetic import ensure_bundled_dataset
 
         data = opts.data or self.train_data
@@ -256,7 +256,8 @@ class Detector:
         split = getattr(load_data_spec(data), opts.split)
         if opts.conf > 0.001:
             LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", opts.conf)
-        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=opts.workers, rect=opts.rect)
+        workers = resolve_workers(opts.workers, batch_size=opts.batch)
+        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=opts.rect)
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)

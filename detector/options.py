@@ -22,7 +22,7 @@ class ValOptions:
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
     augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     rect: bool = option(True, "rectangular batches (images sorted by aspect ratio)")
-    workers: int = option(2, "data-loading workers", ge=0, le=64)
+    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     half: bool = option(True, "half precision on GPU (ignored on CPU)")
     backend: str = option("auto", "COCO metric: auto (faster when installed), pycocotools or faster (faster-coco-eval, same numbers)", choices=["auto", "pycocotools", "faster"])

@@ -120,3 +120,22 @@ def test_the_driver_the_harness_runs_is_there() -> None:
     """The venv runs this file by path (the folder split once left the path one level short)."""
     assert rivals.DRIVER.is_file() and rivals.DRIVER.parent.name == "scripts"
     compile(rivals.DRIVER.read_text(encoding="utf-8"), str(rivals.DRIVER), "exec")
+
+
+def test_our_commands_parse_with_our_own_options(tmp_path: Path, monkeypatch) -> None:
+    """Every key the harness passes to `detector train` and `detector val` is one they accept (workers=auto once
+    reached val, whose workers took only numbers, and stopped the run after training)."""
+    from detector.config import TrainConfig, build_options, parse_overrides
+    from detector.options import ValOptions
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(rivals, "run_command", lambda cmd, env, log: commands.append(cmd) or 1.0)
+    monkeypatch.setattr(rivals, "model_size", lambda weights, imgsz: (1, 1.0))
+    monkeypatch.setattr(rivals, "ours_label", lambda run_dir: "ours")
+    opts, extra = rivals.parse_args(["epochs=2", "rivals=ours", "ours.lr0=0.002"])
+    (tmp_path / "ours").mkdir()
+    rivals.run_ours(opts, extra, tmp_path / "ours")
+    (train_cmd, val_cmd) = commands
+    assert train_cmd[3] == "train" and val_cmd[3] == "val"
+    build_options(TrainConfig, parse_overrides(train_cmd[4:]), "rivals train")
+    assert build_options(ValOptions, parse_overrides(val_cmd[4:]), "rivals val").workers == "auto"
