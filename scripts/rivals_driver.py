@@ -49,18 +49,18 @@ def train(job: dict[str, Any], out: Path) -> None:
 
 
 def forward_gflops(module: Any, imgsz: int) -> float:
-    """GFLOPs of one eval forward on a (1, 3, imgsz, imgsz) image by torch's FlopCounterMode, the counter the
-    harness uses for ours (2 FLOPs per multiply-add; element-wise work not counted), so the two compare."""
+    """GFLOPs of one eval forward on a (1, 3, imgsz, imgsz) image by the very counter the harness uses for ours
+    (`detector.models.info.forward_flops`: 2 FLOPs per multiply-add, attention's products included, element-wise
+    work not counted), on a copy so the trained model is left as it is. The venv sees the `detector` package
+    through its system site-packages (or the harness's PYTHONPATH); only Ultralytics must not import the other way."""
     import copy
 
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from detector.models.info import forward_flops
 
     net = copy.deepcopy(module).float().eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        net(torch.zeros(1, 3, imgsz, imgsz))
-    return counter.get_total_flops() / 1e9
+    return forward_flops(net, torch.zeros(1, 3, imgsz, imgsz)) / 1e9
 
 
 def predict(job: dict[str, Any], out: Path) -> None:
