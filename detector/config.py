@@ -79,6 +79,11 @@ def option(default: Any, help: str, *, run_only: bool = False, neutral: bool = F
     return field(default=default, metadata=metadata)
 
 
+def workers_option(help: str, **flags: Any) -> Any:
+    """The data-loading worker count every command shares: a number, or "auto" (`data.loader.resolve_workers`)."""
+    return option("auto", help, ge=0, le=64, words=["auto"], **flags)
+
+
 # --------------------------------------------------------------------------------------------------
 # typed options
 
@@ -249,7 +254,7 @@ class TrainConfig:
     time: float = option(0.0, "time budget in hours (0: off); overrides epochs: after each epoch the count is refitted to what the budget holds", ge=0, le=10_000, run_only=True)
     batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096, run_only=True)
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
-    workers: int | str = option("auto", "data-loading worker processes per rank; auto: the CPUs this process may use, split over the ranks on this machine, at most 8 and the per-rank batch", ge=0, le=64, words=["auto"], neutral=True)
+    workers: int | str = workers_option("data-loading worker processes per rank; auto: the CPUs this process may use, split over the ranks on this machine, at most 8 and the per-rank batch", neutral=True)
     device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", neutral=True)
     seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from detector.config import option
+from detector.config import option, workers_option
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ValOptions:
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
     augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     rect: bool = option(True, "rectangular batches (images sorted by aspect ratio)")
-    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
+    workers: int | str = workers_option("data-loading workers (auto: as in detector train)")
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     half: bool = option(True, "half precision on GPU (ignored on CPU)")
     backend: str = option("auto", "COCO metric: auto (faster when installed), pycocotools or faster (faster-coco-eval, same numbers)", choices=["auto", "pycocotools", "faster"])
@@ -119,7 +119,7 @@ class AblateOptions:
     epochs: int = option(30, "epochs per run", ge=1, le=100_000)
     imgsz: int = option(320, "image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
+    workers: int | str = workers_option("data-loading workers (auto: as in detector train)")
     seed: int = option(0, "seed shared by every run (same init, same data order)", ge=0, le=2**32 - 1)
     seeds: list[int] = option([], "train every variant under each seed (comma list, e.g. 0,1,2; overrides seed): mean ± std and paired AP differences", ge=0, le=2**32 - 1)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
@@ -164,7 +164,7 @@ class BenchTrainOptions:
     configs: list[str] = option(["yolo-ca-n", "yolo-c2f-n", "yolov5n"], "model configs, names or paths (comma list)")
     imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int | str = option("auto", "data-loading workers of the end-to-end run (auto: as in detector train)", ge=0, le=64, words=["auto"])
+    workers: int | str = workers_option("data-loading workers of the end-to-end run (auto: as in detector train)")
     images: int = option(320, "training images per epoch (a generated shapes set; unused with data=)", ge=1, le=1_000_000)
     data: str = option("", "dataset YAML to time a real epoch on ('': the generated shapes set)")
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
@@ -196,7 +196,7 @@ class BenchAmpOptions:
     imgsz: int = option(192, "image size", ge=32, le=8192, multiple_of=32)
     epochs: int = option(12, "epochs per run", ge=1, le=100_000)
     batch: int = option(16, "batch size", ge=1, le=4096)
-    workers: int | str = option("auto", "data-loading workers (auto: as in detector train)", ge=0, le=64, words=["auto"])
+    workers: int | str = workers_option("data-loading workers (auto: as in detector train)")
     seed: int = option(0, "seed of the fp32 and bf16 runs (and of the generated set)", ge=0, le=2**32 - 2)
     noise_seed: int | None = option(None, "seed of the second fp32 run, the noise (None: seed + 1; -1 skips that run)", ge=-1, le=2**32 - 1)
     channels_last: bool = option(True, "channels_last memory format")

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detector.config import build_options, describe_options, option, parse_overrides
+from detector.config import build_options, describe_options, option, parse_overrides, workers_option
 from detector.data.spec import load_data_spec
 from detector.data.yolo_txt import YoloExport, reuse_or_export
 from detector.errors import DetectorError
@@ -54,7 +54,7 @@ class RivalsOptions:
     threads: int = option(0, "torch threads, every side (0: the CPUs this process may use)", ge=0, le=1024)
     device: str = option("cpu", "device for every side: cpu, or a CUDA index such as 0 ('' lets each tool pick)")
     model: str = option("", "our model YAML (default: detector train's default)")
-    workers: int | str = option("auto", "our data-loading workers, auto as in detector train (Ultralytics forces 0 on CPU by its own choice)", ge=0, le=64, words=["auto"])
+    workers: int | str = workers_option("our data-loading workers, auto as in detector train (Ultralytics forces 0 on CPU by its own choice)")
     conf: float = option(0.001, "confidence threshold of the scored predictions", ge=0, le=1)
     iou: float = option(0.65, "NMS IoU of the scored predictions (0.65: what README's COCO figures use)", ge=0, le=1)
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
