@@ -82,18 +82,18 @@ def cache_bytes(image_hw: np.ndarray, ratios: np.ndarray) -> int:
     return int((sides[:, 0] * sides[:, 1]).sum() * 3)
 
 
-def resolve_cache(cache: str, image_hw: np.ndarray, ratios: np.ndarray, *, processes: int = 1) -> str:
+def resolve_cache(cache: str, image_hw: np.ndarray, ratios: np.ndarray, *, local_ranks: int = 1) -> str:
     """'ram' or '' (off) for `cache`: "auto" is "ram" when the decoded set fits RAM_CACHE_SHARE of the available
-    memory, split over the machine's `processes` ranks, and says which it chose and why."""
+    memory, split over the `local_ranks` ranks on this machine, and says which it chose and why."""
     if cache in ("", "ram"):
         return cache
     if cache != "auto":
         raise DetectorError(f"cache must be 'auto', 'ram' or '' (off), got '{cache}'")
-    need, budget = cache_bytes(image_hw, ratios), RAM_CACHE_SHARE * memory.available_memory_bytes() / max(processes, 1)
+    need, budget = cache_bytes(image_hw, ratios), RAM_CACHE_SHARE * memory.available_memory_bytes() / max(local_ranks, 1)
     chosen = "ram" if need <= budget else ""
     LOGGER.info("cache=auto: %s (the decoded images take %.0f MB; budget %.0f MB, %.0f%% of the available memory%s)",
                 chosen or "off", need / 2**20, budget / 2**20, 100 * RAM_CACHE_SHARE,
-                f" over {processes} ranks" if processes > 1 else "")
+                f" over {local_ranks} ranks" if local_ranks > 1 else "")
     return chosen
 
 
@@ -101,14 +101,14 @@ class _ImageSource:
     """Decoded images of a CocoDataset resized by a per-image ratio: from RAM (cache="ram"), from a small buffer of
     the most recently decoded ones (`recent`, per process), or from disk."""
 
-    def __init__(self, coco: CocoDataset, ratios: np.ndarray, cache: str, buffer_size: int = 0, processes: int = 1) -> None:
+    def __init__(self, coco: CocoDataset, ratios: np.ndarray, cache: str, buffer_size: int = 0, local_ranks: int = 1) -> None:
         self.coco = coco
         self.ratios = ratios
         self.buffer_size = buffer_size
         self.decodes = 0
         self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
         self.ram: list[np.ndarray | Exception] | None = None
-        if resolve_cache(cache, coco.image_hw, ratios, processes=processes) == "ram":
+        if resolve_cache(cache, coco.image_hw, ratios, local_ranks=local_ranks) == "ram":
             with ThreadPoolExecutor(max_workers=4) as pool:
                 self.ram = list(pool.map(self._read_or_error, range(len(coco))))
             mb = sum(a.nbytes for a in self.ram if isinstance(a, np.ndarray)) / 2**20
@@ -163,7 +163,7 @@ class TrainDataset(Dataset):
         self.seed = seed
         hw = coco.image_hw
         self.ratios = imgsz / hw.max(axis=1) if len(hw) else np.zeros(0)
-        self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER, processes=local_ranks)
+        self.source = _ImageSource(coco, self.ratios, cache, buffer_size=PARTNER_BUFFER, local_ranks=local_ranks)
         self.transform = TrainTransform(imgsz, hyp, seed)
         self._mosaic = torch.ones(1, dtype=torch.uint8).share_memory_()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
