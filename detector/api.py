@@ -245,7 +245,7 @@ class Detector:
         """The loader of `opts.split` at `opts.imgsz` (0: the Detector's size); a checkpoint's category ids must be
         the dataset's, or its AP would be meaningless."""
         from detector.data.spec import load_data_spec
-        from detector.data.loader import build_val_loader, resolve_workers
+        from detector.data.loader import build_val_loader, resolve_worker_priority, resolve_workers
         from detector.data.synthetic import ensure_bundled_dataset
 
         data = opts.data or self.train_data
@@ -257,7 +257,8 @@ class Detector:
         if opts.conf > 0.001:
             LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", opts.conf)
         workers = resolve_workers(opts.workers, batch_size=opts.batch)
-        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=opts.rect)
+        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=opts.rect,
+                                  idle_workers=resolve_worker_priority(opts.worker_priority, device))
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)

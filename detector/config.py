@@ -84,6 +84,13 @@ def workers_option(help: str, **flags: Any) -> Any:
     return option("auto", help, ge=0, le=64, words=["auto"], **flags)
 
 
+def worker_priority_option(**flags: Any) -> Any:
+    """The loader workers' scheduling priority, shared by the commands that load data
+    (`data.loader.resolve_worker_priority`)."""
+    return option("auto", "loader workers' CPU priority: auto (idle when the model runs on the CPU, so the workers use only the cycles it leaves), idle, normal (for a machine busy with other work)",
+                  choices=["auto", "idle", "normal"], **flags)
+
+
 # --------------------------------------------------------------------------------------------------
 # typed options
 
@@ -255,6 +262,7 @@ class TrainConfig:
     batch: int = option(16, "global batch size (split across DDP ranks)", ge=1, le=4096, run_only=True)
     imgsz: int = option(640, "training and validation image size (pixels, multiple of 32)", ge=32, le=8192, multiple_of=32)
     workers: int | str = workers_option("data-loading worker processes per rank; auto: the CPUs this process may use, split over the ranks on this machine, at most 8 and the per-rank batch", neutral=True)
+    worker_priority: str = worker_priority_option(neutral=True)
     device: str = option("", "'' (auto), cpu, cuda, 0, 0,1 ...", neutral=True)
     seed: int = option(0, "seed for torch, numpy, random and the data workers", ge=0, le=2**32 - 1)
     deterministic: bool = option(False, "use deterministic algorithms (slower)")

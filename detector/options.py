@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from detector.config import option, workers_option
+from detector.config import option, worker_priority_option, workers_option
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ValOptions:
     augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     rect: bool = option(True, "rectangular batches (images sorted by aspect ratio)")
     workers: int | str = workers_option("data-loading workers (auto: as in detector train)")
+    worker_priority: str = worker_priority_option()
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     half: bool = option(True, "half precision on GPU (ignored on CPU)")
     backend: str = option("auto", "COCO metric: auto (faster when installed), pycocotools or faster (faster-coco-eval, same numbers)", choices=["auto", "pycocotools", "faster"])
@@ -165,6 +166,7 @@ class BenchTrainOptions:
     imgsz: int = option(320, "training image size", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size", ge=1, le=4096)
     workers: int | str = workers_option("data-loading workers of the end-to-end run (auto: as in detector train)")
+    worker_priority: str = worker_priority_option()
     images: int = option(320, "training images per epoch (a generated shapes set; unused with data=)", ge=1, le=1_000_000)
     data: str = option("", "dataset YAML to time a real epoch on ('': the generated shapes set)")
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])

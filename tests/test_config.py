@@ -119,6 +119,6 @@ def test_neutral_keys_are_run_only_and_change_no_result() -> None:
     from detector.config import neutral_keys, run_only_keys
 
     assert neutral_keys(TrainConfig) == {"workers", "device", "project", "name", "exist_ok", "resume", "compile", "cache",
-                                         "save_period", "max_nonfinite", "plots"}
+                                         "save_period", "max_nonfinite", "plots", "worker_priority"}
     assert neutral_keys(TrainConfig) < run_only_keys(TrainConfig)  # a resumed run may change them too
     assert {"epochs", "batch", "time", "patience", "val_interval"} <= run_only_keys(TrainConfig) - neutral_keys(TrainConfig)

@@ -154,8 +154,9 @@ class Trainer:
             raise DetectorError(f"resume: {path} already finished all {planned} epochs; nothing to resume (pass epochs=N to train longer)")
         return resumed, ckpt
 
-    def _build(self) -> None:
-        """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation."""
+    def build(self) -> None:
+        """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation
+        (`fit` calls it; a caller that drives `train_epoch` itself calls it, then `close`)."""
         self._build_data()
         self._build_model()
         self._build_optimization()
@@ -164,7 +165,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         """The dataset YAML (the bundled set generated on first use), the train loader and the class list."""
-        from detector.data.loader import build_train_loader, resolve_workers
+        from detector.data.loader import build_train_loader, resolve_worker_priority, resolve_workers
         from detector.data.synthetic import ensure_bundled_dataset
 
         cfg = self.cfg
@@ -175,14 +176,16 @@ class Trainer:
         self.data = load_data_spec(data_yaml)
         self.per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
         self.workers = resolve_workers(cfg.workers, batch_size=self.per_rank_batch, local_ranks=self.dist.local_world_size)
+        self.idle_workers = resolve_worker_priority(cfg.worker_priority, self.device)
         self.train_loader = build_train_loader(
             self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=self.workers, hyp=cfg, seed=cfg.seed,
             strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
-            local_ranks=self.dist.local_world_size,
+            local_ranks=self.dist.local_world_size, idle_workers=self.idle_workers,
         )
         self.train_set = self.train_loader.dataset
         if self.dist.is_main:
-            LOGGER.info("train: %s (%d workers)\n%s", self.data.train.annotations, self.workers, self.train_set.coco.summary)
+            priority = " at idle priority" if self.idle_workers and self.workers else ""
+            LOGGER.info("train: %s (%d workers%s)\n%s", self.data.train.annotations, self.workers, priority, self.train_set.coco.summary)
         nc = self.train_set.coco.num_classes
         if self.data.names is not None and len(self.data.names) != nc:
             raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
@@ -295,7 +298,8 @@ class Trainer:
         self.logger = None
         if not self.dist.is_main:
             return
-        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers, strict=cfg.strict, cache_dir=self.run_dir)
+        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers, strict=cfg.strict, cache_dir=self.run_dir,
+                                     idle_workers=self.idle_workers)
         self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device, half=self.device.type == "cuda")
         self.logger = RunLogger(self.run_dir)
         if self.resume_ckpt is not None:
@@ -330,12 +334,12 @@ class Trainer:
         """Train for the planned epochs (from the resumed epoch; with a `time` budget, the epochs that fit it), evaluating and
         checkpointing each epoch."""
         try:
-            self._build()
+            self.build()
             metrics: dict = {}
             epoch = self.state.epoch + 1
             while epoch < self.epochs:  # (a time budget refits the plan after every epoch but the last)
                 started = time.perf_counter()
-                losses, nonfinite, seen, unreadable = self._train_epoch(epoch)
+                losses, nonfinite, seen, unreadable = self.train_epoch(epoch)
                 elapsed = time.perf_counter() - started
                 metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen * self.dist.world_size / elapsed, unreadable) or metrics  # all ranks' images
                 if broadcast_flag(self.dist, self._should_stop(epoch)):
@@ -346,11 +350,15 @@ class Trainer:
                 self._finish()
             return metrics
         finally:
-            if self.logger is not None:
-                self.logger.close()
-            shutdown(self.dist)
+            self.close()
 
-    def _train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
+    def close(self) -> None:
+        """Close the run's logs and leave the process group (fit's last step, also after a failure)."""
+        if self.logger is not None:
+            self.logger.close()
+        shutdown(self.dist)
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
         """One pass over the train loader; returns the mean loss parts, the skipped steps, the images seen and the
         files that could not be read (replaced by other images, possibly inside worker processes; under DDP, those of
         this rank's samples)."""

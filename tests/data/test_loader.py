@@ -4,6 +4,9 @@ images that break after the scan (RELIABILITY row 3), worker errors naming the f
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +19,8 @@ from detector.data import transforms
 from detector import memory
 from detector.data import loader as loader_module
 from detector.data.coco import CocoDataset
-from detector.data.loader import TrainDataset, build_train_loader, build_val_loader, cache_bytes, collate, rect_batch_shapes, resolve_workers
+from detector.data.loader import (TrainDataset, build_train_loader, build_val_loader, cache_bytes, collate, rect_batch_shapes,
+                                  resolve_worker_priority, resolve_workers)
 from detector.errors import DetectorError
 
 NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)
@@ -246,3 +250,27 @@ def test_an_image_unreadable_when_the_ram_cache_fills_is_replaced_or_under_stric
     strict = TrainDataset(coco, imgsz=64, hyp=NO_MOSAIC, seed=0, cache="ram", strict=True)
     with pytest.raises(DetectorError, match="cannot read image .*img002.jpg"):
         strict[index]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize(("idle", "policy"), [(True, "SCHED_IDLE"), (False, "SCHED_OTHER")])
+def test_idle_workers_run_under_sched_idle_and_the_main_process_keeps_its_policy(make_coco, idle, policy) -> None:
+    split = make_coco()
+    before = set(multiprocessing.active_children())
+    loaders = [build_train_loader(split, imgsz=64, batch_size=3, workers=1, hyp=TrainConfig(), seed=0, idle_workers=idle),
+               build_val_loader(split, imgsz=64, batch_size=3, workers=1, idle_workers=idle)]
+    for loader in loaders:
+        next(iter(loader))  # persistent workers: they stay up after the first batch
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    assert {os.sched_getscheduler(w.pid) for w in workers} == {getattr(os, policy)}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+@pytest.mark.parametrize(("priority", "device", "idle"), [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("idle", "cuda", True), ("normal", "cpu", False),
+])
+def test_auto_priority_is_idle_only_beside_a_model_on_the_cpu(priority, device, idle) -> None:
+    assert resolve_worker_priority(priority, torch.device(device)) is idle
+    with pytest.raises(DetectorError, match="worker_priority must be one of auto, idle, normal, got 'low'"):
+        resolve_worker_priority("low", torch.device("cpu"))

@@ -82,7 +82,7 @@ def _install() -> None:
     if os.environ.get("DRILL_RSS"):
         from detector.train.trainer import Trainer
 
-        real_epoch = Trainer._train_epoch
+        real_epoch = Trainer.train_epoch
 
         def rss_kb(pid: str) -> int:
             status = Path(f"/proc/{pid}/status").read_text()
@@ -95,7 +95,7 @@ def _install() -> None:
                 f.write(f"{epoch} {rss_kb('self')} {sum(rss_kb(pid) for pid in children)}\n")
             return out
 
-        Trainer._train_epoch = train_epoch
+        Trainer.train_epoch = train_epoch
     if os.environ.get("DRILL_SAMPLER"):
         from torch.utils.data import DistributedSampler
 

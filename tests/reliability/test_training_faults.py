@@ -124,14 +124,14 @@ def test_resume_replays_an_uninterrupted_run_exactly(shapes: Path, tmp_path: Pat
     equal those of a run that was never stopped (CPU, deterministic=true; one persistent worker)."""
     keys = {"epochs": "2", "workers": "1", "deterministic": "true"}
     train(make_config(shapes, tmp_path, name="whole", **keys))
-    real_epoch = Trainer._train_epoch
+    real_epoch = Trainer.train_epoch
 
     def stop_at_epoch_1(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt  # after epoch 0 was checkpointed, as a kill would be
         return real_epoch(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", stop_at_epoch_1)
+    monkeypatch.setattr(Trainer, "train_epoch", stop_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train(make_config(shapes, tmp_path, name="split", **keys))
     monkeypatch.undo()

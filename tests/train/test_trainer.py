@@ -115,7 +115,7 @@ def test_a_resumed_run_continues_the_time_budget_and_may_change_it(tiny_data: Pa
     spent = load_checkpoint(last)["train_state"]["time_s"]
     assert spent > 0
     trainer = Trainer(make_config(tiny_data, tmp_path, resume=str(last), epochs="3", time="1.0"))
-    trainer._build()
+    trainer.build()
     assert trainer.cfg.time == 1.0 and trainer.cfg.epochs == 3
     assert trainer._time_before == spent and trainer._time_spent() > spent  # the clock goes on from the checkpoint's
 
