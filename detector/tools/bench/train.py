@@ -1,9 +1,13 @@
 """`detector bench train`: end-to-end training throughput next to the model-only rate.
 
-For each config: the model-only rate (forward + loss + backward + optimizer step on one fixed batch, no data
-loading) and the end-to-end rate of a real `detector train` epoch (loader with mosaic + augmentation, the
-same step, EMA, logging) on a generated shapes set; their ratio is the data pipeline's efficiency. The
-second epoch is timed (the first pays worker start-up). The last column, end-to-end images/s x GFLOPs per
+For each config, three rates:
+- model only: forward + loss + backward + SGD step on one fixed random batch, no data loading (compares models);
+- held batch: the trainer's own epoch loop (its AdamW step, accumulation, clipping, EMA, progress bar) fed the
+  train loader's first batch over and over, no loader running: the real run without its data loading;
+- end to end: the second epoch of a real `detector train` run (the first pays worker start-up), on a generated
+  shapes set or `data=`.
+End to end over held batch is the loader efficiency: the share of the step's rate left with the loader
+running beside it, everything else equal. The last column, end-to-end images/s x GFLOPs per
 image at the benchmark's size, is the model arithmetic actually sustained (forward only, as GFLOPs are quoted),
 comparable across models and sizes (Ultralytics YOLOv8n on this kind of machine: 29 img/s at 256 px x 8.7
 GFLOPs x (256/640)^2 = 40 GFLOP/s).
@@ -20,10 +24,12 @@ defaults and ranges.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,7 +45,7 @@ from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
 from detector.runtime.device import autocast_dtype
 from detector.train.loss import build_loss
-from detector.train.trainer import train
+from detector.train.trainer import Trainer, train
 from detector.viz.logger import read_results
 from detector.viz.tables import format_table
 
@@ -72,6 +78,14 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: s
     return batch / best
 
 
+def _train_values(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions) -> dict:
+    """The `detector train` keys of the timed runs: 2 epochs, validation only after the last, mosaic on."""
+    return {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
+            "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "worker_priority": opts.worker_priority,
+            "amp": opts.amp, "channels_last": opts.channels_last, "cache": opts.cache, "plots": False, "close_mosaic": 0,
+            "warmup_min_iters": 0}
+
+
 # the `record_function` ranges of the trainer's step (train/trainer.py), in the order a step runs them
 STAGES = ("data: wait for the loader", "forward", "loss + assignment", "backward", "optimizer step + EMA",
           "progress bar + logging")
@@ -81,15 +95,46 @@ def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrain
                     images: int) -> tuple[float, list[list]]:
     """Images/s of the second epoch of a real training run (validation only after it) and, with `opts.profile`,
     rows [stage, s, share, ms per step] over both epochs' main process (the first pays the workers' start)."""
-    values = {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
-              "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "amp": opts.amp,
-              "channels_last": opts.channels_last, "cache": opts.cache, "plots": False, "close_mosaic": 0, "warmup_min_iters": 0}
+    values = _train_values(model, data_yaml, project, opts)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if opts.profile else None
     with profiler or contextlib.nullcontext():
         train(build_options(TrainConfig, values, "bench train"))
     rows = read_results(project / model / "results.csv")
     rate = images / float(rows[1]["epoch_time_s"])
     return rate, stage_rows(profiler, 2 * math.ceil(images / opts.batch)) if profiler else []
+
+
+class HeldBatches:
+    """One batch `steps` times, in the train loader's place: the trainer's loop with no data loading."""
+
+    def __init__(self, batch: dict, steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def __iter__(self) -> Iterator[dict]:
+        return itertools.repeat(self.batch, self.steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """The order is fixed: nothing to reseed."""
+
+
+def held_batch_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions) -> float:
+    """Images/s of the trainer's second epoch (`Trainer.train_epoch(1)`: the timed epoch's steps, accumulation
+    and schedule) fed its loader's first batch each step, built with no workers so nothing runs beside it."""
+    values = {**_train_values(model, data_yaml, project, opts), "name": f"{model}-held", "workers": 0}
+    trainer = Trainer(build_options(TrainConfig, values, "bench train"))
+    try:
+        trainer.build()
+        batch = next(iter(trainer.train_loader))
+        trainer.train_loader = HeldBatches(batch, trainer.iters_per_epoch)
+        trainer.train_epoch(0)  # warm-up: oneDNN's first calls, the allocator
+        started = time.perf_counter()
+        trainer.train_epoch(1)
+        return trainer.iters_per_epoch * batch["images"].shape[0] / (time.perf_counter() - started)
+    finally:
+        trainer.close()
 
 
 def stage_rows(profiler: torch.profiler.profile, steps: int) -> list[list]:
@@ -113,12 +158,16 @@ def main(opts: BenchTrainOptions) -> None:
             path = resolve_model_path(name)
             gflops = count_flops(build_model(path, nc=nc), imgsz)
             model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
+            held_rate = held_batch_rate(name, data_yaml, Path(tmp) / "runs", opts)
             e2e_rate, profiles[name] = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts, images)
-            rows.append([name, round(gflops, 2), round(model_rate, 1), round(e2e_rate, 1), round(e2e_rate / model_rate, 2), round(e2e_rate * gflops, 1)])
+            rows.append([name, round(gflops, 2), round(model_rate, 1), round(held_rate, 1), round(e2e_rate, 1),
+                         round(e2e_rate / held_rate, 2), round(e2e_rate * gflops, 1)])
     workers = resolve_workers(opts.workers, batch_size=batch)
-    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers}, cache {opts.cache or 'off'}, amp {opts.amp}, "
+    print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers} ({opts.worker_priority} priority), "
+          f"cache {opts.cache or 'off'}, amp {opts.amp}, "
           f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
-    print(format_table(["config", f"GFLOPs@{imgsz}", "model img/s", "end-to-end img/s", "ratio", "GFLOP/s"], rows, floatfmt=".2f"))
+    headers = ["config", f"GFLOPs@{imgsz}", "model img/s", "held-batch img/s", "end-to-end img/s", "loader efficiency", "GFLOP/s"]
+    print(format_table(headers, rows, floatfmt=".2f"))
     for name, stages in profiles.items():
         if stages:
             print(f"\n{name}: the main process's time per stage over both epochs (torch.profiler ranges)")

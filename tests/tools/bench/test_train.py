@@ -1,4 +1,5 @@
-"""`detector bench train`: model-only and end-to-end training rates on a generated set, and their ratio."""
+"""`detector bench train`: model-only, held-batch and end-to-end training rates on a generated set, and the loader
+efficiency (end to end over held batch)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from detector.tools.bench.train import main
 
 
 @pytest.mark.slow
-def test_bench_train_prints_both_rates_and_their_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_train_prints_the_three_rates_and_the_loader_efficiency(capsys: pytest.CaptureFixture[str]) -> None:
     main(BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=4, workers=0, images=8))
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("config"))
-    assert header.split() == ["config", "GFLOPs@64", "model", "img/s", "end-to-end", "img/s", "ratio", "GFLOP/s"]
+    assert header.split() == ["config", "GFLOPs@64", "model", "img/s", "held-batch", "img/s", "end-to-end", "img/s",
+                              "loader", "efficiency", "GFLOP/s"]
     row = next(line for line in out.splitlines() if line.startswith("yolov5n")).split()
-    gflops, model_rate, e2e_rate, ratio, sustained = map(float, row[1:])
-    assert 0 < gflops < 0.2 and model_rate > 0 and e2e_rate > 0  # yolov5n: 4.1 GFLOPs at 640 -> ~0.04 at 64
-    assert ratio == pytest.approx(e2e_rate / model_rate, abs=0.01)
+    gflops, model_rate, held_rate, e2e_rate, efficiency, sustained = map(float, row[1:])
+    assert 0 < gflops < 0.2 and model_rate > 0 and held_rate > 0 and e2e_rate > 0  # yolov5n: 4.1 GFLOPs at 640 -> ~0.04 at 64
+    assert efficiency == pytest.approx(e2e_rate / held_rate, abs=0.01)
     assert sustained == pytest.approx(e2e_rate * gflops, rel=0.1, abs=0.1)
 
 
@@ -43,3 +45,24 @@ def test_bench_train_profile_splits_a_real_epoch_into_the_trainers_stages(make_d
     seconds = {stage: float(values[0]) for stage, values in stages.items()}
     assert seconds["forward"] > 0 and seconds["backward"] > 0 and seconds["loss + assignment"] > 0
     assert sum(float(values[1].rstrip("%")) for values in stages.values()) == pytest.approx(100, abs=3)
+
+
+def test_the_held_batch_run_feeds_the_trainer_one_batch_and_runs_no_workers(make_data_yaml, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-batch rate is the trainer's own epoch (its steps and EMA updates) on the loader's first batch."""
+    from detector.tools.bench import train as bench_train
+    from detector.train.trainer import Trainer
+
+    fed: list[list[int]] = []
+    real_epoch = Trainer.train_epoch
+
+    def recording_epoch(self: Trainer, epoch: int):
+        assert self.workers == 0 and isinstance(self.train_loader, bench_train.HeldBatches)
+        fed.append([id(batch) for batch in self.train_loader])
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", recording_epoch)
+    opts = BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=2, workers=2, data=str(make_data_yaml()))
+    rate = bench_train.held_batch_rate("yolov5n", Path(opts.data), tmp_path, opts)
+    assert rate > 0
+    assert len(fed) == 2 and len(fed[0]) > 1 and len(set(fed[0] + fed[1])) == 1  # warm-up epoch, timed epoch; one batch
