@@ -61,9 +61,12 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov), Adam or AdamW (betas = (momentum, 0.999)) over the three groups, in GROUP_NAMES order.
+    """SGD (Nesterov), Adam or AdamW (betas = (momentum, 0.999)) over the three groups, in GROUP_NAMES order,
+    fused (one kernel over all tensors) where torch has the kernel for the parameters' device.
 
-    `weight_decay` applies to the "decay" group only; pass it through `scaled_weight_decay` first.
+    `weight_decay` applies to the "decay" group only; pass it through `scaled_weight_decay` first. Why fused: the
+    default on CPU is a Python loop over the tensors; the fused AdamW step of the default model (258 tensors)
+    took 9.5 ms against 18.5-26 ms on a 2-core Xeon (Sapphire Rapids).
     """
     choice = {n.lower(): n for n in OPTIMIZERS}.get(str(name).lower())
     if choice is None:
@@ -73,17 +76,29 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
         {"params": groups[group], "name": group, "weight_decay": weight_decay if group == "decay" else 0.0}
         for group in GROUP_NAMES
     ]
+    fused = fused_kernels_apply([p for group in groups.values() for p in group])
     if choice == "SGD":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(specs, lr=lr, momentum=momentum, nesterov=True)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(specs, lr=lr, momentum=momentum, nesterov=True, fused=fused)
     elif choice == "Adam":
-        optimizer = torch.optim.Adam(specs, lr=lr, betas=(momentum, 0.999))
+        optimizer = torch.optim.Adam(specs, lr=lr, betas=(momentum, 0.999), fused=fused)
     else:
-        optimizer = torch.optim.AdamW(specs, lr=lr, betas=(momentum, 0.999))
+        optimizer = torch.optim.AdamW(specs, lr=lr, betas=(momentum, 0.999), fused=fused)
     LOGGER.info(
-        "optimizer: %s(lr=%g, momentum=%g) with %d weights (decay=%g), %d no-decay weights, %d biases",
-        choice, lr, momentum, len(groups["decay"]), weight_decay, len(groups["no_decay"]), len(groups["bias"]),
+        "optimizer: %s(lr=%g, momentum=%g%s) with %d weights (decay=%g), %d no-decay weights, %d biases",
+        choice, lr, momentum, ", fused" if fused else "", len(groups["decay"]), weight_decay, len(groups["no_decay"]),
+        len(groups["bias"]),
     )
     return optimizer
+
+
+def fused_kernels_apply(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused optimizer kernels take these parameters: floating point, all on one device of a
+    type that has them (CPU and CUDA among others)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in _get_fused_kernels_supported_devices()
+            and all(p.is_floating_point() for p in params))
 
 
 def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nbs: int = 64) -> float:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from detector.errors import DetectorError
-from detector.train.optim import LRSchedule, build_optimizer, param_groups, scaled_weight_decay
+from detector.train.optim import LRSchedule, build_optimizer, fused_kernels_apply, param_groups, scaled_weight_decay
 
 
 class _PosEmbed(nn.Module):
@@ -72,6 +72,40 @@ def test_optimizer_names(name: str, cls: type) -> None:
     assert type(opt) is cls
     if cls is not torch.optim.SGD:
         assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_cpu_optimizers_are_fused_and_step_as_the_per_tensor_loop(name: str) -> None:
+    """The fused kernel is the same update as torch's per-tensor loop (to float rounding) over several steps."""
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:  # the three groups: decayed conv weights, BN weights, biases
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+
+    fused_net, loop_net = net(), net()
+    loop_net.load_state_dict(fused_net.state_dict())
+    start = [p.detach().clone() for p in fused_net.parameters()]
+    fused = build_optimizer(fused_net, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loop = build_optimizer(loop_net, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for group in loop.param_groups:
+        group["fused"] = False
+    assert all(g["fused"] for g in fused.param_groups)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(3):
+        for net, opt in ((fused_net, fused), (loop_net, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(fused_net.parameters(), loop_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a, b) for a, b in zip(fused_net.parameters(), start))  # every group moved
+
+
+def test_fused_kernels_need_one_supported_device_and_floating_parameters() -> None:
+    assert fused_kernels_apply([nn.Parameter(torch.zeros(2))])
+    assert not fused_kernels_apply([])  # nothing to train (every row frozen)
+    assert not fused_kernels_apply([nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not fused_kernels_apply([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
 
 
 def test_unknown_optimizer() -> None:
