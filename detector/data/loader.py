@@ -363,7 +363,7 @@ def lower_priority() -> None:
 
 def resolve_worker_priority(priority: str, device: torch.device) -> bool:
     """Whether the loader workers run at idle priority: "auto" when the model runs on the CPU (it and the workers
-    share the cores; measured: +13% end to end on 2 cores), not beside a GPU (the loader is then the critical
+    share the cores; measured: +2 to +13% end to end on 2 cores), not beside a GPU (the loader is then the critical
     path); "idle" and "normal" as named. "normal" is for a machine busy with other work, which would starve
     idle-priority workers."""
     if priority not in WORKER_PRIORITIES:

@@ -24,6 +24,7 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW")
 GROUP_NAMES = ("decay", "no_decay", "bias")
 _NORM_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 _POSITION_PREFIXES = ("pos_", "position", "rel_pos")
+FUSED_DEVICE_TYPES = ("cpu", "cuda")  # the devices we train on; torch has fused SGD/Adam/AdamW kernels for both
 
 
 def _skips_decay(module: nn.Module, qualified_name: str, param: nn.Parameter) -> bool:
@@ -93,11 +94,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
 
 def fused_kernels_apply(params: list[nn.Parameter]) -> bool:
     """Whether torch's fused optimizer kernels take these parameters: floating point, all on one device of a
-    type that has them (CPU and CUDA among others)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
+    type we train on that has them (`FUSED_DEVICE_TYPES`)."""
     devices = {p.device for p in params}
-    return (len(devices) == 1 and next(iter(devices)).type in _get_fused_kernels_supported_devices()
+    return (len(devices) == 1 and next(iter(devices)).type in FUSED_DEVICE_TYPES
             and all(p.is_floating_point() for p in params))
 
 
