@@ -150,7 +150,7 @@ class Detector:
         loader = self._val_loader(opts, device)
         evaluator = Evaluator(
             loader, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, device=device,
-            half=opts.half and device.type == "cuda", backend=opts.backend, augment=opts.augment,
+            precision=torch.float16 if opts.half and device.type == "cuda" else None, backend=opts.backend, augment=opts.augment,
         )
         result = evaluator.run(self.model)
         save_results(result, save_dir, save_json=opts.save_json, plots=opts.plots)

@@ -196,6 +196,22 @@ def test_ground_truth_as_predictions_scores_one_and_writes_the_files(tmp_path: P
         assert (tmp_path / "plots" / name).stat().st_size > 1000
 
 
+class AutocastRecorder(TargetsAsPredictions):
+    """TargetsAsPredictions that records whether its forward ran under CPU autocast, and in which dtype."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_the_forward_runs_in_the_given_precision(precision: torch.dtype | None) -> None:
+    model = AutocastRecorder(len(CATEGORIES))
+    result = Evaluator(FeedTargets(FakeLoader(coco_json()), model), precision=precision).run(model)
+    assert model.autocast is precision
+    assert result.metrics["AP"] == 1.0  # its outputs are fp32 whatever the autocast: the same boxes
+
+
 def test_samples_are_a_rendered_grid_of_the_first_images_and_are_not_saved(tmp_path: Path) -> None:
     loader, model = fake_setup()
     result = Evaluator(loader).run(model, samples=2)

@@ -223,3 +223,14 @@ def test_overfits_eight_images(tmp_path: Path, model: str):
     last = sum(float(rows[-1][f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss"))
     assert last < first / 3
     assert metrics["AP50"] > 0.8
+
+
+@pytest.mark.parametrize(("amp", "precision"), [("bf16", torch.bfloat16), ("off", None)])
+def test_the_per_epoch_validation_runs_in_the_trainings_precision_on_the_cpu(tiny_data: Path, tmp_path: Path, amp: str,
+                                                                            precision: torch.dtype | None):
+    trainer = Trainer(make_config(tiny_data, tmp_path, amp=amp, device="cpu"))
+    try:
+        trainer.build()
+        assert trainer.amp_dtype is precision and trainer.evaluator.precision is precision
+    finally:
+        trainer.close()

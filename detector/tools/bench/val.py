@@ -48,6 +48,8 @@ def main(opts: BenchValOptions) -> None:
 def bench_pipeline(opts: BenchValOptions, data: Path) -> list[list[Any]]:
     """The second of two Evaluator passes per (model, imgsz) (the first warms up kernels for every batch shape);
     images/s counts data loading too."""
+    import torch
+
     from detector.data.spec import load_data_spec
     from detector.models.catalog import resolve_model_path
     from detector.data.loader import build_val_loader
@@ -63,7 +65,7 @@ def bench_pipeline(opts: BenchValOptions, data: Path) -> list[list[Any]]:
         nc = loader.dataset.coco.num_classes
         for name, model in _models(opts, nc, build_model, resolve_model_path):
             model.to(device).eval()
-            evaluator = Evaluator(loader, device=device, half=device.type == "cuda")
+            evaluator = Evaluator(loader, device=device, precision=torch.float16 if device.type == "cuda" else None)
             evaluator.run(model)
             started = time.perf_counter()
             speed = evaluator.run(model).speed_ms
