@@ -9,7 +9,14 @@ import torch
 import torch.nn as nn
 
 from detector.errors import DetectorError
-from detector.train.optim import LRSchedule, build_optimizer, fused_kernels_apply, param_groups, scaled_weight_decay
+from detector.train.optim import (
+    LRSchedule,
+    build_optimizer,
+    fused_kernels_apply,
+    match_grad_layouts,
+    param_groups,
+    scaled_weight_decay,
+)
 
 
 class _PosEmbed(nn.Module):
@@ -99,6 +106,36 @@ def test_cpu_optimizers_are_fused_and_step_as_the_per_tensor_loop(name: str) -> 
     for a, b in zip(fused_net.parameters(), loop_net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(a, b) for a, b in zip(fused_net.parameters(), start))  # every group moved
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_step_on_a_gradient_laid_out_unlike_its_parameter(name: str) -> None:
+    """A channels_last weight with a contiguous gradient: after `match_grad_layouts` the fused kernel makes the
+    loop's update, with the gradient's values unchanged; a gradient already in layout is left as it is."""
+    torch.manual_seed(0)
+    weights = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    nets = [nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last) for _ in range(2)]
+    optimizers = []
+    for net, fused in zip(nets, (True, False)):
+        net.weight.data.copy_(weights)
+        optimizers.append(build_optimizer(net, name, lr=0.01, momentum=0.9, weight_decay=5e-4))
+        for group in optimizers[-1].param_groups:
+            group["fused"] = fused
+    for _ in range(5):
+        grad = torch.randn(8, 4, 3, 3)  # contiguous: not the parameter's layout
+        for net, opt in zip(nets, optimizers):
+            net.weight.grad = grad.clone()
+            assert match_grad_layouts([net.weight]) == 1
+            assert net.weight.grad.stride() == net.weight.stride()
+            torch.testing.assert_close(net.weight.grad, grad, rtol=0, atol=0)
+            opt.step()
+    torch.testing.assert_close(nets[0].weight, nets[1].weight, rtol=1e-5, atol=1e-6)
+    in_layout = nets[0].weight.grad
+    assert match_grad_layouts([nets[0].weight, nn.Parameter(torch.zeros(3))]) == 0  # no gradient: skipped
+    assert nets[0].weight.grad is in_layout
+    pointwise = nn.Parameter(torch.zeros(8, 4, 1, 1).to(memory_format=torch.channels_last))
+    pointwise.grad = torch.ones(8, 4, 1, 1)  # strides differ only in size-1 dims: the same memory order
+    assert pointwise.grad.stride() != pointwise.stride() and match_grad_layouts([pointwise]) == 0
 
 
 def test_fused_kernels_need_one_supported_device_and_floating_parameters() -> None:
