@@ -294,6 +294,8 @@ class TrainConfig:
     cls: float = option(0.5, "class loss gain", ge=0, le=1000)
     obj: float = option(1.0, "objectness loss gain (Detect only)", ge=0, le=1000)
     anchor_t: float = option(4.0, "anchor-target size ratio threshold", gt=1, le=100)
+    static_assign_epochs: int = option(1, "first epochs whose positives are ranked by the anchor boxes' IoU before "
+                                          "the task-aligned assignment (DecoupledDetect)", ge=0, le=100000)
     label_smoothing: float = option(0.0, "class label smoothing epsilon (Detect only)", ge=0, lt=1)
     autoanchor: bool = option(True, "check anchors before training and evolve them when recall < 0.98")
     # augmentation

@@ -160,6 +160,10 @@ class YoloLoss:
         self.cls_positive = 1.0 - 0.5 * label_smoothing
         self.cls_negative = 0.5 * label_smoothing
 
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer's per-epoch call (`AlignedLoss.set_epoch`); YOLOv5's shape-ratio matching is the same in
+        every epoch."""
+
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl logits maps (B, na, H_l, W_l, 5 + nc); targets: (M, 6) [batch_index, class, cx, cy, w, h].
 
@@ -215,16 +219,18 @@ class YoloLoss:
 
 
 def build_loss(head: AnchorHead, *, box: float | None = None, cls: float = 0.5, obj: float = 1.0, anchor_t: float = 4.0,
-               label_smoothing: float = 0.0, imgsz: int = 640) -> YoloLoss | AlignedLoss:
+               label_smoothing: float = 0.0, imgsz: int = 640, static_assign_epochs: int = 0) -> YoloLoss | AlignedLoss:
     """The loss a head's raw maps are for: `AlignedLoss` for `DecoupledDetect`, `YoloLoss` for `Detect`.
 
     `box=None` takes that loss's reference gain (YOLOv5 0.05 for 1 - CIoU averaged per level, YOLOv8 7.5 for the
-    soft-label-weighted sum), since the two gains live on different scales.
+    soft-label-weighted sum), since the two gains live on different scales. `static_assign_epochs`: the
+    `AlignedLoss` warm-up by anchor-box IoU (`Detect`'s matching never looks at the predictions).
     """
     if isinstance(head, DecoupledDetect):
         if label_smoothing:
             raise DetectorError("label_smoothing applies to the YOLOv5 Detect head only; the DecoupledDetect head's "
                              "class targets are soft IoU-aware labels already")
-        return AlignedLoss(head, box=7.5 if box is None else box, cls=cls, anchor_t=anchor_t)
+        return AlignedLoss(head, box=7.5 if box is None else box, cls=cls, anchor_t=anchor_t,
+                           static_epochs=static_assign_epochs)
     return YoloLoss(head, box=0.05 if box is None else box, cls=cls, obj=obj, anchor_t=anchor_t,
                     label_smoothing=label_smoothing, imgsz=imgsz)

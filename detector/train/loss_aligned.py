@@ -140,10 +140,13 @@ def assign_aligned(
     beta: float = 6.0,
     anchor_t: float = 4.0,
     rows: Tensor | None = None,
+    static: bool = False,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
     gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px; rows (M, K) the anchor rows each target scores (every row
-    when None; `window_rows` gives the same positives from far fewer). Returns the `Assignment`."""
+    when None; `window_rows` gives the same positives from far fewer). `static`: rank and share the candidates
+    by the IoU of the anchor boxes themselves, not by the predictions (`AlignedLoss.static_epochs`), with the
+    predicted box's IoU as the soft label. Returns the `Assignment`."""
     batch, num_rows, nc = pred_scores.shape
     if rows is None:
         rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
@@ -151,30 +154,41 @@ def assign_aligned(
         priors = Priors(priors.cell[rows], priors.anchor[rows], priors.stride[rows])
     flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy.reshape(-1, 4)[flat])
-    score = pred_scores.reshape(-1)[flat * nc + gt_cls[:, None]]
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
-    metric = score.pow(alpha) * iou.pow(beta)
+    if static:  # an anchor's own box: what the bounded decode gives for sigmoid 0.5 (`decode_boxes`)
+        anchor_boxes = torch.cat(((priors.cell + 0.5) * priors.stride, priors.anchor), -1)
+        overlap = pairwise_iou(gt_xyxy[:, None, :], box_convert(anchor_boxes, "cxcywh", "xyxy"))
+        metric = overlap
+    else:
+        score = pred_scores.reshape(-1)[flat * nc + gt_cls[:, None]]
+        overlap, metric = iou, score.pow(alpha) * iou.pow(beta)
     # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
     top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
-    flat, iou, metric = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top)
-    positive = candidate.gather(1, top)
+    flat, iou, metric, overlap = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top), overlap.gather(1, top)
+    positive, owner = _owned(candidate.gather(1, top), flat, overlap, batch * num_rows)
 
-    # One target per anchor: the highest IoU wins, ties go to the later target (deterministic scatter amax).
-    best_iou = iou.new_full((batch * num_rows,), -1.0)
-    best_iou.scatter_reduce_(0, flat.reshape(-1), torch.where(positive, iou, -1.0).reshape(-1), "amax")
-    wins = positive & (iou >= best_iou[flat])
-    target_index = torch.arange(gt_xyxy.shape[0], device=iou.device)[:, None].expand_as(iou)
-    owner = torch.full((batch * num_rows,), -1, dtype=torch.long, device=iou.device)
-    owner.scatter_reduce_(0, flat.reshape(-1), torch.where(wins, target_index, -1).reshape(-1), "amax")
-    positive = wins & (owner[flat] == target_index)
-
-    # Soft label: t rescaled per target so that its best positive gets that positive's IoU.
-    metric = metric * positive
-    peak_iou = (iou * positive).amax(1, keepdim=True)
-    soft = metric * peak_iou / (metric.amax(1, keepdim=True) + _EPS)
+    if static:
+        soft = iou.clamp(min=0.0) * positive
+    else:  # t rescaled per target so that its best positive gets that positive's IoU
+        metric = metric * positive
+        peak_iou = (iou * positive).amax(1, keepdim=True)
+        soft = metric * peak_iou / (metric.amax(1, keepdim=True) + _EPS)
     score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat.reshape(-1), soft.reshape(-1))
     return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows), rows=flat,
                       soft=soft)
+
+
+def _owned(positive: Tensor, flat: Tensor, overlap: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """One target per anchor: of the (M, k) `positive` pairs at batch rows `flat`, the one with the highest
+    `overlap` keeps each anchor; ties go to the later target (a deterministic scatter amax). Returns the pairs
+    kept (M, k) and each batch row's target (-1: background)."""
+    best = overlap.new_full((num_rows,), -1.0)
+    best.scatter_reduce_(0, flat.reshape(-1), torch.where(positive, overlap, -1.0).reshape(-1), "amax")
+    wins = positive & (overlap >= best[flat])
+    target_index = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)
+    owner = torch.full((num_rows,), -1, dtype=torch.long, device=flat.device)
+    owner.scatter_reduce_(0, flat.reshape(-1), torch.where(wins, target_index, -1).reshape(-1), "amax")
+    return wins & (owner[flat] == target_index), owner
 
 
 class AlignedLoss:
@@ -185,11 +199,20 @@ class AlignedLoss:
     """
 
     def __init__(self, head: AnchorGridHead, *, box: float = 7.5, cls: float = 0.5, anchor_t: float = 4.0,
-                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0) -> None:
+                 topk: int = 10, alpha: float = 0.5, beta: float = 6.0, static_epochs: int = 0) -> None:
         self.head = head
         self.box_gain, self.cls_gain = box, cls
         self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
+        self.static_epochs = static_epochs
+        self.static = static_epochs > 0
         self._windows: tuple[tuple, list[float], list[tuple[int, int, int, int]]] | None = None  # key, strides, sizes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the assignment for this (0-based) epoch: by the anchor boxes' IoU for the first `static_epochs`,
+        task-aligned after. Why: the task-aligned ranking starts from the untrained model's own scores and boxes,
+        and when its class scores start to learn then hangs on float rounding (the same seed's 7-epoch demo ended
+        at 0.40 to 0.56 AP); PP-YOLOE and YOLOv6 warm up with ATSS for the same reason."""
+        self.static = epoch < self.static_epochs
 
     def candidate_rows(self, gt_xyxy: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """(M, K) the anchor rows that can be each target's candidates (`window_rows`). The window sizes are read
@@ -225,7 +248,7 @@ class AlignedLoss:
         gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
         rows = self.candidate_rows(gt_xyxy, [tuple(p.shape[2:4]) for p in maps])
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy.detach(), gt_image, gt_cls, gt_xyxy,
-                                  priors, rows=rows, **self.assign_kw)
+                                  priors, rows=rows, static=self.static, **self.assign_kw)
 
         owner = assigned.target.clamp(min=0)
         cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]

@@ -224,7 +224,8 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz)
+        self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz,
+                                    static_assign_epochs=cfg.static_assign_epochs)
 
     def _new_model(self) -> nn.Module:
         """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
@@ -374,6 +375,7 @@ class Trainer:
         mosaic_on = epoch < self.epochs - cfg.close_mosaic
         self.train_set.set_mosaic(mosaic_on)
         self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
+        self.criterion.set_epoch(epoch)
         running = torch.zeros(3, device=self.device)
         nonfinite_run = 0
         nonfinite_epoch = 0

@@ -262,3 +262,72 @@ def test_the_windowed_loss_equals_the_loss_over_every_anchor_row() -> None:
     dense, _ = loss(maps, targets)
     assert torch.allclose(windowed, dense, rtol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(grads, torch.autograd.grad(dense, maps)))
+
+
+def _prior_best_and_exact_elsewhere(head: DecoupledDetect) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A 16 px target centred on P3 cell (6, 9), whose own 16 px anchor box is the target exactly; every row
+    predicts the target exactly but that one, which predicts it 4 px off."""
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    cx, cy = 6.5 * 8, 9.5 * 8
+    gt = torch.tensor([[cx - 8, cy - 8, cx + 8, cy + 8]])
+    pred = gt.expand(1, n, 4).clone()
+    row = 9 * 16 + 6
+    pred[0, row] = gt[0] + 4.0
+    return gt, pred, torch.full((1, n, 3), 0.5), row
+
+
+def test_static_assignment_ranks_by_the_anchor_boxes_not_the_predictions() -> None:
+    head = make_head()
+    gt, pred, scores, row = _prior_best_and_exact_elsewhere(head)
+    args = (scores, pred, torch.tensor([0]), torch.tensor([1]), gt, priors(head))
+    aligned = assign_aligned(*args, topk=1)
+    static = assign_aligned(*args, topk=1, static=True)
+    assert aligned.target[0, row] == -1 and int((aligned.target == 0).sum()) == 1  # an exact prediction won
+    assert (static.target[0] == 0).nonzero().flatten().tolist() == [row]
+    off_iou = pairwise_iou(gt[0], pred[0, row])  # the soft label is the predicted box's IoU: 8x8 / (2 * 16^2 - 64)
+    assert torch.isclose(static.score[0, row], off_iou) and math.isclose(off_iou.item(), 144 / 368, rel_tol=1e-6)
+
+
+def test_static_assignment_takes_the_top_k_anchor_boxes_by_iou() -> None:
+    head = make_head()
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    gt = torch.tensor([[42.0, 40.0, 86.0, 90.0]])  # candidates at P3 and P4, anchor boxes of many overlaps
+    pred, scores = torch.rand(1, n, 4).cumsum(-1) * 60, torch.rand(1, n, 3)  # predictions that must not matter
+    anchor_boxes = box_convert(torch.cat(((pr.cell + 0.5) * pr.stride, pr.anchor), -1), "cxcywh", "xyxy")
+    candidate = candidate_mask(gt, pr, 4.0)[0]
+    k = int(candidate.sum()) // 2
+    assert k >= 4
+    overlap = torch.where(candidate, pairwise_iou(gt, anchor_boxes)[0], -1.0)
+    static = assign_aligned(scores, pred, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=k, static=True)
+    chosen = static.target[0] == 0
+    assert int(chosen.sum()) == k and candidate[chosen].all()
+    # the k largest anchor-box IoUs (compared as values: equal-sized anchor boxes inside the target tie)
+    assert torch.equal(overlap[chosen].sort().values, overlap.topk(k).values.sort().values)
+
+
+def test_set_epoch_keeps_the_static_assignment_for_the_first_epochs_only() -> None:
+    head = make_head()
+    loss = build_loss(head, static_assign_epochs=2)
+    assert isinstance(loss, AlignedLoss) and loss.static  # from construction: a caller without set_epoch gets it too
+    states = []
+    for epoch in range(4):
+        loss.set_epoch(epoch)
+        states.append(loss.static)
+    assert states == [True, True, False, False]
+    assert not build_loss(head).static
+
+
+def test_the_static_epoch_trains_toward_the_anchor_box_positives() -> None:
+    """The same maps give a different class loss in the two modes: the loss uses the assignment it is set to."""
+    torch.manual_seed(7)
+    head = make_head()
+    maps = [torch.randn(2, 1, h, w, 7) for h, w in grid_shapes()]
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.25, 0.25], [1, 2, 0.3, 0.6, 0.1, 0.2]])
+    loss = AlignedLoss(head, static_epochs=1)
+    static_parts = loss(maps, targets)[1]
+    loss.set_epoch(1)
+    aligned_parts = loss(maps, targets)[1]
+    assert not torch.isclose(static_parts[2], aligned_parts[2])
+    assert torch.isfinite(static_parts).all()

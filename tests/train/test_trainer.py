@@ -234,3 +234,31 @@ def test_the_per_epoch_validation_runs_in_the_trainings_precision_on_the_cpu(tin
         assert trainer.amp_dtype is precision and trainer.evaluator.precision is precision
     finally:
         trainer.close()
+
+
+class _AssignmentRecorder:
+    """Stands in for the trainer's criterion: records which assignment each step's loss used."""
+
+    def __init__(self, loss) -> None:
+        self.loss, self.static_per_step = loss, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loss.set_epoch(epoch)
+
+    def __call__(self, raw, targets):
+        self.static_per_step.append(self.loss.static)
+        return self.loss(raw, targets)
+
+
+def test_the_first_epochs_assign_by_anchor_boxes_then_task_aligned(tiny_data: Path, tmp_path: Path):
+    trainer = Trainer(make_config(tiny_data, tmp_path, model="yolo-ca-n", static_assign_epochs="1", epochs="2"))
+    try:
+        trainer.build()
+        recorder = _AssignmentRecorder(trainer.criterion)
+        trainer.criterion = recorder
+        for epoch in range(2):
+            trainer.train_epoch(epoch)
+    finally:
+        trainer.close()
+    steps = trainer.iters_per_epoch
+    assert recorder.static_per_step == [True] * steps + [False] * steps
