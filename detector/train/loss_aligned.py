@@ -6,7 +6,10 @@ the alignment t = s^alpha * u^beta (s: the predicted score of the target's class
 with the target) and takes the top k. The candidates are anchor boxes, not points: an anchor is a candidate when
 its cell centre lies inside the target box (or its cell holds the target's centre, so a box smaller than a cell
 still gets one) and its shape is within `anchor_t` of the target's, the range YOLOv5's bounded decode can reach.
-An anchor claimed by several targets goes to the one its prediction overlaps most.
+An anchor claimed by several targets goes to the one its prediction overlaps most. In the first
+`static_epochs` (the trainer's `static_assign_epochs`) the candidates are ranked, and shared, by the IoU of the
+anchor boxes themselves instead, with the predicted box's IoU as the soft label: the ATSS-style warm-up that
+PP-YOLOE and YOLOv6 run before their task-aligned epochs, since an untrained model's s and u are both near 0.
 
 The class score is trained toward t normalized per target so that its best anchor's target equals that anchor's
 IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
@@ -210,7 +213,7 @@ class AlignedLoss:
     def set_epoch(self, epoch: int) -> None:
         """Choose the assignment for this (0-based) epoch: by the anchor boxes' IoU for the first `static_epochs`,
         task-aligned after. Why: the task-aligned ranking starts from the untrained model's own scores and boxes,
-        and when its class scores start to learn then hangs on float rounding (the same seed's 7-epoch demo ended
+        so the moment its class scores start to learn hangs on float rounding (the same seed's 7-epoch demo ended
         at 0.40 to 0.56 AP); PP-YOLOE and YOLOv6 warm up with ATSS for the same reason."""
         self.static = epoch < self.static_epochs
 
