@@ -158,8 +158,8 @@ def assign_aligned(
     flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], pred_xyxy.reshape(-1, 4)[flat])
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
-    if static:  # an anchor's own box: what the bounded decode gives for sigmoid 0.5 (`decode_boxes`)
-        anchor_boxes = torch.cat(((priors.cell + 0.5) * priors.stride, priors.anchor), -1)
+    if static:  # an anchor's own box: what the bounded decode gives for sigmoid 0.5
+        anchor_boxes = decode_boxes(priors.anchor.new_full((*priors.anchor.shape[:-1], 4), 0.5), *priors)
         overlap = pairwise_iou(gt_xyxy[:, None, :], box_convert(anchor_boxes, "cxcywh", "xyxy"))
         metric = overlap
     else:
@@ -207,7 +207,7 @@ class AlignedLoss:
         self.box_gain, self.cls_gain = box, cls
         self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
         self.static_epochs = static_epochs
-        self.static = static_epochs > 0
+        self.set_epoch(0)
         self._windows: tuple[tuple, list[float], list[tuple[int, int, int, int]]] | None = None  # key, strides, sizes
 
     def set_epoch(self, epoch: int) -> None:
