@@ -65,7 +65,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
     """SGD (Nesterov), Adam or AdamW (betas = (momentum, 0.999)) over the three groups, in GROUP_NAMES order,
     fused (one kernel over all tensors) where torch has the kernel for the parameters' device.
 
-    `weight_decay` applies to the "decay" group only; pass it through `scaled_weight_decay` first. Why fused: the
+    `weight_decay` applies to the "decay" group only; pass it through `scaled_weight_decay` first. A fused
+    optimizer gives every gradient its parameter's layout before each step (`match_grad_layouts`). Why fused: the
     default on CPU is a Python loop over the tensors; the fused AdamW step of the default model (258 tensors)
     took 9.5 ms against 18.5-26 ms on a 2-core Xeon (Sapphire Rapids).
     """
@@ -84,6 +85,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
         optimizer = torch.optim.Adam(specs, lr=lr, betas=(momentum, 0.999), fused=fused)
     else:
         optimizer = torch.optim.AdamW(specs, lr=lr, betas=(momentum, 0.999), fused=fused)
+    if fused:
+        optimizer.register_step_pre_hook(_match_grad_layouts_before_step)
     LOGGER.info(
         "optimizer: %s(lr=%g, momentum=%g%s) with %d weights (decay=%g), %d no-decay weights, %d biases",
         choice, lr, momentum, ", fused" if fused else "", len(groups["decay"]), weight_decay, len(groups["no_decay"]),
@@ -117,6 +120,11 @@ def match_grad_layouts(params: list[nn.Parameter]) -> int:
             param.grad = torch.empty_like(param).copy_(grad)  # empty_like keeps a dense parameter's strides
             copied += 1
     return copied
+
+
+def _match_grad_layouts_before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """A fused optimizer's step pre-hook: `match_grad_layouts` over its parameters, whoever calls the step."""
+    match_grad_layouts([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nbs: int = 64) -> float:

@@ -31,7 +31,6 @@ from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
 from detector.train.finetune import keep_frozen_norms_in_eval
-from detector.train.optim import match_grad_layouts
 from detector.version import __version__
 from detector.viz.logger import RunLogger, plot_results
 
@@ -456,7 +455,6 @@ class Trainer:
         """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA."""
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        match_grad_layouts(params)  # the fused optimizer kernels need it (a no-op for autograd's usual layouts)
         if self.cfg.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
         else:

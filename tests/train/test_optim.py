@@ -138,6 +138,29 @@ def test_fused_step_on_a_gradient_laid_out_unlike_its_parameter(name: str) -> No
     assert pointwise.grad.stride() != pointwise.stride() and match_grad_layouts([pointwise]) == 0
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_fused_optimizer_lays_out_the_gradients_itself_before_each_step(name: str) -> None:
+    """Whoever calls `step()` on `build_optimizer`'s fused optimizer, a contiguous gradient of a channels_last
+    weight gets the per-tensor loop's update (torch's fused CPU kernel alone is 0.1-0.3 off after 5 steps)."""
+    torch.manual_seed(0)
+    weights = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    fused_net, loop_net = (nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last) for _ in range(2))
+    fused_net.weight.data.copy_(weights)
+    loop_net.weight.data.copy_(weights)
+    fused = build_optimizer(fused_net, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loop = build_optimizer(loop_net, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for group in loop.param_groups:
+        group["fused"] = False
+    assert fused.param_groups[0]["fused"]
+    for _ in range(5):
+        grad = torch.randn(8, 4, 3, 3)  # contiguous: not the parameter's layout
+        fused_net.weight.grad, loop_net.weight.grad = grad.clone(), grad.clone()
+        fused.step()
+        loop.step()
+    assert fused_net.weight.grad.stride() == fused_net.weight.stride()
+    torch.testing.assert_close(fused_net.weight, loop_net.weight, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_kernels_need_one_supported_device_and_floating_parameters() -> None:
     assert fused_kernels_apply([nn.Parameter(torch.zeros(2))])
     assert not fused_kernels_apply([])  # nothing to train (every row frozen)
