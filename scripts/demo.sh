@@ -3,7 +3,7 @@
 # nano model (configs/models/yolo-ca-n.yaml) on CPU for a 10-minute budget (`time=`: a faster machine fits more
 # epochs), evaluate, print COCO metrics.
 #   DEMO_MINUTES=20 bash scripts/demo.sh   a longer budget
-#   DEMO_EPOCHS=7 bash scripts/demo.sh     exactly 7 epochs instead of a budget (README's AP 0.566 for yolo-ca-n)
+#   DEMO_EPOCHS=7 bash scripts/demo.sh     exactly 7 epochs instead of a budget (README's Quick start table)
 # Extra key=value arguments go to `detector train` (e.g. `bash scripts/demo.sh imgsz=320`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,14 @@ from torchvision.ops import box_convert, complete_box_iou_loss
 
 from detector.models.head import DecoupledDetect, Detect, decode_boxes
 from detector.train.loss import YoloLoss, build_loss
-from detector.train.loss_aligned import AlignedLoss, Priors, assign_aligned, candidate_mask, pairwise_iou
+from detector.train.loss_aligned import (
+    AlignedLoss,
+    Priors,
+    assign_aligned,
+    candidate_mask,
+    gather_rows,
+    pairwise_iou,
+)
 
 ANCHORS_PX = [[16, 16], [48, 48], [128, 128]]  # one square anchor per level
 STRIDES = (8.0, 16.0, 32.0)
@@ -331,3 +338,10 @@ def test_the_static_epoch_trains_toward_the_anchor_box_positives() -> None:
     aligned_parts = loss(maps, targets)[1]
     assert not torch.isclose(static_parts[2], aligned_parts[2])
     assert torch.isfinite(static_parts).all()
+
+
+def test_gather_rows_equals_advanced_indexing() -> None:
+    table = torch.arange(30.0).view(10, 3)
+    index = torch.tensor([[9, 0, 3, 3], [1, 2, 8, 5]])
+    assert torch.equal(gather_rows(table, index), table[index])
+    assert gather_rows(table, index[:0]).shape == (0, 4, 3)
