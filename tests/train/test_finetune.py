@@ -90,10 +90,12 @@ def test_finetune_beats_scratch_and_frozen_rows_stay_bit_identical(tmp_path: Pat
         run(b, tmp_path, "tuned", epochs="25", weights=str(a_best), freeze="9")
     total = len(build_model("yolo-c2f-n", nc=2).state_dict())
     assert f"weights: transferred {total - 6}/{total} tensors from {a_best}" in caplog.text
-    # what transfers between disjoint classes is localisation: the box loss of the last epoch (same seed, same
-    # batches). AP is no measure here: after 25 steps both runs' class scores sit near their prior on some CPUs
-    # (an AMX Xeon: AP50 0.0005 tuned, 0.0013 scratch; box loss 0.51 against 0.81)
-    box = {name: float(read_results(tmp_path / name / "results.csv")[-1]["train/box_loss"]) for name in ("tuned", "scratch")}
+    # what transfers between disjoint classes is localisation: the box loss over the last 12 epochs (same seed, same
+    # batches; one epoch's value swings by 20%). AP is no measure here: after 25 steps both runs' class scores sit near
+    # their prior (an AMX Xeon: AP50 0.0004 tuned, 0.0 scratch; box loss 1.12 against 1.57 over those epochs, 0.77
+    # against 0.94 in the last one alone)
+    box = {name: sum(float(row["train/box_loss"]) for row in read_results(tmp_path / name / "results.csv")[-12:]) / 12
+           for name in ("tuned", "scratch")}
     assert box["tuned"] < 0.8 * box["scratch"], box
 
     start = load_checkpoint(a_best)["ema"]["module"]
