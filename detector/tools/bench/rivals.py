@@ -303,7 +303,8 @@ def main(argv: list[str]) -> int:
         print(describe_options(RivalsOptions))
         return 0
     opts, ours_extra = parse_args(argv)
-    out = Path(opts.project) / opts.name
+    # absolute: Ultralytics files a relative `project` under its own runs folder, not the working directory
+    out = (Path(opts.project) / opts.name).resolve()
     spec = load_data_spec(opts.data)  # checks the YAML before anything long starts
     export = reuse_or_export(spec, out / "yolo")  # shared by concurrent invocations of the same name
     from detector.data.coco import CocoDataset

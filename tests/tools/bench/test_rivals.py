@@ -59,6 +59,7 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
 
     def fake_ultralytics(rival: str, opts, export, folder: Path, python: Path) -> dict[str, Any]:
         calls.append(rival)
+        assert folder.is_absolute()  # the driver's job names it: Ultralytics reads a relative one under its own runs/
         folder.mkdir(parents=True, exist_ok=True)
         assert export.category_ids == [1, 3, 7] and len(export.images["val"]) == 6
         (folder / "predictions.json").write_text(json.dumps(perfect_rows(data_yaml)))
@@ -67,7 +68,8 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
 
     monkeypatch.setattr(rivals, "run_ultralytics", fake_ultralytics)
     monkeypatch.setattr(rivals, "ensure_venv", lambda opts, log: Path("/nonexistent/python"))
-    args = [f"data={data_yaml}", "epochs=2", "rivals=yolov8n,yolo26n", f"project={tmp_path / 'runs'}", "name=t"]
+    monkeypatch.chdir(tmp_path)
+    args = [f"data={data_yaml}", "epochs=2", "rivals=yolov8n,yolo26n", "project=runs", "name=t"]
     assert rivals.main(args) == 0
     out = tmp_path / "runs" / "t"
     table = (out / "results.md").read_text()
