@@ -1,7 +1,7 @@
 """Torch datasets and loaders over a scanned `CocoDataset`, and the batch format every consumer reads.
 
 Batch (what `collate` returns): {
-  "images":  uint8 (B, 3, H, W) RGB, converted to float / 255 on the device by the consumer,
+  "images":  uint8 (B, 3, H, W) RGB, channels_last in memory, converted to float / 255 on the device by the consumer,
   "targets": float32 (M, 6) rows [batch_index, class, cx, cy, w, h], normalised by the batch image W, H,
   "meta":    list of B dicts {image_id, file, orig_hw: (h, w), ratio, pad: (left_px, top_px)} (train adds mosaic),
 }. Val boxes map back to original pixels with `transforms.unletterbox_boxes(boxes, ratio, pad, orig_hw)`.
@@ -55,7 +55,9 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBo
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack per-sample dicts {image (3, H, W) uint8, labels (n, 5) [class, cx, cy, w, h], meta} into a batch."""
-    images = torch.stack([s["image"] for s in samples])
+    # stacked as (B, H, W, 3) and viewed as (B, 3, H, W): channels_last in memory, the layout the model runs in, so
+    # the main process's uint8 -> float conversion needs no transposing copy (6.2 -> 0.6 ms for 16 images at 256 px)
+    images = torch.stack([s["image"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
     targets = torch.cat(
         [torch.cat([torch.full((len(s["labels"]), 1), float(i)), s["labels"]], dim=1) for i, s in enumerate(samples)]
     )
@@ -72,7 +74,8 @@ def _labels(boxes_xyxy: np.ndarray, classes: np.ndarray, width: int, height: int
 
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """An HWC image as a (3, H, W) tensor without moving its pixels (channels-last strides; `collate` keeps them)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def cache_bytes(image_hw: np.ndarray, ratios: np.ndarray) -> int:

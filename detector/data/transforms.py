@@ -119,10 +119,10 @@ def letterbox_batch(images: Sequence[np.ndarray], imgsz: int, stride: int) -> tu
     out, ratios, pads = [], [], []
     for image in images:
         boxed, ratio, pad = letterbox(image, (int(shape_hw[0]), int(shape_hw[1])))
-        out.append(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))))
+        out.append(torch.from_numpy(np.ascontiguousarray(boxed)))
         ratios.append(ratio)
         pads.append(pad)
-    return torch.stack(out), ratios, pads
+    return torch.stack(out).permute(0, 3, 1, 2), ratios, pads  # channels_last in memory, as `collate`'s batches
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str, *, channels_last: bool = True,
@@ -130,9 +130,10 @@ def to_model_input(images: torch.Tensor, device: torch.device | str, *, channels
     """A uint8 (B, 3, H, W) batch as the model takes it: on `device`, `dtype` in [0, 1], channels_last if asked.
 
     The one place images are scaled, so training, validation, prediction and the attention maps feed the model the
-    same numbers (the conversion runs on the device: a uint8 copy is a quarter of a float one)."""
-    x = images.to(device, non_blocking=True).to(dtype).div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    same numbers (the conversion runs on the device: a uint8 copy is a quarter of a float one). The layout is set
+    on the uint8 pixels, a no-op for the loaders' channels_last batches, and the float conversion keeps it."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return images.to(device, non_blocking=True).contiguous(memory_format=layout).to(dtype).div_(255)
 
 
 # ---------------------------------------------------------------------------------------------- mosaic

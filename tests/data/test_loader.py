@@ -218,8 +218,29 @@ def test_collate() -> None:
     ]
     batch = collate(samples)
     assert batch["images"].shape == (3, 3, 8, 8)
+    assert batch["images"].is_contiguous(memory_format=torch.channels_last)
     assert batch["targets"][:, 0].tolist() == [0.0, 2.0, 2.0] and batch["targets"].shape == (3, 6)
     assert [m["image_id"] for m in batch["meta"]] == [1, 2, 3]
+
+
+def test_collate_keeps_every_pixel_in_place_in_the_channels_last_batch() -> None:
+    """Samples as the datasets give them (HWC pixels viewed as (3, H, W)) and as a plain contiguous CHW tensor."""
+    hwc = np.arange(5 * 4 * 3, dtype=np.uint8).reshape(5, 4, 3)
+    chw = torch.arange(3 * 5 * 4, dtype=torch.uint8).reshape(3, 5, 4)
+    batch = collate([{"image": loader_module._to_chw(hwc), "labels": torch.zeros(0, 5), "meta": {}},
+                     {"image": chw, "labels": torch.zeros(0, 5), "meta": {}}])["images"]
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch[0], torch.from_numpy(hwc).permute(2, 0, 1)) and torch.equal(batch[1], chw)
+    assert batch[0, 2, 1, 3] == hwc[1, 3, 2]  # channel 2 of row 1, column 3
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_arrive_channels_last_from_workers_too(make_coco, workers: int) -> None:
+    split = make_coco()
+    train = next(iter(build_train_loader(split, imgsz=64, batch_size=3, workers=workers, hyp=TrainConfig(), seed=0)))
+    val = next(iter(build_val_loader(split, imgsz=64, batch_size=3, workers=workers)))
+    for images in (train["images"], val["images"]):
+        assert images.shape[:2] == (3, 3) and images.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(("cpus", "local_ranks", "batch", "expected"), [

@@ -22,8 +22,10 @@ from detector.data.transforms import (
     RandomHSV,
     build_train_compose,
     letterbox,
+    letterbox_batch,
     mosaic4,
     seed_compose,
+    to_model_input,
     unletterbox_boxes,
 )
 
@@ -210,3 +212,21 @@ def test_unletterbox_clips_to_the_image() -> None:
     out = unletterbox_boxes(boxes, 0.5, (10, 20), (100, 200))
     assert out.tolist() == [[0.0, 0.0, 200.0, 100.0], [20.0, 20.0, 60.0, 60.0]]
     assert boxes[0, 0] == -10.0  # input untouched
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_to_model_input_scales_and_lays_out_any_batch(channels_last: bool, layout: torch.memory_format) -> None:
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = to_model_input(images.contiguous(memory_format=layout), "cpu", channels_last=channels_last)
+    assert x.dtype == torch.float32 and torch.equal(x, images.float() / 255)
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert to_model_input(images, "cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_letterbox_batch_is_channels_last_with_the_pixels_of_each_image() -> None:
+    image = (np.arange(64 * 40 * 3) % 251).astype(np.uint8).reshape(64, 40, 3)
+    batch, _, pads = letterbox_batch([image], 64, 32)
+    left, top = pads[0]
+    assert batch.is_contiguous(memory_format=torch.channels_last) and batch.shape == (1, 3, 64, 64) and left == 12
+    assert torch.equal(batch[0, :, top:top + 64, left:left + 40], torch.from_numpy(image).permute(2, 0, 1))
