@@ -311,7 +311,7 @@ class TrainConfig:
     mosaic: float = option(1.0, "mosaic probability", ge=0, le=1)
     mixup: float = option(0.0, "mixup probability", ge=0, le=1)
     close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
-    cache: str = option("", "'ram' keeps the decoded training images in memory, 'auto' when they take at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
+    cache: str = option("auto", "'ram' keeps the decoded training images in memory, 'auto' when they take at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")

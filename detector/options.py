@@ -172,7 +172,7 @@ class BenchTrainOptions:
     amp: str = option("auto", "autocast: auto, bf16, fp16, off (as in detector train)", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")
     profile: bool = option(False, "also split the end-to-end run's main process into its stages (torch.profiler)")
-    cache: str = option("", "the end-to-end run's decoded-image cache: ram, auto or '' (off), as in detector train", choices=["auto", "ram", ""])
+    cache: str = option("auto", "the end-to-end run's decoded-image cache: ram, auto or '' (off), as in detector train", choices=["auto", "ram", ""])
 
 
 @dataclass

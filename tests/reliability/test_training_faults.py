@@ -60,7 +60,8 @@ def faulty_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loader_module, "build_train_loader", build_then_delete)
         mp.setattr(loss_module.AlignedLoss, "__call__", poisoned)  # the loss of the DecoupledDetect models
-        cfg = make_config(data, root / "runs", epochs="2", amp="fp16", device="cpu", nbs="8", max_nonfinite="2")
+        # cache off: the deleted file must be read from disk mid-run (the RAM cache would hold it from the start)
+        cfg = make_config(data, root / "runs", epochs="2", amp="fp16", device="cpu", nbs="8", max_nonfinite="2", cache="")
         try:
             train(cfg)
         finally:
