@@ -1,5 +1,6 @@
 """This machine's memory, for the checks that refuse work which cannot fit before it is allocated; a process's
-memory as Linux reports it (RSS, USS); handing a worker's freed heap back to the OS."""
+memory as Linux reports it (RSS, USS); handing a worker's freed heap back to the OS, and keeping a training
+process's."""
 
 from __future__ import annotations
 
@@ -70,14 +71,34 @@ def child_pids(pid: int | str = "self") -> list[int]:
     return sorted(set(pids))
 
 
-def _load_malloc_trim() -> Any:
+def _load_libc_function(name: str) -> Any:
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc; absent on macOS, musl, Windows
+        return getattr(ctypes.CDLL(None), name, None)  # glibc's malloc_trim and mallopt; absent on macOS, musl, Windows
     except (OSError, TypeError):
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM = _load_libc_function("malloc_trim")
+_MALLOPT = _load_libc_function("mallopt")
+# glibc's mallopt parameters (malloc.h) and the values `hold_freed_heap` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HELD_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc takes on 64-bit: blocks up to it come from the heap
+HELD_TRIM_THRESHOLD = 2**31 - 1  # mallopt's int maximum: free memory at the heap's top stays up to 2 GiB
+
+
+def hold_freed_heap() -> bool:
+    """Keep the memory a training step frees in the process for the next step, instead of handing it back to the
+    OS and faulting it in again, zero-filled, on the next allocation (glibc `mallopt`: a fixed 32 MiB mmap
+    threshold and a 2 GiB trim threshold; a no-op elsewhere). Returns whether it was applied.
+
+    With glibc's default, adaptive thresholds a CPU training step of the default model (batch 16 at 256 px) faulted
+    in 200 MB of fresh pages every step: 52,000 minor faults, 0.09 s of system time and about a fifth of the
+    step's CPU time (README, Benchmarks). Held, the step faults in nothing and the resident memory stays at the
+    peak that every step reaches anyway. It is process-wide, so the trainer sets it for the process that trains;
+    forked data workers inherit it and still hand their heap back on their own (`trim_heap`)."""
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD)) and bool(_MALLOPT(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD))
 
 
 def trim_heap() -> None:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from detector import memory
 from detector.config import TrainConfig, build_options, given_keys, run_only_keys
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
@@ -156,7 +157,9 @@ class Trainer:
 
     def build(self) -> None:
         """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation
-        (`fit` calls it; a caller that drives `train_epoch` itself calls it, then `close`)."""
+        (`fit` calls it; a caller that drives `train_epoch` itself calls it, then `close`). The process keeps the
+        memory each step frees for the next (`memory.hold_freed_heap`)."""
+        memory.hold_freed_heap()
         self._build_data()
         self._build_model()
         self._build_optimization()

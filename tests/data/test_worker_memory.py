@@ -64,10 +64,12 @@ def worker_growth_mb(root: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads USS from /proc (Linux)")
-def test_worker_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
+@pytest.mark.parametrize("heap", ["held", "default"])
+def test_worker_memory_does_not_grow_with_the_dataset(tmp_path: Path, heap: str) -> None:
     """Measured in a fresh process, as a training run is: the pytest process has run every other test, and a
-    run of 300 batches from 2 workers in it was followed, tests later, by a crash of the pytest process."""
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "coco")], capture_output=True, text=True,
+    run of 300 batches from 2 workers in it was followed, tests later, by a crash of the pytest process. `held`:
+    the workers forked from a process that holds its freed heap, as the trainer's does (`memory.hold_freed_heap`)."""
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "coco"), heap], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth_mb = json.loads(proc.stdout.splitlines()[-1])
@@ -76,4 +78,6 @@ def test_worker_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[2] == "held":
+        assert memory.hold_freed_heap()
     print(json.dumps(worker_growth_mb(Path(sys.argv[1]))))

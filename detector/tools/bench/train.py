@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from detector import memory
 from detector.config import TrainConfig, build_options
 from detector.data.loader import resolve_workers
 from detector.data.spec import load_data_spec
@@ -51,7 +52,9 @@ from detector.viz.tables import format_table
 
 
 def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: str, channels_last: bool, iters: int = 5) -> float:
-    """Images/s of forward + loss + backward + SGD step on one fixed random batch (best of `iters`)."""
+    """Images/s of forward + loss + backward + SGD step on one fixed random batch (best of `iters`), with the heap
+    held as the trainer holds it."""
+    memory.hold_freed_heap()
     device = torch.device("cpu")
     model = build_model(model_path, nc=nc).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -104,6 +107,9 @@ def end_to_end_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrain
     return rate, stage_rows(profiler, 2 * math.ceil(images / opts.batch)) if profiler else []
 
 
+WARMUP_STEPS = 5  # held-batch steps before the timed epoch: the first takes about twice as long, the third on are level
+
+
 class HeldBatches:
     """One batch `steps` times, in the train loader's place: the trainer's loop with no data loading."""
 
@@ -128,8 +134,9 @@ def held_batch_rate(model: str, data_yaml: Path, project: Path, opts: BenchTrain
     try:
         trainer.build()
         batch = next(iter(trainer.train_loader))
-        trainer.train_loader = HeldBatches(batch, trainer.iters_per_epoch)
+        trainer.train_loader = HeldBatches(batch, min(WARMUP_STEPS, trainer.iters_per_epoch))
         trainer.train_epoch(0)  # warm-up: oneDNN's first calls, the allocator
+        trainer.train_loader = HeldBatches(batch, trainer.iters_per_epoch)
         started = time.perf_counter()
         trainer.train_epoch(1)
         return trainer.iters_per_epoch * batch["images"].shape[0] / (time.perf_counter() - started)
