@@ -31,19 +31,23 @@ def test_unreadable_meminfo_falls_back_to_the_machine(monkeypatch, tmp_path: Pat
     assert memory.available_memory_bytes() == memory.machine_memory_bytes()
 
 
-# A step's pattern: 16 blocks of 16 MiB live at once, written, then all freed; three rounds after two of warm-up
-# (the held heap grows once more in the second), printing the minor page faults they took.
+# A step's pattern: 16 blocks of 16 MiB live at once, written, then all freed; three rounds after four of warm-up,
+# printing the minor page faults they took. "hold": `hold_freed_heap`; "low": glibc's starting thresholds (128 KiB)
+# fixed, a malloc that hands every large free back to the OS (its adaptive default does so in some processes).
 _REFAULT_PROBE = """
-import resource, sys
+import ctypes, resource, sys
 import torch
 from detector import memory
 if sys.argv[1] == "hold":
     assert memory.hold_freed_heap()
+else:
+    libc = ctypes.CDLL(None)
+    assert libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024)
 def step():
     blocks = [torch.empty(4 * 2**20).fill_(1.0) for _ in range(16)]
     del blocks
-step()
-step()
+for _ in range(4):
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
     step()
@@ -57,13 +61,21 @@ def _refaults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux's fault counters")
-def test_a_held_heap_gives_a_freed_block_back_without_faulting_it_in_again() -> None:
-    """In a fresh process (the setting is process-wide and permanent): by glibc's adaptive default the 256 MiB a
-    step frees at the heap's top is handed back to the OS and faulted in again, zero-filled, by a later step
-    (65,536 pages in one to all three rounds, from run to run); held, every step reuses it."""
+def test_a_held_heap_gives_a_step_its_freed_memory_back_without_faulting_it_in_again() -> None:
+    """In fresh processes (the setting is process-wide and permanent): where freed memory goes back to the OS, each
+    step faults its 256 MiB in again, zero-filled (65,536 pages); held, the steps reuse it."""
     pages_per_step = 16 * 16 * 2**20 // 4096
-    assert _refaults("default") > pages_per_step // 2
+    assert _refaults("low") > 2 * pages_per_step
     assert _refaults("hold") < pages_per_step // 16
+
+
+def test_hold_freed_heap_fixes_both_thresholds(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(memory, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    assert memory.hold_freed_heap()
+    assert calls == [(-3, 32 * 2**20), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    monkeypatch.setattr(memory, "_MALLOPT", None)  # no glibc: nothing to set
+    assert not memory.hold_freed_heap()
 
 
 def test_the_trainer_holds_the_heap_of_the_process_that_trains(monkeypatch) -> None:
