@@ -91,10 +91,10 @@ def hold_freed_heap() -> bool:
     OS and faulting it in again, zero-filled, on the next allocation (glibc `mallopt`: a fixed 32 MiB mmap
     threshold and a 2 GiB trim threshold; a no-op elsewhere). Returns whether it was applied.
 
-    With glibc's default, adaptive thresholds a CPU training step of the default model (batch 16 at 256 px) faulted
-    in 200 MB of fresh pages every step: 52,000 minor faults, 0.09 s of system time and about a fifth of the
-    step's CPU time (README, Benchmarks). Held, the step faults in nothing and the resident memory stays at the
-    peak that every step reaches anyway. It is process-wide, so the trainer sets it for the process that trains;
+    With glibc's default, adaptive thresholds a CPU training step of the default model (batch 16 at 256 px)
+    faulted in 180-200 MB of fresh pages every step in some processes (46,500 minor faults: 405 against 365 ms a
+    step) and none in others, by where its first frees fell (README, Benchmarks). Held, no step faults in anything,
+    in every process, and the resident memory stays at the peak that every step reaches anyway. It is process-wide, so the trainer sets it for the process that trains;
     forked data workers inherit it and still hand their heap back on their own (`trim_heap`)."""
     if _MALLOPT is None:
         return False
