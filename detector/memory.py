@@ -94,11 +94,13 @@ def hold_freed_heap() -> bool:
     With glibc's default, adaptive thresholds a CPU training step of the default model (batch 16 at 256 px)
     faulted in 180-200 MB of fresh pages every step in some processes (46,500 minor faults: 405 against 365 ms a
     step) and none in others, by where its first frees fell (README, Benchmarks). Held, no step faults in anything,
-    in every process, and the resident memory stays at the peak that every step reaches anyway. It is process-wide, so the trainer sets it for the process that trains;
-    forked data workers inherit it and still hand their heap back on their own (`trim_heap`)."""
+    in every process, and the resident memory stays at the peak that every step reaches anyway. It is
+    process-wide, so the trainer sets it for the process that trains; forked data workers inherit it and still
+    hand their heap back on their own (`trim_heap`)."""
     if _MALLOPT is None:
         return False
-    return bool(_MALLOPT(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD)) and bool(_MALLOPT(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD))
+    mmap_set = bool(_MALLOPT(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD))
+    return bool(_MALLOPT(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD)) and mmap_set
 
 
 def trim_heap() -> None:
@@ -108,7 +110,7 @@ def trim_heap() -> None:
     time; glibc raises its mmap threshold after the first frees, serves them from the heap, and keeps the freed
     pages resident: a worker's private memory grew by 0.4-1.4 GB in 300 batches at imgsz 640 (the README's
     COCO-scale benchmark), whatever the dataset's layout. Trimming every few dozen samples keeps it near its working set at no
-    measurable cost; a fixed mmap threshold did too but cost 20-40% of the loader's images/s in page faults.
+    measurable cost; a fixed low mmap threshold did too but cost 20-40% of the loader's images/s in page faults.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
