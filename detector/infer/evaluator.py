@@ -31,7 +31,7 @@ from detector.models.builder import inference_copy
 
 __all__ = ["EvalResult", "Evaluator", "detections_to_rows", "fitness", "save_results"]
 
-SAMPLES_DPI = 60  # the TensorBoard grid of `samples`: 240 px per image, about 0.26 MB per validation (PNG)
+SAMPLE_TILE_PX = 240  # each image of the TensorBoard grid of `samples` at this long side (a small PNG per validation)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -156,10 +156,10 @@ class Evaluator:
         metrics["speed_ms"] = {k: 1000 * v / len(image_ids) for k, v in totals.items()}
         sample = None
         if samples > 0:
-            from detector.viz.plots import figure_pixels, val_batch_figure
+            from detector.viz.draw import val_batch_grid
 
             images, targets, dets = first_batch
-            sample = figure_pixels(val_batch_figure(images, targets, dets, self.names, max_images=samples, dpi=SAMPLES_DPI))
+            sample = val_batch_grid(images, targets, dets, self.names, max_images=samples, tile_px=SAMPLE_TILE_PX)
         return EvalResult(
             metrics=metrics, rows=rows, precision=precision, image_ids=image_ids, first_batch=first_batch, gt=self.gt,
             names=self.names, category_ids=self.category_ids.tolist(), sample=sample,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
-import functools
 import glob
 import logging
 import os
@@ -34,6 +33,7 @@ from detector.infer.coco_rows import coco_rows, detections_to_coco_results, writ
 from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
+from detector.viz.draw import font_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -200,23 +200,13 @@ def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str]) 
     colours = [class_colour(c) for c in classes]
     labels = [f"{names[c]} {score:.2f}" for c, score in zip(classes, det[:, 4].tolist())]
     ink = [(0, 0, 0) if sum(colour) > 380 else (255, 255, 255) for colour in colours]
-    size, font = max(image.shape[:2]), _font_file()
+    size, font = max(image.shape[:2]), font_file()
     pixels = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
     drawn = draw_bounding_boxes(
         pixels, det[:, :4], labels, colours, width=max(1, round(size / 320)), font=font,
         font_size=max(10, round(size / 50)) if font else None, label_colors=ink, fill_labels=True,
     )
     return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy())  # a no-op: the drawn tensor is an HWC array's view
-
-
-@functools.cache
-def _font_file() -> str | None:
-    """A TrueType font that ships with matplotlib (DejaVu Sans), so labels scale with the image; None (PIL's
-    fixed-size default font) where it is missing."""
-    import matplotlib
-
-    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    return str(path) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- a source

@@ -1,5 +1,6 @@
 """Validation plots: PR curves at IoU 0.5, a normalized confusion matrix, a val batch with GT and predictions
-(saved in plots/, and rendered for TensorBoard at each validation of a training).
+(saved in plots/; the batch is drawn by `draw.val_batch_grid`, which also renders it for TensorBoard at each
+validation of a training).
 
 Matplotlib through its object API on the Agg canvas (no pyplot, no global backend switch), so plotting works
 headless and never touches a user's interactive state.
@@ -8,13 +9,16 @@ headless and never touches a user's interactive state.
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from PIL import Image
 from pycocotools.coco import COCO
 from torchvision.ops import box_iou
+
+from detector.viz.draw import val_batch_grid
 
 # Confusion-matrix operating point (a deployment-like threshold, not the 0.001 used for mAP).
 CONFUSION_CONF = 0.25
@@ -148,51 +152,9 @@ def plot_val_batch(
     max_images: int = 16,
     conf: float = CONFUSION_CONF,
 ) -> None:
-    """`val_batch_figure` saved to `path`."""
-    _save(val_batch_figure(images, targets, detections, names, max_images=max_images, conf=conf), path)
-
-
-def val_batch_figure(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    detections: list[torch.Tensor],
-    names: list[str],
-    *,
-    max_images: int = 16,
-    conf: float = CONFUSION_CONF,
-    dpi: int = 100,
-) -> Figure:
-    """Letterboxed batch images (uint8 (B, 3, H, W)) with GT (green, targets rows [b, class, cx, cy, w, h]
-    normalized) and detections (red, (K, 6) in input pixels, score >= conf) drawn, in a grid."""
-    count = min(len(images), max_images)
-    cols = int(np.ceil(np.sqrt(count)))
-    rows_n = int(np.ceil(count / cols))
-    fig = Figure(figsize=(4 * cols, 4 * rows_n), dpi=dpi)
-    height, width = images.shape[2:]
-    targets = targets.cpu().numpy()
-    for i in range(count):
-        ax = fig.add_subplot(rows_n, cols, i + 1)
-        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
-        ax.set_axis_off()
-        for _, c, cx, cy, w, h in targets[targets[:, 0] == i]:
-            box = np.array([cx - w / 2, cy - h / 2, w, h]) * [width, height, width, height]
-            ax.add_patch(Rectangle(box[:2], box[2], box[3], fill=False, edgecolor="lime", linewidth=1))
-            ax.text(box[0], box[1], names[int(c)], color="black", fontsize=6, backgroundcolor="lime", va="bottom", clip_on=True)
-        det = detections[i].cpu().numpy()
-        for x1, y1, x2, y2, score, c in det[det[:, 4] >= conf]:
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=1))
-            ax.text(x1, y2, f"{names[int(c)]} {score:.2f}", color="white", fontsize=6, backgroundcolor="red", va="top", clip_on=True)
-    fig.suptitle("ground truth (green) and predictions with score >= %.2f (red)" % conf)
-    return fig
-
-
-def figure_pixels(fig: Figure) -> torch.Tensor:
-    """A figure rendered on the Agg canvas as uint8 (3, H, W), e.g. for TensorBoard (without pyplot, unlike
-    SummaryWriter.add_figure)."""
-    canvas = FigureCanvasAgg(fig)
-    fig.tight_layout()
-    canvas.draw()
-    return torch.from_numpy(np.asarray(canvas.buffer_rgba())[..., :3].copy()).permute(2, 0, 1)
+    """`draw.val_batch_grid` (GT green, detections with score >= conf red) saved to `path` at the batch's size."""
+    grid = val_batch_grid(images, targets, detections, names, max_images=max_images, conf=conf)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, quality=90)
 
 
 def _to_class(ids: np.ndarray, category_ids: list[int]) -> np.ndarray:
