@@ -116,3 +116,30 @@ def test_only_the_best_candidates_enter_nms() -> None:
     (out,) = non_max_suppression(pred, conf=0.001, iou=0.5, max_det=n)
     assert len(out) == postprocess.MAX_CANDIDATES
     assert out[:, 4].min() == pytest.approx(float(pred[0, postprocess.MAX_CANDIDATES - 1, 5]))
+
+
+def test_images_suppressed_side_by_side_on_the_torch_threads_give_the_same_boxes(monkeypatch) -> None:
+    from detector.infer import postprocess
+
+    torch.manual_seed(1)
+    pred = torch.rand(5, 600, 5 + 3)
+    pred[..., :2] *= 300
+    pred[..., 2:4] = pred[..., 2:4] * 40 + 4
+    pools = []
+
+    class RecordingPool(postprocess.ThreadPoolExecutor):
+        def __init__(self, workers: int) -> None:
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(postprocess, "ThreadPoolExecutor", RecordingPool)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = non_max_suppression(pred, conf=0.01, iou=0.5, max_det=300)
+        torch.set_num_threads(2)
+        side_by_side = non_max_suppression(pred, conf=0.01, iou=0.5, max_det=300)
+    finally:
+        torch.set_num_threads(threads)
+    assert pools == [2]  # one thread: no pool; two: one pool of two
+    assert len(alone) == 5 and all(torch.equal(a, b) and len(a) > 50 for a, b in zip(alone, side_by_side))
