@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 GT_COLOUR = (0, 255, 0)  # ground truth, labelled with the class name
@@ -55,7 +56,7 @@ def val_batch_grid(
             image = F.interpolate(image[None].float(), size=size, mode="area").round().clamp(0, 255).byte()[0]
         h, w = image.shape[1:]
         gt = targets[targets[:, 0] == i].cpu().float()
-        gt_xyxy = torch.cat([gt[:, 2:4] - gt[:, 4:6] / 2, gt[:, 2:4] + gt[:, 4:6] / 2], 1) * torch.tensor([w, h, w, h])
+        gt_xyxy = box_convert(gt[:, 2:6], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
         det = detections[i].cpu()
         det = det[det[:, 4] >= conf]
         gt_labels = [names[int(c)] for c in gt[:, 1].tolist()]
