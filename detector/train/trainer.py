@@ -10,6 +10,7 @@ and RNG states; the LR is a pure function of (epoch, iteration), so it needs no 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -355,14 +356,21 @@ class Trainer:
                 epoch += 1
             if self.dist.is_main:
                 self._finish()
+            barrier(self.dist)  # every rank leaves the group together, none while rank 0 still writes its results
             return metrics
         finally:
             self.close()
 
     def close(self) -> None:
-        """Close the run's logs and leave the process group (fit's last step, also after a failure)."""
+        """Close the run's logs and leave the process group (fit's last step, also after a failure).
+
+        The DDP wrapper holds the process group: it goes first, so that the group's threads end inside
+        `destroy_process_group` rather than at interpreter exit (where gloo can abort the process)."""
         if self.logger is not None:
             self.logger.close()
+        if self.dist.enabled and hasattr(self, "train_model"):
+            self.train_model = self.model
+            gc.collect()
         shutdown(self.dist)
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
