@@ -69,9 +69,20 @@ def non_max_suppression(
 
 def _suppress(found: torch.Tensor, *, iou: float, max_det: int, agnostic: bool) -> torch.Tensor:
     """NMS within one image's candidates (K, 6); one call per image keeps torchvision's per-class fallback
-    (used above a few thousand boxes) linear in the candidates of that image rather than of the whole batch."""
+    (used above a few thousand boxes) linear in the candidates of that image rather than of the whole batch.
+
+    Greedy NMS decides a box by the higher-scoring boxes alone, so the survivors among the top n candidates are
+    the first survivors of all of them: once a prefix yields `max_det`, the rest cannot change the answer. The
+    prefix grows from 2 x max_det by 4x; a barely trained model, whose thousands of weak boxes rarely overlap,
+    stops at the first (1.0 against 5.2 ms an image for 5,000 candidates at 256 px on one core)."""
     if len(found) > MAX_CANDIDATES:
-        found = found[found[:, 4].topk(MAX_CANDIDATES).indices]
+        found = found[found[:, 4].topk(MAX_CANDIDATES).indices]  # sorted by decreasing score
+    else:
+        found = found[found[:, 4].argsort(descending=True)]
     groups = torch.zeros_like(found[:, 5]) if agnostic else found[:, 5]
-    keep = batched_nms(found[:, :4], found[:, 4], groups, iou)  # sorted by decreasing score
-    return found[keep[:max_det]]
+    prefix = 2 * max_det
+    while True:
+        keep = batched_nms(found[:prefix, :4], found[:prefix, 4], groups[:prefix], iou)  # sorted by decreasing score
+        if len(keep) >= max_det or prefix >= len(found):
+            return found[keep[:max_det]]
+        prefix *= 4

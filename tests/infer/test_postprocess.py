@@ -104,6 +104,36 @@ def test_matches_a_per_image_per_class_reference() -> None:
         assert torch.all(out[b][:-1, 4] >= out[b][1:, 4])  # sorted by score
 
 
+@pytest.mark.parametrize(("max_det", "clustered_scores"), [(5, False), (40, True), (150, True)])
+def test_max_det_keeps_the_first_survivors_of_nms_over_every_candidate(max_det: int, clustered_scores: bool) -> None:
+    """NMS runs on a score-ordered prefix of the candidates, grown until it yields max_det: the result must be
+    the top max_det of NMS over all of them. 60 objects of 40 near-duplicates each in 2 classes; when an object's
+    duplicates share its score level, the first prefix holds a few objects only and must grow."""
+    from detector.infer import postprocess
+
+    torch.manual_seed(2)
+    pred = torch.zeros(1, 60 * 40, 5 + 2)
+    pred[0, :, :2] = (torch.rand(60, 2) * 400).repeat_interleave(40, 0) + torch.randn(2400, 2)
+    pred[0, :, 2:4] = 30 + torch.rand(2400, 2) * 4
+    pred[0, :, 4] = 1.0
+    pred[0, :, 5:] = torch.rand(2400, 2)
+    if clustered_scores:
+        pred[0, :, 5:] = torch.rand(60, 2).repeat_interleave(40, 0) * 0.9 + pred[0, :, 5:] * 0.05
+    (out,) = non_max_suppression(pred, conf=0.01, iou=0.5, max_det=max_det)
+
+    rows = pred[0]
+    scores, cls = torch.cat((rows[:, 5], rows[:, 6])), torch.arange(2).repeat_interleave(2400)
+    boxes = box_convert(rows[:, :4], "cxcywh", "xyxy").repeat(2, 1)
+    keep = scores > 0.01
+    boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
+    first = scores.argsort(descending=True)[: 2 * max_det]
+    grew = len(postprocess.batched_nms(boxes[first], scores[first], cls[first], 0.5)) < max_det
+    assert grew == clustered_scores
+    full = postprocess.batched_nms(boxes, scores, cls, 0.5)[:max_det]
+    assert len(full) == max_det or max_det == 150 and len(full) > 100
+    assert torch.equal(out[:, :4], boxes[full]) and torch.equal(out[:, 4], scores[full])
+
+
 def test_only_the_best_candidates_enter_nms() -> None:
     """Above MAX_CANDIDATES pairs in an image, the highest-scoring ones are kept: NMS cost stays bounded early on."""
     from detector.infer import postprocess
