@@ -1,11 +1,14 @@
 """This machine's memory, for the checks that refuse work which cannot fit before it is allocated; a process's
 memory as Linux reports it (RSS, USS); handing a worker's freed heap back to the OS, and keeping a training
-process's."""
+process's; keeping the garbage collector off the long-lived objects while a burst of short-lived ones is made."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +129,22 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     except OSError:
         pass
     return 0
+
+
+@contextlib.contextmanager
+def collector_skips_live_objects() -> Iterator[None]:
+    """Inside, Python's cyclic garbage collector leaves every object alive at entry alone (`gc.freeze`); on exit
+    they return to its oldest generation (`gc.unfreeze`), so nothing is kept from collection for longer.
+
+    Why: COCO scoring makes a dict per detection (45,000 for the hard set's 150 val images from a barely trained
+    model), and the full collections those allocations trigger walk every object in the process: 400,000 after
+    importing torch, more in a trainer. There, scoring took 0.20 s to build its dicts instead of 0.05 s frozen. A
+    no-op where objects are frozen already (unfreezing them is their freezer's call)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -88,3 +88,47 @@ def test_the_trainer_holds_the_heap_of_the_process_that_trains(monkeypatch) -> N
     with pytest.raises(RuntimeError, match="stop"):
         trainer.build()
     assert calls == [1]
+
+
+class _Node:
+    """A gc-tracked object that can be weakly referenced."""
+
+
+def test_collector_skips_the_objects_alive_at_entry_and_takes_them_back_on_exit() -> None:
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+    gc.disable()  # no automatic collection between making the garbage cycle and entering
+    try:
+        node = _Node()
+        node.self = node  # a cycle: only the cyclic collector frees it
+        alive = weakref.ref(node)
+        del node
+        with memory.collector_skips_live_objects():
+            assert gc.get_freeze_count() > 0
+            made_inside = _Node()
+            made_inside.self = made_inside
+            inside = weakref.ref(made_inside)
+            del made_inside
+            gc.collect()
+            assert alive() is not None  # frozen at entry: left alone
+            assert inside() is None  # made inside: collected as usual
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert alive() is None  # back in the collector's care
+    finally:
+        gc.enable()
+
+
+def test_collector_leaves_objects_frozen_by_someone_else_frozen() -> None:
+    import gc
+
+    gc.freeze()
+    try:
+        count = gc.get_freeze_count()
+        with memory.collector_skips_live_objects():
+            assert gc.get_freeze_count() == count
+        assert gc.get_freeze_count() == count
+    finally:
+        gc.unfreeze()

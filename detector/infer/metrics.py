@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from detector.errors import DetectorError
+from detector.memory import collector_skips_live_objects
 from detector.infer.coco_rows import coco_results_to_detections, detections_to_coco_results
 from detector.viz.tables import format_table
 
@@ -67,8 +68,8 @@ def evaluate_coco(
     cat_ids = sorted(gt.getCatIds())
     _check_ids(det, image_ids, gt, cat_ids)
 
-    results = _results_dataset(gt, det)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+    with collector_skips_live_objects(), contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        results = _results_dataset(gt, det)
         if backend == "faster":
             coco_eval = _faster_eval(gt, results)
         else:

@@ -195,6 +195,33 @@ def test_faster_backend_equals_pycocotools() -> None:
     assert all(empty[k] == 0.0 for k in COCO_KEYS)
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_scoring_keeps_the_collector_off_the_objects_alive_before_it(backend: str) -> None:
+    """A dict per detection triggers collections; each must skip the process's long-lived objects (in a trainer,
+    walking them cost 0.15 s a validation) and they must be collectable again afterwards."""
+    import gc
+
+    if backend == "faster":
+        pytest.importorskip("faster_coco_eval")
+    rng = np.random.default_rng(0)
+    det = np.column_stack([rng.choice([1, 2, 3, 4], 5000), rng.uniform(0, 300, (5000, 4)), rng.random(5000),
+                           rng.choice([3, 7, 11], 5000)])
+    frozen_at_collections: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            frozen_at_collections.append(gc.get_freeze_count())
+
+    assert gc.get_freeze_count() == 0
+    gc.callbacks.append(record)
+    try:
+        evaluate_coco(gt_coco(), det, backend=backend)
+    finally:
+        gc.callbacks.remove(record)
+    assert len(frozen_at_collections) > 5 and min(frozen_at_collections) > 10_000
+    assert gc.get_freeze_count() == 0
+
+
 def test_auto_backend_is_faster_coco_eval_when_installed(monkeypatch) -> None:
     import importlib.util
 
