@@ -76,12 +76,15 @@ class Assignment(NamedTuple):
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Elementwise IoU of broadcastable xyxy boxes (..., 4) and (..., 4) -> (...)."""
-    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
-    area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    """Elementwise IoU of broadcastable xyxy boxes (..., 4) and (..., 4) -> (...). Coordinate by coordinate: on
+    the assignment's (M, K) pairs an op over x and y together ((M, K, 2) against (M, 1, 2)) ran 3-4x slower on
+    CPU than two over (M, K) planes."""
+    ax1, ay1, ax2, ay2 = boxes1.unbind(-1)
+    bx1, by1, bx2, by2 = boxes2.unbind(-1)
+    inter_w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+    inter = inter_w * (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    area1 = (ax2 - ax1) * (ay2 - ay1)
+    area2 = (bx2 - bx1) * (by2 - by1)
     return inter / (area1 + area2 - inter + _EPS)
 
 
@@ -91,15 +94,26 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
 
 
+def gather_priors(priors: Priors, rows: Tensor) -> Priors:
+    """Each target's own prior rows (M, K, ...), by one gather of the three tables side by side (a 5-column
+    index_select took 0.9 ms on the hard set's (148, 4872) rows, three separate ones 2.0 ms)."""
+    cell, anchor, stride = gather_rows(torch.cat(priors, -1), rows).split((2, 2, 1), -1)
+    return Priors(cell, anchor, stride)
+
+
 def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
     """(M, K) anchors a target may take: cell centre inside the box or cell holding its centre, shape in range.
-    `priors` hold one row per anchor (N, ...) shared by every target, or each target's own rows (M, K, ...)."""
-    centre = (priors.cell + 0.5) * priors.stride  # (N or M x K, 2) px
-    inside = ((centre > gt_xyxy[:, None, :2]) & (centre < gt_xyxy[:, None, 2:])).all(-1)
-    gt_centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
-    own_cell = (torch.floor(gt_centre[:, None] / priors.stride) == priors.cell).all(-1)
-    ratio = (gt_xyxy[:, None, 2:] - gt_xyxy[:, None, :2]) / priors.anchor  # (M, N or K, 2)
-    shape_ok = torch.maximum(ratio, ratio.reciprocal()).amax(-1) < anchor_t
+    `priors` hold one row per anchor (N, ...) shared by every target, or each target's own rows (M, K, ...).
+    Computed on x and y planes, as `pairwise_iou` is."""
+    cell_x, cell_y = priors.cell.unbind(-1)
+    anchor_w, anchor_h = priors.anchor.unbind(-1)
+    stride = priors.stride[..., 0]
+    gx1, gy1, gx2, gy2 = (c[:, None] for c in gt_xyxy.unbind(-1))
+    centre_x, centre_y = (cell_x + 0.5) * stride, (cell_y + 0.5) * stride  # px
+    inside = (centre_x > gx1) & (centre_x < gx2) & (centre_y > gy1) & (centre_y < gy2)
+    own_cell = (torch.floor((gx1 + gx2) / 2 / stride) == cell_x) & (torch.floor((gy1 + gy2) / 2 / stride) == cell_y)
+    ratio_w, ratio_h = (gx2 - gx1) / anchor_w, (gy2 - gy1) / anchor_h
+    shape_ok = torch.maximum(torch.maximum(ratio_w, ratio_w.reciprocal()), torch.maximum(ratio_h, ratio_h.reciprocal())) < anchor_t
     return (inside | own_cell) & shape_ok
 
 
@@ -162,7 +176,7 @@ def assign_aligned(
     if rows is None:
         rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
     else:
-        priors = Priors(*(gather_rows(p, rows) for p in priors))
+        priors = gather_priors(priors, rows)
     flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], gather_rows(pred_xyxy.reshape(-1, 4), flat))
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
@@ -266,8 +280,8 @@ class AlignedLoss:
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy, gt_image, gt_cls, gt_xyxy,
                                   priors, rows=rows, static=self.static, **self.assign_kw)
 
-        owner = assigned.target.clamp(min=0)
-        cls_target = F.one_hot(gt_cls[owner] if len(gt_cls) else owner, head.nc).float() * assigned.score[..., None]
+        owner_cls = gt_cls[assigned.target.clamp(min=0)] if len(gt_cls) else torch.zeros_like(assigned.target)
+        cls_target = torch.zeros_like(cls_logits).scatter_(-1, owner_cls[..., None], assigned.score[..., None])
         norm = assigned.score.sum().clamp(min=1.0)
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, cls_target, reduction="sum") / norm
 
