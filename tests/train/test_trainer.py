@@ -204,6 +204,23 @@ def test_torchrun_two_processes_gloo(tiny_data: Path, tmp_path: Path):
     assert load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")["epoch"] == 0
 
 
+def test_close_drops_the_ddp_wrapper_before_leaving_the_process_group(monkeypatch: pytest.MonkeyPatch):
+    """The DDP wrapper holds the process group: leaving the group while it lives left gloo's threads to end at
+    interpreter exit, where one rank once aborted ('terminate called without an active exception')."""
+    import detector.train.trainer as trainer_module
+    from detector.runtime.distributed import DistInfo
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.logger = None
+    trainer.dist = DistInfo(rank=1, world_size=2)
+    trainer.model = torch.nn.Linear(2, 2)
+    trainer.train_model = torch.nn.Sequential(trainer.model)  # stands in for DistributedDataParallel(model)
+    wrapped_at_shutdown = []
+    monkeypatch.setattr(trainer_module, "shutdown", lambda dist: wrapped_at_shutdown.append(trainer.train_model is not trainer.model))
+    trainer.close()
+    assert wrapped_at_shutdown == [False]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-v5head"])
 def test_overfits_eight_images(tmp_path: Path, model: str):
