@@ -18,8 +18,8 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from detector.errors import DetectorError
-from detector.memory import collector_skips_live_objects
 from detector.infer.coco_rows import coco_results_to_detections, detections_to_coco_results
+from detector.memory import collector_skips_live_objects
 from detector.viz.tables import format_table
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

@@ -113,8 +113,8 @@ def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
     inside = (centre_x > gx1) & (centre_x < gx2) & (centre_y > gy1) & (centre_y < gy2)
     own_cell = (torch.floor((gx1 + gx2) / 2 / stride) == cell_x) & (torch.floor((gy1 + gy2) / 2 / stride) == cell_y)
     ratio_w, ratio_h = (gx2 - gx1) / anchor_w, (gy2 - gy1) / anchor_h
-    shape_ok = torch.maximum(torch.maximum(ratio_w, ratio_w.reciprocal()), torch.maximum(ratio_h, ratio_h.reciprocal())) < anchor_t
-    return (inside | own_cell) & shape_ok
+    misfit = torch.maximum(torch.maximum(ratio_w, ratio_w.reciprocal()), torch.maximum(ratio_h, ratio_h.reciprocal()))
+    return (inside | own_cell) & (misfit < anchor_t)
 
 
 def window_sizes(anchors_px: Sequence[Sequence[Sequence[float]]], strides: Sequence[float],
