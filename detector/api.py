@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from detector import memory
 from detector.config import build_options, load_train_config
 
 from detector.models.catalog import resolve_model_path
@@ -141,9 +142,11 @@ class Detector:
         """`detector val`: COCO metrics (the 12 COCO keys, per_class, speed_ms) of this Detector's model, with the
         command's keys as a ValOptions or as keywords (`det.val(data="x.yaml", iou=0.65)`). `data` '' means the
         dataset the checkpoint was trained on, `imgsz` 0 its training size; metrics.json, predictions.json and
-        plots/ go to runs/val/<name>. `opts.weights` is not read: the Detector's own model is evaluated."""
+        plots/ go to runs/val/<name>. `opts.weights` is not read: the Detector's own model is evaluated. The
+        process keeps the memory each batch frees for the next (`memory.hold_freed_heap`), as training does."""
         from detector.infer.evaluator import Evaluator, save_results
 
+        memory.hold_freed_heap()
         opts = _options(ValOptions, opts, options, "Detector.val()")
         save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
         device = self._to(opts.device)
@@ -172,11 +175,13 @@ class Detector:
         A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
         last. `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
-        a long video; images are predicted at once all the same).
+        a long video; images are predicted at once all the same). The process keeps the memory each batch frees
+        for the next (`memory.hold_freed_heap`: a batch of 32 at 256 px re-faulted 20,000-26,000 pages without it).
         """
         from detector.infer.predictor import Predictor
         from detector.infer.video import is_video_source
 
+        memory.hold_freed_heap()
         given = images if isinstance(images, PredictOptions) else None
         opts = _options(PredictOptions, given, options, "Detector.predict()")
         source = opts.source if given is not None or images is None else images

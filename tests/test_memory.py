@@ -132,3 +132,19 @@ def test_collector_leaves_objects_frozen_by_someone_else_frozen() -> None:
         assert gc.get_freeze_count() == count
     finally:
         gc.unfreeze()
+
+
+def test_val_and_predict_hold_the_heap_of_their_process(monkeypatch, tmp_path: Path) -> None:
+    import numpy as np
+
+    from detector import api
+    from detector.errors import DetectorError
+
+    calls = []
+    monkeypatch.setattr(api.memory, "hold_freed_heap", lambda: calls.append(1) or True)
+    detector = api.Detector("yolo-ca-n", device="cpu")
+    detector.predict(np.zeros((64, 64, 3), dtype=np.uint8), imgsz=64)
+    assert calls == [1]
+    with pytest.raises(DetectorError, match="missing.yaml"):  # held before the data is even read
+        detector.val(data=str(tmp_path / "missing.yaml"), project=str(tmp_path))
+    assert calls == [1, 1]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from detector import memory
 from detector.errors import DetectorError
 from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.options import BenchValOptions
@@ -30,6 +31,7 @@ def main(opts: BenchValOptions) -> None:
     """Print the pipeline table, then the metric table (`opts` already checked, e.g. by `load_options`)."""
     if not opts.imgsz:
         raise DetectorError("bench val: 'imgsz' is empty")
+    memory.hold_freed_heap()  # as `detector val` does
     with tempfile.TemporaryDirectory() as tmp:
         if opts.data:
             data = Path(opts.data)
