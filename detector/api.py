@@ -176,7 +176,7 @@ class Detector:
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
         last. `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
         a long video; images are predicted at once all the same). The process keeps the memory each batch frees
-        for the next (`memory.hold_freed_heap`: a batch of 32 at 256 px re-faulted 20,000-26,000 pages without it).
+        for the next (`memory.hold_freed_heap`: a batch of 32 at 256 px re-faulted 20,000-56,000 pages without it).
         """
         from detector.infer.predictor import Predictor
         from detector.infer.video import is_video_source
