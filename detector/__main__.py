@@ -1,5 +1,5 @@
 """`python -m detector ...` (and `torchrun -m detector ...`) run the CLI."""
 
-from detector.cli import main
+from detector.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -5,6 +5,7 @@ Bad input exits with status 2 and one line naming the file, key or row; `--verbo
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -195,3 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"detector {name}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def run() -> int:
+    """The program's entry (the `detector` console script, `python -m detector`, `torchrun -m detector`): `main`,
+    then its objects frozen out of the garbage collector, so the interpreter's exit skips the collections that would
+    walk torch's and the run's object graph (measured: 1.0 s -> 0.35 s from the last log line to the exit of a
+    training run, the Sapphire Rapids Xeon). Everything else of a normal exit still runs: threads are joined,
+    `atexit` handlers and finalizers run, files are flushed. Tests call `main`, which leaves the collector as it is."""
+    code = main()
+    gc.freeze()
+    return code

@@ -29,3 +29,26 @@ def test_bad_key_is_one_line_without_traceback():
     assert proc.stderr.strip().splitlines() == ["detector train: error: command line: unknown key 'epohcs' (did you mean 'epochs'?)"]
     verbose = subprocess.run([sys.executable, "-m", "detector", "train", "epohcs=3", "--verbose"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_run_freezes_the_collector_after_main(monkeypatch, capsys):
+    import gc
+
+    from detector.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["detector", "trian"])
+    before = gc.get_freeze_count()
+    try:
+        assert run() == 2  # main's status is passed on
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_program_exit_still_runs_atexit_handlers_and_flushes():
+    code = ("import atexit, sys; atexit.register(lambda: print('atexit ran', flush=True)); sys.argv = ['detector']; "
+            "from detector.cli import run; raise SystemExit(run())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0
+    assert "commands:" in proc.stdout and proc.stdout.rstrip().endswith("atexit ran")

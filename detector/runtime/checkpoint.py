@@ -26,12 +26,15 @@ config (`detector.train.optim.LRSchedule`), so the epoch is all a resume needs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
 import random
+import shutil
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -81,23 +84,43 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     raises DetectorError naming the path, the error and the size being written. A value that
     `weights_only=True` could not read back raises TypeError before anything is written.
     """
-    path = Path(path)
     nbytes = _check_plain(state, "checkpoint")
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with _replaced_atomically(Path(path), f"while writing about {nbytes / 2**20:.1f} MiB") as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def copy_checkpoint(source: Path, path: Path) -> None:
+    """Make `path` hold what the checkpoint `source` holds, as atomically as `save_checkpoint` writes it, without
+    serializing it again (best.pt after last.pt: about 0.1 s an epoch for a nano model's 41 MiB).
+
+    A hard link where the filesystem has them: no byte is written, and sharing the file is safe because every
+    save replaces a name with a new file and none writes into an existing one. Elsewhere a copy, fsynced."""
+    source = Path(source)
+    with _replaced_atomically(Path(path), f"from {source}") as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: Path, context: str) -> Iterator[Path]:
+    """A temporary path to fill; on success it replaces `path` (the rename made durable), on any error it is removed
+    and `path` is left as it was. An OSError becomes a DetectorError naming the path, the reason and `context`."""
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
         reason = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
-        raise DetectorError(
-            f"{path}: cannot write checkpoint ({reason}) while writing about {nbytes / 2**20:.1f} MiB; "
-            f"any previous {path.name} is left intact"
-        ) from err
+        raise DetectorError(f"{path}: cannot write checkpoint ({reason}) {context}; any previous {path.name} is left intact") from err
     finally:
         tmp.unlink(missing_ok=True)
 

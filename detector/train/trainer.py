@@ -581,12 +581,12 @@ class Trainer:
         }
 
     def _save(self, epoch: int, *, is_best: bool) -> None:
-        state = self._checkpoint(epoch)
-        ckpt_io.save_checkpoint(self.weights_dir / "last.pt", state)
+        last = self.weights_dir / "last.pt"
+        ckpt_io.save_checkpoint(last, self._checkpoint(epoch))
         if is_best:
-            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", state)
+            ckpt_io.copy_checkpoint(last, self.weights_dir / "best.pt")
         if self.cfg.save_period > 0 and (epoch + 1) % self.cfg.save_period == 0:
-            ckpt_io.save_checkpoint(self.weights_dir / f"epoch{epoch + 1}.pt", state)
+            ckpt_io.copy_checkpoint(last, self.weights_dir / f"epoch{epoch + 1}.pt")
 
     def _finish(self) -> None:
         if not (self.weights_dir / "best.pt").exists():

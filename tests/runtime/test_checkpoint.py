@@ -158,6 +158,40 @@ def test_temp_file_of_a_killed_writer_is_removed(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
+def test_copy_is_the_same_checkpoint_and_outlives_the_next_save(tmp_path: Path) -> None:
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    ck.save_checkpoint(last, _state(epoch=3))
+    ck.copy_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes()
+    ck.save_checkpoint(last, _state(epoch=4))  # replaces last.pt's name: the shared file stays best.pt's
+    assert ck.load_checkpoint(best)["epoch"] == 3 and ck.load_checkpoint(last)["epoch"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_copy_without_hard_links_writes_a_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    ck.save_checkpoint(last, _state(epoch=2))
+    monkeypatch.setattr(os, "link", _raises(OSError(errno.EPERM, os.strerror(errno.EPERM))))  # e.g. FAT, some network shares
+    ck.copy_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes() and best.stat().st_ino != last.stat().st_ino
+    assert ck.load_checkpoint(best)["epoch"] == 2
+
+
+def test_copy_failure_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    best = tmp_path / "best.pt"
+    ck.save_checkpoint(best, _state(epoch=1))
+    with pytest.raises(DetectorError) as info:
+        ck.copy_checkpoint(tmp_path / "gone.pt", best)
+    assert str(info.value).startswith(f"{best}: cannot write checkpoint (No such file or directory) from {tmp_path / 'gone.pt'}")
+    assert ck.load_checkpoint(best)["epoch"] == 1 and os.listdir(tmp_path) == ["best.pt"]
+
+
+def _raises(exc: BaseException):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
 def test_non_plain_value_is_refused_before_writing(tmp_path: Path) -> None:
     state = _state()
     state["train_state"]["best_fitness"] = np.float64(0.5)  # would be pickled as a numpy object

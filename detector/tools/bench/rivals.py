@@ -10,7 +10,8 @@ json exported by our own `detector.data.yolo_txt`.
 Output folder `<project>/<name>/`: yolo/ (the export), one folder per rival with its `result.json` (a rival whose
 result.json exists is not run again; `force=true` reruns), and results.json + results.md with the table.
 Train wall time is the training alone, per-epoch validation included: Ultralytics' `model.train()` call, our whole
-`detector train` process (a few seconds of start-up more); images/s is epochs x train images / that time.
+`detector train` process (a few seconds of start-up more); images/s is epochs x train images / that time. Both
+sides train with plots off (Ultralytics' would download a font), so neither pays for drawing them.
 GFLOPs are one eval forward at imgsz counted by torch's FlopCounterMode on both sides; the ratio columns divide
 each side's images/s, and its images/s x GFLOPs (arithmetic per second), by the first Ultralytics side's, so one
 run prints the per-image and the per-FLOP speed-ups.
@@ -176,7 +177,8 @@ def run_ours(opts: RivalsOptions, ours_extra: list[str], folder: Path) -> dict[s
         else:
             shared = [f"data={opts.data}", f"epochs={opts.epochs}", f"imgsz={opts.imgsz}", f"batch={opts.batch}"]
             cmd = [*detector, "train", *shared, f"seed={opts.seed}", f"workers={opts.workers}", f"device={opts.device}",
-                   f"project={folder}", "name=train", "exist_ok=true", *([f"model={opts.model}"] if opts.model else []),
+                   f"project={folder}", "name=train", "exist_ok=true", "plots=false",
+                   *([f"model={opts.model}"] if opts.model else []),
                    *ours_extra]
         wall_s = run_command(cmd, env=env, log=log)
         params, gflops = model_size(best, opts.imgsz)

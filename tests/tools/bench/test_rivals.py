@@ -139,5 +139,5 @@ def test_our_commands_parse_with_our_own_options(tmp_path: Path, monkeypatch) ->
     rivals.run_ours(opts, extra, tmp_path / "ours")
     (train_cmd, val_cmd) = commands
     assert train_cmd[3] == "train" and val_cmd[3] == "val"
-    build_options(TrainConfig, parse_overrides(train_cmd[4:]), "rivals train")
+    assert build_options(TrainConfig, parse_overrides(train_cmd[4:]), "rivals train").plots is False  # as Ultralytics' side
     assert build_options(ValOptions, parse_overrides(val_cmd[4:]), "rivals val").workers == "auto"
