@@ -307,6 +307,10 @@ class DetectorDataLoader(DataLoader):
     instead of torch's multi-line "Caught DetectorError in DataLoader worker process 0 ..." wrapper, and whose
     stalled workers (timeout) and dead ones (killed, native crash) are a one-line error too, never a hung run."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._started: Iterator[dict[str, Any]] | None = None  # the iteration `start_workers` began
+
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch: the shuffle (sampler) and the augmentation (dataset) become functions of
         (seed, epoch) alone."""
@@ -314,8 +318,22 @@ class DetectorDataLoader(DataLoader):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
 
+    def start_workers(self) -> None:
+        """Fork the persistent workers now, while the process is small, rather than at the first iteration; the
+        batches they load meanwhile are the first iteration's.
+
+        Why: a forked worker shares the parent's pages copy-on-write, so every page of the parent's heap at the
+        fork is copied the first time the parent writes to it afterwards. The trainer's val loader used to fork
+        at the first validation, after an epoch had grown the (held) heap: its first batch took 0.84 s against
+        0.19 s (63,000 page faults against 250) and the next epoch 58,000 more faults (14,000) on the hard set
+        at 256 px. The next iteration is the one begun here, so set what it depends on (`set_epoch`) first.
+        Nothing to do without persistent workers."""
+        if self.num_workers > 0 and self.persistent_workers and self._started is None:
+            self._started = super().__iter__()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        iterator = super().__iter__()
+        iterator = self._started if self._started is not None else super().__iter__()
+        self._started = None
         while True:
             try:
                 batch = next(iterator)

@@ -309,6 +309,7 @@ class Trainer:
         precision = torch.float16 if self.device.type == "cuda" else self.amp_dtype
         self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device,
                                    precision=precision)
+        val_loader.start_workers()  # forked before training grows the heap they would share (see start_workers)
         self.logger = RunLogger(self.run_dir)
         if self.resume_ckpt is not None:
             self.logger.truncate_after(self.state.epoch)

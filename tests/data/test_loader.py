@@ -295,3 +295,25 @@ def test_auto_priority_is_idle_only_beside_a_model_on_the_cpu(priority, device, 
     assert resolve_worker_priority(priority, torch.device(device)) is idle
     with pytest.raises(DetectorError, match="worker_priority must be one of auto, idle, normal, got 'low'"):
         resolve_worker_priority("low", torch.device("cpu"))
+
+
+def _contents(loader) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    return [([m["image_id"] for m in b["meta"]], b["images"], b["targets"]) for b in loader]
+
+
+def test_started_workers_fork_before_the_first_iteration_and_change_no_batch(make_coco) -> None:
+    split = make_coco()
+    expected = _contents(build_val_loader(split, imgsz=64, batch_size=4, workers=0))
+    loader = build_val_loader(split, imgsz=64, batch_size=4, workers=2)
+    before = set(multiprocessing.active_children())
+    loader.start_workers()
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2  # forked now, not at the first iteration
+    for _ in range(2):  # the first is the iteration start_workers began: each is the whole split, in order, once
+        got = _contents(loader)
+        assert [ids for ids, _, _ in got] == [ids for ids, _, _ in expected]
+        assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(got, expected))
+    assert set(multiprocessing.active_children()) - before == workers  # the same persistent workers
+    unforked = build_val_loader(split, imgsz=64, batch_size=4, workers=0)
+    unforked.start_workers()  # no workers to start: nothing happens
+    assert set(multiprocessing.active_children()) - before == workers

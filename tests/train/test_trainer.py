@@ -253,6 +253,18 @@ def test_the_per_epoch_validation_runs_in_the_trainings_precision_on_the_cpu(tin
         trainer.close()
 
 
+def test_the_val_workers_fork_at_build_before_training_grows_the_heap(tiny_data: Path, tmp_path: Path):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    trainer = Trainer(make_config(tiny_data, tmp_path, workers="1"))
+    try:
+        trainer.build()
+        assert len(set(multiprocessing.active_children()) - before) == 1  # the val loader's; train's fork at epoch 1
+    finally:
+        trainer.close()
+
+
 class _AssignmentRecorder:
     """Stands in for the trainer's criterion: records which assignment each step's loss used."""
 
