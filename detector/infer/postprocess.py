@@ -36,26 +36,27 @@ def non_max_suppression(
     """
     if pred.ndim != 3 or pred.shape[-1] < 6:
         raise ValueError(f"pred must be (B, N, 5 + nc), got {tuple(pred.shape)}")
-    batch_size = pred.shape[0]
+    batch_size, num_rows, width = pred.shape
     pred = pred.float()
-    # Cheap pre-filter: a pair score obj * cls can only exceed conf where obj does.
-    image_idx, row_idx = torch.nonzero(pred[..., 4] > conf, as_tuple=True)
-    rows = pred[image_idx, row_idx]
-    scores = rows[:, 5:] * rows[:, 4:5]
+    # Every (box, class) pair's score at once, then the pairs above conf. An objectness pre-filter (obj > conf, which
+    # any passing pair implies) gathered every row of a head whose objectness is always 1 (DecoupledDetect): this
+    # way the same pairs come in the same order with the same scores, 1.33 -> 1.2 ms an image in all (a 3-epoch
+    # model's val outputs at 256 px, 4% of the pairs above conf 0.001, the Sapphire Rapids Xeon).
+    scores = pred[..., 5:] * pred[..., 4:5]  # (B, N, nc)
     if multi_label:
-        cand, cls = torch.nonzero(scores > conf, as_tuple=True)
-        score = scores[cand, cls]
+        image_idx, row_idx, cls = torch.nonzero(scores > conf, as_tuple=True)
+        score = scores[image_idx, row_idx, cls]
     else:
-        score, cls = scores.max(dim=1)
-        cand = torch.nonzero(score > conf, as_tuple=True)[0]
-        score, cls = score[cand], cls[cand]
+        best, best_cls = scores.max(dim=2)
+        image_idx, row_idx = torch.nonzero(best > conf, as_tuple=True)
+        score, cls = best[image_idx, row_idx], best_cls[image_idx, row_idx]
     if classes is not None:
         keep = torch.isin(cls, torch.as_tensor(classes, device=cls.device))
-        cand, cls, score = cand[keep], cls[keep], score[keep]
-    boxes = box_convert(rows[cand, :4], "cxcywh", "xyxy")
+        image_idx, row_idx, cls, score = image_idx[keep], row_idx[keep], cls[keep], score[keep]
+    boxes = box_convert(pred.reshape(-1, width).index_select(0, image_idx * num_rows + row_idx)[:, :4], "cxcywh", "xyxy")
     found = torch.cat([boxes, score[:, None], cls[:, None].float()], dim=1)
     # nonzero() returns row-major indices, so the candidates are already grouped by image.
-    counts = torch.bincount(image_idx[cand], minlength=batch_size).tolist()  # a host sync (nonzero and NMS sync too on CUDA)
+    counts = torch.bincount(image_idx, minlength=batch_size).tolist()  # a host sync (nonzero and NMS sync too on CUDA)
     suppress = functools.partial(_suppress, iou=iou, max_det=max_det, agnostic=agnostic)
     per_image = torch.split(found, counts)
     threads = min(torch.get_num_threads(), batch_size) if pred.device.type == "cpu" else 1
