@@ -183,6 +183,18 @@ def test_hsv_gains() -> None:
     assert (brighter == 150).all()
 
 
+
+def test_hsv_maps_each_channel_by_its_own_gain() -> None:
+    """Against the per-channel definition in numpy: H * gh mod 180, S * gs and V * gv clipped to 255."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for gains in (np.array([1.015, 0.3, 1.4]), np.array([0.985, 1.7, 0.6])):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).astype(np.float32)
+        x = np.arange(256, dtype=np.float32)
+        tables = [((x * gains[0]) % 180), np.clip(x * gains[1], 0, 255), np.clip(x * gains[2], 0, 255)]
+        expected = np.stack([tables[c].astype(np.uint8)[hsv[..., c].astype(np.uint8)] for c in range(3)], -1)
+        assert np.array_equal(RandomHSV().apply(image, gains=gains), cv2.cvtColor(expected, cv2.COLOR_HSV2RGB))
+
 @pytest.mark.parametrize(
     ("size_wh", "shape_hw"),
     [((300, 180), (128, 128)), ((61, 43), (128, 128)), ((180, 300), (128, 96)), ((97, 97), (64, 64))],
