@@ -9,9 +9,12 @@ json exported by our own `detector.data.yolo_txt`.
 
 Output folder `<project>/<name>/`: yolo/ (the export), one folder per rival with its `result.json` (a rival whose
 result.json exists is not run again; `force=true` reruns), and results.json + results.md with the table.
-Train wall time is the training alone, per-epoch validation included: Ultralytics' `model.train()` call, our whole
-`detector train` process (a few seconds of start-up more); images/s is epochs x train images / that time. Both
-sides train with plots off (Ultralytics' would download a font), so neither pays for drawing them.
+Train wall time is the training call alone on both sides, per-epoch validation included, imports and the
+interpreter's exit left out: Ultralytics' `model.train()` call as the driver times it, and our trainer's own clock
+(from its construction to its last epoch's checkpoint: `train_state.time_s` in last.pt, which also spans a resume).
+Our whole `detector train` process, a few seconds more, is kept in train.json as `process_s`. images/s is epochs x
+train images / the train wall time. Both sides train with plots off (Ultralytics' would download a font), so
+neither pays for drawing them.
 GFLOPs are one eval forward at imgsz counted by torch's FlopCounterMode on both sides; the ratio columns divide
 each side's images/s, and its images/s x GFLOPs (arithmetic per second), by the first Ultralytics side's, so one
 run prints the per-image and the per-FLOP speed-ups.
@@ -180,9 +183,11 @@ def run_ours(opts: RivalsOptions, ours_extra: list[str], folder: Path) -> dict[s
                    f"project={folder}", "name=train", "exist_ok=true", "plots=false",
                    *([f"model={opts.model}"] if opts.model else []),
                    *ours_extra]
-        wall_s = run_command(cmd, env=env, log=log)
+        process_s = run_command(cmd, env=env, log=log)
         params, gflops = model_size(best, opts.imgsz)
-        info = {"wall_s": wall_s, "resumed": resumed, "params": params, "gflops": gflops, "label": ours_label(run_dir)}
+        info = {"wall_s": trained_seconds(last), "process_s": process_s, "process_resumed": resumed,
+                "resumed": False,  # the trainer's clock spans the resume: the whole run, not its last part
+                "params": params, "gflops": gflops, "label": ours_label(run_dir)}
         train_json.write_text(json.dumps(info, indent=1))
     val = [f"weights={best}", f"data={opts.data}", f"imgsz={opts.imgsz}", f"conf={opts.conf}", f"iou={opts.iou}",
            f"max_det={opts.max_det}", f"device={opts.device}", f"workers={opts.workers}"]
@@ -198,6 +203,18 @@ def ours_label(run_dir: Path) -> str:
     args = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else {}
     args = args if isinstance(args, dict) else {}
     return f"ours ({Path(str(args.get('model', '?'))).stem}, amp {args.get('amp', '?')})"
+
+
+def trained_seconds(last: Path) -> float:
+    """Our training call's wall time by the trainer's own clock (`train_state.time_s` of its last checkpoint: from
+    the trainer's construction to the last epoch's save, resumes included), what the driver's timer around
+    Ultralytics' `model.train()` measures on its side."""
+    from detector.runtime.checkpoint import load_checkpoint
+
+    seconds = load_checkpoint(last)["train_state"].get("time_s")
+    if not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise DetectorError(f"{last}: train_state.time_s is {seconds!r}, not a positive number of seconds")
+    return float(seconds)
 
 
 def model_size(weights: Path, imgsz: int) -> tuple[int, float]:

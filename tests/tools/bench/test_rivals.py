@@ -134,6 +134,7 @@ def test_our_commands_parse_with_our_own_options(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(rivals, "run_command", lambda cmd, env, log: commands.append(cmd) or 1.0)
     monkeypatch.setattr(rivals, "model_size", lambda weights, imgsz: (1, 1.0))
     monkeypatch.setattr(rivals, "ours_label", lambda run_dir: "ours")
+    monkeypatch.setattr(rivals, "trained_seconds", lambda last: 0.5)
     opts, extra = rivals.parse_args(["epochs=2", "rivals=ours", "ours.lr0=0.002"])
     (tmp_path / "ours").mkdir()
     rivals.run_ours(opts, extra, tmp_path / "ours")
@@ -141,3 +142,17 @@ def test_our_commands_parse_with_our_own_options(tmp_path: Path, monkeypatch) ->
     assert train_cmd[3] == "train" and val_cmd[3] == "val"
     assert build_options(TrainConfig, parse_overrides(train_cmd[4:]), "rivals train").plots is False  # as Ultralytics' side
     assert build_options(ValOptions, parse_overrides(val_cmd[4:]), "rivals val").workers == "auto"
+
+
+def test_our_train_time_is_the_trainers_own_clock(untrained_checkpoint: Path) -> None:
+    """As Ultralytics' model.train() is timed: the trainer's train_state.time_s, not the process with its imports."""
+    from detector.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    state = dict(load_checkpoint(untrained_checkpoint))
+    state["train_state"] = {"time_s": 48.25, "epoch": 2}
+    save_checkpoint(untrained_checkpoint, state)
+    assert rivals.trained_seconds(untrained_checkpoint) == 48.25
+    state["train_state"] = {}  # a checkpoint that never trained has no clock to read
+    save_checkpoint(untrained_checkpoint, state)
+    with pytest.raises(DetectorError, match=r"best.pt: train_state.time_s is None, not a positive number of seconds"):
+        rivals.trained_seconds(untrained_checkpoint)
