@@ -74,7 +74,8 @@ def main(opts: BenchExportOptions) -> None:
                     rows.append([runtime, imgsz, precision, median, min(times), 1000 / median])
     finally:
         torch.set_num_threads(previous)
-    print(format_table(["runtime", "imgsz", "precision", "median ms", "min ms", "images/s"], rows, floatfmt=".1f"))
+    # two decimals: a small model at a small size runs in under a millisecond
+    print(format_table(["runtime", "imgsz", "precision", "median ms", "min ms", "images/s"], rows, floatfmt=".2f"))
     load_after = os.getloadavg()
     print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} CPUs")
     for line in notes + checks:
