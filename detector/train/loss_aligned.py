@@ -15,10 +15,13 @@ The class score is trained toward t normalized per target so that its best ancho
 IoU (TOOD's soft label, an IoU-aware score as in VFL/QFL), with BCE over every anchor; the box loss is 1 - CIoU on
 the positives weighted by the same soft label. Both are divided by the sum of the soft labels.
 
-Everything is vectorized over targets x anchors with static shapes (targets of the whole batch in one (M, K)
-matrix, each row gathering its own image's predictions): no Python loop over boxes or images, no host sync. K is
-each target's anchor windows (`window_rows`), which hold every anchor that can be its candidate, so the result is
-the full (M, N) assignment's from fewer rows (4,872 of 16,320 at 256 px with the hard set's fitted anchors).
+Everything is vectorized over targets x anchors (targets of the whole batch in one (M, K) matrix, each row
+gathering its own image's predictions): no Python loop over boxes or images. K is each target's own window
+(`box_windows`): per level, the anchors its shape fits times the cells its box covers, which hold every anchor
+that can be its candidate, so the result is the full (M, N) assignment's from far fewer rows (at most 1,156 of
+16,320 at 256 px on a hard-set batch). The windows are built on the host from the loader's targets, so their
+data-dependent size costs no device sync.
+
 The box loss runs over each target's top-k pairs (M x k), not over all B x N rows: a target's positives are
 among its top k, so the sum is the same at a fraction of the CIoU work. Only those pairs are decoded with
 gradients; the ranking's decode of every row runs without autograd (loss forward + backward 19-28% cheaper, the
@@ -27,7 +30,6 @@ same loss to 1 ulp).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -75,6 +77,26 @@ class Assignment(NamedTuple):
     soft: Tensor
 
 
+class _Grid(NamedTuple):
+    """What `AlignedLoss` reads from the head for one set of map shapes (`AlignedLoss._grid`)."""
+
+    key: tuple
+    strides: list[float]
+    anchors_px: Tensor  # (nl, na, 2) on the host
+    image_px: Tensor  # (2,) input width, height on the host
+    priors: Priors  # on the maps' device
+
+
+class _Targets(NamedTuple):
+    """A batch's targets as the assignment takes them: boxes (M, 4) px, image and class (M,), windows (M, K)."""
+
+    gt_xyxy: Tensor
+    gt_image: Tensor
+    gt_cls: Tensor
+    rows: Tensor
+    real: Tensor
+
+
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Elementwise IoU of broadcastable xyxy boxes (..., 4) and (..., 4) -> (...). Coordinate by coordinate: on
     the assignment's (M, K) pairs an op over x and y together ((M, K, 2) against (M, 1, 2)) ran 3-4x slower on
@@ -117,38 +139,46 @@ def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
     return (inside | own_cell) & (misfit < anchor_t)
 
 
-def window_sizes(anchors_px: Sequence[Sequence[Sequence[float]]], strides: Sequence[float],
-                 shapes: Sequence[tuple[int, int]], anchor_t: float) -> list[tuple[int, int, int, int]]:
-    """Per level (half_h, half_w, S_h, S_w): the cells around a target's centre cell that hold all its candidates.
-
-    A candidate's box side is under anchor_t x its anchor's, so its box spans under R = anchor_t x the level's
-    largest anchor side / stride cells, and a cell whose centre lies inside it is under R / 2 + 1 cells from the
-    centre cell: half = ceil(R / 2) + 1 either side holds them all. A window as large as the grid is the grid.
-    """
-    sizes = []
-    for anchors, stride, (h, w) in zip(anchors_px, strides, shapes):
-        half_w, half_h = (math.ceil(anchor_t * max(a[i] for a in anchors) / stride / 2) + 1 for i in (0, 1))
-        sizes.append((half_h, half_w, min(2 * half_h + 1, h), min(2 * half_w + 1, w)))
-    return sizes
-
-
-def window_rows(gt_xyxy: Tensor, strides: Sequence[float], shapes: Sequence[tuple[int, int]], na: int,
-                sizes: Sequence[tuple[int, int, int, int]]) -> Tensor:
+def box_windows(gt_xyxy: Tensor, strides: Sequence[float], shapes: Sequence[tuple[int, int]], anchors_px: Tensor,
+                anchor_t: float) -> tuple[Tensor, Tensor]:
     """(M, K) anchor rows (into one image's N flattened rows, level by level, anchor-major as the head lays them
-    out) of each target's windows from `window_sizes`: every anchor that can be its candidate, K << N."""
-    gt_centre = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
-    rows, offset = [], 0
-    for stride, (h, w), (half_h, half_w, size_h, size_w) in zip(strides, shapes, sizes):
-        cell = torch.floor(gt_centre / stride).long()
-        x0 = (cell[:, 0].clamp(0, w - 1) - half_w).clamp(0, w - size_w)  # shifted inside the grid, never shrunk
-        y0 = (cell[:, 1].clamp(0, h - 1) - half_h).clamp(0, h - size_h)
-        xs = x0[:, None] + torch.arange(size_w, device=gt_xyxy.device)  # (M, S_w)
-        ys = y0[:, None] + torch.arange(size_h, device=gt_xyxy.device)
-        anchor = torch.arange(na, device=gt_xyxy.device) * (h * w)
-        level = anchor[None, :, None, None] + ys[:, None, :, None] * w + xs[:, None, None, :]  # (M, na, S_h, S_w)
-        rows.append(level.reshape(len(gt_xyxy), na * size_h * size_w) + offset)
+    out) that can be each target's candidates, and (M, K) which are real: a row shorter than the batch's longest
+    is padded with row 0, not real. Per level, a target's rows are the anchors whose shape `candidate_mask` can
+    accept (tested a hair wider, so rounding never drops one) times the cells its box covers, which hold every
+    cell whose centre lies inside the box and the cell holding its centre. On the hard set's batches K is a
+    quarter of a fixed window's, sized by the level's largest anchor (1,156 against 4,872), and the real pairs a
+    twenty-third. Each target's rows ascend as the dense rows do, so ties rank alike (`_ranking_key`).
+    gt_xyxy (M, 4) px and anchors_px (nl, na, 2) on the host: the sizes are data, read without a device sync."""
+    counts, firsts, widths, cols = [], [], [], []
+    box_wh = (gt_xyxy[:, 2:] - gt_xyxy[:, :2])[:, None]  # (M, 1, 2)
+    offset = 0
+    for stride, (h, w), level_anchors in zip(strides, shapes, anchors_px):
+        lo = torch.floor(gt_xyxy[:, :2] / stride).clamp(min=0)
+        hi = torch.minimum(torch.floor(gt_xyxy[:, 2:] / stride), gt_xyxy.new_tensor([w - 1, h - 1]))
+        span = (hi - lo + 1).clamp(min=0).long()  # (M, 2) cells in x and y
+        ratio = box_wh / level_anchors
+        fits = torch.maximum(ratio, ratio.reciprocal()).amax(-1) < anchor_t * (1 + 1e-4)  # (M, na)
+        counts.append(fits * (span[:, 0] * span[:, 1])[:, None])
+        first_cell = offset + (lo[:, 1] * w + lo[:, 0]).long()
+        na = len(level_anchors)
+        firsts.append(first_cell[:, None] + torch.arange(na) * (h * w))
+        widths.append(span[:, :1].expand(-1, na))
+        cols.append(torch.full((len(gt_xyxy), na), w))
         offset += na * h * w
-    return torch.cat(rows, 1)
+    count = torch.cat(counts, 1)  # (M, S): one segment per target, level and anchor
+    pair_segment = torch.repeat_interleave(count.reshape(-1))
+    segment_start = count.reshape(-1).cumsum(0) - count.reshape(-1)
+    index = torch.arange(len(pair_segment)) - segment_start[pair_segment]  # the pair's cell inside its box, row-major
+    span_x, grid_w = torch.cat(widths, 1).reshape(-1)[pair_segment], torch.cat(cols, 1).reshape(-1)[pair_segment]
+    row = torch.cat(firsts, 1).reshape(-1)[pair_segment] + index // span_x * grid_w + index % span_x
+    target = pair_segment // count.shape[1]
+    column = (count.cumsum(1) - count).reshape(-1)[pair_segment] + index
+    k = max(int(count.sum(1).max()) if len(count) else 0, 1)  # one padded column at least: reductions over K
+    rows = torch.zeros(len(gt_xyxy), k, dtype=torch.long)
+    real = torch.zeros(len(gt_xyxy), k, dtype=torch.bool)
+    rows[target, column] = row
+    real[target, column] = True
+    return rows, real
 
 
 @torch.no_grad()
@@ -165,13 +195,14 @@ def assign_aligned(
     beta: float = 6.0,
     anchor_t: float = 4.0,
     rows: Tensor | None = None,
+    real: Tensor | None = None,
     static: bool = False,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
-    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px; rows (M, K) the anchor rows each target scores (every row
-    when None; `window_rows` gives the same positives from far fewer). `static`: rank and share the candidates
-    by the IoU of the anchor boxes themselves, not by the predictions (`AlignedLoss.static_epochs`), with the
-    predicted box's IoU as the soft label. Returns the `Assignment`."""
+    gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px; rows (M, K) the anchor rows each target scores, `real`
+    (M, K) which of them count (every row when None; `box_windows` gives the same positives from far fewer).
+    `static`: rank and share the candidates by the IoU of the anchor boxes themselves, not by the predictions
+    (`AlignedLoss.static_epochs`), with the predicted box's IoU as the soft label. Returns the `Assignment`."""
     batch, num_rows, nc = pred_scores.shape
     if rows is None:
         rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
@@ -180,6 +211,8 @@ def assign_aligned(
     flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], gather_rows(pred_xyxy.reshape(-1, 4), flat))
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
+    if real is not None:
+        candidate &= real
     if static:  # an anchor's own box: what the bounded decode gives for sigmoid 0.5
         anchor_boxes = decode_boxes(priors.anchor.new_full((*priors.anchor.shape[:-1], 4), 0.5), *priors)
         overlap = pairwise_iou(gt_xyxy[:, None, :], box_convert(anchor_boxes, "cxcywh", "xyxy"))
@@ -187,8 +220,7 @@ def assign_aligned(
     else:
         score = pred_scores.reshape(-1).take(flat * nc + gt_cls[:, None])
         overlap, metric = iou, score.pow(alpha) * iou.pow(beta)
-    # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
-    top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
+    top = _ranking_key(metric, candidate, rows).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
     flat, iou, metric, overlap = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top), overlap.gather(1, top)
     positive, owner = _owned(candidate.gather(1, top), flat, overlap, batch * num_rows)
 
@@ -201,6 +233,15 @@ def assign_aligned(
     score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat.reshape(-1), soft.reshape(-1))
     return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows), rows=flat,
                       soft=soft)
+
+
+def _ranking_key(metric: Tensor, candidate: Tensor, rows: Tensor) -> Tensor:
+    """int64 keys (M, K) whose order is the metric's, equal metrics broken toward the lower anchor row, so the
+    top k do not hang on where the rows sit (a target's window or every row). Candidates rank above every other
+    anchor even at metric 0, so a target with any candidate gets positives. A non-negative float32's bits order
+    as the float does; NaN ranks as 0."""
+    bits = torch.where(metric > 0, metric.float(), 0.0).view(torch.int32).long()
+    return torch.where(candidate, (bits << 32) + (2**31 - 1 - rows), -1)
 
 
 def _owned(positive: Tensor, flat: Tensor, overlap: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
@@ -237,7 +278,7 @@ class AlignedLoss:
         self.assign_kw = dict(topk=topk, alpha=alpha, beta=beta, anchor_t=anchor_t)
         self.static_epochs = static_epochs
         self.set_epoch(0)
-        self._windows: tuple[tuple, list[float], list[tuple[int, int, int, int]]] | None = None  # key, strides, sizes
+        self._grid_cache: _Grid | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the assignment for this (0-based) epoch: by the anchor boxes' IoU for the first `static_epochs`,
@@ -246,39 +287,46 @@ class AlignedLoss:
         at 0.40 to 0.56 AP); PP-YOLOE and YOLOv6 warm up with ATSS for the same reason."""
         self.static = epoch < self.static_epochs
 
-    def candidate_rows(self, gt_xyxy: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-        """(M, K) the anchor rows that can be each target's candidates (`window_rows`). The window sizes are read
-        from the anchors on the host once per anchor / stride / map-shape change, not on every step (a sync)."""
+    def _grid(self, shapes: list[tuple[int, int]], device: torch.device) -> _Grid:
+        """The head's strides, anchors and input size on the host and its priors on `device` for maps of
+        `shapes`, rebuilt only when the shapes, anchors or strides change: reading them on every step would be a
+        device sync, and building the priors took a millisecond."""
         head = self.head
-        key = (tuple(shapes), head.anchors.data_ptr(), head.anchors._version, head.stride._version)
-        if self._windows is None or self._windows[0] != key:
-            strides = head.stride.tolist()
-            sizes = window_sizes(head.anchors_px.tolist(), strides, shapes, self.assign_kw["anchor_t"])
-            self._windows = key, strides, sizes
-        _, strides, sizes = self._windows
-        return window_rows(gt_xyxy, strides, shapes, head.na, sizes)
+        key = (tuple(shapes), device, head.anchors.data_ptr(), head.anchors._version, head.stride._version)
+        if self._grid_cache is None or self._grid_cache.key != key:
+            strides = head.stride.float().cpu()
+            image_px = torch.tensor([shapes[0][1], shapes[0][0]], dtype=torch.float32) * strides[0]
+            self._grid_cache = _Grid(key, strides.tolist(), head.anchors_px.float().cpu(), image_px,
+                                     Priors(*head.cell_priors(shapes, device)))
+        return self._grid_cache
+
+    def _targets(self, targets: Tensor, grid: _Grid, shapes: list[tuple[int, int]], device: torch.device) -> _Targets:
+        """The batch's targets in px and each one's anchor window (`box_windows`), built on the host and moved to
+        `device`: give host targets, as the trainer does, and no step waits on the device."""
+        host = targets.detach().to("cpu", torch.float32)
+        gt_xyxy = box_convert(host[:, 2:6] * grid.image_px.repeat(2), "cxcywh", "xyxy")
+        rows, real = box_windows(gt_xyxy, grid.strides, shapes, grid.anchors_px, self.assign_kw["anchor_t"])
+        image, cls = host[:, 0].long(), host[:, 1].long()
+        return _Targets(*(t.to(device) for t in (gt_xyxy, image, cls, rows, real)))
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
-        normalized. Returns (total for backward, detached (3,) [box, obj, cls]) in float32, the parts laid out as
-        `YoloLoss`'s for the logs; obj is always 0, the class score carries objectness."""
+        normalized, best on the host (`_targets`). Returns (total for backward, detached (3,) [box, obj, cls]) in
+        float32, the parts laid out as `YoloLoss`'s for the logs; obj is always 0, the class score carries
+        objectness."""
         head = self.head
         batch = raw_maps[0].shape[0]
         # (B, N, 4) and (B, N, nc), each contiguous: a sigmoid or BCE over a strided slice ran 2-4x slower
         box_logits = torch.cat([p[..., :4].reshape(batch, -1, 4) for p in raw_maps], 1).float()
         cls_logits = torch.cat([p[..., 4:].reshape(batch, -1, head.nc) for p in raw_maps], 1).float()
-        priors = Priors(*head.cell_priors([p.shape[2:4] for p in raw_maps], cls_logits.device))
-
-        targets = targets.to(device=cls_logits.device, dtype=torch.float32)
-        image_px = cls_logits.new_tensor([raw_maps[0].shape[3], raw_maps[0].shape[2]])
-        image_px = image_px * head.stride[0].float()
-        gt_xyxy = box_convert(targets[:, 2:6] * image_px.repeat(2), "cxcywh", "xyxy")
-        gt_image, gt_cls = targets[:, 0].long(), targets[:, 1].long()
-        rows = self.candidate_rows(gt_xyxy, [tuple(p.shape[2:4]) for p in raw_maps])
+        shapes = [(p.shape[2], p.shape[3]) for p in raw_maps]
+        grid = self._grid(shapes, cls_logits.device)
+        priors = grid.priors
+        gt_xyxy, gt_image, gt_cls, rows, real = self._targets(targets, grid, shapes, cls_logits.device)
         with torch.no_grad():  # every row's box, for the ranking only: the box loss decodes its own rows below
             pred_xyxy = _decoded_xyxy(box_logits, priors)
         assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy, gt_image, gt_cls, gt_xyxy,
-                                  priors, rows=rows, static=self.static, **self.assign_kw)
+                                  priors, rows=rows, real=real, static=self.static, **self.assign_kw)
 
         owner_cls = gt_cls[assigned.target.clamp(min=0)] if len(gt_cls) else torch.zeros_like(assigned.target)
         cls_target = torch.zeros_like(cls_logits).scatter_(-1, owner_cls[..., None], assigned.score[..., None])

@@ -399,7 +399,7 @@ class Trainer:
             accumulate = self._accumulate_at(step)
             self.schedule.apply(self.optimizer, epoch, i)
             images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
-            targets = batch["targets"].to(self.device, non_blocking=True)
+            targets = batch["targets"]  # on the host: each loss moves what it needs (AlignedLoss sizes its windows there)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
             parts = self._forward_backward(images, targets, sync_now)
             running = running + (parts - running) / (i + 1)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from torchvision.ops import box_convert, complete_box_iou_loss
 
 from detector.models.head import DecoupledDetect, Detect, decode_boxes
+from detector.train import loss_aligned
 from detector.train.loss import YoloLoss, build_loss
 from detector.train.loss_aligned import (
     AlignedLoss,
     Priors,
     assign_aligned,
+    box_windows,
     candidate_mask,
     gather_rows,
     pairwise_iou,
@@ -249,26 +252,54 @@ def test_each_targets_window_holds_every_candidate_it_has_on_the_grid() -> None:
     gt = box_convert(targets[:, 2:] * torch.tensor([256.0, 192, 256, 192]), "cxcywh", "xyxy")
     pr = Priors(*head.cell_priors(shapes, torch.device("cpu")))
     dense = candidate_mask(gt, pr, 4.0)
-    rows = AlignedLoss(head).candidate_rows(gt, shapes)
-    inside = torch.zeros_like(dense).scatter_(1, rows, True)
-    assert rows.shape[1] < dense.shape[1] / 3  # 3 x (17 x 19 + 24 x 23 + 12 x 16 + 6 x 8) of 3 x 4,080 rows
+    rows, real = box_windows(gt, head.stride.tolist(), shapes, head.anchors_px, 4.0)
+    inside = torch.zeros_like(dense)
+    inside[torch.arange(len(gt))[:, None].expand_as(rows)[real], rows[real]] = True
     assert dense.sum() > 5000 and not (dense & ~inside).any()
-    assert all(len(set(r)) == len(r) for r in rows.tolist())  # no row twice: top-k never picks one anchor twice
+    assert real.sum() < 3 * dense.sum()  # the windows hug the candidates: 3 x 4,080 rows per target in all
+    assert all(len(set(r)) == len(r) for r in rows.masked_fill(~real, -1).tolist() for r in [[i for i in r if i >= 0]])
+    assert (rows[~real] == 0).all()
 
 
-def test_the_windowed_loss_equals_the_loss_over_every_anchor_row() -> None:
-    """Same positives, soft labels, loss and gradients as scoring all N rows per target (`rows=None`)."""
+def test_windows_of_a_batch_without_targets_or_candidates_keep_one_padded_column() -> None:
+    head, shapes = four_level_head()
+    for gt in (torch.zeros(0, 4), torch.tensor([[300.0, 10.0, 310.0, 20.0]])):  # none; one outside the grid
+        rows, real = box_windows(gt, head.stride.tolist(), shapes, head.anchors_px, 4.0)
+        assert rows.shape == (len(gt), 1) and not real.any()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_windowed_loss_equals_the_loss_over_every_anchor_row(monkeypatch: pytest.MonkeyPatch, static: bool) -> None:
+    """Same positives, soft labels, loss and gradients as scoring all N rows per target. The static ranking
+    (anchor boxes' IoU) ties often, at cells placed alike around a box: ties go to the lower row either way."""
     torch.manual_seed(4)
     head, shapes = four_level_head()
     targets = random_targets(120, seed=5)
     maps = [torch.randn(2, 3, h, w, 7, requires_grad=True) for h, w in shapes]
-    loss = AlignedLoss(head)
+    loss = AlignedLoss(head, static_epochs=int(static))
     windowed, _ = loss(maps, targets)
     grads = torch.autograd.grad(windowed, maps)
-    loss.candidate_rows = lambda gt, shapes: None  # every row: the plain (M, N) assignment
+    rows = sum(3 * h * w for h, w in shapes)
+    monkeypatch.setattr(loss_aligned, "box_windows", lambda gt, *_: (torch.arange(rows).expand(len(gt), rows),
+                                                                    torch.ones(len(gt), rows, dtype=torch.bool)))
     dense, _ = loss(maps, targets)
-    assert torch.allclose(windowed, dense, rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(grads, torch.autograd.grad(dense, maps)))
+    assert torch.equal(windowed, dense)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(dense, maps)))
+
+
+def test_equal_metrics_rank_toward_the_lower_anchor_row() -> None:
+    """Four anchors of one target score alike; the top 2 are the two lowest rows, wherever the rows sit."""
+    head = make_head()
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    gt = torch.tensor([[32.0, 32.0, 48.0, 48.0]])  # 16 px: its four P3 cells (x, y in 4..5) see the same box
+    scores, pred = torch.full((1, n, 3), 0.5), gt.expand(1, n, 4).clone()
+    kept = []
+    for order in (torch.arange(n), torch.arange(n).flip(0)):
+        assigned = assign_aligned(scores, pred, torch.tensor([0]), torch.tensor([0]), gt, pr, topk=2,
+                                  rows=order[None], static=True)
+        kept.append((assigned.target[0] == 0).nonzero().flatten().tolist())
+    assert kept[0] == kept[1] == [4 * 16 + 4, 4 * 16 + 5]
 
 
 def _prior_best_and_exact_elsewhere(head: DecoupledDetect) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
