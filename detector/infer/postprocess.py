@@ -36,51 +36,64 @@ def non_max_suppression(
     """
     if pred.ndim != 3 or pred.shape[-1] < 6:
         raise ValueError(f"pred must be (B, N, 5 + nc), got {tuple(pred.shape)}")
-    batch_size, num_rows, width = pred.shape
+    batch_size = pred.shape[0]
     pred = pred.float()
-    # Every (box, class) pair's score at once, then the pairs above conf. An objectness pre-filter (obj > conf, which
-    # any passing pair implies) gathered every row of a head whose objectness is always 1 (DecoupledDetect): this
-    # way the same pairs come in the same order with the same scores, 1.33 -> 1.2 ms an image in all (a 3-epoch
-    # model's val outputs at 256 px, 4% of the pairs above conf 0.001, the Sapphire Rapids Xeon).
-    scores = pred[..., 5:] * pred[..., 4:5]  # (B, N, nc)
-    if multi_label:
-        image_idx, row_idx, cls = torch.nonzero(scores > conf, as_tuple=True)
-        score = scores[image_idx, row_idx, cls]
-    else:
-        best, best_cls = scores.max(dim=2)
-        image_idx, row_idx = torch.nonzero(best > conf, as_tuple=True)
-        score, cls = best[image_idx, row_idx], best_cls[image_idx, row_idx]
-    if classes is not None:
-        keep = torch.isin(cls, torch.as_tensor(classes, device=cls.device))
-        image_idx, row_idx, cls, score = image_idx[keep], row_idx[keep], cls[keep], score[keep]
-    boxes = box_convert(pred.reshape(-1, width).index_select(0, image_idx * num_rows + row_idx)[:, :4], "cxcywh", "xyxy")
-    found = torch.cat([boxes, score[:, None], cls[:, None].float()], dim=1)
-    # nonzero() returns row-major indices, so the candidates are already grouped by image.
-    counts = torch.bincount(image_idx, minlength=batch_size).tolist()  # a host sync (nonzero and NMS sync too on CUDA)
+    table, best_cls = _score_table(pred, multi_label=multi_label, classes=classes)
+    # The pairs above conf, row-major, as one sorted index into the (B, C) table; each image's share is a slice of
+    # it. Only the pairs an image keeps for NMS gather their boxes: a barely trained model passes most pairs (1.9
+    # million of a 32-image batch's 3.1 million at 256 px), and gathering every pair's row took 20 ms a batch.
+    flat = (table > conf).reshape(-1).nonzero().squeeze(1)
+    score = table.reshape(-1).take(flat)
+    width = table.shape[1]
+    bounds = torch.searchsorted(flat, torch.arange(batch_size + 1, device=flat.device) * width).tolist()  # a host sync
+    per_image = [(pred[i], best_cls[i] if best_cls is not None else None, flat[lo:hi] - i * width, score[lo:hi])
+                 for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
     suppress = functools.partial(_suppress, iou=iou, max_det=max_det, agnostic=agnostic)
-    per_image = torch.split(found, counts)
     threads = min(torch.get_num_threads(), batch_size) if pred.device.type == "cpu" else 1
     if threads < 2:
-        return [suppress(f) for f in per_image]
+        return [suppress(*image) for image in per_image]
     # torchvision's CPU NMS runs on one core and releases the GIL: images side by side on the torch threads give
     # the same boxes (tested) in less time on 2 cores (a barely trained model: 5.1 -> 2.8 ms an image before the
     # prefix NMS below, 1.7-1.8 -> 1.4-1.5 ms with it)
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(suppress, per_image))
+        return list(pool.map(lambda image: suppress(*image), per_image))
 
 
-def _suppress(found: torch.Tensor, *, iou: float, max_det: int, agnostic: bool) -> torch.Tensor:
-    """NMS within one image's candidates (K, 6); one call per image keeps torchvision's per-class fallback
-    (used above a few thousand boxes) linear in the candidates of that image rather than of the whole batch.
+def _score_table(pred: torch.Tensor, *, multi_label: bool, classes: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each image's candidate scores (B, C): every (box, class) pair's obj * cls_prob, column row * nc + class,
+    with `multi_label`; else each box's best class score, column row, and that class (B, N). Pairs of classes
+    outside `classes` (or boxes whose best class is) score -inf."""
+    scores = pred[..., 5:] * pred[..., 4:5]  # (B, N, nc)
+    allowed = None
+    if classes is not None:
+        allowed = torch.isin(torch.arange(scores.shape[-1], device=pred.device), torch.as_tensor(classes, device=pred.device))
+    if multi_label:
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.reshape(len(pred), -1), None
+    best, best_cls = scores.max(dim=2)
+    if allowed is not None:
+        best = best.masked_fill(~allowed[best_cls], float("-inf"))
+    return best, best_cls
 
-    Greedy NMS decides a box by the higher-scoring boxes alone, so the survivors among the top n candidates are
-    the first survivors of all of them: once a prefix yields `max_det`, the rest cannot change the answer. The
-    prefix grows from 2 x max_det by 4x; a barely trained model, whose thousands of weak boxes rarely overlap,
-    stops at the first (1.0 against 5.2 ms an image for 5,000 candidates at 256 px on one core)."""
-    if len(found) > MAX_CANDIDATES:
-        found = found[found[:, 4].topk(MAX_CANDIDATES).indices]  # sorted by decreasing score
-    else:
-        found = found[found[:, 4].argsort(descending=True)]
+
+def _suppress(pred: torch.Tensor, best_cls: torch.Tensor | None, column: torch.Tensor, score: torch.Tensor, *,
+              iou: float, max_det: int, agnostic: bool) -> torch.Tensor:
+    """NMS within one image: `pred` (N, 5 + nc), its candidates' columns in the score table (`_score_table`) and
+    scores, row-major. One call per image keeps torchvision's per-class fallback (used above a few thousand
+    boxes) linear in the candidates of that image rather than of the whole batch.
+
+    The best MAX_CANDIDATES by score enter, sorted. Greedy NMS decides a box by the higher-scoring boxes alone, so
+    the survivors among the top n candidates are the first survivors of all of them: once a prefix yields
+    `max_det`, the rest cannot change the answer. The prefix grows from 2 x max_det by 4x; a barely trained
+    model, whose thousands of weak boxes rarely overlap, stops at the first (1.0 against 5.2 ms an image for
+    5,000 candidates at 256 px on one core)."""
+    order = score.topk(MAX_CANDIDATES).indices if len(score) > MAX_CANDIDATES else score.argsort(descending=True)
+    column, score = column[order], score[order]
+    nc = pred.shape[1] - 5
+    row, cls = (column // nc, column % nc) if best_cls is None else (column, best_cls[column])
+    boxes = box_convert(pred.index_select(0, row)[:, :4], "cxcywh", "xyxy")
+    found = torch.cat([boxes, score[:, None], cls[:, None].float()], dim=1)
     groups = torch.zeros_like(found[:, 5]) if agnostic else found[:, 5]
     prefix = 2 * max_det
     while True:
