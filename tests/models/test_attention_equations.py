@@ -259,6 +259,32 @@ def test_ca_test_catches_swapped_gates() -> None:
         assert not torch.allclose(module(x), ca_ref(module, x, swap=True), **TOL)
 
 
+def _plain_ca(m: CoordAtt, x: Tensor) -> Tensor:
+    """CA written on the (B, C, H, W) axes, as the module was before it pooled and gated the (B, H, W, C) view."""
+    h, w = x.shape[-2:]
+    pooled = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], 2)
+    y_h, y_w = m.squeeze(pooled).split([h, w], 2)
+    return x * m.gate_h(m.conv_h(y_h)) * m.gate_w(m.conv_w(y_w.transpose(2, 3)))
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_ca_on_the_channels_last_view_equals_the_plain_axes_bit_for_bit(memory_format: torch.memory_format) -> None:
+    """Training as the trainer runs it (train-mode BN, bf16 autocast): same output, same input and weight
+    gradients, and the output keeps the input's memory format."""
+    torch.manual_seed(0)
+    module = CoordAtt(32).to(memory_format=memory_format)
+    x = torch.randn(4, 32, 12, 20).contiguous(memory_format=memory_format).requires_grad_()
+    results = []
+    for forward in (module, lambda t: _plain_ca(module, t)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *module.parameters()])
+        results.append((out, grads))
+    (out, grads), (plain_out, plain_grads) = results
+    assert out.is_contiguous(memory_format=memory_format)
+    assert torch.equal(out, plain_out) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 def test_ca_gates_vary_along_their_own_axis() -> None:
     """The row gate must be constant along W, the column gate along H: pooling the wrong axis breaks this."""
     module = randomized(CoordAtt(16))
