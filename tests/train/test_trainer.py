@@ -3,6 +3,7 @@ TensorBoard tags, DDP through torchrun (gloo)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -212,6 +213,7 @@ def test_close_drops_the_ddp_wrapper_before_leaving_the_process_group(monkeypatc
 
     trainer = Trainer.__new__(Trainer)
     trainer.logger = None
+    trainer._held = contextlib.ExitStack()
     trainer.dist = DistInfo(rank=1, world_size=2)
     trainer.model = torch.nn.Linear(2, 2)
     trainer.train_model = torch.nn.Sequential(trainer.model)  # stands in for DistributedDataParallel(model)
@@ -219,6 +221,31 @@ def test_close_drops_the_ddp_wrapper_before_leaving_the_process_group(monkeypatc
     monkeypatch.setattr(trainer_module, "shutdown", lambda dist: wrapped_at_shutdown.append(trainer.train_model is not trainer.model))
     trainer.close()
     assert wrapped_at_shutdown == [False]
+
+
+def test_build_keeps_the_set_up_run_out_of_the_collector_and_close_gives_it_back(tiny_data: Path, tmp_path: Path):
+    """Objects alive after `build` are frozen (full collections skip them); after `close` a cycle of that time
+    that has been dropped is collected again, so a process that trains twice does not keep the first run."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle
+    alive = weakref.ref(cycle)
+    trainer = Trainer(make_config(tiny_data, tmp_path))
+    try:
+        trainer.build()
+        assert gc.get_freeze_count() > 10_000
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: no collection frees it during the run
+    finally:
+        trainer.close()
+    gc.collect()
+    assert gc.get_freeze_count() == 0 and alive() is None
 
 
 @pytest.mark.slow
