@@ -20,6 +20,8 @@ from detector.train.loss_aligned import (
     candidate_mask,
     gather_rows,
     pairwise_iou,
+    window_rows,
+    window_sizes,
 )
 
 ANCHORS_PX = [[16, 16], [48, 48], [128, 128]]  # one square anchor per level
@@ -261,6 +263,30 @@ def test_each_targets_window_holds_every_candidate_it_has_on_the_grid() -> None:
     assert (rows[~real] == 0).all()
 
 
+def test_the_fixed_windows_hold_every_candidate_and_serve_the_anchor_box_epoch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The static epoch ranks over `window_rows` (whose layout its top-k ties were measured with), the task-aligned
+    epochs over `box_windows`; both hold every candidate a target has on the grid."""
+    head, shapes = four_level_head()
+    targets = random_targets(400, seed=3)
+    gt = box_convert(targets[:, 2:] * torch.tensor([256.0, 192, 256, 192]), "cxcywh", "xyxy")
+    dense = candidate_mask(gt, Priors(*head.cell_priors(shapes, torch.device("cpu"))), 4.0)
+    sizes = window_sizes(head.anchors_px.tolist(), head.stride.tolist(), shapes, 4.0)
+    rows = window_rows(gt, head.stride.tolist(), shapes, head.na, sizes)
+    assert not (dense & ~torch.zeros_like(dense).scatter_(1, rows, True)).any()
+    assert all(len(set(r)) == len(r) for r in rows.tolist())
+
+    def refused(*_: object) -> None:
+        raise AssertionError("box_windows in the anchor-box epoch")
+
+    monkeypatch.setattr(loss_aligned, "box_windows", refused)
+    maps = [torch.randn(2, 3, h, w, 7) for h, w in shapes]
+    loss = AlignedLoss(head, static_epochs=1)
+    loss(maps, random_targets(20, seed=1))
+    loss.set_epoch(1)
+    with pytest.raises(AssertionError, match="anchor-box epoch"):
+        loss(maps, random_targets(20, seed=1))
+
+
 def test_windows_of_a_batch_without_targets_or_candidates_keep_one_padded_column() -> None:
     head, shapes = four_level_head()
     for gt in (torch.zeros(0, 4), torch.tensor([[300.0, 10.0, 310.0, 20.0]])):  # none; one outside the grid
@@ -268,15 +294,13 @@ def test_windows_of_a_batch_without_targets_or_candidates_keep_one_padded_column
         assert rows.shape == (len(gt), 1) and not real.any()
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_the_windowed_loss_equals_the_loss_over_every_anchor_row(monkeypatch: pytest.MonkeyPatch, static: bool) -> None:
-    """Same positives, soft labels, loss and gradients as scoring all N rows per target. The static ranking
-    (anchor boxes' IoU) ties often, at cells placed alike around a box: ties go to the lower row either way."""
+def test_the_windowed_loss_equals_the_loss_over_every_anchor_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same positives, soft labels, loss and gradients as scoring all N rows per target."""
     torch.manual_seed(4)
     head, shapes = four_level_head()
     targets = random_targets(120, seed=5)
     maps = [torch.randn(2, 3, h, w, 7, requires_grad=True) for h, w in shapes]
-    loss = AlignedLoss(head, static_epochs=int(static))
+    loss = AlignedLoss(head)
     windowed, _ = loss(maps, targets)
     grads = torch.autograd.grad(windowed, maps)
     rows = sum(3 * h * w for h, w in shapes)
@@ -285,21 +309,6 @@ def test_the_windowed_loss_equals_the_loss_over_every_anchor_row(monkeypatch: py
     dense, _ = loss(maps, targets)
     assert torch.equal(windowed, dense)
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(dense, maps)))
-
-
-def test_equal_metrics_rank_toward_the_lower_anchor_row() -> None:
-    """Four anchors of one target score alike; the top 2 are the two lowest rows, wherever the rows sit."""
-    head = make_head()
-    pr = priors(head)
-    n = pr.cell.shape[0]
-    gt = torch.tensor([[32.0, 32.0, 48.0, 48.0]])  # 16 px: its four P3 cells (x, y in 4..5) see the same box
-    scores, pred = torch.full((1, n, 3), 0.5), gt.expand(1, n, 4).clone()
-    kept = []
-    for order in (torch.arange(n), torch.arange(n).flip(0)):
-        assigned = assign_aligned(scores, pred, torch.tensor([0]), torch.tensor([0]), gt, pr, topk=2,
-                                  rows=order[None], static=True)
-        kept.append((assigned.target[0] == 0).nonzero().flatten().tolist())
-    assert kept[0] == kept[1] == [4 * 16 + 4, 4 * 16 + 5]
 
 
 def _prior_best_and_exact_elsewhere(head: DecoupledDetect) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
