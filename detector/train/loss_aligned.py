@@ -98,7 +98,7 @@ class _Targets(NamedTuple):
     gt_image: Tensor
     gt_cls: Tensor
     rows: Tensor
-    real: Tensor
+    real: Tensor | None  # None: every row of `rows` is real (the fixed windows)
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -324,16 +324,17 @@ class AlignedLoss:
         head = self.head
         key = (tuple(shapes), device, head.anchors.data_ptr(), head.anchors._version, head.stride._version)
         if self._grid_cache is None or self._grid_cache.key != key:
-            strides = head.stride.float().cpu()
-            image_px = torch.tensor([shapes[0][1], shapes[0][0]], dtype=torch.float32) * strides[0]
+            stride_list = head.stride.float().cpu().tolist()
+            image_px = torch.tensor([shapes[0][1], shapes[0][0]], dtype=torch.float32) * stride_list[0]
             anchors_px = head.anchors_px.float().cpu()
-            self._grid_cache = _Grid(key, strides.tolist(), anchors_px, image_px, Priors(*head.cell_priors(shapes, device)),
-                                     window_sizes(anchors_px.tolist(), strides.tolist(), shapes, self.assign_kw["anchor_t"]))
+            self._grid_cache = _Grid(key, stride_list, anchors_px, image_px, Priors(*head.cell_priors(shapes, device)),
+                                     window_sizes(anchors_px.tolist(), stride_list, shapes, self.assign_kw["anchor_t"]))
         return self._grid_cache
 
     def _targets(self, targets: Tensor, grid: _Grid, shapes: list[tuple[int, int]], device: torch.device) -> _Targets:
-        """The batch's targets in px and each one's anchor window (`box_windows`), built on the host and moved to
-        `device`: give host targets, as the trainer does, and no step waits on the device."""
+        """The batch's targets in px and each one's anchor window (`box_windows`, or `window_rows` in the anchor-box
+        epoch), built on the host and moved to `device`: give host targets, as the trainer does, and no step waits
+        on the device."""
         host = targets.detach().to("cpu", torch.float32)
         gt_xyxy = box_convert(host[:, 2:6] * grid.image_px.repeat(2), "cxcywh", "xyxy")
         if self.static:
@@ -342,12 +343,11 @@ class AlignedLoss:
             # trained with. Ties broken toward the lower row over the per-target windows instead gave the hard set's
             # 60 epochs AP 0.562 and 0.556 (seeds 0, 1) against 0.585 and 0.565, APl 0.725 and 0.682 against 0.837 and
             # 0.909 (the Sapphire Rapids Xeon, 2026-12-06): one epoch's 2.6% of positives, too close to call noise.
-            rows = window_rows(gt_xyxy, grid.strides, shapes, self.head.na, grid.window_sizes)
-            real = torch.ones_like(rows, dtype=torch.bool)
+            rows, real = window_rows(gt_xyxy, grid.strides, shapes, self.head.na, grid.window_sizes), None
         else:
             rows, real = box_windows(gt_xyxy, grid.strides, shapes, grid.anchors_px, self.assign_kw["anchor_t"])
         image, cls = host[:, 0].long(), host[:, 1].long()
-        return _Targets(*(t.to(device) for t in (gt_xyxy, image, cls, rows, real)))
+        return _Targets(*(t.to(device) for t in (gt_xyxy, image, cls, rows)), None if real is None else real.to(device))
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]
