@@ -44,6 +44,7 @@ from torchvision.ops import box_convert, complete_box_iou_loss
 from detector.models.head import decode_boxes
 
 _EPS = 1e-9
+_RANK_PAIRS = 2**18  # (target, anchor) pairs ranked at once in the anchor-box epochs (`assign_static`)
 _MIN_WH = 1e-2  # px, keeps decoded widths and heights above 0 (1e-6 is below float32 resolution at 256 px)
 
 
@@ -88,6 +89,7 @@ class _Grid(NamedTuple):
     anchors_px: Tensor  # (nl, na, 2) on the host
     image_px: Tensor  # (2,) input width, height on the host
     priors: Priors  # on the maps' device
+    own_boxes: Tensor  # (N, 4) each anchor's own box (`anchor_boxes`), for the anchor-box epochs' ranking
     window_sizes: list[tuple[int, int, int, int]]  # the static epoch's fixed windows (`window_sizes`)
 
 
@@ -118,13 +120,6 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     """Rows of `table` (R, C) at `index` (...) -> (..., C). index_select, not `table[index]`: advanced indexing
     took 2-3x as long on CPU for the assignment's (M, K) gathers."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
-
-
-def gather_priors(priors: Priors, rows: Tensor) -> Priors:
-    """Each target's own prior rows (M, K, ...), by one gather of the three tables side by side (a 5-column
-    index_select took 0.9 ms on the hard set's (148, 4872) rows, three separate ones 2.0 ms)."""
-    cell, anchor, stride = gather_rows(torch.cat(priors, -1), rows).split((2, 2, 1), -1)
-    return Priors(cell, anchor, stride)
 
 
 def candidate_mask(gt_xyxy: Tensor, priors: Priors, anchor_t: float) -> Tensor:
@@ -220,6 +215,13 @@ def box_windows(gt_xyxy: Tensor, strides: Sequence[float], shapes: Sequence[tupl
 
 
 @torch.no_grad()
+def anchor_boxes(priors: Priors) -> Tensor:
+    """Each anchor row's own box (N, 4) xyxy px: what the bounded decode gives for sigmoid 0.5 (the anchor
+    centred on its cell). The anchor-box epochs rank by its IoU; it depends on the grid alone, so the loss builds
+    it once per grid and gathers it with the priors."""
+    return box_convert(decode_boxes(priors.anchor.new_full((*priors.anchor.shape[:-1], 4), 0.5), *priors), "cxcywh", "xyxy")
+
+
 def assign_aligned(
     pred_scores: Tensor,
     pred_xyxy: Tensor,
@@ -234,44 +236,89 @@ def assign_aligned(
     anchor_t: float = 4.0,
     rows: Tensor | None = None,
     real: Tensor | None = None,
-    static: bool = False,
 ) -> Assignment:
     """Task-aligned positives for a batch. pred_scores (B, N, nc) probabilities; pred_xyxy (B, N, 4) px;
     gt_image, gt_cls (M,) int64; gt_xyxy (M, 4) px; rows (M, K) the anchor rows each target scores, `real`
     (M, K) which of them count (every row when None; `box_windows` gives the same positives from far fewer).
-    `static`: rank and share the candidates by the IoU of the anchor boxes themselves, not by the predictions
-    (`AlignedLoss.static_epochs`), with the predicted box's IoU as the soft label. Returns the `Assignment`."""
+    Returns the `Assignment`, soft labels as TOOD's: t rescaled per target so that its best positive gets that
+    positive's IoU."""
     batch, num_rows, nc = pred_scores.shape
-    if rows is None:
+    if rows is None:  # every row for every target: the (N, ...) priors broadcast
         rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
     else:
-        priors = gather_priors(priors, rows)
+        priors = Priors(*_gather_tables(priors, rows))
     flat = gt_image[:, None] * num_rows + rows  # (M, K) into the batch's B * N rows
     iou = pairwise_iou(gt_xyxy[:, None, :], gather_rows(pred_xyxy.reshape(-1, 4), flat))
     candidate = candidate_mask(gt_xyxy, priors, anchor_t)
     if real is not None:
         candidate &= real
-    if static:  # an anchor's own box: what the bounded decode gives for sigmoid 0.5
-        anchor_boxes = decode_boxes(priors.anchor.new_full((*priors.anchor.shape[:-1], 4), 0.5), *priors)
-        overlap = pairwise_iou(gt_xyxy[:, None, :], box_convert(anchor_boxes, "cxcywh", "xyxy"))
-        metric = overlap
-    else:
-        score = pred_scores.reshape(-1).take(flat * nc + gt_cls[:, None])
-        overlap, metric = iou, score.pow(alpha) * iou.pow(beta)
+    metric = pred_scores.reshape(-1).take(flat * nc + gt_cls[:, None]).pow(alpha) * iou.pow(beta)
     # Candidates rank above every other anchor even at metric 0, so a target with any candidate gets positives.
     top = torch.where(candidate, metric, -1.0).topk(min(topk, rows.shape[1]), dim=1).indices  # (M, k)
-    flat, iou, metric, overlap = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top), overlap.gather(1, top)
-    positive, owner = _owned(candidate.gather(1, top), flat, overlap, batch * num_rows)
+    flat, iou, metric = flat.gather(1, top), iou.gather(1, top), metric.gather(1, top)
+    positive, owner = _owned(candidate.gather(1, top), flat, iou, batch * num_rows)
+    metric = metric * positive
+    peak_iou = (iou * positive).amax(1, keepdim=True)
+    soft = metric * peak_iou / (metric.amax(1, keepdim=True) + _EPS)
+    return _assignment(owner, flat, soft, batch, num_rows)
 
-    if static:
-        soft = iou.clamp(min=0.0) * positive
-    else:  # t rescaled per target so that its best positive gets that positive's IoU
-        metric = metric * positive
-        peak_iou = (iou * positive).amax(1, keepdim=True)
-        soft = metric * peak_iou / (metric.amax(1, keepdim=True) + _EPS)
-    score_flat = iou.new_zeros(batch * num_rows).scatter_add_(0, flat.reshape(-1), soft.reshape(-1))
-    return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows), rows=flat,
-                      soft=soft)
+
+def assign_static(
+    pred_xyxy: Tensor,
+    gt_image: Tensor,
+    gt_xyxy: Tensor,
+    priors: Priors,
+    own_boxes: Tensor,
+    *,
+    topk: int = 10,
+    anchor_t: float = 4.0,
+    rows: Tensor | None = None,
+) -> Assignment:
+    """The anchor-box epochs' positives (`AlignedLoss.static_epochs`): candidates ranked, and shared, by the IoU of
+    the anchor boxes themselves (`own_boxes`, (N, 4) from `anchor_boxes`), not by the predictions; the predicted
+    box's IoU is the soft label. Arguments as `assign_aligned`'s. The predictions rank nothing here, so only the
+    top k's are read, and the anchors' own boxes come from the grid rather than a decode per pair: the same
+    assignment as ranking every pair's predicted and own box, and the loss's forward and backward 65-83 -> 40-43
+    ms on hard-set batches of 148-219 targets (2-core AMD EPYC Zen 4, six real batches, bit-identical losses and
+    gradients)."""
+    batch, num_rows = pred_xyxy.shape[:2]
+    if rows is None:
+        rows = torch.arange(num_rows, device=gt_xyxy.device).expand(len(gt_xyxy), num_rows)
+    k = min(topk, rows.shape[1])
+    # Ranked a slice of targets at a time: the same per-target top k, from a gathered table of at most
+    # _RANK_PAIRS pairs (9.4 MB). Whole, the hard set's (219, 4,872, 9) table was 38 MB, above glibc's largest
+    # mmap threshold, so each step mapped and faulted in 18 MB of fresh pages (4,600 faults).
+    chunk = max(1, _RANK_PAIRS // rows.shape[1])
+    ranked = [_rank_by_anchor_boxes(gt_xyxy[i:i + chunk], rows[i:i + chunk], (*priors, own_boxes), k, anchor_t)
+              for i in range(0, max(len(gt_xyxy), 1), chunk)]  # one empty slice when there are no targets
+    top_rows, candidate, overlap = (torch.cat(parts) for parts in zip(*ranked))
+    flat = gt_image[:, None] * num_rows + top_rows
+    positive, owner = _owned(candidate, flat, overlap, batch * num_rows)
+    soft = pairwise_iou(gt_xyxy[:, None, :], gather_rows(pred_xyxy.reshape(-1, 4), flat)).clamp(min=0.0) * positive
+    return _assignment(owner, flat, soft, batch, num_rows)
+
+
+def _rank_by_anchor_boxes(gt_xyxy: Tensor, rows: Tensor, tables: Sequence[Tensor], k: int,
+                          anchor_t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Each target's k best anchors of its `rows` (M, K) by the IoU of their own boxes, candidates first: their
+    rows, candidacy and IoU (M, k). `tables`: the priors' three and the anchors' own boxes, (N, ...) each."""
+    *gathered, own_boxes = _gather_tables(tables, rows)
+    candidate = candidate_mask(gt_xyxy, Priors(*gathered), anchor_t)
+    overlap = pairwise_iou(gt_xyxy[:, None, :], own_boxes)
+    top = torch.where(candidate, overlap, -1.0).topk(k, dim=1).indices
+    return rows.gather(1, top), candidate.gather(1, top), overlap.gather(1, top)
+
+
+def _gather_tables(tables: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
+    """Per-row tables (N, C_i) at `rows` (M, K) -> (M, K, C_i) each, by one gather of the tables side by side (a
+    5-column index_select took 0.9 ms on the hard set's (148, 4872) rows, three separate ones 2.0 ms)."""
+    return list(gather_rows(torch.cat(list(tables), -1), rows).split([t.shape[-1] for t in tables], -1))
+
+
+def _assignment(owner: Tensor, flat: Tensor, soft: Tensor, batch: int, num_rows: int) -> Assignment:
+    """The `Assignment` of (M, k) pairs at batch rows `flat` with their soft labels."""
+    score_flat = soft.new_zeros(batch * num_rows).scatter_add_(0, flat.reshape(-1), soft.reshape(-1))
+    return Assignment(target=owner.view(batch, num_rows), score=score_flat.view(batch, num_rows), rows=flat, soft=soft)
 
 
 def _owned(positive: Tensor, flat: Tensor, overlap: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
@@ -327,7 +374,8 @@ class AlignedLoss:
             stride_list = head.stride.float().cpu().tolist()
             image_px = torch.tensor([shapes[0][1], shapes[0][0]], dtype=torch.float32) * stride_list[0]
             anchors_px = head.anchors_px.float().cpu()
-            self._grid_cache = _Grid(key, stride_list, anchors_px, image_px, Priors(*head.cell_priors(shapes, device)),
+            priors = Priors(*head.cell_priors(shapes, device))
+            self._grid_cache = _Grid(key, stride_list, anchors_px, image_px, priors, anchor_boxes(priors),
                                      window_sizes(anchors_px.tolist(), stride_list, shapes, self.assign_kw["anchor_t"]))
         return self._grid_cache
 
@@ -365,8 +413,12 @@ class AlignedLoss:
         gt_xyxy, gt_image, gt_cls, rows, real = self._targets(targets, grid, shapes, cls_logits.device)
         with torch.no_grad():  # every row's box, for the ranking only: the box loss decodes its own rows below
             pred_xyxy = _decoded_xyxy(box_logits, priors)
-        assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy, gt_image, gt_cls, gt_xyxy,
-                                  priors, rows=rows, real=real, static=self.static, **self.assign_kw)
+        if self.static:
+            assigned = assign_static(pred_xyxy, gt_image, gt_xyxy, priors, grid.own_boxes, rows=rows,
+                                     topk=self.assign_kw["topk"], anchor_t=self.assign_kw["anchor_t"])
+        else:
+            assigned = assign_aligned(cls_logits.detach().sigmoid(), pred_xyxy, gt_image, gt_cls, gt_xyxy, priors,
+                                      rows=rows, real=real, **self.assign_kw)
 
         owner_cls = gt_cls[assigned.target.clamp(min=0)] if len(gt_cls) else torch.zeros_like(assigned.target)
         cls_target = torch.zeros_like(cls_logits).scatter_(-1, owner_cls[..., None], assigned.score[..., None])

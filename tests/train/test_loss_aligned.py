@@ -1,4 +1,5 @@
-"""AlignedLoss and assign_aligned: hand-computed positives, a perfect prediction, conflicts, empty batches."""
+"""AlignedLoss, assign_aligned and assign_static: hand-computed positives, a perfect prediction, conflicts, empty
+batches."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from detector.train.loss import YoloLoss, build_loss
 from detector.train.loss_aligned import (
     AlignedLoss,
     Priors,
+    anchor_boxes,
     assign_aligned,
+    assign_static,
     box_windows,
     candidate_mask,
     gather_rows,
@@ -327,9 +330,9 @@ def _prior_best_and_exact_elsewhere(head: DecoupledDetect) -> tuple[torch.Tensor
 def test_static_assignment_ranks_by_the_anchor_boxes_not_the_predictions() -> None:
     head = make_head()
     gt, pred, scores, row = _prior_best_and_exact_elsewhere(head)
-    args = (scores, pred, torch.tensor([0]), torch.tensor([1]), gt, priors(head))
-    aligned = assign_aligned(*args, topk=1)
-    static = assign_aligned(*args, topk=1, static=True)
+    pr = priors(head)
+    aligned = assign_aligned(scores, pred, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=1)
+    static = assign_static(pred, torch.tensor([0]), gt, pr, anchor_boxes(pr), topk=1)
     assert aligned.target[0, row] == -1 and int((aligned.target == 0).sum()) == 1  # an exact prediction won
     assert (static.target[0] == 0).nonzero().flatten().tolist() == [row]
     off_iou = pairwise_iou(gt[0], pred[0, row])  # the soft label is the predicted box's IoU: 8x8 / (2 * 16^2 - 64)
@@ -342,16 +345,39 @@ def test_static_assignment_takes_the_top_k_anchor_boxes_by_iou() -> None:
     n = pr.cell.shape[0]
     gt = torch.tensor([[42.0, 40.0, 86.0, 90.0]])  # candidates at P3 and P4, anchor boxes of many overlaps
     pred, scores = torch.rand(1, n, 4).cumsum(-1) * 60, torch.rand(1, n, 3)  # predictions that must not matter
-    anchor_boxes = box_convert(torch.cat(((pr.cell + 0.5) * pr.stride, pr.anchor), -1), "cxcywh", "xyxy")
+    own_boxes = box_convert(torch.cat(((pr.cell + 0.5) * pr.stride, pr.anchor), -1), "cxcywh", "xyxy")
+    assert torch.equal(anchor_boxes(pr), own_boxes)  # the decode at sigmoid 0.5: each anchor centred on its cell
     candidate = candidate_mask(gt, pr, 4.0)[0]
     k = int(candidate.sum()) // 2
     assert k >= 4
-    overlap = torch.where(candidate, pairwise_iou(gt, anchor_boxes)[0], -1.0)
-    static = assign_aligned(scores, pred, torch.tensor([0]), torch.tensor([1]), gt, pr, topk=k, static=True)
+    overlap = torch.where(candidate, pairwise_iou(gt, own_boxes)[0], -1.0)
+    static = assign_static(pred, torch.tensor([0]), gt, pr, own_boxes, topk=k)
     chosen = static.target[0] == 0
     assert int(chosen.sum()) == k and candidate[chosen].all()
     # the k largest anchor-box IoUs (compared as values: equal-sized anchor boxes inside the target tie)
     assert torch.equal(overlap[chosen].sort().values, overlap.topk(k).values.sort().values)
+
+
+def test_static_ranking_a_slice_of_targets_at_a_time_gives_the_whole_batchs_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`assign_static` ranks _RANK_PAIRS pairs at a time (a table above glibc's mmap threshold faulted in fresh
+    pages every step): slices of 1, 7 and all targets give the same assignment, bit for bit, over the fixed
+    windows the anchor-box epoch uses, with targets sharing anchors across the slices' edges."""
+    head, shapes = four_level_head()
+    targets = random_targets(60, seed=9)
+    gt = box_convert(targets[:, 2:] * torch.tensor([256.0, 192, 256, 192]), "cxcywh", "xyxy")
+    pr = Priors(*head.cell_priors(shapes, torch.device("cpu")))
+    rows = window_rows(gt, head.stride.tolist(), shapes, head.na, window_sizes(head.anchors_px.tolist(), head.stride.tolist(), shapes, 4.0))
+    pred = box_convert(torch.rand(2, pr.cell.shape[0], 4) * torch.tensor([256.0, 192, 64, 64]), "cxcywh", "xyxy")
+    args = (pred, targets[:, 0].long(), gt, pr, anchor_boxes(pr))
+    results = []
+    for pairs in (rows.shape[1], 7 * rows.shape[1], 10**9):
+        monkeypatch.setattr(loss_aligned, "_RANK_PAIRS", pairs)
+        results.append(assign_static(*args, rows=rows))
+    assert int((results[-1].target >= 0).sum()) > 60
+    for result in results[:-1]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[-1]))
+    empty = assign_static(pred, torch.zeros(0, dtype=torch.long), gt[:0], pr, anchor_boxes(pr), rows=rows[:0])
+    assert (empty.target == -1).all() and empty.rows.shape == (0, 10) and not empty.score.any()
 
 
 def test_set_epoch_keeps_the_static_assignment_for_the_first_epochs_only() -> None:
