@@ -173,6 +173,8 @@ class BenchTrainOptions:
     channels_last: bool = option(True, "channels_last memory format")
     profile: bool = option(False, "also split the end-to-end run's main process into its stages (torch.profiler)")
     cache: str = option("auto", "the end-to-end run's decoded-image cache: ram, auto or '' (off), as in detector train", choices=["auto", "ram", ""])
+    device: str = option("", "'' (a GPU when there is one, else the CPU), cpu, cuda, 0 ... (one device)")
+    compile: bool = option(False, "torch.compile the model in all three runs, as detector train compile=true (its compilation is not timed)")
 
 
 @dataclass

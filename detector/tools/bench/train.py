@@ -15,7 +15,8 @@ GFLOPs x (256/640)^2 = 40 GFLOP/s).
 `data=<dataset YAML>` times a real dataset instead of the generated set, and `profile=true` also splits the
 end-to-end run's main process into the trainer's stages (its `record_function` ranges: the wait for the loader,
 forward, loss + assignment, backward, optimizer step + EMA, progress + logging), which shows where the time
-around the model goes.
+around the model goes. `device=` runs all three on one GPU (the model-only loop synchronizes it around each
+timed step; fp16 goes through a GradScaler as in training) and `compile=true` compiles the model in each, untimed.
 
 Options (key=value): `detector.options.BenchTrainOptions`; `detector bench train --help` lists them with their
 defaults and ranges.
@@ -44,41 +45,56 @@ from detector.models.builder import build_model
 from detector.models.catalog import resolve_model_path
 from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
-from detector.runtime.device import autocast_dtype
+from detector.runtime.device import autocast_dtype, needs_grad_scaler, select_device
 from detector.train.loss import build_loss
 from detector.train.trainer import Trainer, train
 from detector.viz.logger import read_results
 from detector.viz.tables import format_table
 
 
-def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, amp: str, channels_last: bool, iters: int = 5) -> float:
-    """Images/s of forward + loss + backward + SGD step on one fixed random batch (best of `iters`), with the heap
-    held as the trainer holds it."""
+def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: BenchTrainOptions, device: torch.device,
+                    iters: int = 5) -> float:
+    """Images/s of forward + loss + backward + SGD step on one fixed random batch on `device` (best of `iters`, after
+    two untimed steps that pay oneDNN's or cuDNN's set-up and `opts.compile`'s compilation), with the heap held as
+    the trainer holds it and fp16 through a GradScaler as the trainer runs it."""
     memory.hold_freed_heap()
-    device = torch.device("cpu")
-    model = build_model(model_path, nc=nc).train()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    model = build_model(model_path, nc=nc).train().to(device, memory_format=fmt)
     criterion = build_loss(model.head, imgsz=imgsz)
+    step_model = torch.compile(model) if opts.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    dtype = autocast_dtype(device, amp)
-    images = torch.rand(batch, 3, imgsz, imgsz).contiguous(memory_format=fmt)
+    dtype = autocast_dtype(device, opts.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and needs_grad_scaler(dtype))
+    images = torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
     generator = torch.Generator().manual_seed(0)
     n = batch * 4
     targets = torch.cat([torch.arange(n).remainder(batch)[:, None].float(), torch.randint(0, nc, (n, 1), generator=generator).float(),
                          0.2 + 0.6 * torch.rand(n, 2, generator=generator), 0.05 + 0.3 * torch.rand(n, 2, generator=generator)], 1)
     best = float("inf")
     for i in range(iters + 2):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            raw = model(images)
+        start = _clock(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            raw = step_model(images)
         loss, _ = criterion(raw, targets)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:
-            best = min(best, time.perf_counter() - start)
+            best = min(best, _clock(device) - start)
     return batch / best
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (a sync on a GPU, so a step's time is its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def device_label(device: torch.device) -> str:
+    """'cpu' or the GPU's name, for the table's header."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def _train_values(model: str, data_yaml: Path, project: Path, opts: BenchTrainOptions) -> dict:
@@ -86,7 +102,7 @@ def _train_values(model: str, data_yaml: Path, project: Path, opts: BenchTrainOp
     return {"model": model, "data": str(data_yaml), "project": str(project), "name": model, "epochs": 2, "val_interval": 99,
             "imgsz": opts.imgsz, "batch": opts.batch, "workers": opts.workers, "worker_priority": opts.worker_priority,
             "amp": opts.amp, "channels_last": opts.channels_last, "cache": opts.cache, "plots": False, "close_mosaic": 0,
-            "warmup_min_iters": 0}
+            "warmup_min_iters": 0, "device": opts.device, "compile": opts.compile}
 
 
 # the `record_function` ranges of the trainer's step (train/trainer.py), in the order a step runs them
@@ -158,21 +174,22 @@ def main(opts: BenchTrainOptions) -> None:
     if not opts.configs:
         raise DetectorError("bench train: 'configs' is empty")
     imgsz, batch = opts.imgsz, opts.batch
+    device = select_device(opts.device)
     rows, profiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data_yaml, nc, images = _dataset(opts, Path(tmp))
         for name in opts.configs:
             path = resolve_model_path(name)
             gflops = count_flops(build_model(path, nc=nc), imgsz)
-            model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, amp=opts.amp, channels_last=opts.channels_last)
+            model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, opts=opts, device=device)
             held_rate = held_batch_rate(name, data_yaml, Path(tmp) / "runs", opts)
             e2e_rate, profiles[name] = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts, images)
             rows.append([name, round(gflops, 2), round(model_rate, 1), round(held_rate, 1), round(e2e_rate, 1),
                          round(e2e_rate / held_rate, 2), round(e2e_rate * gflops, 1)])
     workers = resolve_workers(opts.workers, batch_size=batch)
     print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers} ({opts.worker_priority} priority), "
-          f"cache {opts.cache or 'off'}, amp {opts.amp}, "
-          f"channels_last {opts.channels_last}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
+          f"cache {opts.cache or 'off'}, amp {opts.amp}, channels_last {opts.channels_last}, compile {opts.compile}, "
+          f"device {device_label(device)}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
     headers = ["config", f"GFLOPs@{imgsz}", "model img/s", "held-batch img/s", "end-to-end img/s", "loader efficiency", "GFLOP/s"]
     print(format_table(headers, rows, floatfmt=".2f"))
     for name, stages in profiles.items():

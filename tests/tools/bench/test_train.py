@@ -68,3 +68,36 @@ def test_the_held_batch_run_feeds_the_trainer_one_batch_and_runs_no_workers(make
     # a few warm-up steps, then the timed epoch's; one batch throughout
     assert len(fed) == 2 and len(fed[0]) == min(bench_train.WARMUP_STEPS, len(fed[1])) and len(fed[1]) > 1
     assert len(set(fed[0] + fed[1])) == 1
+
+
+def test_device_and_compile_reach_all_three_runs(make_data_yaml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`device=` and `compile=` go to the model-only loop and to the trainer's runs, and the header names the
+    device (on a GPU, its name). torch.compile is replaced by a recorder: compiling takes minutes on 2 cores."""
+    import torch
+
+    from detector.tools.bench import train as bench_train
+    from detector.train.trainer import Trainer
+
+    compiled: list[str] = []
+
+    def recording_compile(module: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(type(module).__name__)
+        return module
+
+    devices: list[str] = []
+    real_build = Trainer.build
+
+    def recording_build(self: Trainer) -> None:
+        devices.append(str(self.device))
+        real_build(self)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(Trainer, "build", recording_build)
+    main(BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=2, workers=0, data=str(make_data_yaml()), device="cpu",
+                           compile=True))
+    out = capsys.readouterr().out
+    assert "compile True, device cpu," in out
+    assert devices == ["cpu", "cpu"]  # the held-batch run and the end-to-end run
+    assert compiled == ["DetectionModel"] * 3  # the model-only loop's model and each trainer's
+    assert bench_train.device_label(torch.device("cpu")) == "cpu"
