@@ -74,3 +74,25 @@ def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(shapes: Path
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp"]  # only rank 0 writes
     assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
     assert len(list((tmp_path / "runs" / "exp").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL and SyncBatchNorm need two GPUs (NCCL takes one rank per GPU)")
+def test_two_nccl_ranks_with_sync_bn_stay_identical(shapes: Path, tmp_path: Path) -> None:
+    """The GPU form of the drill above (#16 item 7): NCCL moves the gradients and the trainer's broadcasts, and
+    sync_bn=true converts every BatchNorm, with no warning."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    env = hooks_env(tmp_path, DRILL_WEIGHTS=str(weights))
+    keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "0,1",
+            "model": "yolo-ca-n", "sync_bn": "true", "amp": "bf16"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "sync_bn=true ignored" not in output
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+    assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
