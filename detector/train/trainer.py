@@ -99,6 +99,14 @@ def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield batch
 
 
+@dataclass
+class _SkippedSteps:
+    """Non-finite optimizer steps of the epoch in progress: in a row (the run stops at `max_nonfinite`) and in all."""
+
+    in_row: int = 0
+    in_epoch: int = 0
+
+
 class Trainer:
     """Owns the objects of one training run; `fit()` runs it and returns the final metrics."""
 
@@ -396,8 +404,8 @@ class Trainer:
         self.train_loader.set_epoch(epoch)  # order and augmentation from (seed, epoch): a resume replays them
         self.criterion.set_epoch(epoch)
         running = torch.zeros(3, device=self.device)
-        nonfinite_run = 0
-        nonfinite_epoch = 0
+        losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # over the accumulated micro-batches
+        skipped = _SkippedSteps()
         seen = 0
         unreadable: set[str] = set()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
@@ -409,35 +417,26 @@ class Trainer:
             images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
             targets = batch["targets"]  # on the host: each loss moves what it needs (AlignedLoss sizes its windows there)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
-            parts = self._forward_backward(images, targets, sync_now)
+            parts, finite = self._forward_backward(images, targets, sync_now)
+            losses_finite = losses_finite & finite
             running = running + (parts - running) / (i + 1)
             seen += images.shape[0]
             unreadable.update(f for meta in batch["meta"] for f in meta["unreadable"])
             if sync_now:
                 with record_function("optimizer step + EMA"):
-                    stepped = self._optimizer_step()
-                if stepped:
-                    nonfinite_run = 0
-                else:
-                    nonfinite_run += 1
-                    nonfinite_epoch += 1
-                    self.state.nonfinite_total += 1
-                    LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, nonfinite_run)
-                    if nonfinite_run >= cfg.max_nonfinite:
-                        raise DetectorError(
-                            f"training stopped: {nonfinite_run} non-finite steps in a row at epoch {epoch + 1}; "
-                            f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
-                        )
+                    outcome = self._optimizer_step(losses_finite)
+                losses_finite = torch.ones_like(losses_finite)
+                self._count_skipped(skipped, outcome, epoch, i)
             if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
                 with record_function("progress bar + logging"):
                     self._log_progress(bar, step, running, batch, first=i == 0)
         bar.close()
-        return running.cpu(), nonfinite_epoch, seen, unreadable
+        return running.cpu(), skipped.in_epoch, seen, unreadable
 
-    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync_now: bool) -> torch.Tensor:
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync_now: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Autocast forward, loss, scaled backward (gradients synced across DDP ranks only when `sync_now`);
-        returns the detached loss parts. Each stage is a `record_function` range, so `detector bench train`'s
-        profile of a real epoch splits the step into them."""
+        returns the detached loss parts and whether the loss is finite (a device flag: no sync here). Each stage is
+        a `record_function` range, so `detector bench train`'s profile of a real epoch splits the step into them."""
         no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync_now) else contextlib.nullcontext()
         with no_sync:
             with record_function("forward"), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -449,7 +448,7 @@ class Trainer:
                 loss = loss * self.dist.world_size  # DDP averages gradients over ranks; YOLO's loss is a sum
             with record_function("backward"):
                 self.scaler.scale(loss).backward()
-        return parts
+        return parts, torch.isfinite(loss.detach())
 
     def _log_progress(self, bar: tqdm, step: int, running: torch.Tensor, batch: dict, *, first: bool) -> None:
         """Rank 0, every LOG_INTERVAL steps: the progress bar's losses, TensorBoard scalars, the first batch's grid."""
@@ -471,22 +470,46 @@ class Trainer:
             return self.accumulate
         return max(1, round(float(np.interp(step, [0, warmup], [1, self.cfg.nbs / self.cfg.batch]))))
 
-    def _optimizer_step(self) -> bool:
-        """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA."""
+    def _optimizer_step(self, losses_finite: torch.Tensor) -> str:
+        """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA. Returns "stepped";
+        "overflow" when only the fp16 GradScaler's scaled gradients overflowed (finite losses: the scaler skips the
+        step and lowers its scale, its normal start, not a fault); or "nonfinite" (an inf or NaN loss or gradient)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        finite = bool(torch.isfinite(norm))
+        finite, losses_ok = torch.stack((torch.isfinite(norm), losses_finite.to(norm.device))).tolist()
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # a scaler skips non-finite steps itself
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if finite and self.ema is not None:
             self.ema.update(self.model)
-        return finite
+        if finite:
+            return "stepped"
+        return "overflow" if self.scaler.is_enabled() and losses_ok else "nonfinite"
+
+    def _count_skipped(self, skipped: _SkippedSteps, outcome: str, epoch: int, i: int) -> None:
+        """Count a non-finite step, warn, and stop the run after `max_nonfinite` in a row (a stepped one resets the
+        run; an fp16 overflow leaves it as it is, logged at debug level only)."""
+        if outcome == "stepped":
+            skipped.in_row = 0
+            return
+        if outcome == "overflow":
+            LOGGER.debug("fp16 gradients overflowed at epoch %d iteration %d: GradScaler skipped the step, scale now %g",
+                         epoch + 1, i, self.scaler.get_scale())
+            return
+        skipped.in_row += 1
+        skipped.in_epoch += 1
+        self.state.nonfinite_total += 1
+        LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, skipped.in_row)
+        if skipped.in_row >= self.cfg.max_nonfinite:
+            raise DetectorError(
+                f"training stopped: {skipped.in_row} non-finite steps in a row at epoch {epoch + 1}; "
+                f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
+            )
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""

@@ -47,11 +47,11 @@ def _install() -> None:
 
         real_step = Trainer._optimizer_step
 
-        def step(self):
-            finite = real_step(self)
+        def step(self, *args):
+            outcome = real_step(self, *args)
             if self.state.epoch >= 0:  # a completed epoch, so a checkpoint, exists
                 _park()
-            return finite
+            return outcome
 
         Trainer._optimizer_step = step
     elif park == "val":

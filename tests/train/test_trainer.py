@@ -17,8 +17,10 @@ import torch
 
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
+from detector.data.transforms import to_model_input
 from detector.errors import DetectorError
 from detector.runtime.checkpoint import load_checkpoint
+from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
@@ -86,6 +88,40 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_pat
     last = load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")
     assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_a_grad_scaler_overflow_skips_the_step_without_counting_it_and_an_inf_loss_still_counts(
+        tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """fp16's GradScaler starts at a scale that overflows the first gradients by design: such a step (finite
+    losses) is the scaler's to skip, not a non-finite step that warns and counts toward `max_nonfinite`. The CPU
+    run gets a real, enabled GradScaler in place of the CUDA one (the trainer enables it on CUDA alone)."""
+    trainer = Trainer(make_config(tiny_data, tmp_path, max_nonfinite="1"))
+    try:
+        trainer.build()
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        batch = next(iter(trainer.train_loader))
+        images = to_model_input(batch["images"], trainer.device)
+
+        def overflowing_step(losses_finite: torch.Tensor) -> str:
+            parts, finite = trainer._forward_backward(images, batch["targets"], sync_now=True)
+            assert bool(finite) and torch.isfinite(parts).all()
+            next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+            return trainer._optimizer_step(losses_finite & finite)
+
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        assert overflowing_step(torch.tensor(True)) == "overflow"
+        assert trainer.scaler.get_scale() == 2.0**9  # backed off
+        assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        skipped = trainer_module._SkippedSteps()
+        with caplog.at_level("WARNING"):
+            trainer._count_skipped(skipped, "overflow", 0, 0)
+        assert (skipped.in_row, skipped.in_epoch, trainer.state.nonfinite_total) == (0, 0, 0) and not caplog.records
+        assert overflowing_step(torch.tensor(False)) == "nonfinite"  # an inf or NaN loss is a fault, scaler or not
+        with pytest.raises(DetectorError, match="1 non-finite steps in a row at epoch 1"):
+            trainer._count_skipped(skipped, "nonfinite", 0, 1)
+        assert trainer.state.nonfinite_total == 1
+    finally:
+        trainer.close()
 
 
 def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_path: Path):
