@@ -50,17 +50,10 @@ def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(shapes: Path
     env = hooks_env(tmp_path, DRILL_SAMPLER=str(sampler_log), DRILL_WEIGHTS=str(weights))
     keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "cpu",
             "model": "yolo-attn-n", "attention": "none", "sync_bn": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    output = _train_two_ranks(keys, env)
     assert "Expected to have finished reduction" not in output
     assert output.count("sync_bn=true ignored: SyncBatchNorm needs CUDA") == 1  # said once, by rank 0
-
-    rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+    _assert_ranks_identical(weights)
 
     orders: dict[tuple[int, int], list[int]] = {}
     for line in sampler_log.read_text().splitlines():
@@ -86,13 +79,23 @@ def test_two_nccl_ranks_with_sync_bn_stay_identical(shapes: Path, tmp_path: Path
     env = hooks_env(tmp_path, DRILL_WEIGHTS=str(weights))
     keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "0,1",
             "model": "yolo-ca-n", "sync_bn": "true", "amp": "bf16"}
+    assert "sync_bn=true ignored" not in _train_two_ranks(keys, env)
+    _assert_ranks_identical(weights)
+    assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
+
+
+def _train_two_ranks(keys: dict[str, str], env: dict[str, str]) -> str:
+    """`detector train` with `keys` under torchrun, two ranks on this machine; its output, once it exited 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "sync_bn=true ignored" not in output
+    return output
+
+
+def _assert_ranks_identical(weights: Path) -> None:
+    """Both ranks' final parameters (the DRILL_WEIGHTS hook's rank<k>.pt) are equal bit for bit."""
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
-    assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
