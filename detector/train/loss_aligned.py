@@ -214,7 +214,6 @@ def box_windows(gt_xyxy: Tensor, strides: Sequence[float], shapes: Sequence[tupl
     return rows, real
 
 
-@torch.no_grad()
 def anchor_boxes(priors: Priors) -> Tensor:
     """Each anchor row's own box (N, 4) xyxy px: what the bounded decode gives for sigmoid 0.5 (the anchor
     centred on its cell). The anchor-box epochs rank by its IoU; it depends on the grid alone, so the loss builds
@@ -222,6 +221,7 @@ def anchor_boxes(priors: Priors) -> Tensor:
     return box_convert(decode_boxes(priors.anchor.new_full((*priors.anchor.shape[:-1], 4), 0.5), *priors), "cxcywh", "xyxy")
 
 
+@torch.no_grad()
 def assign_aligned(
     pred_scores: Tensor,
     pred_xyxy: Tensor,
@@ -263,6 +263,7 @@ def assign_aligned(
     return _assignment(owner, flat, soft, batch, num_rows)
 
 
+@torch.no_grad()
 def assign_static(
     pred_xyxy: Tensor,
     gt_image: Tensor,
