@@ -28,6 +28,7 @@ from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
 from detector.models.builder import inference_copy
+from detector.runtime.device import device_clock
 
 __all__ = ["EvalResult", "Evaluator", "detections_to_rows", "fitness", "save_results"]
 
@@ -177,16 +178,16 @@ class Evaluator:
         first_batch = None
         with torch.inference_mode():
             for batch in self.loader:
-                t0 = _clock(device)
+                t0 = device_clock(device)
                 images = to_model_input(batch["images"], device)
-                t1 = _clock(device)
+                t1 = device_clock(device)
                 with amp:
                     pred = augmented_forward(net, images) if self.augment else net(images)
-                t2 = _clock(device)
+                t2 = device_clock(device)
                 self._check_classes(pred)
                 dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det)
                 parts.append(detections_to_rows(dets, batch["meta"], self.category_ids))
-                t3 = _clock(device)
+                t3 = device_clock(device)
                 totals["preprocess"] += t1 - t0
                 totals["inference"] += t2 - t1
                 totals["nms"] += t3 - t2
@@ -226,9 +227,3 @@ def save_results(result: EvalResult, save_dir: str | Path, *, save_json: bool = 
             save_dir / "plots", precision=result.precision, rows=result.rows, gt=result.gt, image_ids=result.image_ids,
             category_ids=result.category_ids, names=result.names, first_batch=result.first_batch,
         )
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # a CPU-GPU sync point, for honest per-stage times
-    return time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -127,6 +128,14 @@ def _cpu_amp(choice: str) -> torch.dtype | None:
         return torch.bfloat16
     LOGGER.info("amp: off on this CPU (no AMX/AVX512-BF16, so bf16 would be emulated and slower than fp32)")
     return None
+
+
+def device_clock(device: torch.device) -> float:
+    """time.perf_counter() once `device` has finished its queued work (a CPU-GPU sync on CUDA, a plain read
+    elsewhere), so a timed stage's seconds are its own and not the queue's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def needs_grad_scaler(dtype: torch.dtype | None) -> bool:

@@ -11,13 +11,13 @@ defaults and ranges.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
 from detector.errors import DetectorError
 from detector.options import BenchModelsOptions
+from detector.runtime.device import device_clock
 from detector.viz.tables import format_table
 
 MODES = {"fp32": (None, False), "fp32-cl": (None, True), "bf16-cl": (torch.bfloat16, True)}
@@ -30,13 +30,9 @@ def images_per_second(step: Callable[[], None], images: int, *, iters: int, warm
         step()
     best = float("inf")
     for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = device_clock(device)
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, device_clock(device) - start)
     return images / best
 
 

@@ -45,7 +45,7 @@ from detector.models.builder import build_model
 from detector.models.catalog import resolve_model_path
 from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
-from detector.runtime.device import autocast_dtype, needs_grad_scaler, select_device
+from detector.runtime.device import autocast_dtype, device_clock, needs_grad_scaler, select_device
 from detector.train.loss import build_loss
 from detector.train.trainer import Trainer, train
 from detector.viz.logger import read_results
@@ -72,7 +72,7 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: 
                          0.2 + 0.6 * torch.rand(n, 2, generator=generator), 0.05 + 0.3 * torch.rand(n, 2, generator=generator)], 1)
     best = float("inf")
     for i in range(iters + 2):
-        start = _clock(device)
+        start = device_clock(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             raw = step_model(images)
         loss, _ = criterion(raw, targets)
@@ -81,15 +81,8 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:
-            best = min(best, _clock(device) - start)
+            best = min(best, device_clock(device) - start)
     return batch / best
-
-
-def _clock(device: torch.device) -> float:
-    """perf_counter after the device's queued work is done (a sync on a GPU, so a step's time is its own)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def device_label(device: torch.device) -> str:
