@@ -12,32 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import TrainConfig, build_options
-from detector.data.synthetic import generate_shapes_dataset
 from detector.data.transforms import to_model_input
 from detector.models.builder import build_model
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train.trainer import Trainer, train
+from train_helpers import make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false",
-        "device": "0", "epochs": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=1, n_train=16, n_val=8, imgsz=128)
-
-
-def make_config(data: Path, project: Path, **overrides: str) -> TrainConfig:
-    return build_options(TrainConfig, {**TINY, "data": str(data), "project": str(project), **overrides}, "test")
+ON_GPU = {"device": "0", "epochs": "1"}  # over the trainer tests' tiny run
 
 
 @pytest.mark.parametrize(("amp", "scaled"), [("fp16", True), ("bf16", False)])
 def test_a_gpu_run_trains_in_its_precision_and_saves_the_scalers_state(tiny_data: Path, tmp_path: Path, amp: str,
                                                                         scaled: bool) -> None:
-    train(make_config(tiny_data, tmp_path, amp=amp))
+    train(make_config(tiny_data, tmp_path, **ON_GPU, amp=amp))
     ckpt = load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")
     assert (ckpt["scaler"] is not None) == scaled  # fp16 needs the GradScaler; bf16 has fp32's range
     if scaled:
@@ -46,7 +35,7 @@ def test_a_gpu_run_trains_in_its_precision_and_saves_the_scalers_state(tiny_data
 
 
 def test_an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(tiny_data: Path, tmp_path: Path) -> None:
-    trainer = Trainer(make_config(tiny_data, tmp_path, amp="fp16"))
+    trainer = Trainer(make_config(tiny_data, tmp_path, **ON_GPU, amp="fp16"))
     try:
         trainer.build()
         assert trainer.scaler.is_enabled() and trainer.amp_dtype == torch.float16

@@ -15,28 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import TrainConfig, build_options
+from detector.config import TrainConfig
 from detector.data.synthetic import generate_shapes_dataset
 from detector.data.transforms import to_model_input
 from detector.errors import DetectorError
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
+from train_helpers import TINY, make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
-
-TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "plots": "false", "autoanchor": "false"}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=1, n_train=16, n_val=8, imgsz=128)
-
-
-def make_config(data: Path, project: Path, **overrides: str) -> TrainConfig:
-    values = {**TINY, "data": str(data), "project": str(project), **overrides}
-    return build_options(TrainConfig, values, "test")
-
 
 def read_results(run: Path) -> list[dict[str, str]]:
     with (run / "results.csv").open(newline="") as f:
