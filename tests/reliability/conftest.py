@@ -1,4 +1,4 @@
-"""Fixtures of the reliability tests (the helpers are in reliability_helpers.py)."""
+"""Fixtures of the reliability tests (the helpers are in reliability_helpers.py, the tiny run in tests/tiny_run.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.data.synthetic import generate_shapes_dataset
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny synthetic dataset (16 train, 8 val images of 128 px, 6 classes); returns its dataset YAML."""
-    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=1, n_train=16, n_val=8, imgsz=128)
+from tiny_run import tiny_data  # noqa: F401 (the tiny dataset, a fixture of every reliability test)
 
 
 @pytest.fixture

@@ -22,11 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from detector.config import TrainConfig, build_options
+from tiny_run import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
-
-TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "workers": "0", "autoanchor": "false", "plots": "false"}
 
 HOOKS = r'''
 import io
@@ -126,11 +124,6 @@ def _install() -> None:
 if any(os.environ.get(k) for k in ("DRILL_PARK", "DRILL_RSS", "DRILL_SAMPLER", "DRILL_WEIGHTS")):
     _install()
 '''
-
-
-def make_config(data: Path, project: Path, **overrides: str) -> TrainConfig:
-    """The tiny config as a TrainConfig (what `detector train key=value ...` builds)."""
-    return build_options(TrainConfig, {**TINY, "data": str(data), "project": str(project), **overrides}, "test")
 
 
 def cli_args(data: Path, project: Path, **overrides: str) -> list[str]:

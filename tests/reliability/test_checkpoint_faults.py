@@ -22,11 +22,12 @@ from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.runtime import checkpoint as ck
 from detector.train.trainer import Trainer, train
-from reliability_helpers import make_config, read_results
+from reliability_helpers import read_results
+from tiny_run import make_config
 
 
 @pytest.fixture(scope="module")
-def disk_full(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, DetectorError, Path]]:
+def disk_full(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, DetectorError, Path]]:
     """A 2-epoch run whose epoch-1 checkpoint write hits ENOSPC halfway. Yields (run folder, the error, a copy of
     the run's last.pt as the error left it)."""
     root = tmp_path_factory.mktemp("disk_full")
@@ -43,21 +44,21 @@ def disk_full(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "save", half_then_enospc)
         with pytest.raises(DetectorError) as info:
-            train(make_config(shapes, root / "runs", epochs="2"))
+            train(make_config(tiny_data, root / "runs", epochs="2"))
     run = root / "runs" / "exp"
     kept = root / "epoch0-last.pt"
     shutil.copy(run / "weights" / "last.pt", kept)
     yield run, info.value, kept
 
 
-def test_disk_full_names_path_and_size_keeps_the_old_checkpoint_and_resumes(disk_full, shapes: Path) -> None:
+def test_disk_full_names_path_and_size_keeps_the_old_checkpoint_and_resumes(disk_full, tiny_data: Path) -> None:
     run, error, _ = disk_full
     message = str(error)
     assert message.startswith(f"{run / 'weights' / 'last.pt'}: cannot write checkpoint (No space left on device)")
     assert "MiB" in message and "previous last.pt is left intact" in message and "\n" not in message
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]  # no temporary file
     assert ck.load_checkpoint(run / "weights" / "last.pt")["epoch"] == 0
-    train(make_config(shapes, run.parent, resume=str(run / "weights" / "last.pt")))
+    train(make_config(tiny_data, run.parent, resume=str(run / "weights" / "last.pt")))
     assert [r["epoch"] for r in read_results(run)] == ["0", "1"]
     assert ck.load_checkpoint(run / "weights" / "last.pt")["epoch"] == 1
 
@@ -65,22 +66,22 @@ def test_disk_full_names_path_and_size_keeps_the_old_checkpoint_and_resumes(disk
 # ------------------------------------------------------------------------------------------ row 28
 
 
-def test_resume_with_a_changed_config_lists_every_differing_key(disk_full, shapes: Path, tmp_path: Path) -> None:
+def test_resume_with_a_changed_config_lists_every_differing_key(disk_full, tiny_data: Path, tmp_path: Path) -> None:
     _, _, last = disk_full
-    cfg = make_config(shapes, tmp_path, resume=str(last), model="yolov5n", attention="cbam", lr0="0.02")
+    cfg = make_config(tiny_data, tmp_path, resume=str(last), model="yolov5n", attention="cbam", lr0="0.02")
     with pytest.raises(DetectorError) as info:
         Trainer(cfg)
     message = str(info.value)
     assert message.startswith(f"resume: {last} was trained with a different config (")
     for diff in ("model: 'yolo-c2f-n' -> 'yolov5n'", f"lr0: {TrainConfig().lr0!r} -> 0.02", "attention: '' -> 'cbam'"):
         assert diff in message
-    safe = Trainer(make_config(shapes, tmp_path, resume=str(last), batch="4", workers="1", device="cpu", epochs="3"))
+    safe = Trainer(make_config(tiny_data, tmp_path, resume=str(last), batch="4", workers="1", device="cpu", epochs="3"))
     assert (safe.cfg.batch, safe.cfg.workers, safe.cfg.device, safe.cfg.epochs, safe.cfg.model) == (4, 1, "cpu", 3, "yolo-c2f-n")
 
 
-def test_resume_after_the_dataset_gained_a_class_lists_what_changed(disk_full, shapes: Path, tmp_path: Path) -> None:
+def test_resume_after_the_dataset_gained_a_class_lists_what_changed(disk_full, tiny_data: Path, tmp_path: Path) -> None:
     _, _, last = disk_full
-    data = Path(shutil.copytree(shapes.parent, tmp_path / "data")) / shapes.name
+    data = Path(shutil.copytree(tiny_data.parent, tmp_path / "data")) / tiny_data.name
     train_json = next((data.parent / "train").glob("*.json"))
     coco = json.loads(train_json.read_text())
     coco["categories"].append({"id": 7, "name": "hexagon"})

@@ -12,7 +12,7 @@ from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.train.trainer import Trainer
-from reliability_helpers import make_config
+from tiny_run import make_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 

@@ -15,7 +15,8 @@ from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS
 from detector.models.blocks import ATTENTION_PLACES, AttnC2f
 from detector.models.builder import build_model
-from reliability_helpers import TINY, hooks_env, read_results
+from reliability_helpers import hooks_env, read_results
+from tiny_run import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
@@ -44,11 +45,11 @@ def test_a_row_whose_output_nobody_reads_is_refused_at_build(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(shapes: Path, tmp_path: Path) -> None:
+def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(tiny_data: Path, tmp_path: Path) -> None:
     sampler_log, weights = tmp_path / "sampler.txt", tmp_path / "weights"
     weights.mkdir()
     env = hooks_env(tmp_path, DRILL_SAMPLER=str(sampler_log), DRILL_WEIGHTS=str(weights))
-    keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "cpu",
+    keys = {**TINY, "data": str(tiny_data), "project": str(tmp_path / "runs"), "epochs": "2", "device": "cpu",
             "model": "yolo-attn-n", "attention": "none", "sync_bn": "true"}
     output = _train_two_ranks(keys, env)
     assert "Expected to have finished reduction" not in output
@@ -71,13 +72,13 @@ def test_two_gloo_ranks_stay_identical_reshuffle_and_ignore_sync_bn(shapes: Path
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL and SyncBatchNorm need two GPUs (NCCL takes one rank per GPU)")
-def test_two_nccl_ranks_with_sync_bn_stay_identical(shapes: Path, tmp_path: Path) -> None:
+def test_two_nccl_ranks_with_sync_bn_stay_identical(tiny_data: Path, tmp_path: Path) -> None:
     """The GPU form of the drill above (#16 item 7): NCCL moves the gradients and the trainer's broadcasts, and
     sync_bn=true converts every BatchNorm, with no warning."""
     weights = tmp_path / "weights"
     weights.mkdir()
     env = hooks_env(tmp_path, DRILL_WEIGHTS=str(weights))
-    keys = {**TINY, "data": str(shapes), "project": str(tmp_path / "runs"), "epochs": "2", "device": "0,1",
+    keys = {**TINY, "data": str(tiny_data), "project": str(tmp_path / "runs"), "epochs": "2", "device": "0,1",
             "model": "yolo-ca-n", "sync_bn": "true", "amp": "bf16"}
     assert "sync_bn=true ignored" not in _train_two_ranks(keys, env)
     _assert_ranks_identical(weights)

@@ -22,12 +22,12 @@ EPOCHS = 3
 
 
 @pytest.mark.slow
-def test_kill_during_epoch_validation_and_checkpoint_write_then_resume(shapes: Path, tmp_path: Path) -> None:
+def test_kill_during_epoch_validation_and_checkpoint_write_then_resume(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "runs" / "exp"
     last = run / "weights" / "last.pt"
     marker = tmp_path / "parked"
-    fresh = cli_args(shapes, tmp_path / "runs", epochs=str(EPOCHS))
-    resume = cli_args(shapes, tmp_path / "runs", resume=str(last))
+    fresh = cli_args(tiny_data, tmp_path / "runs", epochs=str(EPOCHS))
+    resume = cli_args(tiny_data, tmp_path / "runs", resume=str(last))
 
     # 1. mid-epoch: parked after the first optimizer step of epoch 1 (epoch 0 is checkpointed)
     run_until_parked(fresh, hooks_env(tmp_path, DRILL_PARK="step", DRILL_MARKER=str(marker)), marker, tmp_path / "1.log")

@@ -39,9 +39,9 @@ RUN_FILES = {
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
-def test_thirty_epochs_with_workers_keep_memory_flat_and_the_run_folder_exact(shapes: Path, tmp_path: Path) -> None:
+def test_thirty_epochs_with_workers_keep_memory_flat_and_the_run_folder_exact(tiny_data: Path, tmp_path: Path) -> None:
     rss_log = tmp_path / "rss.txt"
-    cmd = cli_args(shapes, tmp_path / "runs", epochs=str(EPOCHS), workers="2", plots="true")
+    cmd = cli_args(tiny_data, tmp_path / "runs", epochs=str(EPOCHS), workers="2", plots="true")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=hooks_env(tmp_path, DRILL_RSS=str(rss_log)), capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

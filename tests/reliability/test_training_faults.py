@@ -20,7 +20,8 @@ from detector.data import loader as loader_module
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train import loss as loss_module
 from detector.train.trainer import Trainer, train
-from reliability_helpers import make_config, read_results
+from reliability_helpers import read_results
+from tiny_run import make_config
 
 POISONED_CALL = 2  # the loss of the 2nd step (epoch 0, iteration 1) is NaN; 2 steps an epoch, 4 in all
 
@@ -35,11 +36,11 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def faulty_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, list[str]]]:
+def faulty_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, list[str]]]:
     """Two epochs with amp=fp16 on the CPU, a train image deleted after the scan and one NaN loss.
     Yields (run folder, deleted file, log messages)."""
     root = tmp_path_factory.mktemp("faulty")
-    data = Path(shutil.copytree(shapes.parent, root / "data")) / shapes.name
+    data = Path(shutil.copytree(tiny_data.parent, root / "data")) / tiny_data.name
     victim = sorted((data.parent / "train" / "images").iterdir())[3]
     real_build, real_loss = loader_module.build_train_loader, loss_module.AlignedLoss.__call__
     calls = {"n": 0}
@@ -120,11 +121,11 @@ def test_an_epochs_batches_depend_on_the_seed_and_the_epoch_only(make_coco) -> N
 
 
 @pytest.mark.slow
-def test_resume_replays_an_uninterrupted_run_exactly(shapes: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_replays_an_uninterrupted_run_exactly(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """Row 24: epoch, LR, EMA, optimizer, RNG and data order continue, so the epoch losses and the final weights
     equal those of a run that was never stopped (CPU, deterministic=true; one persistent worker)."""
     keys = {"epochs": "2", "workers": "1", "deterministic": "true"}
-    train(make_config(shapes, tmp_path, name="whole", **keys))
+    train(make_config(tiny_data, tmp_path, name="whole", **keys))
     real_epoch = Trainer.train_epoch
 
     def stop_at_epoch_1(self, epoch):
@@ -134,9 +135,9 @@ def test_resume_replays_an_uninterrupted_run_exactly(shapes: Path, tmp_path: Pat
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        train(make_config(shapes, tmp_path, name="split", **keys))
+        train(make_config(tiny_data, tmp_path, name="split", **keys))
     monkeypatch.undo()
-    train(make_config(shapes, tmp_path, workers="1", resume=str(tmp_path / "split" / "weights" / "last.pt")))
+    train(make_config(tiny_data, tmp_path, workers="1", resume=str(tmp_path / "split" / "weights" / "last.pt")))
 
     def curve(run: str) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "val_time_s")} for row in read_results(tmp_path / run)]

@@ -20,10 +20,12 @@ from detector.runtime.checkpoint import load_checkpoint
 from detector.train.finetune import frozen_rows, transfer_weights
 from detector.train.trainer import train
 from detector.viz.logger import read_results
+from tiny_run import TINY
 
 NO_AUG = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
-TINY = {"model": "yolo-c2f-n", "imgsz": "128", "batch": "8", "nbs": "8", "workers": "0", "plots": "false", "amp": "off",
-        "autoanchor": "false", "lr0": "0.002", "warmup_min_iters": "5", "val_interval": "1000", **NO_AUG}
+# the tiny run in fp32, one optimizer step per batch, a short warmup, no augmentation, validation after the last
+# epoch only: fine-tune and scratch runs differ in their start alone
+FINETUNE = {**TINY, "nbs": "8", "amp": "off", "lr0": "0.002", "warmup_min_iters": "5", "val_interval": "1000", **NO_AUG}
 
 
 def test_transfer_to_another_class_count_skips_only_the_class_rows() -> None:
@@ -74,7 +76,7 @@ def split_classes(data_yaml: Path, keep: list[str], out: Path) -> Path:
 
 
 def run(data: Path, project: Path, name: str, **keys: str) -> dict:
-    return train(build_options(TrainConfig, {**TINY, "data": str(data), "project": str(project), "name": name, **keys}, "test"))
+    return train(build_options(TrainConfig, {**FINETUNE, "data": str(data), "project": str(project), "name": name, **keys}, "test"))
 
 
 @pytest.mark.slow
@@ -110,6 +112,6 @@ def test_finetune_beats_scratch_and_frozen_rows_stay_bit_identical(tmp_path: Pat
     with caplog.at_level(logging.INFO, logger="detector.train.trainer"):
         run(b, tmp_path, "as-model", epochs="1", model=str(a_best))  # model=<checkpoint.pt>: its architecture
     assert f"weights: transferred {total - 6}/{total} tensors from {a_best}" in caplog.text
-    keys = {k: v for k, v in TINY.items() if k != "model"}  # the Detector's checkpoint is the model
+    keys = {k: v for k, v in FINETUNE.items() if k != "model"}  # the Detector's checkpoint is the model
     Detector(a_best, device="cpu").train(**keys, data=str(b), project=str(tmp_path), name="api", epochs=1)
     assert load_checkpoint(tmp_path / "api" / "weights" / "last.pt")["train_config"]["model"] == str(a_best)  # a fine-tune

@@ -22,7 +22,7 @@ from detector.errors import DetectorError
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
-from train_helpers import TINY, make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tiny_run import TINY, make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
