@@ -103,13 +103,15 @@ class GlobalContext(nn.Module):
     modelling: softmax over the H*W positions of a 1x1 conv (C -> 1), then the weighted sum of x (B, C, 1, 1);
     transform: 1x1 conv C -> C/r, LayerNorm([C/r, 1, 1]), ReLU, 1x1 conv C/r -> C (C/r = `reduced`, at least
     `min_mid`); fusion by addition: out = x + transform(context). The paper zero-initialises the last conv;
-    here it keeps PyTorch's default, so every parameter gets a gradient from the first step.
+    here it keeps PyTorch's default, so every parameter gets a gradient from the first step. The mask conv has no
+    bias: it would add one constant to every position's score, which the softmax cancels, so its gradient is zero
+    but for rounding (exactly zero on some CPUs) and it could never learn.
     """
 
     def __init__(self, channels: int, reduction: int = 16, min_mid: int = 8) -> None:
         super().__init__()
         mid = reduced(channels, reduction, min_mid)
-        self.mask = nn.Conv2d(channels, 1, 1)
+        self.mask = nn.Conv2d(channels, 1, 1, bias=False)
         self.scores = AttentionMap(softmax_dim=-1)
         self.transform = nn.Sequential(
             nn.Conv2d(channels, mid, 1), nn.LayerNorm([mid, 1, 1]), nn.ReLU(), nn.Conv2d(mid, channels, 1)

@@ -161,7 +161,7 @@ def test_coord_weights_on_the_coordinates_train() -> None:
 def gc_by_hand(module: GlobalContext, x: torch.Tensor) -> torch.Tensor:
     mask = module.mask
     conv1, norm, _, conv2 = module.transform
-    logits = torch.einsum("c,bchw->bhw", mask.weight.flatten(), x) + mask.bias
+    logits = torch.einsum("c,bchw->bhw", mask.weight.flatten(), x)  # no bias: the softmax would cancel it
     weights = logits.flatten(1).softmax(1).view_as(logits)  # over the H*W positions
     context = torch.einsum("bchw,bhw->bc", x, weights)
     t = context @ conv1.weight.flatten(1).T + conv1.bias  # (B, C/r)
