@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from detector.models.attention import ATTENTIONS, AttentionMap, build_attention, fit_heads, kv_pool_factor
 from detector.models.registry import MODULES, Registry, UnknownNameError
+from model_helpers import assert_every_parameter_learns
 
 SIZES = [(20, 13), (7, 5), (1, 1), (1, 9), (9, 1), (16, 16)]
 
@@ -28,26 +29,14 @@ def test_shape_preserved_at_any_size(name: str, channels: int) -> None:
 
 # Parameters whose gradient is zero by construction, but for rounding: CA's squeeze conv has a bias that the
 # BatchNorm right after it cancels, as in the paper's code; it stays so that checkpoints of the default load.
-CANCELLED = {"ca": {"squeeze.0.bias"}}
-ROUNDING = 1e-5  # a gradient below this share of the module's largest is rounding (a cancelled one: 1e-7 to 0)
+CANCELLED = {"ca": frozenset({"squeeze.0.bias"})}
 
 
 @pytest.mark.parametrize("name", ATTENTIONS.names())
 def test_gradients_reach_every_parameter(name: str) -> None:
-    """Every parameter learns: its gradient is above rounding, on any CPU (a cancelled bias's gradient is exactly
-    zero on some CPUs and 1e-9 to 1e-7 of the largest on others, so `> 0` alone is the machine's call)."""
     torch.manual_seed(0)
-    module = build_attention(name, 32)
-    x = torch.randn(2, 32, 9, 11, requires_grad=True)
-    y = module(x)
-    (y * torch.randn_like(y)).sum().backward()  # random weights: a plain sum zeroes BN-affine grads
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    grads = {pname: p.grad for pname, p in module.named_parameters()}
-    assert all(g is not None for g in grads.values()), f"{name}: parameters outside the graph"
-    largest = max((g.abs().max() for g in grads.values()), default=torch.tensor(0.0))
-    for pname, g in grads.items():
-        learns = bool(g.abs().max() > ROUNDING * largest)
-        assert learns != (pname in CANCELLED.get(name, set())), f"{name}.{pname}: gradient {g.abs().max():.1e} of {largest:.1e}"
+    assert_every_parameter_learns(build_attention(name, 32), torch.randn(2, 32, 9, 11),
+                                  cancelled=CANCELLED.get(name, frozenset()))
 
 
 def test_none_is_exactly_identity() -> None:

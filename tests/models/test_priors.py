@@ -13,6 +13,7 @@ from detector.models.attention import ATTENTIONS, AttentionMap, build_attention
 from detector.models.builder import build_model
 from detector.models.priors import CoordConv, EdgePrior, GlobalContext, coordinate_maps
 from detector.models.registry import MODULES
+from model_helpers import assert_every_parameter_learns
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 PRIORS = {"edge": EdgePrior, "coord": CoordConv, "gc": GlobalContext}
@@ -204,14 +205,8 @@ def test_gc_bottleneck_width() -> None:
 def test_gradients_reach_the_learned_parts(name: str) -> None:
     torch.manual_seed(0)
     module = build_attention(name, 16)
-    x = torch.randn(2, 16, 7, 9, requires_grad=True)
-    y = module(x)
-    (y * torch.randn_like(y)).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    params = dict(module.named_parameters())
-    assert params
-    for pname, p in params.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} gets no gradient"
+    assert list(module.parameters())
+    assert_every_parameter_learns(module, torch.randn(2, 16, 7, 9))
 
 
 @pytest.mark.parametrize("name", PRIORS)
