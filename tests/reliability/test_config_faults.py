@@ -12,9 +12,9 @@ from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.train.trainer import Trainer
+from reliability_helpers import REPO_ROOT
 from tiny_run import make_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 MODEL_YAML = (REPO_ROOT / "configs" / "models" / "yolov5n.yaml").read_text()
 DATA_YAML = "train: {images: tr, annotations: tr.json}\nval: {images: va, annotations: va.json}\n"

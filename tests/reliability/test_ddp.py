@@ -15,10 +15,9 @@ from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS
 from detector.models.blocks import ATTENTION_PLACES, AttnC2f
 from detector.models.builder import build_model
-from reliability_helpers import hooks_env, read_results
+from reliability_helpers import REPO_ROOT, hooks_env, read_results
 from tiny_run import TINY
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 ATTENTION_NAMES = sorted(ATTENTIONS.names())
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from detector.runtime.checkpoint import load_checkpoint
-from reliability_helpers import cli_args, hooks_env, read_results, run_until_parked
+from reliability_helpers import REPO_ROOT, cli_args, hooks_env, read_results, run_until_parked
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 EPOCHS = 3
 

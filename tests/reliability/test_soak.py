@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from detector.runtime.checkpoint import load_checkpoint
-from reliability_helpers import cli_args, hooks_env, read_results
+from reliability_helpers import REPO_ROOT, cli_args, hooks_env, read_results
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 EPOCHS = 30
 BASELINE_EPOCH = 4  # epoch 5, 0-based: start-up allocations (first validation, pycocotools, workers) are done
