@@ -17,8 +17,8 @@ from PIL import Image
 from detector import Detector
 from detector.infer.metrics import COCO_KEYS
 from detector.errors import DetectorError
+from repo_paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
 
 RESULT_KEYS = {"boxes_xyxy", "scores", "classes", "category_ids", "names", "file"}
 

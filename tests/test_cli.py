@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from detector.cli import main
-
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
+from repo_paths import REPO_ROOT
 
 
 def test_help_lists_every_train_key(capsys):

@@ -12,8 +12,7 @@ from detector.config import TrainConfig, load_train_config, load_yaml, parse_ove
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.catalog import resolve_model_path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
+from repo_paths import REPO_ROOT
 
 
 def test_overrides_are_typed_by_the_default():

@@ -11,8 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
+from repo_paths import REPO_ROOT
 
 
 def test_the_configs_ship_as_package_data() -> None:

@@ -18,9 +18,9 @@ from detector.infer import video
 from detector.infer.predictor import Predictor
 from detector.infer.video import is_video_source, predict_video
 from infer_helpers import BrightBoxModel
+from repo_paths import REPO_ROOT
 
 FRAMES, WIDTH, HEIGHT, FPS = 12, 96, 64, 10.0
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def rect_xyxy(i: int) -> tuple[int, int, int, int]:

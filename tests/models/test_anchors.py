@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,9 +11,10 @@ import torch
 from detector.errors import DetectorError
 from detector.models.anchors import best_possible_recall, check_anchors, kmeans_anchors
 from detector.models.head import Detect
+from repo_paths import REPO_ROOT
 
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
-MODEL_YAML = Path(__file__).parents[2] / "configs" / "models" / "yolo-c2f-n.yaml"
+MODEL_YAML = REPO_ROOT / "configs" / "models" / "yolo-c2f-n.yaml"
 CENTRES = np.array([[12.0, 9.0], [60.0, 30.0], [200.0, 280.0]])
 
 

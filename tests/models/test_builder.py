@@ -17,8 +17,9 @@ from detector.models.blocks import C2f, Conv
 from detector.models.builder import DetectionModel, build_model, inference_copy, make_divisible
 from detector.models.info import count_flops
 from detector.models.registry import MODULES
+from repo_paths import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIGS = REPO_ROOT / "configs" / "models"
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 

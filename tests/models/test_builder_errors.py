@@ -9,8 +9,9 @@ import pytest
 
 from detector.errors import DetectorError
 from detector.models.builder import build_model
+from repo_paths import REPO_ROOT
 
-BASE = (Path(__file__).resolve().parents[2] / "configs" / "models" / "yolov5n.yaml").read_text()
+BASE = (REPO_ROOT / "configs" / "models" / "yolov5n.yaml").read_text()
 
 
 def fails(tmp_path: Path, text: str, **overrides) -> str:

@@ -11,8 +11,9 @@ from detector import memory
 from detector.errors import DetectorError
 from detector.models import footprint
 from detector.models.builder import build_model
+from repo_paths import REPO_ROOT
 
-BASE = (Path(__file__).resolve().parents[2] / "configs" / "models" / "yolov5n.yaml").read_text()
+BASE = (REPO_ROOT / "configs" / "models" / "yolov5n.yaml").read_text()
 ROW = "[-1, 1, Conv, [128, 3, 2]]"
 
 

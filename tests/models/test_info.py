@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from detector.models.attention import MHSA, Axial
 from detector.models.builder import build_model
 from detector.models.info import count_flops, forward_flops, model_info
+from repo_paths import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIGS = REPO_ROOT / "configs" / "models"
 
 
 def test_count_flops_is_two_macs() -> None:

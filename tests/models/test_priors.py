@@ -14,8 +14,9 @@ from detector.models.builder import build_model
 from detector.models.priors import CoordConv, EdgePrior, GlobalContext, coordinate_maps
 from detector.models.registry import MODULES
 from model_helpers import assert_every_parameter_learns
+from repo_paths import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIGS = REPO_ROOT / "configs" / "models"
 PRIORS = {"edge": EdgePrior, "coord": CoordConv, "gc": GlobalContext}
 
 

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from repo_paths import REPO_ROOT
 from tiny_run import TINY
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
 
 HOOKS = r'''
 import io

@@ -23,6 +23,7 @@ from detector.errors import DetectorError
 from detector.models.builder import build_model
 from detector.train.trainer import train
 from reliability_helpers import shut_down_workers
+from repo_paths import REPO_ROOT
 from tiny_run import TINY, make_config
 
 NO_MOSAIC = replace(TrainConfig(), mosaic=0.0)
@@ -84,7 +85,7 @@ def test_gray_rgba_16bit_reach_the_model_as_three_channels_and_tiny_images_are_s
 
 
 def test_model_with_other_input_channels_is_refused_before_training(tiny_data: Path, tmp_path: Path) -> None:
-    yaml_text = (Path(__file__).resolve().parents[2] / "configs/models/yolo-c2f-n.yaml").read_text()
+    yaml_text = (REPO_ROOT / "configs/models/yolo-c2f-n.yaml").read_text()
     one_channel = tmp_path / "gray-model.yaml"
     one_channel.write_text("ch: 1\n" + yaml_text)
     with pytest.raises(DetectorError, match=r"takes ch=1 input channels, but training images are always loaded as 3-channel RGB"):

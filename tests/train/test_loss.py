@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from detector.models.head import Detect
 from detector.train.loss import LevelTargets, YoloLoss, build_targets, objectness_target
+from repo_paths import REPO_ROOT
 
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 STRIDES = (8.0, 16.0, 32.0)
-MODEL_YAML = Path(__file__).parents[2] / "configs" / "models" / "yolo-ca-n-v5head.yaml"  # the YOLOv5 head
+MODEL_YAML = REPO_ROOT / "configs" / "models" / "yolo-ca-n-v5head.yaml"  # the YOLOv5 head
 
 
 def make_head(nc: int = 3) -> Detect:

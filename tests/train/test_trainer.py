@@ -22,9 +22,10 @@ from detector.errors import DetectorError
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
+from repo_paths import REPO_ROOT
 from tiny_run import TINY, make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout the tests run in
+
 
 def read_results(run: Path) -> list[dict[str, str]]:
     with (run / "results.csv").open(newline="") as f:

@@ -11,6 +11,7 @@ import pytest
 
 from detector.options import BenchTrainOptions
 from detector.tools.bench.train import main
+from repo_paths import REPO_ROOT
 
 
 @pytest.mark.slow
@@ -34,7 +35,7 @@ def test_bench_train_profile_splits_a_real_epoch_into_the_trainers_stages(make_d
     data = make_data_yaml()
     proc = subprocess.run([sys.executable, "-m", "detector", "bench", "train", "configs=yolov5n", "imgsz=64", "batch=2",
                            "workers=0", f"data={data}", "profile=true"], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[3])
+                          cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any("data " + str(data) in line for line in lines)
