@@ -9,6 +9,7 @@
     det.export()                                     # best.onnx beside the weights, checked with onnxruntime
     det.export(format="openvino")                    # best_openvino_model/best.xml, checked with OpenVINO
     Detector("runs/train/exp/weights/best.pt").predict(images)
+    Detector("runs/train/exp/weights/best.onnx").val()   # an export scored as deployed (onnxruntime; OpenVINO too)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from detector.config import build_options, load_train_config
 
 from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
+from detector.infer.exported import is_exported
 from detector.options import ExportOptions, InfoOptions, PredictOptions, ValOptions
 
 __all__ = ["Detector", "run_info"]
@@ -55,7 +57,8 @@ def _is_checkpoint(model: str | Path) -> bool:
 
 class Detector:
     """A model to train, evaluate, run, export and inspect: from a model YAML (path or a name in configs/models)
-    or from a checkpoint (`weights/best.pt`, EMA weights when present).
+    or from a checkpoint (`weights/best.pt`, EMA weights when present); or an exported model to evaluate and run
+    (`best.onnx`, `best_openvino_model/`: `detector.infer.exported`, on the CPU).
 
     The only code that opens a checkpoint for inference (`_load`); `detector val|predict|export` are its `val`,
     `predict` and `export` called with the command's options, so the CLI and the Python API run the same lines.
@@ -67,6 +70,10 @@ class Detector:
     """
 
     def __init__(self, model: str | Path = "yolo-ca-n", *, device: str = "") -> None:
+        if is_exported(model):
+            self._start(_cpu_only(model, device))
+            self._load_exported(Path(model))
+            return
         self._start(device)
         if _is_checkpoint(model):
             self._load(Path(model))
@@ -86,8 +93,12 @@ class Detector:
         if not str(weights):
             raise DetectorError("weights=<checkpoint> is required")
         detector = cls.__new__(cls)
-        detector._start(device)
-        detector._load(Path(weights))
+        if is_exported(weights):
+            detector._start(_cpu_only(weights, device))
+            detector._load_exported(Path(weights))
+        else:
+            detector._start(device)
+            detector._load(Path(weights))
         return detector
 
     def _start(self, device: str) -> None:
@@ -99,6 +110,7 @@ class Detector:
         self.model_yaml: Path | None = None
         self.run_dir: Path | None = None
         self.train_data = ""
+        self.exported = False  # an ONNX / OpenVINO model: val and predict only, on the CPU
         self._fused: nn.Module | None = None  # a BN-folded copy of `model` for predict, made on first use
 
     def _load(self, weights: Path) -> None:
@@ -114,6 +126,28 @@ class Detector:
         self.imgsz = int(ckpt["imgsz"])
         self.train_data = str(ckpt["train_config"].get("data") or "")
 
+    def _load_exported(self, path: Path) -> None:
+        """Open an exported model: it runs on the CPU; names, category ids, size and training data from its metadata."""
+        from detector.infer.exported import load_exported
+
+        self.model = load_exported(path)
+        self._fused, self.weights, self.exported = None, path, True
+        self.names, self.category_ids = list(self.model.names), list(self.model.category_ids)
+        self.imgsz, self.train_data = self.model.imgsz, self.model.train_data
+
+    def _needs_pytorch(self, verb: str) -> None:
+        if self.exported:
+            raise DetectorError(f"{verb}: {self.weights} is an exported model (val and predict only); {verb} needs "
+                                "the checkpoint it was exported from (weights/best.pt)")
+
+    def _check_exported_call(self, verb: str, imgsz: int, augment: bool) -> None:
+        """An exported model's val or predict, refused before any work when it cannot run as asked."""
+        if self.exported:
+            if augment:
+                raise DetectorError(f"{verb}: augment=true needs the PyTorch checkpoint: test-time augmentation trims "
+                                    "each pass's output levels, which an exported graph does not expose")
+            self.model.check_size(imgsz)
+
     def __repr__(self) -> str:
         source = self.weights or self.model_yaml
         return f"Detector({str(source)!r}, nc={self.model.nc}, device={self.device})"
@@ -127,6 +161,7 @@ class Detector:
         last epoch's metrics."""
         from detector.train.trainer import Trainer
 
+        self._needs_pytorch("train")
         values = _plain({k: v for k, v in (("data", data), ("epochs", epochs)) if v is not None} | overrides)
         if not values.get("resume"):
             values.setdefault("model", str(self.model_yaml if self.model_yaml is not None else self.weights))
@@ -148,6 +183,7 @@ class Detector:
 
         memory.hold_freed_heap()
         opts = _options(ValOptions, opts, options, "Detector.val()")
+        self._check_exported_call("val", opts.imgsz or self.imgsz, opts.augment)
         save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
         device = self._to(opts.device)
         loader = self._val_loader(opts, device)
@@ -187,6 +223,7 @@ class Detector:
         source = opts.source if given is not None or images is None else images
         if isinstance(source, str) and not source:
             raise DetectorError("predict: source=<image, folder, glob, video or camera index> is required")
+        self._check_exported_call("predict", opts.imgsz or self.imgsz, opts.augment)
         device = self._to(opts.device)
         predictor = Predictor(
             self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.conf, iou=opts.iou,
@@ -208,6 +245,7 @@ class Detector:
         from detector.infer.export_openvino import export_openvino, openvino_folder
 
         opts = _options(ExportOptions, opts, options, "Detector.export()")
+        self._needs_pytorch("export")
         fmt = opts.format.lower()
         if fmt not in ("onnx", "openvino"):  # for an ExportOptions built in Python, whose values no one has checked
             raise DetectorError(f"export: 'format' must be one of onnx, openvino, got '{opts.format}'")
@@ -231,6 +269,7 @@ class Detector:
         """The layer table, parameters and GFLOPs at `imgsz`."""
         from detector.models.info import model_info
 
+        self._needs_pytorch("info")
         return model_info(self.model, imgsz)
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -239,6 +278,8 @@ class Detector:
         """The device a call runs on: a command's `device=` moves the Detector there ('' keeps its own)."""
         from detector.runtime.device import select_device
 
+        if device and self.exported:
+            device = _cpu_only(self.weights, device)
         if device:
             target = select_device(device)
             if target != self.device:
@@ -262,7 +303,10 @@ class Detector:
         if opts.conf > 0.001:
             LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", opts.conf)
         workers = resolve_workers(opts.workers, batch_size=opts.batch)
-        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=opts.rect,
+        rect = opts.rect and not (self.exported and self.model.static_hw)
+        if rect != opts.rect:
+            LOGGER.info("val: square batches (rect=false): %s was exported at a fixed size", self.weights)
+        loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=rect,
                                   idle_workers=resolve_worker_priority(opts.worker_priority, device))
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
@@ -329,7 +373,14 @@ class Detector:
         return self._fused
 
     def _metadata(self) -> dict[str, Any]:
-        return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name}
+        return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name, "train_data": self.train_data}
+
+
+def _cpu_only(path: str | Path | None, device: str) -> str:
+    """The device of an exported model: the CPU, where onnxruntime and OpenVINO run it here."""
+    if device not in ("", "cpu"):
+        raise DetectorError(f"{path}: an exported model runs on the CPU (onnxruntime, OpenVINO), not device={device}")
+    return "cpu"
 
 
 def _print_when_done(items: Iterator[T], path: Path) -> Iterator[T]:

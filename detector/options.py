@@ -12,7 +12,7 @@ from detector.config import option, worker_priority_option, workers_option
 
 @dataclass
 class ValOptions:
-    weights: str = option("", "checkpoint to evaluate (weights/best.pt)")
+    weights: str = option("", "checkpoint to evaluate (weights/best.pt), or its export: .onnx, OpenVINO .xml or folder")
     data: str = option("", "dataset YAML (default: the one the checkpoint was trained on)")
     split: str = option("val", "val or train", choices=["val", "train"])
     imgsz: int = option(0, "image size (0: the checkpoint's training size)", ge=0, le=8192, multiple_of=32)
@@ -76,7 +76,7 @@ class ConvertOptions:
 
 @dataclass
 class PredictOptions:
-    weights: str = option("", "checkpoint (weights/best.pt)")
+    weights: str = option("", "checkpoint (weights/best.pt), or its export: .onnx, OpenVINO .xml or folder")
     source: str = option("", "an image, a folder, a glob, a video (mp4 avi mov mkv webm m4v mpeg mpg) or a camera index (0)")
     imgsz: int = option(0, "image size (0: the checkpoint's training size)", ge=0, le=8192, multiple_of=32)
     batch: int = option(8, "images (or video frames) per forward pass", ge=1, le=4096)
