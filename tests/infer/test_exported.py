@@ -52,8 +52,8 @@ def export(weights: Path, **keys: object) -> Path:
     return Detector.from_checkpoint(weights, device="cpu").export(imgsz=64, **keys)
 
 
-def val(model: Path, data: Path, project: Path, name: str, **keys: object) -> tuple[dict, list[dict]]:
-    """(metrics, predictions.json) of `detector val` on `model`."""
+def val(model: Path, data: Path | str, project: Path, name: str, **keys: object) -> tuple[dict, list[dict]]:
+    """(metrics, predictions.json) of `detector val` on `model` (data '': the dataset it was trained on)."""
     metrics = Detector.from_checkpoint(model, device="cpu").val(data=str(data), project=str(project), name=name, **{**VAL, **keys})
     return metrics, json.loads((project / name / "predictions.json").read_text())
 
@@ -74,13 +74,19 @@ def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
 
 
 def test_a_dynamic_onnx_scores_as_its_checkpoint(weights: Path, make_data_yaml, tmp_path: Path) -> None:
+    from detector.runtime.checkpoint import load_checkpoint, save_checkpoint
+
     data = make_data_yaml()
+    state = load_checkpoint(weights)
+    state["train_config"]["data"] = str(data)  # as the trainer records it
+    save_checkpoint(weights, state)
     onnx_path = export(weights, dynamic=True)
     detector = Detector(onnx_path)
     assert (detector.names, detector.category_ids, detector.imgsz) == (["circle", "square", "triangle"], [1, 3, 7], 64)
     assert detector.model.static_hw is None and detector.device == torch.device("cpu")
+    assert detector.train_data == str(data)  # so `detector val weights=best.onnx` needs no data=
     expected_metrics, expected = val(weights, data, tmp_path, "pt")
-    metrics, got = val(onnx_path, data, tmp_path, "onnx")  # rect batches of several shapes: the graph takes them
+    metrics, got = val(onnx_path, "", tmp_path, "onnx")  # rect batches of several shapes: the graph takes them
     assert_same_predictions(got, expected)
     assert all(metrics[k] == pytest.approx(expected_metrics[k], abs=1e-3) for k in COCO_KEYS)
 
