@@ -449,7 +449,7 @@ def run_info(opts: InfoOptions) -> str:
 
 def _read_source(source: str) -> np.ndarray:
     """The attention-map image, or a DetectorError naming it."""
-    from detector.data.coco import read_rgb
+    from detector.data.image_files import read_rgb
     from detector.data.loader import READ_ERRORS
 
     if not source:

@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from detector.data.coco import EXIF_ORIENTATION, NAMED_PER_KIND
+from detector.data.coco import NAMED_PER_KIND
+from detector.data.image_files import EXIF_ORIENTATION
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
 from detector.errors import DetectorError
 from detector.yamlfile import load_yaml

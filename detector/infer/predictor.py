@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from detector.data.coco import read_rgb
+from detector.data.image_files import read_rgb
 from detector.data.loader import READ_ERRORS
 from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data.coco import CocoDataset, inspect_image
+from detector.data.coco import CocoDataset
+from detector.data.image_files import inspect_image
 from detector.data.spec import SplitSpec
 from detector.errors import DetectorError
 
@@ -327,9 +328,10 @@ def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monke
     assert cache.exists() and _read_cache(cache)[0]["version"] == 2
     calls = []
     import detector.data.coco as coco_module
+    import detector.data.image_files as image_files
 
-    real, real_read_json = coco_module.inspect_image, coco_module._read_json
-    monkeypatch.setattr(coco_module, "inspect_image", lambda p: calls.append(p.name) or real(p))
+    real, real_read_json = image_files.inspect_image, coco_module._read_json
+    monkeypatch.setattr(image_files, "inspect_image", lambda p: calls.append(p.name) or real(p))
     monkeypatch.setattr(coco_module, "_read_json", lambda path: pytest.fail("json parsed again"))
     again = CocoDataset(split)
     assert calls == []  # unchanged: nothing decoded again, the json not even parsed
@@ -391,7 +393,7 @@ def test_train_and_val_of_one_read_only_json_parse_it_once(make_coco, monkeypatc
 
 
 def test_the_process_pool_scan_finds_what_the_inline_one_does(make_coco, monkeypatch) -> None:
-    import detector.data.coco as coco_module
+    import detector.data.image_files as image_files
 
     split = make_coco()
     victim = split.images / "img001.jpg"
@@ -399,8 +401,8 @@ def test_the_process_pool_scan_finds_what_the_inline_one_does(make_coco, monkeyp
     (split.images / "img003.jpg").unlink()
     inline = CocoDataset(split)
     (split.annotations.parent / ".instances.json.scan-cache.npz").unlink()
-    monkeypatch.setattr(coco_module, "POOL_MIN_IMAGES", 0)
-    monkeypatch.setattr(coco_module, "SCAN_CHUNK", 2)
+    monkeypatch.setattr(image_files, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(image_files, "SCAN_CHUNK", 2)
     pooled = CocoDataset(split)
     assert str(pooled.summary) == str(inline.summary) and pooled.image_hw.tolist() == inline.image_hw.tolist()
     assert len(pooled.summary.problems["unreadable image"]) == 1 and len(pooled.summary.problems["missing image file"]) == 1
@@ -442,7 +444,7 @@ def test_png_orientation_after_the_image_data_is_read_without_decoding(tmp_path:
     exif[0x0112] = 6
     _insert_png_chunk(path, b"eXIf", exif.tobytes())
     assert inspect_image(path) == ("ok", 20, 50, "", False)
-    from detector.data.coco import read_rgb
+    from detector.data.image_files import read_rgb
 
     assert read_rgb(path).shape == (50, 20, 3)  # the pixels agree with the size the scan recorded
 
