@@ -70,16 +70,12 @@ class Detector:
     """
 
     def __init__(self, model: str | Path = "yolo-ca-n", *, device: str = "") -> None:
-        if is_exported(model):
-            self._start(_cpu_only(model, device))
-            self._load_exported(Path(model))
-            return
-        self._start(device)
-        if _is_checkpoint(model):
-            self._load(Path(model))
+        if is_exported(model) or _is_checkpoint(model):
+            self._open(Path(model), device)
         else:
             from detector.models.builder import build_model
 
+            self._start(device)
             self.model_yaml = resolve_model_path(str(model))
             self.model = build_model(self.model_yaml).to(self.device).eval()
             self.names = [str(i) for i in range(self.model.nc)]
@@ -93,12 +89,7 @@ class Detector:
         if not str(weights):
             raise DetectorError("weights=<checkpoint> is required")
         detector = cls.__new__(cls)
-        if is_exported(weights):
-            detector._start(_cpu_only(weights, device))
-            detector._load_exported(Path(weights))
-        else:
-            detector._start(device)
-            detector._load(Path(weights))
+        detector._open(Path(weights), device)
         return detector
 
     def _start(self, device: str) -> None:
@@ -112,6 +103,15 @@ class Detector:
         self.train_data = ""
         self.exported = False  # an ONNX / OpenVINO model: val and predict only, on the CPU
         self._fused: nn.Module | None = None  # a BN-folded copy of `model` for predict, made on first use
+
+    def _open(self, path: Path, device: str) -> None:
+        """Start on `device` with the checkpoint or exported model at `path` (an export only on the CPU)."""
+        if is_exported(path):
+            self._start(_cpu_only(path, device))
+            self._load_exported(path)
+        else:
+            self._start(device)
+            self._load(path)
 
     def _load(self, weights: Path) -> None:
         """Open a checkpoint: its model (EMA weights) on this Detector's device, class names, category ids, size."""

@@ -28,15 +28,15 @@ import torch.nn as nn
 
 from detector.errors import DetectorError
 from detector.infer.export import ExportSpec, build_graph, check_runtime, layout, write_onnx
+from detector.infer.exported import OPENVINO_FOLDER_SUFFIX
 
 LOGGER = logging.getLogger(__name__)
 
-FOLDER_SUFFIX = "_openvino_model"  # <stem>_openvino_model/<stem>.xml, as other YOLO tools name it
 
 
 def openvino_folder(stem: Path) -> Path:
     """The default folder for a model whose ONNX file would be `stem`.onnx: `<stem>_openvino_model/`."""
-    return stem.with_name(stem.name + FOLDER_SUFFIX)
+    return stem.with_name(stem.name + OPENVINO_FOLDER_SUFFIX)
 
 
 def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: bool = False,
@@ -51,7 +51,7 @@ def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: b
 
     graph, stride = build_graph(model, spec)
     folder = Path(folder)
-    xml = folder / f"{folder.name.removesuffix(FOLDER_SUFFIX) or 'model'}.xml"
+    xml = folder / f"{folder.name.removesuffix(OPENVINO_FOLDER_SUFFIX) or 'model'}.xml"
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = write_onnx(graph, Path(tmp) / "model.onnx", spec, name=getattr(model, "name", "model"))
         try:

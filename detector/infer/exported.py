@@ -28,7 +28,7 @@ from detector.errors import DetectorError
 
 ONNX_SUFFIX = ".onnx"
 OPENVINO_SUFFIX = ".xml"
-OPENVINO_FOLDER_SUFFIX = "_openvino_model"
+OPENVINO_FOLDER_SUFFIX = "_openvino_model"  # <stem>_openvino_model/<stem>.xml, as other YOLO tools name it
 PAD_VALUE = 114 / 255  # the letterbox grey, as the model input sees it
 RAW_OUTPUT = "output"  # (B, N, 5 + nc): the layout `detector export nms=false` writes
 
@@ -69,7 +69,7 @@ class ExportedModel(nn.Module):
                                     f"not fit (use imgsz <= {max(height, width)}, or export with dynamic=true)")
             images = F.pad(images, (0, width - w, 0, height - h), value=PAD_VALUE)
         array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return torch.from_numpy(np.array(self._run(array), dtype=np.float32)).to(images.device)
+        return torch.from_numpy(np.asarray(self._run(array), dtype=np.float32)).to(images.device)
 
     def check_size(self, imgsz: int) -> None:
         """DetectorError before any work when a fixed-size graph cannot take images letterboxed to `imgsz`."""
