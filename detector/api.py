@@ -210,7 +210,8 @@ class Detector:
 
         A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
-        last. `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
+        last. `track=True` (a video or camera only) keeps the boxes of confirmed ByteTrack tracks, each frame's
+        dict gaining `track_ids` (K,) int64 (detector.infer.tracker). `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
         a long video; images are predicted at once all the same). The process keeps the memory each batch frees
         for the next (`memory.hold_freed_heap`: a batch of 32 at 256 px re-faulted 20,000-56,000 pages without it).
         """
@@ -224,13 +225,14 @@ class Detector:
         if isinstance(source, str) and not source:
             raise DetectorError("predict: source=<image, folder, glob, video or camera index> is required")
         self._check_exported_call("predict", opts.imgsz or self.imgsz, opts.augment)
+        tracker = _tracker(opts, source)
         device = self._to(opts.device)
         predictor = Predictor(
-            self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.conf, iou=opts.iou,
-            max_det=opts.max_det, classes=opts.classes or None, device=device, augment=opts.augment,
+            self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.track_low if tracker is not None else opts.conf,
+            iou=opts.iou, max_det=opts.max_det, classes=opts.classes or None, device=device, augment=opts.augment,
         )
         if is_video_source(source):
-            frames = self._predict_video(predictor, source, opts, save)
+            frames = self._predict_video(predictor, source, opts, save, tracker)
             return frames if stream else list(frames)
         results = self._predict_to_files(predictor, source, opts) if save else self._predict_in_memory(predictor, source, opts.batch)
         return iter(results) if stream else results
@@ -351,7 +353,8 @@ class Detector:
         print(save_dir / "predictions.json")
         return results
 
-    def _predict_video(self, predictor: Any, source: str | int | Path, opts: PredictOptions, save: bool) -> Iterator[dict[str, Any]]:
+    def _predict_video(self, predictor: Any, source: str | int | Path, opts: PredictOptions, save: bool,
+                       tracker: Any) -> Iterator[dict[str, Any]]:
         """The frames' detections of a video file or camera, opened now; with `save` also the drawn video and the
         JSON lines in runs/predict/<name>, the .jsonl path printed once the last frame is done."""
         from detector.infer.video import predict_video, video_stem
@@ -360,7 +363,7 @@ class Detector:
         LOGGER.info("predict: video %s at %d px on %s (vid_stride %d)", source, predictor.imgsz, self.device, opts.vid_stride)
         frames = predict_video(
             predictor, source, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
-            vid_stride=opts.vid_stride, save_dir=save_dir, save_video=opts.save_images,
+            vid_stride=opts.vid_stride, save_dir=save_dir, save_video=opts.save_images, tracker=tracker,
         )
         return _print_when_done(frames, save_dir / f"{video_stem(source)}.jsonl") if save_dir is not None else frames
 
@@ -374,6 +377,20 @@ class Detector:
 
     def _metadata(self) -> dict[str, Any]:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name, "train_data": self.train_data}
+
+
+def _tracker(opts: PredictOptions, source: Any) -> Any:
+    """The ByteTracker of `track=true` (None without it), made before any work: it needs a video or a camera,
+    and track_low at most conf (boxes from conf up start and keep tracks, those from track_low only keep them)."""
+    from detector.infer.tracker import ByteTracker
+    from detector.infer.video import is_video_source
+
+    if not opts.track:
+        return None
+    if not is_video_source(source):
+        raise DetectorError("predict: track=true follows objects across the frames of a video or a camera; "
+                            f"source {source!r} is neither (a video file mp4 avi mov ..., or a camera index)")
+    return ByteTracker(high=opts.conf, low=opts.track_low, buffer=opts.track_buffer)
 
 
 def _cpu_only(path: str | Path | None, device: str) -> str:

@@ -86,6 +86,9 @@ class PredictOptions:
     max_det: int = option(300, "detections kept per image", ge=1, le=100_000)
     augment: bool = option(False, "test-time augmentation: scales 1, 0.83, 0.67 (one flipped left-right), merged by NMS")
     classes: list[int] = option([], "keep only these class indices (comma list)", ge=0, le=100_000)
+    track: bool = option(False, "video or camera: follow each object across frames (ByteTrack) and give it a track id")
+    track_low: float = option(0.1, "track=true: boxes scored from track_low up to conf keep a track but start none", ge=0, le=1)
+    track_buffer: int = option(30, "track=true: predicted frames a lost track waits to be found again", ge=1, le=100_000)
     device: str = option("", "'' (auto), cpu, cuda, 0 ...")
     save_images: bool = option(True, "save images (or the video) with the boxes drawn")
     project: str = option("runs/predict", "parent folder of the output folder")
@@ -105,7 +108,7 @@ class ExportOptions:
     iou: float = option(0.45, "IoU threshold of the in-graph NMS", ge=0, le=1)
     max_det: int = option(300, "detections per image of the in-graph NMS", ge=1, le=100_000)
     opset: int = option(18, "ONNX opset", ge=14, le=23)
-    simplify: bool = option(False, "run onnxslim/onnxsim if installed")
+    simplify: bool = option(False, "simplify the graph with onnxslim (the export extra)")
     half: bool = option(False, "fp16 weights (format=openvino only: half the .bin, checked to 1e-2 relative)")
     out: str = option("", "output path (default: beside the weights, <stem>.onnx; openvino: the folder <stem>_openvino_model)")
 

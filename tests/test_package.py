@@ -1,12 +1,16 @@
 """The package installs from a wheel and runs from any folder: model YAMLs, the train config and the bundled
-dataset come with it, not from the checkout."""
+dataset come with it, not from the checkout; every package it imports is declared."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -56,3 +60,31 @@ def test_a_wheel_runs_outside_the_checkout(tmp_path: Path) -> None:
         "plots=false", "model=yolo-c2f-n")
     assert (work / "runs" / "train" / "exp" / "weights" / "best.pt").is_file()
     assert "yolo-ca-n" in run("-c", "from detector import Detector; print(Detector('yolo-ca-n').model.name)")
+
+
+def _declared_distributions() -> set[str]:
+    """Normalized names of every requirement in pyproject.toml, core and optional."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return {_normalize(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requirements}
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_third_party_import_of_the_package_is_declared() -> None:
+    """Each top-level module the package imports (lazy imports too) comes from the standard library, the package,
+    or a distribution pyproject.toml declares: found through the installed packages' own top-level names."""
+    provided = importlib.metadata.packages_distributions()
+    declared = _declared_distributions()
+    undeclared = set()
+    for path in (REPO_ROOT / "detector").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"detector", "__future__"}:
+                if not {_normalize(d) for d in provided.get(top, [top])} & declared:
+                    undeclared.add(f"{top} ({path.relative_to(REPO_ROOT)})")
+    assert not undeclared, sorted(undeclared)

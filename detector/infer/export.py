@@ -138,7 +138,7 @@ def build_graph(model: nn.Module, spec: ExportSpec) -> tuple[nn.Module, int]:
 
 def write_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, name: str = "model") -> Path:
     """Trace `graph` (from `build_graph`) into the ONNX file `path` with the TorchScript exporter; `spec.simplify`
-    runs onnxslim/onnxsim on it. Input `images`, outputs as the module docstring says; no metadata, no check."""
+    runs onnxslim on it. Input `images`, outputs as the module docstring says; no metadata, no check."""
     outputs = ["detections", "num_detections", "output"] if spec.nms else ["output"]
     axes: dict[str, dict[int, str]] = {"images": {0: "batch", **({2: "height", 3: "width"} if spec.dynamic else {})}}
     axes["output"] = {0: "batch", **({1: "anchors"} if spec.dynamic else {})}
@@ -245,22 +245,14 @@ def _max_diff(expected: torch.Tensor, got: np.ndarray, what: str, runtime: str, 
 
 
 def _simplify(path: Path) -> None:
-    """Simplify in place with onnxslim, or onnxsim; a warning when neither is installed."""
+    """Simplify in place with onnxslim (the `export` extra); a warning, and the file as traced, without it."""
+    if importlib.util.find_spec("onnxslim") is None:
+        LOGGER.warning("export: simplify=true ignored: onnxslim is not installed (pip install onnxslim, or the export extra)")
+        return
     import onnx
+    import onnxslim
 
-    if importlib.util.find_spec("onnxslim") is not None:
-        import onnxslim
-
-        onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
-    elif importlib.util.find_spec("onnxsim") is not None:
-        import onnxsim
-
-        simplified, ok = onnxsim.simplify(onnx.load(str(path)))
-        if not ok:
-            raise DetectorError(f"export: onnxsim could not validate the simplified {path}")
-        onnx.save(simplified, str(path))
-    else:
-        LOGGER.warning("export: simplify=true ignored: neither onnxslim nor onnxsim is installed (pip install onnxslim)")
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
 
 
 def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:

@@ -186,19 +186,22 @@ def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_un
 
 
 def class_colour(index: int) -> tuple[int, int, int]:
-    """A distinct, stable RGB colour per class (hues spaced by the golden ratio)."""
+    """A distinct, stable RGB colour per class (or track) index (hues spaced by the golden ratio)."""
     r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str], track_ids: torch.Tensor | None = None) -> np.ndarray:
     """The (H, W, 3) uint8 RGB image with each box and a filled "name score" label (inside its top-left corner) in
-    the class colour, by torchvision's draw_bounding_boxes; line width and font size scale with the image."""
+    the class colour, by torchvision's draw_bounding_boxes; line width and font size scale with the image. Given
+    track ids, labels read "#id name score" and each track keeps a colour of its own."""
     if not len(det):
         return image
     classes = det[:, 5].long().tolist()
-    colours = [class_colour(c) for c in classes]
     labels = [f"{names[c]} {score:.2f}" for c, score in zip(classes, det[:, 4].tolist())]
+    if track_ids is not None:
+        labels = [f"#{i} {label}" for i, label in zip(track_ids.tolist(), labels)]
+    colours = [class_colour(c) for c in (classes if track_ids is None else track_ids.tolist())]
     ink = [(0, 0, 0) if sum(colour) > 380 else (255, 255, 255) for colour in colours]
     size, font = max(image.shape[:2]), font_file()
     pixels = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)

@@ -10,6 +10,10 @@ no BGR conversion, no copy), one batch ahead on a thread, and, given a `save_dir
 - `<stem>.jsonl`: one line per predicted frame, `{"frame": i, "time_s": i / fps, "detections": [{"box_xyxy":
   [x1, y1, x2, y2] original pixels, "score": s, "class": k contiguous, "category_id": original id, "name": n}]}`,
   flushed after every batch, so an interrupted run (a camera stopped with Ctrl-C) leaves whole lines.
+
+Given a `ByteTracker` (`detector predict track=true`), each frame's detections go through it: only boxes of
+confirmed tracks are kept, each with its `track_id` (in the JSON lines, the results' `track_ids`, and the drawn
+labels, "#id name score", one colour per track).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tqdm import tqdm
 from detector.errors import DetectorError
 from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.infer.predictor import Predictor, detection_dict, draw_detections
+from detector.infer.tracker import ByteTracker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -190,8 +195,10 @@ class VideoSink:
         self.writer.release()
 
 
-def frame_record(index: int, time_s: float, det: torch.Tensor, names: Sequence[str], category_ids: Sequence[int]) -> dict[str, Any]:
-    """One JSON line: the frame number, its time, and its (K, 6) detections (predictions.json's rounding)."""
+def frame_record(index: int, time_s: float, det: torch.Tensor, names: Sequence[str], category_ids: Sequence[int],
+                 track_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """One JSON line: the frame number, its time, and its (K, 6) detections (predictions.json's rounding), each
+    with its `track_id` when tracked."""
     boxes = np.round(det[:, :4].double().numpy(), BOX_DECIMALS).tolist()
     scores = np.round(det[:, 4].double().numpy(), SCORE_DECIMALS).tolist()
     classes = det[:, 5].long().tolist()
@@ -199,6 +206,8 @@ def frame_record(index: int, time_s: float, det: torch.Tensor, names: Sequence[s
         {"box_xyxy": box, "score": score, "class": k, "category_id": int(category_ids[k]), "name": names[k]}
         for box, score, k in zip(boxes, scores, classes)
     ]
+    if track_ids is not None:
+        detections = [{**d, "track_id": i} for d, i in zip(detections, track_ids.tolist())]
     return {"frame": index, "time_s": round(time_s, 6), "detections": detections}
 
 
@@ -218,10 +227,11 @@ class _Outputs:
             self.lines.close()
             raise
 
-    def add(self, record: dict[str, Any], frame: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> None:
+    def add(self, record: dict[str, Any], frame: np.ndarray, det: torch.Tensor, names: Sequence[str],
+            track_ids: torch.Tensor | None) -> None:
         self.lines.write(json.dumps(record) + "\n")
         if self.video is not None:
-            self.video.write(draw_detections(frame, det, names))
+            self.video.write(draw_detections(frame, det, names, track_ids))
 
     def close(self) -> None:
         self.lines.close()
@@ -239,18 +249,20 @@ def predict_video(
     vid_stride: int = 1,
     save_dir: Path | None = None,
     save_video: bool = True,
+    tracker: ByteTracker | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Detections of every `vid_stride`-th frame of a video file or camera, as an iterator (a camera's never ends).
 
     Each item is a `detection_dict` (file: `source` as given) plus `frame` (0-based source frame number) and
-    `time_s` (frame / fps). The source is opened now (DetectorError naming it when it cannot be); a video of which
+    `time_s` (frame / fps), and `track_ids` (K,) int64 given a `tracker` (one per video: it keeps the tracks
+    between frames; the predictor's conf must reach down to its `low`). The source is opened now (DetectorError naming it when it cannot be); a video of which
     no frame decodes raises on the first step. Given `save_dir`, writes the video and JSON lines (module doc).
     """
     if vid_stride < 1:
         raise DetectorError(f"vid_stride must be at least 1, got {vid_stride}")
     capture, info = open_video(source)
     batches = iter_frame_batches(capture, batch_size, vid_stride)
-    context = _VideoRun(predictor, str(source), info, names, category_ids, vid_stride)
+    context = _VideoRun(predictor, str(source), info, names, category_ids, vid_stride, tracker)
     return context.run(capture, batches, save_dir, save_video)
 
 
@@ -264,6 +276,7 @@ class _VideoRun:
     names: Sequence[str]
     category_ids: Sequence[int]
     vid_stride: int
+    tracker: ByteTracker | None
 
     def run(self, capture: cv2.VideoCapture, batches: Iterator[FrameBatch], save_dir: Path | None, save_video: bool) -> Iterator[dict[str, Any]]:
         outputs, bar, done, found = None, None, FrameBatch([], [], 0), 0
@@ -277,9 +290,10 @@ class _VideoRun:
                 outputs = _Outputs(save_dir, video_stem(self.file), fps, (width, height), save_video)
             bar = tqdm(total=self.info.frames, desc=f"predict {Path(self.info.label).name}", unit="frame", dynamic_ncols=True)
             for done in itertools.chain([first], batches):
-                for result, frame, det in self._predict(done):
+                for result, frame, det, ids in self._predict(done):
                     if outputs is not None:
-                        outputs.add(frame_record(result["frame"], result["time_s"], det, self.names, self.category_ids), frame, det, self.names)
+                        record = frame_record(result["frame"], result["time_s"], det, self.names, self.category_ids, ids)
+                        outputs.add(record, frame, det, self.names, ids)
                     found += len(det)
                     yield result
                 if outputs is not None:
@@ -293,15 +307,21 @@ class _VideoRun:
                     closable.close()
         self._summary(done.frames_read, found, outputs)
 
-    def _predict(self, batch: FrameBatch) -> Iterator[tuple[dict[str, Any], np.ndarray, torch.Tensor]]:
-        """(result, frame, det) per frame of one forward pass."""
+    def _predict(self, batch: FrameBatch) -> Iterator[tuple[dict[str, Any], np.ndarray, torch.Tensor, torch.Tensor | None]]:
+        """(result, frame, det, track ids or None) per frame of one forward pass, in frame order (the tracker's)."""
         for index, frame, det in zip(batch.indices, batch.frames, self.predictor(batch.frames)):
-            result = detection_dict(det, self.names, self.category_ids, self.file)
-            yield {**result, "frame": index, "time_s": index / self.info.fps}, frame, det
+            ids = None
+            if self.tracker is not None:
+                det, ids = self.tracker.update(det)
+            result = {**detection_dict(det, self.names, self.category_ids, self.file), "frame": index, "time_s": index / self.info.fps}
+            if ids is not None:
+                result["track_ids"] = ids.numpy()
+            yield result, frame, det, ids
 
     def _summary(self, frames_read: int, found: int, outputs: _Outputs | None) -> None:
         predicted = -(-frames_read // self.vid_stride)
-        LOGGER.info("predict: %s: %d frames, %d predicted, %d detections", self.info.label, frames_read, predicted, found)
+        tracks = f", {self.tracker.issued} tracks" if self.tracker is not None else ""
+        LOGGER.info("predict: %s: %d frames, %d predicted, %d detections%s", self.info.label, frames_read, predicted, found, tracks)
         if self.info.frames is not None and frames_read < self.info.frames:
             LOGGER.warning("predict: %s: stopped at frame %d of the %d it announces (the rest does not decode)",
                            self.info.label, frames_read, self.info.frames)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +95,31 @@ def test_nms_in_the_graph(tmp_path: Path, capsys, caplog) -> None:
     import onnxruntime as ort
 
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
-    with caplog.at_level(logging.WARNING):
-        path = export_command(ExportOptions(weights=str(weights), nms=True, conf=0.001, max_det=4, simplify=True))
+    path = export_command(ExportOptions(weights=str(weights), nms=True, conf=0.001, max_det=4))
     assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
-    assert any("simplify" in r.getMessage() for r in caplog.records)  # neither onnxslim nor onnxsim installed here
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["detections", "num_detections", "output"]
     dets, num = session.run(["detections", "num_detections"], {"images": np.random.default_rng(0).random((2, 3, 64, 64), np.float32)})
     assert dets.shape == (2, 4, 6) and num.tolist() == [4, 4]
     assert (np.diff(dets[..., 4], axis=1) <= 0).all()  # sorted by score
     assert ((dets[..., :4] >= 0) & (dets[..., :4] <= 64)).all()  # clipped to the input
+
+
+def test_simplify_slims_the_graph_and_still_checks(tmp_path: Path, capsys, caplog, monkeypatch) -> None:
+    """simplify=true runs onnxslim (the export extra): fewer nodes, the same outputs (the export's own check);
+    without onnxslim the traced file is kept, with a warning naming it."""
+    import onnx
+
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    traced = export_command(ExportOptions(weights=str(weights), out=str(tmp_path / "traced.onnx")))
+    slim = export_command(ExportOptions(weights=str(weights), out=str(tmp_path / "slim.onnx"), simplify=True))
+    assert all(d < 1e-3 for d in max_diffs(export_lines(capsys)))
+    assert len(onnx.load(str(slim)).graph.node) < len(onnx.load(str(traced)).graph.node)
+    monkeypatch.setitem(sys.modules, "onnxslim", None)  # importlib.util.find_spec now answers None
+    with caplog.at_level(logging.WARNING):
+        kept = export_command(ExportOptions(weights=str(weights), out=str(tmp_path / "kept.onnx"), simplify=True))
+    assert len(onnx.load(str(kept)).graph.node) == len(onnx.load(str(traced)).graph.node)
+    assert any("onnxslim is not installed" in r.getMessage() for r in caplog.records)
 
 
 def test_in_graph_nms_matches_the_predictor_nms() -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from detector.errors import DetectorError
 from detector.infer import video
-from detector.infer.predictor import Predictor
+from detector.infer.predictor import Predictor, draw_detections
+from detector.infer.tracker import ByteTracker
 from detector.infer.video import is_video_source, predict_video
 from infer_helpers import BrightBoxModel
 from repo_paths import REPO_ROOT
@@ -57,8 +59,8 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
-def run(clip: Path, out: Path | None, **kw) -> list[dict]:
-    predictor = Predictor(BrightBoxModel(), imgsz=96, conf=0.25)
+def run(clip: Path, out: Path | None, conf: float = 0.25, **kw) -> list[dict]:
+    predictor = Predictor(BrightBoxModel(), imgsz=96, conf=conf)
     return list(predict_video(predictor, clip, names=["a", "b"], category_ids=[4, 9], save_dir=out, **kw))
 
 
@@ -101,6 +103,22 @@ def test_vid_stride_predicts_every_nth_frame_and_keeps_the_duration(clip: Path, 
     assert [r["frame"] for r in run(clip, None, batch_size=3, vid_stride=4)] == [0, 4, 8]  # nothing saved
     with pytest.raises(DetectorError, match="vid_stride"):
         run(clip, None, vid_stride=0)
+
+
+def test_tracking_follows_the_rectangle_under_one_id(clip: Path, tmp_path: Path) -> None:
+    """The same boxes as without tracking (the rectangle is confirmed on the first frame), each frame's
+    `track_ids` [1], a `track_id` in every JSON detection, and "#1" drawn into the labels."""
+    plain = run(clip, None, batch_size=5)
+    tracked = run(clip, tmp_path, conf=0.1, batch_size=5, tracker=ByteTracker(high=0.25, low=0.1))
+    assert [r["track_ids"].tolist() for r in tracked] == [[1]] * FRAMES
+    for a, b in zip(plain, tracked):
+        assert np.array_equal(a["boxes_xyxy"], b["boxes_xyxy"]) and np.array_equal(a["scores"], b["scores"])
+    records = [json.loads(line) for line in (tmp_path / "clip.jsonl").read_text().splitlines()]
+    assert [[d["track_id"] for d in r["detections"]] for r in records] == [[1]] * FRAMES
+    frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    boxes = torch.tensor([[8.0, 20.0, 60.0, 40.0, 0.855, 1.0]])
+    assert not np.array_equal(draw_detections(frame, boxes, ["a", "b"]), draw_detections(frame, boxes, ["a", "b"], torch.tensor([1])))
+    assert read_back(tmp_path / "clip.mp4") == (FRAMES, (WIDTH, HEIGHT), FPS)
 
 
 def test_broken_or_missing_video_is_one_line_naming_the_file(tmp_path: Path) -> None:
@@ -151,6 +169,31 @@ def test_detector_predict_video_as_the_cli_does(clip: Path, tmp_path: Path, caps
     records = [json.loads(line) for line in (run_dir / "clip.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in records] == list(range(0, FRAMES, 2))
     assert all(len(r["detections"]) == 3 and r["detections"][0]["name"] in ("circle", "square", "triangle") for r in records)
+
+
+def test_detector_predict_track_as_the_cli_does_and_its_refusals(clip: Path, tmp_path: Path, untrained_checkpoint: Path) -> None:
+    """`track=true`: ids in the results and the JSON lines; an image source, or track_low above conf, is refused
+    in one line before any output folder exists."""
+    from detector.api import Detector
+    from detector.cli import main
+
+    det = Detector.from_checkpoint(untrained_checkpoint, device="cpu")
+    results = det.predict(str(clip), track=True, conf=0.0, track_low=0.0, max_det=3)
+    assert len(results) == FRAMES and all(len(r["track_ids"]) == len(r["scores"]) for r in results)
+    ids = {i for r in results for i in r["track_ids"].tolist()}
+    assert ids and min(ids) == 1 and max(ids) == len(ids)  # ids count from 1, none skipped
+    args = ["predict", f"weights={untrained_checkpoint}", f"source={clip}", "track=true", "conf=0", "track_low=0",
+            "max_det=3", "device=cpu", f"project={tmp_path / 'runs'}", "name=run"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "run" / "clip.jsonl").read_text().splitlines()]
+    assert [[d["track_id"] for d in r["detections"]] for r in records] == [r["track_ids"].tolist() for r in results]
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DetectorError, match=r"^predict: track=true follows objects across the frames of a video"):
+        det.predict(str(image), track=True, save=True, project=str(tmp_path / "refused"))
+    with pytest.raises(DetectorError, match=r"track_low \(0.5\) must be between 0 and conf \(0.25\)"):
+        det.predict(str(clip), track=True, track_low=0.5, save=True, project=str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow  # a fresh interpreter: ffmpeg is quiet only if the process has not opened a video before
