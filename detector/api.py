@@ -211,8 +211,9 @@ class Detector:
         A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
         last. `track=True` (a video or camera only) keeps the boxes of confirmed ByteTrack tracks, each frame's
-        dict gaining `track_ids` (K,) int64 (detector.infer.tracker). `stream=True` returns an iterator instead of a list (frames as they are predicted: for a camera, or
-        a long video; images are predicted at once all the same). The process keeps the memory each batch frees
+        dict gaining `track_ids` (K,) int64 (detector.infer.tracker). `stream=True` returns an iterator instead
+        of a list (frames as they are predicted: for a camera, or a long video; images are predicted at once all
+        the same). The process keeps the memory each batch frees
         for the next (`memory.hold_freed_heap`: a batch of 32 at 256 px re-faulted 20,000-56,000 pages without it).
         """
         from detector.infer.predictor import Predictor
@@ -388,8 +389,9 @@ def _tracker(opts: PredictOptions, source: Any) -> Any:
     if not opts.track:
         return None
     if not is_video_source(source):
+        shown = repr(str(source)) if isinstance(source, (str, Path)) else f"of type {type(source).__name__}"
         raise DetectorError("predict: track=true follows objects across the frames of a video or a camera; "
-                            f"source {source!r} is neither (a video file mp4 avi mov ..., or a camera index)")
+                            f"source {shown} is neither (a video file mp4 avi mov ..., or a camera index)")
     return ByteTracker(high=opts.conf, low=opts.track_low, buffer=opts.track_buffer)
 
 

@@ -50,8 +50,7 @@ class TrackTable:
 
     @classmethod
     def empty(cls) -> TrackTable:
-        ints = np.zeros(0, np.int64)
-        return cls(ints, ints, ints, ints, np.zeros((0, 8)), np.zeros((0, 8, 8)))
+        return cls(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 8)), np.zeros((0, 8, 8)))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,8 +127,9 @@ class ByteTracker:
         free = np.setdiff1d(np.flatnonzero(scores >= self.high), matched[hit])
         births = self._births(boxes[free], classes[free])
         self.tracks = t.select(alive).append(births)
-        rows = np.concatenate([matched[hit], free if self.frame == 1 else free[:0]])
-        ids = np.concatenate([t.ids[hit], births.ids if self.frame == 1 else births.ids[:0]])
+        rows, ids = matched[hit], t.ids[hit]
+        if self.frame == 1:  # the first frame's boxes are confirmed at once
+            rows, ids = np.concatenate([rows, free]), np.concatenate([ids, births.ids])
         order = np.argsort(rows, kind="stable")
         return det[torch.from_numpy(rows[order])], torch.from_numpy(ids[order])
 

@@ -255,8 +255,9 @@ def predict_video(
 
     Each item is a `detection_dict` (file: `source` as given) plus `frame` (0-based source frame number) and
     `time_s` (frame / fps), and `track_ids` (K,) int64 given a `tracker` (one per video: it keeps the tracks
-    between frames; the predictor's conf must reach down to its `low`). The source is opened now (DetectorError naming it when it cannot be); a video of which
-    no frame decodes raises on the first step. Given `save_dir`, writes the video and JSON lines (module doc).
+    between frames; the predictor's conf must reach down to its `low`). The source is opened now (DetectorError
+    naming it when it cannot be); a video of which no frame decodes raises on the first step. Given `save_dir`,
+    writes the video and JSON lines (module doc).
     """
     if vid_stride < 1:
         raise DetectorError(f"vid_stride must be at least 1, got {vid_stride}")

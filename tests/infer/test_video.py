@@ -191,6 +191,8 @@ def test_detector_predict_track_as_the_cli_does_and_its_refusals(clip: Path, tmp
     cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(DetectorError, match=r"^predict: track=true follows objects across the frames of a video"):
         det.predict(str(image), track=True, save=True, project=str(tmp_path / "refused"))
+    with pytest.raises(DetectorError, match=r"source of type ndarray is neither"):
+        det.predict(np.zeros((32, 32, 3), np.uint8), track=True)
     with pytest.raises(DetectorError, match=r"track_low \(0.5\) must be between 0 and conf \(0.25\)"):
         det.predict(str(clip), track=True, track_low=0.5, save=True, project=str(tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
