@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError, did_you_mean
-from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchExportOptions, BenchModelsOptions, BenchTrainOptions,
+from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchExportOptions, BenchModelsOptions, BenchTrackOptions, BenchTrainOptions,
                                BenchValOptions, CheckOptions, ConvertOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions)
 
 
@@ -114,6 +114,7 @@ BENCHES: dict[str, tuple[type, str]] = {
     "val": (BenchValOptions, "validation ms per image by stage, and the COCO metric's speed (prints a table)"),
     "amp": (BenchAmpOptions, "bf16 autocast against fp32 training, next to the seed-to-seed noise (prints a table)"),
     "export": (BenchExportOptions, "batch-1 CPU latency of PyTorch (fused), onnxruntime, OpenVINO, OpenCV DNN (prints a table)"),
+    "track": (BenchTrackOptions, "the tracker on simulated detections: MOTA, IDF1, id switches, ms per frame (prints a table)"),
 }
 
 

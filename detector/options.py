@@ -211,6 +211,22 @@ class BenchAmpOptions:
 
 
 @dataclass
+class BenchTrackOptions:
+    sequences: int = option(5, "simulated sequences per row (the table shows their mean and spread)", ge=1, le=100)
+    frames: int = option(300, "frames per sequence", ge=2, le=10_000)
+    objects: int = option(20, "objects per sequence (moving at constant speed, bouncing off the frame's edges)", ge=1, le=500)
+    miss: float = option(0.05, "share of object boxes the simulated detector misses", ge=0, le=1)
+    dim: float = option(0.2, "share of object boxes scored between track_low and conf (occluded, blurred)", ge=0, le=1)
+    false_positives: float = option(1.0, "false boxes per frame (Poisson mean), scored 0.1-0.4", ge=0, le=100)
+    jitter: float = option(0.05, "box noise: standard deviation of each side, as a share of the box size", ge=0, le=1)
+    conf: float = option(0.25, "the tracker's conf (high boxes)", ge=0, le=1)
+    track_low: float = option(0.1, "ByteTrack's low boxes from here (its row; the other row keeps boxes from conf only)", ge=0, le=1)
+    track_buffer: int = option(30, "frames a lost track waits", ge=1, le=100_000)
+    min_iou: float = option(0.5, "IoU at which a tracker box counts as its truth box (MOTA, IDF1)", ge=0.01, le=1)
+    seed: int = option(0, "seed of the first sequence", ge=0, le=2**32 - 101)
+
+
+@dataclass
 class BenchExportOptions:
     model: str = option("yolo-ca-n", "model config (name or path; untrained weights) or a checkpoint")
     imgsz: list[int] = option([320, 640], "input sizes (comma list)", ge=32, le=8192, multiple_of=32)

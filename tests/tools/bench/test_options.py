@@ -38,6 +38,7 @@ def test_help_lists_every_key_with_its_default(bench: str, capsys: pytest.Captur
     ("export", "imgsz=320,600", "'imgsz' must be >= 32 and <= 8192 and a multiple of 32, got 600"),
     ("val", "imgs=64", "unknown key 'imgs' (did you mean 'imgsz'?)"),
     ("train", "config=yolov5n", "unknown key 'config' (did you mean 'configs'?)"),
+    ("track", "frames=20000", "'frames' must be >= 2 and <= 10,000, got '20000'"),
 ])
 def test_bad_values_and_unknown_keys_are_one_line_naming_the_key(bench: str, pair: str, message: str,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,5 +49,5 @@ def test_bad_values_and_unknown_keys_are_one_line_naming_the_key(bench: str, pai
 
 
 def test_every_bench_has_its_own_options_class() -> None:
-    assert list(BENCHES) == ["models", "data", "train", "val", "amp", "export"]
-    assert len({options for options, _ in BENCHES.values()}) == 6
+    assert list(BENCHES) == ["models", "data", "train", "val", "amp", "export", "track"]
+    assert len({options for options, _ in BENCHES.values()}) == 7
