@@ -33,6 +33,8 @@ def frame_matches(gt_ids: np.ndarray, hyp_ids: np.ndarray, iou: np.ndarray, prev
     was = np.array([previous.get(int(g), -1) for g in gt_ids.tolist()])
     kept = (was[:, None] == hyp_ids[None, :]) & (iou >= min_iou)
     kept_gt, kept_hyp = np.nonzero(kept)
+    _, first = np.unique(kept_hyp, return_index=True)  # a tracker id two truth objects once had goes to one of them
+    kept_gt, kept_hyp = kept_gt[first], kept_hyp[first]
     free_gt = np.setdiff1d(np.arange(len(gt_ids)), kept_gt)
     free_hyp = np.setdiff1d(np.arange(len(hyp_ids)), kept_hyp)
     rows, cols = assign(1.0 - iou[np.ix_(free_gt, free_hyp)], 1.0 - min_iou)

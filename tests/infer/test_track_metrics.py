@@ -55,3 +55,12 @@ def test_idf1_pairs_whole_trajectories_one_to_one() -> None:
     m = mot_metrics(truth, tracked)
     assert m["IDF1"] == pytest.approx(2 * 6 / 16)
     assert m["id_switches"] == 2 and m["MOTA"] == pytest.approx(1 - 2 / 8)
+
+
+def test_a_tracker_box_is_never_counted_for_two_objects() -> None:
+    """Objects 1 and 2 were each last matched to tracker 7 (1 in frame 0, 2 in frame 1); in frame 2 both overlap
+    the one box of tracker 7: one of them is matched, the other is a miss."""
+    truth = [frame((1, 0)), frame((2, 30)), frame((1, 0), (2, 2))]
+    tracked = [frame((7, 0)), frame((7, 30)), frame((7, 1))]
+    m = mot_metrics(truth, tracked)
+    assert (m["misses"], m["false_positives"]) == (1, 0)
