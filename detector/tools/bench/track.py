@@ -21,6 +21,7 @@ from detector.errors import DetectorError
 from detector.infer.track_metrics import Frame, mot_metrics
 from detector.infer.tracker import ByteTracker
 from detector.options import BenchTrackOptions
+from detector.tools.ablate import mean_std
 from detector.viz.tables import format_table
 
 FRAME_WH = np.array([1280.0, 720.0])
@@ -100,8 +101,7 @@ _COLUMNS = (("MOTA", ".3f"), ("IDF1", ".3f"), ("id_switches", ".1f"), ("false_po
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    """'mean ± standard deviation' over the sequences (the mean alone for one sequence)."""
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(float(np.std(values, ddof=1)), fmt)}"
+    """'mean ± sample standard deviation' over the sequences (the mean alone for one sequence), by ablate's
+    `mean_std`, the error bars `detector ablate` reports."""
+    mean, std = mean_std(values)
+    return format(mean, fmt) if std is None else f"{format(mean, fmt)} ± {format(std, fmt)}"
