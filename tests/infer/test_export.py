@@ -180,3 +180,30 @@ def test_opencv_dnn_runs_the_onnx_file(tmp_path: Path, capsys, nms: bool) -> Non
             np.testing.assert_allclose(got[name].astype(np.float64), expected[name].astype(np.float64), rtol=1e-4, atol=1e-3)
     if nms:
         assert got["num_detections"].tolist() == [8, 8]  # conf 0.001 keeps max_det boxes in each image
+
+
+def test_the_check_allows_float_rounding_of_large_boxes_but_not_a_wrong_score(tmp_path: Path, capsys) -> None:
+    """Boxes are in pixels: a trained model's 280 px box moves by about 1e-3 between two correct fp32 runtimes
+    (seen: 1.2e-3), which is rounding, whereas 2e-3 on a probability is an error."""
+    from detector.infer.export import ExportSpec, check_runtime
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 4, 8)
+            out[..., :4], out[..., 4:] = 280.0, 0.5
+            return out
+
+    def shifted(where: slice, by: float):
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            out = Fixed()(torch.from_numpy(images)).numpy()
+            out[..., where] += by
+            return {"output": out}
+        return run
+
+    spec = ExportSpec(imgsz=32)
+    assert check_runtime(Fixed(), shifted(slice(0, 4), 2e-3), spec, stride=32, runtime="rt", path=tmp_path) < 1e-3
+    assert "max abs difference 2.0" in capsys.readouterr().out  # the printed figure stays the absolute one (float32: 2.01e-03)
+    with pytest.raises(DetectorError, match=r"rt differs from PyTorch by 0\.0019 of 1 \+ \|value\| / 10"):
+        check_runtime(Fixed(), shifted(slice(4, 8), 2e-3), spec, stride=32, runtime="rt", path=tmp_path)
+    with pytest.raises(DetectorError, match="differs from PyTorch"):  # a box 0.1 px off is no rounding
+        check_runtime(Fixed(), shifted(slice(0, 4), 0.1), spec, stride=32, runtime="rt", path=tmp_path)
