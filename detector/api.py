@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
 from detector.infer.exported import is_exported
 from detector.options import ExportOptions, InfoOptions, PredictOptions, ValOptions
+
+if TYPE_CHECKING:
+    from detector.infer.export import ExportSpec
 
 __all__ = ["Detector", "run_info"]
 
@@ -241,9 +244,9 @@ class Detector:
     def export(self, opts: ExportOptions | None = None, /, **options: Any) -> Path:
         """`detector export`: the model as ONNX (checked with onnxruntime) or OpenVINO IR (`format="openvino"`,
         checked with OpenVINO's CPU runtime), with the command's keys as an ExportOptions or as keywords (format,
-        imgsz, dynamic, nms, opset, half, out ...); returns the file's path (the .xml for OpenVINO), also printed
-        last. Default path: beside the weights as <stem>.onnx or <stem>_openvino_model/<stem>.xml (for a bare YAML
-        model: named after the model, here)."""
+        imgsz, dynamic, nms, opset, half, int8, data, out ...); returns the file's path (the .xml for OpenVINO),
+        also printed last. Default path: beside the weights as <stem>.onnx, <stem>_int8.onnx (`int8=True`) or
+        <stem>_openvino_model/<stem>.xml (for a bare YAML model: named after the model, here)."""
         from detector.infer.export import ExportSpec, export_onnx
         from detector.infer.export_openvino import export_openvino, openvino_folder
 
@@ -254,6 +257,10 @@ class Detector:
             raise DetectorError(f"export: 'format' must be one of onnx, openvino, got '{opts.format}'")
         if opts.half and fmt != "openvino":
             raise DetectorError("export: 'half' is for format=openvino (the ONNX file keeps fp32 weights)")
+        if opts.int8 and fmt != "onnx":
+            raise DetectorError("export: 'int8' is for format=onnx (a QDQ graph that onnxruntime runs in 8 bits)")
+        if opts.data and not opts.int8:
+            raise DetectorError("export: 'data' names the images that calibrate int8=true; without int8 nothing reads it")
         stem = self.weights.with_suffix("") if self.weights is not None else Path(self.model.name)
         spec = ExportSpec(
             imgsz=opts.imgsz or self.imgsz, batch=opts.batch, dynamic=opts.dynamic, nms=opts.nms, conf=opts.conf,
@@ -262,11 +269,34 @@ class Detector:
         if fmt == "openvino":
             folder = Path(opts.out) if opts.out else openvino_folder(stem)
             path = export_openvino(self.model, folder, spec, half=opts.half, metadata=self._metadata())
+        elif opts.int8:
+            path = self._export_int8(spec, Path(opts.out) if opts.out else stem.with_name(stem.name + "_int8.onnx"), opts)
         else:
             out = Path(opts.out) if opts.out else stem.with_name(stem.name + ".onnx")
             path = export_onnx(self.model, out, spec, metadata=self._metadata())
         print(path)
         return path
+
+    def _export_int8(self, spec: ExportSpec, out: Path, opts: ExportOptions) -> Path:
+        """The INT8 ONNX file at `out`: the fp32 export (checked against PyTorch as always) quantized with ranges
+        calibrated on `opts.calib_images` train images of `opts.data` (default: the training dataset), then run
+        once against PyTorch on those images (`infer.quantize.check_int8`)."""
+        import tempfile
+
+        from detector.data.spec import load_data_spec
+        from detector.infer.export import export_onnx
+        from detector.infer.predictor import list_images
+        from detector.infer.quantize import calibration_files, check_int8, quantize_onnx
+
+        data = opts.data or self.train_data
+        if not data:
+            raise DetectorError("export: int8=true needs data=<dataset YAML> (its train images calibrate the quantization)")
+        files = calibration_files(list_images(load_data_spec(data).train.images), opts.calib_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata())
+            quantize_onnx(fp32, out, files, spec.imgsz)
+        check_int8(self.model, out, files[:8], spec.imgsz)
+        return out
 
     def info(self, imgsz: int = 640) -> str:
         """The layer table, parameters and GFLOPs at `imgsz`."""

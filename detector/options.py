@@ -110,7 +110,10 @@ class ExportOptions:
     opset: int = option(18, "ONNX opset", ge=14, le=23)
     simplify: bool = option(False, "simplify the graph with onnxslim (the export extra)")
     half: bool = option(False, "fp16 weights (format=openvino only: half the .bin, checked to 1e-2 relative)")
-    out: str = option("", "output path (default: beside the weights, <stem>.onnx; openvino: the folder <stem>_openvino_model)")
+    int8: bool = option(False, "INT8 post-training quantization (format=onnx): convolutions in 8 bits, calibrated on `data`'s train images")
+    data: str = option("", "int8: dataset YAML whose train images calibrate it (default: the one the checkpoint was trained on)")
+    calib_images: int = option(64, "int8: calibration images, evenly spaced over the train split", ge=1, le=100_000)
+    out: str = option("", "output path (default: beside the weights, <stem>.onnx, <stem>_int8.onnx; openvino: the folder <stem>_openvino_model)")
 
 
 @dataclass
@@ -230,10 +233,13 @@ class BenchTrackOptions:
 class BenchExportOptions:
     model: str = option("yolo-ca-n", "model config (name or path; untrained weights) or a checkpoint")
     imgsz: list[int] = option([320, 640], "input sizes (comma list)", ge=32, le=8192, multiple_of=32)
-    runtimes: list[str] = option(["pytorch", "onnxruntime", "openvino", "openvino-bf16", "opencv"],
-                                 "comma list: pytorch (BN-folded copy, channels_last), onnxruntime, openvino (f32), "
+    runtimes: list[str] = option(["pytorch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "opencv"],
+                                 "comma list: pytorch (BN-folded copy, channels_last), onnxruntime, onnxruntime-int8 "
+                                 "(detector export int8=true; needs data= or a trained checkpoint), openvino (f32), "
                                  "openvino-bf16 (CPUs with bf16 units only), opencv (cv2.dnn)",
-                                 choices=["pytorch", "onnxruntime", "openvino", "openvino-bf16", "opencv"])
-    iters: int = option(30, "timed batch-1 runs per row (the median counts)", ge=1, le=100_000)
+                                 choices=["pytorch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "opencv"])
+    data: str = option("", "onnxruntime-int8: dataset YAML whose train images calibrate it (default: the checkpoint's training data)")
+    batch: int = option(1, "images per run (1: latency; more: throughput of batched serving)", ge=1, le=256)
+    iters: int = option(30, "timed runs per row (the median counts)", ge=1, le=100_000)
     warmup: int = option(5, "untimed runs before the timed ones", ge=0, le=100_000)
     threads: int = option(0, "CPU threads of every runtime (0: torch's default)", ge=0, le=1024)

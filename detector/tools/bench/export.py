@@ -1,13 +1,16 @@
-"""`detector bench export`: batch-1 CPU latency of one model in each deployment runtime, at each image size.
+"""`detector bench export`: CPU latency of one model in each deployment runtime, at each image size (batch 1 by
+default; `batch=N` times batches of N, the throughput of batched serving).
 
 At each imgsz the model is exported with fixed H/W through `Detector.export`, to ONNX and to OpenVINO IR in a
 temporary folder (each file checked against PyTorch as `detector export` checks it; those lines are printed under
-the table); then each runtime runs one random (1, 3, imgsz, imgsz) image `warmup` times untimed and `iters` times
-timed. The table gives the median and the fastest run in ms, and the images/s of the median.
+the table); then each runtime runs one random (batch, 3, imgsz, imgsz) input `warmup` times untimed and `iters`
+times timed. The table gives the median and the fastest run in ms, and the images/s of the median.
 
 - pytorch: the BN-folded channels_last copy that `detector val` and `predict` run (`models.builder.inference_copy`),
   fp32, under `torch.inference_mode`.
 - onnxruntime: CPUExecutionProvider, its default (full) graph optimizations.
+- onnxruntime-int8: the same on `detector export int8=true`'s file (QDQ, calibrated on `data`'s train images or
+  the checkpoint's training set; skipped without either).
 - openvino: the CPU plugin with the LATENCY hint, f32 inference precision.
 - openvino-bf16: the same in bf16, OpenVINO's own default on CPUs with bf16 units; skipped on other CPUs.
 - opencv: `cv2.dnn.readNetFromONNX` on the ONNX file, its default backend (OpenCV's own) on the CPU.
@@ -46,7 +49,7 @@ from detector.runtime.device import cpu_supports_bf16
 from detector.viz.tables import format_table
 
 Runner = Callable[[np.ndarray], Any]
-PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino", "opencv": "cv2"}
+PACKAGES = {"onnxruntime": "onnxruntime", "onnxruntime-int8": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino", "opencv": "cv2"}
 
 
 def main(opts: BenchExportOptions) -> None:
@@ -58,20 +61,20 @@ def main(opts: BenchExportOptions) -> None:
     torch.set_num_threads(threads)
     try:
         detector = Detector(opts.model, device="cpu")
-        runtimes, notes = available_runtimes(opts.runtimes)
-        print(header(detector, threads))
+        runtimes, notes = available_runtimes(opts.runtimes, calibration=opts.data or detector.train_data)
+        print(header(detector, threads, opts.batch))
         load_before = os.getloadavg()
         rows, checks = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for imgsz in opts.imgsz:
-                files, lines = export_files(detector, imgsz, Path(tmp), runtimes)
+                files, lines = export_files(detector, imgsz, Path(tmp), runtimes, data=opts.data)
                 checks += lines
-                image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+                image = np.random.default_rng(0).random((opts.batch, 3, imgsz, imgsz), dtype=np.float32)
                 for runtime in runtimes:
                     precision, run = RUNNERS[runtime](detector, files, threads)
                     times = time_runs(run, image, iters=opts.iters, warmup=opts.warmup)
                     median = statistics.median(times)
-                    rows.append([runtime, imgsz, precision, median, min(times), 1000 / median])
+                    rows.append([runtime, imgsz, precision, median, min(times), 1000 * opts.batch / median])
     finally:
         torch.set_num_threads(previous)
     # two decimals: a small model at a small size runs in under a millisecond
@@ -82,14 +85,14 @@ def main(opts: BenchExportOptions) -> None:
         print(line)
 
 
-def header(detector: Detector, threads: int) -> str:
-    """One line: the model, the CPU, its bf16 units, the threads and the runtimes' versions."""
+def header(detector: Detector, threads: int, batch: int = 1) -> str:
+    """One line: the model, the batch, the CPU, its bf16 units, the threads and the runtimes' versions."""
     versions = [f"torch {torch.__version__}"]
     for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("opencv", "cv2")):
         if importlib.util.find_spec(module) is not None:
             versions.append(f"{name} {__import__(module).__version__.split('-')[0]}")  # openvino's has a build tag
     bf16 = "yes" if cpu_supports_bf16() else "no"
-    return (f"bench export: {detector.model.name}, batch 1, CPU {cpu_name()} ({os.cpu_count()} cores; bf16 units: "
+    return (f"bench export: {detector.model.name}, batch {batch}, CPU {cpu_name()} ({os.cpu_count()} cores; bf16 units: "
             f"{bf16}), {threads} threads; {', '.join(versions)}")
 
 
@@ -102,8 +105,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
-    """The requested runtimes that can run here, in order, and a note for each one left out."""
+def available_runtimes(requested: list[str], *, calibration: str = "") -> tuple[list[str], list[str]]:
+    """The requested runtimes that can run here, in order, and a note for each one left out (`calibration`: the
+    dataset YAML that onnxruntime-int8 is calibrated on, '' for none)."""
     runtimes, notes = [], []
     for runtime in dict.fromkeys(requested):
         package = PACKAGES.get(runtime)
@@ -111,6 +115,8 @@ def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
             notes.append(f"{runtime}: skipped, the '{package}' package is not installed (pip install 'detector[export]')")
         elif runtime == "openvino-bf16" and not _openvino_has_bf16():
             notes.append("openvino-bf16: skipped, this CPU has no bf16 units (OpenVINO would emulate it)")
+        elif runtime == "onnxruntime-int8" and not calibration:
+            notes.append("onnxruntime-int8: skipped, no calibration images (give data=<dataset YAML> or a trained checkpoint)")
         else:
             runtimes.append(runtime)
     return runtimes, notes
@@ -122,18 +128,20 @@ def _openvino_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def export_files(detector: Detector, imgsz: int, folder: Path, runtimes: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """The ONNX file and the OpenVINO .xml at `imgsz` (fixed H/W) that `runtimes` need, exported by the Detector,
-    and the check lines the exports printed (their max abs difference against PyTorch)."""
-    formats = {"onnx": {"onnxruntime", "opencv"}, "openvino": {"openvino", "openvino-bf16"}}
+def export_files(detector: Detector, imgsz: int, folder: Path, runtimes: list[str], *,
+                 data: str = "") -> tuple[dict[str, Path], list[str]]:
+    """The ONNX files and the OpenVINO .xml at `imgsz` (fixed H/W) that `runtimes` need, exported by the Detector
+    (the INT8 file calibrated on `data`, '' for the training set), and the check lines the exports printed."""
+    formats = {"onnx": {"onnxruntime", "opencv"}, "int8": {"onnxruntime-int8"}, "openvino": {"openvino", "openvino-bf16"}}
+    names = {"onnx": f"{imgsz}.onnx", "int8": f"{imgsz}_int8.onnx", "openvino": f"m{imgsz}_openvino_model"}
     files, lines = {}, []
     for fmt, users in formats.items():
         if not users & set(runtimes):
             continue
-        out = folder / (f"{imgsz}.onnx" if fmt == "onnx" else f"m{imgsz}_openvino_model")
+        keys = {"format": "onnx", "int8": True, "data": data} if fmt == "int8" else {"format": fmt}
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), _quiet("detector.infer"):
-            files[fmt] = detector.export(format=fmt, imgsz=imgsz, out=str(out))
+            files[fmt] = detector.export(**keys, imgsz=imgsz, out=str(folder / names[fmt]))
         lines += [line for line in printed.getvalue().splitlines() if " vs PyTorch " in line]
     return files, lines
 
@@ -172,13 +180,17 @@ def pytorch_runner(detector: Detector, files: dict[str, Path], threads: int) -> 
     return "fp32", run
 
 
-def onnxruntime_runner(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
-    import onnxruntime as ort
+def onnxruntime_runner(file: str) -> Callable[[Detector, dict[str, Path], int], tuple[str, Runner]]:
+    """A runner of the ONNX file `file` ('onnx' fp32, 'int8' quantized) in onnxruntime on the CPU."""
+    def make(detector: Detector, files: dict[str, Path], threads: int) -> tuple[str, Runner]:
+        import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(files["onnx"]), options, providers=["CPUExecutionProvider"])
-    return "fp32", lambda image: session.run(None, {"images": image})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(files[file]), options, providers=["CPUExecutionProvider"])
+        return ("fp32" if file == "onnx" else file), lambda image: session.run(None, {"images": image})
+
+    return make
 
 
 def openvino_runner(precision: str) -> Callable[[Detector, dict[str, Path], int], tuple[str, Runner]]:
@@ -209,7 +221,8 @@ def opencv_runner(detector: Detector, files: dict[str, Path], threads: int) -> t
 
 RUNNERS: dict[str, Callable[[Detector, dict[str, Path], int], tuple[str, Runner]]] = {
     "pytorch": pytorch_runner,
-    "onnxruntime": onnxruntime_runner,
+    "onnxruntime": onnxruntime_runner("onnx"),
+    "onnxruntime-int8": onnxruntime_runner("int8"),
     "openvino": openvino_runner("f32"),
     "openvino-bf16": openvino_runner("bf16"),
     "opencv": opencv_runner,

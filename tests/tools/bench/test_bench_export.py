@@ -30,3 +30,16 @@ def test_bench_export_times_every_runtime_at_every_size(capsys: pytest.CaptureFi
     checks = [line for line in lines if " vs PyTorch at " in line]
     assert len(checks) == 2 * 2 * (1 + any(r.startswith("openvino") for r in runtimes))  # 2 batches x 2 sizes x files
     assert all(float(line.split("max abs difference ")[1].split()[0]) < 1e-3 for line in checks)
+    assert "onnxruntime-int8: skipped, no calibration images (give data=<dataset YAML> or a trained checkpoint)" in lines
+
+
+def test_bench_export_times_the_int8_file_in_batches(make_data_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+    main(BenchExportOptions(model="yolov5n", imgsz=[64], runtimes=["onnxruntime", "onnxruntime-int8"], batch=4,
+                            data=str(make_data_yaml()), iters=2, warmup=1, threads=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bench export: yolov5n, batch 4, CPU ")
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["onnxruntime"], ["onnxruntime-int8"])}
+    assert rows["onnxruntime"][2] == "fp32" and rows["onnxruntime-int8"][2] == "int8"
+    for row in rows.values():
+        assert float(row[5]) == pytest.approx(4 * 1000 / float(row[3]), rel=0.05)  # images/s counts the batch
+    assert any(line.startswith("export: int8 (onnxruntime) vs PyTorch fp32 on 6 calibration images") for line in lines)

@@ -34,7 +34,7 @@ def test_help_lists_every_key_with_its_default(bench: str, capsys: pytest.Captur
     ("val", "metric_images=1e9", "'metric_images' must be >= 0 and <= 100,000, got '1e9'"),
     ("amp", "noise_seed=-2", "'noise_seed' must be >= -1 and <= 4,294,967,295, got '-2'"),
     ("amp", "channels_last=maybe", "'channels_last' expects true or false, got 'maybe'"),
-    ("export", "runtimes=pytorch,tensorrt", "'runtimes' must be one of pytorch, onnxruntime, openvino, openvino-bf16, opencv, got 'tensorrt'"),
+    ("export", "runtimes=pytorch,tensorrt", "'runtimes' must be one of pytorch, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, opencv, got 'tensorrt'"),
     ("export", "imgsz=320,600", "'imgsz' must be >= 32 and <= 8192 and a multiple of 32, got 600"),
     ("val", "imgs=64", "unknown key 'imgs' (did you mean 'imgsz'?)"),
     ("train", "config=yolov5n", "unknown key 'config' (did you mean 'configs'?)"),

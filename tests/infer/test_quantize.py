@@ -1,0 +1,215 @@
+"""INT8 export (`detector export int8=true`): which nodes stay in fp32, the calibration images, the QDQ file that
+onnxruntime runs with the checkpoint's metadata, the refusals, and (slow) a trained model's AP kept through it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.errors import DetectorError
+from detector.options import ExportOptions
+
+# the sibling module's helpers (pytest puts this folder on sys.path; test file names are unique across tests/)
+from test_export import export_command, export_lines, write_checkpoint
+from test_export_openvino import perturb_batchnorms
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def _graph(tmp_path: Path, **keys: object):
+    from detector.api import Detector
+
+    weights = write_checkpoint(tmp_path / "fp32.pt", "yolo-ca-n")
+    path = Detector.from_checkpoint(weights, device="cpu").export(imgsz=64, out=str(tmp_path / "fp32.onnx"), **keys)
+    return onnx.load(str(path))
+
+
+def _downstream_of(model, names: set[str]) -> set[str]:
+    """Every node fed, directly or not, by the outputs of the nodes in `names` (a forward walk, written here
+    independently of the module's backward sweep)."""
+    produced = {out for node in model.graph.node if node.name in names for out in node.output}
+    found: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.name not in found and produced & set(node.input):
+                found.add(node.name)
+                produced |= set(node.output)
+                changed = True
+    return found
+
+
+def test_the_stem_and_everything_after_the_prediction_convs_stay_in_fp32(tmp_path: Path) -> None:
+    from detector.infer.quantize import kept_in_float
+
+    model = _graph(tmp_path)
+    kept = set(kept_in_float(model))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    assert [c.name for c in convs if c.name in kept] == [convs[0].name] and convs[0].input[0] == "images"
+    # the head's 8 prediction convs (box and class, 4 levels) are quantized; what follows them is not
+    prediction = {c.name for c in convs if c.name.endswith(("m.0.2/Conv", "m.1.2/Conv", "m.2.2/Conv", "m.3.2/Conv",
+                                                            "cls.0.2/Conv", "cls.1.2/Conv", "cls.2.2/Conv", "cls.3.2/Conv"))}
+    assert len(prediction) == 8 and not prediction & kept
+    assert kept - {convs[0].name} == _downstream_of(model, prediction)
+    producer = {out: node.name for node in model.graph.node for out in node.output}
+    assert producer["output"] in kept  # the decode that writes the boxes in pixels
+    assert not any(node.op_type == "Sigmoid" and node.name in kept for node in model.graph.node
+                   if "/layers.28/" not in node.name)  # the backbone's and neck's activations are quantized
+
+
+def test_in_graph_nms_stays_in_fp32(tmp_path: Path) -> None:
+    from detector.infer.quantize import kept_in_float
+
+    model = _graph(tmp_path, nms=True)
+    kept = set(kept_in_float(model))
+    assert {n.name for n in model.graph.node if n.op_type == "NonMaxSuppression"} <= kept
+
+
+def test_calibration_files_are_evenly_spaced_and_deterministic(tmp_path: Path) -> None:
+    from detector.infer.quantize import calibration_files
+
+    files = [tmp_path / f"{i:03d}.jpg" for i in range(10)]
+    assert calibration_files(files[::-1], 4) == [files[0], files[3], files[6], files[9]]
+    assert calibration_files(files, 1) == [files[0]]
+    assert calibration_files(files, 50) == files
+    with pytest.raises(DetectorError, match="no images"):
+        calibration_files([], 4)
+
+
+def test_calibration_batches_are_the_letterboxed_images_in_0_1(tmp_path: Path) -> None:
+    import cv2
+
+    from detector.infer.quantize import calibration_batches
+
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[..., 0] = 255  # red in RGB
+    cv2.imwrite(str(tmp_path / "wide.png"), image[..., ::-1])
+    (batch,) = calibration_batches([tmp_path / "wide.png"], 64)
+    assert batch.shape == (1, 3, 64, 64) and batch.dtype == np.float32
+    assert batch[0, 0, 32, 32] == 1.0 and batch[0, 1, 32, 32] == 0.0  # the image, red, in the middle
+    assert batch[0, 0, 0, 0] == pytest.approx(114 / 255)  # the grey letterbox padding above it
+
+
+def test_int8_export_writes_a_qdq_file_beside_the_weights_that_runs(tmp_path: Path, capsys, make_data_yaml) -> None:
+    import onnxruntime as ort
+
+    from detector.api import Detector
+
+    data = make_data_yaml()
+    weights = write_checkpoint(tmp_path / "weights" / "best.pt", "yolo-ca-n")
+    perturb_batchnorms(weights)  # activations that spread, as a trained model's do
+    path = export_command(ExportOptions(weights=str(weights), int8=True, data=str(data), calib_images=4, imgsz=64))
+    lines = export_lines(capsys)
+    assert path == tmp_path / "weights" / "best_int8.onnx" and lines[-1] == str(path)
+    assert any(line.startswith("export: int8 (onnxruntime) vs PyTorch fp32 on 4 calibration images") for line in lines)
+    assert any(line.startswith("export: onnxruntime vs PyTorch at batch 1") for line in lines)  # fp32 checked first
+    assert not any(line.startswith(("Collecting", "Number of", "Finding")) for line in lines)  # the calibrator's prints
+
+    model = onnx.load(str(path))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == ops.count("Conv") - 1  # every conv's weights but the stem's
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["precision"] == "int8" and meta["calibration"] == "mean of per-image min/max, 4 images"
+    assert json.loads(meta["names"]) == ["c0", "c1", "c2"] and json.loads(meta["imgsz"]) == 64
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"images": np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)})
+    assert out.shape == (3, 3 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2), 8) and np.isfinite(out).all()
+    detector = Detector(path)  # val and predict open it as any exported file
+    assert detector.exported and detector.names == ["c0", "c1", "c2"]
+
+
+def test_int8_export_calibrates_on_the_checkpoints_training_data_by_default(tmp_path: Path, capsys,
+                                                                          make_data_yaml) -> None:
+    from detector.api import Detector
+    from detector.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    data = make_data_yaml(sizes_wh=[(64, 48), (50, 70), (64, 64)])
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    state = load_checkpoint(weights)
+    state["train_config"] = {"data": str(data)}
+    save_checkpoint(weights, state)
+    path = Detector(weights).export(int8=True, imgsz=64, calib_images=100)
+    assert path == tmp_path / "best_int8.onnx"
+    assert any("on 3 calibration images" in line for line in export_lines(capsys))  # all 3 of the train split
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["calibration"] == "mean of per-image min/max, 3 images"
+
+
+def test_an_activation_range_is_the_mean_of_its_per_image_extremes(tmp_path: Path) -> None:
+    """One image far out of the others' range must not set a tensor's step for all (it did, on real data: see
+    `infer/quantize.py`): the scale of each quantized activation is (mean of per-image max - mean of per-image
+    min) / 255, here checked on the second conv's output, with a white image among dark ones."""
+    import cv2
+    import onnxruntime as ort
+
+    from detector.api import Detector
+    from detector.infer.quantize import calibration_batches, quantize_onnx
+
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    perturb_batchnorms(weights)
+    fp32 = Detector(weights).export(imgsz=64, out=str(tmp_path / "fp32.onnx"))
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        image = np.full((64, 64, 3), 255, np.uint8) if i == 3 else rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+        files.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(files[-1]), image)
+    int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", files, 64)
+
+    model = onnx.load(str(int8))
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "/layers.1/" in n.input[0]
+                and n.input[0].endswith("act/Mul_output_0")]
+    tensor, scale = quantize[0].input[0], float(scales[quantize[0].input[1]])
+    probe = onnx.load(str(fp32))
+    probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = [session.run([tensor], {"images": batch})[0] for batch in calibration_batches(files, 64)]
+    lows, highs = [min(v.min(), 0.0) for v in values], [max(v.max(), 0.0) for v in values]
+    assert scale == pytest.approx((np.mean(highs) - np.mean(lows)) / 255, rel=1e-4)
+    assert scale < 0.9 * (max(highs) - min(lows)) / 255  # the white image's extremes would have set a coarser step
+
+
+def test_int8_refusals_name_the_key(tmp_path: Path) -> None:
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")  # trained on nothing: no data to calibrate on
+    with pytest.raises(DetectorError, match=r"int8=true needs data=<dataset YAML>"):
+        export_command(ExportOptions(weights=str(weights), int8=True, imgsz=64))
+    with pytest.raises(DetectorError, match="'int8' is for format=onnx"):
+        export_command(ExportOptions(weights=str(weights), int8=True, format="openvino", imgsz=64))
+    with pytest.raises(DetectorError, match="'data' names the images that calibrate int8=true"):
+        export_command(ExportOptions(weights=str(weights), data="data.yaml", imgsz=64))
+    assert not (tmp_path / "best_int8.onnx").exists() and not (tmp_path / "best.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path) -> None:
+    """A model overfit on 8 images: its INT8 file scores within 0.05 AP50 of its fp32 file on those images, so
+    the quantization keeps what the model learnt (a broken scale or a quantized decode loses it all)."""
+    from detector.api import Detector
+    from detector.data.synthetic import generate_shapes_dataset
+    from detector.train.trainer import train
+    from tiny_run import make_config
+
+    generate_shapes_dataset(tmp_path / "d", seed=7, n_train=8, n_val=8, imgsz=128)
+    same = tmp_path / "d" / "same.yaml"
+    same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
+                    "val: {images: train/images, annotations: train/instances_train.json}\n")
+    no_aug = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
+    cfg = make_config(same, tmp_path, model="yolo-ca-n", epochs="80", nbs="8", optimizer="AdamW", lr0="0.002",
+                      momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
+    train(cfg)
+    trained = Detector(tmp_path / "exp" / "weights" / "best.pt")
+    fp32 = trained.export(out=str(tmp_path / "fp32.onnx"))
+    int8 = trained.export(int8=True, calib_images=8)
+    ap = {name: Detector(path).val(project=str(tmp_path / "val"), name=name, plots=False)["AP50"]
+          for name, path in (("fp32", fp32), ("int8", int8))}
+    assert ap["fp32"] > 0.6
+    assert ap["int8"] > ap["fp32"] - 0.05
