@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     import onnx
     import torch.nn as nn
 
+LOGGER = logging.getLogger(__name__)
+
 
 def calibration_files(images: Sequence[Path], count: int) -> list[Path]:
     """`count` of `images`, evenly spaced over the sorted list (all when there are fewer): deterministic, and not
@@ -46,10 +49,20 @@ def calibration_files(images: Sequence[Path], count: int) -> list[Path]:
 
 def calibration_batches(files: Sequence[Path], imgsz: int) -> Iterator[np.ndarray]:
     """Each file as the graph takes it: (1, 3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed as `detector
-    predict` letterboxes a fixed-size export's input."""
+    predict` letterboxes a fixed-size export's input. A file that does not decode is skipped with a warning
+    naming it; DetectorError when none does."""
+    decoded = 0
     for path in files:
-        boxed, _, _ = letterbox(read_rgb(path), (imgsz, imgsz))
+        try:
+            image = read_rgb(path)
+        except (OSError, ValueError) as err:
+            LOGGER.warning("export: int8 calibration skips %s: %s", path, err)
+            continue
+        decoded += 1
+        boxed, _, _ = letterbox(image, (imgsz, imgsz))
         yield (boxed.transpose(2, 0, 1)[None] / np.float32(255)).astype(np.float32)
+    if not decoded:
+        raise DetectorError(f"export: int8 calibration: none of the {len(files)} images decodes (e.g. {files[0]})")
 
 
 def kept_in_float(model: onnx.ModelProto) -> list[str]:
@@ -90,18 +103,21 @@ def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], imgsz: int) -> P
 
     class OneImageAtATime(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = calibration_batches(files, imgsz)
+            self.batches, self.count = calibration_batches(files, imgsz), 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return {"images": batch} if (batch := next(self.batches, None)) is not None else None
+            batch = next(self.batches, None)
+            self.count += batch is not None
+            return None if batch is None else {"images": batch}
 
     source = onnx.load(str(fp32))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the quantizer's prints
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # onnx shape inference + graph tidy
+        reader = OneImageAtATime()
         quantize_static(
-            str(prepared), str(out), OneImageAtATime(), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept_in_float(source),
             calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
             extra_options={"CalibMovingAverage": True},  # one collection: the mean of the per-image extremes
@@ -109,7 +125,7 @@ def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], imgsz: int) -> P
     quantized = onnx.load(str(out))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(source.metadata_props)
-    for key, value in {"precision": "int8", "calibration": f"mean of per-image min/max, {len(files)} images"}.items():
+    for key, value in {"precision": "int8", "calibration": f"mean of per-image min/max, {reader.count} images"}.items():
         entry = quantized.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(quantized, str(out))
@@ -133,15 +149,16 @@ def check_int8(model: nn.Module, path: Path, files: Sequence[Path], imgsz: int) 
     got = session.run(["output"], {"images": images})[0]
     with torch.no_grad():
         expected = graph(torch.from_numpy(images)).numpy()
-    if got.shape != expected.shape or not np.isfinite(got).all():
-        raise DetectorError(f"export: {path}: onnxruntime gives {'shape ' + str(got.shape) if got.shape != expected.shape else 'non-finite values'} "
-                            f"where PyTorch gives shape {expected.shape}")
+    if got.shape != expected.shape:
+        raise DetectorError(f"export: {path}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}")
+    if not np.isfinite(got).all():
+        raise DetectorError(f"export: {path}: onnxruntime gives non-finite values on the calibration images")
     score, score_ref = (got[..., 5:] * got[..., 4:5]).max(-1), (expected[..., 5:] * expected[..., 4:5]).max(-1)
     score_diff = float(np.abs(score - score_ref).max())
     confident = score_ref >= 0.25
     box_diff = np.abs(got[..., :4] - expected[..., :4])[confident]
     median = float(np.median(box_diff)) if box_diff.size else 0.0
-    print(f"export: int8 (onnxruntime) vs PyTorch fp32 on {len(files)} calibration images: scores max abs difference "
+    print(f"export: int8 (onnxruntime) vs PyTorch fp32 on {len(images)} calibration images: scores max abs difference "
           f"{score_diff:.2e}; the {int(confident.sum())} boxes PyTorch scores >= 0.25 move by median {median:.2f} px "
           f"(max {float(box_diff.max(initial=0.0)):.2f}); measure the AP with `detector val weights={path}`")
     return score_diff, median

@@ -4,10 +4,12 @@ onnxruntime runs with the checkpoint's metadata, the refusals, and (slow) a trai
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from detector.errors import DetectorError
 from detector.options import ExportOptions
@@ -95,6 +97,21 @@ def test_calibration_batches_are_the_letterboxed_images_in_0_1(tmp_path: Path) -
     assert batch[0, 0, 0, 0] == pytest.approx(114 / 255)  # the grey letterbox padding above it
 
 
+def test_calibration_skips_an_image_that_does_not_decode_and_names_it(tmp_path: Path, caplog) -> None:
+    import cv2
+
+    from detector.infer.quantize import calibration_batches
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    cv2.imwrite(str(good), np.zeros((8, 8, 3), np.uint8))
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="detector.infer.quantize"):
+        batches = list(calibration_batches([bad, good], 32))
+    assert len(batches) == 1 and f"int8 calibration skips {bad}" in caplog.text
+    with pytest.raises(DetectorError, match=r"none of the 1 images decodes \(e\.g\. .*bad\.jpg\)"):
+        list(calibration_batches([bad], 32))
+
+
 def test_int8_export_writes_a_qdq_file_beside_the_weights_that_runs(tmp_path: Path, capsys, make_data_yaml) -> None:
     import onnxruntime as ort
 
@@ -124,6 +141,24 @@ def test_int8_export_writes_a_qdq_file_beside_the_weights_that_runs(tmp_path: Pa
     assert out.shape == (3, 3 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2), 8) and np.isfinite(out).all()
     detector = Detector(path)  # val and predict open it as any exported file
     assert detector.exported and detector.names == ["c0", "c1", "c2"]
+
+
+def test_int8_export_with_nms_and_dynamic_size(tmp_path: Path, capsys, make_data_yaml) -> None:
+    import onnxruntime as ort
+
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-ca-n")
+    perturb_batchnorms(weights)
+    path = export_command(ExportOptions(weights=str(weights), int8=True, data=str(make_data_yaml()), imgsz=64,
+                                        dynamic=True, nms=True, max_det=20))
+    assert path == tmp_path / "best_int8.onnx" and export_lines(capsys)[-1] == str(path)
+    model = onnx.load(str(path))
+    assert "NonMaxSuppression" in [node.op_type for node in model.graph.node]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).random((2, 3, 64, 96), dtype=np.float32)  # not square: the size is dynamic
+    detections, count, output = session.run(None, {"images": images})
+    assert detections.shape == (2, 20, 6) and count.shape == (2,)
+    assert output.shape == (2, 3 * (16 * 24 + 8 * 12 + 4 * 6 + 2 * 3), 8)
+    assert np.isfinite(output).all() and (count <= 20).all()
 
 
 def test_int8_export_calibrates_on_the_checkpoints_training_data_by_default(tmp_path: Path, capsys,
@@ -176,6 +211,39 @@ def test_an_activation_range_is_the_mean_of_its_per_image_extremes(tmp_path: Pat
     lows, highs = [min(v.min(), 0.0) for v in values], [max(v.max(), 0.0) for v in values]
     assert scale == pytest.approx((np.mean(highs) - np.mean(lows)) / 255, rel=1e-4)
     assert scale < 0.9 * (max(highs) - min(lows)) / 255  # the white image's extremes would have set a coarser step
+
+
+def test_the_int8_check_refuses_non_finite_or_misshapen_output(tmp_path: Path, monkeypatch, make_data_yaml) -> None:
+    import onnxruntime as ort
+
+    from detector.infer.export import ExportSpec, build_graph
+    from detector.infer.predictor import list_images
+    from detector.infer.quantize import check_int8
+    from detector.models.builder import build_model
+
+    model = build_model("yolo-c2f-n", nc=3)
+    files = list_images(make_data_yaml().parent / "train" / "images")[:2]
+    graph, _ = build_graph(model, ExportSpec(imgsz=64))
+    with torch.no_grad():
+        good = graph(torch.rand(2, 3, 64, 64)).numpy()
+
+    class Session:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, names, feeds):
+            return [result]
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    result = np.full_like(good, np.nan)
+    with pytest.raises(DetectorError, match="non-finite values on the calibration images"):
+        check_int8(model, tmp_path / "m.onnx", files, 64)
+    result = good[:, :10]
+    with pytest.raises(DetectorError, match=r"onnxruntime gives shape \(2, 10, 8\), PyTorch \(2, \d+, 8\)"):
+        check_int8(model, tmp_path / "m.onnx", files, 64)
+    result = good
+    score_diff, median = check_int8(model, tmp_path / "m.onnx", files, 64)  # finite and shaped: reported, not judged
+    assert np.isfinite(score_diff) and np.isfinite(median)
 
 
 def test_int8_refusals_name_the_key(tmp_path: Path) -> None:
