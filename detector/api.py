@@ -208,8 +208,9 @@ class Detector:
         One dict per image, in input order: boxes_xyxy float32 (K, 4) original pixels, scores (K,), classes (K,)
         contiguous, category_ids (K,) original ids, names (K class names), file (path or None). Unreadable files of
         a folder or glob are skipped with a warning; an unreadable file named directly raises DetectorError.
-        `save` (what `detector predict` does) also writes the drawn images (unless save_images=False) and
-        predictions.json to runs/predict/<name>, and prints that predictions.json path last.
+        `save` (what `detector predict` does) also writes the drawn images (unless save_images=False),
+        predictions.json and, with save_txt=True, YOLO-format labels/<image>.txt to runs/predict/<name>, and prints
+        that predictions.json path last.
 
         A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
@@ -229,11 +230,13 @@ class Detector:
         if isinstance(source, str) and not source:
             raise DetectorError("predict: source=<image, folder, glob, video or camera index> is required")
         self._check_exported_call("predict", opts.imgsz or self.imgsz, opts.augment)
+        _check_label_files(opts, source, save)
         tracker = _tracker(opts, source)
         device = self._to(opts.device)
         predictor = Predictor(
             self._inference_model(), imgsz=opts.imgsz or self.imgsz, conf=opts.track_low if tracker is not None else opts.conf,
             iou=opts.iou, max_det=opts.max_det, classes=opts.classes or None, device=device, augment=opts.augment,
+            agnostic=opts.agnostic_nms,
         )
         if is_video_source(source):
             frames = self._predict_video(predictor, source, opts, save, tracker)
@@ -379,7 +382,7 @@ class Detector:
         LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), shown, predictor.imgsz, self.device)
         results = predict_source(
             predictor, files, save_dir, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
-            save_images=opts.save_images,
+            save_images=opts.save_images, save_txt=opts.save_txt, save_conf=opts.save_conf,
         )
         print(save_dir / "predictions.json")
         return results
@@ -408,6 +411,18 @@ class Detector:
 
     def _metadata(self) -> dict[str, Any]:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name, "train_data": self.train_data}
+
+
+def _check_label_files(opts: PredictOptions, source: Any, save: bool) -> None:
+    """save_txt writes a label file per image: refused, before any output, where there is none to write."""
+    from detector.infer.video import is_video_source
+
+    if opts.save_conf and not opts.save_txt:
+        raise DetectorError("predict: save_conf adds the score to save_txt's label rows; give save_txt=true too")
+    if opts.save_txt and is_video_source(source):
+        raise DetectorError("predict: save_txt writes one label file per image; a video's boxes are in its .jsonl")
+    if opts.save_txt and not save:
+        raise DetectorError("predict: save_txt writes files: pass save=True (as `detector predict` does)")
 
 
 def _tracker(opts: PredictOptions, source: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Export a COCO dataset (our dataset YAML) to the YOLO-txt layout other trainers read.
+"""Export a COCO dataset (our dataset YAML) to the YOLO-txt layout other trainers read; the label-file format is
+also what `detector predict save_txt=true` writes.
 
 Used by the rival harness (`detector.tools.bench.rivals`) so that another tool trains on exactly the boxes we train on:
 the scan of `detector.data.coco.CocoDataset` decides everything (skipped images, dropped and clipped boxes, crowd
@@ -47,21 +48,31 @@ class YoloExport:
 
 def yolo_rows(record: ImageRecord) -> np.ndarray:
     """(n, 5) float64 [class, cx, cy, w, h] of the record's training boxes, normalised by its size after EXIF."""
-    boxes = np.asarray(record.boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    size = np.array([record.width, record.height, record.width, record.height], dtype=np.float64)
+    return normalised_rows(record.classes, record.boxes_xyxy, record.width, record.height)
+
+
+def normalised_rows(classes: Any, boxes_xyxy: Any, width: int, height: int) -> np.ndarray:
+    """(n, 5) float64 [class, cx, cy, w, h]: pixel xyxy boxes normalised by the image's width and height."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    size = np.array([width, height, width, height], dtype=np.float64)
     cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1) / size
-    return np.concatenate([np.asarray(record.classes, dtype=np.float64).reshape(-1, 1), cxcywh], axis=1)
+    return np.concatenate([np.asarray(classes, dtype=np.float64).reshape(-1, 1), cxcywh], axis=1)
 
 
-def format_label_file(rows: np.ndarray) -> str:
-    """The text of one labels/*.txt (empty for a negative image)."""
-    return "".join(f"{int(r[0])} {r[1]:.9f} {r[2]:.9f} {r[3]:.9f} {r[4]:.9f}\n" for r in rows.tolist())
+def format_label_file(rows: np.ndarray, scores: np.ndarray | None = None) -> str:
+    """The text of one labels/*.txt (empty for a negative image); with `scores`, each row ends with its score
+    (5 decimals, as predictions.json), as `detector predict save_conf=true` writes."""
+    if scores is None:
+        return "".join(f"{int(r[0])} {r[1]:.9f} {r[2]:.9f} {r[3]:.9f} {r[4]:.9f}\n" for r in rows.tolist())
+    return "".join(f"{int(r[0])} {r[1]:.9f} {r[2]:.9f} {r[3]:.9f} {r[4]:.9f} {s:.5f}\n"
+                   for r, s in zip(rows.tolist(), np.asarray(scores, dtype=np.float64).tolist()))
 
 
 def read_label_file(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `format_label_file` for checks: (classes (n,) int64, boxes (n, 4) xyxy float64 in pixels)."""
-    text = path.read_text()
-    values = np.array([row.split() for row in text.splitlines() if row.strip()], dtype=np.float64).reshape(-1, 5)
+    """Inverse of `format_label_file` for checks: (classes (n,) int64, boxes (n, 4) xyxy float64 in pixels); a
+    score column (save_conf) is read past."""
+    rows = [row.split()[:5] for row in path.read_text().splitlines() if row.strip()]
+    values = np.array(rows, dtype=np.float64).reshape(-1, 5)
     size = np.array([width, height, width, height], dtype=np.float64)
     cxcywh = values[:, 1:] * size
     xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], axis=1)

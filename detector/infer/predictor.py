@@ -29,6 +29,7 @@ from tqdm import tqdm
 from detector.data.image_files import read_rgb
 from detector.data.loader import READ_ERRORS
 from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
+from detector.data.yolo_txt import format_label_file, normalised_rows
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
 from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
@@ -75,7 +76,7 @@ class Predictor:
     """Detections of a model on RGB images, in original pixels: `predictor(images) -> list[(K, 6)]`.
 
     Rows [x1, y1, x2, y2, score, class] (float32, CPU), best class per box, sorted by score. `classes` keeps only
-    those class indices. On CUDA the forward runs under fp16 autocast. The model is put in eval mode. `augment` runs
+    those class indices; `agnostic` suppresses overlapping boxes across classes. On CUDA the forward runs under fp16 autocast. The model is put in eval mode. `augment` runs
     test-time augmentation (`tta.augmented_forward`: three scales, one flipped) before the NMS.
     """
 
@@ -90,6 +91,7 @@ class Predictor:
         classes: Sequence[int] | None = None,
         device: torch.device | None = None,
         augment: bool = False,
+        agnostic: bool = False,
     ) -> None:
         self.model = model.eval()
         self.device = device or next(model.parameters()).device
@@ -98,7 +100,7 @@ class Predictor:
             raise DetectorError(f"imgsz must be at least the model stride {self.stride}, got {imgsz}")
         self.imgsz = int(imgsz)
         self.conf, self.iou, self.max_det = conf, iou, max_det
-        self.augment = augment
+        self.augment, self.agnostic = augment, agnostic
         nc = int(model.nc)
         bad = [c for c in classes or () if not 0 <= int(c) < nc]
         if bad:
@@ -112,7 +114,8 @@ class Predictor:
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
         with amp:
             pred = augmented_forward(self.model, x, stride=self.stride) if self.augment else self.model(x)
-        dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det, multi_label=False, classes=self.classes)
+        dets = non_max_suppression(pred, conf=self.conf, iou=self.iou, max_det=self.max_det, multi_label=False,
+                                   classes=self.classes, agnostic=self.agnostic)
         out = []
         for det, image, ratio, pad in zip(dets, images, ratios, pads):
             det = det.float().cpu()
@@ -224,10 +227,14 @@ def predict_source(
     category_ids: Sequence[int],
     batch_size: int = 8,
     save_images: bool = True,
+    save_txt: bool = False,
+    save_conf: bool = False,
 ) -> list[dict[str, Any]]:
     """`detector predict`: detections for every readable file, drawn images and predictions.json in `save_dir`.
 
-    Drawn images keep their path relative to the files' common folder. predictions.json holds COCO results
+    Drawn images keep their path relative to the files' common folder; so do the YOLO-format label files of
+    `save_txt` under labels/ (<stem>.txt, one `class cx cy w h` row per box normalised to the image, the score
+    appended with `save_conf`; an empty file for an image without boxes). predictions.json holds COCO results
     ([{image_id, category_id, bbox [x, y, w, h] original pixels, score}]) plus file_name, width and height;
     image_id is the file's index in the sorted source list. Returns `detection_dict`s (one per readable file).
     """
@@ -245,6 +252,8 @@ def predict_source(
             entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
             if save_images:
                 _save_image(draw_detections(image, det, names), save_dir / relative)
+            if save_txt:
+                _save_labels(det, image.shape[:2], (save_dir / "labels" / relative).with_suffix(".txt"), save_conf)
         bar.update(len(results) + len(skipped) - bar.n)
     bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
     bar.close()
@@ -263,6 +272,15 @@ def _save_image(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image).save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
     except OSError as err:
         raise DetectorError(f"{path}: cannot write the drawn image ({err.strerror or err})") from err
+
+
+def _save_labels(det: torch.Tensor, hw: tuple[int, int], path: Path, with_scores: bool) -> None:
+    rows = normalised_rows(det[:, 5].numpy(), det[:, :4].double().numpy(), int(hw[1]), int(hw[0]))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(format_label_file(rows, det[:, 4].numpy() if with_scores else None))
+    except OSError as err:
+        raise DetectorError(f"{path}: cannot write the label file ({err.strerror or err})") from err
 
 
 def _json_entries(det: torch.Tensor, image_id: int, file_name: str, hw: tuple[int, int], category_ids: Sequence[int]) -> list[dict[str, Any]]:

@@ -120,3 +120,64 @@ def test_predict_folder_with_a_corrupt_image_writes_the_others_and_names_it(tmp_
     assert all(e["category_id"] in (1, 3, 7) and len(e["bbox"]) == 4 for e in entries)
     sizes = {e["file_name"]: (e["width"], e["height"]) for e in entries}
     assert sizes == {"a.jpg": (80, 48), "b.png": (40, 70), "sub/c.jpg": (64, 64)}
+
+
+def test_save_txt_writes_yolo_labels_that_read_back_as_the_returned_boxes(tmp_path: Path) -> None:
+    from detector.api import Detector
+    from detector.data.yolo_txt import read_label_file
+
+    weights = write_checkpoint(tmp_path / "best.pt")
+    source = tmp_path / "images"
+    (source / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"a.jpg": (48, 80), "sub/c.png": (64, 40)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(source / name)
+    detector = Detector(weights, device="cpu")
+    results = detector.predict(str(source), save=True, conf=0.0, max_det=5, save_txt=True, save_conf=True,
+                               save_images=False, project=str(tmp_path / "runs"), name="run")
+    labels = tmp_path / "runs" / "run" / "labels"
+    assert sorted(p.relative_to(labels).as_posix() for p in labels.rglob("*")) == ["a.txt", "sub", "sub/c.txt"]
+    for result, (name, (h, w)) in zip(results, sizes.items()):
+        path = (labels / name).with_suffix(".txt")
+        classes, xyxy = read_label_file(path, w, h)
+        assert len(classes) == 5 and classes.tolist() == result["classes"].tolist()
+        np.testing.assert_allclose(xyxy, result["boxes_xyxy"], atol=1e-4)  # 9 decimals of the normalised values
+        scores = [float(row.split()[5]) for row in path.read_text().splitlines()]
+        np.testing.assert_allclose(scores, result["scores"], atol=5e-6)
+
+    detector.predict(str(source), save=True, conf=1.0, save_txt=True, project=str(tmp_path / "runs"), name="none")
+    assert [p.read_text() for p in sorted((tmp_path / "runs" / "none" / "labels").rglob("*.txt"))] == ["", ""]
+
+
+def test_agnostic_nms_keeps_one_box_where_two_classes_overlap() -> None:
+    class TwoClassesOneObject(torch.nn.Module):
+        nc = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("stride", torch.tensor([8.0, 16.0, 32.0]))
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows = torch.tensor([[64.0, 64.0, 40.0, 40.0, 0.9, 0.9, 0.1],  # class 0, score 0.81
+                                 [66.0, 64.0, 40.0, 40.0, 0.9, 0.2, 0.8]])  # the same object as class 1, 0.72
+            return rows.expand(len(x), 2, 7)
+
+    image = np.zeros((128, 128, 3), np.uint8)
+    per_class = Predictor(TwoClassesOneObject(), imgsz=128, conf=0.25)([image])[0]
+    agnostic = Predictor(TwoClassesOneObject(), imgsz=128, conf=0.25, agnostic=True)([image])[0]
+    assert per_class[:, 5].tolist() == [0, 1]
+    assert agnostic[:, 5].tolist() == [0] and agnostic[0, 4].item() == pytest.approx(0.81)
+
+
+def test_label_file_keys_are_refused_where_no_label_file_is_written(tmp_path: Path) -> None:
+    from detector.api import Detector
+
+    detector = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    with pytest.raises(DetectorError, match="save_conf adds the score to save_txt's label rows"):
+        detector.predict(rect_image(), save_conf=True)
+    with pytest.raises(DetectorError, match="a video's boxes are in its .jsonl"):
+        detector.predict(str(tmp_path / "clip.mp4"), save=True, save_txt=True)
+    with pytest.raises(DetectorError, match="save_txt writes files: pass save=True"):
+        detector.predict(rect_image(), save_txt=True)
