@@ -209,8 +209,8 @@ class Detector:
         contiguous, category_ids (K,) original ids, names (K class names), file (path or None). Unreadable files of
         a folder or glob are skipped with a warning; an unreadable file named directly raises DetectorError.
         `save` (what `detector predict` does) also writes the drawn images (unless save_images=False),
-        predictions.json and, with save_txt=True, YOLO-format labels/<image>.txt to runs/predict/<name>, and prints
-        that predictions.json path last.
+        predictions.json and, with save_txt=True, YOLO-format labels/<image>.txt (save_crop=True: crops/<class>/ of
+        each box's pixels) to runs/predict/<name>, and prints that predictions.json path last.
 
         A video gives one dict per predicted frame (every vid_stride-th), with `frame` (0-based) and `time_s` added;
         `save` writes <stem>.mp4 (drawn) and <stem>.jsonl there (detector.infer.video), printing the .jsonl path
@@ -369,7 +369,7 @@ class Detector:
 
     def _predict_to_files(self, predictor: Any, source: ImageInput, opts: PredictOptions) -> list[dict[str, Any]]:
         """Every readable image of `source` (a path, folder, glob or list of paths), drawn and in predictions.json."""
-        from detector.infer.predictor import list_images, predict_source
+        from detector.infer.predictor import SavedFiles, list_images, predict_source
 
         if isinstance(source, (str, Path)):
             files = list_images(source)
@@ -382,7 +382,7 @@ class Detector:
         LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), shown, predictor.imgsz, self.device)
         results = predict_source(
             predictor, files, save_dir, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
-            save_images=opts.save_images, save_txt=opts.save_txt, save_conf=opts.save_conf,
+            saved=SavedFiles(images=opts.save_images, labels=opts.save_txt, scores=opts.save_conf, crops=opts.save_crop),
         )
         print(save_dir / "predictions.json")
         return results
@@ -414,15 +414,16 @@ class Detector:
 
 
 def _check_label_files(opts: PredictOptions, source: Any, save: bool) -> None:
-    """save_txt writes a label file per image: refused, before any output, where there is none to write."""
+    """save_txt and save_crop write files per image: refused, before any output, where there are none to write."""
     from detector.infer.video import is_video_source
 
     if opts.save_conf and not opts.save_txt:
         raise DetectorError("predict: save_conf adds the score to save_txt's label rows; give save_txt=true too")
-    if opts.save_txt and is_video_source(source):
-        raise DetectorError("predict: save_txt writes one label file per image; a video's boxes are in its .jsonl")
-    if opts.save_txt and not save:
-        raise DetectorError("predict: save_txt writes files: pass save=True (as `detector predict` does)")
+    for key in ("save_txt", "save_crop"):
+        if getattr(opts, key) and is_video_source(source):
+            raise DetectorError(f"predict: {key} writes files per image; a video's boxes are in its .jsonl")
+        if getattr(opts, key) and not save:
+            raise DetectorError(f"predict: {key} writes files: pass save=True (as `detector predict` does)")
 
 
 def _tracker(opts: PredictOptions, source: Any) -> Any:

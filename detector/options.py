@@ -94,6 +94,7 @@ class PredictOptions:
     save_images: bool = option(True, "save images (or the video) with the boxes drawn")
     save_txt: bool = option(False, "images: also labels/<image>.txt in YOLO format (class cx cy w h, normalised), e.g. to review or train on")
     save_conf: bool = option(False, "save_txt: end each label row with its score")
+    save_crop: bool = option(False, "images: also crops/<class>/<image>_<k> of each box's pixels (the k-th box by score)")
     project: str = option("runs/predict", "parent folder of the output folder")
     name: str = option("exp", "output folder name (auto-incremented unless exist_ok)")
     exist_ok: bool = option(False, "reuse an existing output folder")

@@ -218,6 +218,19 @@ def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str], 
 # ---------------------------------------------------------------------------------------------- a source
 
 
+@dataclass(frozen=True)
+class SavedFiles:
+    """What `predict_source` writes beside predictions.json, each under the image's path relative to the files'
+    common folder: drawn `images`; YOLO-format `labels` under labels/ (<stem>.txt, one `class cx cy w h` row per
+    box normalised to the image, the score appended with `scores`; an empty file for an image without boxes);
+    `crops` under crops/<class name>/ (<stem>_<k><suffix>, the k-th box by score, its pixels rounded outward)."""
+
+    images: bool = True
+    labels: bool = False
+    scores: bool = False
+    crops: bool = False
+
+
 def predict_source(
     predictor: Predictor,
     files: Sequence[Path],
@@ -226,17 +239,12 @@ def predict_source(
     names: Sequence[str],
     category_ids: Sequence[int],
     batch_size: int = 8,
-    save_images: bool = True,
-    save_txt: bool = False,
-    save_conf: bool = False,
+    saved: SavedFiles = SavedFiles(),
 ) -> list[dict[str, Any]]:
-    """`detector predict`: detections for every readable file, drawn images and predictions.json in `save_dir`.
-
-    Drawn images keep their path relative to the files' common folder; so do the YOLO-format label files of
-    `save_txt` under labels/ (<stem>.txt, one `class cx cy w h` row per box normalised to the image, the score
-    appended with `save_conf`; an empty file for an image without boxes). predictions.json holds COCO results
-    ([{image_id, category_id, bbox [x, y, w, h] original pixels, score}]) plus file_name, width and height;
-    image_id is the file's index in the sorted source list. Returns `detection_dict`s (one per readable file).
+    """`detector predict`: detections for every readable file, predictions.json and the `saved` files in
+    `save_dir`. predictions.json holds COCO results ([{image_id, category_id, bbox [x, y, w, h] original pixels,
+    score}]) plus file_name, width and height; image_id is the file's index in the sorted source list. Returns
+    `detection_dict`s (one per readable file).
     """
     save_dir.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
@@ -250,10 +258,7 @@ def predict_source(
             relative = Path(file).resolve().relative_to(root)
             results.append(detection_dict(det, names, category_ids, file))
             entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
-            if save_images:
-                _save_image(draw_detections(image, det, names), save_dir / relative)
-            if save_txt:
-                _save_labels(det, image.shape[:2], (save_dir / "labels" / relative).with_suffix(".txt"), save_conf)
+            _save_files(image, det, save_dir, relative, names, saved)
         bar.update(len(results) + len(skipped) - bar.n)
     bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
     bar.close()
@@ -264,6 +269,29 @@ def predict_source(
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         LOGGER.warning("predict: %d unreadable file(s) skipped: %s", len(skipped), shown)
     return results
+
+
+def _save_files(image: np.ndarray, det: torch.Tensor, save_dir: Path, relative: Path, names: Sequence[str],
+                saved: SavedFiles) -> None:
+    """One image's drawn copy, label file and crops, as `saved` asks."""
+    if saved.images:
+        _save_image(draw_detections(image, det, names), save_dir / relative)
+    if saved.labels:
+        _save_labels(det, image.shape[:2], (save_dir / "labels" / relative).with_suffix(".txt"), saved.scores)
+    if saved.crops:
+        for k, (crop, cls) in enumerate(zip(crop_boxes(image, det[:, :4]), det[:, 5].long().tolist())):
+            if crop.size:
+                folder = names[cls].replace("/", "_").replace(os.sep, "_")
+                _save_image(crop, save_dir / "crops" / folder / relative.with_name(f"{relative.stem}_{k}{relative.suffix}"))
+
+
+def crop_boxes(image: np.ndarray, boxes_xyxy: torch.Tensor) -> list[np.ndarray]:
+    """The pixels of each box (original-image xyxy), its edges rounded outward and clipped to the image: views of
+    `image`, empty for a box that covers no pixel."""
+    h, w = image.shape[:2]
+    lo = boxes_xyxy[:, :2].floor().clamp(min=0).long()
+    hi = torch.minimum(boxes_xyxy[:, 2:].ceil(), boxes_xyxy.new_tensor([w, h])).long()
+    return [image[y1:y2, x1:x2] for (x1, y1), (x2, y2) in zip(lo.tolist(), hi.tolist())]
 
 
 def _save_image(image: np.ndarray, path: Path) -> None:

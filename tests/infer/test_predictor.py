@@ -177,7 +177,38 @@ def test_label_file_keys_are_refused_where_no_label_file_is_written(tmp_path: Pa
     detector = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
     with pytest.raises(DetectorError, match="save_conf adds the score to save_txt's label rows"):
         detector.predict(rect_image(), save_conf=True)
-    with pytest.raises(DetectorError, match="a video's boxes are in its .jsonl"):
+    with pytest.raises(DetectorError, match="save_txt writes files per image; a video's boxes are in its .jsonl"):
         detector.predict(str(tmp_path / "clip.mp4"), save=True, save_txt=True)
+    with pytest.raises(DetectorError, match="save_crop writes files per image; a video's boxes are in its .jsonl"):
+        detector.predict(str(tmp_path / "clip.mp4"), save=True, save_crop=True)
     with pytest.raises(DetectorError, match="save_txt writes files: pass save=True"):
         detector.predict(rect_image(), save_txt=True)
+    with pytest.raises(DetectorError, match="save_crop writes files: pass save=True"):
+        detector.predict(rect_image(), save_crop=True)
+
+
+def test_crop_boxes_round_outward_and_clip() -> None:
+    from detector.infer.predictor import crop_boxes
+
+    image = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    boxes = torch.tensor([[1.2, 2.5, 4.0, 6.0], [-3.0, 8.5, 20.0, 30.0], [3.0, 3.0, 3.0, 3.0]])
+    inside, border, empty = crop_boxes(image, boxes)
+    np.testing.assert_array_equal(inside, image[2:6, 1:4])
+    np.testing.assert_array_equal(border, image[8:10, 0:12])
+    assert empty.size == 0
+
+
+def test_save_crop_writes_each_box_under_its_class(tmp_path: Path) -> None:
+    from detector.infer.predictor import SavedFiles
+
+    Image.fromarray(rect_image()).save(tmp_path / "rect.png")
+    predictor = Predictor(BrightBoxModel(), imgsz=128, conf=0.25)
+    (det,) = predictor([rect_image()])
+    predict_source(predictor, [tmp_path / "rect.png"], tmp_path / "out", names=["a", "b/c"], category_ids=[4, 9],
+                   saved=SavedFiles(images=False, crops=True))
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
+    assert files == ["crops/b_c/rect_0.png", "predictions.json"]  # a '/' in a class name makes no sub-folder
+    x1, y1, x2, y2 = det[0, :4].tolist()
+    crop = np.asarray(Image.open(tmp_path / "out" / "crops" / "b_c" / "rect_0.png"))
+    assert crop.shape == (int(np.ceil(y2)) - int(y1), int(np.ceil(x2)) - int(x1), 3)
+    assert (crop > 0).mean() > 0.8  # mostly the white rectangle, up to the letterbox's rounding at its edges
