@@ -310,6 +310,7 @@ class TrainConfig:
     flipud: float = option(0.0, "vertical flip probability", ge=0, le=1)
     mosaic: float = option(1.0, "mosaic probability", ge=0, le=1)
     mixup: float = option(0.0, "mixup probability", ge=0, le=1)
+    multi_scale: float = option(0.0, "train each batch at a random size in imgsz x (1 +/- multi_scale), a multiple of the stride (0: off; Ultralytics' multi_scale=True is 0.5)", ge=0, lt=1)
     close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
     cache: str = option("auto", "'ram' keeps the decoded training images in memory, 'auto' when they take at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
     # precision and speed

@@ -218,6 +218,7 @@ class Trainer:
         from detector.models.blocks import set_batchnorm
         from detector.models.builder import build_model
         from detector.models.footprint import check_training_fits
+        from detector.train.multiscale import largest_side
 
         cfg = self.cfg
         if self.resume_ckpt is not None:
@@ -226,7 +227,8 @@ class Trainer:
             ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
         else:
             model = self._new_model()
-        check_training_fits(model, imgsz=cfg.imgsz, batch=self.per_rank_batch, source=f"model {cfg.model}")
+        largest = largest_side(cfg.imgsz, int(model.stride.max()), cfg.multi_scale) if cfg.multi_scale else cfg.imgsz
+        check_training_fits(model, imgsz=largest, batch=self.per_rank_batch, source=f"model {cfg.model}")
         if model.yaml.get("ch", 3) != 3:
             raise DetectorError(
                 f"model: {cfg.model} takes ch={model.yaml['ch']} input channels, but training images are always loaded "
@@ -395,6 +397,7 @@ class Trainer:
         files that could not be read (replaced by other images, possibly inside worker processes; under DDP, those of
         this rank's samples)."""
         from detector.data.transforms import to_model_input
+        from detector.train.multiscale import draw_side, rescale
 
         cfg = self.cfg
         self.train_model.train()
@@ -415,6 +418,9 @@ class Trainer:
             accumulate = self._accumulate_at(step)
             self.schedule.apply(self.optimizer, epoch, i)
             images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
+            if cfg.multi_scale:
+                stride = int(self.model.stride.max())
+                images = rescale(images, draw_side(cfg.imgsz, stride, cfg.multi_scale, seed=cfg.seed, step=step), stride)
             targets = batch["targets"]  # on the host: each loss moves what it needs (AlignedLoss sizes its windows there)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
             parts, finite = self._forward_backward(images, targets, sync_now)

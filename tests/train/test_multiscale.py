@@ -1,0 +1,56 @@
+"""Multi-scale training: the side each batch trains at (seeded by step, inside imgsz x (1 +/- f), stride
+multiples), the batch's resize, and the trainer feeding the model those sizes with targets unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.train.multiscale import draw_side, largest_side, rescale
+from detector.train.trainer import Trainer
+from tiny_run import make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
+
+
+def test_sides_are_stride_multiples_in_range_and_a_function_of_seed_and_step() -> None:
+    sides = [draw_side(256, 32, 0.5, seed=0, step=step) for step in range(300)]
+    assert set(sides) == {128, 160, 192, 224, 256, 288, 320, 352, 384}  # every multiple of 32 in 128..384, no other
+    assert sides == [draw_side(256, 32, 0.5, seed=0, step=step) for step in range(300)]  # a resume draws the same
+    assert sides != [draw_side(256, 32, 0.5, seed=1, step=step) for step in range(300)]
+    assert {draw_side(256, 32, 0.0, seed=0, step=step) for step in range(20)} == {256}
+    assert {draw_side(64, 32, 0.9, seed=0, step=step) for step in range(50)} == {32, 64, 96}  # never below the stride
+    assert largest_side(256, 32, 0.5) == 384 and largest_side(320, 32, 0.25) == 384 and largest_side(250, 32, 0.0) == 224
+
+
+def test_rescale_keeps_the_aspect_within_stride_rounding() -> None:
+    images = torch.rand(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    out = rescale(images, 128, 32)
+    assert out.shape == (2, 3, 96, 128)  # long side 128; 64 x 4/3 = 85.3 rounded up to 96
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rescale(images, 96, 32) is images
+    flat = torch.full((1, 3, 64, 64), 0.25)
+    assert torch.equal(rescale(flat, 160, 32), torch.full((1, 3, 160, 160), 0.25))
+
+
+def test_the_trainer_feeds_each_step_its_drawn_size(tiny_data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(make_config(tiny_data, tmp_path, multi_scale="0.5", seed="3"))
+    seen = []
+    try:
+        trainer.build()
+        trainer.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+        trainer.train_epoch(0)
+        trainer.train_epoch(1)
+    finally:
+        trainer.close()
+    steps = trainer.iters_per_epoch
+    expected = [draw_side(128, 32, 0.5, seed=3, step=step) for step in range(2 * steps)]
+    assert [max(shape) for shape in seen] == expected and len(set(expected)) > 1
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in seen)
+
+
+def test_multi_scale_is_range_checked(tiny_data: Path, tmp_path: Path) -> None:
+    from detector.errors import DetectorError
+
+    with pytest.raises(DetectorError, match="multi_scale"):
+        make_config(tiny_data, tmp_path, multi_scale="1.5")
