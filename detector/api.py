@@ -230,7 +230,7 @@ class Detector:
         if isinstance(source, str) and not source:
             raise DetectorError("predict: source=<image, folder, glob, video or camera index> is required")
         self._check_exported_call("predict", opts.imgsz or self.imgsz, opts.augment)
-        _check_label_files(opts, source, save)
+        _check_per_image_files(opts, source, save)
         tracker = _tracker(opts, source)
         device = self._to(opts.device)
         predictor = Predictor(
@@ -413,7 +413,7 @@ class Detector:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name, "train_data": self.train_data}
 
 
-def _check_label_files(opts: PredictOptions, source: Any, save: bool) -> None:
+def _check_per_image_files(opts: PredictOptions, source: Any, save: bool) -> None:
     """save_txt and save_crop write files per image: refused, before any output, where there are none to write."""
     from detector.infer.video import is_video_source
 
