@@ -2,7 +2,8 @@
 imgsz x (1 +/- multi_scale), a multiple of the model's largest stride, as YOLOv5 and Ultralytics do with their
 `multi_scale` (their fixed +/- 0.5 is multi_scale=0.5 here). The targets are normalised by the image's width and
 height, so they hold through any per-axis scaling unchanged. The side comes from (seed, step), not from global
-state: a resumed run, and every rank of a DDP run, draws the same sizes."""
+state: a resumed run, and every rank of a DDP run, draws the same sizes. Off by default: multi_scale=0.5 cost
+the hard set 0.046 AP over 60 epochs (README, Training recipe)."""
 
 from __future__ import annotations
 
