@@ -287,7 +287,7 @@ class Detector:
         import tempfile
 
         from detector.data.spec import load_data_spec
-        from detector.infer.export import export_onnx
+        from detector.infer.export import export_onnx_graph
         from detector.infer.predictor import list_images
         from detector.infer.quantize import calibration_files, check_int8, quantize_onnx
 
@@ -295,10 +295,11 @@ class Detector:
         if not data:
             raise DetectorError("export: int8=true needs data=<dataset YAML> (its train images calibrate the quantization)")
         files = calibration_files(list_images(load_data_spec(data).train.images), opts.calib_images)
+        stride = int(self.model.stride.max())
         with tempfile.TemporaryDirectory() as tmp:
-            fp32 = export_onnx(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata())
-            quantize_onnx(fp32, out, files, spec.imgsz)
-        check_int8(self.model, out, files[:8], spec.imgsz)
+            fp32, graph = export_onnx_graph(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata())
+            quantize_onnx(fp32, out, files, spec, stride)
+        check_int8(graph, out, files[:8], spec, stride)
         return out
 
     def info(self, imgsz: int = 640) -> str:

@@ -109,6 +109,13 @@ class DetectWithNMS(nn.Module):
 def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dict[str, Any] | None = None) -> Path:
     """Export `model` (a DetectionModel; copied, BN folded, fp32, CPU) to `path`, then check it with onnxruntime at
     batch 1 and 2 against PyTorch; raises DetectorError when they differ by TOLERANCE or more (see SCALE)."""
+    return export_onnx_graph(model, path, spec, metadata=metadata)[0]
+
+
+def export_onnx_graph(model: nn.Module, path: Path, spec: ExportSpec, *,
+                      metadata: dict[str, Any] | None = None) -> tuple[Path, nn.Module]:
+    """`export_onnx`, also returning the module it traced and checked (`build_graph`'s), for a caller that compares
+    a file derived from this one with it (the INT8 export) without folding the model again."""
     for name in ("onnx", "onnxruntime"):
         if importlib.util.find_spec(name) is None:
             raise DetectorError(f"export: the '{name}' package is needed (pip install 'detector[export]')")
@@ -116,7 +123,7 @@ def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dic
     path = write_onnx(graph, Path(path), spec, name=getattr(model, "name", "model"))
     _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)})
     check_onnx(graph, path, spec, stride=stride)
-    return path
+    return path, graph
 
 
 def build_graph(model: nn.Module, spec: ExportSpec) -> tuple[nn.Module, int]:
@@ -213,8 +220,7 @@ def check_runtime(graph: nn.Module, run: Callable[[np.ndarray], dict[str, np.nda
         where = f"batch {batch}, {h}x{w}"
         with torch.no_grad():
             expected = model(x)
-        absolute = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime)
-        diff = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime, scale=scale)
+        absolute, diff = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime, scale=scale)
         line = f"export: {runtime} vs PyTorch at {where}: max abs difference {absolute:.2e}"
         if relative:
             line += f", relative {diff:.2e} (fp16 weights)"
@@ -234,18 +240,18 @@ def _nms_diff(graph: DetectWithNMS, got: dict[str, np.ndarray], h: int, w: int, 
     """Max abs difference of the runtime's detections and counts from PyTorch's NMS of its decoded output."""
     with torch.no_grad():
         dets, num = graph.suppress(torch.from_numpy(got["output"]), h, w)
-    diff = max(_max_diff(dets, got["detections"], what % "detections", runtime),
-               _max_diff(num, got["num_detections"], what % "num_detections", runtime))
+    diff = max(_max_diff(dets, got["detections"], what % "detections", runtime)[0],
+               _max_diff(num, got["num_detections"], what % "num_detections", runtime)[0])
     return diff, int(num.sum())
 
 
-def _max_diff(expected: torch.Tensor, got: np.ndarray, what: str, runtime: str, *, scale: float | None = None) -> float:
-    """max |got - expected|, or max |got - expected| / (1 + |expected| / scale) when `scale` is given."""
+def _max_diff(expected: torch.Tensor, got: np.ndarray, what: str, runtime: str, *, scale: float = 1.0) -> tuple[float, float]:
+    """(max |got - expected|, max |got - expected| / (1 + |expected| / scale)) from one difference array."""
     ref = expected.numpy().astype(np.float64)
     if ref.shape != got.shape:
         raise DetectorError(f"export: {what}: {runtime} gives shape {got.shape}, PyTorch {ref.shape}")
     diff = np.abs(ref - got.astype(np.float64))
-    return float((diff if scale is None else diff / (1 + np.abs(ref) / scale)).max(initial=0.0))
+    return float(diff.max(initial=0.0)), float((diff / (1 + np.abs(ref) / scale)).max(initial=0.0))
 
 
 def _simplify(path: Path) -> None:

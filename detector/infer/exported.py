@@ -67,7 +67,7 @@ class ExportedModel(nn.Module):
             if h > height or w > width:
                 raise DetectorError(f"{self.source}: exported at a fixed {height}x{width}; an input of {h}x{w} does "
                                     f"not fit (use imgsz <= {max(height, width)}, or export with dynamic=true)")
-            images = F.pad(images, (0, width - w, 0, height - h), value=PAD_VALUE)
+            images = pad_to_graph(images, height, width)
         array = np.ascontiguousarray(images.detach().float().cpu().numpy())
         return torch.from_numpy(np.asarray(self._run(array), dtype=np.float32)).to(images.device)
 
@@ -77,6 +77,13 @@ class ExportedModel(nn.Module):
             height, width = self.static_hw
             raise DetectorError(f"{self.source}: exported at a fixed {height}x{width}; imgsz={imgsz} does not fit "
                                 f"(use imgsz <= {max(height, width)}, or export with dynamic=true)")
+
+
+def pad_to_graph(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`images` (B, 3, h, w) padded at the bottom and right to (height, width) with the letterbox grey: how a
+    fixed-size graph takes a smaller letterboxed batch (no box moves, unlike re-centring it)."""
+    h, w = images.shape[-2:]
+    return F.pad(images, (0, width - w, 0, height - h), value=PAD_VALUE)
 
 
 def load_exported(path: str | Path) -> ExportedModel:

@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from detector.data.image_files import read_rgb
-from detector.data.transforms import letterbox
+from detector.data.transforms import letterbox_batch, to_model_input
 from detector.errors import DetectorError
+from detector.infer.exported import pad_to_graph
 
 if TYPE_CHECKING:
     import onnx
     import torch.nn as nn
+
+    from detector.infer.export import ExportSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,10 +50,11 @@ def calibration_files(images: Sequence[Path], count: int) -> list[Path]:
     return [files[i] for i in np.unique(index)]
 
 
-def calibration_batches(files: Sequence[Path], imgsz: int) -> Iterator[np.ndarray]:
-    """Each file as the graph takes it: (1, 3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed as `detector
-    predict` letterboxes a fixed-size export's input. A file that does not decode is skipped with a warning
-    naming it; DetectorError when none does."""
+def calibration_batches(files: Sequence[Path], spec: ExportSpec, stride: int) -> Iterator[np.ndarray]:
+    """Each file as `detector predict` feeds it to the export `spec` describes, as a (1, 3, h, w) float32 RGB batch
+    in [0, 1]: letterboxed to `spec.imgsz` on its long side and rounded up to `stride` multiples, then, for a
+    fixed-size graph, padded at the bottom and right to its square (`exported.pad_to_graph`). A file that does not
+    decode is skipped with a warning naming it; DetectorError when none does."""
     decoded = 0
     for path in files:
         try:
@@ -59,8 +63,9 @@ def calibration_batches(files: Sequence[Path], imgsz: int) -> Iterator[np.ndarra
             LOGGER.warning("export: int8 calibration skips %s: %s", path, err)
             continue
         decoded += 1
-        boxed, _, _ = letterbox(image, (imgsz, imgsz))
-        yield (boxed.transpose(2, 0, 1)[None] / np.float32(255)).astype(np.float32)
+        batch, _, _ = letterbox_batch([image], spec.imgsz, stride)
+        images = to_model_input(batch, "cpu", channels_last=False)
+        yield (images if spec.dynamic else pad_to_graph(images, spec.imgsz, spec.imgsz)).numpy()
     if not decoded:
         raise DetectorError(f"export: int8 calibration: none of the {len(files)} images decodes (e.g. {files[0]})")
 
@@ -94,16 +99,16 @@ def _downstream(nodes: list[onnx.NodeProto], consumers: dict[str, list[int]]) ->
     return reach
 
 
-def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], imgsz: int) -> Path:
-    """Write the INT8 (QDQ) version of the fp32 ONNX file `fp32` to `out`, calibrated on `files` (see the module
-    docstring), with `fp32`'s metadata plus `precision: int8` and how it was calibrated. Returns `out`."""
+def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], spec: ExportSpec, stride: int) -> Path:
+    """Write the INT8 (QDQ) version of the fp32 ONNX file `fp32` (exported as `spec` says) to `out`, calibrated on
+    `files` (see the module docstring), with `fp32`'s metadata plus `precision: int8` and how it was calibrated. Returns `out`."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class OneImageAtATime(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches, self.count = calibration_batches(files, imgsz), 0
+            self.batches, self.count = calibration_batches(files, spec, stride), 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -132,33 +137,45 @@ def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], imgsz: int) -> P
     return out
 
 
-def check_int8(model: nn.Module, path: Path, files: Sequence[Path], imgsz: int) -> tuple[float, float]:
-    """Run the INT8 file in onnxruntime and the fp32 model (a DetectionModel, BN-folded like the export) on
-    `files` as one batch, and print how far the INT8 scores and boxes are from PyTorch's. Quantization moves
-    them by design, so nothing is accepted or refused on their size (`detector val weights=<int8 file>` measures
-    what matters, the AP); a wrong shape or a non-finite value is refused. Returns (max score difference, median
-    box difference in px over the boxes PyTorch scores >= 0.25)."""
+def check_int8(graph: nn.Module, path: Path, files: Sequence[Path], spec: ExportSpec,
+               stride: int) -> tuple[float, float]:
+    """Run the INT8 file in onnxruntime and `graph` (the fp32 module its source was traced from, `build_graph`'s)
+    on `files`, and print how far the INT8 scores and boxes are from PyTorch's. Quantization moves them by design,
+    so nothing is accepted or refused on their size (`detector val weights=<int8 file>` measures what matters, the
+    AP); a wrong shape or a non-finite value is refused. Returns (max score difference, median box difference in
+    px over the boxes PyTorch scores >= 0.25)."""
     import onnxruntime as ort
+
+    from detector.infer.export import DetectWithNMS
+
+    model = graph.model if isinstance(graph, DetectWithNMS) else graph
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    score_diffs, box_diffs = [], []
+    for images in calibration_batches(files, spec, stride):
+        got = session.run(["output"], {"images": images})[0]
+        score_diff, box_diff = _int8_differences(model, images, got, path)
+        score_diffs.append(score_diff)
+        box_diffs.append(box_diff)
+    score_diff, box_diff = max(score_diffs), np.concatenate(box_diffs)
+    median = float(np.median(box_diff)) if box_diff.size else 0.0
+    print(f"export: int8 (onnxruntime) vs PyTorch fp32 on {len(score_diffs)} calibration images: scores max abs "
+          f"difference {score_diff:.2e}; the {len(box_diff) // 4} boxes PyTorch scores >= 0.25 move by median "
+          f"{median:.2f} px (max {float(box_diff.max(initial=0.0)):.2f}); measure the AP with "
+          f"`detector val weights={path}`")
+    return score_diff, median
+
+
+def _int8_differences(model: nn.Module, images: np.ndarray, got: np.ndarray, path: Path) -> tuple[float, np.ndarray]:
+    """One batch: the max difference of the INT8 file's class scores `got` from `model`'s, and the flat |difference|
+    of the box coordinates PyTorch scores >= 0.25; DetectorError on a wrong shape or a non-finite value."""
     import torch
 
-    from detector.infer.export import ExportSpec, build_graph
-
-    graph, _ = build_graph(model, ExportSpec(imgsz=imgsz))
-    images = np.concatenate(list(calibration_batches(files, imgsz)))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["output"], {"images": images})[0]
     with torch.no_grad():
-        expected = graph(torch.from_numpy(images)).numpy()
+        expected = model(torch.from_numpy(images)).numpy()
     if got.shape != expected.shape:
         raise DetectorError(f"export: {path}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}")
     if not np.isfinite(got).all():
         raise DetectorError(f"export: {path}: onnxruntime gives non-finite values on the calibration images")
     score, score_ref = (got[..., 5:] * got[..., 4:5]).max(-1), (expected[..., 5:] * expected[..., 4:5]).max(-1)
-    score_diff = float(np.abs(score - score_ref).max())
     confident = score_ref >= 0.25
-    box_diff = np.abs(got[..., :4] - expected[..., :4])[confident]
-    median = float(np.median(box_diff)) if box_diff.size else 0.0
-    print(f"export: int8 (onnxruntime) vs PyTorch fp32 on {len(images)} calibration images: scores max abs difference "
-          f"{score_diff:.2e}; the {int(confident.sum())} boxes PyTorch scores >= 0.25 move by median {median:.2f} px "
-          f"(max {float(box_diff.max(initial=0.0)):.2f}); measure the AP with `detector val weights={path}`")
-    return score_diff, median
+    return float(np.abs(score - score_ref).max()), np.abs(got[..., :4] - expected[..., :4])[confident].ravel()

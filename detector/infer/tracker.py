@@ -89,6 +89,12 @@ def match(track_boxes: np.ndarray, track_classes: np.ndarray, boxes: np.ndarray,
     return assign(cost, 1.0 - min_iou)
 
 
+def check_thresholds(low: float, high: float) -> None:
+    """DetectorError unless 0 <= low <= high <= 1: ByteTrack's low boxes are those scored under its high ones."""
+    if not 0 <= low <= high <= 1:
+        raise DetectorError(f"track_low ({low}) must be between 0 and conf ({high}): boxes under conf only keep tracks")
+
+
 class ByteTracker:
     """Track ids for one video's detections, frame by frame: `tracker.update(det) -> (det rows kept, ids)`.
 
@@ -99,8 +105,7 @@ class ByteTracker:
     """
 
     def __init__(self, *, high: float = 0.25, low: float = 0.1, buffer: int = 30) -> None:
-        if not 0 <= low <= high <= 1:
-            raise DetectorError(f"track_low ({low}) must be between 0 and conf ({high}): boxes under conf only keep tracks")
+        check_thresholds(low, high)
         self.high, self.low, self.buffer = high, low, buffer
         self.tracks = TrackTable.empty()
         self.frame = 0

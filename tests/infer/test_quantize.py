@@ -83,33 +83,47 @@ def test_calibration_files_are_evenly_spaced_and_deterministic(tmp_path: Path) -
         calibration_files([], 4)
 
 
-def test_calibration_batches_are_the_letterboxed_images_in_0_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_calibration_batches_are_what_predict_feeds_the_export(tmp_path: Path, dynamic: bool) -> None:
+    """Each calibration batch is, to the bit, the array `detector predict` hands the exported graph for that image:
+    letterboxed to stride multiples and, for a fixed-size graph, padded at the bottom and right (not re-centred)."""
     import cv2
 
+    from detector.api import Detector
+    from detector.infer.export import ExportSpec
     from detector.infer.quantize import calibration_batches
 
     image = np.zeros((40, 80, 3), np.uint8)
     image[..., 0] = 255  # red in RGB
     cv2.imwrite(str(tmp_path / "wide.png"), image[..., ::-1])
-    (batch,) = calibration_batches([tmp_path / "wide.png"], 64)
-    assert batch.shape == (1, 3, 64, 64) and batch.dtype == np.float32
-    assert batch[0, 0, 32, 32] == 1.0 and batch[0, 1, 32, 32] == 0.0  # the image, red, in the middle
-    assert batch[0, 0, 0, 0] == pytest.approx(114 / 255)  # the grey letterbox padding above it
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    exported = Detector(Detector(weights).export(imgsz=64, dynamic=dynamic, out=str(tmp_path / "m.onnx")))
+    fed, run = [], exported.model._run
+    exported.model._run = lambda images: fed.append(images) or run(images)
+    exported.predict(str(tmp_path / "wide.png"), imgsz=64)
+
+    (batch,) = calibration_batches([tmp_path / "wide.png"], ExportSpec(imgsz=64, dynamic=dynamic), 32)
+    assert batch.shape == ((1, 3, 32, 64) if dynamic else (1, 3, 64, 64)) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, fed[0])
+    assert batch[0, 0, 0, 0] == 1.0 and batch[0, 1, 0, 0] == 0.0  # the image, red, from the top-left corner
+    if not dynamic:
+        assert batch[0, 0, 63, 0] == pytest.approx(114 / 255)  # the grey padding below it
 
 
 def test_calibration_skips_an_image_that_does_not_decode_and_names_it(tmp_path: Path, caplog) -> None:
     import cv2
 
+    from detector.infer.export import ExportSpec
     from detector.infer.quantize import calibration_batches
 
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
     cv2.imwrite(str(good), np.zeros((8, 8, 3), np.uint8))
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     with caplog.at_level(logging.WARNING, logger="detector.infer.quantize"):
-        batches = list(calibration_batches([bad, good], 32))
+        batches = list(calibration_batches([bad, good], ExportSpec(imgsz=32), 32))
     assert len(batches) == 1 and f"int8 calibration skips {bad}" in caplog.text
     with pytest.raises(DetectorError, match=r"none of the 1 images decodes \(e\.g\. .*bad\.jpg\)"):
-        list(calibration_batches([bad], 32))
+        list(calibration_batches([bad], ExportSpec(imgsz=32), 32))
 
 
 def test_int8_export_writes_a_qdq_file_beside_the_weights_that_runs(tmp_path: Path, capsys, make_data_yaml) -> None:
@@ -186,6 +200,7 @@ def test_an_activation_range_is_the_mean_of_its_per_image_extremes(tmp_path: Pat
     import onnxruntime as ort
 
     from detector.api import Detector
+    from detector.infer.export import ExportSpec
     from detector.infer.quantize import calibration_batches, quantize_onnx
 
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
@@ -197,7 +212,7 @@ def test_an_activation_range_is_the_mean_of_its_per_image_extremes(tmp_path: Pat
         image = np.full((64, 64, 3), 255, np.uint8) if i == 3 else rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
         files.append(tmp_path / f"{i}.png")
         cv2.imwrite(str(files[-1]), image)
-    int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", files, 64)
+    int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", files, ExportSpec(imgsz=64), 32)
 
     model = onnx.load(str(int8))
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -207,7 +222,8 @@ def test_an_activation_range_is_the_mean_of_its_per_image_extremes(tmp_path: Pat
     probe = onnx.load(str(fp32))
     probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = [session.run([tensor], {"images": batch})[0] for batch in calibration_batches(files, 64)]
+    batches = calibration_batches(files, ExportSpec(imgsz=64), 32)
+    values = [session.run([tensor], {"images": batch})[0] for batch in batches]
     lows, highs = [min(v.min(), 0.0) for v in values], [max(v.max(), 0.0) for v in values]
     assert scale == pytest.approx((np.mean(highs) - np.mean(lows)) / 255, rel=1e-4)
     assert scale < 0.9 * (max(highs) - min(lows)) / 255  # the white image's extremes would have set a coarser step
@@ -225,7 +241,7 @@ def test_the_int8_check_refuses_non_finite_or_misshapen_output(tmp_path: Path, m
     files = list_images(make_data_yaml().parent / "train" / "images")[:2]
     graph, _ = build_graph(model, ExportSpec(imgsz=64))
     with torch.no_grad():
-        good = graph(torch.rand(2, 3, 64, 64)).numpy()
+        good = graph(torch.rand(1, 3, 64, 64)).numpy()
 
     class Session:
         def __init__(self, *args, **kwargs) -> None:
@@ -237,12 +253,13 @@ def test_the_int8_check_refuses_non_finite_or_misshapen_output(tmp_path: Path, m
     monkeypatch.setattr(ort, "InferenceSession", Session)
     result = np.full_like(good, np.nan)
     with pytest.raises(DetectorError, match="non-finite values on the calibration images"):
-        check_int8(model, tmp_path / "m.onnx", files, 64)
+        check_int8(graph, tmp_path / "m.onnx", files, ExportSpec(imgsz=64), 32)
     result = good[:, :10]
-    with pytest.raises(DetectorError, match=r"onnxruntime gives shape \(2, 10, 8\), PyTorch \(2, \d+, 8\)"):
-        check_int8(model, tmp_path / "m.onnx", files, 64)
+    with pytest.raises(DetectorError, match=r"onnxruntime gives shape \(1, 10, 8\), PyTorch \(1, \d+, 8\)"):
+        check_int8(graph, tmp_path / "m.onnx", files, ExportSpec(imgsz=64), 32)
     result = good
-    score_diff, median = check_int8(model, tmp_path / "m.onnx", files, 64)  # finite and shaped: reported, not judged
+    # finite and shaped: reported, not judged
+    score_diff, median = check_int8(graph, tmp_path / "m.onnx", files, ExportSpec(imgsz=64), 32)
     assert np.isfinite(score_diff) and np.isfinite(median)
 
 

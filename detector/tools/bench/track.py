@@ -17,9 +17,8 @@ import time
 import numpy as np
 import torch
 
-from detector.errors import DetectorError
 from detector.infer.track_metrics import Frame, mot_metrics
-from detector.infer.tracker import ByteTracker
+from detector.infer.tracker import ByteTracker, check_thresholds
 from detector.options import BenchTrackOptions
 from detector.tools.ablate import mean_std
 from detector.viz.tables import format_table
@@ -79,8 +78,7 @@ def run_tracker(detections: list[torch.Tensor], *, high: float, low: float, buff
 
 def main(opts: BenchTrackOptions) -> None:
     """Print one row per tracker setting: the mean and spread of each score over `sequences` simulations."""
-    if opts.track_low > opts.conf:
-        raise DetectorError(f"bench track: track_low ({opts.track_low}) must not exceed conf ({opts.conf})")
+    check_thresholds(opts.track_low, opts.conf)  # before the simulation, not at the first tracker
     settings = [(f"ByteTrack (boxes from track_low {opts.track_low})", opts.track_low),
                 (f"boxes from conf {opts.conf} only", opts.conf)]
     sequences = [simulate(opts, opts.seed + i) for i in range(opts.sequences)]

@@ -42,5 +42,5 @@ def test_the_table_shows_bytetrack_ahead_when_boxes_dim(capsys) -> None:
 
 
 def test_track_low_above_conf_is_refused_before_any_work() -> None:
-    with pytest.raises(DetectorError, match=r"track_low \(0.5\) must not exceed conf \(0.25\)"):
+    with pytest.raises(DetectorError, match=r"track_low \(0.5\) must be between 0 and conf \(0.25\)"):
         track.main(BenchTrackOptions(track_low=0.5, frames=10_000, objects=500, sequences=100))
