@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError, did_you_mean
 from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchExportOptions, BenchModelsOptions, BenchTrackOptions, BenchTrainOptions,
-                               BenchValOptions, CheckOptions, ConvertOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions, ValOptions)
+                               BenchValOptions, CheckOptions, ConvertOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions,
+                               TuneOptions, ValOptions)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ def _ablate(overrides: dict[str, str]) -> None:
     from detector.tools.ablate import run_ablation
 
     run_ablation(load_options(AblateOptions, overrides))
+
+
+def _tune(overrides: dict[str, str]) -> None:
+    from detector.tools.tune import run_tune
+
+    run_tune(load_options(TuneOptions, overrides))
 
 
 def _data_synth(overrides: dict[str, str]) -> None:
@@ -136,6 +143,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(ExportOptions, _export, "export a checkpoint to ONNX or OpenVINO, checked against PyTorch (onnxruntime, OpenVINO CPU)"),
     "info": Command(InfoOptions, _info, "layer table, parameters and GFLOPs of a model (and attention maps)"),
     "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
+    "tune": Command(TuneOptions, _tune, "search hyperparameters by evolution: one short run per trial, the best as a cfg file"),
     "data synth": Command(SynthOptions, _data_synth, "generate the synthetic shapes dataset (profile=easy, the bundled one, or hard)"),
     "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
     "data convert": Command(ConvertOptions, _data_convert, "convert an Ultralytics data.yaml + labels/*.txt to COCO json and a dataset YAML of ours"),

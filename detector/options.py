@@ -139,6 +139,24 @@ class AblateOptions:
     train: list[str] = option([], "extra train key=value pairs, as k1=v1,k2=v2 (e.g. lr0=0.002)")
 
 
+@dataclass
+class TuneOptions:
+    model: str = option("configs/models/yolo-ca-n.yaml", "model YAML (path, or a name in configs/models)")
+    data: str = option("data/shapes.yaml", "dataset YAML")
+    iterations: int = option(30, "trials: the first trains the starting hyperparameters, each later one a mutation of the best so far", ge=1, le=10_000)
+    epochs: int = option(10, "epochs per trial", ge=1, le=100_000)
+    imgsz: int = option(640, "image size", ge=32, le=8192, multiple_of=32)
+    batch: int = option(16, "batch size", ge=1, le=4096)
+    workers: int | str = workers_option("data-loading workers (auto: as in detector train)")
+    seed: int = option(0, "training seed of every trial, and the seed of the mutations", ge=0, le=2**32 - 1)
+    device: str = option("", "'' (auto), cpu, cuda, 0 ...")
+    space: str = option("", "YAML of train key: [low, high] or [low, high, log] to search ('': configs/tune/space.yaml)")
+    sigma: float = option(0.2, "mutation step: the standard deviation of a key's change, as a fraction of its range", gt=0, le=1)
+    project: str = option("runs/tune", "parent folder")
+    name: str = option("exp", "tune folder name (re-running the same name resumes it)")
+    train: list[str] = option([], "extra train key=value pairs fixed in every trial, as k1=v1,k2=v2 (e.g. optimizer=SGD)")
+
+
 # `detector bench <name>`: the keys of each benchmark in detector/tools/bench/ (here, not beside the code, so that the CLI
 # lists and checks them without importing torch).
 

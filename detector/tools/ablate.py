@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.catalog import resolve_model_path
 from detector.options import AblateOptions
-from detector.yamlfile import load_yaml
+from detector.tools.runs import best_row, saved_args, train_or_skip
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,18 +102,9 @@ def run_folder(root: Path, v: Variant, seed: int, *, several_seeds: bool) -> Pat
     return flat
 
 
-def _saved_args(run_dir: Path) -> dict[str, Any] | None:
-    """The train config an earlier run in `run_dir` recorded in its args.yaml (None: no run there)."""
-    args = run_dir / "args.yaml"
-    if not args.exists():
-        return None
-    saved, _ = load_yaml(args)
-    return saved if isinstance(saved, dict) else {}
-
-
 def _saved_seed(run_dir: Path) -> int | None:
     """The seed an earlier run in `run_dir` was trained with (None: no run there)."""
-    seed = (_saved_args(run_dir) or {}).get("seed")
+    seed = (saved_args(run_dir) or {}).get("seed")
     return int(seed) if seed is not None else None
 
 
@@ -132,7 +123,7 @@ def run_ablation(opts: AblateOptions) -> Path:
         _check_variant(opts.model, v)
     for i, ((v, s, folder), cfg) in enumerate(zip(runs, configs), 1):
         label = v.name if len(seeds) == 1 else f"{v.name} seed {s}"
-        _train_or_skip(folder, cfg, f"ablate [{i}/{len(runs)}] {label}")
+        train_or_skip(folder, cfg, f"ablate [{i}/{len(runs)}] {label}", command="ablate", free_keys=FREE_KEYS)
     from detector.data.coco import CocoDataset
 
     train_images = len(CocoDataset(load_data_spec(opts.data).train))  # the trainer's scan cache makes this cheap
@@ -143,21 +134,6 @@ def run_ablation(opts: AblateOptions) -> Path:
     print(write_reports(root, rows))
     print(f"ablation: {root / 'ablation.md'}")
     return root
-
-
-def _train_or_skip(run_dir: Path, cfg: TrainConfig, label: str) -> None:
-    """Skip a finished run, resume an interrupted one from its last.pt, else train it from scratch."""
-    from detector.train.trainer import train
-
-    _check_same_settings(run_dir, cfg)
-    if _finished(run_dir, cfg):
-        LOGGER.info("%s: finished earlier, skipped", label)
-        return
-    last = run_dir / "weights" / "last.pt"
-    if last.exists():
-        cfg = load_train_config({**_as_overrides(cfg), "resume": str(last)})
-    LOGGER.info("%s: %s", label, "resuming" if last.exists() else "training")
-    train(cfg)
 
 
 def _extra_train_keys(pairs: list[str], opts: AblateOptions) -> dict[str, str]:
@@ -176,16 +152,12 @@ def _own_settings(opts: AblateOptions, v: Variant, seed: int, run_dir: Path) -> 
         "model": opts.model, "data": opts.data, "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch,
         "workers": opts.workers, "seed": seed, "device": opts.device, "attention": v.attention,
         "attention_at": v.attention_at, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
-        "resume": "",  # `_run` points it at last.pt to continue an interrupted run
+        "resume": "",  # `train_or_skip` points it at last.pt to continue an interrupted run
     }
 
 
 def _train_config(opts: AblateOptions, v: Variant, seed: int, run_dir: Path, extra: dict[str, str]) -> TrainConfig:
     return load_train_config({**_own_settings(opts, v, seed, run_dir), **extra})
-
-
-def _as_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__}
 
 
 def _check_variant(model: str, v: Variant) -> None:
@@ -195,37 +167,6 @@ def _check_variant(model: str, v: Variant) -> None:
     from detector.models.builder import build_model
 
     build_model(resolve_model_path(model), attention=v.attention, attention_at=v.attention_at or None)
-
-
-def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
-    """A run folder left by an earlier invocation must have used this invocation's settings (else its row would
-    compare unequal runs)."""
-    saved = _saved_args(run_dir)
-    if saved is None:
-        return
-    wanted = asdict(cfg)
-    changed = [k for k in wanted if k not in FREE_KEYS and k in saved and saved[k] != wanted[k]]
-    if changed:
-        diffs = ", ".join(f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in changed[:3])
-        raise DetectorError(f"ablate: {run_dir} was trained with other settings ({diffs}); use another name= for a new ablation")
-
-
-def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
-    """best.pt exists and results.csv reaches the last epoch (or the early stop that patience would trigger)."""
-    from detector.viz.logger import read_results
-
-    rows = read_results(run_dir / "results.csv")
-    if not rows or not (run_dir / "weights" / "best.pt").exists():
-        return False
-    last = int(rows[-1]["epoch"])
-    best = _best_row(rows)
-    stopped = cfg.patience > 0 and best is not None and last - int(best["epoch"]) >= cfg.patience
-    return last + 1 >= cfg.epochs or stopped
-
-
-def _best_row(rows: list[dict[str, str]]) -> dict[str, str] | None:
-    scored = [r for r in rows if r.get("fitness")]
-    return max(scored, key=lambda r: float(r["fitness"])) if scored else None
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -239,7 +180,7 @@ def collect_row(run_dir: Path, v: Variant, *, imgsz: int, train_images: int) -> 
 
     model = Detector.from_checkpoint(run_dir / "weights" / "best.pt", device="cpu").model
     rows = read_results(run_dir / "results.csv")
-    best = _best_row(rows) or {}
+    best = best_row(rows) or {}
     epoch_times = [float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")]
     metrics_path = run_dir / "metrics.json"
     speed = json.loads(metrics_path.read_text()).get("speed_ms", {}) if metrics_path.exists() else {}

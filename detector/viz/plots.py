@@ -69,6 +69,24 @@ def plot_pr_curves(precision: np.ndarray, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_tune(values: list[dict[str, float | int]], fitness: list[float], keys: list[str], path: Path) -> None:
+    """`detector tune`: one panel per searched key, each trial's value against its fitness (colour: trial order,
+    star: the best trial), so which keys matter and where their good values lie shows at a glance."""
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows), dpi=120)
+    best = int(np.argmax(fitness))
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        x = [v[key] for v in values]
+        ax.scatter(x, fitness, c=np.arange(len(x)), cmap="viridis", s=14)
+        ax.scatter([x[best]], [fitness[best]], marker="*", s=140, color="red")
+        ax.set_title(f"{key} = {x[best]:g}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.supylabel("fitness (0.1 AP50 + 0.9 AP50:95)", fontsize=9)
+    _save(fig, path)
+
+
 def confusion_matrix(
     rows: np.ndarray,
     gt: COCO,

@@ -168,7 +168,7 @@ def test_two_attentions_one_epoch_each_then_a_rerun_skips_them_and_resumes_a_lon
     assert load_checkpoint(root / "cbam" / "weights" / "best.pt")["model_yaml"]["attention"] == "cbam"
 
     stamps = {v: (root / v / "weights" / "best.pt").stat().st_mtime_ns for v in ("none", "cbam")}
-    with caplog.at_level(logging.INFO, logger="detector.tools.ablate"):
+    with caplog.at_level(logging.INFO, logger="detector.tools.runs"):
         run_ablation(opts)
     assert sum("finished earlier, skipped" in r.getMessage() for r in caplog.records) == 2
     assert stamps == {v: (root / v / "weights" / "best.pt").stat().st_mtime_ns for v in ("none", "cbam")}
@@ -181,7 +181,7 @@ def test_two_attentions_one_epoch_each_then_a_rerun_skips_them_and_resumes_a_lon
 
     # a longer schedule: the finished one-epoch run is now half-finished and resumes from its last.pt
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="detector.tools.ablate"):
+    with caplog.at_level(logging.INFO, logger="detector.tools.runs"):
         run_ablation(AblateOptions(**{**opts.__dict__, "attentions": ["cbam"], "epochs": 2}))
     assert any("cbam: resuming" in r.getMessage() for r in caplog.records)
     with (root / "cbam" / "results.csv").open(newline="") as f:
