@@ -11,6 +11,11 @@ class DetectorError(Exception):
     """Bad input or an unrecoverable fault; the CLI prints `str(err)` on one line and exits non-zero."""
 
 
+class TrainingDiverged(DetectorError):
+    """A run stopped by non-finite losses: its recipe is at fault, not its input (`detector tune` scores such a
+    trial 0 and goes on)."""
+
+
 def did_you_mean(name: object, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, matched case-insensitively and shown as spelled, or ''.
 

@@ -101,7 +101,8 @@ def _downstream(nodes: list[onnx.NodeProto], consumers: dict[str, list[int]]) ->
 
 def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], spec: ExportSpec, stride: int) -> Path:
     """Write the INT8 (QDQ) version of the fp32 ONNX file `fp32` (exported as `spec` says) to `out`, calibrated on
-    `files` (see the module docstring), with `fp32`'s metadata plus `precision: int8` and how it was calibrated. Returns `out`."""
+    `files` (see the module docstring), with `fp32`'s metadata plus `precision: int8` and how it was calibrated.
+    Returns `out`."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -9,7 +9,8 @@ own form:
   moves each key with probability `MOVE_PROBABILITY` by a Gaussian step of `sigma` (a fraction of the range; at
   least one key moves), clipped to the range. Steps in the mapped range, unlike YOLOv5's multiplicative gains,
   also move a key that starts at 0 (mixup, degrees);
-- fitness is the trainer's own, 0.1 AP50 + 0.9 AP50:95, of the trial's best epoch (0 when none was evaluated).
+- fitness is the trainer's own, 0.1 AP50 + 0.9 AP50:95, of the trial's best epoch (0 when none was evaluated, or
+  when the trial diverged: the trainer stopped it for non-finite losses).
 
 Trial k's mutation draws from (seed, k) and its parent comes from the trials before it, so re-running the same
 command recomputes the same trials: finished ones are skipped, an interrupted one resumes from its last.pt, and a
@@ -36,7 +37,7 @@ import numpy as np
 import yaml
 
 from detector.config import TrainConfig, load_train_config, neutral_keys, parse_overrides, run_only_keys
-from detector.errors import DetectorError, did_you_mean
+from detector.errors import DetectorError, TrainingDiverged, did_you_mean
 from detector.options import TuneOptions
 from detector.tools.runs import best_row, train_or_skip
 from detector.viz.tables import format_table
@@ -193,9 +194,14 @@ def run_tune(opts: TuneOptions) -> Path:
         values = start_values(base, dims) if number == 1 else propose(trials, dims, opts.sigma, opts.seed, number)
         cfg = load_train_config({**_own_settings(opts, number, root), **extra, **values})
         run_dir = Path(cfg.project) / cfg.name
-        trained = train_or_skip(run_dir, cfg, f"tune [{number}/{opts.iterations}]", command="tune",
-                                free_keys=neutral_keys(TrainConfig))
-        trials.append(read_trial(run_dir, number, values))
+        label = f"tune [{number}/{opts.iterations}]"
+        try:
+            trained = train_or_skip(run_dir, cfg, label, command="tune", free_keys=neutral_keys(TrainConfig))
+            trials.append(read_trial(run_dir, number, values))
+        except TrainingDiverged as err:  # a recipe that diverges is a bad trial, not the end of the search
+            LOGGER.warning("%s: %s; the trial scores fitness 0", label, err)
+            trained = True
+            trials.append(Trial(number, values, 0.0, None, None, run_dir))
         if trained or number == opts.iterations:  # a re-run refused at a later trial leaves the reports as they were
             write_reports(root, trials, dims, opts, fixed)
     ranked = sorted(trials, key=lambda t: t.fitness, reverse=True)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from detector import memory
 from detector.config import TrainConfig, build_options, given_keys, run_only_keys
 from detector.data.spec import load_data_spec
-from detector.errors import DetectorError
+from detector.errors import DetectorError, TrainingDiverged
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
@@ -512,7 +512,7 @@ class Trainer:
         self.state.nonfinite_total += 1
         LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, skipped.in_row)
         if skipped.in_row >= self.cfg.max_nonfinite:
-            raise DetectorError(
+            raise TrainingDiverged(
                 f"training stopped: {skipped.in_row} non-finite steps in a row at epoch {epoch + 1}; "
                 f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
             )

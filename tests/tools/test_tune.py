@@ -158,3 +158,36 @@ def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_
     with (root / "tune_results.csv").open(newline="") as f:  # the refused re-run left the reports as they were
         assert len(list(csv.DictReader(f))) == 4
     assert "the best of 4 trials" in (root / "best_hyperparameters.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_trial_that_diverges_scores_0_and_the_search_goes_on(tmp_path: Path, monkeypatch, caplog) -> None:
+    from detector.data.synthetic import generate_shapes_dataset
+    from detector.train import loss as loss_module
+    from detector.train import trainer as trainer_module
+
+    data = generate_shapes_dataset(tmp_path / "shapes", seed=0, n_train=16, n_val=8, imgsz=128)
+    real_call, real_train = loss_module.AlignedLoss.__call__, trainer_module.train
+
+    def poisoned(self, raw, targets):  # every loss NaN: the trainer's own stop for non-finite steps ends the run
+        total, parts = real_call(self, raw, targets)
+        return total * float("nan"), parts
+
+    def train(cfg: TrainConfig) -> dict:
+        with monkeypatch.context() as patch:
+            if cfg.name == "trial2":
+                patch.setattr(loss_module.AlignedLoss, "__call__", poisoned)
+            return real_train(cfg)
+
+    monkeypatch.setattr(trainer_module, "train", train)
+    opts = TuneOptions(model="yolo-c2f-n", data=str(data), iterations=3, epochs=1, imgsz=64, batch=8, workers=0, device="cpu",
+                       space=str(_space(tmp_path, "lr0: [0.001, 0.01, log]\n")), project=str(tmp_path / "tune"), name="nan",
+                       train=["plots=false", "autoanchor=false", "max_nonfinite=1"])
+    with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
+        root = run_tune(opts)
+    with (root / "tune_results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == ["1", "2", "3"]
+    assert (rows[1]["fitness"], rows[1]["AP50:95"]) == ("0.0", "") and rows[0]["AP50:95"] != "" and rows[2]["AP50:95"] != ""
+    assert any("tune [2/3]: training stopped: 1 non-finite steps in a row" in r.getMessage() and "fitness 0" in r.getMessage()
+               for r in caplog.records)

@@ -18,7 +18,7 @@ import torch
 from detector.config import TrainConfig
 from detector.data.synthetic import generate_shapes_dataset
 from detector.data.transforms import to_model_input
-from detector.errors import DetectorError
+from detector.errors import DetectorError, TrainingDiverged
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
@@ -72,7 +72,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_pat
     monkeypatch.setattr(loss_module.AlignedLoss, "__call__", poisoned)
     # epoch 0 (2 steps) is fine and checkpointed; from step 3 every loss is NaN
     cfg = make_config(tiny_data, tmp_path, epochs="3", max_nonfinite="2", nbs="8", warmup_min_iters="0", warmup_epochs="0")
-    with pytest.raises(DetectorError, match="2 non-finite steps in a row at epoch 2"):
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row at epoch 2"):  # a DetectorError: the CLI's one line
         train(cfg)
     last = load_checkpoint(tmp_path / "exp" / "weights" / "last.pt")
     assert last["epoch"] == 0
