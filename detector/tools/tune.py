@@ -189,6 +189,7 @@ def run_tune(opts: TuneOptions) -> Path:
     extra = _extra_train_keys(opts, dims)
     base = load_train_config({**_own_settings(opts, 1, root), **extra})  # every key checked before any training
     fixed = {k: getattr(base, k) for k in extra if k not in neutral_keys(TrainConfig)}  # typed, for the cfg file
+    warn_without_mosaic(base, dims)
     trials: list[Trial] = []
     for number in range(1, opts.iterations + 1):
         values = start_values(base, dims) if number == 1 else propose(trials, dims, opts.sigma, opts.seed, number)
@@ -208,6 +209,16 @@ def run_tune(opts: TuneOptions) -> Path:
     print(format_table([*RESULT_COLUMNS, *(d.key for d in dims)], [_row(t, dims) for t in ranked[:10]], floatfmt=".4g"))
     print(f"tune: {root / 'tune_results.csv'}; best: trial {ranked[0].number}, {root / 'best_hyperparameters.yaml'}")
     return root
+
+
+def warn_without_mosaic(base: TrainConfig, dims: list[Dimension]) -> bool:
+    """Warn (and return True) when the trials would never see mosaic: the trainer turns it off for the last
+    close_mosaic epochs, all of a short trial's at the default 10, while mosaic is searched or on."""
+    if base.close_mosaic < base.epochs or not (base.mosaic > 0 or any(d.key == "mosaic" for d in dims)):
+        return False
+    LOGGER.warning("tune: trials of %d epochs with close_mosaic=%d train without mosaic, unlike the long run they "
+                   "stand for; pass train=close_mosaic=<fewer than %d> (e.g. 2)", base.epochs, base.close_mosaic, base.epochs)
+    return True
 
 
 def _own_settings(opts: TuneOptions, number: int, root: Path) -> dict[str, Any]:

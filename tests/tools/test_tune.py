@@ -118,6 +118,17 @@ def test_train_keys_that_tune_sets_or_searches_are_refused_before_any_training(t
     assert not any(tmp_path.iterdir())  # nothing trained
 
 
+def test_short_trials_that_would_never_see_mosaic_are_warned_about(caplog) -> None:
+    from detector.tools.tune import warn_without_mosaic
+
+    dims = load_space(DEFAULT_SPACE)
+    with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
+        assert warn_without_mosaic(load_train_config({"epochs": "10"}), dims)  # close_mosaic 10: no epoch with mosaic
+    assert "trials of 10 epochs with close_mosaic=10 train without mosaic" in caplog.text
+    assert not warn_without_mosaic(load_train_config({"epochs": "10", "close_mosaic": "2"}), dims)
+    assert not warn_without_mosaic(load_train_config({"epochs": "5", "mosaic": "0"}), [d for d in dims if d.key != "mosaic"])
+
+
 @pytest.mark.slow
 def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_path: Path, caplog, capsys) -> None:
     from detector.data.synthetic import generate_shapes_dataset
