@@ -61,7 +61,7 @@ def check_same_settings(run_dir: Path, cfg: TrainConfig, *, command: str, free_k
     changed = [k for k in wanted if k not in free_keys and k in saved and saved[k] != wanted[k]]
     if changed:
         diffs = ", ".join(f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in changed[:3])
-        raise DetectorError(f"{command}: {run_dir} was trained with other settings ({diffs}); use another name= for a new {command}")
+        raise DetectorError(f"{command}: {run_dir} was trained with other settings ({diffs}); use another name= for a new {command} run")
 
 
 def finished(run_dir: Path, cfg: TrainConfig) -> bool:
