@@ -110,7 +110,7 @@ def _dimension(key: str, value: Any, where: str) -> Dimension:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if key not in fields:
         raise DetectorError(f"{where}: unknown train key '{key}'{did_you_mean(key, fields)}")
-    integer = _numeric_kind(key, where)
+    integer = _numeric_kind(fields[key], where)
     if not isinstance(value, list) or len(value) not in (2, 3) or (len(value) == 3 and value[2] != "log"):
         raise DetectorError(f"{where}: '{key}' must be [low, high] or [low, high, log], got {value!r}")
     low, high = value[:2]
@@ -130,14 +130,14 @@ def _dimension(key: str, value: Any, where: str) -> Dimension:
     return Dimension(key, float(low), float(high), log=log, integer=integer)
 
 
-def _numeric_kind(key: str, where: str) -> bool:
+def _numeric_kind(field: dataclasses.Field, where: str) -> bool:
     """True for an integer key, False for a float one; DetectorError for a key tune cannot search."""
+    key = field.name
     if key in NOT_SEARCHED:
         raise DetectorError(f"{where}: '{key}' is not searched: {NOT_SEARCHED[key]}")
     if key in run_only_keys(TrainConfig):
         raise DetectorError(f"{where}: '{key}' is not searched: it shapes how a run is carried out, not what it "
                             f"learns (set it with tune's keys or train=)")
-    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == key)
     bounds = field.metadata.get("bounds")
     if bounds is not None and bounds.multiple_of is not None:
         raise DetectorError(f"{where}: '{key}' is not searched: it takes multiples of {bounds.multiple_of} only")

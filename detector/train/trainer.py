@@ -227,7 +227,8 @@ class Trainer:
             ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
         else:
             model = self._new_model()
-        largest = largest_side(cfg.imgsz, int(model.stride.max()), cfg.multi_scale) if cfg.multi_scale else cfg.imgsz
+        self.max_stride = int(model.stride.max())  # read here, on the CPU: the step loop needs it without a device sync
+        largest = largest_side(cfg.imgsz, self.max_stride, cfg.multi_scale) if cfg.multi_scale else cfg.imgsz
         check_training_fits(model, imgsz=largest, batch=self.per_rank_batch, source=f"model {cfg.model}")
         if model.yaml.get("ch", 3) != 3:
             raise DetectorError(
@@ -419,8 +420,8 @@ class Trainer:
             self.schedule.apply(self.optimizer, epoch, i)
             images = to_model_input(batch["images"], self.device, channels_last=cfg.channels_last)
             if cfg.multi_scale:
-                stride = int(self.model.stride.max())
-                images = rescale(images, draw_side(cfg.imgsz, stride, cfg.multi_scale, seed=cfg.seed, step=step), stride)
+                side = draw_side(cfg.imgsz, self.max_stride, cfg.multi_scale, seed=cfg.seed, step=step)
+                images = rescale(images, side, self.max_stride)
             targets = batch["targets"]  # on the host: each loss moves what it needs (AlignedLoss sizes its windows there)
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
             parts, finite = self._forward_backward(images, targets, sync_now)
