@@ -119,6 +119,8 @@ class ScanSummary:
     negatives: int = 0
     boxes_kept: int = 0
     crowd_kept: int = 0
+    fraction: float = 1.0  # of the usable images kept (`CocoDataset(fraction=)`)
+    images_usable: int = 0  # before `fraction`
     instances: dict[str, int] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in PROBLEMS})
 
@@ -142,9 +144,10 @@ class ScanSummary:
         return None
 
     def __str__(self) -> str:
+        share = f" (fraction={self.fraction:g} of {self.images_usable:,} usable)" if self.fraction < 1 else ""
         lines = [
             f"scan of {self.annotations} (images in {self.images_dir})",
-            f"  images  {self.images_listed:,} listed, {self.images_used:,} used "
+            f"  images  {self.images_listed:,} listed, {self.images_used:,} used{share} "
             f"({self.negatives:,} negatives without boxes), {self.images_skipped:,} skipped",
             f"  boxes   {self.boxes_kept:,} kept for training ({self.boxes_clipped:,} clipped), "
             f"{self.crowd_kept:,} crowd (evaluation only), {self.boxes_dropped:,} dropped",
@@ -189,7 +192,8 @@ class CocoDataset:
     """A scanned COCO split: per-image arrays, contiguous class index <-> original category id, names, summary.
 
     `names` overrides the category names (one per category, in category-id order). Class index i is the i-th
-    smallest category id; `category_ids[i]` maps it back.
+    smallest category id; `category_ids[i]` maps it back. `fraction` < 1 keeps that share of the usable images
+    (`fraction_indices`); the categories stay all of the json's.
 
     Storage: a few flat, read-only numpy arrays (`detector.data.scan_cache.RESULT_SCHEMA`): image ids, sizes, file
     sizes, the file names as one string table, the training boxes and classes with per-image offsets, the crowd
@@ -205,11 +209,15 @@ class CocoDataset:
         strict: bool = False,
         cache_dir: Path | None = None,
         names: Sequence[str] | None = None,
+        fraction: float = 1.0,
     ) -> None:
         self.images_dir = Path(split.images)
         self.annotations = Path(split.annotations)
         self.strict = strict
         meta, self._arrays = _scan(self.annotations, self.images_dir, cache_dir)
+        usable = len(self)
+        if fraction != 1:
+            self._arrays = _take_images(self._arrays, fraction_indices(usable, fraction))
         self._categories: list[dict[str, Any]] = meta["categories"]
         self.category_ids: list[int] = [int(c["id"]) for c in self._categories]
         self.names: list[str] = [str(c["name"]) for c in self._categories]
@@ -220,11 +228,13 @@ class CocoDataset:
                 )
             self.names = [str(n) for n in names]
         self.summary = self._summary(meta)
+        self.summary.fraction, self.summary.images_usable = fraction, usable
         error = self.summary.first_strict_error()
         if strict and error:
             raise DetectorError(error)
         if len(self) == 0 or self.summary.boxes_kept == 0:
-            raise DetectorError(f"no labelled images in {self.annotations}")
+            kept = f" among the {len(self):,} images fraction={fraction:g} keeps" if fraction < 1 else ""
+            raise DetectorError(f"no labelled images in {self.annotations}{kept}")
 
     def _summary(self, meta: dict[str, Any]) -> ScanSummary:
         a = self._arrays
@@ -380,6 +390,53 @@ class CocoDataset:
         }
         keys = list(columns)
         return [dict(zip(keys, row)) for row in zip(*columns.values())]
+
+
+# ---------------------------------------------------------------------------------------------- a fraction
+
+PER_IMAGE_KEYS = ("image_id", "hw", "file_size", "fast")
+RUN_KEYS = {  # per-image offsets -> the arrays they cut into runs, one run per image
+    "name_offsets": ("names",),
+    "box_offsets": ("boxes", "classes", "box_ann", "box_area", "box_order"),
+    "crowd_offsets": ("crowd", "crowd_classes", "crowd_ann", "crowd_area", "crowd_order"),
+}
+
+
+def fraction_indices(n: int, fraction: float) -> np.ndarray:
+    """Which of n images `fraction` keeps: the first round(n * fraction) (at least one) of one fixed shuffle, in
+    their json order. Fixed, so a run, its resume and every tune trial train on the same images; one shuffle, so a
+    smaller fraction's images are among a larger one's; a shuffle, so a json sorted by source or class still gives
+    a sample of all of it."""
+    if not 0 < fraction <= 1:
+        raise DetectorError(f"fraction must be > 0 and <= 1, got {fraction!r}")
+    count = max(1, round(n * fraction)) if n else 0
+    return np.sort(np.random.default_rng(0).permutation(n)[:count])
+
+
+def _take_images(arrays: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The result arrays of images `keep` (sorted indices) only, read-only; the scan cache's listed_* arrays as
+    they were."""
+    taken = dict(arrays)
+    for key in PER_IMAGE_KEYS:
+        taken[key] = arrays[key][keep]
+    for offsets_key, keys in RUN_KEYS.items():
+        positions, taken[offsets_key] = _gather_runs(arrays[offsets_key], keep)
+        for key in keys:
+            taken[key] = arrays[key][positions]
+    for a in taken.values():
+        a.flags.writeable = False
+    return taken
+
+
+def _gather_runs(offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of runs `keep`'s items, in order; the kept runs' offsets), run i being items
+    offsets[i]:offsets[i + 1], with no Python loop over the runs."""
+    starts = offsets[keep]
+    lengths = offsets[keep + 1] - starts
+    new_offsets = np.zeros(len(keep) + 1, np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return positions, new_offsets
 
 
 # ---------------------------------------------------------------------------------------------- the scan

@@ -441,14 +441,15 @@ def build_train_loader(
     world_size: int = 1,
     local_ranks: int = 1,
     idle_workers: bool = False,
+    fraction: float = 1.0,
 ) -> DetectorDataLoader:
-    """Shuffled, augmented batches of `split`, this rank's share of them (a DistributedSampler, also for one
+    """Shuffled, augmented batches of `split` (`fraction` of its images, see `CocoDataset`), this rank's share of them (a DistributedSampler, also for one
     process: its order is a pure function of (seed, epoch)); call `loader.set_epoch(epoch)` each epoch.
     `cache="ram"` decodes every image once up front; "auto" does when they fit (`resolve_cache`; `local_ranks`:
     the ranks on this machine, each with its own copy). `idle_workers`: the workers at idle priority
     (`resolve_worker_priority`)."""
     _check_imgsz(imgsz)
-    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
+    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir, fraction=fraction)
     dataset = TrainDataset(coco, imgsz=imgsz, hyp=hyp, seed=seed + rank, strict=strict, cache=cache, local_ranks=local_ranks)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()

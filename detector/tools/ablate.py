@@ -126,7 +126,8 @@ def run_ablation(opts: AblateOptions) -> Path:
         train_or_skip(folder, cfg, f"ablate [{i}/{len(runs)}] {label}", command="ablate", free_keys=FREE_KEYS)
     from detector.data.coco import CocoDataset
 
-    train_images = len(CocoDataset(load_data_spec(opts.data).train))  # the trainer's scan cache makes this cheap
+    fraction = configs[0].fraction if configs else 1.0
+    train_images = len(CocoDataset(load_data_spec(opts.data).train, fraction=fraction))  # the scan cache makes this cheap
     rows = [
         {**collect_row(folder, v, imgsz=opts.imgsz, train_images=train_images), "seed": s, "run": folder.relative_to(root).as_posix()}
         for v, s, folder in runs

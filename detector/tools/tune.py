@@ -49,7 +49,11 @@ DEFAULT_SPACE = Path(str(importlib.resources.files("detector").joinpath("configs
 PARENTS = 5  # the best trials a new one is bred from
 MOVE_PROBABILITY = 0.8  # the chance that a key moves in a mutation
 SIGNIFICANT_DIGITS = 4  # a trial's float values, rounded so its files read cleanly and it reproduces from them
-NOT_SEARCHED = {"seed": "the seed is set by tune's seed=, the same for every trial"}
+NOT_SEARCHED = {
+    "seed": "the seed is set by tune's seed=, the same for every trial",
+    "fraction": "more data scores higher: set it for every trial with train=fraction=",
+}
+TRIAL_ONLY = ("fraction",)  # train= keys that size the trials, not the recipe: left out of the winner's cfg file
 RESULT_COLUMNS = ("trial", "fitness", "AP50:95", "AP50")
 
 
@@ -260,7 +264,7 @@ def read_trial(run_dir: Path, number: int, values: dict[str, float | int]) -> Tr
 
 def write_reports(root: Path, trials: list[Trial], dims: list[Dimension], opts: TuneOptions, fixed: dict[str, Any]) -> None:
     """tune_results.csv, best_hyperparameters.yaml (the best trial's keys and the train= keys `fixed`, not neutral
-    ones) and tune.png in `root` from the trials so far."""
+    ones; `TRIAL_ONLY` ones named in its header only) and tune.png in `root` from the trials so far."""
     from detector.viz.plots import plot_tune
 
     root.mkdir(parents=True, exist_ok=True)
@@ -273,7 +277,11 @@ def write_reports(root: Path, trials: list[Trial], dims: list[Dimension], opts: 
               f"fitness {best.fitness:.4f} (0.1 AP50 + 0.9 AP50:95) after {_count(opts.epochs, 'epoch')} at imgsz "
               f"{opts.imgsz} on {opts.data}\n"
               f"# train with it: detector train cfg=<this file> model={opts.model} data={opts.data}\n")
-    body = yaml.safe_dump({**best.values, **fixed}, sort_keys=False)
+    trial_only = [f"{k}={v}" for k, v in fixed.items() if k in TRIAL_ONLY]
+    if trial_only:
+        header += f"# the trials trained with {', '.join(trial_only)} (left out below: it sizes the trials)\n"
+    recipe = {k: v for k, v in fixed.items() if k not in TRIAL_ONLY}
+    body = yaml.safe_dump({**best.values, **recipe}, sort_keys=False)
     (root / "best_hyperparameters.yaml").write_text(header + body)
     plot_tune([t.values for t in trials], [t.fitness for t in trials], [d.key for d in dims], root / "tune.png")
 

@@ -198,7 +198,7 @@ class Trainer:
         self.train_loader = build_train_loader(
             self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=self.workers, hyp=cfg, seed=cfg.seed,
             strict=cfg.strict, cache_dir=self.run_dir if self.dist.is_main else None, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
-            local_ranks=self.dist.local_world_size, idle_workers=self.idle_workers,
+            local_ranks=self.dist.local_world_size, idle_workers=self.idle_workers, fraction=cfg.fraction,
         )
         self.train_set = self.train_loader.dataset
         if self.dist.is_main:

@@ -457,3 +457,61 @@ def test_jpeg_with_data_after_its_end_marker_is_usable(tmp_path: Path) -> None:
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size - 10_100])
     assert inspect_image(truncated)[0] == "corrupt"
+
+
+# ------------------------------------------------------------------------------------------------ fraction=
+
+
+def test_fraction_indices_are_fixed_sorted_and_nested() -> None:
+    from detector.data.coco import fraction_indices
+
+    half, quarter = fraction_indices(1000, 0.5), fraction_indices(1000, 0.25)
+    assert len(half) == 500 and len(quarter) == 250 and len(np.unique(half)) == 500
+    assert np.all(np.diff(half) > 0)  # json order
+    assert np.array_equal(half, fraction_indices(1000, 0.5))  # the same images every run
+    assert set(quarter) <= set(half)  # a smaller share inside a larger one
+    assert 0.3 < half.mean() / 999 < 0.7 and half.min() < 100 and half.max() > 900  # a sample of all, not a prefix
+    assert len(fraction_indices(3, 0.01)) == 1 and np.array_equal(fraction_indices(5, 1.0), np.arange(5))
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(DetectorError, match="fraction must be > 0 and <= 1"):
+            fraction_indices(10, bad)
+
+
+def test_a_fraction_keeps_whole_images_with_their_boxes_crowd_and_ground_truth(make_coco) -> None:
+    from detector.data.coco import fraction_indices
+
+    split = make_coco(sizes_wh=[(96, 64), (64, 96), (80, 80), (120, 72), (72, 120), (100, 60)] * 3, boxes_per_image=3)
+    full = CocoDataset(split)
+    part = CocoDataset(split, fraction=0.5)
+    keep = fraction_indices(len(full), 0.5)
+    assert len(part) == 9 == len(keep) and part.category_ids == full.category_ids
+    for i, k in enumerate(keep):
+        a, b = part.record(i), full.record(int(k))
+        assert (a.image_id, a.file, a.width, a.height, a.fast_decode) == (b.image_id, b.file, b.width, b.height, b.fast_decode)
+        assert np.array_equal(a.boxes_xyxy, b.boxes_xyxy) and np.array_equal(a.classes, b.classes)
+        assert np.array_equal(a.crowd_xyxy, b.crowd_xyxy)
+        assert np.array_equal(part.load_image(i), full.load_image(int(k)))
+    assert part.summary.boxes_kept == int(full.boxes_per_image()[keep].sum()) == len(part.train_boxes_xyxy)
+    assert part.summary.instances == dict(zip(part.names, np.bincount(part._arrays["classes"], minlength=3).tolist()))
+    assert "9 used (fraction=0.5 of 18 usable)" in str(part.summary) and "fraction=" not in str(full.summary)
+    # the subset's ground truth is the full one's, image for image
+    ids = {full.image_id(int(k)) for k in keep}
+    whole, kept = full.coco_gt().dataset, part.coco_gt().dataset
+    assert [im["id"] for im in kept["images"]] == [im["id"] for im in whole["images"] if im["id"] in ids]
+    assert kept["annotations"] == [a for a in whole["annotations"] if a["image_id"] in ids]
+    assert all(not a.flags.writeable for a in part._arrays.values())
+
+
+def test_a_fraction_cuts_every_array_of_the_scan_result() -> None:
+    """A key added to the scan's result must be cut by `fraction` too, or it would silently describe other images."""
+    from detector.data.coco import PER_IMAGE_KEYS, RUN_KEYS
+    from detector.data.scan_cache import RESULT_SCHEMA
+
+    cut = [*PER_IMAGE_KEYS, *RUN_KEYS, *(key for keys in RUN_KEYS.values() for key in keys)]
+    assert sorted(cut) == sorted(RESULT_SCHEMA) and len(set(cut)) == len(cut)
+
+
+def test_a_fraction_without_labelled_images_says_so(make_coco) -> None:
+    split = make_coco(sizes_wh=[(96, 64)] * 5, empty_image=False, mutate=lambda d: d["annotations"].clear())
+    with pytest.raises(DetectorError, match="no labelled images .* among the 1 images fraction=0.1 keeps"):
+        CocoDataset(split, fraction=0.1)

@@ -54,6 +54,7 @@ def test_a_space_key_outside_its_range_starts_at_the_nearest_end_and_one_without
     ("close_mosaic: [1.5, 10]\n", r"'close_mosaic' takes integers, got 1.5"),
     ("epochs: [10, 20]\n", r"'epochs' is not searched: it shapes how a run is carried out"),
     ("seed: [0, 10]\n", r"'seed' is not searched: the seed is set by tune's seed="),
+    ("fraction: [0.5, 1]\n", r"'fraction' is not searched: more data scores higher"),
     ("imgsz: [320, 640]\n", r"'imgsz' is not searched: it takes multiples of 32 only"),
     ("optimizer: [1, 2]\n", r"'optimizer' is not searched: it is not a number"),
     ("- lr0\n", r"expected a mapping of train key"),
@@ -136,7 +137,7 @@ def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_
     data = generate_shapes_dataset(tmp_path / "shapes", seed=0, n_train=16, n_val=8, imgsz=128)
     space = _space(tmp_path, "lr0: [0.001, 0.01, log]\nmixup: [0.0, 1.0]\nclose_mosaic: [0, 2]\n")
     keys = dict(data=str(data), iterations=3, epochs=1, imgsz=64, batch=8, workers=0, device="cpu", space=str(space),
-                sigma=0.3, project=str(tmp_path / "tune"), name="tiny", train=["plots=false", "autoanchor=false", "optimizer=SGD"])
+                sigma=0.3, project=str(tmp_path / "tune"), name="tiny", train=["plots=false", "autoanchor=false", "optimizer=SGD", "fraction=0.5"])
     model = "yolo-c2f-n"
     root = run_tune(TuneOptions(model=model, **keys))
     assert root == tmp_path / "tune" / "tiny"
@@ -148,11 +149,13 @@ def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_
     for row in rows:
         args, _ = load_yaml(root / row["run"] / "args.yaml")  # each trial trained with its row's values
         assert (args["lr0"], args["mixup"], args["close_mosaic"]) == (float(row["lr0"]), float(row["mixup"]), int(row["close_mosaic"]))
-        assert args["optimizer"] == "SGD" and float(row["fitness"]) >= 0 and row["AP50:95"] != ""
+        assert args["optimizer"] == "SGD" and args["fraction"] == 0.5 and float(row["fitness"]) >= 0 and row["AP50:95"] != ""
     best = max(rows, key=lambda r: float(r["fitness"]))
     cfg = load_train_config({"cfg": str(root / "best_hyperparameters.yaml")})  # a cfg file `detector train` reads
     assert (cfg.lr0, cfg.mixup, cfg.close_mosaic, cfg.optimizer) == (float(best["lr0"]), float(best["mixup"]), int(best["close_mosaic"]), "SGD")
     assert cfg.plots is True  # neutral train= keys are no hyperparameters: not written
+    assert cfg.fraction == 1.0  # the trials' share of the data is theirs, named in the header only
+    assert "# the trials trained with fraction=0.5" in (root / "best_hyperparameters.yaml").read_text()
     assert (root / "tune.png").stat().st_size > 0 and f"best: trial {best['trial']}" in capsys.readouterr().out
 
     stamps = [(root / r["run"] / "weights" / "best.pt").stat().st_mtime_ns for r in rows]

@@ -58,6 +58,22 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     assert Trainer(make_config(tiny_data, tmp_path, epochs="1")).run_dir == tmp_path / "exp2"
 
 
+def test_fraction_trains_on_a_fixed_share_and_validates_on_all(tiny_data: Path, tmp_path: Path):
+    from detector.data.coco import fraction_indices
+
+    trainer = Trainer(make_config(tiny_data, tmp_path, fraction="0.5"))
+    try:
+        trainer.build()
+        coco = trainer.train_set.coco
+        assert len(trainer.train_set) == 8 and len(trainer.train_loader) == 1  # 16 images, batch 8
+        assert coco.summary.images_usable == 16 and coco.num_classes == 6
+        ids = [int(Path(coco.file(i)).stem.split("_")[-1]) for i in range(len(coco))]
+        assert ids == fraction_indices(16, 0.5).tolist()  # the synthetic files are numbered in json order
+        assert len(trainer.evaluator.loader.dataset) == 8  # all of val
+    finally:
+        trainer.close()
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from detector.train import loss as loss_module
 
