@@ -287,6 +287,13 @@ def checkpoint_weights(ckpt: Checkpoint, *, use_ema: bool = True) -> dict[str, t
     return ema["module"] if use_ema and ema is not None else ckpt["model"]
 
 
+def inference_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` as an inference file: the weights it is used with (`checkpoint_weights`) as `model`, and no EMA,
+    optimizer or scaler state. A finished run's best.pt is one: a quarter of a full AdamW checkpoint (the model, its
+    EMA and two moments per weight), predicting, validating, exporting and fine-tuning exactly as the full file did."""
+    return {**ckpt, "model": checkpoint_weights(ckpt), "ema": None, "optimizer": None, "scaler": None}
+
+
 def model_from_checkpoint(ckpt: Checkpoint, *, use_ema: bool = True, source: str = "checkpoint") -> nn.Module:
     """Rebuild the architecture from `model_yaml` and load the EMA weights (or the raw ones); eval mode, on the CPU.
 

@@ -203,6 +203,7 @@ def run_tune(opts: TuneOptions) -> Path:
         try:
             trained = train_or_skip(run_dir, cfg, label, command="tune", free_keys=neutral_keys(TrainConfig))
             trials.append(read_trial(run_dir, number, values))
+            (run_dir / "weights" / "last.pt").unlink(missing_ok=True)  # finished: only a resume would read it
         except TrainingDiverged as err:  # a recipe that diverges is a bad trial, not the end of the search
             LOGGER.warning("%s: %s; the trial scores fitness 0", label, err)
             trained = True

@@ -3,7 +3,7 @@
 One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> backward (accumulated up to
 the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
 the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
-best.pt) atomically; the other ranks wait at a barrier. Resume restores model, EMA, optimizer, scaler, epoch
+best.pt, an inference file once the run ends) atomically; the other ranks wait at a barrier. Resume restores model, EMA, optimizer, scaler, epoch
 and RNG states; the LR is a pure function of (epoch, iteration), so it needs no state of its own.
 """
 
@@ -148,6 +148,9 @@ class Trainer:
     def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         path = find_resume_checkpoint(cfg.resume, Path(cfg.project))
         ckpt = ckpt_io.load_checkpoint(path)
+        if ckpt["optimizer"] is None:
+            raise DetectorError(f"resume: {path} is an inference file without optimizer state (a finished run's best.pt "
+                                "is one); resume from the run's weights/last.pt")
         saved = ckpt["train_config"]
         given = {k: getattr(cfg, k) for k in given_keys(cfg)}  # what the user set, defaults or not
         changed = [k for k, v in given.items() if k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
@@ -628,8 +631,11 @@ class Trainer:
             ckpt_io.copy_checkpoint(last, self.weights_dir / f"epoch{epoch + 1}.pt")
 
     def _finish(self) -> None:
-        if not (self.weights_dir / "best.pt").exists():
-            ckpt_io.save_checkpoint(self.weights_dir / "best.pt", self._checkpoint(self.state.epoch))
+        """best.pt becomes an inference file (`inference_checkpoint`; last.pt keeps what a resume needs), the curves
+        are plotted."""
+        best = self.weights_dir / "best.pt"
+        full = ckpt_io.load_checkpoint(best) if best.exists() else self._checkpoint(self.state.epoch)
+        ckpt_io.save_checkpoint(best, ckpt_io.inference_checkpoint(full))
         if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
             plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
         LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)

@@ -104,6 +104,26 @@ def test_model_from_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(ck.model_from_checkpoint(ckpt).state_dict()["layers.0.conv.weight"], ckpt["model"]["layers.0.conv.weight"])
 
 
+def test_an_inference_file_keeps_the_weights_it_is_used_with_and_nothing_a_resume_needs(tmp_path: Path) -> None:
+    state = _state()
+    ema = state["ema"]["module"]
+    state["ema"]["module"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in ema.items()}  # apart from the raw ones
+    full, slim = tmp_path / "full.pt", tmp_path / "slim.pt"
+    ck.save_checkpoint(full, state)
+    ck.save_checkpoint(slim, ck.inference_checkpoint(ck.load_checkpoint(full)))
+    loaded = ck.load_checkpoint(slim)  # still a complete checkpoint to the loader
+    assert (loaded["ema"], loaded["optimizer"], loaded["scaler"]) == (None, None, None)
+    assert loaded["names"] == state["names"] and loaded["train_state"] == state["train_state"]
+    a, b = ck.model_from_checkpoint(ck.load_checkpoint(full)), ck.model_from_checkpoint(loaded)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())  # the EMA weights, bit for bit
+    assert not all(torch.equal(state["model"][k], v) for k, v in loaded["model"].items())  # not the raw ones
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(a(x)[0], b(x)[0])
+    without_ema = {**state, "ema": None}
+    assert ck.inference_checkpoint(without_ema)["model"] is state["model"]  # no EMA kept: the raw weights
+    assert slim.stat().st_size < full.stat().st_size
+
+
 # ------------------------------------------------------------------------------------------ faults while writing
 
 

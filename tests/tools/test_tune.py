@@ -158,6 +158,8 @@ def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_
     assert "# the trials trained with fraction=0.5" in (root / "best_hyperparameters.yaml").read_text()
     assert (root / "tune.png").stat().st_size > 0 and f"best: trial {best['trial']}" in capsys.readouterr().out
 
+    for row in rows:  # a finished trial keeps its best.pt, an inference file, and no last.pt
+        assert [p.name for p in (root / row["run"] / "weights").iterdir()] == ["best.pt"]
     stamps = [(root / r["run"] / "weights" / "best.pt").stat().st_mtime_ns for r in rows]
     with caplog.at_level(logging.INFO, logger="detector.tools.runs"):
         run_tune(TuneOptions(model=model, **{**keys, "iterations": 4}))

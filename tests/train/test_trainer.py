@@ -44,6 +44,13 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     assert ckpt["epoch"] == 1 and ckpt["names"] == ["circle", "triangle", "square", "star", "cross", "ring"]
     assert (run / "weights" / "best.pt").exists() and (run / "args.yaml").exists()
     assert (run / "plots" / "results.png").exists()
+    best = load_checkpoint(run / "weights" / "best.pt")  # an inference file once the run ends
+    assert (best["optimizer"], best["ema"], best["scaler"]) == (None, None, None) and ckpt["optimizer"] is not None
+    if best["train_state"]["best_epoch"] == 1:  # last.pt's own epoch: the same EMA weights
+        assert all(torch.equal(ckpt["ema"]["module"][k], v) for k, v in best["model"].items())
+    assert (run / "weights" / "best.pt").stat().st_size < (run / "weights" / "last.pt").stat().st_size / 2
+    with pytest.raises(DetectorError, match="is an inference file without optimizer state .* resume from the run's weights/last.pt"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(run / "weights" / "best.pt")))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
