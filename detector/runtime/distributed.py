@@ -2,12 +2,18 @@
 
 No home-made launching: `torchrun --nproc_per_node N -m detector train ...` sets RANK, LOCAL_RANK and
 WORLD_SIZE; a plain `detector train` is world size 1 and never touches torch.distributed.
+
+A job that trains several runs (`detector tune`'s trials, `detector ablate`'s variants) holds one process group for
+all of them (`shared_process_group`): a rank that set the group up again while another still held the old one
+broke it (gloo: "Connection reset by peer", or a barrier that never returned; seen with 2 CPU ranks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +28,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1  # ranks on this machine (they share its cores and memory)
+    owns_group: bool = False  # this process group was set up by the call that returned this, so `shutdown` ends it
 
     @property
     def is_main(self) -> bool:
@@ -33,16 +40,28 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); world size 1 without torchrun."""
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU), setting it up unless it already is; world size 1
+    without torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
-    info = DistInfo(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size,
-                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return info
+    return DistInfo(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))), owns_group=owns)
+
+
+@contextlib.contextmanager
+def shared_process_group(device: torch.device) -> Iterator[DistInfo]:
+    """The process group of a job that trains several runs, held across all of them: each run's trainer joins it
+    and leaves it standing; it ends when the block does. World size 1 without torchrun."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        shutdown(info)
 
 
 def barrier(info: DistInfo) -> None:
@@ -68,5 +87,6 @@ def broadcast_int(info: DistInfo, value: int) -> int:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """End the process group if `info`'s call set it up (a shared one outlives the runs inside it)."""
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

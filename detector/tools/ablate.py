@@ -110,7 +110,11 @@ def _saved_seed(run_dir: Path) -> int | None:
 
 def run_ablation(opts: AblateOptions) -> Path:
     """Train every variant under every seed (skipping finished runs), write ablation_runs.csv, ablation.csv,
-    ablation.md and ablation.png in <project>/<name>, print the table; returns the ablation folder."""
+    ablation.md and ablation.png in <project>/<name>, print the table; returns the ablation folder. Under torchrun
+    every rank trains every run in one process group, and rank 0 alone writes the reports and prints."""
+    from detector.runtime.device import select_device
+    from detector.runtime.distributed import shared_process_group
+
     if not opts.attentions:
         raise DetectorError("ablate: attentions= lists no variant")
     seeds = seed_list(opts)
@@ -121,9 +125,12 @@ def run_ablation(opts: AblateOptions) -> Path:
     configs = [_train_config(opts, v, s, folder, extra) for v, s, folder in runs]
     for v in todo:
         _check_variant(opts.model, v)
-    for i, ((v, s, folder), cfg) in enumerate(zip(runs, configs), 1):
-        label = v.name if len(seeds) == 1 else f"{v.name} seed {s}"
-        train_or_skip(folder, cfg, f"ablate [{i}/{len(runs)}] {label}", command="ablate", free_keys=FREE_KEYS)
+    with shared_process_group(select_device(opts.device)) as job:  # one group for every run of a torchrun job
+        for i, ((v, s, folder), cfg) in enumerate(zip(runs, configs), 1):
+            label = v.name if len(seeds) == 1 else f"{v.name} seed {s}"
+            train_or_skip(folder, cfg, f"ablate [{i}/{len(runs)}] {label}", command="ablate", free_keys=FREE_KEYS)
+    if not job.is_main:  # rank 0 writes the reports
+        return root
     from detector.data.coco import CocoDataset
 
     fraction = configs[0].fraction if configs else 1.0

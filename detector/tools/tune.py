@@ -187,7 +187,11 @@ def propose(trials: list[Trial], dims: list[Dimension], sigma: float, seed: int,
 
 def run_tune(opts: TuneOptions) -> Path:
     """Train `opts.iterations` trials (skipping finished ones, resuming an interrupted one), rewriting the reports
-    after each; print the best trials and return the tune folder."""
+    after each; print the best trials and return the tune folder. Under torchrun every rank runs every trial in one
+    process group, and rank 0 alone writes the reports and prints."""
+    from detector.runtime.device import select_device
+    from detector.runtime.distributed import shared_process_group
+
     dims = load_space(opts.space or DEFAULT_SPACE)
     root = Path(opts.project) / opts.name
     extra = _extra_train_keys(opts, dims)
@@ -195,25 +199,33 @@ def run_tune(opts: TuneOptions) -> Path:
     fixed = {k: getattr(base, k) for k in extra if k not in neutral_keys(TrainConfig)}  # typed, for the cfg file
     warn_without_mosaic(base, dims)
     trials: list[Trial] = []
-    for number in range(1, opts.iterations + 1):
-        values = start_values(base, dims) if number == 1 else propose(trials, dims, opts.sigma, opts.seed, number)
-        cfg = load_train_config({**_own_settings(opts, number, root), **extra, **values})
-        run_dir = Path(cfg.project) / cfg.name
-        label = f"tune [{number}/{opts.iterations}]"
-        try:
-            trained = train_or_skip(run_dir, cfg, label, command="tune", free_keys=neutral_keys(TrainConfig))
-            trials.append(read_trial(run_dir, number, values))
-            (run_dir / "weights" / "last.pt").unlink(missing_ok=True)  # finished: only a resume would read it
-        except TrainingDiverged as err:  # a recipe that diverges is a bad trial, not the end of the search
-            LOGGER.warning("%s: %s; the trial scores fitness 0", label, err)
-            trained = True
-            trials.append(Trial(number, values, 0.0, None, None, run_dir))
-        if trained or number == opts.iterations:  # a re-run refused at a later trial leaves the reports as they were
-            write_reports(root, trials, dims, opts, fixed)
-    ranked = sorted(trials, key=lambda t: t.fitness, reverse=True)
-    print(format_table([*RESULT_COLUMNS, *(d.key for d in dims)], [_row(t, dims) for t in ranked[:10]], floatfmt=".4g"))
-    print(f"tune: {root / 'tune_results.csv'}; best: trial {ranked[0].number}, {root / 'best_hyperparameters.yaml'}")
+    with shared_process_group(select_device(opts.device)) as job:
+        for number in range(1, opts.iterations + 1):
+            values = start_values(base, dims) if number == 1 else propose(trials, dims, opts.sigma, opts.seed, number)
+            cfg = load_train_config({**_own_settings(opts, number, root), **extra, **values})
+            trial, trained = run_trial(cfg, number, values, f"tune [{number}/{opts.iterations}]", main=job.is_main)
+            trials.append(trial)
+            if job.is_main and (trained or number == opts.iterations):  # a re-run refused later leaves them as they were
+                write_reports(root, trials, dims, opts, fixed)
+    if job.is_main:
+        ranked = sorted(trials, key=lambda t: t.fitness, reverse=True)
+        print(format_table([*RESULT_COLUMNS, *(d.key for d in dims)], [_row(t, dims) for t in ranked[:10]], floatfmt=".4g"))
+        print(f"tune: {root / 'tune_results.csv'}; best: trial {ranked[0].number}, {root / 'best_hyperparameters.yaml'}")
     return root
+
+
+def run_trial(cfg: TrainConfig, number: int, values: dict[str, float | int], label: str, *, main: bool) -> tuple[Trial, bool]:
+    """(the trial, whether it trained now): trained, resumed or skipped as finished; a run the trainer stops for
+    non-finite losses scores 0. The main process drops a finished trial's last.pt (only a resume would read it)."""
+    run_dir = Path(cfg.project) / cfg.name
+    try:
+        trained = train_or_skip(run_dir, cfg, label, command="tune", free_keys=neutral_keys(TrainConfig))
+    except TrainingDiverged as err:  # a recipe that diverges is a bad trial, not the end of the search
+        LOGGER.warning("%s: %s; the trial scores fitness 0", label, err)
+        return Trial(number, values, 0.0, None, None, run_dir), True
+    if main:
+        (run_dir / "weights" / "last.pt").unlink(missing_ok=True)
+    return read_trial(run_dir, number, values), trained
 
 
 def warn_without_mosaic(base: TrainConfig, dims: list[Dimension]) -> bool:

@@ -10,6 +10,8 @@ The hooks (`HOOKS` below) are driven by environment variables that only these te
                             ends (the children are the data-loader workers).
   DRILL_SAMPLER=<file>      append "<rank> <epoch> <indices>" for each epoch's sampler order (DDP tests).
   DRILL_WEIGHTS=<folder>    save each rank's final parameters as rank<k>.pt after `fit` (DDP tests).
+  DRILL_LATE_LEAVE=<s>      rank 1 waits that long before a trainer closes (DDP tests of several runs in one job:
+                            rank 0 starts the next run while rank 1 still holds the last one's process group).
 """
 
 from __future__ import annotations
@@ -120,8 +122,16 @@ def _install() -> None:
 
         Trainer.fit = fit
 
+    if os.environ.get("DRILL_LATE_LEAVE") and os.environ.get("RANK") == "1":
+        from detector.train.trainer import Trainer
+        real_close = Trainer.close
+        def close(self):
+            time.sleep(float(os.environ["DRILL_LATE_LEAVE"]))
+            real_close(self)
+        Trainer.close = close
 
-if any(os.environ.get(k) for k in ("DRILL_PARK", "DRILL_RSS", "DRILL_SAMPLER", "DRILL_WEIGHTS")):
+
+if any(os.environ.get(k) for k in ("DRILL_PARK", "DRILL_RSS", "DRILL_SAMPLER", "DRILL_WEIGHTS", "DRILL_LATE_LEAVE")):
     _install()
 '''
 

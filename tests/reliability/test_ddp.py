@@ -1,9 +1,10 @@
 """DDP on CPU (gloo, torchrun): ranks stay identical, the sampler reshuffles per epoch, only rank 0 writes
 (RELIABILITY row 31); no parameter left out of the backward for any attention variant (32); sync_bn=true on a CPU
-is ignored with a warning (33)."""
+is ignored with a warning (33); tune and ablate train run after run in one torchrun job."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -84,10 +85,38 @@ def test_two_nccl_ranks_with_sync_bn_stay_identical(tiny_data: Path, tmp_path: P
     assert [r["epoch"] for r in read_results(tmp_path / "runs" / "exp")] == ["0", "1"]
 
 
+@pytest.mark.slow
+def test_tune_and_ablate_train_run_after_run_in_one_torchrun_job(tiny_data: Path, tmp_path: Path) -> None:
+    """Rank 1 leaves each run 3 s after rank 0 (a hook): a trainer that tore its process group down and set a new one
+    up for the next run broke the job that way ("Connection reset by peer", or a barrier that hung). Every run
+    trains in both ranks; rank 0 alone writes the reports and prints them."""
+    env = hooks_env(tmp_path, DRILL_LATE_LEAVE="3")
+    common = {"data": str(tiny_data), "epochs": "1", "imgsz": "64", "batch": "8", "workers": "0", "device": "cpu"}
+    output = _two_ranks("tune", {**common, "model": "yolo-c2f-n", "iterations": "3", "project": str(tmp_path / "tune"),
+                                 "train": "plots=false,autoanchor=false"}, env)
+    with (tmp_path / "tune" / "exp" / "tune_results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == ["1", "2", "3"] and all(r["AP50:95"] != "" for r in rows)
+    assert output.count("; best: trial") == 1  # printed by rank 0 only
+    for k in (1, 2, 3):
+        assert [p.name for p in (tmp_path / "tune" / "exp" / "trials" / f"trial{k}" / "weights").iterdir()] == ["best.pt"]
+
+    output = _two_ranks("ablate", {**common, "model": "yolo-attn-n", "attentions": "none,se",
+                                   "project": str(tmp_path / "ablate"), "train": "plots=false,autoanchor=false"}, env)
+    assert output.count("ablation: ") == 1
+    table = (tmp_path / "ablate" / "exp" / "ablation.md").read_text()
+    assert "| none |" in table and "| se |" in table
+
+
 def _train_two_ranks(keys: dict[str, str], env: dict[str, str]) -> str:
     """`detector train` with `keys` under torchrun, two ranks on this machine; its output, once it exited 0."""
+    return _two_ranks("train", keys, env)
+
+
+def _two_ranks(command: str, keys: dict[str, str], env: dict[str, str]) -> str:
+    """`detector <command>` with `keys` under torchrun, two ranks on this machine; its output, once it exited 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
+           "-m", "detector", command, *(f"{k}={v}" for k, v in keys.items())]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
