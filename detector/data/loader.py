@@ -443,8 +443,9 @@ def build_train_loader(
     idle_workers: bool = False,
     fraction: float = 1.0,
 ) -> DetectorDataLoader:
-    """Shuffled, augmented batches of `split` (`fraction` of its images, see `CocoDataset`), this rank's share of them (a DistributedSampler, also for one
-    process: its order is a pure function of (seed, epoch)); call `loader.set_epoch(epoch)` each epoch.
+    """Shuffled, augmented batches of `split` (`fraction` of its images, see `CocoDataset`), this rank's share of
+    them (a DistributedSampler, also for one process: its order is a pure function of (seed, epoch)); call
+    `loader.set_epoch(epoch)` each epoch.
     `cache="ram"` decodes every image once up front; "auto" does when they fit (`resolve_cache`; `local_ranks`:
     the ranks on this machine, each with its own copy). `idle_workers`: the workers at idle priority
     (`resolve_worker_priority`)."""
