@@ -82,7 +82,8 @@ def test_set_mosaic_reaches_persistent_workers(make_coco) -> None:
     split = make_coco()
     next(iter(build_train_loader(split, imgsz=64, batch_size=3, workers=0, hyp=TrainConfig(), seed=0)))
     # OpenCV has now run in this process: forked workers must not hang in it (they did with its thread pool on)
-    loader = build_train_loader(split, imgsz=64, batch_size=3, workers=1, hyp=TrainConfig(), seed=0)
+    always = replace(TrainConfig(), mosaic=1.0)  # the default, 0.9, leaves a tenth of the samples single
+    loader = build_train_loader(split, imgsz=64, batch_size=3, workers=1, hyp=always, seed=0)
     assert all(m["mosaic"] for b in loader for m in b["meta"])
     loader.dataset.set_mosaic(False)
     assert not any(m["mosaic"] for b in loader for m in b["meta"])

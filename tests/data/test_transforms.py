@@ -80,7 +80,7 @@ def check_boxes_follow_pixels(image: np.ndarray, boxes: np.ndarray, tol: float =
 @pytest.mark.parametrize("mosaic", [1.0, 0.0])
 def test_boxes_follow_the_pixels(tmp_path: Path, mosaic: float) -> None:
     coco = CocoDataset(red_rectangles_dataset(tmp_path / "d"))
-    hyp = replace(TrainConfig(), mosaic=mosaic, scale=0.5, translate=0.2, fliplr=0.5, flipud=0.5, **NO_COLOUR)
+    hyp = replace(TrainConfig(), mosaic=mosaic, scale=0.5, translate=0.2, shear=0.0, fliplr=0.5, flipud=0.5, **NO_COLOUR)
     n_boxes = 0
     for seed in range(6):
         dataset = TrainDataset(coco, imgsz=IMGSZ, hyp=hyp, seed=seed)

@@ -287,7 +287,7 @@ def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path) -> None:
     same = tmp_path / "d" / "same.yaml"
     same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
                     "val: {images: train/images, annotations: train/instances_train.json}\n")
-    no_aug = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
+    no_aug = {k: "0" for k in ("mosaic", "mixup", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "shear", "fliplr")}
     cfg = make_config(same, tmp_path, model="yolo-ca-n", epochs="80", nbs="8", optimizer="AdamW", lr0="0.002",
                       momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
     train(cfg)

@@ -39,7 +39,7 @@ def test_the_default_space_holds_the_train_defaults_so_the_first_trial_is_them()
 def test_a_space_key_outside_its_range_starts_at_the_nearest_end_and_one_without_value_in_the_middle(tmp_path: Path) -> None:
     dims = load_space(_space(tmp_path, "lr0: [0.01, 0.1, log]\nbox: [1.0, 9.0]\nclose_mosaic: [0, 5]\n"))
     assert [d.integer for d in dims] == [False, False, True]
-    assert start_values(TrainConfig(), dims) == {"lr0": 0.01, "box": 5.0, "close_mosaic": 5}  # 0.004, None, 10
+    assert start_values(TrainConfig(), dims) == {"lr0": 0.01, "box": 5.0, "close_mosaic": 5}  # 0.003, None, 10
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -144,7 +144,7 @@ def test_three_trials_write_the_reports_and_a_rerun_skips_them_or_continues(tmp_
     with (root / "tune_results.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == ["1", "2", "3"] and [r["run"] for r in rows] == [f"trials/trial{i}" for i in (1, 2, 3)]
-    assert (rows[0]["lr0"], rows[0]["mixup"], rows[0]["close_mosaic"]) == ("0.004", "0.0", "2")  # trial 1: the defaults, clipped
+    assert (rows[0]["lr0"], rows[0]["mixup"], rows[0]["close_mosaic"]) == ("0.003", "0.08", "2")  # trial 1: the defaults, clipped
     assert len({(r["lr0"], r["mixup"], r["close_mosaic"]) for r in rows}) == 3
     for row in rows:
         args, _ = load_yaml(root / row["run"] / "args.yaml")  # each trial trained with its row's values

@@ -150,12 +150,12 @@ def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_
 
 
 def test_resume_sees_a_key_typed_at_its_default_value(tiny_data: Path, tmp_path: Path):
-    """`lr0=0.004` is the default, but typed against a run trained with 0.002 it is a change: refused, not ignored."""
+    """`lr0=0.003` is the default, but typed against a run trained with 0.002 it is a change: refused, not ignored."""
     train(make_config(tiny_data, tmp_path, epochs="2", lr0="0.002", save_period="1"))
     first = tmp_path / "exp" / "weights" / "epoch1.pt"
-    assert TrainConfig().lr0 == 0.004
-    with pytest.raises(DetectorError, match=r"different config \(lr0: 0.002 -> 0.004\)"):
-        Trainer(make_config(tiny_data, tmp_path, resume=str(first), lr0="0.004"))
+    assert TrainConfig().lr0 == 0.003
+    with pytest.raises(DetectorError, match=r"different config \(lr0: 0.002 -> 0.003\)"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(first), lr0="0.003"))
     resumed = Trainer(make_config(tiny_data, tmp_path, resume=str(first), workers="0", batch="4"))  # run-only keys
     assert resumed.cfg.lr0 == 0.002 and resumed.cfg.batch == 4
 
@@ -308,7 +308,7 @@ def test_overfits_eight_images(tmp_path: Path, model: str):
     same = tmp_path / "d" / "same.yaml"
     same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
                     "val: {images: train/images, annotations: train/instances_train.json}\n")
-    no_aug = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr")}
+    no_aug = {k: "0" for k in ("mosaic", "mixup", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "shear", "fliplr")}
     cfg = make_config(same, tmp_path, model=model, epochs="120", nbs="8", optimizer="AdamW", lr0="0.002",
                       momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
     metrics = train(cfg)
