@@ -16,7 +16,7 @@ from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
 from detector.errors import DetectorError
 from detector.models.builder import build_model
-from detector.runtime.checkpoint import load_checkpoint
+from detector.runtime.checkpoint import checkpoint_weights, load_checkpoint
 from detector.train.finetune import frozen_rows, transfer_weights
 from detector.train.trainer import train
 from detector.viz.logger import read_results
@@ -101,7 +101,7 @@ def test_finetune_beats_scratch_and_frozen_rows_stay_bit_identical(tmp_path: Pat
            for name in ("tuned", "scratch")}
     assert box["tuned"] < 0.8 * box["scratch"], box
 
-    start = load_checkpoint(a_best)["ema"]["module"]
+    start = checkpoint_weights(load_checkpoint(a_best))  # the EMA weights: best.pt is an inference file
     end = load_checkpoint(tmp_path / "tuned" / "weights" / "last.pt")
     frozen = [k for k in start if int(k.split(".")[1]) < 9]  # rows 0-8: weights and BN running statistics
     assert frozen and all(torch.equal(end["model"][k], start[k]) for k in frozen)
