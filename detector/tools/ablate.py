@@ -133,7 +133,7 @@ def run_ablation(opts: AblateOptions) -> Path:
         return root
     from detector.data.coco import CocoDataset
 
-    fraction = configs[0].fraction if configs else 1.0
+    fraction = configs[0].fraction  # every run's: a train= key
     train_images = len(CocoDataset(load_data_spec(opts.data).train, fraction=fraction))  # the scan cache makes this cheap
     rows = [
         {**collect_row(folder, v, imgsz=opts.imgsz, train_images=train_images), "seed": s, "run": folder.relative_to(root).as_posix()}

@@ -16,9 +16,10 @@ Trial k's mutation draws from (seed, k) and its parent comes from the trials bef
 command recomputes the same trials: finished ones are skipped, an interrupted one resumes from its last.pt, and a
 changed setting (space, sigma, a train key) is refused with the keys that differ.
 
-Files in <project>/<name>/: trials/trial<k>/ (ordinary run folders), tune_results.csv (one row per trial: fitness,
-AP50:95, AP50 and each searched key), best_hyperparameters.yaml (the best trial's keys: `detector train
-cfg=<it>`), tune.png (each key's values against fitness), rewritten after every trained trial and at the end.
+Files in <project>/<name>/: trials/trial<k>/ (ordinary run folders; a finished trial keeps best.pt, not last.pt),
+tune_results.csv (one row per trial: fitness, AP50:95, AP50 and each searched key), best_hyperparameters.yaml (the
+best trial's keys: `detector train cfg=<it>`), tune.png (each key's values against fitness), rewritten after every
+trained trial and at the end.
 """
 
 from __future__ import annotations

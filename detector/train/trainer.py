@@ -3,8 +3,9 @@
 One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> backward (accumulated up to
 the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
 the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
-best.pt, an inference file once the run ends) atomically; the other ranks wait at a barrier. Resume restores model, EMA, optimizer, scaler, epoch
-and RNG states; the LR is a pure function of (epoch, iteration), so it needs no state of its own.
+best.pt, an inference file once the run ends) atomically; the other ranks wait at a barrier. Resume restores
+model, EMA, optimizer, scaler, epoch and RNG states; the LR is a pure function of (epoch, iteration), so it needs
+no state of its own.
 """
 
 from __future__ import annotations
