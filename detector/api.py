@@ -262,25 +262,25 @@ class Detector:
             raise DetectorError("export: 'half' is for format=openvino (the ONNX file keeps fp32 weights)")
         if opts.int8 and fmt != "onnx":
             raise DetectorError("export: 'int8' is for format=onnx (a QDQ graph that onnxruntime runs in 8 bits)")
-        if opts.data and not opts.int8:
-            raise DetectorError("export: 'data' names the images that calibrate int8=true; without int8 nothing reads it")
         stem = self.weights.with_suffix("") if self.weights is not None else Path(self.model.name)
         spec = ExportSpec(
             imgsz=opts.imgsz or self.imgsz, batch=opts.batch, dynamic=opts.dynamic, nms=opts.nms, conf=opts.conf,
             iou=opts.iou, max_det=opts.max_det, opset=opts.opset, simplify=opts.simplify,
         )
+        images = self._check_images(opts.data)
         if fmt == "openvino":
             folder = Path(opts.out) if opts.out else openvino_folder(stem)
-            path = export_openvino(self.model, folder, spec, half=opts.half, metadata=self._metadata())
+            path = export_openvino(self.model, folder, spec, half=opts.half, metadata=self._metadata(), check_images=images)
         elif opts.int8:
-            path = self._export_int8(spec, Path(opts.out) if opts.out else stem.with_name(stem.name + "_int8.onnx"), opts)
+            out = Path(opts.out) if opts.out else stem.with_name(stem.name + "_int8.onnx")
+            path = self._export_int8(spec, out, opts, images)
         else:
             out = Path(opts.out) if opts.out else stem.with_name(stem.name + ".onnx")
-            path = export_onnx(self.model, out, spec, metadata=self._metadata())
+            path = export_onnx(self.model, out, spec, metadata=self._metadata(), check_images=images)
         print(path)
         return path
 
-    def _export_int8(self, spec: ExportSpec, out: Path, opts: ExportOptions) -> Path:
+    def _export_int8(self, spec: ExportSpec, out: Path, opts: ExportOptions, check_images: list[np.ndarray]) -> Path:
         """The INT8 ONNX file at `out`: the fp32 export (checked against PyTorch as always) quantized with ranges
         calibrated on `opts.calib_images` train images of `opts.data` (default: the training dataset), then run
         once against PyTorch on those images (`infer.quantize.check_int8`)."""
@@ -297,10 +297,39 @@ class Detector:
         files = calibration_files(list_images(load_data_spec(data).train.images), opts.calib_images)
         stride = int(self.model.stride.max())
         with tempfile.TemporaryDirectory() as tmp:
-            fp32, graph = export_onnx_graph(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata())
+            fp32, graph = export_onnx_graph(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata(),
+                                            check_images=check_images)
             quantize_onnx(fp32, out, files, spec, stride)
         check_int8(graph, out, files[:8], spec, stride)
         return out
+
+    def _check_images(self, data: str) -> list[np.ndarray]:
+        """The export check's inputs: `CHECK_IMAGES` train images of `data` (default: the checkpoint's training
+        data), evenly spaced. On them a trained model keeps detections for the in-graph NMS to be compared, where it
+        scores noise below conf. [] (the check runs on noise) for a bare model or when the checkpoint's dataset is
+        not on this machine; a `data=` that does not load is an error."""
+        from detector.data.image_files import read_rgb
+        from detector.data.spec import load_data_spec
+        from detector.infer.export import CHECK_IMAGES
+        from detector.infer.predictor import list_images
+        from detector.infer.quantize import calibration_files
+
+        if not (data or self.train_data):
+            return []
+        try:
+            files = calibration_files(list_images(load_data_spec(data or self.train_data).train.images), CHECK_IMAGES)
+        except DetectorError as err:
+            if data:
+                raise
+            LOGGER.info("export: checked on random inputs: the training data %s does not load here (%s)", self.train_data, err)
+            return []
+        images = []
+        for path in files:
+            try:
+                images.append(read_rgb(path))
+            except (OSError, ValueError) as err:
+                LOGGER.warning("export: the check skips %s: %s", path, err)
+        return images
 
     def info(self, imgsz: int = 640) -> str:
         """The layer table, parameters and GFLOPs at `imgsz`."""

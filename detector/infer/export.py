@@ -28,10 +28,11 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -48,6 +49,8 @@ LOGGER = logging.getLogger(__name__)
 TOLERANCE, SCALE = 1e-3, 10.0
 HALF_TOLERANCE, HALF_SCALE = 1e-2, 1.0
 CHECK_BATCHES = (1, 2)
+CHECK_FIRST_IMAGE = (0, 1)  # where each check batch starts in the real images, when given: each one used once
+CHECK_IMAGES = sum(CHECK_BATCHES)
 # scaled_dot_product_attention (mhsa, axial) exports from opset 14; 23 is the newest the exporter writes (torch 2.14)
 OPSETS = range(14, 24)
 
@@ -106,14 +109,16 @@ class DetectWithNMS(nn.Module):
         return out.view(b, self.max_det, 6), onehot[ok].sum(0)
 
 
-def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dict[str, Any] | None = None) -> Path:
+def export_onnx(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dict[str, Any] | None = None,
+                check_images: Sequence[np.ndarray] = ()) -> Path:
     """Export `model` (a DetectionModel; copied, BN folded, fp32, CPU) to `path`, then check it with onnxruntime at
-    batch 1 and 2 against PyTorch; raises DetectorError when they differ by TOLERANCE or more (see SCALE)."""
-    return export_onnx_graph(model, path, spec, metadata=metadata)[0]
+    batch 1 and 2 against PyTorch on `check_images` (random inputs without them; see `check_runtime`); raises
+    DetectorError when they differ by TOLERANCE or more (see SCALE)."""
+    return export_onnx_graph(model, path, spec, metadata=metadata, check_images=check_images)[0]
 
 
-def export_onnx_graph(model: nn.Module, path: Path, spec: ExportSpec, *,
-                      metadata: dict[str, Any] | None = None) -> tuple[Path, nn.Module]:
+def export_onnx_graph(model: nn.Module, path: Path, spec: ExportSpec, *, metadata: dict[str, Any] | None = None,
+                      check_images: Sequence[np.ndarray] = ()) -> tuple[Path, nn.Module]:
     """`export_onnx`, also returning the module it traced and checked (`build_graph`'s), for a caller that compares
     a file derived from this one with it (the INT8 export) without folding the model again."""
     for name in ("onnx", "onnxruntime"):
@@ -122,7 +127,7 @@ def export_onnx_graph(model: nn.Module, path: Path, spec: ExportSpec, *,
     graph, stride = build_graph(model, spec)
     path = write_onnx(graph, Path(path), spec, name=getattr(model, "name", "model"))
     _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)})
-    check_onnx(graph, path, spec, stride=stride)
+    check_onnx(graph, path, spec, stride=stride, images=check_images)
     return path, graph
 
 
@@ -180,8 +185,9 @@ def layout(spec: ExportSpec) -> str:
     return "output (B, N, 5 + nc) [cx, cy, w, h] input pixels, objectness, class probabilities"
 
 
-def check_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, stride: int) -> float:
-    """Run onnxruntime and PyTorch on the same random inputs (`check_runtime`); DetectorError when they differ by
+def check_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, stride: int,
+               images: Sequence[np.ndarray] = ()) -> float:
+    """Run onnxruntime and PyTorch on the same inputs (`check_runtime`); DetectorError when they differ by
     TOLERANCE or more (see SCALE). Returns the largest difference checked."""
     import onnxruntime as ort
 
@@ -191,14 +197,19 @@ def check_onnx(graph: nn.Module, path: Path, spec: ExportSpec, *, stride: int) -
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"images": images})))
 
-    return check_runtime(graph, run, spec, stride=stride, runtime="onnxruntime", path=path)
+    return check_runtime(graph, run, spec, stride=stride, runtime="onnxruntime", path=path, images=images)
 
 
 def check_runtime(graph: nn.Module, run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: ExportSpec, *,
-                  stride: int, runtime: str, path: Path, relative: bool = False) -> float:
-    """Run an exported file (`run`: images (B, 3, H, W) float32 -> outputs by name) and PyTorch on the same random
-    inputs at batch 1 and 2 (a non-square size too when dynamic) and print the max abs difference; DetectorError
-    when |runtime - PyTorch| / (1 + |PyTorch| / SCALE) reaches TOLERANCE. Returns the largest difference checked.
+                  stride: int, runtime: str, path: Path, relative: bool = False,
+                  images: Sequence[np.ndarray] = ()) -> float:
+    """Run an exported file (`run`: images (B, 3, H, W) float32 -> outputs by name) and PyTorch on the same inputs
+    at batch 1 and 2 (a non-square size too when dynamic) and print the max abs difference; DetectorError when
+    |runtime - PyTorch| / (1 + |PyTorch| / SCALE) reaches TOLERANCE. Returns the largest difference checked.
+
+    The inputs are `images` (HWC uint8 RGB, e.g. a few training images; `check_inputs`) or, without them, uniform
+    noise: a trained model scores noise below any useful conf, so with NMS in the graph only real images give it
+    detections to compare.
 
     `relative` (fp16 weights): the difference checked is |runtime - PyTorch| / (1 + |PyTorch|), against
     HALF_TOLERANCE, printed beside the max abs difference; the boxes are in pixels, so halving the weights' bits
@@ -211,17 +222,18 @@ def check_runtime(graph: nn.Module, run: Callable[[np.ndarray], dict[str, np.nda
     generator = torch.Generator().manual_seed(1)
     tolerance, scale = (HALF_TOLERANCE, HALF_SCALE) if relative else (TOLERANCE, SCALE)
     worst = 0.0
-    for batch in CHECK_BATCHES:
+    for first, batch in zip(CHECK_FIRST_IMAGE, CHECK_BATCHES):
         h, w = (spec.imgsz, spec.imgsz)
         if spec.dynamic and batch > 1:
             h, w = max(spec.imgsz - stride, stride), spec.imgsz + stride
-        x = torch.rand(batch, 3, h, w, generator=generator)
+        x = check_inputs(images, first, batch, (h, w), generator)
         got = run(x.numpy())
         where = f"batch {batch}, {h}x{w}"
         with torch.no_grad():
             expected = model(x)
         absolute, diff = _max_diff(expected, got["output"], f"{path}: output at {where}", runtime, scale=scale)
-        line = f"export: {runtime} vs PyTorch at {where}: max abs difference {absolute:.2e}"
+        line = (f"export: {runtime} vs PyTorch at {where} on {'images' if images else 'random inputs'}: "
+                f"max abs difference {absolute:.2e}")
         if relative:
             line += f", relative {diff:.2e} (fp16 weights)"
         if isinstance(graph, DetectWithNMS):
@@ -234,6 +246,18 @@ def check_runtime(graph: nn.Module, run: Callable[[np.ndarray], dict[str, np.nda
             raise DetectorError(f"export: {path}: {runtime} differs from PyTorch by {diff:.3g} of 1 + |value| / {scale:g} "
                                 f"(>= {tolerance:g}) at {where}")
     return worst
+
+
+def check_inputs(images: Sequence[np.ndarray], first: int, batch: int, size: tuple[int, int],
+                 generator: torch.Generator) -> torch.Tensor:
+    """A (batch, 3, h, w) float32 input in [0, 1]: `images` (HWC uint8 RGB) from index `first` on, cyclically, each
+    resized to `size` (h, w; the check needs real content at the graph's size, not predict's letterbox), or noise
+    from `generator` without them."""
+    h, w = size
+    if not images:
+        return torch.rand(batch, 3, h, w, generator=generator)
+    picked = [cv2.resize(images[(first + i) % len(images)], (w, h), interpolation=cv2.INTER_AREA) for i in range(batch)]
+    return torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).float().div(255).contiguous()
 
 
 def _nms_diff(graph: DetectWithNMS, got: dict[str, np.ndarray], h: int, w: int, what: str, runtime: str) -> tuple[float, int]:

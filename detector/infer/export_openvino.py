@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,11 @@ def openvino_folder(stem: Path) -> Path:
 
 
 def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: bool = False,
-                    metadata: dict[str, Any] | None = None) -> Path:
+                    metadata: dict[str, Any] | None = None, check_images: Sequence[np.ndarray] = ()) -> Path:
     """Export `model` (a DetectionModel; copied, BN folded, fp32, CPU) as OpenVINO IR into `folder`, then check it
-    on the CPU against PyTorch at batch 1 and 2; DetectorError when they differ by the tolerance or more (see
-    `export.check_runtime`). Returns the .xml path; the .bin lies beside it."""
+    on the CPU against PyTorch at batch 1 and 2 on `check_images` (random inputs without them); DetectorError when
+    they differ by the tolerance or more (see `export.check_runtime`). Returns the .xml path; the .bin lies beside
+    it."""
     for name in ("onnx", "openvino"):
         if importlib.util.find_spec(name) is None:
             raise DetectorError(f"export: format=openvino needs the '{name}' package (pip install 'detector[export]')")
@@ -64,11 +66,12 @@ def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: b
     folder.mkdir(parents=True, exist_ok=True)
     ov.save_model(ir, str(xml), compress_to_fp16=half)
     LOGGER.info("export: OpenVINO IR %s (%s weights)", xml, "fp16" if half else "fp32")
-    check_openvino(graph, xml, spec, stride=stride, half=half)
+    check_openvino(graph, xml, spec, stride=stride, half=half, images=check_images)
     return xml
 
 
-def check_openvino(graph: nn.Module, xml: Path, spec: ExportSpec, *, stride: int, half: bool = False) -> float:
+def check_openvino(graph: nn.Module, xml: Path, spec: ExportSpec, *, stride: int, half: bool = False,
+                   images: Sequence[np.ndarray] = ()) -> float:
     """Compile `xml` on the CPU in f32 and compare it with PyTorch (`check_runtime`; relative with fp16 weights).
     Returns the largest difference checked."""
     import openvino as ov
@@ -81,4 +84,4 @@ def check_openvino(graph: nn.Module, xml: Path, spec: ExportSpec, *, stride: int
         results = request.infer({"images": images})  # arrays over the request's buffers, reused by the next call
         return {name: np.array(results[port]) for name, port in zip(names, compiled.outputs)}
 
-    return check_runtime(graph, run, spec, stride=stride, runtime="OpenVINO", path=xml, relative=half)
+    return check_runtime(graph, run, spec, stride=stride, runtime="OpenVINO", path=xml, relative=half, images=images)

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -103,6 +104,58 @@ def test_nms_in_the_graph(tmp_path: Path, capsys, caplog) -> None:
     assert dets.shape == (2, 4, 6) and num.tolist() == [4, 4]
     assert (np.diff(dets[..., 4], axis=1) <= 0).all()  # sorted by score
     assert ((dets[..., :4] >= 0) & (dets[..., :4] <= 64)).all()  # clipped to the input
+
+
+def test_the_check_feeds_both_runtimes_the_training_images(tmp_path: Path, capsys, caplog, make_data_yaml) -> None:
+    """With a dataset known (data=, or the checkpoint's own), the check's inputs are its train images, each used
+    once, resized to the graph's size (`check_inputs`); a checkpoint whose dataset is not on this machine is checked
+    on noise and says so; a data= that does not load stops the export naming the file."""
+    from detector.infer import export
+    from detector.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    data = make_data_yaml(sizes_wh=[(64, 48), (50, 70), (64, 64)])
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    seen: list[np.ndarray] = []
+    real_inputs = export.check_inputs
+
+    def spy(*args, **kwargs) -> torch.Tensor:
+        seen.append(real_inputs(*args, **kwargs).numpy())
+        return torch.from_numpy(seen[-1])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "check_inputs", spy)
+        export_command(ExportOptions(weights=str(weights), data=str(data), imgsz=64, dynamic=True, nms=True, conf=0.001))
+    lines = [line for line in export_lines(capsys) if "max abs difference" in line]
+    assert len(lines) == 2 and all(" on images: " in line for line in lines)
+    assert [x.shape for x in seen] == [(1, 3, 64, 64), (2, 3, 32, 96)]
+    images = sorted((data.parent / "train" / "images").iterdir())
+    first = cv2.cvtColor(cv2.imread(str(images[0])), cv2.COLOR_BGR2RGB)
+    np.testing.assert_allclose(seen[0][0], cv2.resize(first, (64, 64), interpolation=cv2.INTER_AREA).transpose(2, 0, 1) / 255,
+                               atol=1e-6)
+    assert len({x.tobytes() for x in (seen[0][0], seen[1][0], seen[1][1])}) == 3  # three different images
+
+    state = load_checkpoint(weights)
+    state["train_config"] = {"data": str(tmp_path / "moved" / "data.yaml")}
+    save_checkpoint(weights, state)
+    with caplog.at_level(logging.INFO, logger="detector.api"):
+        export_command(ExportOptions(weights=str(weights), imgsz=64))
+    assert all(" on random inputs: " in line for line in export_lines(capsys) if "max abs difference" in line)
+    assert "checked on random inputs: the training data" in caplog.text and "moved" in caplog.text
+    with pytest.raises(DetectorError, match="missing.yaml"):
+        export_command(ExportOptions(weights=str(weights), imgsz=64, data=str(tmp_path / "missing.yaml")))
+
+
+def test_check_inputs_without_images_is_seeded_noise() -> None:
+    from detector.infer.export import check_inputs
+
+    x = check_inputs([], 0, 2, (32, 64), torch.Generator().manual_seed(3))
+    assert torch.equal(x, torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(3)))
+    red = np.zeros((10, 20, 3), np.uint8)
+    red[..., 0] = 255
+    blue = red[..., ::-1].copy()
+    x = check_inputs([red, blue], 1, 3, (8, 16), torch.Generator())  # from the second image on, cyclically
+    assert x.shape == (3, 3, 8, 16) and x.dtype == torch.float32
+    assert x[:, 0].amax((1, 2)).tolist() == [0.0, 1.0, 0.0] and x[:, 2].amax((1, 2)).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_simplify_slims_the_graph_and_still_checks(tmp_path: Path, capsys, caplog, monkeypatch) -> None:

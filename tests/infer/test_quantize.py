@@ -269,15 +269,14 @@ def test_int8_refusals_name_the_key(tmp_path: Path) -> None:
         export_command(ExportOptions(weights=str(weights), int8=True, imgsz=64))
     with pytest.raises(DetectorError, match="'int8' is for format=onnx"):
         export_command(ExportOptions(weights=str(weights), int8=True, format="openvino", imgsz=64))
-    with pytest.raises(DetectorError, match="'data' names the images that calibrate int8=true"):
-        export_command(ExportOptions(weights=str(weights), data="data.yaml", imgsz=64))
     assert not (tmp_path / "best_int8.onnx").exists() and not (tmp_path / "best.onnx").exists()
 
 
 @pytest.mark.slow
-def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path) -> None:
+def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path, capsys) -> None:
     """A model overfit on 8 images: its INT8 file scores within 0.05 AP50 of its fp32 file on those images, so
-    the quantization keeps what the model learnt (a broken scale or a quantized decode loses it all)."""
+    the quantization keeps what the model learnt (a broken scale or a quantized decode loses it all). Its fp32
+    export with NMS is checked on its training images, where the in-graph NMS keeps boxes at the default conf."""
     from detector.api import Detector
     from detector.data.synthetic import generate_shapes_dataset
     from detector.train.trainer import train
@@ -292,6 +291,11 @@ def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path) -> None:
                       momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
     train(cfg)
     trained = Detector(tmp_path / "exp" / "weights" / "best.pt")
+    capsys.readouterr()
+    trained.export(out=str(tmp_path / "nms.onnx"), nms=True)  # checked on its training images at conf 0.25
+    checks = [line for line in export_lines(capsys) if "(NMS, " in line]
+    assert len(checks) == 2 and all(" on images: " in line for line in checks)
+    assert all(int(line.split("(NMS, ")[1].split()[0]) > 0 for line in checks)  # detections compared, not none
     fp32 = trained.export(out=str(tmp_path / "fp32.onnx"))
     int8 = trained.export(int8=True, calib_images=8)
     ap = {name: Detector(path).val(project=str(tmp_path / "val"), name=name, plots=False)["AP50"]
