@@ -260,7 +260,7 @@ class BenchExportOptions:
                                  "(detector export int8=true; needs data= or a trained checkpoint), openvino (f32), "
                                  "openvino-bf16 (CPUs with bf16 units only), opencv (cv2.dnn)",
                                  choices=["pytorch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "opencv"])
-    data: str = option("", "onnxruntime-int8: dataset YAML whose train images calibrate it (default: the checkpoint's training data)")
+    data: str = option("", "dataset YAML whose train images check every export and calibrate onnxruntime-int8 (default: the checkpoint's training data)")
     batch: int = option(1, "images per run (1: latency; more: throughput of batched serving)", ge=1, le=256)
     iters: int = option(30, "timed runs per row (the median counts)", ge=1, le=100_000)
     warmup: int = option(5, "untimed runs before the timed ones", ge=0, le=100_000)

@@ -131,17 +131,18 @@ def _openvino_has_bf16() -> bool:
 def export_files(detector: Detector, imgsz: int, folder: Path, runtimes: list[str], *,
                  data: str = "") -> tuple[dict[str, Path], list[str]]:
     """The ONNX files and the OpenVINO .xml at `imgsz` (fixed H/W) that `runtimes` need, exported by the Detector
-    (the INT8 file calibrated on `data`, '' for the training set), and the check lines the exports printed."""
+    (checked on `data`'s train images and the INT8 file calibrated on them; '' for the training set), and the check
+    lines the exports printed."""
     formats = {"onnx": {"onnxruntime", "opencv"}, "int8": {"onnxruntime-int8"}, "openvino": {"openvino", "openvino-bf16"}}
     names = {"onnx": f"{imgsz}.onnx", "int8": f"{imgsz}_int8.onnx", "openvino": f"m{imgsz}_openvino_model"}
     files, lines = {}, []
     for fmt, users in formats.items():
         if not users & set(runtimes):
             continue
-        keys = {"format": "onnx", "int8": True, "data": data} if fmt == "int8" else {"format": fmt}
+        keys = {"format": "onnx", "int8": True} if fmt == "int8" else {"format": fmt}
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), _quiet("detector.infer"):
-            files[fmt] = detector.export(**keys, imgsz=imgsz, out=str(folder / names[fmt]))
+            files[fmt] = detector.export(**keys, data=data, imgsz=imgsz, out=str(folder / names[fmt]))
         lines += [line for line in printed.getvalue().splitlines() if " vs PyTorch " in line]
     return files, lines
 

@@ -43,3 +43,5 @@ def test_bench_export_times_the_int8_file_in_batches(make_data_yaml, capsys: pyt
     for row in rows.values():
         assert float(row[5]) == pytest.approx(4 * 1000 / float(row[3]), rel=0.05)  # images/s counts the batch
     assert any(line.startswith("export: int8 (onnxruntime) vs PyTorch fp32 on 6 calibration images") for line in lines)
+    fp32_checks = [line for line in lines if line.startswith("export: onnxruntime vs PyTorch at ")]
+    assert fp32_checks and all(" on images: " in line for line in fp32_checks)  # data= checks both files
