@@ -33,7 +33,7 @@ def read_results(run: Path) -> list[dict[str, str]]:
 
 
 def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path):
-    metrics = train(make_config(tiny_data, tmp_path, epochs="2", plots="true"))
+    metrics = train(make_config(tiny_data, tmp_path, epochs="2", plots="true", save_period="1"))
     run = tmp_path / "exp"
     assert {"AP", "AP50", "ARl"} <= set(metrics)
     rows = read_results(run)
@@ -46,8 +46,9 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     assert (run / "plots" / "results.png").exists()
     best = load_checkpoint(run / "weights" / "best.pt")  # an inference file once the run ends
     assert (best["optimizer"], best["ema"], best["scaler"]) == (None, None, None) and ckpt["optimizer"] is not None
-    if best["train_state"]["best_epoch"] == 1:  # last.pt's own epoch: the same EMA weights
-        assert all(torch.equal(ckpt["ema"]["module"][k], v) for k, v in best["model"].items())
+    kept = load_checkpoint(run / "weights" / f"epoch{best['train_state']['best_epoch'] + 1}.pt")  # save_period=1
+    assert kept["ema"]["module"].keys() == best["model"].keys()  # the best epoch's EMA weights, bit for bit
+    assert all(torch.equal(kept["ema"]["module"][k], v) for k, v in best["model"].items())
     assert (run / "weights" / "best.pt").stat().st_size < (run / "weights" / "last.pt").stat().st_size / 2
     with pytest.raises(DetectorError, match="is an inference file without optimizer state .* resume from the run's weights/last.pt"):
         Trainer(make_config(tiny_data, tmp_path, resume=str(run / "weights" / "best.pt")))
