@@ -98,7 +98,7 @@ def test_half_stores_fp16_weights_within_the_relative_tolerance(tmp_path: Path, 
     perturb_batchnorms(weights)
     full = export_command(ExportOptions(weights=str(weights), format="openvino", out=str(tmp_path / "fp32")))
     half = export_command(ExportOptions(weights=str(weights), format="openvino", half=True, out=str(tmp_path / "fp16")))
-    checks = [line for line in export_lines(capsys) if "(fp16 weights)" in line]
+    checks = [line for line in export_lines(capsys) if "(fp16 weights; " in line]
     assert len(checks) == 2
     relative = [float(line.split("relative ")[1].split()[0]) for line in checks]
     assert all(0 < r < 1e-2 for r in relative)  # fp16 rounding shows, within the tolerance
