@@ -287,7 +287,7 @@ class Detector:
         import tempfile
 
         from detector.data.spec import load_data_spec
-        from detector.infer.export import export_onnx_graph
+        from detector.infer.export import export_onnx_graph, staged
         from detector.infer.predictor import list_images
         from detector.infer.quantize import calibration_files, check_int8, quantize_onnx
 
@@ -296,11 +296,11 @@ class Detector:
             raise DetectorError("export: int8=true needs data=<dataset YAML> (its train images calibrate the quantization)")
         files = calibration_files(list_images(load_data_spec(data).train.images), opts.calib_images)
         stride = int(self.model.stride.max())
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, staged(out) as partial:
             fp32, graph = export_onnx_graph(self.model, Path(tmp) / "fp32.onnx", spec, metadata=self._metadata(),
                                             check_images=check_images)
-            quantize_onnx(fp32, out, files, spec, stride)
-        check_int8(graph, out, files[:8], spec, stride)
+            quantize_onnx(fp32, partial, files, spec, stride)
+            check_int8(graph, partial, files[:8], spec, stride, final=out)
         return out
 
     def _check_images(self, data: str) -> list[np.ndarray]:

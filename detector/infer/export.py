@@ -22,13 +22,15 @@ The same file runs in OpenCV's DNN module (`cv2.dnn.readNetFromONNX`, NMS includ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +130,30 @@ def export_onnx_graph(model: nn.Module, path: Path, spec: ExportSpec, *, metadat
         if importlib.util.find_spec(name) is None:
             raise DetectorError(f"export: the '{name}' package is needed (pip install 'detector[export]')")
     graph, stride = build_graph(model, spec)
-    path = write_onnx(graph, Path(path), spec, name=getattr(model, "name", "model"))
-    _write_metadata(path, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)})
-    check_onnx(graph, path, spec, stride=stride, images=check_images)
+    path = Path(path)
+    with staged(path) as partial:
+        write_onnx(graph, partial, spec, name=getattr(model, "name", "model"))
+        _write_metadata(partial, {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)})
+        check_onnx(graph, partial, spec, stride=stride, images=check_images)
     return path, graph
+
+
+@contextlib.contextmanager
+def staged(path: Path, companions: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A path beside `path` to write and check an export at (`.<stem>.partial<suffix>`; `companions`: suffixes of
+    files written beside it, as an IR's .bin), moved onto `path` only when the block succeeds: a file that fails its
+    check is removed, and an earlier export at `path` stays as it was."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    moves = [(partial.with_suffix(suffix), path.with_suffix(suffix)) for suffix in companions] + [(partial, path)]
+    try:
+        yield partial
+        for source, target in moves:  # the companions first: the file that names the export lands last
+            os.replace(source, target)
+    except DetectorError as err:
+        raise DetectorError(f"{err}; nothing written: {path} is as it was") from err
+    finally:
+        for source, _ in moves:
+            source.unlink(missing_ok=True)
 
 
 def build_graph(model: nn.Module, spec: ExportSpec) -> tuple[nn.Module, int]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch.nn as nn
 
 from detector.errors import DetectorError
-from detector.infer.export import ExportSpec, build_graph, check_runtime, layout, write_onnx
+from detector.infer.export import ExportSpec, build_graph, check_runtime, layout, staged, write_onnx
 from detector.infer.exported import OPENVINO_FOLDER_SUFFIX
 
 LOGGER = logging.getLogger(__name__)
@@ -64,9 +64,10 @@ def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: b
     for key, value in {**(metadata or {}), "stride": stride, "imgsz": spec.imgsz, "outputs": layout(spec)}.items():
         ir.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["detector", key])
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ir, str(xml), compress_to_fp16=half)
+    with staged(xml, companions=(".bin",)) as partial:
+        ov.save_model(ir, str(partial), compress_to_fp16=half)
+        check_openvino(graph, partial, spec, stride=stride, half=half, images=check_images)
     LOGGER.info("export: OpenVINO IR %s (%s weights)", xml, "fp16" if half else "fp32")
-    check_openvino(graph, xml, spec, stride=stride, half=half, images=check_images)
     return xml
 
 

@@ -139,12 +139,13 @@ def quantize_onnx(fp32: Path, out: Path, files: Sequence[Path], spec: ExportSpec
 
 
 def check_int8(graph: nn.Module, path: Path, files: Sequence[Path], spec: ExportSpec,
-               stride: int) -> tuple[float, float]:
+               stride: int, *, final: Path | None = None) -> tuple[float, float]:
     """Run the INT8 file in onnxruntime and `graph` (the fp32 module its source was traced from, `build_graph`'s)
     on `files`, and print how far the INT8 scores and boxes are from PyTorch's. Quantization moves them by design,
     so nothing is accepted or refused on their size (`detector val weights=<int8 file>` measures what matters, the
-    AP); a wrong shape or a non-finite value is refused. Returns (max score difference, median box difference in
-    px over the boxes PyTorch scores >= 0.25)."""
+    AP); a wrong shape or a non-finite value is refused. `final`: the path the file will have, when it is checked
+    at a staging path (`export.staged`). Returns (max score difference, median box difference in px over the boxes
+    PyTorch scores >= 0.25)."""
     import onnxruntime as ort
 
     from detector.infer.export import DetectWithNMS
@@ -162,7 +163,7 @@ def check_int8(graph: nn.Module, path: Path, files: Sequence[Path], spec: Export
     print(f"export: int8 (onnxruntime) vs PyTorch fp32 on {len(score_diffs)} calibration images: scores max abs "
           f"difference {score_diff:.2e}; the {len(box_diff) // 4} boxes PyTorch scores >= 0.25 move by median "
           f"{median:.2f} px (max {float(box_diff.max(initial=0.0)):.2f}); measure the AP with "
-          f"`detector val weights={path}`")
+          f"`detector val weights={final or path}`")
     return score_diff, median
 
 

@@ -3,6 +3,7 @@ the graph), the file lands beside the weights, its path is printed last; OpenCV'
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -192,6 +193,41 @@ def test_in_graph_nms_matches_the_predictor_nms() -> None:
         assert num[i].item() == len(expected[i])
         torch.testing.assert_close(dets[i, : len(expected[i])], expected[i])
         assert (dets[i, len(expected[i]) :] == 0).all()
+
+
+def test_a_failed_check_writes_nothing_and_keeps_the_earlier_export(tmp_path: Path, make_data_yaml, monkeypatch) -> None:
+    """Each format is written at a staging path beside its target and moved there only once its check passes: a
+    file that fails its check is removed, and the export already at the target (ONNX, INT8, the IR's .xml and .bin)
+    stays byte for byte."""
+    from detector.infer import export, quantize
+
+    weights = write_checkpoint(tmp_path / "w" / "best.pt", "yolo-c2f-n")
+    data = str(make_data_yaml(sizes_wh=[(64, 48), (50, 70)]))
+    requests = {"onnx": {}, "int8": {"int8": True, "data": data}}
+    if importlib.util.find_spec("openvino") is not None:
+        requests["openvino"] = {"format": "openvino"}
+    folder = weights.parent
+    targets = [folder / "best.onnx", folder / "best_int8.onnx", folder / "best_openvino_model" / "best.xml",
+               folder / "best_openvino_model" / "best.bin"]
+    earlier = {path: f"an earlier export: {path.name}".encode() for path in targets}
+    for path, content in earlier.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+
+    def failing(*args, **kwargs):
+        raise DetectorError("export: the check failed (test)")
+
+    checks = {"onnx": (export, "check_onnx"), "int8": (quantize, "_int8_differences")}  # int8: after its fp32 source passed
+    if "openvino" in requests:
+        from detector.infer import export_openvino
+
+        checks["openvino"] = (export_openvino, "check_openvino")
+    for name, keys in requests.items():
+        with monkeypatch.context() as patch, pytest.raises(DetectorError, match=r"\(test\); nothing written: .* is as it was"):
+            patch.setattr(*checks[name], failing)
+            export_command(ExportOptions(weights=str(weights), imgsz=64, **keys))
+    assert {f: f.read_bytes() for f in earlier} == earlier
+    assert not [f for f in tmp_path.rglob("*") if ".partial" in f.name]
 
 
 def test_bad_requests_name_the_key(tmp_path: Path) -> None:
