@@ -268,15 +268,17 @@ class Detector:
             iou=opts.iou, max_det=opts.max_det, opset=opts.opset, simplify=opts.simplify,
         )
         images = self._check_images(opts.data)
-        if fmt == "openvino":
-            folder = Path(opts.out) if opts.out else openvino_folder(stem)
-            path = export_openvino(self.model, folder, spec, half=opts.half, metadata=self._metadata(), check_images=images)
-        elif opts.int8:
-            out = Path(opts.out) if opts.out else stem.with_name(stem.name + "_int8.onnx")
-            path = self._export_int8(spec, out, opts, images)
-        else:
-            out = Path(opts.out) if opts.out else stem.with_name(stem.name + ".onnx")
-            path = export_onnx(self.model, out, spec, metadata=self._metadata(), check_images=images)
+        default = openvino_folder(stem) if fmt == "openvino" else stem.with_name(f"{stem.name}{'_int8' if opts.int8 else ''}.onnx")
+        out = Path(opts.out) if opts.out else default
+        try:  # each file is written beside its target and moved there once checked (`export.staged`)
+            if fmt == "openvino":
+                path = export_openvino(self.model, out, spec, half=opts.half, metadata=self._metadata(), check_images=images)
+            elif opts.int8:
+                path = self._export_int8(spec, out, opts, images)
+            else:
+                path = export_onnx(self.model, out, spec, metadata=self._metadata(), check_images=images)
+        except DetectorError as err:
+            raise DetectorError(f"{err}; nothing written to {out}") from err
         print(path)
         return path
 

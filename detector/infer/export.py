@@ -149,8 +149,6 @@ def staged(path: Path, companions: tuple[str, ...] = ()) -> Iterator[Path]:
         yield partial
         for source, target in moves:  # the companions first: the file that names the export lands last
             os.replace(source, target)
-    except DetectorError as err:
-        raise DetectorError(f"{err}; nothing written: {path} is as it was") from err
     finally:
         for source, _ in moves:
             source.unlink(missing_ok=True)
