@@ -310,11 +310,10 @@ class Detector:
         data), evenly spaced. On them a trained model keeps detections for the in-graph NMS to be compared, where it
         scores noise below conf. [] (the check runs on noise) for a bare model or when the checkpoint's dataset is
         not on this machine; a `data=` that does not load is an error."""
-        from detector.data.image_files import read_rgb
         from detector.data.spec import load_data_spec
         from detector.infer.export import CHECK_IMAGES
         from detector.infer.predictor import list_images
-        from detector.infer.quantize import calibration_files
+        from detector.infer.quantize import calibration_files, decoded_images
 
         if not (data or self.train_data):
             return []
@@ -325,13 +324,7 @@ class Detector:
                 raise
             LOGGER.info("export: checked on random inputs: the training data %s does not load here (%s)", self.train_data, err)
             return []
-        images = []
-        for path in files:
-            try:
-                images.append(read_rgb(path))
-            except (OSError, ValueError) as err:
-                LOGGER.warning("export: the check skips %s: %s", path, err)
-        return images
+        return list(decoded_images(files, "the check"))
 
     def info(self, imgsz: int = 640) -> str:
         """The layer table, parameters and GFLOPs at `imgsz`."""

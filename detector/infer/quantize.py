@@ -50,18 +50,25 @@ def calibration_files(images: Sequence[Path], count: int) -> list[Path]:
     return [files[i] for i in np.unique(index)]
 
 
+def decoded_images(files: Sequence[Path], purpose: str) -> Iterator[np.ndarray]:
+    """Each of `files` as HWC uint8 RGB, in order; one that does not decode is skipped with a warning naming it and
+    what it was read for (`purpose`)."""
+    for path in files:
+        try:
+            image = read_rgb(path)
+        except (OSError, ValueError) as err:
+            LOGGER.warning("export: %s skips %s: %s", purpose, path, err)
+            continue
+        yield image
+
+
 def calibration_batches(files: Sequence[Path], spec: ExportSpec, stride: int) -> Iterator[np.ndarray]:
     """Each file as `detector predict` feeds it to the export `spec` describes, as a (1, 3, h, w) float32 RGB batch
     in [0, 1]: letterboxed to `spec.imgsz` on its long side and rounded up to `stride` multiples, then, for a
     fixed-size graph, padded at the bottom and right to its square (`exported.pad_to_graph`). A file that does not
     decode is skipped with a warning naming it; DetectorError when none does."""
     decoded = 0
-    for path in files:
-        try:
-            image = read_rgb(path)
-        except (OSError, ValueError) as err:
-            LOGGER.warning("export: int8 calibration skips %s: %s", path, err)
-            continue
+    for image in decoded_images(files, "int8 calibration"):
         decoded += 1
         batch, _, _ = letterbox_batch([image], spec.imgsz, stride)
         images = to_model_input(batch, "cpu", channels_last=False)
@@ -172,12 +179,14 @@ def _int8_differences(model: nn.Module, images: np.ndarray, got: np.ndarray, pat
     of the box coordinates PyTorch scores >= 0.25; DetectorError on a wrong shape or a non-finite value."""
     import torch
 
+    from detector.infer.export import row_scores
+
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
     if got.shape != expected.shape:
         raise DetectorError(f"export: {path}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}")
     if not np.isfinite(got).all():
         raise DetectorError(f"export: {path}: onnxruntime gives non-finite values on the calibration images")
-    score, score_ref = (got[..., 5:] * got[..., 4:5]).max(-1), (expected[..., 5:] * expected[..., 4:5]).max(-1)
+    score, score_ref = row_scores(got), row_scores(expected)
     confident = score_ref >= 0.25
     return float(np.abs(score - score_ref).max()), np.abs(got[..., :4] - expected[..., :4])[confident].ravel()
