@@ -14,6 +14,7 @@ materialises its weights, so they have no map.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from detector.models.registry import Registry, register_module
 ATTENTIONS: Registry[type[nn.Module]] = Registry("attention")
 
 
-def register_attention(name: str):
+def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: make `cls` available as `attention: <name>` in model YAMLs and overrides."""
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
