@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class ScanSummary:
 
     @property
     def boxes_clipped(self) -> int:
+        """Kept boxes, training and crowd, clipped by more than CLIP_TOLERANCE_PX."""
         return len(self.problems[f"bbox clipped to the image (past the border by > {CLIP_TOLERANCE_PX:g} px)"])
 
     def first_strict_error(self) -> str | None:
@@ -149,8 +151,8 @@ class ScanSummary:
             f"scan of {self.annotations} (images in {self.images_dir})",
             f"  images  {self.images_listed:,} listed, {self.images_used:,} used{share} "
             f"({self.negatives:,} negatives without boxes), {self.images_skipped:,} skipped",
-            f"  boxes   {self.boxes_kept:,} kept for training ({self.boxes_clipped:,} clipped), "
-            f"{self.crowd_kept:,} crowd (evaluation only), {self.boxes_dropped:,} dropped",
+            f"  boxes   {self.boxes_kept:,} kept for training, {self.crowd_kept:,} crowd (evaluation only), "
+            f"{self.boxes_clipped:,} of these clipped, {self.boxes_dropped:,} dropped",
         ]
         for kind, items in self.problems.items():
             if items:
@@ -167,6 +169,12 @@ class ScanSummary:
         if row:
             lines.append("  classes " + "  ".join(row))
         return "\n".join(lines)
+
+
+def _unique_labels(names: list[str], category_ids: list[int]) -> list[str]:
+    """The class names, a name that several categories share followed by each one's id ('car (id 3)')."""
+    counts = Counter(names)
+    return [f"{name} (id {cid})" if counts[name] > 1 else name for name, cid in zip(names, category_ids)]
 
 
 class Records(Sequence[ImageRecord]):
@@ -245,7 +253,7 @@ class CocoDataset:
         summary.negatives = int((self.boxes_per_image() == 0).sum())
         summary.boxes_kept, summary.crowd_kept = len(a["boxes"]), len(a["crowd"])
         counts = np.bincount(a["classes"], minlength=self.num_classes)
-        summary.instances = {name: int(c) for name, c in zip(self.names, counts)}
+        summary.instances = {name: int(c) for name, c in zip(_unique_labels(self.names, self.category_ids), counts)}
         return summary
 
     @property
@@ -470,18 +478,23 @@ def _scan_json(
     """Parse and check the json and its images (`listed`: the cache's names, their current stat keys and arrays,
     whose unchanged images are not inspected again); (meta, read-only arrays)."""
     _check_json_size(annotations, images_dir)
-    images, categories, anns = _parse_coco(_read_json(annotations), annotations)
-    file_names = [im["file_name"] for im in images]
-    if listed is not None and listed[0] == file_names:
-        stats, reuse = listed[1], listed[2]
-    else:
-        stats, reuse = _stat_keys(images_dir, file_names), None
-    checks = _check_images(file_names, stats, images_dir, reuse)
-    problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
-    table = _image_table(images, checks, images_dir, problems)
-    categories = sorted(categories, key=lambda c: c["id"])
-    category_ids = [c["id"] for c in categories]
-    arrays = {**_listed_arrays(file_names, stats, checks), **_result_arrays(images, anns, table, category_ids, problems)}
+    data = _read_json(annotations)
+    try:
+        images, categories, anns = _parse_coco(data, annotations)
+        file_names = [im["file_name"] for im in images]
+        if listed is not None and listed[0] == file_names:
+            stats, reuse = listed[1], listed[2]
+        else:
+            stats, reuse = _stat_keys(images_dir, file_names), None
+        checks = _check_images(file_names, stats, images_dir, reuse)
+        problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
+        table = _image_table(images, checks, images_dir, problems)
+        categories = sorted(categories, key=lambda c: c["id"])
+        category_ids = [c["id"] for c in categories]
+        arrays = {**_listed_arrays(file_names, stats, checks),
+                  **_result_arrays(images, anns, table, category_ids, problems)}
+    except OverflowError as err:  # an integer beyond int64 / float64: name the item
+        raise DetectorError(f"{annotations}: {_out_of_range(data, err)}") from None
     for a in arrays.values():
         a.flags.writeable = False
     meta = {"result": True, "given": str(images_dir), "images_listed": len(images), "problems": problems,
@@ -715,6 +728,8 @@ def _parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dic
     if not isinstance(anns, list):
         raise DetectorError(f"{path}: 'annotations' must be a list")
     images, categories = data["images"], data["categories"]
+    if not images:
+        raise DetectorError(f"no labelled images in {path} (its 'images' list is empty)")
     for i, im in enumerate(images):
         if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
             raise DetectorError(f"{path}: images[{i}] needs an integer 'id' and a 'file_name'")
@@ -726,6 +741,8 @@ def _parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dic
         if not (isinstance(a, dict) and type(a.get("id")) is int and type(a.get("image_id")) is int
                 and type(a.get("category_id")) is int):
             raise DetectorError(f"{path}: annotations[{i}] needs integer 'id', 'image_id' and 'category_id'")
+        if a.get("iscrowd", 0) not in (0, 1):  # "0" would be truthy: a crowd box, silently no training target
+            raise DetectorError(f"{path}: annotation {a['id']}: 'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
         bbox = a.get("bbox")
         if not (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in _NUMBER_TYPES
                 and type(bbox[1]) in _NUMBER_TYPES and type(bbox[2]) in _NUMBER_TYPES and type(bbox[3]) in _NUMBER_TYPES):
@@ -739,6 +756,21 @@ def _parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dic
     if repeated:
         raise DetectorError(f"{path}: file_name '{repeated[0]}' is listed by two images")
     return images, categories, anns
+
+
+def _out_of_range(data: dict[str, Any], err: OverflowError) -> str:
+    """The first id outside int64, or bbox/area number outside float64, of a parsed COCO dict (error path only)."""
+    limit = 2**63
+    for what, keys in (("images", ("id",)), ("categories", ("id",)), ("annotations", ("id", "image_id", "category_id"))):
+        for i, item in enumerate(data.get(what) or []):
+            for key in keys:
+                if _is_int(item.get(key)) and not -limit <= item[key] < limit:
+                    return f"{what}[{i}] '{key}' {item[key]} is outside the 64-bit integer range"
+    for a in data.get("annotations") or []:
+        for key, values in (("bbox", a.get("bbox") or []), ("area", [a.get("area", 0)])):
+            if any(_is_int(v) and abs(v) > sys.float_info.max for v in values):
+                return f"annotation {a['id']}: '{key}' holds a number outside the float64 range"
+    return f"a number is out of range ({err})"
 
 
 def _stat_key(path: Path) -> tuple[int, int] | None:

@@ -515,3 +515,48 @@ def test_a_fraction_without_labelled_images_says_so(make_coco) -> None:
     split = make_coco(sizes_wh=[(96, 64)] * 5, empty_image=False, mutate=lambda d: d["annotations"].clear())
     with pytest.raises(DetectorError, match="no labelled images .* among the 1 images fraction=0.1 keeps"):
         CocoDataset(split, fraction=0.1)
+
+
+def test_annotations_without_any_image_are_the_empty_dataset_error_not_an_index_error(make_coco) -> None:
+    split = make_coco(mutate=lambda d: d.update(images=[]))  # annotations left, naming image ids now gone
+    with pytest.raises(DetectorError, match=f"no labelled images in {split.annotations}"):
+        CocoDataset(split)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["images"][2].update(id=2**70), r"images\[2\] 'id' 1180591620717411303424 is outside the 64-bit"),
+        (lambda d: d["annotations"][1].update(category_id=-(2**64)), r"annotations\[1\] 'category_id' .* outside the 64-bit"),
+        (lambda d: d["annotations"][0].update(bbox=[0, 0, 10**400, 5]), r"annotation 100: 'bbox' holds a number outside"),
+        (lambda d: d["annotations"][3].update(area=10**400), r"annotation 103: 'area' holds a number outside"),
+    ],
+)
+def test_numbers_beyond_int64_or_float64_name_the_item(make_coco, edit, message: str) -> None:
+    with pytest.raises(DetectorError, match=message):
+        CocoDataset(make_coco(mutate=edit))
+
+
+@pytest.mark.parametrize("value", ["0", None, 2])
+def test_iscrowd_other_than_0_or_1_is_an_error_not_a_silent_crowd_box(make_coco, value) -> None:
+    split = make_coco(mutate=lambda d: d["annotations"][4].update(iscrowd=value))
+    with pytest.raises(DetectorError, match=rf"annotation 104: 'iscrowd' must be 0 or 1, got {value!r}"):
+        CocoDataset(split)
+
+
+def test_class_counts_of_categories_sharing_a_name_are_all_shown(make_coco) -> None:
+    shared = [{"id": 1, "name": "shape"}, {"id": 3, "name": "shape"}, {"id": 7, "name": "triangle"}]
+    ds = CocoDataset(make_coco(categories=shared))
+    counts = np.bincount(ds._arrays["classes"], minlength=3).tolist()
+    assert ds.summary.instances == {"shape (id 1)": counts[0], "shape (id 3)": counts[1], "triangle": counts[2]}
+    assert sum(ds.summary.instances.values()) == ds.summary.boxes_kept
+
+
+def test_a_clipped_crowd_box_is_not_counted_as_a_clipped_training_box(make_coco) -> None:
+    def crowd_past_the_border(d):
+        d["annotations"] = [a for a in d["annotations"] if not a["iscrowd"]]
+        add_ann(d, 0, [80, 40, 40, 20], iscrowd=1)  # image 0 is 96 px wide: 24 px past its right edge
+
+    ds = CocoDataset(make_coco(mutate=crowd_past_the_border))
+    line = next(ln for ln in str(ds.summary).splitlines() if ln.lstrip().startswith("boxes"))
+    assert f"{ds.summary.boxes_kept} kept for training, 1 crowd (evaluation only), 1 of these clipped" in line
