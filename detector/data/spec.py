@@ -52,6 +52,16 @@ def check_keys(path: Path, data: dict[str, Any], lines: dict[str, int], known: S
         LOGGER.warning("%s: 'download' is ignored (detector never runs scripts from a YAML)", path)
 
 
+def _path_value(path: Path, lines: dict[str, int], key: str, value: Any) -> str:
+    """`value` of `key` as a path: a non-empty string, or an integer folder name (`images: 2017`); a null would
+    otherwise become a folder named 'None', a list one named "['a']"."""
+    if type(value) is int:
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise DetectorError(f"{path}:{lines.get(key, 1)}: '{key}' must be a path (a string), got {value!r}")
+    return value
+
+
 def load_data_spec(path: str | Path) -> DataSpec:
     """Parse a dataset YAML; relative paths are relative to the YAML's folder (or its `path:` key).
 
@@ -70,7 +80,7 @@ def load_data_spec(path: str | Path) -> DataSpec:
     check_keys(path, data, lines, _DATA_KEYS)
     root = path.resolve().parent
     if data.get("path") is not None:
-        root = (root / str(data["path"])).resolve()
+        root = (root / _path_value(path, lines, "path", data["path"])).resolve()
     splits = {}
     for split in ("train", "val"):
         if split not in data:
@@ -83,10 +93,14 @@ def load_data_spec(path: str | Path) -> DataSpec:
                 raise DetectorError(f"{path}:{line}: unknown key '{split}.{key}'{did_you_mean(key, ('images', 'annotations'))}")
         if not isinstance(entry, dict) or set(entry) != {"images", "annotations"}:
             raise DetectorError(f"{where}: '{split}' must be {{images: <dir>, annotations: <instances json>}}, got {entry!r}")
-        splits[split] = SplitSpec(images=(root / str(entry["images"])).resolve(), annotations=(root / str(entry["annotations"])).resolve())
+        images, annotations = (_path_value(path, lines, f"{split}.{key}", entry[key])
+                               for key in ("images", "annotations"))
+        splits[split] = SplitSpec(images=(root / images).resolve(), annotations=(root / annotations).resolve())
     names = data.get("names")
     if names is not None:
         if isinstance(names, dict):
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
+                raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' keys must be class indices, got {list(names)}")
             names = [names[k] for k in sorted(names)]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' must be a list of strings")
