@@ -59,7 +59,7 @@ def _png_late_exif(path: Path) -> bytes | None:
             f.seek(length + 4, os.SEEK_CUR)
 
 
-def _orientation(im: Image.Image, path: Path) -> int:
+def exif_orientation(im: Image.Image, path: Path) -> int:
     """EXIF orientation (1-8) from the headers; a PNG's getexif() would decode the pixels, so its eXIf chunk is
     looked up directly."""
     if im.format == "PNG":
@@ -97,7 +97,7 @@ def inspect_image(path: Path) -> tuple[str, int, int, str, bool]:
         with Image.open(path) as im:
             width, height = im.size
             fmt, mode = im.format, im.mode
-            orientation = _orientation(im, path)
+            orientation = exif_orientation(im, path)
             complete = fmt not in ("JPEG", "MPO") or _jpeg_complete(im.fp)  # PIL's own file: no second open
             im.verify()
         if not complete:

@@ -37,7 +37,7 @@ import yaml
 from PIL import Image
 
 from detector.data.coco import NAMED_PER_KIND
-from detector.data.image_files import EXIF_ORIENTATION
+from detector.data.image_files import exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
 from detector.errors import DetectorError
 from detector.yamlfile import load_yaml
@@ -174,7 +174,7 @@ def _walk_images(folder: Path) -> list[Path]:
 
 def _listed_images(list_file: Path) -> list[Path]:
     out = []
-    for number, row in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, row in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
         row = row.strip()
         if not row:
             continue
@@ -204,7 +204,7 @@ def read_yolo_labels(path: Path, num_classes: int) -> tuple[list[tuple[int, floa
     """Rows of one label file as (class, x1, y1, x2, y2) normalised, and how many came from polygons; None when
     the file does not exist. A bad row is a DetectorError naming `path:line`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:
@@ -251,7 +251,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             width, height = im.size
-            if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            if exif_orientation(im, path) in (5, 6, 7, 8):  # a PNG's getexif() would decode its pixels
                 width, height = height, width
     except Exception as err:  # any decoder failure (OSError, SyntaxError, struct.error, bombs ...)
         raise OSError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None

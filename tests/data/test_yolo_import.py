@@ -140,6 +140,17 @@ def test_an_exif_rotated_jpeg_gets_its_displayed_size(tmp_path: Path) -> None:
     assert data["annotations"][0]["bbox"] == pytest.approx([0.0, 16.0, 60.0, 8.0])
 
 
+def test_png_sizes_are_read_from_the_header_without_decoding_the_pixels(tmp_path: Path, monkeypatch) -> None:
+    """The conversion reads every image's size: a PNG's getexif() would decode all its pixels."""
+    from PIL import PngImagePlugin
+
+    from detector.data.yolo_import import image_size
+
+    Image.new("RGB", (120, 40)).save(tmp_path / "a.png")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels decoded"))
+    assert image_size(tmp_path / "a.png") == (120, 40)
+
+
 BAD_ROWS = [
     ("0 0.5 0.5 0.2", r"4 fields; a row is 'class cx cy w h' \(5\) or a polygon"),
     ("0 0.1 0.1 0.2 0.2 0.3", r"6 fields"),
@@ -194,6 +205,20 @@ def test_dict_names_sorted_by_key_and_a_txt_list_of_images(tmp_path: Path) -> No
     path.write_text(path.read_text().replace("val: val.txt", "val: images/nowhere"))
     with pytest.raises(DetectorError, match=r"data\.yaml:3: 'val': .*nowhere is neither an image folder nor a \.txt list"):
         load_data_spec(path)
+
+
+def test_label_and_list_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: its first row is still 'class cx cy w h', not '\\ufeff0' ..."""
+    root = tmp_path / "ds"
+    path = write_yolo(root, {"a": "1 0.5 0.5 0.5 0.5\n"})
+    for split in ("train", "val"):
+        (root / "labels" / split / "a.txt").write_text("\ufeff1 0.5 0.5 0.5 0.5\n", encoding="utf-8")
+    (root / "val.txt").write_text("\ufeffimages/val/a.jpg\n", encoding="utf-8")
+    path.write_text(path.read_text().replace("val: images/val", "val: val.txt"))
+    spec = load_data_spec(path)
+    data = json.loads(spec.val.annotations.read_text())
+    assert [im["file_name"] for im in data["images"]] == ["a.jpg"]
+    assert [a["category_id"] for a in data["annotations"]] == [data["categories"][1]["id"]]
 
 
 def test_cli_convert_prints_where_and_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
