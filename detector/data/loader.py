@@ -3,7 +3,8 @@
 Batch (what `collate` returns): {
   "images":  uint8 (B, 3, H, W) RGB, channels_last in memory, converted to float / 255 on the device by the consumer,
   "targets": float32 (M, 6) rows [batch_index, class, cx, cy, w, h], normalised by the batch image W, H,
-  "meta":    list of B dicts {image_id, file, orig_hw: (h, w), ratio, pad: (left_px, top_px)} (train adds mosaic),
+  "meta":    list of B dicts {image_id, file, orig_hw: (h, w), ratio, pad: (left_px, top_px)}
+             (train adds mosaic and unreadable),
 }. Val boxes map back to original pixels with `transforms.unletterbox_boxes(boxes, ratio, pad, orig_hw)`.
 
 `loader.dataset` is a TrainDataset / ValDataset; its `.coco` is the CocoDataset.

@@ -70,10 +70,14 @@ class AugmentHyp(Protocol):
 def resize_by(image: np.ndarray, ratio: float) -> np.ndarray:
     """Resize by `ratio` on both axes so that x' = ratio * x holds exactly in continuous pixel coordinates
     (cv2.resize given fx/fy uses them as the scale; the output size is round(w * ratio)). Area-averaging when
-    shrinking, bilinear when enlarging."""
+    shrinking, bilinear when enlarging. A side that would round to 0 px (a 1 x 2000 strip) keeps 1 px, where
+    cv2 would fail the whole batch."""
     if ratio == 1.0:
         return image
     interpolation = cv2.INTER_AREA if ratio < 1.0 else cv2.INTER_LINEAR
+    h, w = image.shape[:2]
+    if round(h * ratio) < 1 or round(w * ratio) < 1:
+        return cv2.resize(image, (max(1, round(w * ratio)), max(1, round(h * ratio))), interpolation=interpolation)
     return cv2.resize(image, None, fx=ratio, fy=ratio, interpolation=interpolation)
 
 
@@ -304,7 +308,8 @@ def seed_compose(compose: A.Compose, seed: int) -> None:
 
 class TrainTransform:
     """One augmented training sample from the dataset's images: mosaic (p=hyp.mosaic, while enabled), the
-    albumentations compose, mixup (p=hyp.mixup). Deterministic given the seed passed to `reseed`."""
+    albumentations compose, mixup (p=hyp.mixup of the mosaic samples only, as in YOLOv5: none once mosaic is
+    off). Deterministic given the seed passed to `reseed`."""
 
     def __init__(self, imgsz: int, hyp: AugmentHyp, seed: int = 0) -> None:
         self.imgsz = imgsz

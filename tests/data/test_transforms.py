@@ -219,6 +219,17 @@ def test_letterbox_inverse_maps_back_within_half_a_pixel(size_wh: tuple[int, int
     assert torch.allclose(back, torch.tensor([[x1, y1, x2, y2]], dtype=back.dtype), atol=0.5), back
 
 
+@pytest.mark.parametrize("size_hw", [(1, 2000), (2000, 1), (3, 900)])
+def test_a_strip_thinner_than_a_pixel_once_scaled_letterboxes_to_one_pixel_row(size_hw: tuple[int, int]) -> None:
+    """cv2.resize fails on a 0-px side: one such image would fail every batch it is in."""
+    image = np.full((*size_hw, 3), 200, np.uint8)
+    batch, ratios, pads = letterbox_batch([image, np.zeros((50, 60, 3), np.uint8)], 256, 32)
+    strip = batch[0, 0]
+    assert batch.shape[0] == 2 and (strip == 200).sum() == max(size_hw) * ratios[0] == 256
+    box = unletterbox_boxes(torch.tensor([[0.0, 0.0, 256.0, 256.0]]), ratios[0], pads[0], size_hw)
+    assert box.tolist()[0] == pytest.approx([0.0, 0.0, size_hw[1], size_hw[0]], abs=1e-3)
+
+
 def test_unletterbox_clips_to_the_image() -> None:
     boxes = torch.tensor([[-10.0, -10.0, 500.0, 500.0], [20.0, 30.0, 40.0, 50.0]])
     out = unletterbox_boxes(boxes, 0.5, (10, 20), (100, 200))
