@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box)
 
 # name: (dtype kind, trailing shape) of the per-listed-image checks and of the scan's result
 LISTED_SCHEMA: dict[str, tuple[str, tuple[int, ...]]] = {

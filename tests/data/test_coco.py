@@ -12,6 +12,7 @@ from PIL import Image
 
 from detector.data.coco import CocoDataset
 from detector.data.image_files import inspect_image
+from detector.data.scan_cache import CACHE_VERSION
 from detector.data.spec import SplitSpec
 from detector.errors import DetectorError
 
@@ -325,7 +326,7 @@ def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monke
     split = make_coco()
     cache = split.annotations.parent / ".instances.json.scan-cache.npz"
     CocoDataset(split)
-    assert cache.exists() and _read_cache(cache)[0]["version"] == 2
+    assert cache.exists() and _read_cache(cache)[0]["version"] == CACHE_VERSION
     calls = []
     import detector.data.coco as coco_module
     import detector.data.image_files as image_files
@@ -352,6 +353,20 @@ def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monke
     calls.clear()
     CocoDataset(split)
     assert calls == ["img001.jpg"]
+
+
+def test_a_scan_cached_by_an_older_version_is_made_again(make_coco, monkeypatch) -> None:
+    split = make_coco()
+    cache = split.annotations.parent / ".instances.json.scan-cache.npz"
+    CocoDataset(split)
+    meta, arrays = _read_cache(cache)
+    _write_cache(cache, {**meta, "version": CACHE_VERSION - 1}, arrays)
+    import detector.data.coco as coco_module
+
+    parsed, real_read_json = [], coco_module._read_json
+    monkeypatch.setattr(coco_module, "_read_json", lambda path: parsed.append(path) or real_read_json(path))
+    CocoDataset(split)
+    assert parsed == [split.annotations] and _read_cache(cache)[0]["version"] == CACHE_VERSION
 
 
 def test_scan_cache_holds_no_pickle(make_coco) -> None:
