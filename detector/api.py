@@ -377,15 +377,15 @@ class Detector:
     def _predict_in_memory(self, predictor: Any, images: ImageInput, batch: int) -> list[dict[str, Any]]:
         from detector.infer.predictor import detection_dict, iter_batches, list_images
 
+        skip = _skips_unreadable(images)
         if isinstance(images, (str, Path)):
             items: list[Path | np.ndarray] = list(list_images(images))
-            skip = Path(images).is_dir() or not Path(images).exists()
         elif isinstance(images, np.ndarray) and images.ndim == 4:
-            items, skip = list(images), False
+            items = list(images)
         elif isinstance(images, np.ndarray):
-            items, skip = [images], False
+            items = [images]
         else:
-            items, skip = [Path(i) if isinstance(i, str) else i for i in images], False
+            items = [Path(i) if isinstance(i, str) else i for i in images]
         results = []
         for chunk in iter_batches(items, batch, skip_unreadable=skip, skipped=[]):
             for file, det in zip(chunk.files, predictor(chunk.images)):
@@ -407,6 +407,7 @@ class Detector:
         LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), shown, predictor.imgsz, self.device)
         results = predict_source(
             predictor, files, save_dir, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
+            skip_unreadable=_skips_unreadable(source),
             saved=SavedFiles(images=opts.save_images, labels=opts.save_txt, scores=opts.save_conf, crops=opts.save_crop),
         )
         print(save_dir / "predictions.json")
@@ -436,6 +437,12 @@ class Detector:
 
     def _metadata(self) -> dict[str, Any]:
         return {"names": self.names, "category_ids": self.category_ids, "model": self.model.name, "train_data": self.train_data}
+
+
+def _skips_unreadable(source: Any) -> bool:
+    """Whether `predict` skips (with a warning) the unreadable files of `source`: those of a folder or a glob are
+    skipped; a file named directly, alone or in a list, is an error."""
+    return isinstance(source, (str, Path)) and (Path(source).is_dir() or not Path(source).exists())
 
 
 def _check_per_image_files(opts: PredictOptions, source: Any, save: bool) -> None:

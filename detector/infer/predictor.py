@@ -207,7 +207,8 @@ def draw_detections(image: np.ndarray, det: torch.Tensor, names: Sequence[str], 
     colours = [class_colour(c) for c in (classes if track_ids is None else track_ids.tolist())]
     ink = [(0, 0, 0) if sum(colour) > 380 else (255, 255, 255) for colour in colours]
     size, font = max(image.shape[:2]), font_file()
-    pixels = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
+    usable = image.flags.writeable and min(image.strides) > 0  # torch takes no read-only or reversed (::-1) array
+    pixels = torch.from_numpy(image if usable else image.copy()).permute(2, 0, 1)
     drawn = draw_bounding_boxes(
         pixels, det[:, :4], labels, colours, width=max(1, round(size / 320)), font=font,
         font_size=max(10, round(size / 50)) if font else None, label_colors=ink, fill_labels=True,
@@ -239,23 +240,26 @@ def predict_source(
     names: Sequence[str],
     category_ids: Sequence[int],
     batch_size: int = 8,
+    skip_unreadable: bool = True,
     saved: SavedFiles = SavedFiles(),
 ) -> list[dict[str, Any]]:
     """`detector predict`: detections for every readable file, predictions.json and the `saved` files in
     `save_dir`. predictions.json holds COCO results ([{image_id, category_id, bbox [x, y, w, h] original pixels,
-    score}]) plus file_name, width and height; image_id is the file's index in the sorted source list. Returns
-    `detection_dict`s (one per readable file).
+    score}]) plus file_name, width and height; image_id is the file's index in `files` (a folder's sorted list). Returns
+    `detection_dict`s (one per readable file). An unreadable file is skipped and named (`skip_unreadable`, for a
+    folder or a glob) or a DetectorError naming it. Files keep the names they are listed under (a symlink's own).
     """
     save_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+    # abspath, not resolve: a symlinked image is saved and named as listed, not after its target
+    root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])) if files else save_dir
     image_ids = {str(p): i for i, p in enumerate(files)}
     skipped: list[str] = []
     results, entries = [], []
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
-    for batch in iter_batches(list(files), batch_size, skip_unreadable=True, skipped=skipped):
+    for batch in iter_batches(list(files), batch_size, skip_unreadable=skip_unreadable, skipped=skipped):
         dets = predictor(batch.images)
         for file, image, det in zip(batch.files, batch.images, dets):
-            relative = Path(file).resolve().relative_to(root)
+            relative = Path(os.path.abspath(file)).relative_to(root)
             results.append(detection_dict(det, names, category_ids, file))
             entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
             _save_files(image, det, save_dir, relative, names, saved)
@@ -295,9 +299,13 @@ def crop_boxes(image: np.ndarray, boxes_xyxy: torch.Tensor) -> list[np.ndarray]:
 
 
 def _save_image(image: np.ndarray, path: Path) -> None:
+    """`image` written at `path`, in the format its suffix names, or as PNG where PIL writes no such format (a
+    file named directly may have any suffix, or none)."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    fmt = fmt if fmt in Image.SAVE else "PNG"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+        Image.fromarray(image).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     except OSError as err:
         raise DetectorError(f"{path}: cannot write the drawn image ({err.strerror or err})") from err
 

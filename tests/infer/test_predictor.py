@@ -212,3 +212,58 @@ def test_save_crop_writes_each_box_under_its_class(tmp_path: Path) -> None:
     crop = np.asarray(Image.open(tmp_path / "out" / "crops" / "b_c" / "rect_0.png"))
     assert crop.shape == (int(np.ceil(y2)) - int(y1), int(np.ceil(x2)) - int(x1), 3)
     assert (crop > 0).mean() > 0.8  # mostly the white rectangle, up to the letterbox's rounding at its edges
+
+
+def test_symlinked_images_keep_their_own_names(tmp_path: Path) -> None:
+    """Images listed through symlinks are drawn and named as listed: two links to one file are two outputs."""
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "view").mkdir()
+    Image.fromarray(rect_image()).save(tmp_path / "pool" / "target.png")
+    for name in ("a.png", "b.png"):
+        (tmp_path / "view" / name).symlink_to(tmp_path / "pool" / "target.png")
+    predictor = Predictor(BrightBoxModel(), imgsz=128, conf=0.25)
+    predict_source(predictor, list_images(tmp_path / "view"), tmp_path / "out", names=["a", "b"], category_ids=[4, 9])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "predictions.json"]
+    entries = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [(e["image_id"], e["file_name"]) for e in entries] == [(0, "a.png"), (1, "b.png")]
+
+
+def test_a_file_of_any_suffix_is_drawn_and_no_files_write_an_empty_json(tmp_path: Path) -> None:
+    """A file named directly may have a suffix PIL cannot write (or none): its drawing is a PNG under its name."""
+    for name in ("frame", "shot.dat"):
+        Image.fromarray(rect_image()).save(tmp_path / name, format="PNG")
+    predictor = Predictor(BrightBoxModel(), imgsz=128, conf=0.25)
+    results = predict_source(predictor, [tmp_path / "frame", tmp_path / "shot.dat"], tmp_path / "out", names=["a", "b"],
+                             category_ids=[4, 9])
+    assert len(results) == 2
+    for name in ("frame", "shot.dat"):
+        with Image.open(tmp_path / "out" / name) as drawn:
+            assert drawn.format == "PNG" and drawn.size == (200, 90)
+    assert predict_source(predictor, [], tmp_path / "none", names=["a", "b"], category_ids=[4, 9]) == []
+    assert json.loads((tmp_path / "none" / "predictions.json").read_text()) == []
+
+
+def test_save_true_refuses_an_unreadable_file_named_directly(tmp_path: Path) -> None:
+    """As without save: a folder's unreadable files are skipped, a file named directly (or listed) is an error."""
+    from detector.api import Detector
+
+    detector = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    (tmp_path / "images").mkdir()
+    broken = tmp_path / "images" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    Image.fromarray(rect_image()).save(tmp_path / "images" / "ok.png")
+    for source in (str(broken), [str(tmp_path / "images" / "ok.png"), str(broken)]):
+        with pytest.raises(DetectorError, match="broken.jpg: cannot read image"):
+            detector.predict(source, save=True, project=str(tmp_path / "runs"), conf=0.0)
+    results = detector.predict(str(tmp_path / "images"), save=True, project=str(tmp_path / "runs"), conf=0.0)
+    assert [Path(r["file"]).name for r in results] == ["ok.png"]
+
+
+def test_draw_detections_takes_a_reversed_channel_view() -> None:
+    """`bgr[..., ::-1]` (the usual BGR -> RGB) is a negative-stride view, which torch.from_numpy refuses."""
+    from detector.infer.predictor import draw_detections
+
+    image = rect_image()
+    det = torch.tensor([[50.0, 20.0, 150.0, 60.0, 0.9, 1.0]])
+    np.testing.assert_array_equal(draw_detections(image[..., ::-1], det, ["a", "b"]),
+                                  draw_detections(np.ascontiguousarray(image[..., ::-1]), det, ["a", "b"]))
