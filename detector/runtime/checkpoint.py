@@ -145,6 +145,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise DetectorError(f"{path}: not a readable checkpoint (truncated or corrupt?): {type(err).__name__}: {_first_line(err)}") from None
     if not isinstance(obj, dict) or "format_version" not in obj:
         raise DetectorError(f"{path}: not a detector checkpoint (no 'format_version'; a bare state_dict or another tool's file?)")
+    if type(obj["format_version"]) is not int:
+        raise DetectorError(f"{path}: not a detector checkpoint (format_version {obj['format_version']!r} is not an integer)")
     if obj["format_version"] > FORMAT_VERSION:
         raise DetectorError(f"{path}: checkpoint format {obj['format_version']} is newer than this detector reads ({FORMAT_VERSION}); upgrade detector")
     missing = sorted(CHECKPOINT_KEYS - obj.keys())

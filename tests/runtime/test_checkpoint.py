@@ -298,6 +298,15 @@ def test_newer_format_and_missing_keys(tmp_path: Path) -> None:
         ck.load_checkpoint(path)
 
 
+def test_a_format_version_that_is_no_integer_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    state = _state()
+    state["format_version"] = "1"
+    torch.save(state, path)
+    with pytest.raises(DetectorError, match=r"last.pt: not a detector checkpoint \(format_version '1' is not an integer\)"):
+        ck.load_checkpoint(path)
+
+
 # ------------------------------------------------------------------------------------------ foreign weights
 
 
