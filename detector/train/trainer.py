@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int,
 from detector.train.finetune import keep_frozen_norms_in_eval
 from detector.version import __version__
 from detector.viz.logger import RunLogger, plot_results
+
+if TYPE_CHECKING:
+    from detector.infer.evaluator import EvalResult
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,9 +103,18 @@ def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield batch
 
 
+def _resumed_run_dir(last: Path, recorded: str) -> Path:
+    """Where a resumed run writes: the run folder holding `last` (`<run>/weights/last.pt`), so a copied or moved
+    run continues in its copy; the recorded folder for a checkpoint kept elsewhere, while that folder exists."""
+    own = last.resolve().parent
+    if own.name == "weights" or not Path(recorded).exists():
+        return own.parent
+    return Path(recorded)
+
+
 @dataclass
 class _SkippedSteps:
-    """Non-finite optimizer steps of the epoch in progress: in a row (the run stops at `max_nonfinite`) and in all."""
+    """Non-finite optimizer steps: in a row, across epochs (the run stops at `max_nonfinite`), and in the epoch."""
 
     in_row: int = 0
     in_epoch: int = 0
@@ -123,19 +135,19 @@ class Trainer:
         self.device = select_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # select_device gave this rank its GPU: the LOCAL_RANK-th of `device=`
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype) and self.device.type == "cuda")
         self.state = TrainState(epochs=self.resume_ckpt["train_state"]["epochs"] if self.resume_ckpt else cfg.epochs)
         self._batch_grid_logged = False
+        self._skipped = _SkippedSteps()  # kept across epochs: a streak of non-finite steps may span them
         self.evaluator = None
         self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
         self._held = contextlib.ExitStack()  # what `build` holds for the run and `close` lets go
 
         if self.resume_ckpt is not None:
-            self.run_dir = Path(self.resume_ckpt["run_dir"]) if Path(self.resume_ckpt["run_dir"]).exists() else Path(cfg.resume).resolve().parents[1]
+            self.run_dir = _resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
         else:
             self.run_dir = next_run_dir(Path(cfg.project), cfg.name, cfg.exist_ok)
         self.weights_dir = self.run_dir / "weights"
@@ -299,6 +311,9 @@ class Trainer:
         self.ema = ModelEMA(self.model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
+            for group in self.optimizer.param_groups:  # the saved groups carry the saved batch's decay; `batch` may change
+                if group.get("name") == "decay":
+                    group["weight_decay"] = weight_decay
 
     def _wrap(self) -> None:
         """The module the step calls: the model, under SyncBN and DDP when distributed, compiled when asked."""
@@ -413,7 +428,9 @@ class Trainer:
         self.criterion.set_epoch(epoch)
         running = torch.zeros(3, device=self.device)
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # over the accumulated micro-batches
-        skipped = _SkippedSteps()
+        skipped = self._skipped
+        skipped.in_epoch = 0
+        finite_steps = torch.zeros((), device=self.device)  # the steps the running mean holds
         seen = 0
         unreadable: set[str] = set()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
@@ -430,7 +447,10 @@ class Trainer:
             sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
             parts, finite = self._forward_backward(images, targets, sync_now)
             losses_finite = losses_finite & finite
-            running = running + (parts - running) / (i + 1)
+            # non-finite parts (a skipped step) stay out of the mean: one would turn the epoch's logged losses to NaN
+            counted = torch.isfinite(parts).all()
+            finite_steps = finite_steps + counted
+            running = torch.where(counted, running + (parts - running) / finite_steps.clamp(min=1), running)
             seen += images.shape[0]
             unreadable.update(f for meta in batch["meta"] for f in meta["unreadable"])
             if sync_now:
@@ -524,7 +544,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
-        metrics = None
+        result = None
         final = epoch + 1 == self.epochs
         budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
         if self.dist.is_main:
@@ -532,13 +552,14 @@ class Trainer:
 
             val_started = time.perf_counter()
             if (epoch + 1) % self.cfg.val_interval == 0 or final:
-                metrics = self._validate(epoch, final=final)
+                result = self._validate(epoch, final=final)
             if budgeted:
                 self._fit_to_budget(epoch, epoch_time + time.perf_counter() - val_started)
                 if self.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
                     final = True
-                    metrics = self._validate(epoch, final=True)
+                    result = self._validate(epoch, final=True, done=result)
             val_time = time.perf_counter() - val_started
+            metrics = result.metrics if result is not None else None
             fit = None
             if metrics is not None:
                 fit = fitness(metrics)
@@ -563,14 +584,17 @@ class Trainer:
             self.schedule = replace(self.schedule, epochs=self.epochs)
         return metrics
 
-    def _validate(self, epoch: int, *, final: bool) -> dict:
-        """Evaluate the EMA model; the drawn sample images go to TensorBoard (plots and predictions.json at the end)."""
+    def _validate(self, epoch: int, *, final: bool, done: EvalResult | None = None) -> EvalResult:
+        """Evaluate the EMA model (unless `done`, this epoch's evaluation, is given: the model has not changed since)
+        and save its outputs; the drawn sample images go to TensorBoard (plots and predictions.json at the end).
+        Returns the evaluator's result."""
         from detector.infer.evaluator import save_results
 
-        result = self.evaluator.run(self.eval_model, samples=VAL_SAMPLES)
+        result = done if done is not None else self.evaluator.run(self.eval_model, samples=VAL_SAMPLES)
         save_results(result, self.run_dir, save_json=final, plots=self.cfg.plots and final, verbose=final)
-        self.logger.images("val/predictions", result.sample[None], epoch)
-        return result.metrics
+        if done is None:
+            self.logger.images("val/predictions", result.sample[None], epoch)
+        return result
 
     def _fit_to_budget(self, epoch: int, epoch_s: float) -> None:
         """With `time`, after each epoch but the last (rank 0): set the epoch count to the epochs done plus what the rest

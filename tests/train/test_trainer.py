@@ -182,8 +182,14 @@ def test_epochs_for_budget_counts_the_first_epoch_and_what_the_rest_holds():
     assert epochs_for_budget(100, spent_s=120, epoch_s=110) == 1  # over budget already: stop after the first
 
 
-def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_outputs(tiny_data: Path, tmp_path: Path):
+def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_outputs(tiny_data: Path, tmp_path: Path,
+                                                                                       monkeypatch: pytest.MonkeyPatch):
+    from detector.infer.evaluator import Evaluator
+
+    runs, real_run = [], Evaluator.run
+    monkeypatch.setattr(Evaluator, "run", lambda self, *a, **kw: runs.append(1) or real_run(self, *a, **kw))
     train(make_config(tiny_data, tmp_path, epochs="5", time="0.000001"))  # 3.6 ms
+    assert len(runs) == 1  # the epoch's validation gives the final outputs too: the unchanged model is not run twice
     run = tmp_path / "exp"
     assert [r["epoch"] for r in read_results(run)] == ["0"]
     last = load_checkpoint(run / "weights" / "last.pt")
@@ -369,3 +375,92 @@ def test_the_first_epochs_assign_by_anchor_boxes_then_task_aligned(tiny_data: Pa
         trainer.close()
     steps = trainer.iters_per_epoch
     assert recorder.static_per_step == [True] * steps + [False] * steps
+
+
+def _poison_criterion(trainer: Trainer, poisoned_calls) -> None:
+    """Replace the trainer's loss by one whose total and parts are NaN at the calls (1-based) `poisoned_calls` accepts."""
+    real, calls = trainer.criterion, {"n": 0}
+
+    def criterion(raw, targets):
+        total, parts = real(raw, targets)
+        calls["n"] += 1
+        return (total * float("nan"), parts * float("nan")) if poisoned_calls(calls["n"]) else (total, parts)
+
+    criterion.set_epoch = real.set_epoch
+    trainer.criterion = criterion
+
+
+def test_a_skipped_nonfinite_step_stays_out_of_the_epochs_mean_losses(tiny_data: Path, tmp_path: Path):
+    trainer = Trainer(make_config(tiny_data, tmp_path, nbs="8", max_nonfinite="5"))  # 2 steps an epoch
+    try:
+        trainer.build()
+        _poison_criterion(trainer, lambda n: n == 1)
+        losses, nonfinite, _, _ = trainer.train_epoch(0)
+    finally:
+        trainer.close()
+    assert nonfinite == 1
+    assert torch.isfinite(losses).all() and losses.sum() > 0  # the mean of the one finite step, not NaN
+
+
+def test_nonfinite_steps_in_a_row_are_counted_across_epochs(tiny_data: Path, tmp_path: Path):
+    """With fewer steps an epoch than `max_nonfinite`, a run whose every step is NaN must still stop."""
+    trainer = Trainer(make_config(tiny_data, tmp_path, nbs="8", max_nonfinite="3"))  # 2 steps an epoch
+    try:
+        trainer.build()
+        _poison_criterion(trainer, lambda n: True)
+        assert trainer.train_epoch(0)[1] == 2
+        with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at epoch 2"):
+            trainer.train_epoch(1)
+    finally:
+        trainer.close()
+
+
+def test_a_resumed_run_scales_its_weight_decay_to_its_new_batch(tiny_data: Path, tmp_path: Path):
+    from detector.train.optim import scaled_weight_decay
+
+    trainer = Trainer(make_config(tiny_data, tmp_path, nbs="8"))  # batch 8: no accumulation
+    try:
+        trainer.build()
+        trainer._save(0, is_best=False)
+    finally:
+        trainer.close()
+    resumed = Trainer(make_config(tiny_data, tmp_path, resume=str(tmp_path / "exp" / "weights" / "last.pt"), batch="16"))
+    try:
+        resumed.build()
+        decay = next(g for g in resumed.optimizer.param_groups if g["name"] == "decay")
+    finally:
+        resumed.close()
+    wd = resumed.cfg.weight_decay
+    assert decay["weight_decay"] == pytest.approx(scaled_weight_decay(wd, 16, 1, 8)) == pytest.approx(2 * wd)
+
+
+def test_a_torchrun_rank_trains_on_its_gpu_of_the_device_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """device=2,3: the rank at LOCAL_RANK 1 takes cuda:3 (select_device's choice), not cuda:1 (four GPUs mocked)."""
+    from detector.runtime.distributed import DistInfo
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistInfo(rank=1, local_rank=1, world_size=2, local_world_size=2))
+    trainer = Trainer(make_config(tmp_path, tmp_path / "runs", device="2,3", amp="off"))
+    assert trainer.device == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+
+
+def test_a_copied_run_resumes_into_its_copy_and_a_lone_checkpoint_into_its_run(tiny_data: Path, tmp_path: Path):
+    import shutil
+
+    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="2"))
+    try:
+        trainer.build()
+        trainer._save(0, is_best=False)
+    finally:
+        trainer.close()
+    shutil.copytree(tmp_path / "exp", tmp_path / "exp-copy")
+    copied = Trainer(make_config(tiny_data, tmp_path, resume=str(tmp_path / "exp-copy" / "weights" / "last.pt")))
+    assert copied.run_dir == (tmp_path / "exp-copy").resolve()  # not the original run, whose files it would overwrite
+    (tmp_path / "kept").mkdir()
+    shutil.copy(tmp_path / "exp" / "weights" / "last.pt", tmp_path / "kept" / "last.pt")
+    lone = Trainer(make_config(tiny_data, tmp_path, resume=str(tmp_path / "kept" / "last.pt")))
+    assert lone.run_dir.resolve() == (tmp_path / "exp").resolve()
