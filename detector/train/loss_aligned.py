@@ -396,7 +396,10 @@ class AlignedLoss:
         else:
             rows, real = box_windows(gt_xyxy, grid.strides, shapes, grid.anchors_px, self.assign_kw["anchor_t"])
         image, cls = host[:, 0].long(), host[:, 1].long()
-        return _Targets(*(t.to(device) for t in (gt_xyxy, image, cls, rows)), None if real is None else real.to(device))
+        # non_blocking: a blocking copy to a GPU waits for the forward queued before it; these host tensors are
+        # pageable, so CUDA stages them at once and they may go
+        moved = [t.to(device, non_blocking=True) for t in (gt_xyxy, image, cls, rows, real) if t is not None]
+        return _Targets(*moved[:4], moved[4] if real is not None else None)
 
     def __call__(self, raw_maps: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         """raw_maps: nl maps (B, na, H_l, W_l, 4 + nc) logits; targets (M, 6) [batch_index, class, cx, cy, w, h]

@@ -78,3 +78,24 @@ def test_channels_last_and_contiguous_give_the_same_training_gradients_on_the_gp
     total_a = torch.cat([g.flatten() for g in grads_a])
     total_b = torch.cat([g.flatten() for g in grads_b])
     assert (total_a - total_b).norm() <= tol * total_a.norm()
+
+
+def test_the_aligned_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
+    """loss_aligned builds the targets on the host and sends them on without a stream sync: a step's loss must
+    not wait for its own forward (torch's sync debug mode raises on any wait), in both assignment modes."""
+    from detector.train.loss import build_loss
+
+    model = build_model("yolo-ca-n", nc=3).cuda().train()
+    images = torch.rand(4, 3, 128, 128, device="cuda")
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.2], [2, 0, 0.3, 0.6, 0.1, 0.1], [3, 2, 0.7, 0.4, 0.2, 0.4]])
+    criterion = build_loss(model.head, imgsz=128, static_assign_epochs=1)
+    for epoch in (0, 1):  # the anchor-box assignment, then the task-aligned one
+        criterion.set_epoch(epoch)
+        criterion(model(images), targets)  # the first call reads the head's strides once (its grid cache)
+        raw = model(images)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, parts = criterion(raw, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss) and torch.isfinite(parts).all()
