@@ -462,7 +462,7 @@ def _scan(annotations: Path, images_dir: Path, cache_dir: Path | None) -> tuple[
         meta, arrays = cached
         names = unpack_strings(arrays["listed_names"], arrays["listed_name_offsets"])
         stats = _stat_keys(images_dir, names)
-        if meta.get("result") is True and meta.get("given") == str(images_dir) and np.array_equal(stats, arrays["listed_stat"]):
+        if meta.get("given") == str(images_dir) and np.array_equal(stats, arrays["listed_stat"]):
             return meta, arrays
         listed = names, stats, arrays
     with _gc_paused():  # millions of json objects: a collection would walk them all, many times over
@@ -497,7 +497,7 @@ def _scan_json(
         raise DetectorError(f"{annotations}: {_out_of_range(data, err)}") from None
     for a in arrays.values():
         a.flags.writeable = False
-    meta = {"result": True, "given": str(images_dir), "images_listed": len(images), "problems": problems,
+    meta = {"given": str(images_dir), "images_listed": len(images), "problems": problems,
             "categories": categories}
     return meta, arrays
 

@@ -89,29 +89,26 @@ def _tables_ok(arrays: dict[str, np.ndarray], pairs: list[tuple[str, str, str]])
     return True
 
 
-def _consistent(arrays: dict[str, np.ndarray], with_result: bool) -> bool:
+def _consistent(arrays: dict[str, np.ndarray]) -> bool:
     m = len(arrays["listed_status"])
     if any(len(arrays[k]) != m for k in ("listed_stat", "listed_wh", "listed_fast")):
         return False
-    pairs = [("listed_name_offsets", "listed_names", "listed_status"),
-             ("listed_reason_offsets", "listed_reasons", "listed_status")]
-    if with_result:
-        n = len(arrays["image_id"])
-        if any(len(arrays[k]) != n for k in ("hw", "file_size", "fast")):
-            return False
-        if any(len(arrays[k]) != len(arrays["boxes"]) for k in ("classes", "box_ann", "box_area", "box_order")):
-            return False
-        if any(len(arrays[k]) != len(arrays["crowd"]) for k in ("crowd_classes", "crowd_ann", "crowd_area", "crowd_order")):
-            return False
-        pairs += [("name_offsets", "names", "image_id"), ("box_offsets", "boxes", "image_id"),
-                  ("crowd_offsets", "crowd", "image_id")]
-    return _tables_ok(arrays, pairs)
+    n = len(arrays["image_id"])
+    if any(len(arrays[k]) != n for k in ("hw", "file_size", "fast")):
+        return False
+    if any(len(arrays[k]) != len(arrays["boxes"]) for k in ("classes", "box_ann", "box_area", "box_order")):
+        return False
+    if any(len(arrays[k]) != len(arrays["crowd"]) for k in ("crowd_classes", "crowd_ann", "crowd_area", "crowd_order")):
+        return False
+    return _tables_ok(arrays, [("listed_name_offsets", "listed_names", "listed_status"),
+                               ("listed_reason_offsets", "listed_reasons", "listed_status"),
+                               ("name_offsets", "names", "image_id"), ("box_offsets", "boxes", "image_id"),
+                               ("crowd_offsets", "crowd", "image_id")])
 
 
 def load_cache(paths: list[Path], key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """(meta, arrays) of the first cache whose meta matches `key` (version, json size + mtime, images folder) and
-    whose arrays have the expected names, types and lengths; a stale, foreign or unreadable cache counts as none.
-    `meta["result"]` is False when the file holds only the per-image checks."""
+    whose arrays have the expected names, types and lengths; a stale, foreign or unreadable cache counts as none."""
     for path in paths:
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -122,10 +119,7 @@ def load_cache(paths: list[Path], key: dict[str, Any]) -> tuple[dict[str, Any], 
             continue
         if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in key.items()):
             continue
-        with_result = meta.get("result") is True
-        if not _schema_ok(arrays, LISTED_SCHEMA) or (with_result and not _schema_ok(arrays, RESULT_SCHEMA)):
-            continue
-        if not _consistent(arrays, with_result):
+        if not (_schema_ok(arrays, LISTED_SCHEMA) and _schema_ok(arrays, RESULT_SCHEMA) and _consistent(arrays)):
             continue
         for a in arrays.values():
             a.flags.writeable = False
