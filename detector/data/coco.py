@@ -734,8 +734,8 @@ def _parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dic
         if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
             raise DetectorError(f"{path}: images[{i}] needs an integer 'id' and a 'file_name'")
     for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or "name" not in cat:
-            raise DetectorError(f"{path}: categories[{i}] needs an integer 'id' and a 'name'")
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise DetectorError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name'")
     # exact types, as json.load makes them (bool is not int here), checked inline: 544k annotations take 1 s
     for i, a in enumerate(anns):
         if not (isinstance(a, dict) and type(a.get("id")) is int and type(a.get("image_id")) is int

@@ -169,6 +169,7 @@ def test_duplicate_ids_are_always_errors(make_coco, what: str) -> None:
         (lambda d: d["annotations"][0].update(image_id="10"), r"annotations\[0\] needs integer"),
         (lambda d: d["images"][1].pop("file_name"), r"images\[1\] needs"),
         (lambda d: d["images"][1].update(file_name="img000.jpg"), "listed by two images"),
+        (lambda d: d["categories"][1].update(name={"en": "star"}), r"categories\[1\] needs an integer 'id' and a string 'name'"),
     ],
 )
 def test_malformed_json_names_the_item(make_coco, edit, message: str) -> None:
