@@ -117,7 +117,7 @@ class ExportOptions:
     int8: bool = option(False, "INT8 post-training quantization (format=onnx): convolutions in 8 bits, calibrated on `data`'s train images")
     data: str = option("", "dataset YAML whose train images feed the check and calibrate int8 (default: the one the checkpoint was trained on)")
     calib_images: int = option(64, "int8: calibration images, evenly spaced over the train split", ge=1, le=100_000)
-    out: str = option("", "output path (default: beside the weights, <stem>.onnx, <stem>_int8.onnx; openvino: the folder <stem>_openvino_model)")
+    out: str = option("", "output path (default: beside the weights, <stem>.onnx, <stem>_int8.onnx; openvino: the folder <stem>_openvino_model, or out=<name>.xml)")
 
 
 @dataclass

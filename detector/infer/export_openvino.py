@@ -44,8 +44,8 @@ def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: b
                     metadata: dict[str, Any] | None = None, check_images: Sequence[np.ndarray] = ()) -> Path:
     """Export `model` (a DetectionModel; copied, BN folded, fp32, CPU) as OpenVINO IR into `folder`, then check it
     on the CPU against PyTorch at batch 1 and 2 on `check_images` (random inputs without them); DetectorError when
-    they differ by the tolerance or more (see `export.check_runtime`). Returns the .xml path; the .bin lies beside
-    it."""
+    they differ by the tolerance or more (see `export.check_runtime`). `folder` may also name the .xml itself
+    (`out=model.xml`). Returns the .xml path; the .bin lies beside it."""
     for name in ("onnx", "openvino"):
         if importlib.util.find_spec(name) is None:
             raise DetectorError(f"export: format=openvino needs the '{name}' package (pip install 'detector[export]')")
@@ -53,7 +53,10 @@ def export_openvino(model: nn.Module, folder: Path, spec: ExportSpec, *, half: b
 
     graph, stride = build_graph(model, spec)
     folder = Path(folder)
-    xml = folder / f"{folder.name.removesuffix(OPENVINO_FOLDER_SUFFIX) or 'model'}.xml"
+    if folder.suffix.lower() == ".xml":
+        xml, folder = folder, folder.parent
+    else:
+        xml = folder / f"{folder.name.removesuffix(OPENVINO_FOLDER_SUFFIX) or 'model'}.xml"
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = write_onnx(graph, Path(tmp) / "model.onnx", spec, name=getattr(model, "name", "model"))
         try:

@@ -97,7 +97,8 @@ def test_half_stores_fp16_weights_within_the_relative_tolerance(tmp_path: Path, 
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
     perturb_batchnorms(weights)
     full = export_command(ExportOptions(weights=str(weights), format="openvino", out=str(tmp_path / "fp32")))
-    half = export_command(ExportOptions(weights=str(weights), format="openvino", half=True, out=str(tmp_path / "fp16")))
+    half = export_command(ExportOptions(weights=str(weights), format="openvino", half=True, out=str(tmp_path / "fp16" / "small.xml")))
+    assert half == tmp_path / "fp16" / "small.xml" and half.with_suffix(".bin").is_file()  # out= may name the .xml
     checks = [line for line in export_lines(capsys) if "(fp16 weights; " in line]
     assert len(checks) == 2
     relative = [float(line.split("relative ")[1].split()[0]) for line in checks]
