@@ -255,17 +255,16 @@ def predict_source(
     image_ids = {str(p): i for i, p in enumerate(files)}
     skipped: list[str] = []
     results, entries = [], []
-    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
-    for batch in iter_batches(list(files), batch_size, skip_unreadable=skip_unreadable, skipped=skipped):
-        dets = predictor(batch.images)
-        for file, image, det in zip(batch.files, batch.images, dets):
-            relative = Path(os.path.abspath(file)).relative_to(root)
-            results.append(detection_dict(det, names, category_ids, file))
-            entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
-            _save_files(image, det, save_dir, relative, names, saved)
-        bar.update(len(results) + len(skipped) - bar.n)
-    bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
-    bar.close()
+    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:  # closed on an error too
+        for batch in iter_batches(list(files), batch_size, skip_unreadable=skip_unreadable, skipped=skipped):
+            dets = predictor(batch.images)
+            for file, image, det in zip(batch.files, batch.images, dets):
+                relative = Path(os.path.abspath(file)).relative_to(root)
+                results.append(detection_dict(det, names, category_ids, file))
+                entries += _json_entries(det, image_ids[file], relative.as_posix(), image.shape[:2], category_ids)
+                _save_files(image, det, save_dir, relative, names, saved)
+            bar.update(len(results) + len(skipped) - bar.n)
+        bar.update(len(results) + len(skipped) - bar.n)  # files skipped in a last batch that had no readable image
     write_json(save_dir / "predictions.json", entries)
     found = sum(len(r["scores"]) for r in results)
     LOGGER.info("predict: %d images, %d detections, results in %s", len(results), found, save_dir)
