@@ -86,6 +86,17 @@ def broadcast_int(info: DistInfo, value: int) -> int:
     return int(tensor.item())
 
 
+def all_ranks_true(info: DistInfo, flag: torch.Tensor) -> torch.Tensor:
+    """Whether a per-rank bool tensor holds on every rank, as a bool tensor on `flag`'s device (one MIN all-reduce,
+    no host sync): ranks that decide by it take the same branch, where a rank's own view could leave one rank
+    stopping while the others wait for it in the next collective."""
+    if not (info.enabled and dist.is_initialized()):
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
+
+
 def shutdown(info: DistInfo) -> None:
     """End the process group if `info`'s call set it up (a shared one outlives the runs inside it)."""
     if info.enabled and info.owns_group and dist.is_initialized():

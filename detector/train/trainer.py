@@ -32,7 +32,7 @@ from detector.data.spec import load_data_spec
 from detector.errors import DetectorError, TrainingDiverged
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
-from detector.runtime.distributed import barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
+from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
 from detector.train.finetune import keep_frozen_norms_in_eval
 from detector.version import __version__
 from detector.viz.logger import RunLogger, plot_results
@@ -504,7 +504,10 @@ class Trainer:
     def _optimizer_step(self, losses_finite: torch.Tensor) -> str:
         """Unscale, clip, check finiteness (one host sync per optimizer step), step, update EMA. Returns "stepped";
         "overflow" when only the fp16 GradScaler's scaled gradients overflowed (finite losses: the scaler skips the
-        step and lowers its scale, its normal start, not a fault); or "nonfinite" (an inf or NaN loss or gradient)."""
+        step and lowers its scale, its normal start, not a fault); or "nonfinite" (an inf or NaN loss or gradient).
+        Every rank returns the same: the gradients are all-reduced, and under fp16 so is the losses' finiteness."""
+        if self.scaler.is_enabled():  # else a NaN loss on one rank reads as a mere overflow on the others
+            losses_finite = all_ranks_true(self.dist, losses_finite)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.clip_grad > 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from detector.runtime.distributed import init_distributed, shared_process_group, shutdown
+from detector.runtime.distributed import DistInfo, all_ranks_true, init_distributed, shared_process_group, shutdown
 
 
 @pytest.fixture
@@ -49,3 +49,25 @@ def test_without_torchrun_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with shared_process_group(torch.device("cpu")) as job:
         assert not job.enabled and not job.owns_group and not dist.is_initialized()
+
+
+def _vote(rank: int, store_file: str, votes: list[bool], out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=len(votes))
+    try:
+        info = DistInfo(rank=rank, local_rank=rank, world_size=len(votes), local_world_size=len(votes))
+        agreed = all_ranks_true(info, torch.tensor(votes[rank]))
+        torch.save(agreed, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("votes", [[True, True], [True, False], [False, True]])
+def test_all_ranks_true_is_the_same_verdict_on_every_rank(tmp_path, votes: list[bool]) -> None:
+    """Two real gloo ranks: one rank's False is every rank's False (the fp16 step outcome they must agree on)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "agreed"
+    mp.spawn(_vote, args=(str(tmp_path / "store"), votes, str(out)), nprocs=2)
+    agreed = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert [a.dtype for a in agreed] == [torch.bool] * 2 and [bool(a) for a in agreed] == [all(votes)] * 2
+    assert all_ranks_true(DistInfo(), torch.tensor(False)).item() is False  # one process: its own flag
