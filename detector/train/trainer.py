@@ -540,10 +540,10 @@ class Trainer:
         self.state.nonfinite_total += 1
         LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, skipped.in_row)
         if skipped.in_row >= self.cfg.max_nonfinite:
-            raise TrainingDiverged(
-                f"training stopped: {skipped.in_row} non-finite steps in a row at epoch {epoch + 1}; "
-                f"last good checkpoint: {self.weights_dir / 'last.pt'} (try a lower lr0 or amp=off)"
-            )
+            last = self.weights_dir / "last.pt"
+            saved = f"last good checkpoint: {last}" if last.exists() else "no epoch finished, so no checkpoint"
+            raise TrainingDiverged(f"training stopped: {skipped.in_row} non-finite steps in a row at epoch {epoch + 1}; "
+                                   f"{saved} (try a lower lr0 or amp=off)")
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
