@@ -27,12 +27,14 @@ PROGRESS_MIN_IMAGES = 1000  # a first scan of fewer images shows no progress bar
 
 def read_rgb(path: Path) -> np.ndarray:
     """Decode an image file as (H, W, 3) uint8 RGB, EXIF orientation applied; gray, palette, RGBA, CMYK and
-    16-bit images are converted (16-bit scaled to 8 bits). Raises OSError/ValueError when undecodable."""
+    16-bit images are converted (16-bit scaled to 8 bits: always for the I;16 modes, so a dark frame stays as dark
+    as its sensor's others; for 32-bit "I" only when a value passes 255). Raises OSError/ValueError when undecodable."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             wide = np.asarray(im, dtype=np.int64) if im.mode == "I" else np.asarray(im).astype(np.int64)
-            gray = np.clip(wide, 0, 65535) // 257 if wide.max(initial=0) > 255 else np.clip(wide, 0, 255)
+            sixteen_bit = im.mode != "I" or wide.max(initial=0) > 255
+            gray = np.clip(wide, 0, 65535) // 257 if sixteen_bit else np.clip(wide, 0, 255)
             return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
         if im.mode == "F":
             gray = np.clip(np.asarray(im), 0, 255).astype(np.uint8)

@@ -293,6 +293,20 @@ def test_image_modes_become_rgb_uint8(make_coco, mode: str) -> None:
     assert pixels[30, 30].min() > 150 and pixels[5, 5].max() < 60
 
 
+def test_a_dark_16_bit_image_stays_dark(tmp_path: Path) -> None:
+    """Every value of a dark 16-bit frame is under 256: it is still 16-bit (1/257 of the 8-bit scale), not 8-bit."""
+    from detector.data.image_files import read_rgb
+
+    dark = np.full((8, 8), 200, np.uint16)
+    dark[2:4, 2:4] = 255 * 257
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    pixels = read_rgb(tmp_path / "dark.png")
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[2, 2].tolist() == [255, 255, 255]
+    dark[2:4, 2:4] = 200
+    Image.fromarray(dark).save(tmp_path / "darker.png")
+    assert read_rgb(tmp_path / "darker.png").max() == 0
+
+
 def test_tiny_images_are_skipped(make_coco) -> None:
     split = make_coco()
     Image.new("RGB", (9, 30)).save(split.images / "img004.jpg")
