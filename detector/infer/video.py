@@ -214,8 +214,13 @@ def frame_record(index: int, time_s: float, det: torch.Tensor, names: Sequence[s
 class _Outputs:
     """The JSON-lines file and (unless `save_video` is off) the drawn video of one source in `save_dir`."""
 
-    def __init__(self, save_dir: Path, stem: str, fps: float, size_wh: tuple[int, int], save_video: bool) -> None:
+    def __init__(self, save_dir: Path, stem: str, fps: float, size_wh: tuple[int, int], save_video: bool,
+                 source: str = "") -> None:
         self.jsonl_path = save_dir / f"{stem}.jsonl"
+        outputs = [self.jsonl_path] + [save_dir / f"{stem}{suffix}" for _, suffix in WRITER_CODECS if save_video]
+        if source and any(os.path.exists(out) and os.path.samefile(out, source) for out in outputs):
+            raise DetectorError(f"{source}: predicting into the source's own folder would overwrite it; "
+                                "choose another project= or name=")
         try:
             save_dir.mkdir(parents=True, exist_ok=True)
             self.lines = open(self.jsonl_path, "w")
@@ -288,7 +293,7 @@ class _VideoRun:
             if save_dir is not None:
                 height, width = first.frames[0].shape[:2]
                 fps = self.info.fps / self.vid_stride  # the saved video lasts as long as the source
-                outputs = _Outputs(save_dir, video_stem(self.file), fps, (width, height), save_video)
+                outputs = _Outputs(save_dir, video_stem(self.file), fps, (width, height), save_video, self.file)
             bar = tqdm(total=self.info.frames, desc=f"predict {Path(self.info.label).name}", unit="frame", dynamic_ncols=True)
             for done in itertools.chain([first], batches):
                 for result, frame, det, ids in self._predict(done):

@@ -134,6 +134,17 @@ def test_broken_or_missing_video_is_one_line_naming_the_file(tmp_path: Path) -> 
         run("99", None)
 
 
+def test_predicting_into_the_sources_own_folder_is_refused_and_the_source_kept(tmp_path: Path) -> None:
+    """The drawn video of clip.mp4 is <save_dir>/clip.mp4: with save_dir the source's folder it would overwrite it."""
+    source = write_clip(tmp_path / "clip.mp4")
+    before = source.read_bytes()
+    with pytest.raises(DetectorError, match=r"clip\.mp4: predicting into the source's own folder would overwrite it"):
+        run(source, tmp_path)
+    assert source.read_bytes() == before
+    assert len(run(source, tmp_path, save_video=False)) == FRAMES  # only clip.jsonl beside it: nothing overwritten
+    assert source.read_bytes() == before and (tmp_path / "clip.jsonl").is_file()
+
+
 def test_writer_falls_back_to_mjpg_avi_with_a_warning(clip: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(video, "WRITER_CODECS", (("XXXX", ".mp4"), ("MJPG", ".avi")))  # no XXXX writer anywhere
     run(clip, tmp_path)
