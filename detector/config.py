@@ -4,8 +4,9 @@ YAML is read by `detector.yamlfile.load_yaml` (``yaml.safe_load`` semantics, bou
 
 Every option class is a plain dataclass whose fields carry their help text, so `--help`, validation and
 the defaults come from one place. Values from the command line are strings typed by the field's type;
-values from YAML must already have the right type. Any error names its source: the file and line of a
-YAML key, or "command line" for an override, with a did-you-mean for misspelled keys.
+values from YAML keep theirs (an int for a float key is widened, never a bool for a number), and a YAML string
+is typed as the command line's would be (PyYAML reads `lr0: 1e-3` as a string). Any error names its source:
+the file and line of a YAML key, or "command line" for an override, with a did-you-mean for misspelled keys.
 """
 
 from __future__ import annotations
@@ -96,13 +97,20 @@ def worker_priority_option(**flags: Any) -> Any:
 
 
 def parse_overrides(args: typing.Sequence[str]) -> dict[str, str]:
-    """['epochs=10', 'model.attention=cbam'] -> {'epochs': '10', 'attention': 'cbam'} (a leading section is dropped)."""
+    """['epochs=10', 'model.attention=cbam'] -> {'epochs': '10', 'attention': 'cbam'} (a leading section is dropped).
+
+    A key given twice is an error (`epochs=10 ... epochs=20`, `attention=se model.attention=cbam`): one value would
+    be dropped without a word."""
     out: dict[str, str] = {}
+    given: dict[str, str] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise DetectorError(f"command line: '{arg}' is not key=value")
-        out[key.split(".")[-1].replace("-", "_")] = value
+        name = key.split(".")[-1].replace("-", "_")
+        if name in out:
+            raise DetectorError(f"command line: '{name}' is given twice ('{given[name]}' and '{arg}')")
+        out[name], given[name] = value, arg
     return out
 
 
@@ -130,6 +138,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]  # `freeze: 3` in a YAML or freeze=3 in the API reads as freeze=3 does on the command line
         else:
             raise DetectorError(f"{where}: '{key}' expects a list, got {value!r}")
         return [_coerce(v, item_type, key, where) for v in items]

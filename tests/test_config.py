@@ -20,6 +20,14 @@ def test_overrides_are_typed_by_the_default():
     assert (cfg.epochs, cfg.lr0, cfg.cos_lr, cfg.optimizer, cfg.attention) == (7, 0.02, False, "AdamW", "cbam")
 
 
+def test_a_key_given_twice_is_an_error():
+    """The last value won without a word, and a dotted key could silently override its plain twin."""
+    with pytest.raises(DetectorError, match=r"^command line: 'epochs' is given twice \('epochs=10' and 'epochs=20'\)$"):
+        parse_overrides(["epochs=10", "batch=4", "epochs=20"])
+    with pytest.raises(DetectorError, match=r"'attention' is given twice \('attention=se' and 'model.attention=cbam'\)"):
+        parse_overrides(["attention=se", "model.attention=cbam"])
+
+
 def test_unknown_key_names_source_and_suggests(tmp_path: Path):
     with pytest.raises(DetectorError, match=r"command line: unknown key 'epohcs' \(did you mean 'epochs'\?\)"):
         load_train_config({"epohcs": "3"})
@@ -48,6 +56,18 @@ def test_a_numeric_key_with_a_word_takes_the_number_or_the_word(tmp_path: Path):
     cfg_file.write_text("workers: [1]\n")
     with pytest.raises(DetectorError, match="train.yaml:1: 'workers' expects a string"):
         load_train_config({"cfg": str(cfg_file)})
+
+
+def test_a_list_key_takes_one_number_from_a_file_or_the_api_as_from_the_command_line(tmp_path: Path):
+    """`freeze=3` (help: "N (the first N rows)") worked on the command line; `freeze: 3` in a cfg file was refused."""
+    from detector.config import build_options
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("freeze: 3\n")
+    assert load_train_config({"cfg": str(cfg_file)}).freeze == load_train_config({"freeze": "3"}).freeze == [3]
+    assert build_options(TrainConfig, {"freeze": 3}, "Detector.train()").freeze == [3]
+    with pytest.raises(DetectorError, match="'freeze' expects a list, got True"):
+        build_options(TrainConfig, {"freeze": True}, "Detector.train()")
 
 
 def test_cfg_file_then_command_line(tmp_path: Path):
