@@ -79,10 +79,8 @@ def _data_synth(overrides: dict[str, str]) -> None:
     from detector.data.synthetic import generate_shapes_dataset
     from detector.data.synthetic_hard import format_stats, generate_hard_dataset, load_stats
 
-    opts = load_options(SynthOptions, overrides)
+    opts = load_options(SynthOptions, overrides)  # profile: easy or hard, checked by its choices
     default_out = {"easy": "data/shapes", "hard": "data/shapes-hard"}
-    if opts.profile not in default_out:
-        raise DetectorError(f"synth: unknown profile '{opts.profile}' (easy or hard){did_you_mean(opts.profile, default_out)}")
     out = Path(opts.out or default_out[opts.profile])
     counts = {k: v for k, v in (("n_train", opts.n_train), ("n_val", opts.n_val)) if v}  # 0: the generator's default
     if opts.profile == "easy":
@@ -166,6 +164,15 @@ def _split_command(args: list[str]) -> tuple[str | None, list[str]]:
     return args[0], args[1:]
 
 
+def _unknown_command(args: list[str]) -> str:
+    """The error for a command not in COMMANDS: a group (`data`, `bench`) lists its own, a typo gets a did-you-mean."""
+    group = [n.split(" ", 1)[1] for n in COMMANDS if n.startswith(f"{args[0]} ")]
+    if group and (len(args) == 1 or "=" in args[1]):
+        return f"'{args[0]}' needs a command: {', '.join(group)}"
+    name = " ".join(args[:2]) if group else args[0]
+    return f"unknown command '{name}'{did_you_mean(name, COMMANDS)}"
+
+
 def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
@@ -181,12 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     wants_help = any(a in ("-h", "--help") for a in args)
     args = [a for a in args if a not in ("-h", "--help")]
     name, rest = _split_command(args)
-    if name is None or name not in COMMANDS:
-        print(_usage(), file=sys.stdout if name is None or wants_help else sys.stderr)
-        if name is not None and name not in ("help",):
-            print(f"detector: error: unknown command '{name}'", file=sys.stderr)
-            return 2
+    if name in (None, "help"):
+        print(_usage())
         return 0
+    if name not in COMMANDS:
+        print(_usage(), file=sys.stdout if wants_help else sys.stderr)
+        print(f"detector: error: {_unknown_command(args)}", file=sys.stderr)
+        return 2
     command = COMMANDS[name]
     if wants_help:
         print(f"usage: detector {name} [key=value ...]\n\n{command.summary}\n")

@@ -18,7 +18,21 @@ def test_help_lists_every_train_key(capsys):
 
 def test_unknown_command(capsys):
     assert main(["trian"]) == 2
-    assert "unknown command 'trian'" in capsys.readouterr().err
+    assert "unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+
+
+def test_a_typo_in_a_sub_command_names_it_and_suggests(capsys):
+    """It said "unknown command 'bench'" for `bench modles`, and no did-you-mean for any command."""
+    assert main(["bench", "modles"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "detector: error: unknown command 'bench modles' (did you mean 'bench models'?)"
+    assert main(["data", "imgsz=320"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "detector: error: 'data' needs a command: synth, check, convert"
+
+
+def test_help_command_prints_the_usage_on_stdout(capsys):
+    assert main(["help"]) == 0
+    captured = capsys.readouterr()
+    assert "commands:" in captured.out and captured.err == ""
 
 
 def test_bad_key_is_one_line_without_traceback():
