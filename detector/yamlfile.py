@@ -6,6 +6,8 @@ refuses, in one line naming the file:
 - nesting deeper than `MAX_DEPTH` (64) collections, reported with its line;
 - more than `MAX_NODES` (100,000) nodes once aliases are expanded (an alias bomb is a few hundred bytes that
   expand to billions of nodes: code that walks the data would hang or exhaust memory);
+- an alias inside the collection it names (``a: &x [*x]``): a structure that contains itself, which code that
+  walks the data would recurse into forever;
 - tags that construct Python objects (``!!python/object/apply``): `safe_load` refuses them, nothing runs.
 
 The bounds are checked on PyYAML's event stream, which is read iteratively, so a hostile file fails in
@@ -39,6 +41,8 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise DetectorError(f"{where}: invalid YAML: {problem}") from None
+    except ValueError as err:  # a scalar the constructor cannot build: a date 2024-13-01, an int of 5,000 digits
+        raise DetectorError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
     lines: dict[str, int] = {}
     _collect_lines(node, "", lines)
     return data, lines
@@ -59,7 +63,10 @@ def _read_text(path: Path) -> str:
         size = path.stat().st_size
         if size > MAX_BYTES:
             raise DetectorError(f"{path}: {size:,} bytes is too large for a YAML config (limit {MAX_BYTES:,})")
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # bounded: a device or a pipe (/dev/zero) has no size to check first
+        if len(raw) > MAX_BYTES:
+            raise DetectorError(f"{path}: more than {MAX_BYTES:,} bytes is too large for a YAML config")
     except FileNotFoundError:
         raise DetectorError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -88,6 +95,9 @@ def _check_bounds(text: str, path: Path) -> None:
         elif isinstance(event, yaml.ScalarEvent):
             size, anchor = 1, event.anchor
         elif isinstance(event, yaml.AliasEvent):
+            if any(open_anchor == event.anchor for _, open_anchor in open_counts):  # the collection contains itself
+                raise DetectorError(f"{path}:{event.start_mark.line + 1}: YAML alias *{event.anchor} refers to a "
+                                    "collection that contains it (a recursive structure)")
             size, anchor = anchor_sizes.get(event.anchor, 1), None
         else:
             continue

@@ -77,3 +77,27 @@ def test_bounds_leave_ordinary_files_alone(tmp_path: Path) -> None:
 
 def test_a_directory_is_named(tmp_path: Path) -> None:
     refused(tmp_path, load_yaml, "is a directory, not a YAML file")
+
+
+@pytest.mark.parametrize("reader", READERS, ids=str)
+@pytest.mark.parametrize("text", ["epochs: &x [1, *x]\n", "nc: &m {names: *m}\n"], ids=["list", "mapping"])
+def test_a_collection_that_contains_itself_is_refused(tmp_path: Path, reader: str, text: str) -> None:
+    """PyYAML builds `&x [*x]` as a list that holds itself; walking it recursed until a RecursionError traceback."""
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    refused(path, READERS[reader], r"loop\.yaml:1: YAML alias \*\w refers to a collection that contains it")
+
+
+@pytest.mark.parametrize("reader", READERS, ids=str)
+@pytest.mark.parametrize("value, problem", [("2024-13-01", "month must be in 1..12"), ("1" * 5000, "Exceeds the limit")])
+def test_a_scalar_the_constructor_cannot_build_is_one_line(tmp_path: Path, reader: str, value: str, problem: str) -> None:
+    """PyYAML raises a bare ValueError (not a YAMLError) for a date out of range or an int too long to convert."""
+    path = tmp_path / "scalar.yaml"
+    path.write_text(f"epochs: {value}\n")
+    refused(path, READERS[reader], rf"scalar\.yaml: invalid YAML: {problem}")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="a character device without end")
+def test_a_file_without_a_size_is_read_only_up_to_the_limit() -> None:
+    """stat() gives a device or a pipe size 0, so the size check passed and read_bytes() ran until MemoryError."""
+    refused(Path("/dev/zero"), load_yaml, rf"/dev/zero: more than {MAX_BYTES:,} bytes is too large for a YAML config")
