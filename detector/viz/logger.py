@@ -38,7 +38,9 @@ class RunLogger:
             return
         with self.csv_path.open(newline="") as f:
             rows = list(csv.reader(f))
-        header = list(self.columns) if rows and rows[0] == list(self.columns[: len(rows[0])]) else rows[0]
+        if not rows:  # created, then killed before its first row was written: `epoch` starts it afresh
+            return
+        header = list(self.columns) if rows[0] == list(self.columns[: len(rows[0])]) else rows[0]
         kept = [header] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
@@ -61,7 +63,7 @@ class RunLogger:
         row += [round(float(metrics[k]), 5) if k in metrics else "" for k in COCO_KEYS]
         row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps, unreadable_images,
                 round(val_time_s, 2)]
-        new = not self.csv_path.exists()
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         with self.csv_path.open("a", newline="") as f:
             writer = csv.writer(f)
             if new:
@@ -99,23 +101,24 @@ def read_results(csv_path: Path) -> list[dict[str, str]]:
 
 
 def plot_results(csv_path: Path, out_png: Path) -> None:
-    """Training curves (losses, lr, AP50, AP) from results.csv, one panel each."""
-    import matplotlib
+    """Training curves (losses, lr, AP50, AP) from results.csv, one panel each.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Matplotlib's object API on the Agg canvas, as in `viz.plots`: no pyplot, no `matplotlib.use`, so training from
+    a notebook leaves its backend alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = read_results(csv_path)
     if not rows:
         return
     epochs = [int(r["epoch"]) for r in rows]
     panels = [f"train/{k}" for k in LOSS_KEYS] + ["lr", "metrics/AP50", "metrics/AP"]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6), tight_layout=True)
-    for ax, key in zip(axes.ravel(), panels):
+    fig = Figure(figsize=(12, 6), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for ax, key in zip(fig.subplots(2, 3).ravel(), panels):
         points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key) not in (None, "")]
         if points:
             ax.plot(*zip(*points), marker=".")
         ax.set_title(key)
         ax.set_xlabel("epoch")
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)

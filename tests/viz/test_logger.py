@@ -43,3 +43,28 @@ def test_resume_extends_an_older_header_so_new_rows_line_up(tmp_path: Path) -> N
 
 def test_read_results_of_a_run_without_a_csv_yet_is_empty(tmp_path: Path) -> None:
     assert read_results(tmp_path / "results.csv") == []
+
+
+def test_an_empty_csv_left_by_a_kill_is_started_afresh(tmp_path: Path) -> None:
+    """A kill between creating results.csv and writing its first row left 0 bytes: the resume's `truncate_after`
+    raised IndexError, and the next row was written without a header (read back as the header: no rows)."""
+    (tmp_path / "results.csv").write_text("")
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.truncate_after(0)
+    log_epochs(logger, range(1, 3))
+    assert [r["epoch"] for r in read_results(tmp_path / "results.csv")] == ["1", "2"]
+
+
+def test_plot_results_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """It called `matplotlib.use("Agg")`, switching the backend of a notebook that trains through the API."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, sys, torch; matplotlib.use('svg'); from pathlib import Path; "
+            "from detector.viz.logger import RunLogger, plot_results; d = Path(sys.argv[1]); "
+            "logger = RunLogger(d, tensorboard=False); "
+            "logger.epoch(0, torch.tensor([0.1, 0.2, 0.3]), 0.01, {'AP': 0.5, 'AP50': 0.7}, 0.5, 1.0, 0); "
+            "plot_results(d / 'results.csv', d / 'results.png'); print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["svg"]
+    assert (tmp_path / "results.png").stat().st_size > 0
