@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detector.config import TrainConfig, load_train_config, neutral_keys, parse_overrides, run_only_keys
+from detector.config import TrainConfig, given_keys, load_train_config, neutral_keys, parse_overrides, run_only_keys
 from detector.errors import DetectorError, TrainingDiverged, did_you_mean
 from detector.options import TuneOptions
 from detector.tools.runs import best_row, train_or_skip
@@ -197,7 +197,7 @@ def run_tune(opts: TuneOptions) -> Path:
     root = Path(opts.project) / opts.name
     extra = _extra_train_keys(opts, dims)
     base = load_train_config({**_own_settings(opts, 1, root), **extra})  # every key checked before any training
-    fixed = {k: getattr(base, k) for k in extra if k not in neutral_keys(TrainConfig)}  # typed, for the cfg file
+    fixed = fixed_keys(base, dims, opts)  # typed, for the cfg file
     warn_without_mosaic(base, dims)
     trials: list[Trial] = []
     with shared_process_group(select_device(opts.device)) as job:
@@ -258,6 +258,14 @@ def _extra_train_keys(opts: TuneOptions, dims: list[Dimension]) -> dict[str, str
         if any(d.key == key for d in dims):
             raise DetectorError(f"tune: train= cannot set '{key}': the space searches it (remove it from the space to fix it)")
     return extra
+
+
+def fixed_keys(base: TrainConfig, dims: list[Dimension], opts: TuneOptions) -> dict[str, Any]:
+    """The keys every trial fixes, as `base` typed them: the train= pairs and the keys of a train=cfg= file, less
+    tune's own, the searched and the neutral ones (in TrainConfig's order)."""
+    skip = set(_own_settings(opts, 1, Path(opts.project))) | neutral_keys(TrainConfig) | {d.key for d in dims}
+    given = given_keys(base)
+    return {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name in given and f.name not in skip}
 
 
 def read_trial(run_dir: Path, number: int, values: dict[str, float | int]) -> Trial:

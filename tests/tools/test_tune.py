@@ -207,3 +207,25 @@ def test_a_trial_that_diverges_scores_0_and_the_search_goes_on(tmp_path: Path, m
     assert (rows[1]["fitness"], rows[1]["AP50:95"]) == ("0.0", "") and rows[0]["AP50:95"] != "" and rows[2]["AP50:95"] != ""
     assert any("tune [2/3]: training stopped: 1 non-finite steps in a row" in r.getMessage() and "fitness 0" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_train_cfg_file_fixes_its_keys_in_every_trial_and_in_the_winners_file(tmp_path: Path, monkeypatch) -> None:
+    """train=cfg=<yaml> is a train key like any other: its keys reach the trials and the winner's file (once an
+    AttributeError: 'cfg' is no TrainConfig field)."""
+    from detector.tools import tune
+
+    seen: list[TrainConfig] = []
+
+    def fake_trial(cfg: TrainConfig, number: int, values: dict, label: str, *, main: bool) -> tuple[Trial, bool]:
+        seen.append(cfg)
+        return Trial(number, values, 0.1 * number, 0.1, 0.2, Path(cfg.project) / cfg.name), True
+
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optimizer: SGD\nlrf: 0.02\nplots: false\n")
+    opts = TuneOptions(iterations=2, epochs=1, device="cpu", project=str(tmp_path), name="cfg",
+                       space=str(_space(tmp_path, "lr0: [0.001, 0.01, log]\n")), train=[f"cfg={recipe}", "close_mosaic=2"])
+    root = run_tune(opts)
+    assert all((c.optimizer, c.lrf, c.close_mosaic) == ("SGD", 0.02, 2) for c in seen) and len(seen) == 2
+    winner, _ = load_yaml(root / "best_hyperparameters.yaml")
+    assert winner == {"lr0": seen[1].lr0, "lrf": 0.02, "optimizer": "SGD", "close_mosaic": 2}  # plots: neutral, left out

@@ -76,8 +76,9 @@ def main(opts: BenchAmpOptions) -> None:
         project = Path(tmp) / "runs"
         runs = {f"fp32 s{seed}": train_once(data_yaml, project, "fp32", amp="off", seed=seed, opts=opts),
                 f"bf16 s{seed}": train_once(data_yaml, project, "bf16", amp="bf16", seed=seed, opts=opts)}
-        if noise_seed >= 0:
-            runs[f"fp32 s{noise_seed}"] = train_once(data_yaml, project, "fp32_noise", amp="off", seed=noise_seed, opts=opts)
+        if noise_seed >= 0:  # the same seed again (run-to-run noise alone) needs a label of its own
+            label = f"fp32 s{noise_seed}" + (" again" if noise_seed == seed else "")
+            runs[label] = train_once(data_yaml, project, "fp32_noise", amp="off", seed=noise_seed, opts=opts)
     headers, table, verdict = compare(runs, opts.images)
     device = select_device(opts.device)
     if device.type == "cuda":

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from detector.errors import DetectorError
 from detector.options import BenchDataOptions
 from detector.viz.tables import format_table
 
@@ -43,6 +44,9 @@ def main(opts: BenchDataOptions) -> None:
     from detector.data.spec import load_data_spec
     from detector.data.synthetic import generate_shapes_dataset
 
+    empty = next((key for key in ("imgsz", "workers") if not getattr(opts, key)), None)
+    if empty:  # else an empty table, or (scale=coco) max() of nothing
+        raise DetectorError(f"bench data: '{empty}' is empty")
     if opts.scale == "coco":
         from detector.tools.bench.scale import main as scale_main
 

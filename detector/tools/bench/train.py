@@ -192,9 +192,12 @@ def main(opts: BenchTrainOptions) -> None:
 
 
 def _dataset(opts: BenchTrainOptions, tmp: Path) -> tuple[Path, int, int]:
-    """(dataset YAML, class count, training images): `opts.data`'s, or a generated shapes set of `opts.images`."""
+    """(dataset YAML, class count, training images): `opts.data`'s, or a generated shapes set of `opts.images`. The
+    images are those the train loader serves: the json's, less any the scan skips (a missing or unreadable file)."""
+    from detector.data.coco import CocoDataset
+
     if not opts.data:
         return generate_shapes_dataset(tmp / "shapes", seed=0, n_train=opts.images, n_val=16, imgsz=opts.imgsz), 6, opts.images
     spec = load_data_spec(opts.data)
     coco = json.loads(spec.train.annotations.read_text())
-    return Path(opts.data), len(coco["categories"]), len(coco["images"])
+    return Path(opts.data), len(coco["categories"]), len(CocoDataset(spec.train))

@@ -46,3 +46,18 @@ def test_bench_amp_trains_three_runs_and_prints_one_table(capsys: pytest.Capture
 def test_bench_amp_names_unknown_options() -> None:
     with pytest.raises(DetectorError, match="unknown key 'imgz' \\(did you mean 'imgsz'\\?\\)"):
         load_options(BenchAmpOptions, {"imgz": "64"})
+
+
+def test_a_noise_seed_equal_to_the_seed_keeps_all_three_columns(monkeypatch, capsys) -> None:
+    """noise_seed=seed (run-to-run noise at one seed) once overwrote the first fp32 run's column with the noise run."""
+    from pathlib import Path
+
+    from detector.tools.bench import amp
+
+    trained = {"fp32": rows([1.0, 0.5], 0.30), "bf16": rows([1.01, 0.52], 0.29), "fp32_noise": rows([1.0, 0.55], 0.28)}
+    monkeypatch.setattr(amp, "generate_shapes_dataset", lambda *a, **k: Path("unused.yaml"))
+    monkeypatch.setattr(amp, "train_once", lambda data, project, name, **k: trained[name])
+    main(BenchAmpOptions(seed=0, noise_seed=0, device="cpu"))
+    out = capsys.readouterr().out
+    assert "loss fp32 s0" in out and "loss bf16 s0" in out and "loss fp32 s0 again" in out
+    assert "AP -0.0100; fp32 seed to seed: loss gap up to 10.0%, AP -0.0200" in out

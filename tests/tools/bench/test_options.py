@@ -51,3 +51,23 @@ def test_bad_values_and_unknown_keys_are_one_line_naming_the_key(bench: str, pai
 def test_every_bench_has_its_own_options_class() -> None:
     assert list(BENCHES) == ["models", "data", "train", "val", "amp", "export", "track"]
     assert len({options for options, _ in BENCHES.values()}) == 7
+
+
+def test_scripts_bench_usage_names_every_bench() -> None:
+    """scripts/bench.py without a bench prints a usage naming each one (it once left out export and track)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "bench.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and f"usage: python scripts/bench.py {'|'.join(BENCHES)} " in done.stderr
+    assert {"export", "track"} <= set(BENCHES)
+
+
+@pytest.mark.parametrize("pair", ["imgsz=", "workers="])
+def test_bench_data_refuses_an_empty_list_naming_it(pair: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty imgsz or workers list once printed an empty table after minutes of set-up (scale=coco: a ValueError
+    from max())."""
+    assert main(["bench", "data", pair, "scale=coco"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"detector bench data: error: bench data: '{pair[:-1]}' is empty"]

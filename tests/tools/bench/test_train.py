@@ -105,3 +105,16 @@ def test_device_and_compile_reach_all_three_runs(make_data_yaml, tmp_path: Path,
     assert devices == ["cpu", "cpu"]  # the held-batch run and the end-to-end run
     assert compiled == ["DetectionModel"] * 3  # the model-only loop's model and each trainer's
     assert bench_train.device_label(torch.device("cpu")) == "cpu"
+
+
+def test_the_end_to_end_rate_counts_the_images_the_loader_serves(make_data_yaml, tmp_path: Path) -> None:
+    """data=: images/s divides the images the train loader serves, not the json's (a missing file is skipped)."""
+    import json
+
+    from detector.tools.bench import train as bench_train
+
+    data = make_data_yaml()
+    listed = json.loads((data.parent / "train" / "instances.json").read_text())["images"]
+    (data.parent / "train" / "images" / listed[0]["file_name"]).unlink()
+    _, nc, images = bench_train._dataset(BenchTrainOptions(data=str(data)), tmp_path)
+    assert (nc, images) == (3, len(listed) - 1)
