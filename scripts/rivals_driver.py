@@ -5,7 +5,8 @@ This file is a separate program, not part of the `detector` package (Ultralytics
 and nowhere else). `python rivals_driver.py job.json` reads the job the harness wrote and, in the job's `out`:
 
     train/                 Ultralytics' own run folder (weights/last.pt, best.pt, results.csv)
-    train.json             wall time of model.train(), parameter count, GFLOPs at imgsz, Ultralytics version (written once)
+    train.json             wall time of model.train() (of its last part, after `epochs_before` epochs, when resumed),
+                           parameter count, GFLOPs at imgsz, Ultralytics version (written once)
     predictions.json       COCO result rows on the val images: OUR image ids, ORIGINAL category ids
 
 Training uses Ultralytics' defaults (optimizer=auto, its augmentation, its workers choice) with only the shared
@@ -23,12 +24,21 @@ from pathlib import Path
 from typing import Any
 
 
+def epochs_done(results_csv: Path) -> int:
+    """Epochs an Ultralytics run has finished: the rows of its results.csv (one per epoch, after a header)."""
+    if not results_csv.exists():
+        return 0
+    rows = [line for line in results_csv.read_text().splitlines() if line.strip()]
+    return max(len(rows) - 1, 0)
+
+
 def train(job: dict[str, Any], out: Path) -> None:
     """model.train() with the shared budget, timed; resumes from last.pt when an earlier try was killed."""
     from ultralytics import YOLO, __version__
 
     last = out / "train" / "weights" / "last.pt"
     resumed = last.exists()
+    epochs_before = epochs_done(out / "train" / "results.csv") if resumed else 0  # the timed part is the rest
     start = time.perf_counter()
     if resumed:
         YOLO(str(last)).train(resume=True)
@@ -43,7 +53,7 @@ def train(job: dict[str, Any], out: Path) -> None:
     model = YOLO(str(best if best.exists() else last))
     params = sum(p.numel() for p in model.model.parameters())
     label = f"Ultralytics {Path(job['model']).stem}"
-    info = {"wall_s": wall_s, "resumed": resumed, "params": int(params), "gflops": forward_gflops(model.model, job["imgsz"]),
+    info = {"wall_s": wall_s, "resumed": resumed, "epochs_before": epochs_before, "params": int(params), "gflops": forward_gflops(model.model, job["imgsz"]),
             "version": __version__, "weights": str(best), "label": label}
     (out / "train.json").write_text(json.dumps(info, indent=1))
 

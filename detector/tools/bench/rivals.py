@@ -69,10 +69,19 @@ class RivalsOptions:
     force: bool = option(False, "rerun rivals whose result.json exists")
 
 
+# what `run_ours` passes `detector train` itself: an ours.<key> of these would be a key given twice
+HARNESS_TRAIN_KEYS = frozenset(("data", "epochs", "imgsz", "batch", "seed", "workers", "device", "project", "name",
+                                "exist_ok", "plots", "model", "resume"))
+
+
 def parse_args(argv: list[str]) -> tuple[RivalsOptions, list[str]]:
     """key=value args -> (options, our extra `detector train` args given as ours.key=value)."""
     ours = [arg for arg in argv if arg.startswith("ours.")]
-    parse_overrides(ours)  # the same key=value check as every other argument; passed through as written
+    taken = sorted(set(parse_overrides(ours)) & HARNESS_TRAIN_KEYS)  # also the key=value check of every argument
+    if taken:
+        key = taken[0]
+        instead = f"; give {key}= instead" if key in RivalsOptions.__dataclass_fields__ else ""
+        raise DetectorError(f"command line: ours.{key}: the harness sets '{key}' of our detector train itself{instead}")
     values = parse_overrides([arg for arg in argv if not arg.startswith("ours.")])
     opts = build_options(RivalsOptions, values, "command line")
     ours_extra = [arg[len("ours."):] for arg in ours]
@@ -244,12 +253,14 @@ def score_predictions(predictions: Path, gt: COCO) -> dict[str, float]:
 
 
 def rival_result(rival: str, run: dict[str, Any], metrics: dict[str, float], opts: RivalsOptions, train_images: int) -> dict[str, Any]:
-    """One table row's data, as result.json stores it."""
+    """One table row's data, as result.json stores it. A resumed Ultralytics run timed only the epochs after its
+    `epochs_before`: its rate counts those."""
     wall_s = float(run["wall_s"])
+    timed = opts.epochs - int(run.get("epochs_before", 0))
     return {
         "model": run.get("label", rival), "rival": rival, "params": int(run["params"]), "gflops": run.get("gflops"),
-        "metrics": metrics, "wall_s": wall_s,
-        "images_per_s": opts.epochs * train_images / wall_s if wall_s > 0 else 0.0, "train_images": train_images,
+        "metrics": metrics, "wall_s": wall_s, "timed_epochs": timed,
+        "images_per_s": timed * train_images / wall_s if wall_s > 0 else 0.0, "train_images": train_images,
         "epochs": opts.epochs, "resumed": bool(run.get("resumed", False)), "predictions": run["predictions"],
         "version": run.get("version", ""),
     }
@@ -278,7 +289,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     align = ["---", "---:", *["---:"] * (len(headers) - 2)]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     for r in results:
-        wall = f"{r['wall_s']:.0f}" + (" (resumed: last part only)" if r["resumed"] else "")
+        wall = f"{r['wall_s']:.0f}" + (f" (resumed: its last {r.get('timed_epochs', '?')} epochs)" if r["resumed"] else "")
         cells = [r["model"], f"{r['params']:,}", *(f"{r['metrics'][k]:.3f}" for k in TABLE_KEYS), wall,
                  f"{r['images_per_s']:.1f}", *speed_cells(r, reference)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -34,6 +34,10 @@ def test_parse_args_passes_ours_keys_through_and_names_bad_ones() -> None:
         rivals.parse_args(["rivals=yolov5n"])
     with pytest.raises(DetectorError, match="'imgsz' expects an integer"):
         rivals.parse_args(["imgsz=big"])
+    with pytest.raises(DetectorError, match=r"ours\.epochs: the harness sets 'epochs' of our detector train itself; give epochs= instead"):
+        rivals.parse_args(["epochs=3", "ours.epochs=5"])  # our train would see epochs twice
+    with pytest.raises(DetectorError, match=r"ours\.exist_ok: the harness sets 'exist_ok' of our detector train itself$"):
+        rivals.parse_args(["ours.exist_ok=false"])
 
 
 def test_score_predictions_uses_pycocotools_on_our_ids(make_data_yaml, tmp_path: Path) -> None:
@@ -80,13 +84,13 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
     payload = json.loads((out / "results.json").read_text())
     assert payload["results"][0]["images_per_s"] == pytest.approx(2 * 6 / 10.0)  # epochs x train images / wall
     assert rivals.main(args) == 0 and calls == ["yolov8n", "yolo26n"]  # the rerun reused both result.json
-    assert rivals.main([*args, "force=true", "rivals=yolo26n"]) == 0 and calls == ["yolov8n", "yolo26n", "yolo26n"]
+    assert rivals.main([*args[:2], *args[3:], "force=true", "rivals=yolo26n"]) == 0 and calls == ["yolov8n", "yolo26n", "yolo26n"]
 
 
 def test_markdown_table_marks_a_resumed_run_and_divides_by_the_ultralytics_side() -> None:
     metrics = {k: 0.5 for k in rivals.COCO_KEYS}
     ours = {"model": "ours (yolo-ca-n, amp auto)", "rival": "ours", "params": 2286995, "gflops": 0.83, "metrics": metrics,
-            "wall_s": 100.0, "images_per_s": 40.0, "resumed": True}
+            "wall_s": 100.0, "images_per_s": 40.0, "resumed": True, "timed_epochs": 20}
     theirs = {"model": "Ultralytics yolov8n", "rival": "yolov8n", "params": 3012018, "gflops": 1.31, "metrics": metrics,
               "wall_s": 100.0, "images_per_s": 25.0, "resumed": False}
     lines = rivals.markdown_table([ours, theirs]).splitlines()
@@ -94,10 +98,28 @@ def test_markdown_table_marks_a_resumed_run_and_divides_by_the_ultralytics_side(
                         " | img/s vs yolov8n | per FLOP vs yolov8n |")
     # 40 / 25 = 1.60x per image; 40 x 0.83 = 33.2 against 25 x 1.31 = 32.75 GFLOP/s: 1.01x per FLOP
     assert lines[2] == ("| ours (yolo-ca-n, amp auto) | 2,286,995 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500"
-                        " | 100 (resumed: last part only) | 40.0 | 0.83 | 33.2 | 1.60x | 1.01x |")
+                        " | 100 (resumed: its last 20 epochs) | 40.0 | 0.83 | 33.2 | 1.60x | 1.01x |")
     assert lines[3].endswith("| 25.0 | 1.31 | 32.8 | 1.00x | 1.00x |")
     alone = rivals.markdown_table([{**ours, "gflops": None}]).splitlines()  # an old result.json, no Ultralytics side
     assert alone[0].endswith("| GFLOP/s | img/s | per FLOP |") and alone[2].endswith("| 40.0 | - | - | - | - |")
+
+
+def test_a_resumed_rival_is_rated_on_the_epochs_it_timed(tmp_path: Path) -> None:
+    """The driver's clock of a resumed run covers the epochs after the ones its results.csv already held."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rivals_driver", rivals.DRIVER)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    csv = tmp_path / "results.csv"
+    assert driver.epochs_done(csv) == 0
+    csv.write_text("epoch,loss\n1,0.5\n2,0.4\n\n")
+    assert driver.epochs_done(csv) == 2
+    opts = rivals.RivalsOptions(epochs=60)
+    run = {"wall_s": 100.0, "params": 1, "resumed": True, "epochs_before": 40, "predictions": "p.json"}
+    result = rivals.rival_result("yolov8n", run, {}, opts, train_images=600)
+    assert result["timed_epochs"] == 20 and result["images_per_s"] == pytest.approx(20 * 600 / 100)
+    assert rivals.rival_result("yolov8n", {**run, "resumed": False, "epochs_before": 0}, {}, opts, 600)["images_per_s"] == 360
 
 
 def test_the_driver_counts_flops_as_our_counter_does() -> None:
