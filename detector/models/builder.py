@@ -19,8 +19,9 @@ is kept as `model.yaml` (plain types) so `build_model(model.yaml)` rebuilds the 
 
 Attention keys: `attention` reaches every row that takes it (`Attn`, `AttnC2f` and its alias `CA_C2f`; default
 ca), `attention_at` every C2f carrying one (default output); rows named for one attention (`CoordAtt`, `SE`, ...)
-keep their kind. An override that reaches no row is an error, not a silent no-op, and `model.yaml` records the
-resolved file-wide values, so a run's checkpoint says what was built (`model.attentions` gives it per row).
+keep their kind. An override that reaches no row is an error, not a silent no-op (a file key that reaches none is
+warned of and dropped), and `model.yaml` records the resolved file-wide values, so a run's checkpoint says what
+was built (`model.attentions` gives it per row).
 A `Detect` row without anchors (Ultralytics' anchor-free files, `Detect, [nc]`) builds this project's
 anchor-based head with fitted anchors, and says so in one warning.
 """
@@ -156,10 +157,11 @@ class DetectionModel(nn.Module):
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of a DetectionModel with every BN folded into its conv, in channels_last and eval mode: what
-    validation and prediction run (the model itself stays trainable). Feed it channels_last images. With the BN
-    passes gone and the layout oneDNN prefers, yolo-ca-n's forward at 256 px took 13 ms/image against 17 unfused
-    on the 2-core CPU, and 28 against 36 ms at batch 1. Any other module is returned as it is."""
+    """A deep copy of a DetectionModel with every `Conv` block's BN folded into its conv (attention modules keep
+    their own BNs), in channels_last and eval mode: what validation and prediction run (the model itself stays
+    trainable). Feed it channels_last images. With the Conv BN passes gone and the layout oneDNN prefers,
+    yolo-ca-n's forward at 256 px took 13 ms/image against 17 unfused on the 2-core CPU, and 28 against 36 ms at
+    batch 1. Any other module is returned as it is."""
     if not isinstance(model, DetectionModel):
         return model
     return copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
@@ -175,10 +177,10 @@ def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str
     raw, label, lines = _load(cfg)
     spec = _resolve(raw, label, lines, nc=nc, attention=attention, attention_at=attention_at)
     layers, sources, info = _build_layers(spec, label, lines)
-    _check_outputs_used(sources, info, label)
-    _settle_attention_keys(spec, info, label, attention=attention, attention_at=attention_at)
+    _check_outputs_used(sources, info, label, lines)
+    _settle_attention_keys(spec, info, label, lines, attention=attention, attention_at=attention_at)
     model = DetectionModel(layers, sources, info, spec)
-    _finalize(model, spec, label)
+    _finalize(model, spec, label, lines)
     _settle_default_anchors(model, spec, label)
     return model
 
@@ -219,40 +221,45 @@ def _resolve(raw: Any, label: str, lines: dict[str, int], *, nc: int | None, att
         if not isinstance(raw.get(section, []), list):
             raise DetectorError(f"{_at(label, lines, section)}: {section}: expected a list of rows, got {type(raw[section]).__name__}")
     spec = raw
+    lines = dict(lines)
     for key, value in (("nc", nc), ("attention", attention), ("attention_at", attention_at)):
         if value is None:
             continue
         spec[key] = value
+        lines.pop(key, None)  # an error in an override's value is not on the file's line
         if key != "nc":  # an override swaps every row: drop row keywords of the same name
             for row in spec["backbone"] + spec.get("head", []):
                 if isinstance(row, list) and len(row) == 4 and isinstance(row[3], list) and row[3] \
                         and isinstance(row[3][-1], dict):
                     row[3][-1].pop(key, None)
+    if "scale" in spec and "scales" not in spec:
+        raise DetectorError(f"{_at(label, lines, 'scale')}: scale: given without a 'scales:' table to pick from")
     if "scales" in spec:
+        where = _at(label, lines, "scales")
         if "depth_multiple" in spec or "width_multiple" in spec:
-            raise DetectorError(f"{label}: give either 'scales' + 'scale' or depth_multiple/width_multiple, not both")
+            raise DetectorError(f"{where}: give either 'scales' + 'scale' or depth_multiple/width_multiple, not both")
         scales = spec["scales"]
         if not isinstance(scales, dict) or not scales:
-            raise DetectorError(f"{label}: scales: expected a mapping like {{n: [0.33, 0.25, 1024]}}")
+            raise DetectorError(f"{where}: scales: expected a mapping like {{n: [0.33, 0.25, 1024]}}")
         if "scale" not in spec:
             guess = str(spec.get("name", ""))[-1:]
             if guess not in scales:
-                raise DetectorError(f"{label}: scales given but no 'scale:' key (one of {', '.join(map(str, scales))})")
+                raise DetectorError(f"{where}: scales given but no 'scale:' key (one of {', '.join(map(str, scales))})")
             spec["scale"] = guess
         if spec["scale"] not in scales:
             hint = did_you_mean(spec["scale"], map(str, scales))
-            raise DetectorError(f"{label}: scale: '{spec['scale']}' is not in scales{hint}")
-    _check_value(spec, label)
+            raise DetectorError(f"{_at(label, lines, 'scale')}: scale: '{spec['scale']}' is not in scales{hint}")
+    _check_value(spec, label, lines)
     return spec
 
 
-def _check_value(spec: dict, label: str) -> None:
+def _check_value(spec: dict, label: str, lines: dict[str, int]) -> None:
     """Type checks of the top-level scalars, with the attention names checked against the registry."""
 
     def positive(key: str, kind: type | tuple[type, ...]) -> None:
         v = spec.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or v <= 0):
-            raise DetectorError(f"{label}: {key}: expected a positive number, got {v!r}")
+            raise DetectorError(f"{_at(label, lines, key)}: {key}: expected a positive number, got {v!r}")
 
     positive("nc", int)
     positive("ch", int)
@@ -263,17 +270,19 @@ def _check_value(spec: dict, label: str) -> None:
         entry = spec["scales"][spec["scale"]]
         numbers = isinstance(entry, list) and all(isinstance(v, (int, float)) and v > 0 for v in entry)
         if not numbers or len(entry) not in (2, 3):
-            raise DetectorError(f"{label}: scales.{spec['scale']}: expected [depth, width] or [depth, width, max_ch]")
+            where = _at(label, lines, f"scales.{spec['scale']}")
+            raise DetectorError(f"{where}: scales.{spec['scale']}: expected [depth, width] or [depth, width, max_ch]")
     if "attention" in spec:
         try:
             _attention.ATTENTIONS.get(spec["attention"])
         except UnknownNameError as err:
-            raise DetectorError(f"{label}: attention: {err}") from None
+            raise DetectorError(f"{_at(label, lines, 'attention')}: attention: {err}") from None
     if "attention_at" in spec and spec["attention_at"] not in ATTENTION_PLACES:
         places = ", ".join(ATTENTION_PLACES)
-        raise DetectorError(f"{label}: attention_at: '{spec['attention_at']}' is not one of {places}")
+        where = _at(label, lines, "attention_at")
+        raise DetectorError(f"{where}: attention_at: '{spec['attention_at']}' is not one of {places}")
     if "activation" in spec:
-        _activation(spec["activation"], label)
+        _activation(spec["activation"], _at(label, lines, "activation"))
 
 
 def _activation(text: Any, label: str) -> Callable[[], nn.Module]:
@@ -353,6 +362,10 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
         raise DetectorError(f"{where}: repeats must be a positive int, got {n!r}")
     n = max(round(n * scaling.depth), 1) if n > 1 else n
     args, kwargs = _row_args(args, where, spec)
+    for key in ("attention", "attention_at"):  # plain C2f takes them, but its rows are not swapped or recorded
+        if key in kwargs and not getattr(entry, key):
+            raise DetectorError(f"{where}: {name}: unexpected keyword argument '{key}' ({_rows_taking(key)} rows "
+                                "take it)")
     if entry.adapt_args is not None:
         try:
             args = entry.adapt_args(args)
@@ -386,7 +399,8 @@ def _build_row(i: int, row_name: str, row: Any, label: str, spec: dict, scaling:
         again = [c_out, c_out] if entry.channels == "arg0" else [c_out]
         return nn.Sequential(module, *(_construct(entry, [*again, *rest], kwargs, where, args) for _ in range(copies - 1)))
 
-    module = footprint.sized_construct(where, construct, sum(c_ins) * (c_out or 1) * n, params_so_far)
+    elements = footprint.row_elements(sum(c_ins), c_out, n, [*rest, *kwargs.values()])
+    module = footprint.sized_construct(where, construct, elements, params_so_far)
     shown = [*call, *rest] + ([kwargs] if kwargs else [])
     layer_info = LayerInfo(i, row_name, src, n, name, shown, *_row_attention(entry, kwargs))
     return module, absolute if entry.multi_input else absolute[0], layer_info, c_out
@@ -407,10 +421,11 @@ def _rows_taking(flag: str) -> str:
     return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
-def _settle_attention_keys(spec: dict, info: list[LayerInfo], label: str, *, attention: str | None,
-                           attention_at: str | None) -> None:
-    """Refuse an override that reaches no row (it would change nothing while the run records it), and write the
-    file-wide defaults the rows used into `spec`, so `model.yaml` states what was built."""
+def _settle_attention_keys(spec: dict, info: list[LayerInfo], label: str, lines: dict[str, int], *,
+                           attention: str | None, attention_at: str | None) -> None:
+    """Refuse an override that reaches no row (it would change nothing while the run records it), warn of and
+    drop a file key that reaches none, and write the file-wide defaults the rows used into `spec`, so
+    `model.yaml` states what was built."""
     for key, override, default in (("attention", attention, DEFAULT_ATTENTION),
                                    ("attention_at", attention_at, DEFAULT_ATTENTION_AT)):
         if any(getattr(MODULES.get(li.module), key) for li in info):
@@ -418,16 +433,20 @@ def _settle_attention_keys(spec: dict, info: list[LayerInfo], label: str, *, att
         elif override is not None:
             raise DetectorError(f"{label}: {key}: the override '{override}' reaches no row ({_rows_taking(key)} "
                                 f"rows take the {key} key; {Path(label).name} has none)")
+        elif key in spec:  # a warning, not an error: checkpoints may record such a key
+            LOGGER.warning("%s: %s: '%s' reaches no row (%s rows take the %s key; %s has none): ignored",
+                           _at(label, lines, key), key, spec.pop(key), _rows_taking(key), key, Path(label).name)
 
 
-def _check_outputs_used(sources: list[int | list[int]], info: list[LayerInfo], label: str) -> None:
+def _check_outputs_used(sources: list[int | list[int]], info: list[LayerInfo], label: str,
+                        lines: dict[str, int]) -> None:
     """A row whose output no later row reads would hold parameters without gradients: wasted compute, and
     DistributedDataParallel stops with "Expected to have finished reduction" at the second step."""
     read = {j for s in sources for j in (s if isinstance(s, list) else [s])}
     for layer in info[:-1]:
         if layer.index not in read:
-            raise DetectorError(f"{label}: {layer.row}: the output of {layer.module} (layer {layer.index}) is never "
-                                "used: no later row takes it as input ('from')")
+            raise DetectorError(f"{_at(label, lines, layer.row)}: {layer.row}: the output of {layer.module} (layer "
+                                f"{layer.index}) is never used: no later row takes it as input ('from')")
 
 
 def _sources(i: int, src: Any, where: str, entry: RowModule, channels: list[int | None]) -> list[int]:
@@ -495,7 +514,7 @@ def _construct(entry: RowModule, call: list, kwargs: dict, where: str, row_args:
         raise DetectorError(f"{where}: {entry.name}: {err}") from err
 
 
-def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
+def _finalize(model: DetectionModel, spec: dict, label: str, lines: dict[str, int]) -> None:
     """Activation and BN conventions, then the strides from a dry run, then anchors and prior biases."""
     if "activation" in spec:
         make_act = _activation(spec["activation"], label)
@@ -503,10 +522,8 @@ def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
             if isinstance(m, _blocks.Conv) and isinstance(m.act, nn.SiLU):
                 m.act = make_act()
     _blocks.set_batchnorm(model)  # YOLOv5's BN eps and momentum, for every norm in the model
-    feats = _dry_run(model, spec.get("ch", 3), label)
+    feats = _dry_run(model, spec.get("ch", 3), label, lines)
     head = model.head
-    if len(feats) != head.nl:
-        raise DetectorError(f"{label}: the Detect row has {len(feats)} inputs but {head.nl} anchor levels")
     strides = [STRIDE_PROBE_PX / f.shape[-2] for f in feats]
     head.set_stride(strides)
     head.init_biases()
@@ -514,27 +531,31 @@ def _finalize(model: DetectionModel, spec: dict, label: str) -> None:
 
 def _settle_default_anchors(model: DetectionModel, spec: dict, label: str) -> None:
     """A Detect row that leaves `anchors` to its default (Ultralytics' anchor-free `Detect, [nc]`) gets this
-    project's anchor-based head: warn once, and record the anchor count in `spec` (top level, which asks the
-    trainer to fit them, and in the row, so a rebuild from `model.yaml` is silent and the same)."""
+    project's anchor-based head: warn once, and record the anchor count in the row, so a rebuild from
+    `model.yaml` is silent and the same. Whenever the head's anchors are an anchor count (placeholders), the count
+    is also the top-level `anchors` of `spec`, which is what asks the trainer to fit them."""
     row = (spec.get("head") or spec["backbone"])[-1]
     info = model.layer_info[-1]
     *positional, last = info.args  # [c_ins, *row args] and a trailing keyword dict, if the row has one
     keywords = last if isinstance(last, dict) else {}
     if not isinstance(last, dict):
         positional.append(last)
-    if "anchors" in inspect.signature(type(model.head)).bind(*positional, **keywords).arguments:
+    arguments = inspect.signature(type(model.head)).bind(*positional, **keywords).arguments
+    if "anchors" in arguments:
+        if isinstance(arguments["anchors"], int):  # `[nc, 3]` or `anchors: 3`: placeholders to fit
+            spec["anchors"] = model.head.na
         return
     na = model.head.na
     LOGGER.warning("%s: %s: %s has no anchors: the head is this project's anchor-based one, with %d anchors "
                    "per level fitted by auto-anchor at train time", label, info.row, info.module, na)
-    spec.setdefault("anchors", na)
+    spec["anchors"] = na  # a top-level list the row does not use would leave the placeholders unfitted
     if row[3] and isinstance(row[3][-1], dict):
         row[3][-1]["anchors"] = na
     else:
         row[3].append({"anchors": na})
 
 
-def _dry_run(model: DetectionModel, ch: int, label: str) -> list[torch.Tensor]:
+def _dry_run(model: DetectionModel, ch: int, label: str, lines: dict[str, int]) -> list[torch.Tensor]:
     """Run the layers once on a zero image, so shape mismatches surface now, naming their row; records the
     activation elements per row (`model.probe_activations`) that `footprint.check_training_fits` scales."""
     current = [0]
@@ -553,8 +574,9 @@ def _dry_run(model: DetectionModel, ch: int, label: str) -> list[torch.Tensor]:
     except RuntimeError as err:
         info = model.layer_info[current[0]]
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DetectorError(f"{label}: {info.row}: {info.module} (layer {info.index}, from {info.source}) fails "
-                            f"on its inputs in a dry run at {STRIDE_PROBE_PX}x{STRIDE_PROBE_PX}: {message}") from err
+        raise DetectorError(f"{_at(label, lines, info.row)}: {info.row}: {info.module} (layer {info.index}, from "
+                            f"{info.source}) fails on its inputs in a dry run at {STRIDE_PROBE_PX}x{STRIDE_PROBE_PX}: "
+                            f"{message}") from err
     finally:
         for h in hooks:
             h.remove()

@@ -3,9 +3,10 @@
 Three checks, cheapest first:
 - row bounds at parse time: at most `MAX_REPEATS` repeats after the depth multiple and `MAX_CHANNELS` output
   channels after the width multiple (the largest published YOLO rows use 12 and 1,280);
-- a row whose channel product is large is first built on the `meta` device (shapes, no storage) and its
-  parameters counted, and every built row is counted too; the running total must leave training room
-  (`TRAIN_BYTES_PER_PARAM`: fp32 weight, gradient, momentum and EMA copy) in this machine's memory;
+- a row whose channel product (times its largest other int arg squared: a kernel size, nc) is large is first
+  built on the `meta` device (shapes, no storage) and its parameters counted, and every built row is counted
+  too; the running total must leave training room (`TRAIN_BYTES_PER_PARAM`: fp32 weight, gradient, momentum
+  and EMA copy) in this machine's memory;
 - at train time, `check_training_fits` scales the activations the builder's dry run measured per row to the
   training image size and batch.
 Each refusal states the estimate, the machine's memory and the row that asks for the most.
@@ -24,7 +25,7 @@ from detector.memory import gib
 
 MAX_REPEATS = 100
 MAX_CHANNELS = 16_384
-META_CHECK_ELEMENTS = 2**20  # c_in x c_out x copies above which a row is sized on `meta` before it is built
+META_CHECK_ELEMENTS = 2**20  # `row_elements` above which a row is sized on `meta` before it is built
 TRAIN_BYTES_PER_PARAM = 16
 TRAIN_BYTES_PER_ACTIVATION = 4  # fp32 outputs kept for backward (autocast halves some: this is the bound)
 
@@ -38,8 +39,16 @@ def check_row_bounds(where: str, repeats: int, c_out: int | None) -> None:
                             f"{MAX_CHANNELS:,}")
 
 
+def row_elements(c_in: int, c_out: int | None, copies: int, args: list) -> int:
+    """The size a row is judged by before it is built: c_in x c_out x copies, times the square of its largest
+    other int arg, since a kernel size (`Conv, [64, 300]`) or a class count (`Detect, [nc]`) multiplies the
+    parameters as much as the channels do."""
+    ints = [abs(a) for a in args if isinstance(a, int) and not isinstance(a, bool)]
+    return c_in * (c_out or 1) * copies * max([1, *ints]) ** 2
+
+
 def sized_construct(where: str, construct: Callable[[], nn.Module], elements: int, params_so_far: int) -> nn.Module:
-    """`construct()`, after sizing it on `meta` when `elements` (c_in x c_out x copies) is large, so that a row
+    """`construct()`, after sizing it on `meta` when `elements` (`row_elements`) is large, so that a row
     of 10^9 channels is refused without allocating it (the builder checks every built row with `check_params`)."""
     if elements > META_CHECK_ELEMENTS:
         with torch.device("meta"):

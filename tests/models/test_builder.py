@@ -331,3 +331,31 @@ def test_anchor_free_ultralytics_yaml_warns_once(tmp_path: Path, caplog: pytest.
         build_model(CONFIGS / "yolo-c2f-n.yaml")
         build_model(CONFIGS / "yolov5n.yaml")
     assert not caplog.records  # anchors given: nothing to say
+
+
+def test_file_attention_key_that_reaches_no_row_warns_and_is_dropped(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A file's `attention: se` over plain C2f rows built no attention, silently, and model.yaml recorded se."""
+    text = (CONFIGS / "yolo-c2f-n.yaml").read_text().replace("nc: 80", "nc: 80\nattention: se", 1)
+    path = tmp_path / "c2f.yaml"
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="detector.models.builder"):
+        model = build_model(path)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("attention: se"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:{line}: attention: 'se' reaches no row (Attn, AttnC2f and CA_C2f rows take the attention key; "
+        "c2f.yaml has none): ignored"]
+    assert "attention" not in model.yaml and not model.attentions
+
+
+@pytest.mark.parametrize("detect_args", [["nc", 3], ["nc"]])
+def test_placeholder_anchors_ask_for_a_fit(detect_args: list) -> None:
+    """Placeholder anchors (an anchor count) are fitted at train time only when model.yaml's top-level `anchors`
+    is that count: `Detect, [nc, 3]`, or `Detect, [nc]` beside a top-level list it does not use, left them out."""
+    spec = tiny("yolov5n")
+    spec["head"][-1] = [[17, 20, 23], 1, "Detect", detect_args]
+    if detect_args == ["nc", 3]:
+        del spec["anchors"]
+    model = build_model(spec)
+    assert model.yaml["anchors"] == 3 and model.head.na == 3
+    assert build_model(model.yaml).yaml["anchors"] == 3

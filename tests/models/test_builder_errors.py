@@ -146,3 +146,37 @@ def test_newer_ultralytics_modules_are_unknown(tmp_path: Path, module: str) -> N
     """YOLO11's blocks are not in the registry: the build stops on the row instead of guessing."""
     text = BASE.replace("[-1, 3, C3, [128]]", f"[-1, 2, {module}, [256, False, 0.25]]")
     assert fails(tmp_path, text).startswith(f"backbone[2]: unknown module '{module}'")
+
+
+def test_plain_c2f_refuses_attention_keywords(tmp_path: Path) -> None:
+    """A plain C2f has the attention parameters, but its rows are neither swapped by an override nor recorded in
+    `model.attentions`: a keyword there built CBAM while the run said no attention."""
+    text = (REPO_ROOT / "configs" / "models" / "yolo-c2f-n.yaml").read_text()
+    text = text.replace("[-1, 3, C2f, [128, True]]", "[-1, 3, C2f, [128, True, {attention: cbam}]]")
+    assert fails(tmp_path, text) == ("backbone[2]: C2f: unexpected keyword argument 'attention' (Attn, AttnC2f and "
+                                     "CA_C2f rows take it)")
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_value_and_dry_run_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    for text, needle, message in [
+        (BASE.replace("nc: 80", "nc: -3"), "nc: -3", "nc: expected a positive number, got -3"),
+        (BASE.replace("depth_multiple:", "scale: n\ndepth_multiple:"), "scale: n",
+         "scale: given without a 'scales:' table to pick from"),
+        (BASE.replace("nc: 80", "nc: 80\nattention_at: inside"), "attention_at:",
+         "attention_at: 'inside' is not one of output, concat, bottleneck"),
+        (BASE.replace("[[-1, 4], 1, Concat", "[[-1, 2], 1, Concat"), "[[-1, 2], 1, Concat",
+         "head[6]: Concat (layer 16, from [-1, 2]) fails on its inputs in a dry run at 256x256: "),
+        (BASE.replace("[-1, 1, Conv, [512, 1, 1]]", "[8, 1, Conv, [512, 1, 1]]"), "[-1, 1, SPPF, [1024, 5]]",
+         "backbone[9]: the output of SPPF (layer 9) is never used"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(DetectorError, match=rf"^{re.escape(f'{path}:{line_of(text, needle)}: {message}')}"):
+            build_model(path)
+    path.write_text(BASE.replace("nc: 80", "nc: 80\nattention: se"))  # an override's bad value is not on that line
+    with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}: attention: unknown attention 'cbma'"):
+        build_model(path, attention="cbma")

@@ -67,3 +67,24 @@ def test_training_that_cannot_fit_names_the_heaviest_row(monkeypatch: pytest.Mon
                                             rf"{need / 2**30:,.1f} GiB .*more than this machine's 8.0 GiB; "
                                             r"backbone\[2\] \(C3\) holds the most activations"):
         footprint.check_training_fits(model, imgsz=4096, batch=64, source="model yolov5n")
+
+
+def test_a_huge_kernel_is_sized_on_meta(tmp_path: Path) -> None:
+    """16 x 32 channels is a small product, but a 100,000 px kernel makes 5 * 10^12 weights: sized on meta and
+    refused, not handed to the allocator (which raised a bare RuntimeError, or took the memory of a smaller one)."""
+    refused(tmp_path, BASE.replace(ROW, "[-1, 1, Conv, [128, 100000, 2]]"),
+            r"the model would have [\d,]+ parameters \(5,120,000,000,064 in this row\)")
+
+
+def test_a_huge_class_count_is_sized_on_meta(tmp_path: Path) -> None:
+    path = tmp_path / "absurd.yaml"
+    path.write_text(BASE)
+    line = next(i for i, text in enumerate(BASE.splitlines(), 1) if "Detect" in text)
+    with pytest.raises(DetectorError, match=rf"^{path}:{line}: head\[14\]: the model would have [\d,]+ parameters"):
+        build_model(path, nc=10**10)
+
+
+def test_row_elements_count_kernel_and_class_count() -> None:
+    assert footprint.row_elements(16, 32, 2, [3, 2, None, True]) == 16 * 32 * 2 * 9  # k=3; bools and None skipped
+    assert footprint.row_elements(448, None, 1, [80, [[10, 13]]]) == 448 * 80**2
+    assert footprint.row_elements(8, 8, 1, []) == 64
