@@ -15,6 +15,10 @@ if [[ -n "${DEMO_EPOCHS:-}" ]]; then
 else  # epochs=7 shapes the first epoch (warmup, no mosaic) as in the fixed-length demo; the budget then sets the count
   length=(epochs=7 time="$("$PY" -c "import sys; print(float(sys.argv[1]) / 60)" "${DEMO_MINUTES:-10}")")
 fi
-"$PY" -m detector train model=configs/models/yolo-ca-n.yaml data=data/shapes.yaml name=demo exist_ok=true \
-  "${length[@]}" imgsz=256 batch=16 "$@"
+defaults=(model=configs/models/yolo-ca-n.yaml data=data/shapes.yaml name=demo exist_ok=true "${length[@]}" imgsz=256 batch=16)
+given=" "
+for arg in "$@"; do given+="${arg%%=*} "; done
+train_args=()  # a key given on the command line replaces the default of that name (a key twice is an error)
+for arg in "${defaults[@]}"; do [[ "$given" == *" ${arg%%=*} "* ]] || train_args+=("$arg"); done
+"$PY" -m detector train "${train_args[@]}" "$@"
 "$PY" -m detector val weights=runs/train/demo/weights/best.pt data=data/shapes.yaml imgsz=256 name=demo exist_ok=true iou=0.65
