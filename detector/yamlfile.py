@@ -8,7 +8,8 @@ refuses, in one line naming the file:
   expand to billions of nodes: code that walks the data would hang or exhaust memory);
 - an alias inside the collection it names (``a: &x [*x]``): a structure that contains itself, which code that
   walks the data would recurse into forever;
-- tags that construct Python objects (``!!python/object/apply``): `safe_load` refuses them, nothing runs.
+- tags that construct Python objects (``!!python/object/apply``): `safe_load` refuses them, nothing runs;
+- a key written twice in one mapping, which `safe_load` would resolve by dropping the first value silently.
 
 The bounds are checked on PyYAML's event stream, which is read iteratively, so a hostile file fails in
 milliseconds and before the recursive composer or constructor ever sees it.
@@ -35,7 +36,7 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     text = _read_text(path)
     try:
         _check_bounds(text, path)
-        node, data = _compose_and_construct(text)
+        node, data = _compose_and_construct(text, path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -48,11 +49,37 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-def _compose_and_construct(text: str) -> tuple[yaml.Node | None, Any]:
-    """The node graph (for the line numbers) and the data built from that same graph: one parse, not two."""
+def _refuse_repeated_keys(node: yaml.Node | None, path: Path) -> None:
+    """A key written twice in one mapping: `safe_load` keeps the last value and drops the first without a word (a
+    second `head:` would drop a model's whole head). Keys a merge (`<<: *base`) brings in are not written there,
+    so overriding them stays allowed. Walks each node once (aliases share nodes)."""
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in first_line:
+                        raise DetectorError(f"{path}:{line}: key '{key_node.value}' is given twice (first on line "
+                                            f"{first_line[key_node.value]}); one of the values would be dropped")
+                    first_line[key_node.value] = line
+                todo += [key_node, value_node]
+        elif isinstance(current, yaml.SequenceNode):
+            todo += current.value
+
+
+def _compose_and_construct(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+    """The node graph (for the line numbers) and the data built from that same graph: one parse, not two. Repeated
+    keys are looked for in between: constructing inlines merged keys into the graph."""
     loader = LOADER(text)
     try:
         node = loader.get_single_node()
+        _refuse_repeated_keys(node, path)
         return node, loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()

@@ -97,6 +97,18 @@ def test_a_scalar_the_constructor_cannot_build_is_one_line(tmp_path: Path, reade
     refused(path, READERS[reader], rf"scalar\.yaml: invalid YAML: {problem}")
 
 
+@pytest.mark.parametrize("reader", READERS, ids=str)
+def test_a_key_written_twice_is_refused_but_a_merged_key_may_be_overridden(tmp_path: Path, reader: str) -> None:
+    """safe_load keeps the last of two equal keys: a model's second `head:` would drop the first without a word."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("nc: 3\nepochs: 1\nnames: {a: 1}\nepochs: 2\n")
+    refused(path, READERS[reader], r"twice\.yaml:4: key 'epochs' is given twice \(first on line 2\)")
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\nlist: [{k: 1}, {k: 2, j: 0, j: 1}]\n")
+    assert refused(path, load_yaml, r"twice\.yaml:5: key 'j' is given twice \(first on line 5\)")
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert load_yaml(path)[0]["other"] == {"x": 3, "y": 2}
+
+
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="a character device without end")
 def test_a_file_without_a_size_is_read_only_up_to_the_limit() -> None:
     """stat() gives a device or a pipe size 0, so the size check passed and read_bytes() ran until MemoryError."""
