@@ -96,18 +96,28 @@ def worker_priority_option(**flags: Any) -> Any:
 # typed options
 
 
+OVERRIDE_SECTIONS = ("model", "train")  # `model.attention=cbam` reads as `attention=cbam`
+
+
 def parse_overrides(args: typing.Sequence[str]) -> dict[str, str]:
     """['epochs=10', 'model.attention=cbam'] -> {'epochs': '10', 'attention': 'cbam'} (a leading section is dropped).
 
     A key given twice is an error (`epochs=10 ... epochs=20`, `attention=se model.attention=cbam`): one value would
-    be dropped without a word."""
+    be dropped without a word. So is a section other than `model.` or `train.`, and a key written with dashes
+    (`--epochs=3`), where the key named would not be the one meant."""
     out: dict[str, str] = {}
     given: dict[str, str] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise DetectorError(f"command line: '{arg}' is not key=value")
-        name = key.split(".")[-1].replace("-", "_")
+        if key.startswith("-"):
+            raise DetectorError(f"command line: '{arg}': keys are written without dashes ({key.lstrip('-')}={value})")
+        *sections, name = key.split(".")
+        if sections and sections[0] not in OVERRIDE_SECTIONS:
+            raise DetectorError(f"command line: '{arg}': unknown section '{sections[0]}' (model. or train., or none)"
+                                f"{did_you_mean(sections[0], OVERRIDE_SECTIONS)}")
+        name = name.replace("-", "_")
         if name in out:
             raise DetectorError(f"command line: '{name}' is given twice ('{given[name]}' and '{arg}')")
         out[name], given[name] = value, arg

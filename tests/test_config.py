@@ -28,6 +28,14 @@ def test_a_key_given_twice_is_an_error():
         parse_overrides(["attention=se", "model.attention=cbam"])
 
 
+def test_a_dashed_key_or_an_unknown_section_is_an_error_not_another_key():
+    assert parse_overrides(["train.epochs=3", "model.attention=se"]) == {"epochs": "3", "attention": "se"}
+    with pytest.raises(DetectorError, match=r"'--epochs=3': keys are written without dashes \(epochs=3\)"):
+        parse_overrides(["--epochs=3"])
+    with pytest.raises(DetectorError, match=r"'modle\.attention=se': unknown section 'modle' .*did you mean 'model'"):
+        parse_overrides(["modle.attention=se"])
+
+
 def test_unknown_key_names_source_and_suggests(tmp_path: Path):
     with pytest.raises(DetectorError, match=r"command line: unknown key 'epohcs' \(did you mean 'epochs'\?\)"):
         load_train_config({"epohcs": "3"})

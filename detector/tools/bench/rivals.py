@@ -76,15 +76,14 @@ HARNESS_TRAIN_KEYS = frozenset(("data", "epochs", "imgsz", "batch", "seed", "wor
 
 def parse_args(argv: list[str]) -> tuple[RivalsOptions, list[str]]:
     """key=value args -> (options, our extra `detector train` args given as ours.key=value)."""
-    ours = [arg for arg in argv if arg.startswith("ours.")]
-    taken = sorted(set(parse_overrides(ours)) & HARNESS_TRAIN_KEYS)  # also the key=value check of every argument
+    ours_extra = [arg[len("ours."):] for arg in argv if arg.startswith("ours.")]
+    taken = sorted(set(parse_overrides(ours_extra)) & HARNESS_TRAIN_KEYS)  # also the key=value check of each
     if taken:
         key = taken[0]
         instead = f"; give {key}= instead" if key in RivalsOptions.__dataclass_fields__ else ""
         raise DetectorError(f"command line: ours.{key}: the harness sets '{key}' of our detector train itself{instead}")
     values = parse_overrides([arg for arg in argv if not arg.startswith("ours.")])
     opts = build_options(RivalsOptions, values, "command line")
-    ours_extra = [arg[len("ours."):] for arg in ours]
     for rival in rival_names(opts):
         if rival != OURS and rival not in ULTRALYTICS_MODELS:
             valid = ", ".join([*ULTRALYTICS_MODELS, OURS])
