@@ -197,6 +197,10 @@ def run_tune(opts: TuneOptions) -> Path:
     root = Path(opts.project) / opts.name
     extra = _extra_train_keys(opts, dims)
     base = load_train_config({**_own_settings(opts, 1, root), **extra})  # every key checked before any training
+    searched = [d.key for d in dims if d.key in given_keys(base)]  # train= pairs were refused above: a cfg file's
+    if searched:
+        raise DetectorError(f"tune: the train=cfg= file sets '{searched[0]}', which the space searches (remove it "
+                            "from one of them)")
     fixed = fixed_keys(base, dims, opts)  # typed, for the cfg file
     warn_without_mosaic(base, dims)
     trials: list[Trial] = []
