@@ -71,3 +71,9 @@ def test_bench_data_refuses_an_empty_list_naming_it(pair: str, capsys: pytest.Ca
     from max())."""
     assert main(["bench", "data", pair, "scale=coco"]) == 2
     assert capsys.readouterr().err.splitlines() == [f"detector bench data: error: bench data: '{pair[:-1]}' is empty"]
+
+
+def test_bench_train_refuses_a_config_listed_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    """The second run of a twice-listed config went to an auto-numbered folder while the first's files were read."""
+    assert main(["bench", "train", "configs=yolov5n,yolo-c2f-n,yolov5n", "images=16"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["detector bench train: error: bench train: 'configs' lists 'yolov5n' twice"]
