@@ -100,7 +100,8 @@ def confusion_matrix(
 
     Class-agnostic matching per image among pairs with IoU > iou: each detection (score >= conf) keeps its
     best-IoU GT box, then each GT box keeps its best detection. Unmatched GT -> background row; unmatched
-    detections -> background column, unless they overlap a crowd region (ignored, as COCOeval does).
+    detections -> background column, unless a crowd region covers more than `iou` of their area (ignored, as
+    COCOeval does).
     """
     nc = len(category_ids)
     evaluated, known = set(int(i) for i in image_ids), set(int(c) for c in category_ids)
@@ -134,7 +135,7 @@ def confusion_matrix(
         spurious = np.ones(len(d), dtype=bool)
         spurious[di] = False
         if len(crowd):
-            spurious &= ~(_iou(gt_box[crowd], det_box[d]) > iou).any(axis=0)
+            spurious &= ~(_crowd_overlap(gt_box[crowd], det_box[d]) > iou).any(axis=0)
         np.add.at(matrix, (det_cls[d[spurious]], nc), 1)
     return matrix
 
@@ -189,6 +190,16 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(len(a), len(b)) IoU of float64 xyxy boxes, by torchvision.ops.box_iou (NaN for two zero-area boxes, which
     no threshold matches)."""
     return box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+
+
+def _crowd_overlap(crowd: np.ndarray, det: np.ndarray) -> np.ndarray:
+    """(len(crowd), len(det)): the share of each detection's area inside each crowd region, which is COCOeval's
+    IoU against a crowd box (a detection on part of a crowd is not a false positive, however small it is)."""
+    top_left = np.maximum(crowd[:, None, :2], det[None, :, :2])
+    bottom_right = np.minimum(crowd[:, None, 2:], det[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+    return np.divide(inter, area[None], out=np.zeros_like(inter), where=area[None] > 0)
 
 
 def _save(fig: Figure, path: Path) -> None:

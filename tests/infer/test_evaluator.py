@@ -303,6 +303,7 @@ def test_confusion_matrix_counts() -> None:
             [1, 10, 20, 60, 50, 0.9, 2],  # circle found
             [1, 120.5, 10.25, 40, 30, 0.9, 9],  # square called a triangle
             [1, 152, 62, 40, 30, 0.9, 5],  # on the crowd circle: ignored
+            [1, 160, 65, 10, 10, 0.9, 2],  # small, inside the crowd circle (IoU 0.06, all of it covered): ignored too
             [5, 10, 10, 20, 20, 0.8, 5],  # false positive on an empty image
             [3, 0, 0, 128, 128, 0.1, 2],  # below conf 0.25: not counted
         ]
