@@ -130,7 +130,8 @@ def bench_metric(num_images: int, dets_per_image: int, num_classes: int, seed: i
 
 def synthetic_coco(num_images: int, dets_per_image: int, num_classes: int, seed: int = 0) -> tuple[dict, np.ndarray]:
     """COCO-like GT (about 7 boxes per image, gapped category ids, 1% crowd) and (N, 7) detections: 80% of the GT
-    boxes found with jitter, the rest of each image's `dets_per_image` random low-score boxes."""
+    boxes found with jitter, then random low-score boxes up to `dets_per_image` x `num_images` in all, spread over
+    the images at random (so the count per image varies around `dets_per_image`)."""
     rng = np.random.default_rng(seed)
     cat_ids = np.arange(num_classes) * 2 + 1
     width, height = 640, 480
