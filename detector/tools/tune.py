@@ -40,7 +40,7 @@ import yaml
 from detector.config import TrainConfig, given_keys, load_train_config, neutral_keys, parse_overrides, run_only_keys
 from detector.errors import DetectorError, TrainingDiverged, did_you_mean
 from detector.options import TuneOptions
-from detector.tools.runs import best_row, train_or_skip
+from detector.tools.runs import best_row, check_same_settings, train_or_skip
 from detector.viz.tables import format_table
 from detector.yamlfile import load_yaml
 
@@ -49,6 +49,7 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_SPACE = Path(str(importlib.resources.files("detector").joinpath("configs", "tune", "space.yaml")))
 PARENTS = 5  # the best trials a new one is bred from
 MOVE_PROBABILITY = 0.8  # the chance that a key moves in a mutation
+DIVERGED_MARKER = "diverged.txt"  # in a trial's folder: the trainer stopped it for non-finite losses
 SIGNIFICANT_DIGITS = 4  # a trial's float values, rounded so its files read cleanly and it reproduces from them
 NOT_SEARCHED = {
     "seed": "the seed is set by tune's seed=, the same for every trial",
@@ -221,12 +222,21 @@ def run_tune(opts: TuneOptions) -> Path:
 
 def run_trial(cfg: TrainConfig, number: int, values: dict[str, float | int], label: str, *, main: bool) -> tuple[Trial, bool]:
     """(the trial, whether it trained now): trained, resumed or skipped as finished; a run the trainer stops for
-    non-finite losses scores 0. The main process drops a finished trial's last.pt (only a resume would read it)."""
+    non-finite losses scores 0, and is marked so (`DIVERGED_MARKER`) that a re-run of the search skips it as it
+    skips a finished one (trained again, it could score otherwise and breed the later trials differently). The
+    main process drops a finished trial's last.pt (only a resume would read it)."""
     run_dir = Path(cfg.project) / cfg.name
+    marker = run_dir / DIVERGED_MARKER
+    if marker.exists():
+        check_same_settings(run_dir, cfg, command="tune", free_keys=neutral_keys(TrainConfig))
+        LOGGER.info("%s: diverged earlier (%s), skipped; the trial scores fitness 0", label, marker)
+        return Trial(number, values, 0.0, None, None, run_dir), False
     try:
         trained = train_or_skip(run_dir, cfg, label, command="tune", free_keys=neutral_keys(TrainConfig))
     except TrainingDiverged as err:  # a recipe that diverges is a bad trial, not the end of the search
         LOGGER.warning("%s: %s; the trial scores fitness 0", label, err)
+        if main:
+            marker.write_text(f"{err}\n")
         return Trial(number, values, 0.0, None, None, run_dir), True
     if main:
         (run_dir / "weights" / "last.pt").unlink(missing_ok=True)

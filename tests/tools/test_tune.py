@@ -208,6 +208,11 @@ def test_a_trial_that_diverges_scores_0_and_the_search_goes_on(tmp_path: Path, m
     assert (rows[1]["fitness"], rows[1]["AP50:95"]) == ("0.0", "") and rows[0]["AP50:95"] != "" and rows[2]["AP50:95"] != ""
     assert any("tune [2/3]: training stopped: 1 non-finite steps in a row" in r.getMessage() and "fitness 0" in r.getMessage()
                for r in caplog.records)
+    trained: list[str] = []  # a re-run skips the diverged trial as it skips the finished ones: nothing trains again
+    monkeypatch.setattr(trainer_module, "train", lambda cfg: trained.append(cfg.name) or real_train(cfg))
+    run_tune(opts)
+    with (root / "tune_results.csv").open(newline="") as f:
+        assert list(csv.DictReader(f)) == rows and trained == []
 
 
 def test_a_train_cfg_file_fixes_its_keys_in_every_trial_and_in_the_winners_file(tmp_path: Path, monkeypatch) -> None:
