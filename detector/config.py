@@ -329,7 +329,7 @@ class TrainConfig:
     fliplr: float = option(0.5, "horizontal flip probability", ge=0, le=1)
     flipud: float = option(0.0, "vertical flip probability", ge=0, le=1)
     mosaic: float = option(0.9, "mosaic probability", ge=0, le=1)
-    mixup: float = option(0.08, "mixup probability", ge=0, le=1)
+    mixup: float = option(0.08, "mixup probability of a mosaic sample (as YOLOv5: none once mosaic is off)", ge=0, le=1)
     multi_scale: float = option(0.0, "train each batch at a random size in imgsz x (1 +/- multi_scale), a multiple of the stride (0: off; Ultralytics' multi_scale=True is 0.5)", ge=0, lt=1)
     close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
     fraction: float = option(1.0, "train on this share of the training images (the same ones in every run: one fixed shuffle's first share; validation uses all)", gt=0, le=1)
