@@ -192,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if name not in COMMANDS:
+        group_help = wants_help and len(args) == 1 and any(n.startswith(f"{name} ") for n in COMMANDS)
         print(_usage(), file=sys.stdout if wants_help else sys.stderr)
+        if group_help:  # `detector bench --help`: the usage lists the group's commands
+            return 0
         print(f"detector: error: {_unknown_command(args)}", file=sys.stderr)
         return 2
     command = COMMANDS[name]

@@ -33,6 +33,10 @@ def test_help_command_prints_the_usage_on_stdout(capsys):
     assert main(["help"]) == 0
     captured = capsys.readouterr()
     assert "commands:" in captured.out and captured.err == ""
+    assert main(["bench", "--help"]) == 0  # a group's help: the usage, which lists the group's commands
+    captured = capsys.readouterr()
+    assert "  bench track " in captured.out and captured.err == ""
+    assert main(["bench"]) == 2 and "'bench' needs a command" in capsys.readouterr().err
 
 
 def test_bad_key_is_one_line_without_traceback():
