@@ -211,6 +211,8 @@ class Concat(nn.Module):
 
     def __init__(self, c_ins: Sequence[int], dim: int = 1) -> None:
         super().__init__()
+        if dim not in (1, -3):  # the builder gives the next row the sum of the input channels
+            raise ValueError(f"dim must be 1 (the channels, whose counts add up), got {dim!r}")
         self.dim = dim
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:

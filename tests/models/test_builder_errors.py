@@ -180,3 +180,9 @@ def test_value_and_dry_run_errors_name_the_line(tmp_path: Path) -> None:
     path.write_text(BASE.replace("nc: 80", "nc: 80\nattention: se"))  # an override's bad value is not on that line
     with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}: attention: unknown attention 'cbma'"):
         build_model(path, attention="cbma")
+
+
+def test_concat_on_another_dim_than_the_channels_is_refused(tmp_path: Path) -> None:
+    """The next row is given the sum of the inputs' channels: a Concat along another dim would break that count."""
+    message = fails(tmp_path, BASE.replace("[[-1, 6], 1, Concat, [1]]", "[[-1, 6], 1, Concat, [2]]"))
+    assert message.startswith("head[2]: Concat: dim must be 1 (the channels, whose counts add up), got 2"), message
