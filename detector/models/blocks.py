@@ -219,6 +219,9 @@ class Concat(nn.Module):
         return concat(xs, self.dim)
 
 
+MAX_UPSAMPLE = 32  # one Upsample row's scale; FPN/PAN rows use 2 (a 1000x row would allocate gigabytes when built)
+
+
 @register_module(channels="same")
 class Upsample(nn.Upsample):
     """Resize by `scale_factor` (nearest by default). Row args: [scale_factor=2, mode='nearest'].
@@ -227,6 +230,9 @@ class Upsample(nn.Upsample):
     """
 
     def __init__(self, c_in: int, scale_factor: float = 2, mode: str = "nearest") -> None:
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) \
+                or not 0 < scale_factor <= MAX_UPSAMPLE:  # the builder's dry run would allocate its output
+            raise ValueError(f"scale_factor must be a number in (0, {MAX_UPSAMPLE}], got {scale_factor!r}")
         super().__init__(scale_factor=scale_factor, mode=mode)
 
 

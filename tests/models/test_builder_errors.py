@@ -186,3 +186,10 @@ def test_concat_on_another_dim_than_the_channels_is_refused(tmp_path: Path) -> N
     """The next row is given the sum of the inputs' channels: a Concat along another dim would break that count."""
     message = fails(tmp_path, BASE.replace("[[-1, 6], 1, Concat, [1]]", "[[-1, 6], 1, Concat, [2]]"))
     assert message.startswith("head[2]: Concat: dim must be 1 (the channels, whose counts add up), got 2"), message
+
+
+@pytest.mark.parametrize("scale", ["1000", "0", "'2'"])
+def test_an_upsample_scale_out_of_range_is_refused_before_the_dry_run(tmp_path: Path, scale: str) -> None:
+    """A 1000x Upsample of the stride-32 map would allocate gigabytes in the builder's dry run."""
+    message = fails(tmp_path, BASE.replace("[-1, 1, nn.Upsample, [None, 2, 'nearest']]", f"[-1, 1, nn.Upsample, [None, {scale}, 'nearest']]", 1))
+    assert re.match(r"head\[1\]: nn\.Upsample: scale_factor must be a number in \(0, 32\], got ", message), message
