@@ -546,8 +546,8 @@ class Trainer:
                                    f"{saved} (try a lower lr0 or amp=off)")
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
-        """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait."""
-        result = None
+        """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait (and return None)."""
+        result, metrics = None, None
         final = epoch + 1 == self.epochs
         budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
         if self.dist.is_main:
