@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import tempfile
 import time
@@ -201,6 +200,5 @@ def _dataset(opts: BenchTrainOptions, tmp: Path) -> tuple[Path, int, int]:
 
     if not opts.data:
         return generate_shapes_dataset(tmp / "shapes", seed=0, n_train=opts.images, n_val=16, imgsz=opts.imgsz), 6, opts.images
-    spec = load_data_spec(opts.data)
-    coco = json.loads(spec.train.annotations.read_text())
-    return Path(opts.data), len(coco["categories"]), len(CocoDataset(spec.train))
+    train = CocoDataset(load_data_spec(opts.data).train)  # the scan parses the json once (and caches it)
+    return Path(opts.data), train.num_classes, len(train)
