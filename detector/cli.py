@@ -164,9 +164,14 @@ def _split_command(args: list[str]) -> tuple[str | None, list[str]]:
     return args[0], args[1:]
 
 
+def _group(name: str) -> list[str]:
+    """The commands of a group (`data`, `bench`): ['synth', 'check', ...]; [] for any other name."""
+    return [n.split(" ", 1)[1] for n in COMMANDS if n.startswith(f"{name} ")]
+
+
 def _unknown_command(args: list[str]) -> str:
     """The error for a command not in COMMANDS: a group (`data`, `bench`) lists its own, a typo gets a did-you-mean."""
-    group = [n.split(" ", 1)[1] for n in COMMANDS if n.startswith(f"{args[0]} ")]
+    group = _group(args[0])
     if group and (len(args) == 1 or "=" in args[1]):
         return f"'{args[0]}' needs a command: {', '.join(group)}"
     name = " ".join(args[:2]) if group else args[0]
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if name not in COMMANDS:
-        group_help = wants_help and len(args) == 1 and any(n.startswith(f"{name} ") for n in COMMANDS)
+        group_help = wants_help and len(args) == 1 and bool(_group(name))
         print(_usage(), file=sys.stdout if wants_help else sys.stderr)
         if group_help:  # `detector bench --help`: the usage lists the group's commands
             return 0
