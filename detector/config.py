@@ -289,7 +289,7 @@ class TrainConfig:
     project: str = option("runs/train", "parent folder of the run folder", neutral=True)
     name: str = option("exp", "run folder name (auto-incremented unless exist_ok)", neutral=True)
     exist_ok: bool = option(False, "reuse an existing run folder", neutral=True)
-    resume: str = option("", "'true' for the newest run, or a path to weights/last.pt", neutral=True)
+    resume: bool | str = option(False, "true: the newest run's weights/last.pt under project; or a path to a last.pt", neutral=True)
     weights: str = option("", "fine-tune: start a new run from this checkpoint's (EMA) weights, matched by name and shape (model=<checkpoint.pt> does the same with its architecture)")
     freeze: list[int] = option([], "freeze rows: N (the first N rows) or a comma list of row indices (0,1,2): no gradients, BN in eval mode", ge=0, le=10_000)
     # optimisation

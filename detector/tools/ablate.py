@@ -160,7 +160,7 @@ def _own_settings(opts: AblateOptions, v: Variant, seed: int, run_dir: Path) -> 
         "model": opts.model, "data": opts.data, "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch,
         "workers": opts.workers, "seed": seed, "device": opts.device, "attention": v.attention,
         "attention_at": v.attention_at, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
-        "resume": "",  # `train_or_skip` points it at last.pt to continue an interrupted run
+        "resume": False,  # `train_or_skip` points it at last.pt to continue an interrupted run
     }
 
 

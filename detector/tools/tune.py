@@ -258,7 +258,7 @@ def _own_settings(opts: TuneOptions, number: int, root: Path) -> dict[str, Any]:
     return {
         "model": opts.model, "data": opts.data, "epochs": opts.epochs, "imgsz": opts.imgsz, "batch": opts.batch,
         "workers": opts.workers, "seed": opts.seed, "device": opts.device, "project": str(root / "trials"),
-        "name": f"trial{number}", "exist_ok": True, "resume": "",  # `train_or_skip` resumes an interrupted trial
+        "name": f"trial{number}", "exist_ok": True, "resume": False,  # `train_or_skip` resumes an interrupted trial
     }
 
 

@@ -79,9 +79,9 @@ def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
     return project / f"{name}{n}"
 
 
-def find_resume_checkpoint(resume: str, project: Path) -> Path:
-    """`resume=true` -> the newest runs/train/*/weights/last.pt; otherwise the given path."""
-    if resume.lower() == "true":
+def find_resume_checkpoint(resume: bool | str, project: Path) -> Path:
+    """`resume=true` -> the newest <project>/*/weights/last.pt; otherwise the given path."""
+    if resume is True:
         candidates = sorted(project.glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise DetectorError(f"resume: nothing to resume: no */weights/last.pt under {project}")

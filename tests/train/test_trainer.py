@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import TrainConfig
+from detector.config import TrainConfig, load_train_config
 from detector.data.synthetic import generate_shapes_dataset
 from detector.data.transforms import to_model_input
 from detector.errors import DetectorError, TrainingDiverged
@@ -148,6 +148,21 @@ def test_resume_refuses_a_changed_model_and_a_finished_run(tiny_data: Path, tmp_
         Trainer(make_config(tiny_data, tmp_path, resume=str(last)))
     with pytest.raises(DetectorError, match="nothing to resume"):
         Trainer(make_config(tiny_data, tmp_path / "empty", resume="true"))
+
+
+def test_resume_false_trains_anew_and_a_yaml_true_finds_the_newest_run(tiny_data: Path, tmp_path: Path):
+    """`resume=false` (or `resume: false` in a cfg file) is no resume, not a checkpoint path named 'false'; a cfg
+    file's `resume: true` (a YAML boolean) is `resume=true`."""
+    train(make_config(tiny_data, tmp_path, epochs="1"))
+    fresh = Trainer(make_config(tiny_data, tmp_path, resume="false"))
+    assert fresh.cfg.resume is False and fresh.run_dir == tmp_path / "exp2"
+    fresh.close()
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("resume: true\n")
+    cfg = load_train_config({"cfg": str(cfg_file), "data": str(tiny_data), "project": str(tmp_path)})
+    assert cfg.resume is True
+    with pytest.raises(DetectorError, match="already finished all 1 epochs; nothing to resume"):
+        Trainer(cfg)
 
 
 def test_resume_sees_a_key_typed_at_its_default_value(tiny_data: Path, tmp_path: Path):
