@@ -201,7 +201,8 @@ class Detector:
 
     def predict(self, images: ImageInput | int | PredictOptions | None = None, /, *, save: bool = False,
                 stream: bool = False, **options: Any) -> list[dict[str, Any]] | Iterator[dict[str, Any]]:
-        """Detections for images: a path (image, folder or glob), an (H, W, 3) uint8 RGB array, or a list of them;
+        """Detections for images: a path (image, folder or glob), an (H, W, 3) uint8 RGB array, or a list of them
+        (a folder or glob in a list is expanded in place);
         a video file or a camera index (0); or a PredictOptions, whose `source` names them. Options: `detector
         predict` keys (conf, iou, max_det, imgsz, classes, batch, vid_stride ...), as that PredictOptions or as keywords.
 
@@ -375,15 +376,18 @@ class Detector:
         return loader
 
     def _predict_in_memory(self, predictor: Any, images: ImageInput, batch: int) -> list[dict[str, Any]]:
-        from detector.infer.predictor import detection_dict, iter_batches, list_images
+        from detector.infer.predictor import detection_dict, expand_image_list, iter_batches, list_images
 
-        skip = _skips_unreadable(images)
+        skip: bool | frozenset[str] = _skips_unreadable(images)
         if isinstance(images, (str, Path)):
             items: list[Path | np.ndarray] = list(list_images(images))
         elif isinstance(images, np.ndarray) and images.ndim == 4:
             items = list(images)
         elif isinstance(images, np.ndarray):
             items = [images]
+        elif all(isinstance(i, (str, Path)) for i in images):
+            paths, skip = expand_image_list(images)
+            items = list(paths)
         else:
             items = [Path(i) if isinstance(i, str) else i for i in images]
         results = []
@@ -393,13 +397,14 @@ class Detector:
         return results
 
     def _predict_to_files(self, predictor: Any, source: ImageInput, opts: PredictOptions) -> list[dict[str, Any]]:
-        """Every readable image of `source` (a path, folder, glob or list of paths), drawn and in predictions.json."""
-        from detector.infer.predictor import SavedFiles, list_images, predict_source
+        """Every readable image of `source` (a path, folder, glob, or a list of them), drawn and in predictions.json."""
+        from detector.infer.predictor import SavedFiles, expand_image_list, list_images, predict_source
 
+        skip: bool | frozenset[str] = _skips_unreadable(source)
         if isinstance(source, (str, Path)):
             files = list_images(source)
         elif not isinstance(source, np.ndarray) and all(isinstance(i, (str, Path)) for i in source):
-            files = [Path(i) for i in source]
+            files, skip = expand_image_list(source)
         else:
             raise DetectorError("predict: save=True needs image files (a path, a folder, a glob or a list of paths)")
         save_dir = _output_dir(opts.project, opts.name, opts.exist_ok)
@@ -407,7 +412,7 @@ class Detector:
         LOGGER.info("predict: %d image(s) from %s at %d px on %s", len(files), shown, predictor.imgsz, self.device)
         results = predict_source(
             predictor, files, save_dir, names=self.names, category_ids=self.category_ids, batch_size=opts.batch,
-            skip_unreadable=_skips_unreadable(source),
+            skip_unreadable=skip,
             saved=SavedFiles(images=opts.save_images, labels=opts.save_txt, scores=opts.save_conf, crops=opts.save_crop),
         )
         print(save_dir / "predictions.json")
@@ -441,7 +446,7 @@ class Detector:
 
 def _skips_unreadable(source: Any) -> bool:
     """Whether `predict` skips (with a warning) the unreadable files of `source`: those of a folder or a glob are
-    skipped; a file named directly, alone or in a list, is an error."""
+    skipped; a file named directly, alone or in a list, is an error (a list's folders: `expand_image_list`)."""
     return isinstance(source, (str, Path)) and (Path(source).is_dir() or not Path(source).exists())
 
 

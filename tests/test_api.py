@@ -78,6 +78,38 @@ def test_detector_from_a_checkpoint(tmp_path: Path, caplog) -> None:
         det.train(data="data.yaml", epochs=1)
 
 
+def test_predict_expands_a_folder_or_glob_inside_a_list(tmp_path: Path, caplog) -> None:
+    """A list may mix files, folders and globs (as Ultralytics' sources do): each is expanded in place; unreadable
+    files of a folder are skipped with a warning, a file named in the list must read; save=True writes them all."""
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, stems in ((first, ("a", "b")), (second, ("c", "d"))):
+        folder.mkdir()
+        for stem in stems:
+            Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(folder / f"{stem}.png")
+    (first / "broken.jpg").write_bytes(b"not an image")
+    lone = tmp_path / "lone.png"
+    Image.fromarray(np.full((30, 30, 3), 10, np.uint8)).save(lone)
+    with caplog.at_level(logging.WARNING):
+        results = det.predict([lone, first, str(second / "*.png")], conf=0.0)
+    assert [Path(r["file"]).name for r in results] == ["lone.png", "a.png", "b.png", "c.png", "d.png"]
+    assert any("broken.jpg" in r.getMessage() for r in caplog.records)
+    saved = det.predict([str(first), lone], save=True, project=str(tmp_path / "runs"), conf=0.0)
+    assert [Path(r["file"]).name for r in saved] == ["a.png", "b.png", "lone.png"]
+    rows = json.loads((tmp_path / "runs" / "exp" / "predictions.json").read_text())
+    assert {row["file_name"] for row in rows} == {"first/a.png", "first/b.png", "lone.png"}
+    with pytest.raises(DetectorError, match="broken.jpg"):  # named in the list itself: an error
+        det.predict([first / "broken.jpg", second])
+    with pytest.raises(DetectorError, match="no images"):
+        det.predict([lone, _empty(tmp_path)])
+
+
+def _empty(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder
+
+
 @pytest.mark.slow
 def test_train_one_epoch_then_val_and_predict(tmp_path: Path) -> None:
     from detector.data.synthetic import generate_shapes_dataset

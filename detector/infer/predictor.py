@@ -13,7 +13,7 @@ import contextlib
 import glob
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,23 @@ def list_images(source: str | Path) -> list[Path]:
     if not files:
         raise DetectorError(f"source: no images ({' '.join(IMAGE_SUFFIXES)}) in '{source}'")
     return sorted(files)
+
+
+def expand_image_list(items: Sequence[str | Path]) -> tuple[list[Path], frozenset[str]]:
+    """The files of a list of paths, each a file (kept as given, any extension), a folder or a glob (expanded by
+    `list_images`), in list order; and the files that came from a folder or a glob, whose unreadable ones predict
+    skips (a file named directly must read)."""
+    files: list[Path] = []
+    found: set[str] = set()
+    for item in items:
+        path = Path(item)
+        if path.is_dir() or (not path.exists() and glob.has_magic(str(item))):
+            listed = list_images(item)
+            files += listed
+            found.update(map(str, listed))
+        else:
+            files.append(path)
+    return files, frozenset(found)
 
 
 def check_image_array(image: Any, label: str) -> np.ndarray:
@@ -154,11 +171,13 @@ def _read(path: Path) -> np.ndarray | str:
         return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_unreadable: bool, skipped: list[str]) -> Iterator[Batch]:
+def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_unreadable: bool | AbstractSet[str],
+                 skipped: list[str]) -> Iterator[Batch]:
     """Batches of decoded images from paths and arrays, decoded on a few threads one batch ahead.
 
-    An unreadable file is named in a warning and appended to `skipped` when `skip_unreadable`, else it raises
-    DetectorError naming it. A malformed array raises DetectorError naming its index.
+    An unreadable file is named in a warning and appended to `skipped` when `skip_unreadable` is True or a set
+    holding it (the files of a folder in a list, `expand_image_list`), else it raises DetectorError naming it. A
+    malformed array raises DetectorError naming its index.
     """
 
     def load(chunk: Sequence[tuple[int, Path | np.ndarray]]) -> list[tuple[str | None, np.ndarray | str]]:
@@ -174,7 +193,7 @@ def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_un
             batch = Batch([], [])
             for file, image in loaded:
                 if isinstance(image, str):
-                    if not skip_unreadable:
+                    if not (skip_unreadable if isinstance(skip_unreadable, bool) else file in skip_unreadable):
                         raise DetectorError(f"{file}: cannot read image ({image})")
                     LOGGER.warning("%s: unreadable image skipped (%s)", file, image)
                     skipped.append(str(file))
@@ -240,14 +259,14 @@ def predict_source(
     names: Sequence[str],
     category_ids: Sequence[int],
     batch_size: int = 8,
-    skip_unreadable: bool = True,
+    skip_unreadable: bool | AbstractSet[str] = True,
     saved: SavedFiles = SavedFiles(),
 ) -> list[dict[str, Any]]:
     """`detector predict`: detections for every readable file, predictions.json and the `saved` files in
     `save_dir`. predictions.json holds COCO results ([{image_id, category_id, bbox [x, y, w, h] original pixels,
     score}]) plus file_name, width and height; image_id is the file's index in `files` (a folder's sorted list). Returns
-    `detection_dict`s (one per readable file). An unreadable file is skipped and named (`skip_unreadable`, for a
-    folder or a glob) or a DetectorError naming it. Files keep the names they are listed under (a symlink's own).
+    `detection_dict`s (one per readable file). An unreadable file is skipped and named (`skip_unreadable`: True, or the
+    set of files that came from a folder or a glob) or a DetectorError naming it. Files keep the names they are listed under (a symlink's own).
     """
     save_dir.mkdir(parents=True, exist_ok=True)
     # abspath, not resolve: a symlinked image is saved and named as listed, not after its target
