@@ -55,7 +55,9 @@ NOT_SEARCHED = {
     "seed": "the seed is set by tune's seed=, the same for every trial",
     "fraction": "more data scores higher: set it for every trial with train=fraction=",
 }
-TRIAL_ONLY = ("fraction",)  # train= keys that size the trials, not the recipe: left out of the winner's cfg file
+# train= keys that shape the short trials, not the recipe: left out of the winner's cfg file, named in its header
+# (a share of the data; close_mosaic, which a short trial needs below its epochs to see mosaic at all)
+TRIAL_ONLY = ("fraction", "close_mosaic")
 RESULT_COLUMNS = ("trial", "fitness", "AP50:95", "AP50")
 
 
@@ -315,7 +317,7 @@ def write_reports(root: Path, trials: list[Trial], dims: list[Dimension], opts: 
               f"# train with it: detector train cfg=<this file> model={opts.model} data={opts.data}\n")
     trial_only = [f"{k}={v}" for k, v in fixed.items() if k in TRIAL_ONLY]
     if trial_only:
-        header += f"# the trials trained with {', '.join(trial_only)} (left out below: it sizes the trials)\n"
+        header += f"# the trials trained with {', '.join(trial_only)} (left out below: it shapes the short trials)\n"
     recipe = {k: v for k, v in fixed.items() if k not in TRIAL_ONLY}
     body = yaml.safe_dump({**best.values, **recipe}, sort_keys=False)
     (root / "best_hyperparameters.yaml").write_text(header + body)
