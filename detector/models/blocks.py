@@ -80,7 +80,9 @@ def concat(tensors: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 
 def autopad(k: int, p: int | None = None, d: int = 1) -> int:
-    """'Same' padding for an odd kernel (stride 1 keeps the size; stride s divides it by s)."""
+    """'Same' padding for an odd kernel (stride 1 keeps the size; stride s divides it by s). An even kernel gets
+    d(k-1)/2 rounded down, so a k=2 s=2 patchify row halves the size exactly; YOLOv5's k//2 makes it H/2 + 1, a
+    size the next Concat refuses. Give p= to pad otherwise."""
     return d * (k - 1) // 2 if p is None else p
 
 

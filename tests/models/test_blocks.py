@@ -60,3 +60,12 @@ def test_blocks_train_through_concat_with_the_gradients_of_torch_cat(monkeypatch
     monkeypatch.setattr(blocks, "concat", lambda tensors, dim=1: torch.cat(list(tensors), dim))
     plain = grads()
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(dense, plain))
+
+
+@pytest.mark.parametrize(("k", "s", "d", "out"), [(1, 1, 1, 24), (3, 1, 1, 24), (5, 2, 1, 12), (3, 1, 2, 24),
+                                                  (2, 2, 1, 12), (4, 4, 1, 6), (3, 2, 3, 12)])
+def test_a_conv_row_without_p_keeps_the_size_or_divides_it_by_its_stride(k: int, s: int, d: int, out: int) -> None:
+    """autopad: odd kernels (dilated too) keep 24 px at stride 1 and give 24 / s otherwise; an even patchify kernel
+    (k = s) divides exactly (YOLOv5's k // 2 would give 13 and 7 for the k=2 and k=4 rows)."""
+    conv = blocks.Conv(3, 4, k, s, d=d)
+    assert conv(torch.zeros(1, 3, 24, 24)).shape == (1, 4, out, out)
