@@ -43,19 +43,29 @@ def detections_to_rows(
     rows [image_id, x, y, w, h, score, category_id] in original pixels with original category ids.
 
     `meta` is the loader's per-image dicts (image_id, ratio, pad, orig_hw); `category_ids[c]` is the original id of
-    contiguous class c. Loops over images only.
+    contiguous class c. The batch's detections come to the host in one copy and are mapped back there in one set of
+    calls (`unletterbox_boxes`' float32 arithmetic, per row): mapping each image on the device cost two blocking
+    host-to-device copies per image (its offset and bounds tensors) on CUDA.
     """
-    from detector.data.transforms import unletterbox_boxes
-
-    parts = []
-    for det, info in zip(detections, meta):
-        boxes = unletterbox_boxes(det[:, :4].float(), info["ratio"], info["pad"], info["orig_hw"])
-        image_id = torch.full_like(det[:, 4:5], float(info["image_id"]), dtype=torch.float64)
-        parts.append(torch.cat([image_id, boxes.double(), det[:, 4:6].double()], dim=1))
-    if not parts:
+    if not detections:
         return np.zeros((0, 7), dtype=np.float64)
-    rows = torch.cat(parts).cpu().numpy()
-    return coco_rows(rows[:, 0], rows[:, 1:5], rows[:, 5], category_ids.cpu().numpy()[rows[:, 6].astype(np.int64)])
+    det = torch.cat(list(detections)).cpu()  # one device-to-host copy per batch (a CPU-GPU sync point)
+    counts = [len(d) for d in detections]
+    pad, ratio, bound, image_id = _per_row(meta, counts)
+    boxes = torch.minimum(((det[:, :4].float() - pad) / ratio).clamp(min=0), bound).double().numpy()
+    scores, classes = det[:, 4].double().numpy(), det[:, 5].double().numpy()
+    return coco_rows(image_id, boxes, scores, category_ids.cpu().numpy()[classes.astype(np.int64)])
+
+
+def _per_row(meta: list[dict[str, Any]], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Each detection row's image parameters, repeated `counts` times per image: pad (N, 4) and ratio (N, 1) and
+    the clip bounds (N, 4) [w, h, w, h] as float32 (what `unletterbox_boxes` computes with), image id (N,) float64."""
+    pad = torch.tensor([[m["pad"][0], m["pad"][1]] * 2 for m in meta], dtype=torch.float32)
+    ratio = torch.tensor([[m["ratio"]] for m in meta], dtype=torch.float32)
+    bound = torch.tensor([[m["orig_hw"][1], m["orig_hw"][0]] * 2 for m in meta], dtype=torch.float32)
+    repeats = torch.tensor(counts)
+    image_id = np.repeat(np.array([float(m["image_id"]) for m in meta], dtype=np.float64), counts)
+    return (*(t.repeat_interleave(repeats, 0) for t in (pad, ratio, bound)), image_id)
 
 
 @dataclass

@@ -42,7 +42,7 @@ def non_max_suppression(
     # The pairs above conf, row-major, as one sorted index into the (B, C) table; each image's share is a slice of
     # it. Only the pairs an image keeps for NMS gather their boxes: a barely trained model passes most pairs (1.9
     # million of a 32-image batch's 3.1 million at 256 px), and gathering every pair's row took 20 ms a batch.
-    flat = (table > conf).reshape(-1).nonzero().squeeze(1)
+    flat = (table > conf).reshape(-1).nonzero().squeeze(1)  # a CPU-GPU sync point: the count sizes the result
     score = table.reshape(-1).take(flat)
     width = table.shape[1]
     bounds = torch.searchsorted(flat, torch.arange(batch_size + 1, device=flat.device) * width).tolist()  # a host sync
@@ -66,7 +66,8 @@ def _score_table(pred: torch.Tensor, *, multi_label: bool, classes: list[int] | 
     scores = pred[..., 5:] * pred[..., 4:5]  # (B, N, nc)
     allowed = None
     if classes is not None:
-        allowed = torch.isin(torch.arange(scores.shape[-1], device=pred.device), torch.as_tensor(classes, device=pred.device))
+        # on the host, then sent without waiting: `as_tensor(classes, device=cuda)` was a blocking copy per batch
+        allowed = torch.isin(torch.arange(scores.shape[-1]), torch.as_tensor(classes)).to(pred.device, non_blocking=True)
     if multi_label:
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))

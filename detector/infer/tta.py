@@ -52,7 +52,9 @@ def descale_rows(rows: torch.Tensor, ratio_x: float, ratio_y: float) -> torch.Te
     unscaled input's pixels (x and w divided by `ratio_x`, y and h by `ratio_y`); a new tensor."""
     if ratio_x == 1.0 and ratio_y == 1.0:
         return rows
-    ratios = rows.new_tensor([ratio_x, ratio_y, ratio_x, ratio_y])
+    # built on the host and sent without waiting: a plain new_tensor is a blocking copy on CUDA, which held the
+    # next pass's launch until this pass's forward had finished on the GPU
+    ratios = torch.tensor([ratio_x, ratio_y, ratio_x, ratio_y], dtype=rows.dtype).to(rows.device, non_blocking=True)
     return torch.cat([rows[..., :4] / ratios, rows[..., 4:]], dim=-1)
 
 
@@ -92,7 +94,7 @@ def augmented_forward(
     per pass; no loop over boxes."""
     if len(scales) != len(flips) or not scales:
         raise ValueError(f"scales and flips must be non-empty and of one length, got {len(scales)} and {len(flips)}")
-    strides = [int(s) for s in model.stride.tolist()]
+    strides = [int(s) for s in model.stride.tolist()]  # a host read of a device buffer (a CPU-GPU sync point, once a batch)
     stride = max(strides) if stride is None else int(stride)
     clip = clip_tails and len(scales) > 1 and len(strides) > 1
     width = images.shape[-1]

@@ -17,10 +17,10 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import complete_box_iou_loss
 
 from detector.errors import DetectorError
 from detector.models.head import DecoupledDetect
+from detector.train.ciou import complete_box_iou_loss
 from detector.train.loss_aligned import AlignedLoss
 
 # Subtracted from a centre (grid units) to reach: own cell, left, up, right, down neighbour.
@@ -57,30 +57,48 @@ class LevelTargets(NamedTuple):
     valid: Tensor
 
 
+class TargetConstants(NamedTuple):
+    """What `build_targets` multiplies by for one set of grid shapes, on the anchors' device: the cell offsets
+    (5, 2) and each level's (W_l, H_l) (nl, 2), float32. Built from Python numbers they are a blocking host-to-
+    device copy on CUDA (a CPU-GPU sync point): `YoloLoss` builds them once per device and shapes and keeps them."""
+
+    offsets: Tensor
+    sizes: Tensor
+
+
+def target_constants(grid_hw: Sequence[tuple[int, int]], device: torch.device) -> TargetConstants:
+    """The `TargetConstants` of levels of (H_l, W_l) `grid_hw` on `device`."""
+    sizes = torch.tensor([[width, height] for height, width in grid_hw], dtype=torch.float32, device=device)
+    return TargetConstants(torch.tensor(_CELL_OFFSETS, dtype=torch.float32, device=device), sizes.view(-1, 2))
+
+
 def build_targets(
-    targets: Tensor, anchors: Tensor, grid_hw: Sequence[tuple[int, int]], anchor_t: float = 4.0
+    targets: Tensor, anchors: Tensor, grid_hw: Sequence[tuple[int, int]], anchor_t: float = 4.0,
+    constants: TargetConstants | None = None,
 ) -> list[LevelTargets]:
     """Assign targets to (image, anchor, cell) per level, YOLOv5 rules, vectorized over all targets.
 
-    targets: (M, 6) [batch_index, class, cx, cy, w, h], box normalized to the input image.
-    anchors: (nl, na, 2) anchor w, h in grid units of each level. grid_hw: (H_l, W_l) per level.
+    targets: (M, 6) [batch_index, class, cx, cy, w, h], box normalized to the input image; best on the host in
+    pinned memory (the loader's), so that the copy to the anchors' device does not wait for the queued forward.
+    anchors: (nl, na, 2) anchor w, h in grid units of each level. grid_hw: (H_l, W_l) per level. constants: the
+    `target_constants(grid_hw, anchors.device)` (built here when None).
     A target matches an anchor when max(r, 1/r) < anchor_t for both the w and h ratios r. Besides its own cell it
     takes the left (right) neighbour when its centre lies in the left (right) half of the cell and more than one cell
     from that border, likewise up/down; indices are clamped to the grid.
     """
     device = anchors.device
-    targets = targets.to(device=device, dtype=torch.float32)
+    # non_blocking: a blocking copy to a GPU would wait for the forward queued before it (a CPU-GPU sync point)
+    targets = targets.to(dtype=torch.float32).to(device, non_blocking=True)
     anchors = anchors.float()
     num_targets, num_anchors = targets.shape[0], anchors.shape[1]
-    offsets = torch.tensor(_CELL_OFFSETS, device=device)
+    offsets, sizes = target_constants(grid_hw, device) if constants is None else constants
     rows = (num_targets, num_anchors, len(_CELL_OFFSETS))
     image = targets[:, 0].long()[:, None, None].expand(rows).reshape(-1)
     cls = targets[:, 1].long()[:, None, None].expand(rows).reshape(-1)
     anchor = torch.arange(num_anchors, device=device)[None, :, None].expand(rows).reshape(-1)
 
     levels = []
-    for (height, width), level_anchors in zip(grid_hw, anchors, strict=True):
-        size = torch.tensor([width, height], dtype=torch.float32, device=device)
+    for (height, width), level_anchors, size in zip(grid_hw, anchors, sizes, strict=True):
         gxy = targets[:, 2:4] * size  # (M, 2) centre in grid units
         gwh = targets[:, 4:6] * size
         ratio = gwh[:, None, :] / level_anchors[None]  # (M, na, 2)
@@ -159,6 +177,7 @@ class YoloLoss:
         # Label smoothing as in YOLOv5's smooth_BCE: positive 1 - eps/2, negative eps/2.
         self.cls_positive = 1.0 - 0.5 * label_smoothing
         self.cls_negative = 0.5 * label_smoothing
+        self._constants: dict[tuple, TargetConstants] = {}  # per (grid shapes, device): a few under multi_scale
 
     def set_epoch(self, epoch: int) -> None:
         """The trainer's per-epoch call (`AlignedLoss.set_epoch`); YOLOv5's shape-ratio matching is the same in
@@ -173,7 +192,8 @@ class YoloLoss:
         anchors = self.head.anchors
         maps = [p.float() for p in raw_maps]
         self._check_maps(maps, anchors)
-        levels = build_targets(targets, anchors, [(p.shape[2], p.shape[3]) for p in maps], self.anchor_t)
+        shapes = [(p.shape[2], p.shape[3]) for p in maps]
+        levels = build_targets(targets, anchors, shapes, self.anchor_t, self._target_constants(shapes, anchors.device))
 
         loss_box = loss_obj = loss_cls = maps[0].new_zeros(())
         for p, level, balance in zip(maps, levels, self.balance):
@@ -186,7 +206,8 @@ class YoloLoss:
             obj_target = objectness_target(p.shape, level, 1.0 - box_loss)
             loss_obj = loss_obj + balance * F.binary_cross_entropy_with_logits(p[..., 4], obj_target)
             if self.nc > 1:  # a single class is carried by objectness alone
-                cls_target = F.one_hot(level.cls, self.nc).float()
+                # a scatter, not F.one_hot: one_hot reads the classes' min and max on the host (on the CPU)
+                cls_target = pred.new_zeros(pred.shape[0], self.nc).scatter_(1, level.cls[:, None], 1.0)
                 cls_target = self.cls_negative + (self.cls_positive - self.cls_negative) * cls_target
                 cls_bce = F.binary_cross_entropy_with_logits(pred[:, 5:], cls_target, reduction="none")
                 loss_cls = loss_cls + (cls_bce * valid[:, None]).sum() / (num_valid * self.nc)
@@ -204,8 +225,15 @@ class YoloLoss:
         pred_wh = (pred_box[:, 2:].sigmoid() * 2) ** 2 * level.anchor_wh + _MIN_WH
         # Padding rows may carry degenerate boxes; give them a unit size so no NaN reaches the masked gradient.
         target_wh = torch.where(level.valid[:, None], level.box[:, 2:], 1.0)
-        # torchvision computes the intersection through a boolean mask: one host sync per level on CUDA.
+        # detector.train.ciou, not torchvision's: its boolean-mask intersection was one host sync per level on CUDA
         return complete_box_iou_loss(_xyxy(pred_xy, pred_wh), _xyxy(level.box[:, :2], target_wh))
+
+    def _target_constants(self, shapes: list[tuple[int, int]], device: torch.device) -> TargetConstants:
+        """`target_constants` built at the first step of each set of map shapes on `device`, then kept."""
+        key = (tuple(shapes), device)
+        if key not in self._constants:
+            self._constants[key] = target_constants(shapes, device)
+        return self._constants[key]
 
     def _check_maps(self, maps: Sequence[Tensor], anchors: Tensor) -> None:
         num_levels, num_anchors = anchors.shape[:2]

@@ -39,9 +39,10 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_convert, complete_box_iou_loss
+from torchvision.ops import box_convert
 
 from detector.models.head import decode_boxes
+from detector.train.ciou import complete_box_iou_loss
 
 _EPS = 1e-9
 _RANK_PAIRS = 2**18  # (target, anchor) pairs ranked at once in the anchor-box epochs (`assign_static`)
@@ -91,6 +92,7 @@ class _Grid(NamedTuple):
     priors: Priors  # on the maps' device
     own_boxes: Tensor  # (N, 4) each anchor's own box (`anchor_boxes`), for the anchor-box epochs' ranking
     window_sizes: list[tuple[int, int, int, int]]  # the static epoch's fixed windows (`window_sizes`)
+    unit_box: Tensor  # (4,) xyxy [0, 0, 1, 1] on the maps' device: what the box loss's unweighted pairs score
 
 
 class _Targets(NamedTuple):
@@ -377,7 +379,8 @@ class AlignedLoss:
             anchors_px = head.anchors_px.float().cpu()
             priors = Priors(*head.cell_priors(shapes, device))
             self._grid_cache = _Grid(key, stride_list, anchors_px, image_px, priors, anchor_boxes(priors),
-                                     window_sizes(anchors_px.tolist(), stride_list, shapes, self.assign_kw["anchor_t"]))
+                                     window_sizes(anchors_px.tolist(), stride_list, shapes, self.assign_kw["anchor_t"]),
+                                     torch.tensor([0.0, 0.0, 1.0, 1.0], device=device))  # a blocking copy, once per grid
         return self._grid_cache
 
     def _targets(self, targets: Tensor, grid: _Grid, shapes: list[tuple[int, int]], device: torch.device) -> _Targets:
@@ -433,7 +436,7 @@ class AlignedLoss:
         # constant unit box against itself: no gradient reaches them, and no NaN from an arbitrary box either.
         # Decoding only those M x k rows keeps the decode of all B x N rows out of the backward pass.
         weighted = (assigned.soft > 0)[..., None]
-        unit = box_logits.new_tensor([0.0, 0.0, 1.0, 1.0])
+        unit = grid.unit_box  # kept with the grid: a new_tensor here was a blocking host-to-device copy per step
         top_priors = Priors(*(gather_rows(p, assigned.rows % box_logits.shape[1]) for p in priors))
         top_boxes = _decoded_xyxy(gather_rows(box_logits.reshape(-1, 4), assigned.rows), top_priors)
         box_pred = torch.where(weighted, top_boxes, unit)

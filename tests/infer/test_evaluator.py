@@ -295,6 +295,42 @@ def test_detections_to_rows_maps_pixels_ids_and_rounds() -> None:
     assert detections_to_rows([], [], torch.tensor([1])).shape == (0, 7)
 
 
+def detections_to_rows_before(detections, meta, category_ids) -> np.ndarray:
+    """detections_to_rows as it was: each image mapped back on the detections' device (the reference)."""
+    from detector.data.transforms import unletterbox_boxes
+    from detector.infer.coco_rows import coco_rows
+
+    parts = []
+    for det, info in zip(detections, meta):
+        boxes = unletterbox_boxes(det[:, :4].float(), info["ratio"], info["pad"], info["orig_hw"])
+        image_id = torch.full_like(det[:, 4:5], float(info["image_id"]), dtype=torch.float64)
+        parts.append(torch.cat([image_id, boxes.double(), det[:, 4:6].double()], dim=1))
+    if not parts:
+        return np.zeros((0, 7), dtype=np.float64)
+    rows = torch.cat(parts).cpu().numpy()
+    return coco_rows(rows[:, 0], rows[:, 1:5], rows[:, 5], category_ids.cpu().numpy()[rows[:, 6].astype(np.int64)])
+
+
+def test_detections_to_rows_equals_the_per_image_mapping_on_random_batches() -> None:
+    """One host copy and one set of calls per batch give the rows the per-image mapping gave, to the bit: random
+    letterbox ratios and pads, boxes past the image (clipped), images without detections."""
+    g = torch.Generator().manual_seed(0)
+    category_ids = torch.tensor([1, 3, 7, 20, 90])
+    for _ in range(20):
+        meta, dets = [], []
+        for i in range(int(torch.randint(1, 9, (1,), generator=g))):
+            h, w = (int(v) for v in torch.randint(20, 1500, (2,), generator=g))
+            ratio = 320 / max(h, w)
+            pad = (float(torch.rand(1, generator=g)) * 40, float(torch.rand(1, generator=g)) * 40)
+            meta.append({"image_id": 1000 + i, "orig_hw": (h, w), "ratio": ratio, "pad": pad})
+            k = int(torch.randint(0, 300, (1,), generator=g)) if i % 3 else 0
+            xy = torch.rand(k, 2, generator=g) * 360 - 20
+            box = torch.cat((xy, xy + torch.rand(k, 2, generator=g) * 200), 1)
+            score, cls = torch.rand(k, 1, generator=g), torch.randint(0, 5, (k, 1), generator=g).float()
+            dets.append(torch.cat((box, score, cls), 1))
+        assert np.array_equal(detections_to_rows(dets, meta, category_ids), detections_to_rows_before(dets, meta, category_ids))
+
+
 def test_confusion_matrix_counts() -> None:
     data = coco_json()
     gt = FakeCocoDataset(data).coco_gt()

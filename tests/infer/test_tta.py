@@ -61,9 +61,21 @@ def test_descale_then_flip_returns_a_box_to_the_input_frame() -> None:
     assert descale_rows(original, 1.0, 1.0) is original
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_descale_rows_divides_in_the_rows_dtype_as_a_new_tensor_of_ratios_did(dtype: torch.dtype) -> None:
+    """The ratios now go to the rows' device without a blocking copy; the result is the one a `new_tensor` of them
+    gave (same dtype, same rounding), the scores untouched."""
+    rows = (torch.rand(2, 500, 8, generator=torch.Generator().manual_seed(0)) * 300).to(dtype)
+    ratios = rows.new_tensor([0.83, 0.67, 0.83, 0.67])
+    out = descale_rows(rows, 0.83, 0.67)
+    assert out.dtype == dtype
+    assert torch.equal(out[..., :4], rows[..., :4] / ratios) and torch.equal(out[..., 4:], rows[..., 4:])
+
+
 def test_flip_twice_is_the_identity() -> None:
-    rows = torch.rand(2, 50, 8) * 300
-    torch.testing.assert_close(flip_rows_lr(flip_rows_lr(rows, 320.0), 320.0), rows)
+    rows = torch.rand(2, 50, 8, generator=torch.Generator().manual_seed(0)) * 300
+    # to float32's rounding at 320 px: 320 - (320 - x) can be one ulp (3.05e-5) off x, above assert_close's 1e-5
+    torch.testing.assert_close(flip_rows_lr(flip_rows_lr(rows, 320.0), 320.0), rows, atol=4e-5, rtol=0)
     torch.testing.assert_close(flip_rows_lr(rows, 320.0)[..., 1:], rows[..., 1:])
 
 

@@ -99,3 +99,26 @@ def test_the_aligned_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(loss) and torch.isfinite(parts).all()
+
+
+def test_the_yolo_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
+    """YoloLoss (the Detect head's): the targets come pinned from the loader and go over without waiting, the cell
+    offsets and grid sizes are built at the first call at a set of map shapes only (`target_constants`), and the
+    CIoU has no boolean index (detector.train.ciou): a step's loss must not wait for its own forward. The CPU suite
+    holds the backward to the same standard (tests/train/test_loss.py, `host_syncs`)."""
+    from detector.train.loss import build_loss
+    from repo_paths import REPO_ROOT
+
+    model = build_model(REPO_ROOT / "configs" / "models" / "yolo-ca-n-v5head.yaml", nc=3).cuda().train()
+    images = torch.rand(4, 3, 128, 128, device="cuda")
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.2], [2, 0, 0.3, 0.6, 0.1, 0.1], [3, 2, 0.7, 0.4, 0.2, 0.4]])
+    targets = targets.pin_memory()  # as the train loader gives them on a CUDA machine
+    criterion = build_loss(model.head, imgsz=128)
+    criterion(model(images), targets)  # the first call builds the target constants on the GPU once
+    raw = model(images)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, parts = criterion(raw, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and torch.isfinite(parts).all()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from detector.models.head import Detect
-from detector.train.loss import LevelTargets, YoloLoss, build_targets, objectness_target
+from detector.train import loss as loss_module
+from detector.train.loss import LevelTargets, YoloLoss, build_targets, objectness_target, target_constants
+from host_syncs import host_syncs
 from repo_paths import REPO_ROOT
 
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
@@ -227,3 +229,100 @@ def test_loss_backpropagates_through_a_built_model() -> None:
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.layers[0].conv.weight.grad.abs().sum() > 0  # reaches the stem
+
+
+def build_targets_before(targets: torch.Tensor, anchors: torch.Tensor, grid_hw, anchor_t: float = 4.0) -> list[LevelTargets]:
+    """build_targets as it was before its constants were cached (a tensor per call and per level): the reference."""
+    device = anchors.device
+    targets = targets.to(device=device, dtype=torch.float32)
+    anchors = anchors.float()
+    num_targets, num_anchors = targets.shape[0], anchors.shape[1]
+    offsets = torch.tensor(((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5)), device=device)
+    rows = (num_targets, num_anchors, 5)
+    image = targets[:, 0].long()[:, None, None].expand(rows).reshape(-1)
+    cls = targets[:, 1].long()[:, None, None].expand(rows).reshape(-1)
+    anchor = torch.arange(num_anchors, device=device)[None, :, None].expand(rows).reshape(-1)
+    levels = []
+    for (height, width), level_anchors in zip(grid_hw, anchors, strict=True):
+        size = torch.tensor([width, height], dtype=torch.float32, device=device)
+        gxy, gwh = targets[:, 2:4] * size, targets[:, 4:6] * size
+        ratio = gwh[:, None, :] / level_anchors[None]
+        matched = torch.maximum(ratio, ratio.reciprocal()).amax(2) < anchor_t
+        gxy_from_end = size - gxy
+        near_start = (gxy % 1 < 0.5) & (gxy > 1)
+        near_end = (gxy_from_end % 1 < 0.5) & (gxy_from_end > 1)
+        cell_used = torch.cat((torch.ones_like(near_start[:, :1]), near_start, near_end), 1)
+        cells = (gxy[:, None, :] - offsets).long()
+        cell_x, cell_y = cells[..., 0].clamp(0, width - 1), cells[..., 1].clamp(0, height - 1)
+        dxy = gxy[:, None, :] - torch.stack((cell_x, cell_y), 2)
+        box = torch.cat((dxy[:, None].expand(*rows, 2), gwh[:, None, None].expand(*rows, 2)), 3)
+        levels.append(LevelTargets(
+            image=image, anchor=anchor, cell_y=cell_y[:, None].expand(rows).reshape(-1),
+            cell_x=cell_x[:, None].expand(rows).reshape(-1), box=box.reshape(-1, 4),
+            anchor_wh=level_anchors[None, :, None].expand(*rows, 2).reshape(-1, 2), cls=cls,
+            valid=(matched[:, :, None] & cell_used[:, None, :]).reshape(-1),
+        ))
+    return levels
+
+
+def random_targets(count: int, batch: int, nc: int, seed: int) -> torch.Tensor:
+    """(count, 6) targets spread over the image, a sixth of them on cell borders and image edges (0.0, 1.0)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.rand(count, 2, generator=g)
+    centre[: count // 6] = torch.randint(0, 33, (count // 6, 2), generator=g) / 32  # on cell borders, 0 and 1
+    size = torch.rand(count, 2, generator=g) * 0.6 + 0.005
+    image = torch.randint(0, batch, (count, 1), generator=g).float()
+    cls = torch.randint(0, nc, (count, 1), generator=g).float()
+    return torch.cat((image, cls, centre, size), 1)
+
+
+@pytest.mark.parametrize(("count", "grids"), [
+    (0, [(8, 8), (4, 4), (2, 2)]),
+    (1, [(32, 32), (16, 16), (8, 8)]),
+    (300, [(40, 32), (20, 16), (10, 8)]),  # a non-square multi-scale batch
+    (2000, [(80, 80), (40, 40), (20, 20)]),
+])
+def test_build_targets_equals_the_previous_implementation_on_random_targets(count: int, grids) -> None:
+    anchors = make_head().anchors
+    for seed in range(3):
+        targets = random_targets(count, batch=4, nc=3, seed=seed)
+        got = build_targets(targets, anchors, grids)
+        cached = build_targets(targets, anchors, grids, constants=target_constants(grids, anchors.device))
+        for now, kept, before in zip(got, cached, build_targets_before(targets, anchors, grids), strict=True):
+            for name, value in before._asdict().items():
+                assert torch.equal(getattr(now, name), value), name
+                assert torch.equal(getattr(kept, name), value), name
+
+
+def test_yolo_loss_and_gradients_equal_the_previous_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached constants, the scatter class target and detector.train.ciou against the previous build_targets,
+    F.one_hot and torchvision's CIoU: the same loss and gradients to the bit."""
+    from torchvision.ops import complete_box_iou_loss as torchvision_ciou
+
+    head = make_head(nc=5)
+    targets = random_targets(120, batch=2, nc=5, seed=4)
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 3, 128 // int(s), 96 // int(s), head.no) for s in STRIDES]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        leaves = [m.clone().requires_grad_() for m in maps]
+        total, parts = YoloLoss(head, imgsz=128, label_smoothing=0.1)(leaves, targets)
+        total.backward()
+        return total.detach(), parts, [m.grad for m in leaves]
+
+    now = run()
+    monkeypatch.setattr(loss_module, "complete_box_iou_loss", torchvision_ciou)
+    monkeypatch.setattr(loss_module, "build_targets", lambda t, a, g, anchor_t, _: build_targets_before(t, a, g, anchor_t))
+    before = run()
+    assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1])
+    assert all(torch.equal(a, b) for a, b in zip(now[2], before[2]))
+
+
+def test_a_yolo_loss_step_runs_no_op_that_would_wait_for_a_gpu() -> None:
+    """After its first call at a set of map shapes (which builds the `target_constants`), the loss and its backward read nothing back to the
+    host and build no tensor from Python data: no op that would make a CUDA step wait (`host_syncs`)."""
+    head = make_head(nc=3)
+    loss = YoloLoss(head, imgsz=64)
+    maps = [torch.randn(2, 3, 64 // int(s), 64 // int(s), head.no, requires_grad=True) for s in STRIDES]
+    loss(maps, TARGETS)
+    assert host_syncs(lambda: loss(maps, TARGETS)[0].backward()) == []

@@ -411,3 +411,24 @@ def test_gather_rows_equals_advanced_indexing() -> None:
     index = torch.tensor([[9, 0, 3, 3], [1, 2, 8, 5]])
     assert torch.equal(gather_rows(table, index), table[index])
     assert gather_rows(table, index[:0]).shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_the_loss_and_gradients_equal_those_with_torchvisions_ciou(monkeypatch: pytest.MonkeyPatch, static: bool) -> None:
+    """detector.train.ciou (no boolean index, so no host sync on CUDA) and the grid's cached unit box give the loss
+    and gradients of torchvision's CIoU and a unit box built per call, to the bit, in both assignment modes."""
+    torch.manual_seed(6)
+    head, shapes = four_level_head()
+    targets = random_targets(150, seed=7)
+    maps = [torch.randn(2, 3, h, w, 7, requires_grad=True) for h, w in shapes]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        loss = AlignedLoss(head, static_epochs=1 if static else 0)
+        total, parts = loss(maps, targets)
+        return total, parts, torch.autograd.grad(total, maps)
+
+    now = run()
+    monkeypatch.setattr(loss_aligned, "complete_box_iou_loss", complete_box_iou_loss)  # torchvision's
+    before = run()
+    assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1])
+    assert all(torch.equal(a, b) for a, b in zip(now[2], before[2]))

@@ -479,3 +479,22 @@ def test_a_copied_run_resumes_into_its_copy_and_a_lone_checkpoint_into_its_run(t
     shutil.copy(tmp_path / "exp" / "weights" / "last.pt", tmp_path / "kept" / "last.pt")
     lone = Trainer(make_config(tiny_data, tmp_path, resume=str(tmp_path / "kept" / "last.pt")))
     assert lone.run_dir.resolve() == (tmp_path / "exp").resolve()
+
+
+def test_without_clipping_the_finite_check_reads_the_gradients_norm(tiny_data: Path, tmp_path: Path):
+    """clip_grad=0: the gradients' norm (`get_total_norm`: foreach norms, not a kernel per parameter) still decides
+    the step: a finite one steps, an inf gradient is skipped and leaves the weights as they were."""
+    trainer = Trainer(make_config(tiny_data, tmp_path, clip_grad="0"))
+    try:
+        trainer.build()
+        batch = next(iter(trainer.train_loader))
+        images = to_model_input(batch["images"], trainer.device)
+        _, finite = trainer._forward_backward(images, batch["targets"], sync_now=True)
+        assert trainer._optimizer_step(finite) == "stepped"
+        _, finite = trainer._forward_backward(images, batch["targets"], sync_now=True)
+        next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        assert trainer._optimizer_step(finite) == "nonfinite"
+        assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    finally:
+        trainer.close()
