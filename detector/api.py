@@ -361,7 +361,8 @@ class Detector:
             raise DetectorError("val: data=<dataset yaml> is required")
         imgsz = opts.imgsz or self.imgsz
         ensure_bundled_dataset(Path(data))
-        split = getattr(load_data_spec(data), opts.split)
+        spec = load_data_spec(data)
+        split = getattr(spec, opts.split)
         if opts.conf > 0.001:
             LOGGER.warning("val: conf=%g > 0.001 lowers mAP (low-score detections still add recall)", opts.conf)
         workers = resolve_workers(opts.workers, batch_size=opts.batch)
@@ -369,7 +370,7 @@ class Detector:
         if rect != opts.rect:
             LOGGER.info("val: square batches (rect=false): %s was exported at a fixed size", self.weights)
         loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=rect,
-                                  idle_workers=resolve_worker_priority(opts.worker_priority, device))
+                                  idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names)
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)

@@ -138,3 +138,28 @@ def test_train_one_epoch_then_val_and_predict(tmp_path: Path) -> None:
     predictions = tmp_path / "predict" / "exp" / "predictions.json"
     assert proc.stdout.strip().splitlines()[-1] == str(predictions)
     assert {e["file_name"] for e in json.loads(predictions.read_text())} <= {p.name for p in image.parent.iterdir()}
+
+
+def _coco_split(root: Path, names: tuple[str, str]) -> Path:
+    """Two 64 px images, one box of each category (ids 5 and 9, named `names` in the json)."""
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for k in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 + 40 * k, np.uint8)).save(root / "images" / f"{k}.png")
+        images.append({"id": k + 1, "file_name": f"{k}.png", "width": 64, "height": 64})
+        annotations.append({"id": k + 1, "image_id": k + 1, "category_id": (5, 9)[k], "bbox": [8, 8, 30, 30], "area": 900, "iscrowd": 0})
+    categories = [{"id": cid, "name": name} for cid, name in zip((5, 9), names)]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def test_val_reports_the_names_of_the_data_yaml(tmp_path: Path) -> None:
+    """A dataset YAML's `names:` overrides the json's category names (README, Your own COCO dataset): `detector
+    val data=...` reports them in its per-class table, not the json's."""
+    split = _coco_split(tmp_path / "coco", ("json_a", "json_b"))
+    data = tmp_path / "mine.yaml"
+    split_entry = f"{{images: {split / 'images'}, annotations: {split / 'instances.json'}}}"
+    data.write_text(f"train: {split_entry}\nval: {split_entry}\nnames: [kitten, puppy]\n")
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    metrics = det.val(data=str(data), imgsz=64, workers=0, plots=False, project=str(tmp_path / "runs"))
+    assert [c["name"] for c in metrics["per_class"]] == ["kitten", "puppy"]

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -471,10 +472,11 @@ def build_val_loader(
     cache_dir: Path | None = None,
     cache: str = "",
     idle_workers: bool = False,
+    names: Sequence[str] | None = None,
 ) -> DetectorDataLoader:
     """Letterboxed batches of `split` in a fixed order (by aspect ratio when rect=True); `idle_workers` as in
-    `build_train_loader`."""
+    `build_train_loader`; `names`: the dataset YAML's `names:`, overriding the json's category names."""
     _check_imgsz(imgsz)
-    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir)
+    coco = CocoDataset(split, strict=strict, cache_dir=cache_dir, names=names)
     dataset = ValDataset(coco, imgsz=imgsz, batch_size=batch_size, rect=rect, cache=cache)
     return _data_loader(dataset, batch_size=batch_size, workers=workers, idle_workers=idle_workers, shuffle=False)

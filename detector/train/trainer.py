@@ -340,7 +340,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers, strict=cfg.strict, cache_dir=self.run_dir,
-                                     idle_workers=self.idle_workers)
+                                     idle_workers=self.idle_workers, names=self.data.names)
         # validated in fp16 on CUDA (as before amp decided it), in the training's bf16 on a CPU that trains in it
         precision = torch.float16 if self.device.type == "cuda" else self.amp_dtype
         self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device,

@@ -82,6 +82,19 @@ def test_fraction_trains_on_a_fixed_share_and_validates_on_all(tiny_data: Path, 
         trainer.close()
 
 
+def test_the_validation_reports_the_names_of_the_data_yaml(tiny_data: Path, tmp_path: Path):
+    """A dataset YAML's `names:` overrides the json's category names in the checkpoint and in every validation."""
+    data = tmp_path / "named.yaml"
+    data.write_text(tiny_data.read_text().replace("train: {images: ", f"path: {tiny_data.parent}\ntrain: {{images: ", 1)
+                    + "names: [a, b, c, d, e, f]\n")
+    trainer = Trainer(make_config(data, tmp_path))
+    try:
+        trainer.build()
+        assert trainer.names == list("abcdef") and trainer.evaluator.names == list("abcdef")
+    finally:
+        trainer.close()
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from detector.train import loss as loss_module
 
