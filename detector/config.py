@@ -12,11 +12,13 @@ the file and line of a YAML key, or "command line" for an override, with a did-y
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import keyword
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from detector.errors import DetectorError, did_you_mean
@@ -248,6 +250,16 @@ def describe_options(cls: type) -> str:
     return "\n".join(f"  {key.ljust(width)}  {text}" for key, text in rows)
 
 
+def shipped_if_missing(path: str) -> str:
+    """A config path as given, or, when no such file exists and it names one of the package's own configs
+    (`configs/train/default.yaml`), the YAML shipped inside the package: an installed package has no checkout."""
+    given = Path(path)
+    if given.exists() or len(given.parts) < 3 or given.parts[-3] != "configs":
+        return path
+    shipped = Path(str(importlib.resources.files("detector").joinpath("configs", *given.parts[-2:])))
+    return str(shipped) if shipped.is_file() else path
+
+
 def load_options(cls: type[T], overrides: dict[str, str], *, file_key: str | None = None) -> T:
     """Options from an optional YAML file (named by `overrides[file_key]`) updated by command-line overrides."""
     values: dict[str, Any] = {}
@@ -255,6 +267,7 @@ def load_options(cls: type[T], overrides: dict[str, str], *, file_key: str | Non
     overrides = dict(overrides)
     cfg_file = overrides.pop(file_key, None) if file_key else None
     if cfg_file:
+        cfg_file = shipped_if_missing(cfg_file)
         data, lines = load_yaml(cfg_file)
         if data is None:
             data = {}
@@ -348,7 +361,7 @@ class TrainConfig:
     save_period: int = option(0, "also keep weights/epochN.pt every N epochs (0: off)", ge=0, le=100_000, neutral=True)
     max_nonfinite: int = option(20, "stop after this many non-finite losses in a row", ge=1, le=1_000_000, neutral=True)
     strict: bool = option(False, "treat every skipped image or box in the dataset as an error")
-    plots: bool = option(True, "save training curves, labels and validation plots", neutral=True)
+    plots: bool = option(True, "save the training curves and the validation plots (PR curves, confusion matrix, example images)", neutral=True)
     attention: str = option("", "override the model YAML's attention: any name of the attention registry (ca, se, cbam, eca, mhsa, axial, ssa, gate, none, and the priors edge, coord, gc)")
     attention_at: str = option("", "override the attention place in AttnC2f/CA_C2f: output, concat, bottleneck", choices=["", "output", "concat", "bottleneck"])
 

@@ -149,3 +149,16 @@ def test_neutral_keys_are_run_only_and_change_no_result() -> None:
                                          "save_period", "max_nonfinite", "plots", "worker_priority"}
     assert neutral_keys(TrainConfig) < run_only_keys(TrainConfig)  # a resumed run may change them too
     assert {"epochs", "batch", "time", "patience", "val_interval"} <= run_only_keys(TrainConfig) - neutral_keys(TrainConfig)
+
+
+def test_cfg_names_the_shipped_default_yaml_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """README: `detector train cfg=configs/train/default.yaml`; an installed package has no configs/ folder in the
+    user's working directory, so the path falls back to the YAML shipped inside the package (as model= does)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config({"cfg": "configs/train/default.yaml", "epochs": "3"})
+    assert cfg == dataclasses.replace(TrainConfig(), epochs=3)
+    with pytest.raises(DetectorError, match=r"^configs/train/nope\.yaml: file not found"):
+        load_train_config({"cfg": "configs/train/nope.yaml"})
+    (tmp_path / "configs" / "train").mkdir(parents=True)  # a file of the user's own at that path comes first
+    (tmp_path / "configs" / "train" / "default.yaml").write_text("epochs: 5\n")
+    assert load_train_config({"cfg": "configs/train/default.yaml"}).epochs == 5
