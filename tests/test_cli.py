@@ -68,3 +68,12 @@ def test_program_exit_still_runs_atexit_handlers_and_flushes():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0
     assert "commands:" in proc.stdout and proc.stdout.rstrip().endswith("atexit ran")
+
+
+def test_help_into_a_closed_pipe_is_no_traceback():
+    """`detector ablate --help | head -3`: the reader leaves before the help is written; the program ends quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "detector", "ablate", "--help"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader: every write fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err.decode() and "BrokenPipeError" not in err.decode()
