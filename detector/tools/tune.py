@@ -250,8 +250,9 @@ def warn_without_mosaic(base: TrainConfig, dims: list[Dimension]) -> bool:
     close_mosaic epochs, all of a short trial's at the default 10, while mosaic is searched or on."""
     if base.close_mosaic < base.epochs or not (base.mosaic > 0 or any(d.key == "mosaic" for d in dims)):
         return False
+    fix = "0" if base.epochs <= 2 else f"<fewer than {base.epochs}> (e.g. 2)"  # 2: mosaic in all but the last 2
     LOGGER.warning("tune: trials of %d epochs with close_mosaic=%d train without mosaic, unlike the long run they "
-                   "stand for; pass train=close_mosaic=<fewer than %d> (e.g. 2)", base.epochs, base.close_mosaic, base.epochs)
+                   "stand for; pass train=close_mosaic=%s", base.epochs, base.close_mosaic, fix)
     return True
 
 

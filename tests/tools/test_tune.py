@@ -240,3 +240,16 @@ def test_a_train_cfg_file_fixes_its_keys_in_every_trial_and_in_the_winners_file(
     recipe.write_text("lr0: 0.005\n")  # the space searches lr0: the file's value would be overridden by every trial
     with pytest.raises(DetectorError, match=r"train=cfg= file sets 'lr0', which the space searches"):
         run_tune(replace(opts, name="searched"))
+
+
+def test_the_mosaic_warning_suggests_a_close_mosaic_below_the_trial_length(caplog) -> None:
+    """`epochs=1 train=close_mosaic=2` (README's tune line with 1-epoch trials) suggested 'e.g. 2' again."""
+    from detector.tools.tune import warn_without_mosaic
+
+    with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
+        assert warn_without_mosaic(load_train_config({"epochs": "1", "close_mosaic": "2"}), load_space(DEFAULT_SPACE))
+    assert "pass train=close_mosaic=0\n" in caplog.text + "\n" and "e.g. 2" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
+        assert warn_without_mosaic(load_train_config({"epochs": "10"}), load_space(DEFAULT_SPACE))
+    assert "pass train=close_mosaic=<fewer than 10> (e.g. 2)" in caplog.text
