@@ -190,6 +190,7 @@ class Trainer:
         first validation and again at the last one (a 2-epoch hard-set run: the full collections inside the
         trainer 370 -> 55 ms in all)."""
         memory.hold_freed_heap()
+        self._model_source = None if self.resume_ckpt is not None else self._load_model_source()
         self._build_data()
         self._build_model()
         self._build_optimization()
@@ -263,18 +264,29 @@ class Trainer:
         self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz,
                                     static_assign_epochs=cfg.static_assign_epochs)
 
+    def _load_model_source(self) -> tuple[Path | str, dict[str, torch.Tensor] | None]:
+        """(the architecture: the model YAML's path or a checkpoint's model YAML text, the fine-tune weights or
+        None), read before the dataset's scan: a missing file or another tool's checkpoint fails at once."""
+        from detector.train.finetune import load_finetune_checkpoint
+
+        cfg = self.cfg
+        source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
+        ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
+        if cfg.model.endswith(".pt"):
+            return (ckpt if cfg.model == source else load_finetune_checkpoint(cfg.model)[0])["model_yaml"], weights
+        return resolve_model_path(cfg.model), weights
+
     def _new_model(self) -> nn.Module:
         """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
         checkpoint's weights when fine-tuning, its anchors checked (and fitted) on the training boxes."""
-        from detector.train.finetune import load_finetune_checkpoint, transfer_weights
+        from detector.train.finetune import transfer_weights
         from detector.models.anchors import check_anchors
         from detector.models.builder import build_model
 
         cfg = self.cfg
         nc = self.train_set.coco.num_classes
         source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
-        ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
-        architecture = ckpt["model_yaml"] if cfg.model.endswith(".pt") else resolve_model_path(cfg.model)
+        architecture, weights = self._model_source
         model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
         if model.nc != nc:
             raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")

@@ -52,6 +52,26 @@ def test_another_architecture_is_an_error_listing_keys() -> None:
         transfer_weights(build_model("yolo-c2f-n", nc=2), build_model("yolov5n", nc=2).state_dict(), "v5.pt")
 
 
+@pytest.mark.parametrize("key", ["model", "weights"])
+def test_another_tools_checkpoint_is_refused_before_the_dataset_is_read(tmp_path: Path, monkeypatch, key: str) -> None:
+    """`model=yolov8n.pt` (or weights=) fails at once, naming the file, not after a scan of a large dataset."""
+    from detector.data import loader
+    from detector.train.trainer import Trainer
+
+    foreign = tmp_path / "yolov8n.pt"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, foreign)  # no format_version: not one of ours
+    scanned: list[str] = []
+    monkeypatch.setattr(loader, "build_train_loader", lambda *a, **k: scanned.append("train") or pytest.fail("scanned"))
+    cfg = build_options(TrainConfig, {**TINY, "data": str(tmp_path / "data.yaml"), "project": str(tmp_path), key: str(foreign)}, "test")
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(DetectorError, match=f"{foreign}: not a detector checkpoint"):
+            trainer.build()
+    finally:
+        trainer.close()
+    assert scanned == []
+
+
 def test_freeze_rows() -> None:
     assert frozen_rows([3], 23) == [0, 1, 2]
     assert frozen_rows([5, 0, 2, 2], 23) == [0, 2, 5]
