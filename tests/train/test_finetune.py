@@ -72,6 +72,31 @@ def test_another_tools_checkpoint_is_refused_before_the_dataset_is_read(tmp_path
     assert scanned == []
 
 
+def test_model_checkpoint_gives_the_architecture_and_weights_checkpoint_the_weights(tmp_path: Path) -> None:
+    """model=a.pt weights=b.pt: a.pt's architecture started from b.pt's weights (b.pt's architecture was built)."""
+    from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
+    from detector.train.trainer import Trainer
+
+    paths = {}
+    for name in ("yolo-c2f-n", "yolov5n"):
+        model = build_model(name, nc=2)
+        state = dict.fromkeys(CHECKPOINT_KEYS)
+        state.update(format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(),
+                     epoch=0, train_state={}, rng={}, train_config={}, names=["a", "b"], category_ids=[1, 2], imgsz=64,
+                     run_dir=str(tmp_path))
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], state)
+    cfg = build_options(TrainConfig, {**TINY, "data": "unused.yaml", "project": str(tmp_path),
+                                      "model": str(paths["yolo-c2f-n"]), "weights": str(paths["yolov5n"])}, "test")
+    trainer = Trainer(cfg)
+    try:
+        architecture, weights = trainer._load_model_source()
+    finally:
+        trainer.close()
+    assert architecture == load_checkpoint(paths["yolo-c2f-n"])["model_yaml"]
+    assert weights.keys() == load_checkpoint(paths["yolov5n"])["model"].keys()
+
+
 def test_freeze_rows() -> None:
     assert frozen_rows([3], 23) == [0, 1, 2]
     assert frozen_rows([5, 0, 2, 2], 23) == [0, 2, 5]
