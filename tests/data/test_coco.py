@@ -64,11 +64,17 @@ def test_crowd_kept_apart_and_negatives_kept(make_coco) -> None:
 
 
 def test_coco_gt_area_from_file_or_box(make_coco) -> None:
-    split = make_coco(mutate=lambda d: d["annotations"][0].pop("area"))
+    def edit(d: dict) -> None:
+        d["annotations"][0].pop("area")
+        d["annotations"][2]["area"], d["annotations"][3]["area"] = 0, -5.0  # not an area: the box's is used
+
+    split = make_coco(mutate=edit)
     gt = CocoDataset(split).coco_gt()
     anns = {a["id"]: a for a in gt.dataset["annotations"]}
+    for ann_id in (100, 102, 103):
+        box = anns[ann_id]["bbox"]
+        assert anns[ann_id]["area"] == pytest.approx(box[2] * box[3]) and box[2] * box[3] > 0
     first = anns[100]
-    assert first["area"] == pytest.approx(first["bbox"][2] * first["bbox"][3])
     second = anns[101]
     assert second["area"] == json.loads(split.annotations.read_text())["annotations"][1]["area"]
 
@@ -119,20 +125,22 @@ def test_bad_boxes_dropped_clipped_and_counted(make_coco) -> None:
         ids["clipped"] = add_ann(d, 0, [80, 50, 40, 40])
         ids["rounding"] = add_ann(d, 0, [86, 10, 10.0000001, 10])  # x2 = W + 1e-7
         ids["sliver"] = add_ann(d, 0, [95.5, 10, 5, 10])  # 0.5 px wide after clipping
+        ids["flat"] = add_ann(d, 0, [10, 10, 8, 0])  # zero height
+        ids["below"] = add_ann(d, 0, [10, 70, 20, 20])  # under the image's bottom edge
 
     edit_json(split, edit)
     ds = CocoDataset(split)
     p = ds.summary.problems
-    assert p["bbox of zero or negative size"] == [f"annotation {ids['negative']}", f"annotation {ids['zero']}"]
+    assert p["bbox of zero or negative size"] == [f"annotation {ids[k]}" for k in ("negative", "zero", "flat")]
     assert p["non-finite bbox"] == [f"annotation {ids['nan']}", f"annotation {ids['inf']}"]
-    assert p["bbox outside the image"] == [f"annotation {ids['outside']}"]
+    assert p["bbox outside the image"] == [f"annotation {ids['outside']}", f"annotation {ids['below']}"]
     assert p["bbox under 1 px after clipping"] == [f"annotation {ids['sliver']}"]
     (clipped,) = p["bbox clipped to the image (past the border by > 1 px)"]
     assert clipped.startswith(f"annotation {ids['clipped']} by 26.0 px")
     boxes = ds.records[0].boxes_xyxy
     assert len(boxes) == 4  # 2 good + clipped + rounding
     assert np.allclose(boxes[2], [80, 50, 96, 64]) and np.allclose(boxes[3], [86, 10, 96, 20])
-    assert ds.summary.boxes_dropped == 6 and ds.summary.boxes_kept == 12
+    assert ds.summary.boxes_dropped == 8 and ds.summary.boxes_kept == 12
     with pytest.raises(DetectorError, match=f"non-finite bbox: annotation {ids['nan']} \\(strict=true\\)"):
         CocoDataset(split, strict=True)
 
@@ -314,6 +322,18 @@ def test_tiny_images_are_skipped(make_coco) -> None:
     ds = CocoDataset(split)
     assert ds.summary.problems["image under 10 px"] == [f"{split.images / 'img004.jpg'} (9x30)"]
     assert len(ds) == 5
+    Image.new("RGB", (10, 30)).save(split.images / "img004.jpg")  # exactly 10 px: usable
+    edit_json(split, lambda d: d["images"][4].update(width=10, height=30))
+    ds = CocoDataset(split)
+    assert not ds.summary.problems["image under 10 px"] and len(ds) == 6
+
+
+def test_json_width_and_height_that_differ_from_the_file_are_named_and_the_files_used(make_coco) -> None:
+    split = make_coco(mutate=lambda d: d["images"][0].update(width=100, height=70))  # the file is 96 x 64
+    ds = CocoDataset(split)
+    kind = "json width/height differ from the file (the file's are used)"
+    assert ds.summary.problems[kind] == [f"{split.images / 'img000.jpg'} (json 100x70, file 96x64)"]
+    assert ds.size_hw(0) == (64, 96) and (ds.boxes(0)[:, 2:] <= [96, 64]).all()
 
 
 def test_summary_fits_a_screen_and_names_the_first_few(make_coco) -> None:

@@ -19,10 +19,13 @@ from detector.data.loader import TrainDataset
 from detector.data.spec import SplitSpec
 from detector.data.transforms import (
     FILL,
+    RandomAffine,
     RandomHSV,
+    TrainTransform,
     build_train_compose,
     letterbox,
     letterbox_batch,
+    mixup,
     mosaic4,
     seed_compose,
     to_model_input,
@@ -253,3 +256,65 @@ def test_letterbox_batch_is_channels_last_with_the_pixels_of_each_image() -> Non
     left, top = pads[0]
     assert batch.is_contiguous(memory_format=torch.channels_last) and batch.shape == (1, 3, 64, 64) and left == 12
     assert torch.equal(batch[0, :, top:top + 64, left:left + 40], torch.from_numpy(image).permute(2, 0, 1))
+
+
+def test_mosaic4_drops_a_box_cut_under_2_px_wide_even_when_most_of_it_is_visible() -> None:
+    """A 2.5 x 20 px box: the left tiles (pushed 2 px past the canvas' left edge) keep 1.5 x 20 of it, 60% of its
+    area but under MIN_BOX_PX wide, so it is dropped there; the right tiles keep it whole."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    box = np.array([[1.0, 4.0, 3.5, 24.0]], np.float32)
+    _, boxes, classes = mosaic4([(image, box, np.array([k])) for k in range(4)], 32, (30, 30))
+    assert classes.tolist() == [1, 3]  # tiles: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+    assert boxes.tolist() == [[31.0, 2.0, 33.5, 22.0], [31.0, 34.0, 33.5, 54.0]]
+
+
+def test_affine_without_randomness_letterboxes_a_non_square_image_at_the_centre() -> None:
+    """A 64 x 32 (w x h) image into a 64 x 64 output: the input's centre on the output's, so rows 16-47 are the
+    image, pixel for pixel, grey above and below, and a box moves down by 16 px."""
+    hyp = replace(TrainConfig(), degrees=0.0, translate=0.0, scale=0.0, shear=0.0, fliplr=0.0, flipud=0.0, **NO_COLOUR)
+    compose = build_train_compose(64, hyp)
+    seed_compose(compose, 0)
+    image = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    out = compose(image=image, bboxes=np.array([[10.0, 4.0, 30.0, 20.0]]), class_labels=np.array([1]))
+    assert np.array_equal(out["image"][16:48], image)
+    assert (out["image"][:16] == FILL).all() and (out["image"][48:] == FILL).all()
+    assert np.asarray(out["bboxes"]).tolist() == [pytest.approx([10.0, 20.0, 30.0, 36.0], abs=1e-4)]
+
+
+def test_affine_warp_maps_pixel_areas_not_pixel_indices() -> None:
+    """Halving a white stripe over columns [5, 9) gives [2.5, 4.5): output pixel 3 is covered, 2 and 4 half
+    (each the mean of two input pixels), the rest black, as the box maps. Sampling by index (x' = x / 2 on pixel
+    centres' indices) would give columns 3 and 4 white instead."""
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, 5:9] = 255
+    half = np.array([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    out = RandomAffine((8, 8)).apply(image, matrix=half)
+    expected = np.array([0, 0, 127.5, 255, 127.5, 0, 0, 0])
+    assert np.abs(out[:, :, 0].astype(float) - expected).max() <= 1.0
+    box = RandomAffine((8, 8)).apply_to_bboxes(np.array([[5 / 16, 0.0, 9 / 16, 1.0]]), matrix=half, shape=(16, 16))
+    assert box.tolist() == [[2.5 / 8, 0.0, 4.5 / 8, 1.0]]
+
+
+def test_mixup_blends_by_the_ratio_and_keeps_both_box_sets() -> None:
+    a = (np.full((4, 4, 3), 200, np.uint8), np.array([[0.0, 0.0, 2.0, 2.0]], np.float32), np.array([3]))
+    b = (np.full((4, 4, 3), 40, np.uint8), np.array([[1.0, 1.0, 4.0, 4.0]], np.float32), np.array([5]))
+    image, boxes, classes = mixup(a, b, 0.25)
+    assert (image == 80).all()  # 0.25 * 200 + 0.75 * 40
+    assert boxes.tolist() == [[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 4.0, 4.0]] and classes.tolist() == [3, 5]
+
+
+@pytest.mark.parametrize(("mosaic_p", "mosaic_on"), [(0.0, True), (1.0, False)])
+def test_mixup_only_mixes_mosaic_samples(mosaic_p: float, mosaic_on: bool) -> None:
+    """YOLOv5: mixup=1 blends every mosaic sample and none other (mosaic off by probability or by close_mosaic)."""
+    hyp = replace(TrainConfig(), mosaic=mosaic_p, degrees=0.0, translate=0.0, scale=0.0, shear=0.0, fliplr=0.0,
+                  flipud=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, mixup=1.0)
+
+    def load(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.full((64, 64, 3), 10 * (i + 1), np.uint8), np.array([[8.0, 8.0, 56.0, 56.0]], np.float32), np.array([i])
+
+    transform = TrainTransform(64, hyp, seed=0)
+    for seed in range(4):
+        transform.reseed(seed)
+        (image, boxes, classes), used_mosaic = transform(load, 2, 6, mosaic=mosaic_on)
+        assert not used_mosaic and (image == 30).all()
+        assert boxes.tolist() == [[8.0, 8.0, 56.0, 56.0]] and classes.tolist() == [2]

@@ -131,6 +131,23 @@ def test_per_class_ap_equals_pycocotools_restricted_to_that_class(tmp_path: Path
         assert (cls["AP"], cls["AP50"]) == pytest.approx((ev.stats[0], ev.stats[1]), abs=1e-12)
 
 
+def test_per_class_ap_is_read_at_iou_050_and_100_detections_per_image() -> None:
+    """Two cats on image 1 (found exactly): AP 1 only if more than one detection per image counts. The small dog
+    is found at IoU 204 / 396 = 0.515 (second by score): a true positive at IoU 0.50 only, so dog AP50 = 1 and
+    dog AP = (1 + 9 x 51 / 101) / 10 (at 0.55-0.95 precision 1 up to recall 0.5: 51 of 101 recall points)."""
+    data = annotations()
+    data["annotations"].append({"id": 7, "image_id": 1, "category_id": 3, "bbox": [400, 300, 80, 60], "area": 4800.0, "iscrowd": 0})
+    boxes = [a for a in data["annotations"] if not a["iscrowd"]]
+    dets = [[a["image_id"], *a["bbox"], 1.0 - 0.05 * i, a["category_id"]] for i, a in enumerate(boxes)]
+    (small_dog,) = [d for d in dets if d[6] == 7 and d[0] == 2]
+    small_dog[1] += 6.4  # 20 x 15 box shifted 6.4 px: overlap 13.6 x 15 = 204, union 2 x 300 - 204 = 396
+    assert [d[6] for d in dets if d[5] > small_dog[5]].count(7) == 1  # the exact dog ranks first
+    by_name = {c["name"]: c for c in evaluate_coco(gt_coco(data), np.array(dets))[0]["per_class"]}
+    assert by_name["cat"]["instances"] == 4 and (by_name["cat"]["AP"], by_name["cat"]["AP50"]) == (1.0, 1.0)
+    assert by_name["dog"]["AP50"] == 1.0
+    assert by_name["dog"]["AP"] == pytest.approx((1 + 9 * 51 / 101) / 10, abs=1e-12)
+
+
 def test_zero_detections_score_zero_without_crashing() -> None:
     metrics, _ = evaluate_coco(gt_coco(), np.zeros((0, 7)))
     assert all(metrics[k] == 0.0 for k in COCO_KEYS)
@@ -165,6 +182,9 @@ def test_detections_on_unknown_images_or_categories_are_our_error() -> None:
         evaluate_coco(gt_coco(), np.array([[1, 0, 0, 10, 10, 0.5, 5]]))
     with pytest.raises(DetectorError, match="backend"):
         evaluate_coco(gt_coco(), np.zeros((0, 7)), backend="nope")
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(DetectorError, match="non-finite box or score"):
+            evaluate_coco(gt_coco(), np.array([[1, 10, 20, 100, 150, value, 3]]))
 
 
 def test_faster_backend_equals_pycocotools() -> None:
@@ -246,3 +266,7 @@ def test_fitness_and_table() -> None:
     assert len({len(line) for line in table[:5]}) == 1  # aligned
     assert "bird" in table[-1] and "without ground truth" in table[-1]
     assert any(line.startswith("AP 1.000  AP50 1.000  AP75 1.000") for line in table)  # the 12 COCO numbers
+    cat = {"name": "cat", "category_id": 3, "instances": 3, "AP": 0.25, "AP50": 0.75}
+    mixed = {**dict.fromkeys(COCO_KEYS, 0.0), "AP": 0.5, "AP50": 0.875, "per_class": [cat]}
+    lines = format_metrics_table(mixed, num_images=2).splitlines()
+    assert lines[2].split() == ["all", "2", "3", "0.875", "0.500"] and lines[3].split() == ["cat", "3", "0.750", "0.250"]

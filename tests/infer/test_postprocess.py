@@ -80,6 +80,22 @@ def test_classes_filter() -> None:
     assert sorted(out[:, 5].tolist()) == [0.0, 2.0]
 
 
+def test_classes_filter_with_one_label_per_box_drops_a_box_whose_best_class_is_left_out() -> None:
+    """multi_label=False: a box is its best class or nothing; `classes` does not promote its runner-up."""
+    pred = make_pred([[50, 50, 20, 20, 1.0, 0.9, 0.8], [150, 50, 20, 20, 1.0, 0.2, 0.6]])
+    out = non_max_suppression(pred, conf=0.01, iou=0.5, multi_label=False, classes=[1])[0]
+    assert out.tolist() == [[140.0, 40.0, 160.0, 60.0, pytest.approx(0.6), 1.0]]
+
+
+def test_a_score_must_exceed_conf() -> None:
+    """obj 0.5 x cls 0.5 = 0.25 exactly (binary fractions): kept above conf 0.2, not at conf 0.25; at conf 0 the
+    rows scoring 0 stay out."""
+    pred = make_pred([[50, 50, 20, 20, 0.5, 0.5, 0.0]], n=4)
+    assert [len(non_max_suppression(pred, conf=c, iou=0.5)[0]) for c in (0.2, 0.25)] == [1, 0]
+    assert len(non_max_suppression(pred, conf=0.0, iou=0.5)[0]) == 1
+    assert len(non_max_suppression(pred, conf=0.0, iou=0.5, multi_label=False)[0]) == 1
+
+
 def test_matches_a_per_image_per_class_reference() -> None:
     torch.manual_seed(0)
     batch, n, nc = 3, 400, 4

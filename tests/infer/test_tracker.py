@@ -128,3 +128,59 @@ def test_kalman_batched_steps_equal_the_single_track_textbook_form() -> None:
         np.testing.assert_allclose(new_cov[i], (np.eye(8) - gain @ h) @ cov[i], rtol=1e-7, atol=1e-9)
     moved, _ = kalman.predict(new_mean, new_cov)
     np.testing.assert_allclose(moved, new_mean @ f.T)  # constant velocity: each position moves by its velocity
+
+
+def test_a_lost_track_is_not_taken_by_a_low_box_only_by_a_high_one() -> None:
+    """ByteTrack's second match offers the low boxes to tracks seen in the last frame only: a track missed for a
+    frame is not revived by a dim box at its place (frame 3), but is by a confident one (frame 4), under its id."""
+    frames = [det(box(10)), det(box(10)), det(), det(box(10, score=0.3)), det(box(10))]
+    seen = run(ByteTracker(high=0.5, low=0.1), frames)
+    assert [list(s.values()) for s in seen] == [[1], [1], [], [], [1]]
+
+
+def test_a_confirmed_track_takes_a_high_box_down_to_iou_0_2() -> None:
+    """The first match admits IoU >= 0.2 (ByteTrack's match_thresh 0.8): a still object's box that jumps 12 px
+    (IoU 8 x 20 / (2 x 400 - 160) = 0.25) keeps its id; one that jumps 14 px (IoU 6 x 20 / 680 = 0.18) does not."""
+    for jump, expected in ((12, [1]), (14, [])):
+        frames = [det(box(10))] * 4 + [det(box(10 + jump))]
+        assert list(run(ByteTracker(high=0.5), frames)[-1].values()) == expected
+
+
+def test_a_box_taken_by_a_confirmed_track_is_not_offered_to_a_tentative_one() -> None:
+    """Frame 2 adds box B next to A's track (a tentative track); frame 3 has one box overlapping both tracks. A's
+    track takes it in the first match, so B's tentative track cannot take it too, and is dropped."""
+    frames = [det(box(0)), det(box(0), box(6, score=0.8)), det(box(2))]
+    seen = run(ByteTracker(high=0.5), frames)
+    assert seen == [{0.0: 1}, {0.0: 1}, {2.0: 1}]
+    tracker = ByteTracker(high=0.5)
+    run(tracker, frames)
+    assert len(tracker.tracks) == 1
+
+
+def test_a_tentative_track_is_confirmed_by_a_high_box_down_to_iou_0_3() -> None:
+    """Born on frame 2 (tentative), confirmed on frame 3 by a box 8 px on (IoU 12 / 28 = 0.43), not by one 11 px
+    on (IoU 9 / 31 = 0.29): that box starts a tentative track of its own instead."""
+    for shift, expected in ((8, [1]), (11, [])):
+        frames = [det(), det(box(40)), det(box(40 + shift))]
+        assert list(run(ByteTracker(high=0.5), frames)[-1].values()) == expected
+
+
+def test_kept_rows_come_in_the_input_order_with_their_ids() -> None:
+    """Frame 2 lists B before A (by score): the rows returned are the detector's own rows in that order, ids
+    alongside, whatever the order of the tracks."""
+    tracker = ByteTracker(high=0.5)
+    tracker.update(det(box(10, score=0.9), box(60, score=0.8)))  # A gets id 1, B id 2
+    frame = det(box(10, score=0.7), box(60, score=0.95))
+    kept, ids = tracker.update(frame)
+    assert torch.equal(kept, frame) and kept[:, 0].tolist() == [60.0, 10.0] and ids.tolist() == [2, 1]
+
+
+def test_a_lost_track_stops_growing_so_its_object_is_found_again_at_its_last_size() -> None:
+    """A square growing 10 px a frame (20 -> 90 px), missed for 16 frames, back at 90 px: the lost track kept its
+    last size (ByteTrack zeroes a lost box's height velocity), so it takes the box under its id. Left growing, its
+    box would be about 200 px by then, IoU under 0.2."""
+    def square(side: float) -> torch.Tensor:
+        return det((200 - side / 2, 200 - side / 2, 200 + side / 2, 200 + side / 2, 0.9, 0))
+
+    frames = [square(20 + 10 * f) for f in range(8)] + [det()] * 16 + [square(90)]
+    assert list(run(ByteTracker(high=0.5, buffer=30), frames)[-1].values()) == [1]

@@ -62,6 +62,9 @@ def test_kmeans_ignores_tiny_boxes_and_needs_enough_boxes() -> None:
     np.testing.assert_allclose(anchors, CENTRES, rtol=0.05)
     with pytest.raises(DetectorError, match="too few"):
         kmeans_anchors(np.array([[10.0, 10.0], [1.0, 1.0]]), 3, imgsz=640)
+    # a box with one side of at least 2 px is fitted (thin lines): the mean size, its thin side raised to 2 px
+    thin = kmeans_anchors(np.tile([[1.0, 60.0], [1.5, 40.0]], (5, 1)), 1, imgsz=640, generations=0)
+    np.testing.assert_allclose(thin, [[2.0, 50.0]], rtol=1e-5)
 
 
 def test_check_anchors_replaces_mismatched_anchors() -> None:
@@ -78,6 +81,30 @@ def test_check_anchors_replaces_mismatched_anchors() -> None:
     assert not torch.allclose(after, before)
     areas = after.prod(-1)
     assert torch.all(areas[:-1].max(1).values <= areas[1:].min(1).values)  # small anchors on fine levels
+
+
+def test_check_anchors_gives_the_smallest_anchors_to_the_finest_level_whatever_the_level_order() -> None:
+    """A head whose levels run coarse to fine (strides 32, 16, 8): the refitted anchors still go by stride."""
+    head = Detect([8, 16, 32], nc=2, anchors=ANCHORS_PX[::-1])
+    head.set_stride([32.0, 16.0, 8.0])
+    model = SimpleNamespace(head=head)
+    rng = np.random.default_rng(0)
+    wh = np.stack([rng.uniform(200, 400, 3000), rng.uniform(4, 12, 3000)], 1)
+    assert "replaced" in check_anchors(model, wh, imgsz=640)
+    areas = model.head.anchors_px.prod(-1)  # (level, anchor)
+    assert torch.all(areas[2].max() <= areas[1].min()) and torch.all(areas[1].max() <= areas[0].min())
+
+
+def test_the_recall_check_allows_for_scale_augmentation() -> None:
+    """Boxes 3.9x their anchor's width fit (under 4x), but scaled by U(0.9, 1.1) as YOLOv5's check does, those
+    scaled by more than 4 / 3.9 do not: about (1.1 - 4 / 3.9) / 0.2 = 37% of them."""
+    head = Detect([8], nc=2, anchors=[[10, 10]])
+    head.set_stride([8.0])
+    wh = np.tile([[39.0, 10.0]], (2000, 1))
+    assert best_possible_recall(head.anchors_px, wh)[0] == 1.0
+    report = check_anchors(SimpleNamespace(head=head), wh, imgsz=640)
+    bpr = float(report.split("best possible recall ")[1][:6])
+    assert 0.55 < bpr < 0.70, report
 
 
 def test_check_anchors_keeps_fitting_anchors_unless_forced() -> None:
@@ -121,3 +148,14 @@ def test_check_anchors_fits_a_built_model_with_an_anchor_count() -> None:
     assert "replaced" in report
     assert best_possible_recall(model.head.anchors_px, wh)[0] > 0.98
     torch.testing.assert_close(model.head.anchors * model.stride.view(-1, 1, 1), model.head.anchors_px)
+
+
+def test_kmeans_clusters_the_sizes_whitened_by_their_spread() -> None:
+    """YOLOv5's k-means runs on w / std(w), h / std(h): two groups of heights 6 and 30 px under widths spread
+    over 40-400 px split by height (unwhitened, the wide spread of the widths would split them by width)."""
+    rng = np.random.default_rng(0)
+    tall = np.arange(2000) % 2 == 1
+    wh = np.stack([rng.uniform(40, 400, 2000), np.where(tall, 30.0, 6.0) * np.exp(rng.normal(0, 0.05, 2000))], 1)
+    anchors = kmeans_anchors(wh.astype(np.float32), 2, imgsz=640, generations=0)
+    expected = [wh[~tall].mean(0), wh[tall].mean(0)]  # sorted by area: the short group first
+    np.testing.assert_allclose(anchors, expected, rtol=0.02)

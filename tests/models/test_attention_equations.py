@@ -59,10 +59,12 @@ def bn(x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
     return (x - norm.running_mean.view(shape)) * scale.view(shape) + norm.bias.view(shape)
 
 
-def conv_bn(x: Tensor, block: nn.Sequential) -> Tensor:
-    """A k x k conv (no bias) then eval BN, padding and dilation as the block's conv states."""
+def conv_bn(x: Tensor, block: nn.Sequential, dilation: int = 1) -> Tensor:
+    """A k x k conv (no bias) with 'same' padding dilation * (k - 1) / 2, then eval BN. The dilation is the
+    equation's, not read from the block, so a block built with another one does not match."""
     conv, norm = block
-    return bn(F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation), norm)
+    k = conv.weight.shape[-1]
+    return bn(F.conv2d(x, conv.weight, None, 1, dilation * (k - 1) // 2, dilation), norm)
 
 
 def sigmoid(x: Tensor) -> Tensor:
@@ -218,7 +220,7 @@ def gate_ref(m: nn.Module, x: Tensor) -> Tensor:
     def silu(t: Tensor) -> Tensor:
         return t * sigmoid(t)
 
-    return x * sigmoid(lin(silu(conv_bn(x, m.local[0])) + silu(conv_bn(x, m.wide[0])), m.fuse))
+    return x * sigmoid(lin(silu(conv_bn(x, m.local[0])) + silu(conv_bn(x, m.wide[0], dilation=2)), m.fuse))
 
 
 # name -> (module kwargs, channels, reference(module, x))

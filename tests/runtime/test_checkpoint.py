@@ -108,6 +108,7 @@ def test_an_inference_file_keeps_the_weights_it_is_used_with_and_nothing_a_resum
     state = _state()
     ema = state["ema"]["module"]
     state["ema"]["module"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in ema.items()}  # apart from the raw ones
+    state["scaler"] = torch.amp.GradScaler("cpu").state_dict() | {"scale": 1024.0, "_growth_tracker": 7}  # fp16 was on
     full, slim = tmp_path / "full.pt", tmp_path / "slim.pt"
     ck.save_checkpoint(full, state)
     ck.save_checkpoint(slim, ck.inference_checkpoint(ck.load_checkpoint(full)))
@@ -174,8 +175,19 @@ def test_temp_file_of_a_killed_writer_is_removed(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     stale = tmp_path / ".last.pt.tmp-99999999"  # above any pid_max: that writer is gone
     stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".last.pt.tmp-{os.getppid()}"  # a writer still running (this process's parent)
+    live.write_bytes(b"being written")
     ck.save_checkpoint(path, _state())
-    assert not stale.exists()
+    assert not stale.exists() and live.read_bytes() == b"being written"
+
+
+def test_temp_file_of_another_users_writer_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signalling another user's process fails with EPERM: it exists, so its temp file is being written."""
+    other = tmp_path / ".last.pt.tmp-4242"
+    other.write_bytes(b"being written")
+    monkeypatch.setattr(os, "kill", _raises(PermissionError(errno.EPERM, os.strerror(errno.EPERM))))
+    ck.save_checkpoint(tmp_path / "last.pt", _state())
+    assert other.read_bytes() == b"being written"
 
 
 def test_copy_is_the_same_checkpoint_and_outlives_the_next_save(tmp_path: Path) -> None:
@@ -186,6 +198,20 @@ def test_copy_is_the_same_checkpoint_and_outlives_the_next_save(tmp_path: Path) 
     ck.save_checkpoint(last, _state(epoch=4))  # replaces last.pt's name: the shared file stays best.pt's
     assert ck.load_checkpoint(best)["epoch"] == 3 and ck.load_checkpoint(last)["epoch"] == 4
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_a_save_or_copy_replaces_the_name_and_never_rewrites_the_file_a_reader_has_open(tmp_path: Path) -> None:
+    """Atomic replacement: a reader of the previous last.pt or best.pt (an evaluation, a user's copy) still reads
+    that whole file after the next save; the copy is a hard link where the filesystem has them (no byte written)."""
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    ck.save_checkpoint(last, _state(epoch=1))
+    ck.save_checkpoint(best, _state(epoch=0))
+    old_last, old_best = last.read_bytes(), best.read_bytes()
+    with open(last, "rb") as reading_last, open(best, "rb") as reading_best:
+        ck.save_checkpoint(last, _state(epoch=2))
+        ck.copy_checkpoint(last, best)
+        assert reading_last.read() == old_last and reading_best.read() == old_best
+    assert ck.load_checkpoint(best)["epoch"] == 2 and os.path.samefile(last, best)
 
 
 def test_copy_without_hard_links_writes_a_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -432,3 +432,79 @@ def test_the_loss_and_gradients_equal_those_with_torchvisions_ciou(monkeypatch: 
     before = run()
     assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1])
     assert all(torch.equal(a, b) for a, b in zip(now[2], before[2]))
+
+
+def test_candidates_are_the_cells_whose_centres_lie_inside_the_box_and_the_ratio_rule_is_strict() -> None:
+    """A 20 px box [10, 30]: P3 cell centres (x + 0.5) * 8 = 12, 20, 28 lie inside on each axis (9 cells), P4's
+    centre 24 (one cell), P5's 128 px anchor is 6.4x too large. A 64 px box is exactly 4x the 16 px anchor: out."""
+    pr = priors(make_head())
+    mask = candidate_mask(torch.tensor([[10.0, 10.0, 30.0, 30.0]]), pr, anchor_t=4.0)[0]
+    expected = sorted([y * 16 + x for y in (1, 2, 3) for x in (1, 2, 3)] + [256 + 1 * 8 + 1])
+    assert mask.nonzero().flatten().tolist() == expected
+    mask = candidate_mask(torch.tensor([[32.0, 32.0, 96.0, 96.0]]), pr, anchor_t=4.0)[0]
+    assert not mask[:256].any() and mask[256:320].any() and mask[320:].any()
+
+
+def test_soft_labels_are_the_alignment_rescaled_so_the_best_positive_gets_its_iou() -> None:
+    """TOOD: t = s^0.5 u^6 rescaled per target so that its best positive's label is that positive's IoU u1. The
+    16 px target's two candidates (P3 and P4 cells) predict it 4 px off (u1 = 144 / 368) and 8 px off (u2 = 64 /
+    448), equal scores: labels u1 and (u2 / u1)^6 * u1."""
+    head = make_head()
+    pr = priors(head)
+    n = pr.cell.shape[0]
+    gt = torch.tensor([[44.0, 68.0, 60.0, 84.0]])  # centred on P3 cell (6, 9) and P4 cell (3, 4)
+    p3_row, p4_row = 9 * 16 + 6, 256 + 4 * 8 + 3
+    assert candidate_mask(gt, pr, 4.0)[0].nonzero().flatten().tolist() == [p3_row, p4_row]
+    pred = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, n, 4).clone()  # IoU 0 everywhere else
+    pred[0, p3_row], pred[0, p4_row] = gt[0] + 4.0, gt[0] + 8.0
+    assigned = assign_aligned(torch.full((1, n, 3), 0.5), pred, torch.tensor([0]), torch.tensor([1]), gt, pr)
+    u1, u2 = 144 / 368, 64 / 448
+    assert assigned.score[0].nonzero().flatten().tolist() == [p3_row, p4_row]
+    assert assigned.score[0, p3_row].item() == pytest.approx(u1, rel=1e-5)
+    assert assigned.score[0, p4_row].item() == pytest.approx((u2 / u1) ** 6 * u1, rel=1e-4)
+
+
+def test_the_total_is_the_batch_times_the_gained_box_and_class_terms_on_a_non_square_input() -> None:
+    """On a 128 x 64 input (targets normalized by width and height): box = sum(soft * (1 - CIoU)) / S and cls =
+    BCE over every row and class toward the soft label at the owner's class / S, S = max(sum of soft labels, 1);
+    the parts are 7.5 box, 0, 0.5 cls (YOLOv8's gains) and the total is the batch size times their sum."""
+    torch.manual_seed(3)
+    head = make_head()
+    shapes = [(64 // int(s), 128 // int(s)) for s in STRIDES]
+    maps = [torch.randn(2, 1, h, w, 7) for h, w in shapes]
+    targets = torch.tensor([[0, 1, 0.3, 0.5, 0.25, 0.5], [1, 2, 0.7, 0.4, 0.2, 0.6], [1, 0, 0.2, 0.3, 0.1, 0.3]])
+    total, parts = AlignedLoss(head)(maps, targets)
+
+    pr = Priors(*head.cell_priors(shapes, torch.device("cpu")))
+    p = torch.cat([m.reshape(2, -1, 7) for m in maps], 1)
+    xyxy = box_convert(decode_boxes(p[..., :4].sigmoid(), *pr), "cxcywh", "xyxy")
+    gt = box_convert(targets[:, 2:] * torch.tensor([128.0, 64.0, 128.0, 64.0]), "cxcywh", "xyxy")
+    gt_cls = targets[:, 1].long()
+    assigned = assign_aligned(p[..., 4:].sigmoid(), xyxy, targets[:, 0].long(), gt_cls, gt, pr)
+    positive = assigned.target >= 0
+    assert positive.sum() >= 6
+    norm = assigned.score.sum().clamp(min=1.0)
+    label = torch.zeros_like(p[..., 4:])
+    label[positive, gt_cls[assigned.target[positive]]] = assigned.score[positive]
+    logits = p[..., 4:]
+    bce = -(label * torch.log(torch.sigmoid(logits)) + (1 - label) * torch.log(1 - torch.sigmoid(logits))).sum() / norm
+    box = (complete_box_iou_loss(xyxy[positive], gt[assigned.target[positive]]) * assigned.score[positive]).sum() / norm
+    torch.testing.assert_close(parts, torch.stack((7.5 * box, torch.zeros(()), 0.5 * bce)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(total, 2 * (7.5 * box + 0.5 * bce), rtol=1e-4, atol=1e-6)
+
+
+def test_an_anchor_outside_a_targets_candidates_does_not_take_it_from_the_target_it_is_a_candidate_of() -> None:
+    """With top-k over every row, a target's top k holds rows that are not its candidates. Row r (P3 cell (6, 9))
+    predicts box B exactly, but B (70 px) is 4.4x its 16 px anchor: not B's candidate. Row r is the candidate of
+    the 16 px target A at IoU 256 / 4900 only; that positive is A's, whatever B's overlap."""
+    pr = priors(make_head())
+    n = pr.cell.shape[0]
+    row = 9 * 16 + 6
+    gt = torch.tensor([[44.0, 68.0, 60.0, 84.0], [17.0, 41.0, 87.0, 111.0]])  # A, B: both centred at (52, 76)
+    mask = candidate_mask(gt, pr, 4.0)
+    assert mask[0, row] and not mask[1, row]
+    pred = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, n, 4).clone()
+    pred[0, row] = gt[1]
+    assigned = assign_aligned(torch.full((1, n, 3), 0.5), pred, torch.tensor([0, 0]), torch.tensor([0, 1]), gt, pr, topk=n)
+    assert assigned.target[0, row] == 0
+    assert assigned.score[0, row] > 0

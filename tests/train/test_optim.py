@@ -64,6 +64,22 @@ def test_group_membership() -> None:
     assert total == len(list(net.parameters()))  # every parameter exactly once
 
 
+def test_a_parameter_named_pos_is_a_position_embedding_and_frozen_weights_stay_out() -> None:
+    """'pos' as a whole name part is a position embedding (no decay); a frozen weight is in no group, so the
+    optimizer never decays or steps it, while its trainable bias still is."""
+    net = nn.Module()
+    net.pos = nn.Parameter(torch.zeros(1, 8, 4))
+    net.stem = nn.Conv2d(3, 8, 3)
+    net.head = nn.Conv2d(8, 8, 1)
+    net.stem.weight.requires_grad_(False)
+    groups = param_groups(net)
+    assert _ids(groups["no_decay"]) == _ids([net.pos])
+    assert _ids(groups["decay"]) == _ids([net.head.weight])
+    assert _ids(groups["bias"]) == _ids([net.stem.bias, net.head.bias])
+    optimizer = build_optimizer(net, "AdamW", lr=0.01, momentum=0.9, weight_decay=0.05)
+    assert id(net.stem.weight) not in {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
 def test_sgd() -> None:
     net = _Net()
     opt = build_optimizer(net, "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
