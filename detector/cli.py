@@ -220,6 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"detector {name}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # a loader worker's death, raised by torch's SIGCHLD handler outside any loader
+        from detector.data.loader import worker_death_error
+
+        died = worker_death_error(err)
+        if died is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"detector {name}: error: {died}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -351,10 +351,25 @@ class DetectorDataLoader(DataLoader):
             except RuntimeError as err:
                 if str(err).startswith("DataLoader timed out"):
                     raise DetectorError(f"data loading stalled: no batch from the workers in {self.timeout:g} s") from err
-                if "exited unexpectedly" in str(err):  # killed (out of memory?) or crashed in native code
-                    raise DetectorError(f"{str(err).splitlines()[0].rstrip('. ')}; workers=0 shows the failing file") from err
+                died = worker_death_error(err)
+                if died is not None:
+                    raise died from err
                 raise
             yield batch
+
+
+def worker_death_error(err: BaseException) -> DetectorError | None:
+    """torch's error for a loader worker that died (killed by the OOM killer's SIGKILL, crashed in native code) as
+    one line, else None. torch raises it inside the loader's `next` or, from its SIGCHLD handler, wherever the main
+    process is at that moment (a persistent worker dies between batches too): so the CLI converts it as well."""
+    text = str(err).strip()
+    if not isinstance(err, RuntimeError) or not text.startswith("DataLoader worker (pid"):
+        return None
+    if "is killed by signal" not in text and "exited unexpectedly" not in text:
+        return None
+    first = text.split(". ")[0].splitlines()[0].rstrip(". ")
+    hint = "out of memory? the kernel's OOM killer sends SIGKILL" if "Killed" in first else "killed (out of memory?) or crashed in native code"
+    return DetectorError(f"{first} ({hint}); workers=0 shows the failing file")
 
 
 WORKER_PRIORITIES = ("auto", "idle", "normal")

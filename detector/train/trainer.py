@@ -29,7 +29,7 @@ from tqdm import tqdm
 from detector import memory
 from detector.config import TrainConfig, build_options, given_keys, run_only_keys
 from detector.data.spec import load_data_spec
-from detector.errors import DetectorError, TrainingDiverged
+from detector.errors import DetectorError, TrainingDiverged, write_failed
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
@@ -80,11 +80,16 @@ def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
 
 
 def find_resume_checkpoint(resume: bool | str, project: Path) -> Path:
-    """`resume=true` -> the newest <project>/*/weights/last.pt; otherwise the given path."""
+    """`resume=true` -> the newest <project>/*/weights/last.pt; otherwise the given path. A newer run without a
+    last.pt (killed in its first epoch) is an error naming it: resuming an older run instead would surprise."""
     if resume is True:
         candidates = sorted(project.glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise DetectorError(f"resume: nothing to resume: no */weights/last.pt under {project}")
+        started = max(project.glob("*/args.yaml"), key=lambda p: p.stat().st_mtime, default=None)  # set up, then trained
+        if started is not None and started.stat().st_mtime > candidates[-1].stat().st_mtime and not (started.parent / "weights" / "last.pt").exists():
+            raise DetectorError(f"resume: the newest run {started.parent} has no weights/last.pt (stopped in its first epoch), so "
+                                "nothing to resume: train it again, or pass resume=<run>/weights/last.pt to resume an older run")
         return candidates[-1]
     path = Path(resume)
     if not path.exists():
@@ -150,10 +155,7 @@ class Trainer:
             self.run_dir = _resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
         else:
             self.run_dir = next_run_dir(Path(cfg.project), cfg.name, cfg.exist_ok)
-        self.weights_dir = self.run_dir / "weights"
-        if self.dist.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "plots").mkdir(exist_ok=True)
+        self.weights_dir = self.run_dir / "weights"  # made by `_build_validation`: a run refused while set up leaves no folder
 
     # ---------------------------------------------------------------------------------------- set-up
 
@@ -199,8 +201,9 @@ class Trainer:
         self._held.enter_context(memory.collector_skips_live_objects())
 
     def _build_data(self) -> None:
-        """The dataset YAML (the bundled set generated on first use), the train loader and the class list."""
-        from detector.data.loader import build_train_loader, resolve_worker_priority, resolve_workers
+        """The dataset YAML (the bundled set generated on first use), the train loader, the class list and (rank 0)
+        the val loader."""
+        from detector.data.loader import build_train_loader, build_val_loader, resolve_worker_priority, resolve_workers
         from detector.data.synthetic import ensure_bundled_dataset
 
         cfg = self.cfg
@@ -226,6 +229,9 @@ class Trainer:
             raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
         self.names = self.data.names or self.train_set.coco.names
         self.category_ids = self.train_set.coco.category_ids
+        if self.dist.is_main:  # scanned with the train split: an empty or (strict) faulty val split stops the run before the model
+            self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
+                                                strict=cfg.strict, cache_dir=self.run_dir, idle_workers=self.idle_workers, names=self.data.names)
 
     def _build_model(self) -> None:
         """The model (resumed, or new with auto-anchor), checked to fit in memory, with the run's BN momentum and
@@ -342,8 +348,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
     def _build_validation(self) -> None:
-        """Rank 0: the val loader and evaluator, the logger (a resumed run's rows after its epoch dropped), args.yaml."""
-        from detector.data.loader import build_val_loader
+        """Rank 0: the evaluator on the val loader `_build_data` made, the run folder (made here, once every check
+        before training passed), the logger (a resumed run's rows after its epoch dropped), args.yaml."""
         from detector.infer.evaluator import Evaluator
 
         cfg = self.cfg
@@ -351,13 +357,14 @@ class Trainer:
         self.logger = None
         if not self.dist.is_main:
             return
-        val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers, strict=cfg.strict, cache_dir=self.run_dir,
-                                     idle_workers=self.idle_workers, names=self.data.names)
+        val_loader = self._val_loader
         # validated in fp16 on CUDA (as before amp decided it), in the training's bf16 on a CPU that trains in it
         precision = torch.float16 if self.device.type == "cuda" else self.amp_dtype
         self.evaluator = Evaluator(val_loader, conf=cfg.val_conf, iou=cfg.val_iou, max_det=cfg.max_det, device=self.device,
                                    precision=precision)
         val_loader.start_workers()  # forked before training grows the heap they would share (see start_workers)
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "plots").mkdir(exist_ok=True)
         self.logger = RunLogger(self.run_dir)
         if self.resume_ckpt is not None:
             self.logger.truncate_after(self.state.epoch)
@@ -372,7 +379,11 @@ class Trainer:
 
         built = ", ".join(f"{row} {kind}" for row, kind in self.model.attentions.items()) or "none"
         text = yaml.safe_dump(asdict(self.cfg), sort_keys=False)
-        (self.run_dir / "args.yaml").write_text(f"# attention as built: {built}\n{text}")
+        path = self.run_dir / "args.yaml"
+        try:
+            path.write_text(f"# attention as built: {built}\n{text}")
+        except OSError as err:
+            raise write_failed(path, err) from err
 
     def _restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])

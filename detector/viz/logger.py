@@ -5,12 +5,15 @@ Rank 0 only; the trainer never creates this object on other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+from detector.errors import DetectorError, write_failed
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 LOSS_KEYS = ("box_loss", "obj_loss", "cls_loss")
@@ -26,10 +29,26 @@ class RunLogger:
         self.run_dir = run_dir
         self.csv_path = run_dir / "results.csv"
         self.writer = None
+        self._failed = False  # a write failed: `close` (after the error) must not raise it again
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            with self._writing(run_dir / "events.out.tfevents"):
+                self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError (disk full, quota) while writing `path` becomes the one-line DetectorError naming it."""
+        try:
+            yield
+        except OSError as err:
+            self._failed = True
+            raise write_failed(path, err) from err
+
+    def _events_path(self) -> Path:
+        """The TensorBoard events file (its name holds the time, host and pid), for errors."""
+        event_writer = getattr(self.writer.file_writer, "event_writer", None) if self.writer else None
+        return Path(getattr(event_writer, "_file_name", self.run_dir / "events.out.tfevents"))
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone). A header
@@ -43,17 +62,22 @@ class RunLogger:
         header = list(self.columns) if rows[0] == list(self.columns[: len(rows[0])]) else rows[0]
         kept = [header] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
         tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        tmp.replace(self.csv_path)
+        try:
+            with self._writing(self.csv_path):
+                with tmp.open("w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+                tmp.replace(self.csv_path)
+        finally:
+            tmp.unlink(missing_ok=True)  # (gone after the replace; a half-written one after a failure)
 
     def step(self, global_step: int, losses: torch.Tensor, lr: float) -> None:
         """Per-iteration scalars (called at log intervals: `losses` is read on the host here)."""
         if self.writer is None:
             return
-        for key, value in zip(LOSS_KEYS, losses.tolist()):
-            self.writer.add_scalar(f"train/{key}", value, global_step)
-        self.writer.add_scalar("train/lr", lr, global_step)
+        with self._writing(self._events_path()):
+            for key, value in zip(LOSS_KEYS, losses.tolist()):
+                self.writer.add_scalar(f"train/{key}", value, global_step)
+            self.writer.add_scalar("train/lr", lr, global_step)
 
     def epoch(self, epoch: int, losses: torch.Tensor, lr: float, metrics: Mapping[str, float] | None, fitness: float | None,
               epoch_time_s: float, nonfinite_steps: int, unreadable_images: int = 0, val_time_s: float = 0.0) -> None:
@@ -64,12 +88,16 @@ class RunLogger:
         row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps, unreadable_images,
                 round(val_time_s, 2)]
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        with self.csv_path.open("a", newline="") as f:
+        with self._writing(self.csv_path), self.csv_path.open("a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(self.columns)
             writer.writerow(row)
         if self.writer is not None:
+            self._epoch_scalars(epoch, losses, metrics, fitness)
+
+    def _epoch_scalars(self, epoch: int, losses: torch.Tensor, metrics: Mapping[str, float], fitness: float | None) -> None:
+        with self._writing(self._events_path()):
             for key, value in zip(LOSS_KEYS, losses.tolist()):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
             for key in COCO_KEYS:
@@ -85,11 +113,20 @@ class RunLogger:
             return
         from torchvision.utils import make_grid
 
-        self.writer.add_image(tag, make_grid(images_chw, nrow=int(math.ceil(math.sqrt(len(images_chw))))), step)
+        with self._writing(self._events_path()):
+            self.writer.add_image(tag, make_grid(images_chw, nrow=int(math.ceil(math.sqrt(len(images_chw))))), step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and close the events file; after a failed write (already raised) the same failure is not raised again."""
+        if self.writer is None:
+            return
+        failed = self._failed
+        try:
+            with self._writing(self._events_path()):
+                self.writer.close()
+        except DetectorError:
+            if not failed:
+                raise
 
 
 def read_results(csv_path: Path) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ from detector.models.builder import build_model
 from detector.runtime import checkpoint as ck
 from detector.train.trainer import Trainer, train
 from reliability_helpers import read_results
-from tiny_run import make_config
+from tiny_run import TINY, make_config
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,63 @@ def test_val_of_a_checkpoint_on_a_dataset_with_other_classes_is_refused(disk_ful
     data = make_data_yaml()  # categories 1, 3, 7
     message = _val(capsys, tmp_path, weights=str(last), data=str(data), imgsz="64")
     assert re.match(r"val: .* was trained on category ids \[1, 2, 3, 4, 5, 6\] but .*instances\.json has \[1, 3, 7\]", message)
+
+
+# ------------------------------------------------------------------------------------------ row 26, the other files of a run
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FullFile:
+    """A file open for writing on a full disk: every write raises ENOSPC (the bytes before it went in)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def write(self, data):
+        _no_space()
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+@pytest.mark.usefixtures("cli_logging")
+@pytest.mark.parametrize("target", ["results.csv", "metrics.json", "predictions.json", "args.yaml", "events.out.tfevents"])
+def test_disk_full_on_a_run_file_is_one_line_naming_it_and_leaves_no_half_file(
+    tiny_data: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """ENOSPC while writing results.csv, the TensorBoard events, metrics.json, predictions.json or args.yaml: the
+    error names the file, on one line (no traceback), and no temporary file is left in the run folder."""
+    real_open = io.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullFile(f) if target in str(file) and any(c in mode for c in "wa") else f
+
+    monkeypatch.setattr(io, "open", full_open)
+    monkeypatch.setattr("builtins.open", full_open)
+    if target.startswith("events"):
+        from tensorboard.summary.writer import record_writer
+
+        monkeypatch.setattr(record_writer.RecordWriter, "write", _no_space)
+    run = tmp_path / "runs" / "exp"
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(run.parent), "epochs": "1"}.items()]
+    try:
+        code = main(["train", *args])
+    finally:
+        monkeypatch.undo()
+    assert code == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip() and not ln.startswith("epoch ")]  # (the progress bar)
+    if not target.startswith("events"):  # (TensorBoard's writer thread prints its own traceback before it)
+        assert len(lines) == 1
+    line = lines[-1]
+    assert re.match(rf"detector train: error: {re.escape(str(run))}/{re.escape(target)}\S*: cannot write .*\(No space left on device\)", line)
+    assert [p.name for p in run.rglob("*") if ".tmp" in p.name] == []

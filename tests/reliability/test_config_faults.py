@@ -11,7 +11,7 @@ from detector.config import load_train_config
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model
-from detector.train.trainer import Trainer
+from detector.train.trainer import Trainer, train
 from reliability_helpers import REPO_ROOT
 from tiny_run import make_config
 
@@ -77,3 +77,31 @@ def test_resume_of_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path) ->
     foreign.write_text("not a checkpoint")
     with pytest.raises(DetectorError, match=f"{foreign}: (not a readable checkpoint|refused to load it)"):
         Trainer(make_config(tmp_path, tmp_path / "runs", resume=str(foreign)))
+
+
+def test_resume_true_after_a_run_killed_in_its_first_epoch_names_that_run(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Row 24/27: `resume=true` means the newest run. Killed before its first checkpoint, that run has nothing to
+    resume: an error naming it, not a silent resume of an older unfinished run in the same project."""
+    real_epoch = Trainer.train_epoch
+
+    def killed_at(stop: int):
+        def train_epoch(self, epoch):
+            if epoch == stop:
+                raise KeyboardInterrupt  # as a kill would: epochs before `stop` were checkpointed
+            return real_epoch(self, epoch)
+        return train_epoch
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(Trainer, "train_epoch", killed_at(1))
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, runs, epochs="2"))  # exp: epoch 0 checkpointed, resumable
+    monkeypatch.setattr(Trainer, "train_epoch", killed_at(0))
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, runs, epochs="2"))  # exp2: killed in its first epoch
+    monkeypatch.undo()
+    assert (runs / "exp2" / "args.yaml").exists() and not (runs / "exp2" / "weights" / "last.pt").exists()
+    with pytest.raises(DetectorError, match=rf"^resume: the newest run {runs / 'exp2'} has no weights/last\.pt .*nothing to resume"):
+        Trainer(make_config(tiny_data, runs, resume="true"))
+    resumed = Trainer(make_config(tiny_data, runs, resume=str(runs / "exp" / "weights" / "last.pt")))  # asked for by path
+    assert resumed.run_dir == runs / "exp"
+    resumed.close()

@@ -1,10 +1,14 @@
-"""Data that breaks after the scan or arrives in odd formats: RELIABILITY rows 3, 5, 13, 20, 21, 34 where the
+"""Data that breaks after the scan or arrives in odd formats: RELIABILITY rows 2, 3, 5, 8, 13, 20, 21, 34 where the
 tests under tests/data stop short (worker processes, the trainer and CLI paths, channel conversion, `download:`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +58,29 @@ def test_image_corrupted_after_the_scan_is_a_one_line_error_from_a_worker_under_
     assert message.startswith(f"cannot read image {victim} (changed since the scan?)") and "\n" not in message
 
 
+# ------------------------------------------------------------------------------------------ rows 2 and 8 (what is named)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image"])
+def test_a_non_image_or_empty_file_is_named_in_the_summary_and_left_alone(make_coco, content: bytes) -> None:
+    split = make_coco()
+    victim = split.images / "img002.jpg"
+    victim.write_bytes(content)
+    ds = CocoDataset(split)
+    (item,) = ds.summary.problems["unreadable image"]
+    assert item.startswith(f"{victim} (image id 16") and str(victim) in str(ds.summary)
+    assert victim.read_bytes() == content and ds.summary.images_used == 5
+
+
+@pytest.mark.parametrize(("what", "kind", "first_id"), [("images", "image id", 10), ("annotations", "annotation id", 100),
+                                                        ("categories", "category id", 1)])
+def test_a_duplicate_id_names_its_kind_and_value(make_coco, what: str, kind: str, first_id: int) -> None:
+    split = make_coco(mutate=lambda d: d[what].append(dict(d[what][0])))
+    with pytest.raises(DetectorError) as info:
+        CocoDataset(split)
+    assert str(info.value) == f"{split.annotations}: duplicate {kind} {first_id}"
+
+
 # ------------------------------------------------------------------------------------------ rows 5 and 20
 
 
@@ -90,7 +117,7 @@ def test_model_with_other_input_channels_is_refused_before_training(tiny_data: P
     one_channel.write_text("ch: 1\n" + yaml_text)
     with pytest.raises(DetectorError, match=r"takes ch=1 input channels, but training images are always loaded as 3-channel RGB"):
         train(make_config(tiny_data, tmp_path / "runs", model=str(one_channel), epochs="1"))
-    assert not list((tmp_path / "runs").rglob("*.pt"))
+    assert not (tmp_path / "runs").exists()  # refused before training: no run folder
 
 
 # ------------------------------------------------------------------------------------------ row 13 (CLI)
@@ -105,7 +132,40 @@ def test_empty_train_set_is_one_line_from_the_cli_before_the_model(make_data_yam
     train_json = data.parent / "train" / "instances.json"
     assert captured.err.strip().splitlines() == [f"detector train: error: no labelled images in {train_json}"]
     assert "optimizer:" not in captured.out  # stopped before the model and optimizer were built
-    assert not list((tmp_path / "runs").rglob("*.*"))
+    assert not (tmp_path / "runs").exists()  # no run folder, not even an empty exp/weights
+
+
+@pytest.mark.usefixtures("cli_logging")
+@pytest.mark.parametrize("split", ["val", "val-images"])
+def test_empty_val_set_is_one_line_from_the_cli_before_the_model(make_data_yaml, tmp_path: Path, capsys, split: str) -> None:
+    """Row 13 for the val split: refused with the train split's scan, before a model, anchors or optimizer."""
+    data = make_data_yaml()
+    val_json = data.parent / "val" / "instances.json"
+    coco = json.loads(val_json.read_text())
+    coco.update(annotations=[], **({"images": []} if split == "val-images" else {}))
+    val_json.write_text(json.dumps(coco))
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    assert main(["train", *args]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"detector train: error: no labelled images in {val_json}")
+    assert "autoanchor" not in captured.out and "optimizer:" not in captured.out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_strict_refusal_leaves_no_run_folder(make_data_yaml, tmp_path: Path, capsys) -> None:
+    """E before training (here strict=true and an unknown category id) writes nothing: a later run is `exp`, not `exp2`."""
+    data = make_data_yaml()
+    train_json = data.parent / "train" / "instances.json"
+    coco = json.loads(train_json.read_text())
+    coco["annotations"][0]["category_id"] = 42
+    train_json.write_text(json.dumps(coco))
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    assert main(["train", *args, "strict=true"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"detector train: error: {train_json}: unknown category id: annotation ") and "category_id 42" in line
+    assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------ row 21
@@ -144,6 +204,54 @@ def test_exception_in_a_worker_names_the_file(make_coco, monkeypatch) -> None:
 def test_dead_worker_is_a_one_line_error_not_a_hang(make_coco, monkeypatch) -> None:
     monkeypatch.setattr(coco_module.CocoDataset, "load_image", lambda self, index: os._exit(3))  # e.g. the OOM killer
     loader = build_train_loader(make_coco(), imgsz=64, batch_size=2, workers=2, hyp=TrainConfig(), seed=0)
-    with pytest.raises(DetectorError, match=r"DataLoader worker \(pid\(s\) [\d, ]+\) exited unexpectedly; workers=0 shows"):
+    with pytest.raises(DetectorError, match=r"DataLoader worker \(pid\(s\) [\d, ]+\) exited unexpectedly \(.*\); workers=0 shows"):
         next(iter(loader))
     shut_down_workers(loader)
+
+
+def _sigkill_in_a_worker(self, index):
+    """What the kernel's OOM killer does to a worker: SIGKILL, no exception, no exit code of its own."""
+    if torch.utils.data.get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL_LOAD_IMAGE(self, index)
+
+
+REAL_LOAD_IMAGE = coco_module.CocoDataset.load_image
+
+
+def test_a_worker_killed_by_sigkill_is_a_one_line_error(make_coco, monkeypatch) -> None:
+    monkeypatch.setattr(coco_module.CocoDataset, "load_image", _sigkill_in_a_worker)
+    loader = build_train_loader(make_coco(), imgsz=64, batch_size=2, workers=2, hyp=TrainConfig(), seed=0)
+    with pytest.raises(DetectorError) as info:
+        next(iter(loader))
+    shut_down_workers(loader)
+    message = str(info.value)
+    assert re.match(r"DataLoader worker \(pid\(?s?\)? ?[\d, ]+\) (is killed by signal: Killed|exited unexpectedly)", message)
+    assert "out of memory?" in message and "workers=0 shows the failing file" in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_worker_killed_by_sigkill_mid_run_is_one_line_from_the_cli(tiny_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Row 34 as the OOM killer does it: torch's SIGCHLD handler raises wherever the main process is (here often
+    while it sets up validation, the train workers already prefetching), not only inside the loader."""
+    from detector.viz import logger as logger_module
+
+    real_init, outside = logger_module.RunLogger.__init__, []
+
+    def slow_init(self, *args, **kwargs):  # right after the val workers start (and die): a slow import, say
+        try:
+            time.sleep(10)
+        except RuntimeError:  # torch's SIGCHLD handler, raising in whatever the main thread runs
+            outside.append(True)
+            raise
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(coco_module.CocoDataset, "load_image", _sigkill_in_a_worker)
+    monkeypatch.setattr(logger_module.RunLogger, "__init__", slow_init)
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(tmp_path / "runs"), "epochs": "1",
+                                    "workers": "2", "cache": ""}.items()]
+    assert main(["train", *args]) == 2
+    assert outside == [True]
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip() and not ln.startswith("epoch ")]
+    assert len(lines) == 1 and lines[0].startswith("detector train: error: DataLoader worker (pid")
+    assert "out of memory?" in lines[0] and lines[0].endswith("; workers=0 shows the failing file")
