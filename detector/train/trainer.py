@@ -229,9 +229,15 @@ class Trainer:
             raise DetectorError(f"{data_yaml}: 'names' lists {len(self.data.names)} classes but {self.data.train.annotations} has {nc} categories")
         self.names = self.data.names or self.train_set.coco.names
         self.category_ids = self.train_set.coco.category_ids
+        refused = None
         if self.dist.is_main:  # scanned with the train split: an empty or (strict) faulty val split stops the run before the model
-            self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
-                                                strict=cfg.strict, cache_dir=self.run_dir, idle_workers=self.idle_workers, names=self.data.names)
+            try:
+                self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
+                                                    strict=cfg.strict, cache_dir=self.run_dir, idle_workers=self.idle_workers, names=self.data.names)
+            except DetectorError as err:
+                refused = err
+        if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective
+            raise refused or DetectorError(f"{self.data.val.annotations}: val split refused (rank 0 names why)")
 
     def _build_model(self) -> None:
         """The model (resumed, or new with auto-anchor), checked to fit in memory, with the run's BN momentum and

@@ -5,12 +5,15 @@ is ignored with a warning (33); tune and ablate train run after run in one torch
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS
@@ -106,6 +109,26 @@ def test_tune_and_ablate_train_run_after_run_in_one_torchrun_job(tiny_data: Path
     assert output.count("ablation: ") == 1
     table = (tmp_path / "ablate" / "exp" / "ablation.md").read_text()
     assert "| none |" in table and "| se |" in table
+
+
+@pytest.mark.slow
+def test_an_empty_val_split_stops_both_ranks_at_once(tiny_data: Path, tmp_path: Path) -> None:
+    """Rank 0 alone scans the val split: its refusal reaches rank 1, which would otherwise wait for rank 0 in the
+    next collective until the process group's timeout (30 minutes on gloo)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data.parent, data)
+    spec = data / tiny_data.name
+    val_json = data / yaml.safe_load(spec.read_text())["val"]["annotations"]
+    coco = json.loads(val_json.read_text())
+    val_json.write_text(json.dumps({**coco, "annotations": []}))
+    keys = {**TINY, "data": str(spec), "project": str(tmp_path / "runs"), "epochs": "1", "device": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "detector", "train", *(f"{k}={v}" for k, v in keys.items())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count("detector train: error: no labelled images in") == 1  # rank 0's line; rank 1's is its own
+    assert "val split refused (rank 0 names why)" in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def _train_two_ranks(keys: dict[str, str], env: dict[str, str]) -> str:
