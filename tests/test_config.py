@@ -162,3 +162,25 @@ def test_cfg_names_the_shipped_default_yaml_outside_a_checkout(tmp_path: Path, m
     (tmp_path / "configs" / "train").mkdir(parents=True)  # a file of the user's own at that path comes first
     (tmp_path / "configs" / "train" / "default.yaml").write_text("epochs: 5\n")
     assert load_train_config({"cfg": "configs/train/default.yaml"}).epochs == 5
+
+
+def test_values_are_coerced_strictly_by_the_field_type():
+    """A fraction is no integer, a bool no number; the usual spellings of a switch, a trailing comma in a list,
+    dashes in a key and `none` for an optional number read as a user means them."""
+    from detector.config import build_options
+
+    for value in (3.5, "3.5"):
+        with pytest.raises(DetectorError, match=r"^x\.yaml:2: 'epochs' expects an integer, got "):
+            build_options(TrainConfig, {"epochs": value}, "x.yaml:2")
+    with pytest.raises(DetectorError, match=r"'epochs' expects a number, got True"):
+        build_options(TrainConfig, {"epochs": True}, "x.yaml:2")
+    assert build_options(TrainConfig, {"epochs": 4.0}, "x").epochs == 4
+    cfg = load_train_config(parse_overrides(["exist-ok=yes", "cos_lr=off", "freeze=0,2,", "box=none"]))
+    assert (cfg.exist_ok, cfg.cos_lr, cfg.freeze, cfg.box) == (True, False, [0, 2], None)
+    assert load_train_config({"box": "null"}).box is None and load_train_config({"box": "0.1"}).box == 0.1
+
+
+def test_list_defaults_are_not_shared_between_configs():
+    first = TrainConfig()
+    first.freeze.append(3)
+    assert TrainConfig().freeze == [] and load_train_config({}).freeze == []

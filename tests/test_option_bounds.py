@@ -94,3 +94,22 @@ def test_help_shows_the_ranges() -> None:
     text = describe_options(TrainConfig)
     assert "initial learning rate (SGD wants about 0.01) [> 0 and <= 1]" in text
     assert "[>= 32 and <= 8192 and a multiple of 32]" in text
+
+
+def test_command_ranges_and_defaults_agree_with_the_code_that_uses_them() -> None:
+    """Bounds refuse at load what the command would refuse after its set-up (an opset the exporter does not write,
+    vid_stride 0); `detector val` scores a checkpoint as its training run's validation did; a tracked predict's
+    low boxes sit below its conf."""
+    from detector.infer.export import OPSETS
+
+    for opset in (OPSETS.start, OPSETS.stop - 1):
+        assert build_options(options.ExportOptions, {"opset": opset}, "x").opset == opset
+    for bad in ({"opset": OPSETS.start - 1}, {"opset": OPSETS.stop}):
+        with pytest.raises(DetectorError, match="'opset' must be"):
+            build_options(options.ExportOptions, bad, "x")
+    with pytest.raises(DetectorError, match="'vid_stride' must be >= 1"):
+        build_options(options.PredictOptions, {"vid_stride": 0}, "x")
+    val, train = options.ValOptions(), TrainConfig()
+    assert (val.conf, val.iou, val.max_det) == (train.val_conf, train.val_iou, train.max_det)
+    predict = options.PredictOptions()
+    assert predict.track_low < predict.conf

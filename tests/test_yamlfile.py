@@ -113,3 +113,19 @@ def test_a_key_written_twice_is_refused_but_a_merged_key_may_be_overridden(tmp_p
 def test_a_file_without_a_size_is_read_only_up_to_the_limit() -> None:
     """stat() gives a device or a pipe size 0, so the size check passed and read_bytes() ran until MemoryError."""
     refused(Path("/dev/zero"), load_yaml, rf"/dev/zero: more than {MAX_BYTES:,} bytes is too large for a YAML config")
+
+
+def test_each_limit_is_inclusive(tmp_path: Path) -> None:
+    """MAX_DEPTH nested collections, MAX_NODES nodes and MAX_BYTES bytes are read; one more of each is refused."""
+    path = tmp_path / "edge.yaml"
+    path.write_text("[" * MAX_DEPTH + "]" * MAX_DEPTH + "\n")
+    assert load_yaml(path)[0] is not None
+    path.write_text("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n")
+    refused(path, load_yaml, f"nested deeper than {MAX_DEPTH} levels")
+    path.write_text("[" + "0," * (MAX_NODES - 2) + "0]\n")  # the sequence and MAX_NODES - 1 scalars
+    assert len(load_yaml(path)[0]) == MAX_NODES - 1
+    path.write_text("[" + "0," * (MAX_NODES - 1) + "0]\n")
+    refused(path, load_yaml, f"more than {MAX_NODES:,} nodes")
+    text = "a: 1\n#"
+    path.write_text(text + "x" * (MAX_BYTES - len(text) - 1) + "\n")
+    assert path.stat().st_size == MAX_BYTES and load_yaml(path)[0] == {"a": 1}

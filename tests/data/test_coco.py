@@ -4,6 +4,7 @@ strict mode, the scan cache, coco_gt."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +389,32 @@ def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monke
     calls.clear()
     CocoDataset(split)
     assert calls == ["img001.jpg"]
+
+
+def test_scan_cache_notices_same_size_edits_by_their_mtime(make_coco) -> None:
+    """The cache is keyed by size and mtime: a json or an image rewritten to the same size, but later, is read anew."""
+    split = make_coco()
+    CocoDataset(split)
+    later = split.annotations.stat().st_mtime_ns + 5_000_000_000
+    text = split.annotations.read_text()
+    split.annotations.write_text(text.replace('"square"', '"sqvare"'))  # same size
+    os.utime(split.annotations, ns=(later, later))
+    assert CocoDataset(split).names == ["circle", "sqvare", "triangle"]
+    victim = split.images / "img002.jpg"
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, no longer an image
+    os.utime(victim, ns=(later, later))
+    assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1
+
+
+def test_a_cache_whose_string_table_does_not_add_up_is_not_used(make_coco) -> None:
+    """Offsets that run past their string buffer (a truncated or forged cache): the scan is made again."""
+    split = make_coco()
+    cache = split.annotations.parent / ".instances.json.scan-cache.npz"
+    CocoDataset(split)
+    meta, arrays = _read_cache(cache)
+    arrays["names"] = arrays["names"][:-1]  # the last file name loses its last byte
+    _write_cache(cache, meta, arrays)
+    assert [r.file.name for r in CocoDataset(split).records] == [f"img{i:03d}.jpg" for i in range(6)]
 
 
 def test_a_scan_cached_by_an_older_version_is_made_again(make_coco, monkeypatch) -> None:

@@ -318,3 +318,62 @@ def test_started_workers_fork_before_the_first_iteration_and_change_no_batch(mak
     unforked = build_val_loader(split, imgsz=64, batch_size=4, workers=0)
     unforked.start_workers()  # no workers to start: nothing happens
     assert set(multiprocessing.active_children()) - before == workers
+
+
+def _sample(dataset: TrainDataset, index: int) -> torch.Tensor:
+    item = dataset[index]
+    return torch.cat([item["image"].flatten().float(), item["labels"].flatten()])
+
+
+def test_the_augmentation_streams_are_a_function_of_seed_and_epoch(make_coco) -> None:
+    """Within an epoch the stream runs on (the same image twice is augmented twice); epoch e restarts it from
+    (seed, e) and forgets the partner buffer, so epoch 1 is the same after epoch 0 as straight away."""
+    split = make_coco(sizes_wh=[(48 + 4 * i, 40) for i in range(20)])
+    always = replace(TrainConfig(), mosaic=1.0)
+
+    def fresh() -> TrainDataset:
+        return TrainDataset(CocoDataset(split), imgsz=64, hyp=always, seed=5)
+
+    played = fresh()
+    played.set_epoch(0)
+    first, again = _sample(played, 3), _sample(played, 3)
+    assert not torch.equal(first, again)
+    for index in range(20):
+        played[index]
+    played.set_epoch(1)
+    epoch1 = [_sample(played, index) for index in (3, 7)]
+    straight = fresh()
+    straight.set_epoch(1)
+    assert all(torch.equal(a, _sample(straight, i)) for a, i in zip(epoch1, (3, 7)))
+    assert not torch.equal(epoch1[0], first)
+
+
+def test_each_worker_draws_from_its_own_stream(make_coco) -> None:
+    """Two workers given the same image at the same point of their epochs augment it differently."""
+    dataset = TrainDataset(CocoDataset(make_coco()), imgsz=64, hyp=replace(TrainConfig(), mosaic=1.0), seed=5)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, sampler=[3, 3], collate_fn=collate)
+    a, b = [torch.cat([batch["images"].flatten().float(), batch["targets"].flatten()]) for batch in loader]
+    assert not torch.equal(a, b)
+
+
+def test_mosaic_partners_come_from_the_recent_images(make_coco) -> None:
+    """Once PARTNER_POOL_MIN images were decoded, a mosaic decodes at most its own image, not four."""
+    split = make_coco(sizes_wh=[(32, 32)] * 100, boxes_per_image=1)
+    dataset = TrainDataset(CocoDataset(split), imgsz=32, hyp=replace(TrainConfig(), mosaic=1.0, mixup=0.0), seed=0)
+    dataset.set_epoch(0)
+    for index in range(loader_module.PARTNER_POOL_MIN):
+        dataset[index]
+    before = dataset.source.decodes
+    for index in range(50, 70):
+        dataset[index]
+    assert dataset.source.decodes - before <= 20
+
+
+def test_ranks_augment_with_their_own_streams(make_coco) -> None:
+    """Under DDP each rank's workers draw from seed + rank: the same image is augmented differently per rank."""
+    split = make_coco()
+    datasets = [build_train_loader(split, imgsz=64, batch_size=2, workers=0, hyp=replace(TrainConfig(), mosaic=1.0),
+                                   seed=5, rank=rank, world_size=2).dataset for rank in (0, 1)]
+    for dataset in datasets:
+        dataset.set_epoch(0)
+    assert not torch.equal(_sample(datasets[0], 3), _sample(datasets[1], 3))

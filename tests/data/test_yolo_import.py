@@ -249,3 +249,30 @@ def test_train_and_val_on_an_ultralytics_yaml_end_to_end(coco_yaml: Path, tmp_pa
     assert best.is_file()
     assert main(["val", f"weights={best}", f"data={export.data_yaml}", "imgsz=64", "workers=0", "plots=false",
                  "device=cpu", f"project={tmp_path / 'val'}"]) == 0
+
+
+def test_label_path_swaps_the_last_images_folder_only() -> None:
+    assert label_path(Path("/d/images/set/images/a.jpg")) == Path("/d/images/set/labels/a.txt")
+    assert label_path(Path("/d/photos/a.png")) == Path("/d/photos/a.txt")
+
+
+def test_rows_reaching_the_image_edge_convert_with_their_area(tmp_path: Path) -> None:
+    """Coordinates of exactly 0 and 1 are inside the image; the area is the box's w x h in pixels (80 x 60 image)."""
+    path = write_yolo(tmp_path / "ds", {"a": "1 0.5 0.2 1.0 0.2 1.0 1.0\n0 0.75 0.5 0.5 1.0\n"})
+    result = convert_yolo_dataset(path)
+    data = json.loads(result.annotations["train"].read_text())
+    boxes = [(a["bbox"], a["area"]) for a in data["annotations"]]
+    assert boxes[0][0] == pytest.approx([40.0, 12.0, 40.0, 48.0]) and boxes[0][1] == pytest.approx(40.0 * 48.0)
+    assert boxes[1][0] == pytest.approx([40.0, 0.0, 40.0, 60.0]) and boxes[1][1] == pytest.approx(40.0 * 60.0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_that_transpose_swap_width_and_height(tmp_path: Path, orientation: int) -> None:
+    """EXIF 5-8 turn the stored image a quarter (5, 7 also mirror it), 1-4 keep its axes."""
+    from detector.data.yolo_import import image_size
+
+    image = Image.new("RGB", (120, 40))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "a.jpg", exif=exif)
+    assert image_size(tmp_path / "a.jpg") == ((40, 120) if orientation >= 5 else (120, 40))

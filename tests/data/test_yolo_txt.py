@@ -117,3 +117,32 @@ def test_an_export_of_the_same_annotations_is_reused_untouched(data_yaml: Path, 
     reuse_or_export(spec, out)
     assert json.loads((out / "index.json").read_text())["sources"]["train"] != digest
     assert next((out / "labels" / "train").glob("*.txt")).stat().st_mtime_ns != before
+
+
+def test_label_rows_keep_a_large_image_box_to_well_under_a_hundredth_of_a_pixel(tmp_path: Path) -> None:
+    """9 decimals of the image size: a 4000 px image's box comes back within 1e-4 px; a score keeps 5 decimals."""
+    from detector.data.yolo_txt import format_label_file, normalised_rows, read_label_file
+
+    box = [1234.5671, 2345.6782, 3456.7893, 3999.1234]
+    rows = normalised_rows([2], [box], 4000, 3000)
+    (tmp_path / "a.txt").write_text(format_label_file(rows))
+    classes, boxes = read_label_file(tmp_path / "a.txt", 4000, 3000)
+    assert classes.tolist() == [2] and np.abs(boxes[0] - box).max() < 1e-4
+    assert format_label_file(rows, np.array([0.1234567])).endswith(" 0.12346\n")
+
+
+def test_images_of_the_same_name_in_sub_folders_get_their_own_links(make_data_yaml, tmp_path: Path) -> None:
+    """'a/x.jpg' and 'b/x.jpg' become images/<split>/a__x.jpg and b__x.jpg, each with its own label file."""
+    path = make_data_yaml()
+    for split in ("train", "val"):
+        root = path.parent / split
+        data = json.loads((root / "instances.json").read_text())
+        for folder, image in zip("ab", data["images"][:2]):
+            (root / "images" / folder).mkdir()
+            (root / "images" / image["file_name"]).rename(root / "images" / folder / "x.jpg")
+            image["file_name"] = f"{folder}/x.jpg"
+        (root / "instances.json").write_text(json.dumps(data))
+    export = export_yolo_txt(load_data_spec(path), tmp_path / "yolo")
+    links = sorted(Path(row["yolo_file"]).name for row in export.images["train"])
+    assert links[:2] == ["a__x.jpg", "b__x.jpg"]
+    assert (tmp_path / "yolo" / "labels" / "train" / "a__x.txt").is_file()

@@ -195,6 +195,17 @@ def test_in_graph_nms_matches_the_predictor_nms() -> None:
         assert (dets[i, len(expected[i]) :] == 0).all()
 
 
+def test_in_graph_nms_clips_boxes_to_a_wide_input() -> None:
+    """Boxes are clipped to x in [0, W], y in [0, H] of a 64 x 128 (H x W) input: one box sticking out on each side."""
+    from detector.infer.export import DetectWithNMS
+
+    pred = torch.tensor([[[120.0, 40.0, 40.0, 20.0, 0.9, 1.0], [10.0, 60.0, 30.0, 20.0, 0.8, 1.0],
+                          [60.0, 10.0, 8.0, 8.0, 0.5, 0.5]]])  # cx cy w h; the last scores 0.25 = conf: not kept
+    dets, num = DetectWithNMS(torch.nn.Identity(), conf=0.25, iou=0.5, max_det=5).suppress(pred, 64, 128)
+    assert num.tolist() == [2]
+    torch.testing.assert_close(dets[0, :2, :4], torch.tensor([[100.0, 30.0, 128.0, 50.0], [0.0, 50.0, 25.0, 64.0]]))
+
+
 def test_a_failed_check_writes_nothing_and_keeps_the_earlier_export(tmp_path: Path, make_data_yaml, monkeypatch) -> None:
     """Each format is written at a staging path beside its target and moved there only once its check passes: a
     file that fails its check is removed, and the export already at the target (ONNX, INT8, the IR's .xml and .bin)

@@ -97,7 +97,10 @@ def test_video_writes_every_frame_drawn_and_one_json_line_per_frame(clip: Path, 
 def test_vid_stride_predicts_every_nth_frame_and_keeps_the_duration(clip: Path, tmp_path: Path, caplog) -> None:
     results = run(clip, tmp_path, batch_size=2, vid_stride=5)
     assert [r["frame"] for r in results] == [0, 5, 10]
-    assert [json.loads(line)["frame"] for line in (tmp_path / "clip.jsonl").read_text().splitlines()] == [0, 5, 10]
+    assert [r["time_s"] for r in results] == pytest.approx([0.0, 5 / FPS, 10 / FPS])  # the source frame's time
+    lines = [json.loads(line) for line in (tmp_path / "clip.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == [0, 5, 10]
+    assert [line["time_s"] for line in lines] == pytest.approx([0.0, 5 / FPS, 10 / FPS], abs=1e-6)
     assert read_back(tmp_path / "clip.mp4") == (3, (WIDTH, HEIGHT), FPS / 5)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # all 12 frames counted, none missing
     assert [r["frame"] for r in run(clip, None, batch_size=3, vid_stride=4)] == [0, 4, 8]  # nothing saved

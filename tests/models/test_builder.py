@@ -359,3 +359,48 @@ def test_placeholder_anchors_ask_for_a_fit(detect_args: list) -> None:
     model = build_model(spec)
     assert model.yaml["anchors"] == 3 and model.head.na == 3
     assert build_model(model.yaml).yaml["anchors"] == 3
+
+
+def tiny_config(rows: list, **top) -> dict:
+    """A model dict: `rows` as the backbone, then a stride-8 Conv and a one-anchor Detect on it."""
+    tail = [[-1, 1, "Conv", [32, 3, 4]], [[-1], 1, "Detect", ["nc", "anchors"]]]
+    return {"nc": 2, "anchors": 1, **top, "backbone": [[-1, 1, "Conv", [16, 3, 2]], *rows], "head": tail}
+
+
+def test_make_divisible_is_the_smallest_multiple_at_or_above() -> None:
+    assert [make_divisible(x, 8) for x in (8, 8.5, 16, 17, 21.12)] == [8, 16, 16, 24, 24]
+
+
+def test_depth_multiple_rounds_to_the_nearest_repeat_count() -> None:
+    """depth 0.67 (the m scale): 3, 6, 9 repeats -> round(2.01, 4.02, 6.03) = 2, 4, 6; one repeat stays one."""
+    rows = [[-1, n, "C3", [16]] for n in (3, 6, 9, 1)]
+    model = build_model(tiny_config(rows, depth_multiple=0.67))
+    assert [li.repeats for li in model.layer_info[1:5]] == [2, 4, 6, 1]
+
+
+def test_width_defaults_to_one_and_the_divisor_to_eight() -> None:
+    assert build_model(tiny_config([])).layers[0].conv.out_channels == 16  # no width_multiple: as written
+    narrow = build_model(tiny_config([[-1, 1, "Conv", [40, 3, 1]]], width_multiple=0.25))
+    assert narrow.layers[1].conv.out_channels == 16  # 40 x 0.25 = 10, up to a multiple of 8
+
+
+def test_scales_cap_the_channels_before_the_width_and_take_two_numbers() -> None:
+    capped = build_model(tiny_config([[-1, 1, "Conv", [64, 3, 1]]], scales={"s": [1.0, 1.0, 32]}, scale="s"))
+    assert capped.layers[1].conv.out_channels == 32  # min(64, 32) x 1.0
+    two = build_model(tiny_config([[-1, 1, "Conv", [64, 3, 1]]], scales={"n": [1.0, 0.5]}, scale="n"))
+    assert two.layers[1].conv.out_channels == 32  # [depth, width]: no cap, 64 x 0.5
+
+
+def test_from_zero_is_row_zero_and_a_non_repeating_module_is_stacked() -> None:
+    rows = [[-1, 2, "Conv", [16, 3, 1]], [[-1, 0], 1, "Concat", [1]]]
+    model = build_model(tiny_config(rows))
+    assert model.sources[2] == [1, 0]
+    stacked = model.layers[1]
+    assert isinstance(stacked, torch.nn.Sequential) and [type(m) for m in stacked] == [Conv, Conv]
+    assert model.layers[3].conv.in_channels == 32  # the concat of rows 1 and 0, 16 + 16
+
+
+def test_ch_sets_the_input_channels() -> None:
+    model = build_model(tiny_config([], ch=1)).eval()
+    assert model.layers[0].conv.in_channels == 1
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 8 * 8, 7)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from detector.models.head import DecoupledDetect, Detect
+from detector.models.head import DecoupledDetect, Detect, placeholder_anchors
 
 
 def make_head(nc: int = 2) -> Detect:
@@ -67,10 +67,20 @@ def test_prior_bias_init() -> None:
     assert torch.equal(after[:, :4], before[:, :4])
 
 
-@pytest.mark.parametrize("anchors", [[[10, 13, 16]], [[10, 13], [16, 30]], "3", 0, [[10, -13]]])
+@pytest.mark.parametrize("anchors", [[[10, 13, 16]], [[10, 13], [16, 30]], "3", 0, [[10, -13]], [[10, 0]]])
 def test_bad_anchors(anchors: object) -> None:
     with pytest.raises(ValueError, match="anchors"):
         Detect([8], 2, anchors)
+
+
+def test_placeholder_anchors_spread_geometrically_over_2_5_to_6_3_cells() -> None:
+    """Anchor i of na is 2 ** (1 + 2 (i + 0.5) / na) cells, square: na=3 gives 2^(4/3), 4, 2^(8/3)."""
+    expected = torch.tensor([[2 ** (4 / 3)] * 2, [4.0, 4.0], [2 ** (8 / 3)] * 2])
+    assert torch.allclose(placeholder_anchors(3), expected)
+    assert placeholder_anchors(1).tolist() == [[4.0, 4.0]]
+    head = Detect([8, 16], 2, anchors=3)
+    head.set_stride([8, 16])
+    assert torch.allclose(head.anchors_px[1, 0], torch.tensor([16 * 2 ** (4 / 3)] * 2))
 
 
 def make_decoupled(nc: int = 3) -> DecoupledDetect:
@@ -128,3 +138,9 @@ def test_decoupled_box_width() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="box_width must be an int >= 0"):
             DecoupledDetect([32, 64], nc=6, anchors=3, box_width=bad)
+
+
+def test_decoupled_class_width_is_the_input_width_or_the_class_count_up_to_100() -> None:
+    """YOLOv8's c3 = max(c_in, min(nc, 100)): many classes widen the class branch, but never beyond 100."""
+    widths = {nc: DecoupledDetect([32], nc=nc, anchors=1).cls[0][0].conv.out_channels for nc in (10, 50, 200)}
+    assert widths == {10: 32, 50: 50, 200: 100}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -67,6 +68,25 @@ def test_t_quantiles_are_the_table_values_and_the_normal_beyond_30() -> None:
     assert (t975(1), t975(2), t975(4), t975(30), t975(31), t975(1000)) == (12.7062, 4.3027, 2.7764, 2.0423, 1.96, 1.96)
     with pytest.raises(ValueError):
         t975(0)
+
+
+def student_t_cdf(x: float, df: int, steps: int = 4000) -> float:
+    """P(T <= x) for x >= 0: 1/2 plus Simpson's rule over the Student-t density from 0 to x."""
+    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def density(t: float) -> float:
+        return norm * (1 + t * t / df) ** (-(df + 1) / 2)
+
+    h = x / steps
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+    return 0.5 + h / 3 * (density(0.0) + inner + density(x))
+
+
+def test_every_t_quantile_of_the_table_leaves_2_5_percent_in_the_upper_tail() -> None:
+    """Each tabled quantile, checked against the t distribution itself (4 decimals: the CDF within 1e-5)."""
+    for df in range(1, 31):
+        assert student_t_cdf(t975(df), df) == pytest.approx(0.975, abs=1e-5), df
+    assert t975(31) == pytest.approx(1.95996, abs=1e-4)  # the normal quantile beyond the table
 
 
 def test_paired_interval_marks_a_difference_whose_interval_holds_zero_as_within_noise() -> None:
@@ -219,3 +239,24 @@ def test_two_seeds_through_the_cli_give_mean_std_and_a_paired_difference(tmp_pat
     stamps = sorted(p.stat().st_mtime_ns for p in root.glob("*/seed*/weights/best.pt"))
     assert len(stamps) == 4 and main(argv) == 0  # the same command again: all four runs finished, none retrained
     assert stamps == sorted(p.stat().st_mtime_ns for p in root.glob("*/seed*/weights/best.pt"))
+
+
+def test_an_interval_ending_at_zero_still_holds_it() -> None:
+    assert noise_verdict(0.02, 0.02) == noise_verdict(-0.02, 0.02) == "within noise"
+
+
+def test_collect_row_reads_the_best_epoch_one_based_the_median_speed_and_no_such_objects(tmp_path: Path,
+                                                                                       untrained_checkpoint: Path) -> None:
+    from detector.tools.ablate import collect_row
+
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    untrained_checkpoint.rename(run_dir / "weights" / "best.pt")
+    columns = ["epoch", "fitness", "epoch_time_s", "metrics/AP50", "metrics/AP", "metrics/APs", "metrics/APm", "metrics/APl"]
+    rows = [[0, 0.1, 10, 0.2, 0.1, 0.05, 0.1, 0.1], [1, 0.3, 20, 0.5, 0.25, -1, 0.2, 0.3], [2, 0.2, 40, 0.4, 0.2, 0.1, 0.2, 0.2]]
+    (run_dir / "results.csv").write_text("\n".join(",".join(map(str, r)) for r in [columns, *rows]) + "\n")
+    (run_dir / "metrics.json").write_text('{"speed_ms": {"inference": 3.456}}')
+    row = collect_row(run_dir, Variant("ca", ""), imgsz=64, train_images=300)
+    assert row["best epoch"] == 2  # epoch index 1 of results.csv, the second epoch
+    assert (row["AP50"], row["AP50:95"], row["APs"], row["APl"]) == (0.5, 0.25, None, 0.3)  # -1: no small objects
+    assert row["train img/s"] == 15.0 and row["infer ms/img"] == 3.46 and row["attention_at"] == "-"

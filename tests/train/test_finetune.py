@@ -102,8 +102,28 @@ def test_freeze_rows() -> None:
     assert frozen_rows([5, 0, 2, 2], 23) == [0, 2, 5]
     with pytest.raises(DetectorError, match=r"freeze: the model has 23 rows \(0-22\); freeze=0,30 asks for row 30"):
         frozen_rows([0, 30], 23)
+    assert frozen_rows([0, 22], 23) == [0, 22]  # the last row exists; one past it does not
+    with pytest.raises(DetectorError, match=r"freeze=0,23 asks for row 23"):
+        frozen_rows([0, 23], 23)
     with pytest.raises(DetectorError, match="leaves nothing to train"):
         frozen_rows([23], 23)
+
+
+def test_frozen_rows_keep_their_weights_and_batchnorm_statistics_in_a_train_step() -> None:
+    """freeze + keep_frozen_norms_in_eval after model.train(): rows 0 and 1 get no gradient and their BN statistics
+    stay put under a train-mode forward, while row 3's move."""
+    from detector.train.finetune import freeze, keep_frozen_norms_in_eval
+
+    torch.manual_seed(0)
+    model = build_model("yolo-c2f-n", nc=2).train()
+    assert freeze(model, [0, 1]) == len(list(model.layers[0].parameters())) + len(list(model.layers[1].parameters()))
+    keep_frozen_norms_in_eval(model, [0, 1])
+    convs = [model.layers[i] for i in (0, 1, 3)]
+    stats = [conv.bn.running_mean.clone() for conv in convs]
+    loss = sum(p.float().mean() for p in model(torch.rand(2, 3, 64, 64) * 4))
+    loss.backward()
+    assert [torch.equal(s, conv.bn.running_mean) for s, conv in zip(stats, convs)] == [True, True, False]
+    assert convs[0].conv.weight.grad is None and convs[2].conv.weight.grad is not None
 
 
 def split_classes(data_yaml: Path, keep: list[str], out: Path) -> Path:

@@ -326,3 +326,83 @@ def test_a_yolo_loss_step_runs_no_op_that_would_wait_for_a_gpu() -> None:
     maps = [torch.randn(2, 3, 64 // int(s), 64 // int(s), head.no, requires_grad=True) for s in STRIDES]
     loss(maps, TARGETS)
     assert host_syncs(lambda: loss(maps, TARGETS)[0].backward()) == []
+
+
+def one_cell_head() -> Detect:
+    """One level at stride 8, one 16 px anchor (2 x 2 cells), two classes."""
+    head = Detect([8], nc=2, anchors=[[16, 16]])
+    head.set_stride([8])
+    return head
+
+
+# one target at (3.5, 3.5) cells of the 8 x 8 grid, 2 x 2 cells: its own cell (3, 3) only (centre on the half cell)
+ONE_TARGET = torch.tensor([[0, 1, 3.5 / 8, 3.5 / 8, 2 / 8, 2 / 8]])
+
+
+def test_box_loss_of_a_shifted_box_is_one_minus_ciou_by_hand() -> None:
+    """Prediction = the target box moved 0.5 cell right: IoU (2 - d) / (2 + d) = 0.6, centre distance d^2 = 0.25
+    over the enclosing diagonal 2.5^2 + 2^2, no aspect term; box gain 0.05 x 3 / 1 level."""
+    head = one_cell_head()
+    p = torch.zeros(1, 1, 8, 8, head.no)
+    p[0, 0, 3, 3, 0] = torch.logit(torch.tensor(0.75))  # 2 sig - 0.5 = 1.0: centre 0.5 cell right of the target's 0.5
+    _, parts = YoloLoss(head, box=0.05, imgsz=64)([p], ONE_TARGET)  # tw = th = 0: (2 * 0.5)^2 x 2 cells = 2 cells
+    expected = 1 - 0.6 + 0.25 / (2.5**2 + 2**2)
+    assert float(parts[0]) == pytest.approx(0.05 * 3 * expected, rel=1e-5)
+
+
+def test_class_loss_is_the_bce_averaged_over_classes_and_positives() -> None:
+    """With every class logit at 0 the BCE of each class column is log 2, whatever the target: a level with
+    positives adds log 2 (the mean over its rows and classes), times the gain cls x nc/80 x 3/nl."""
+    head = make_head(nc=3)
+    maps = perfect_maps(head, TARGETS, batch=2, imgsz=64, cls_logit=(0.0, 0.0))
+    loss = YoloLoss(head, cls=0.5, imgsz=64)
+    levels_hit = sum(bool(level.valid.any()) for level in build_targets(TARGETS, head.anchors, [(8, 8), (4, 4), (2, 2)]))
+    assert levels_hit >= 1
+    assert float(loss(maps, TARGETS)[1][2]) == pytest.approx(0.5 * 3 / 80 * math.log(2) * levels_hit, rel=1e-5)
+
+
+def test_objectness_target_is_the_iou_of_the_assigned_box() -> None:
+    """A perfect box (IoU 1) at objectness logit 5: BCE toward 1 pulls the logit up, by sigmoid(5) - 1 per element
+    of the mean, x balance 4 x obj gain (64/640)^2 x 3/1 x batch 1; every other cell is pushed down."""
+    head = one_cell_head()
+    p = torch.zeros(1, 1, 8, 8, head.no)
+    p[..., 4] = 5.0
+    p.requires_grad_()
+    total, parts = YoloLoss(head, imgsz=64)([p], ONE_TARGET)
+    assert float(parts[0]) < 1e-6
+    total.backward()
+    scale = 4.0 * (64 / 640) ** 2 * 3 / 64
+    assert float(p.grad[0, 0, 3, 3, 4]) == pytest.approx(scale * (torch.sigmoid(torch.tensor(5.0)).item() - 1), rel=1e-3)
+    assert float(p.grad[0, 0, 0, 0, 4]) == pytest.approx(scale * torch.sigmoid(torch.tensor(5.0)).item(), rel=1e-4)
+
+
+def test_objectness_target_puts_x_and_y_in_their_own_axes_on_a_wide_map() -> None:
+    level = LevelTargets(
+        image=torch.tensor([1]), anchor=torch.tensor([1]), cell_y=torch.tensor([2]), cell_x=torch.tensor([4]),
+        box=torch.zeros(1, 4), anchor_wh=torch.ones(1, 2), cls=torch.tensor([0]), valid=torch.tensor([True]),
+    )
+    target = objectness_target((2, 2, 3, 5), level, torch.tensor([0.7]))
+    assert target[1, 1, 2, 4] == pytest.approx(0.7) and target.sum() == pytest.approx(0.7)
+
+
+def test_default_gains_for_one_and_two_levels() -> None:
+    """box x 3/nl, cls x nc/80 x 3/nl, obj x (imgsz/640)^2 x 3/nl (YOLOv5's train.py); build_loss's box default is 0.05."""
+    from detector.train.loss import build_loss
+
+    head = Detect([8, 16], nc=4, anchors=[[10, 13], [30, 61]])
+    head.set_stride([8, 16])
+    loss = build_loss(head, cls=0.5, obj=1.0, imgsz=640)
+    assert (loss.box_gain, loss.cls_gain, loss.obj_gain) == pytest.approx((0.05 * 1.5, 0.5 * 4 / 80 * 1.5, 1.5))
+    assert loss.balance == (4.0, 1.0)
+    assert build_loss(one_cell_head()).box_gain == pytest.approx(0.15)
+
+
+def test_a_zero_size_target_leaves_the_loss_and_gradients_finite() -> None:
+    """A degenerate box (a point, w = h = 0) matches no anchor; its padding rows must not carry a NaN (CIoU of an
+    empty box) into the masked sums."""
+    head = make_head()
+    targets = torch.cat([TARGETS, torch.tensor([[0, 0, 0.5, 0.5, 0.0, 0.0]])])
+    maps = [torch.randn(2, 3, 64 // int(s), 64 // int(s), head.no, requires_grad=True) for s in STRIDES]
+    total, parts = YoloLoss(head, imgsz=64)(maps, targets)
+    total.backward()
+    assert torch.isfinite(parts).all() and all(torch.isfinite(p.grad).all() for p in maps)

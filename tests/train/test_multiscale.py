@@ -54,3 +54,14 @@ def test_multi_scale_is_range_checked(tiny_data: Path, tmp_path: Path) -> None:
 
     with pytest.raises(DetectorError, match="multi_scale"):
         make_config(tiny_data, tmp_path, multi_scale="1.5")
+
+
+def test_the_range_ends_are_the_stride_multiples_just_inside_it() -> None:
+    """imgsz 640 x (1 -/+ 0.33) is 428.8 .. 851.2 px: the sides run from 448 (not 416, below the range) to 832."""
+    sides = {draw_side(640, 32, 0.33, seed=0, step=step) for step in range(400)}
+    assert min(sides) == 448 and max(sides) == 832 and all(s % 32 == 0 for s in sides)
+
+
+def test_rescale_rounds_each_side_up_to_the_stride() -> None:
+    """100 x 300 at long side 320: the short side is 106.7 px, rounded up to 128 (round() would give 96)."""
+    assert rescale(torch.rand(1, 3, 100, 300), 320, 32).shape == (1, 3, 128, 320)
