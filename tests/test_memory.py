@@ -83,8 +83,9 @@ def test_the_trainer_holds_the_heap_of_the_process_that_trains(monkeypatch) -> N
 
     calls = []
     monkeypatch.setattr(trainer_module.memory, "hold_freed_heap", lambda: calls.append(1) or True)
-    monkeypatch.setattr(trainer_module.Trainer, "_build_data", lambda self: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(trainer_module.Trainer, "_load_model_source", lambda self: (_ for _ in ()).throw(RuntimeError("stop")))
     trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    trainer.resume_ckpt = None  # a new run: its first step reads the model's source (before the data)
     with pytest.raises(RuntimeError, match="stop"):
         trainer.build()
     assert calls == [1]
