@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,13 +93,7 @@ def test_the_aligned_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
     for epoch in (0, 1):  # the anchor-box assignment, then the task-aligned one
         criterion.set_epoch(epoch)
         criterion(model(images), targets)  # the first call reads the head's strides once (its grid cache)
-        raw = model(images)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            loss, parts = criterion(raw, targets)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert torch.isfinite(loss) and torch.isfinite(parts).all()
+        _loss_without_waiting(criterion, model(images), targets)
 
 
 def test_the_yolo_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
@@ -115,7 +110,11 @@ def test_the_yolo_loss_queues_its_work_without_waiting_for_the_gpu() -> None:
     targets = targets.pin_memory()  # as the train loader gives them on a CUDA machine
     criterion = build_loss(model.head, imgsz=128)
     criterion(model(images), targets)  # the first call builds the target constants on the GPU once
-    raw = model(images)
+    _loss_without_waiting(criterion, model(images), targets)
+
+
+def _loss_without_waiting(criterion: Any, raw: list[torch.Tensor], targets: torch.Tensor) -> None:
+    """The loss of `raw` under torch's sync debug mode "error" (any wait for the GPU raises), and finite."""
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss, parts = criterion(raw, targets)
