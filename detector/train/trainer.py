@@ -4,8 +4,8 @@ One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> 
 the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
 the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
 best.pt, an inference file once the run ends) atomically; the other ranks wait at a barrier. Resume restores
-model, EMA, optimizer, scaler, epoch and RNG states; the LR is a pure function of (epoch, iteration), so it needs
-no state of its own.
+model, EMA, optimizer, scaler, epoch and RNG states (which checkpoint, config and folder: `train.resume`); the LR
+is a pure function of (epoch, iteration), so it needs no state of its own.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from detector import memory
-from detector.config import TrainConfig, build_options, given_keys, run_only_keys
+from detector.config import TrainConfig
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError, TrainingDiverged, write_failed
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
 from detector.train.finetune import keep_frozen_norms_in_eval
+from detector.train.resume import check_resume_classes, load_resume, resumed_run_dir
 from detector.version import __version__
 from detector.viz.logger import RunLogger, plot_results
 
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-# Keys a resumed run may change (declared `run_only` beside their fields); any other difference is refused.
-RESUME_SAFE_KEYS = run_only_keys(TrainConfig)
 LOG_INTERVAL = 10  # iterations between host reads of the running losses (a device sync on GPU)
 VAL_SAMPLES = 4  # val images with GT and predictions drawn, logged to TensorBoard at each validation
 
@@ -79,24 +78,6 @@ def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
     return project / f"{name}{n}"
 
 
-def find_resume_checkpoint(resume: bool | str, project: Path) -> Path:
-    """`resume=true` -> the newest <project>/*/weights/last.pt; otherwise the given path. A newer run without a
-    last.pt (killed in its first epoch) is an error naming it: resuming an older run instead would surprise."""
-    if resume is True:
-        candidates = sorted(project.glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise DetectorError(f"resume: nothing to resume: no */weights/last.pt under {project}")
-        started = max(project.glob("*/args.yaml"), key=lambda p: p.stat().st_mtime, default=None)  # set up, then trained
-        if started is not None and started.stat().st_mtime > candidates[-1].stat().st_mtime and not (started.parent / "weights" / "last.pt").exists():
-            raise DetectorError(f"resume: the newest run {started.parent} has no weights/last.pt (stopped in its first epoch), so "
-                                "nothing to resume: train it again, or pass resume=<run>/weights/last.pt to resume an older run")
-        return candidates[-1]
-    path = Path(resume)
-    if not path.exists():
-        raise DetectorError(f"resume: checkpoint '{path}' not found")
-    return path
-
-
 def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The batches, each fetch inside a `record_function` range: the time the step waits for the loader."""
     iterator = iter(batches)
@@ -106,15 +87,6 @@ def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if batch is None:
             return
         yield batch
-
-
-def _resumed_run_dir(last: Path, recorded: str) -> Path:
-    """Where a resumed run writes: the run folder holding `last` (`<run>/weights/last.pt`), so a copied or moved
-    run continues in its copy; the recorded folder for a checkpoint kept elsewhere, while that folder exists."""
-    own = last.resolve().parent
-    if own.name == "weights" or not Path(recorded).exists():
-        return own.parent
-    return Path(recorded)
 
 
 @dataclass
@@ -135,7 +107,7 @@ class Trainer:
         self._time_before = 0.0
         self.resume_ckpt: dict | None = None
         if cfg.resume:
-            cfg, self.resume_ckpt = self._load_resume(cfg)
+            cfg, self.resume_ckpt = load_resume(cfg)
         self.cfg = cfg
         self.device = select_device(cfg.device)
         self.dist = init_distributed(self.device)
@@ -152,36 +124,12 @@ class Trainer:
         self._held = contextlib.ExitStack()  # what `build` holds for the run and `close` lets go
 
         if self.resume_ckpt is not None:
-            self.run_dir = _resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
+            self.run_dir = resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
         else:
             self.run_dir = next_run_dir(Path(cfg.project), cfg.name, cfg.exist_ok)
         self.weights_dir = self.run_dir / "weights"  # made by `_build_validation`: a run refused while set up leaves no folder
 
     # ---------------------------------------------------------------------------------------- set-up
-
-    @staticmethod
-    def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-        path = find_resume_checkpoint(cfg.resume, Path(cfg.project))
-        ckpt = ckpt_io.load_checkpoint(path)
-        if ckpt["optimizer"] is None:
-            raise DetectorError(f"resume: {path} is an inference file without optimizer state (a finished run's best.pt "
-                                "is one); resume from the run's weights/last.pt")
-        saved = ckpt["train_config"]
-        given = {k: getattr(cfg, k) for k in given_keys(cfg)}  # what the user set, defaults or not
-        changed = [k for k, v in given.items() if k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
-            raise DetectorError(f"resume: {path} was trained with a different config ({diffs}); start a new run instead")
-        merged = dict(saved)
-        merged.update({k: v for k, v in given.items() if k in RESUME_SAFE_KEYS})
-        merged["resume"] = str(path)
-        resumed = build_options(TrainConfig, merged, str(path))
-        # the plan: epochs= given now, else the saved plan (a budget's refit; checkpoints before it kept it in the config)
-        planned = resumed.epochs if "epochs" in given else ckpt["train_state"].get("epochs") or resumed.epochs
-        ckpt["train_state"]["epochs"] = planned
-        if ckpt["epoch"] + 1 >= planned:
-            raise DetectorError(f"resume: {path} already finished all {planned} epochs; nothing to resume (pass epochs=N to train longer)")
-        return resumed, ckpt
 
     def build(self) -> None:
         """Set the run up as named steps: data, model, optimisation, the wrapped training model, validation
@@ -251,7 +199,7 @@ class Trainer:
 
         cfg = self.cfg
         if self.resume_ckpt is not None:
-            _check_resume_classes(self.resume_ckpt, self.category_ids, self.names, cfg.resume, self.data.train.annotations)
+            check_resume_classes(self.resume_ckpt, self.category_ids, self.names, cfg.resume, self.data.train.annotations)
             model = build_model(self.resume_ckpt["model_yaml"])
             ckpt_io.load_model_weights(model, self.resume_ckpt["model"], str(cfg.resume))
         else:
@@ -698,19 +646,6 @@ class Trainer:
         if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
             plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
         LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)
-
-
-def _check_resume_classes(ckpt: dict, category_ids: list[int], names: list[str], source: str, annotations: Path) -> None:
-    """A resumed run must see the classes it was trained on; name what changed in the dataset since."""
-    pairs = {"category_ids": (list(ckpt["category_ids"]), [int(c) for c in category_ids]), "names": (list(ckpt["names"]), list(names))}
-    diffs = [f"nc: {len(ckpt['category_ids'])} -> {len(category_ids)}"] if len(ckpt["category_ids"]) != len(category_ids) else []
-    for key, (saved, now) in pairs.items():
-        if saved != now:
-            i = next(i for i in range(max(len(saved), len(now))) if i >= min(len(saved), len(now)) or saved[i] != now[i])
-            show = [repr(v[i]) if i < len(v) else "(none)" for v in (saved, now)]
-            diffs.append(f"{key}[{i}]: {show[0]} -> {show[1]}")
-    if diffs:
-        raise DetectorError(f"resume: {source} was trained on other classes than {annotations} has now ({'; '.join(diffs)}); start a new run instead")
 
 
 def epochs_for_budget(budget_s: float, spent_s: float, epoch_s: float) -> int:
