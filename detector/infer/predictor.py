@@ -33,7 +33,7 @@ from detector.data.yolo_txt import format_label_file, normalised_rows
 from detector.infer.coco_rows import coco_rows, detections_to_coco_results, write_json
 from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
-from detector.errors import DetectorError
+from detector.errors import DetectorError, write_failed
 from detector.viz.draw import font_file
 
 LOGGER = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def _save_image(image: np.ndarray, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     except OSError as err:
-        raise DetectorError(f"{path}: cannot write the drawn image ({err.strerror or err})") from err
+        raise write_failed(path, err, "the drawn image") from err
 
 
 def _save_labels(det: torch.Tensor, hw: tuple[int, int], path: Path, with_scores: bool) -> None:
@@ -334,7 +334,7 @@ def _save_labels(det: torch.Tensor, hw: tuple[int, int], path: Path, with_scores
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(format_label_file(rows, det[:, 4].numpy() if with_scores else None))
     except OSError as err:
-        raise DetectorError(f"{path}: cannot write the label file ({err.strerror or err})") from err
+        raise write_failed(path, err, "the label file") from err
 
 
 def _json_entries(det: torch.Tensor, image_id: int, file_name: str, hw: tuple[int, int], category_ids: Sequence[int]) -> list[dict[str, Any]]:

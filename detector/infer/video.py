@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detector.errors import DetectorError
+from detector.errors import DetectorError, write_failed
 from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.infer.predictor import Predictor, detection_dict, draw_detections
 from detector.infer.tracker import ByteTracker
@@ -225,7 +225,7 @@ class _Outputs:
             save_dir.mkdir(parents=True, exist_ok=True)
             self.lines = open(self.jsonl_path, "w")
         except OSError as err:
-            raise DetectorError(f"{self.jsonl_path}: cannot write the detections ({err.strerror or err})") from err
+            raise write_failed(self.jsonl_path, err, "the detections") from err
         try:
             self.video = VideoSink(save_dir / stem, fps, size_wh) if save_video else None
         except DetectorError:

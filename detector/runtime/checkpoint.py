@@ -27,7 +27,6 @@ config (`detector.train.optim.LRSchedule`), so the epoch is all a resume needs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import random
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from detector.errors import DetectorError
+from detector.errors import DetectorError, write_failed
 
 FORMAT_VERSION = 1
 _SHOWN = 3  # how many keys of each kind a weights-mismatch message names before giving counts
@@ -119,8 +118,7 @@ def _replaced_atomically(path: Path, context: str) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        reason = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
-        raise DetectorError(f"{path}: cannot write checkpoint ({reason}) {context}; any previous {path.name} is left intact") from err
+        raise DetectorError(f"{write_failed(path, err, 'checkpoint')} {context}; any previous {path.name} is left intact") from err
     finally:
         tmp.unlink(missing_ok=True)
 
