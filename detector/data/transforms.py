@@ -100,14 +100,17 @@ def letterbox(image: np.ndarray, shape_hw: tuple[int, int]) -> tuple[np.ndarray,
 
 
 def unletterbox_boxes(
-    boxes_xyxy: torch.Tensor, ratio: float, pad: tuple[float, float], orig_hw: tuple[int, int]
+    boxes_xyxy: torch.Tensor, ratio: float | torch.Tensor, pad: tuple[float, float] | torch.Tensor,
+    orig_hw: tuple[int, int] | torch.Tensor,
 ) -> torch.Tensor:
-    """Map (N, 4) xyxy boxes in letterboxed-input pixels back to original-image pixels, clipped to the image."""
-    offset = boxes_xyxy.new_tensor([pad[0], pad[1], pad[0], pad[1]])
-    out = (boxes_xyxy - offset) / ratio
-    h, w = orig_hw
-    upper = boxes_xyxy.new_tensor([w, h, w, h])
-    return torch.minimum(out.clamp(min=0), upper)
+    """Map (N, 4) xyxy boxes in letterboxed-input pixels back to original-image pixels, clipped to the image.
+
+    `ratio`, `pad` (left, top) and `orig_hw` are one image's, or each row's as (N, 1), (N, 2) and (N, 2) tensors on
+    the boxes' device (a batch of images' rows mapped in one call, `infer.evaluator.detections_to_rows`)."""
+    pad_xy = torch.as_tensor(pad, dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
+    size_wh = torch.as_tensor(orig_hw, dtype=boxes_xyxy.dtype, device=boxes_xyxy.device).flip(-1)
+    out = (boxes_xyxy - torch.cat((pad_xy, pad_xy), -1)) / ratio
+    return torch.minimum(out.clamp(min=0), torch.cat((size_wh, size_wh), -1))
 
 
 def letterbox_batch(images: Sequence[np.ndarray], imgsz: int, stride: int) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:

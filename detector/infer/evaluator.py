@@ -43,29 +43,25 @@ def detections_to_rows(
     rows [image_id, x, y, w, h, score, category_id] in original pixels with original category ids.
 
     `meta` is the loader's per-image dicts (image_id, ratio, pad, orig_hw); `category_ids[c]` is the original id of
-    contiguous class c. The batch's detections come to the host in one copy and are mapped back there in one set of
-    calls (`unletterbox_boxes`' float32 arithmetic, per row): mapping each image on the device cost two blocking
+    contiguous class c. The batch's detections come to the host in one copy and are mapped back there in one
+    `unletterbox_boxes` call over per-row image parameters: mapping each image on the device cost two blocking
     host-to-device copies per image (its offset and bounds tensors) on CUDA.
     """
+    from detector.data.transforms import unletterbox_boxes
+
     if not detections:
         return np.zeros((0, 7), dtype=np.float64)
     det = torch.cat(list(detections)).cpu()  # one device-to-host copy per batch (a CPU-GPU sync point)
-    counts = [len(d) for d in detections]
-    pad, ratio, bound, image_id = _per_row(meta, counts)
-    boxes = torch.minimum(((det[:, :4].float() - pad) / ratio).clamp(min=0), bound).double().numpy()
+    counts = torch.tensor([len(d) for d in detections])
+
+    def per_row(values: list[Any]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).repeat_interleave(counts, 0)
+
+    boxes = unletterbox_boxes(det[:, :4].float(), per_row([[m["ratio"]] for m in meta]),
+                              per_row([list(m["pad"]) for m in meta]), per_row([list(m["orig_hw"]) for m in meta]))
+    image_id = np.repeat(np.array([float(m["image_id"]) for m in meta], dtype=np.float64), counts.numpy())
     scores, classes = det[:, 4].double().numpy(), det[:, 5].double().numpy()
-    return coco_rows(image_id, boxes, scores, category_ids.cpu().numpy()[classes.astype(np.int64)])
-
-
-def _per_row(meta: list[dict[str, Any]], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Each detection row's image parameters, repeated `counts` times per image: pad (N, 4) and ratio (N, 1) and
-    the clip bounds (N, 4) [w, h, w, h] as float32 (what `unletterbox_boxes` computes with), image id (N,) float64."""
-    pad = torch.tensor([[m["pad"][0], m["pad"][1]] * 2 for m in meta], dtype=torch.float32)
-    ratio = torch.tensor([[m["ratio"]] for m in meta], dtype=torch.float32)
-    bound = torch.tensor([[m["orig_hw"][1], m["orig_hw"][0]] * 2 for m in meta], dtype=torch.float32)
-    repeats = torch.tensor(counts)
-    image_id = np.repeat(np.array([float(m["image_id"]) for m in meta], dtype=np.float64), counts)
-    return (*(t.repeat_interleave(repeats, 0) for t in (pad, ratio, bound)), image_id)
+    return coco_rows(image_id, boxes.double().numpy(), scores, category_ids.cpu().numpy()[classes.astype(np.int64)])
 
 
 @dataclass
