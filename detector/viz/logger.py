@@ -37,13 +37,14 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=str(run_dir))
 
     @contextlib.contextmanager
-    def _writing(self, path: Path) -> Iterator[None]:
-        """An OSError (disk full, quota) while writing `path` becomes the one-line DetectorError naming it."""
+    def _writing(self, path: Path | None = None) -> Iterator[None]:
+        """An OSError (disk full, quota) while writing `path` (None: the events file, named only on an error)
+        becomes the one-line DetectorError naming it."""
         try:
             yield
         except OSError as err:
             self._failed = True
-            raise write_failed(path, err) from err
+            raise write_failed(path or self._events_path(), err) from err
 
     def _events_path(self) -> Path:
         """The TensorBoard events file (its name holds the time, host and pid), for errors."""
@@ -74,7 +75,7 @@ class RunLogger:
         """Per-iteration scalars (called at log intervals: `losses` is read on the host here)."""
         if self.writer is None:
             return
-        with self._writing(self._events_path()):
+        with self._writing():
             for key, value in zip(LOSS_KEYS, losses.tolist()):
                 self.writer.add_scalar(f"train/{key}", value, global_step)
             self.writer.add_scalar("train/lr", lr, global_step)
@@ -97,7 +98,7 @@ class RunLogger:
             self._epoch_scalars(epoch, losses, metrics, fitness)
 
     def _epoch_scalars(self, epoch: int, losses: torch.Tensor, metrics: Mapping[str, float], fitness: float | None) -> None:
-        with self._writing(self._events_path()):
+        with self._writing():
             for key, value in zip(LOSS_KEYS, losses.tolist()):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
             for key in COCO_KEYS:
@@ -113,7 +114,7 @@ class RunLogger:
             return
         from torchvision.utils import make_grid
 
-        with self._writing(self._events_path()):
+        with self._writing():
             self.writer.add_image(tag, make_grid(images_chw, nrow=int(math.ceil(math.sqrt(len(images_chw))))), step)
 
     def close(self) -> None:
@@ -122,7 +123,7 @@ class RunLogger:
             return
         failed = self._failed
         try:
-            with self._writing(self._events_path()):
+            with self._writing():
                 self.writer.close()
         except DetectorError:
             if not failed:
