@@ -250,13 +250,18 @@ def describe_options(cls: type) -> str:
     return "\n".join(f"  {key.ljust(width)}  {text}" for key, text in rows)
 
 
+# the model YAMLs, the default train config and the tune space ship inside the package (the checkout's configs/
+# links to them); a filesystem install is assumed (a zipped package would need importlib.resources.as_file)
+PACKAGE_CONFIGS = Path(str(importlib.resources.files("detector").joinpath("configs")))
+
+
 def shipped_if_missing(path: str) -> str:
     """A config path as given, or, when no such file exists and it names one of the package's own configs
     (`configs/train/default.yaml`), the YAML shipped inside the package: an installed package has no checkout."""
     given = Path(path)
     if given.exists() or len(given.parts) < 3 or given.parts[-3] != "configs":
         return path
-    shipped = Path(str(importlib.resources.files("detector").joinpath("configs", *given.parts[-2:])))
+    shipped = PACKAGE_CONFIGS.joinpath(*given.parts[-2:])
     return str(shipped) if shipped.is_file() else path
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
+from detector.config import PACKAGE_CONFIGS
 from detector.errors import DetectorError, did_you_mean
 
-# the model YAMLs and the default train config ship inside the package (the checkout's configs/ links to them);
-# a filesystem install is assumed (a zipped package would need importlib.resources.as_file)
-MODEL_CONFIGS = Path(str(importlib.resources.files("detector").joinpath("configs", "models")))
+MODEL_CONFIGS = PACKAGE_CONFIGS / "models"
 
 
 def resolve_model_path(model: str) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.resources
 import logging
 import math
 import typing
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detector.config import TrainConfig, given_keys, load_train_config, neutral_keys, parse_overrides, run_only_keys
+from detector.config import PACKAGE_CONFIGS, TrainConfig, given_keys, load_train_config, neutral_keys, parse_overrides, run_only_keys
 from detector.errors import DetectorError, TrainingDiverged, did_you_mean
 from detector.options import TuneOptions
 from detector.tools.runs import best_row, check_same_settings, train_or_skip
@@ -46,7 +45,7 @@ from detector.yamlfile import load_yaml
 
 LOGGER = logging.getLogger(__name__)
 
-DEFAULT_SPACE = Path(str(importlib.resources.files("detector").joinpath("configs", "tune", "space.yaml")))
+DEFAULT_SPACE = PACKAGE_CONFIGS / "tune" / "space.yaml"
 PARENTS = 5  # the best trials a new one is bred from
 MOVE_PROBABILITY = 0.8  # the chance that a key moves in a mutation
 DIVERGED_MARKER = "diverged.txt"  # in a trial's folder: the trainer stopped it for non-finite losses
