@@ -1,9 +1,8 @@
-"""A COCO instances json and its image folder, scanned once into validated per-image arrays.
+"""A scanned COCO split as a dataset: validated per-image arrays, class index <-> category id, names, the
+ground truth for COCOeval, and the decoded images.
 
-What the scan checks that pycocotools does not: duplicate image or annotation ids (always an error), annotations
-naming a missing image id or an unknown category, boxes that are non-finite, empty, outside the image or clipped,
-and image files that are missing, undecodable (a truncated JPEG included) or tiny. Each problem is counted and
-named in the one-screen `summary`; under `strict=True` the first one is an error naming the file and the id.
+The scan itself (what it checks that pycocotools does not, its cache, its summary) is `detector.data.coco_scan`;
+reading and checking the json's structure is `detector.data.coco_json`.
 
 Frames: boxes in the json are taken to be in the *displayed* frame, after the EXIF orientation is applied (as
 COCO tools and annotation tools assume). Image sizes are read with the orientation applied (tags 5-8 swap width
@@ -11,86 +10,31 @@ and height) and `load_image` returns the transposed pixels, so boxes and pixels 
 float32 `[x1, y1, x2, y2]` in original pixels, pixel edges at integers (a box `[0, 0, w, h]` covers the image).
 
 The scanned split is a few flat numpy arrays (no per-image Python objects, see `CocoDataset`), so forked data
-workers share its pages. The first scan reads image headers only (never the pixels) in a process pool over the
-machine's cores, with a progress bar on a terminal. The result and the per-image checks are cached as arrays in
-one `.npz` (never pickle; `detector.data.scan_cache`) keyed by the json's and each image's size and mtime,
-beside the json when that folder is writable, else under `cache_dir`: a re-scan of an unchanged split loads the
-arrays and parses no json (train and val from one file parse it once), one with changed images re-checks those.
+workers share its pages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
-import json
-import logging
-import os
-import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from detector import memory
-from detector.data.image_files import inspect_many, read_rgb
-from detector.data.scan_cache import (
-    CACHE_VERSION,
-    STATUS,
-    cache_paths,
-    load_cache,
-    pack_strings,
-    save_cache,
-    string_at,
-    unpack_strings,
-)
+from detector.data.coco_scan import PROBLEMS, ScanSummary, scan
+from detector.data.image_files import read_rgb
+from detector.data.scan_cache import string_at, unpack_strings
 from detector.errors import DetectorError
-from detector.memory import gib
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
     from detector.data.spec import SplitSpec
-
-LOGGER = logging.getLogger(__name__)
-JSON_BYTES_PER_IMAGE = 1 << 20
-JSON_SLACK_BYTES = 16 << 20
-JSON_PARSE_FACTOR = 8
-
-MIN_IMAGE_SIDE_PX = 10  # smaller images are skipped: nothing useful survives the stride-32 network
-CLIP_TOLERANCE_PX = 1.0  # a box past the border by less than this is float rounding: clipped silently
-MIN_BOX_SIDE_PX = 1.0  # boxes narrower or lower than this after clipping are dropped
-NAMED_PER_KIND = 5  # problems named in the summary before "... and N more"
-
-# Problem kinds in the order the scan finds them; the bool says whether strict=True makes it an error.
-PROBLEMS: dict[str, bool] = {
-    "missing image file": True,
-    "unreadable image": True,
-    f"image under {MIN_IMAGE_SIDE_PX} px": True,
-    "annotation for a missing image id": True,
-    "unknown category id": True,
-    "annotation on a skipped image": False,  # already reported as the image's problem
-    "non-finite bbox": True,
-    "bbox of zero or negative size": True,
-    "bbox outside the image": True,
-    f"bbox under {MIN_BOX_SIDE_PX:g} px after clipping": True,
-    f"bbox clipped to the image (past the border by > {CLIP_TOLERANCE_PX:g} px)": True,
-    "json width/height differ from the file (the file's are used)": False,
-}
-_DROPPED_KINDS = (
-    "annotation for a missing image id",
-    "unknown category id",
-    "annotation on a skipped image",
-    "non-finite bbox",
-    "bbox of zero or negative size",
-    "bbox outside the image",
-    f"bbox under {MIN_BOX_SIDE_PX:g} px after clipping",
-)
-_SKIPPED_IMAGE_KINDS = ("missing image file", "unreadable image", f"image under {MIN_IMAGE_SIDE_PX} px")
 
 
 @dataclass(frozen=True)
@@ -107,68 +51,6 @@ class ImageRecord:
     crowd_xyxy: np.ndarray
     file_size: int = -1  # bytes at scan time; a file of another size is decoded by the careful path
     fast_decode: bool = False  # plain RGB/gray JPEG or PNG without EXIF rotation: cv2 may decode it
-
-
-@dataclass
-class ScanSummary:
-    """Counts of what the scan found; `str()` is the one-screen report, `problems` names every item."""
-
-    annotations: Path
-    images_dir: Path
-    images_listed: int = 0
-    images_used: int = 0
-    negatives: int = 0
-    boxes_kept: int = 0
-    crowd_kept: int = 0
-    fraction: float = 1.0  # of the usable images kept (`CocoDataset(fraction=)`)
-    images_usable: int = 0  # before `fraction`
-    instances: dict[str, int] = field(default_factory=dict)
-    problems: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in PROBLEMS})
-
-    @property
-    def images_skipped(self) -> int:
-        return sum(len(self.problems[k]) for k in _SKIPPED_IMAGE_KINDS)
-
-    @property
-    def boxes_dropped(self) -> int:
-        return sum(len(self.problems[k]) for k in _DROPPED_KINDS)
-
-    @property
-    def boxes_clipped(self) -> int:
-        """Kept boxes, training and crowd, clipped by more than CLIP_TOLERANCE_PX."""
-        return len(self.problems[f"bbox clipped to the image (past the border by > {CLIP_TOLERANCE_PX:g} px)"])
-
-    def first_strict_error(self) -> str | None:
-        """The first problem that `strict=True` refuses, as an error message naming the file and item."""
-        for kind, strict in PROBLEMS.items():
-            if strict and self.problems[kind]:
-                return f"{self.annotations}: {kind}: {self.problems[kind][0]} (strict=true)"
-        return None
-
-    def __str__(self) -> str:
-        share = f" (fraction={self.fraction:g} of {self.images_usable:,} usable)" if self.fraction < 1 else ""
-        lines = [
-            f"scan of {self.annotations} (images in {self.images_dir})",
-            f"  images  {self.images_listed:,} listed, {self.images_used:,} used{share} "
-            f"({self.negatives:,} negatives without boxes), {self.images_skipped:,} skipped",
-            f"  boxes   {self.boxes_kept:,} kept for training, {self.crowd_kept:,} crowd (evaluation only), "
-            f"{self.boxes_clipped:,} of these clipped, {self.boxes_dropped:,} dropped",
-        ]
-        for kind, items in self.problems.items():
-            if items:
-                named = ", ".join(items[:NAMED_PER_KIND])
-                more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
-                lines.append(f"  warning {kind}: {len(items):,} ({named}{more})")
-        cells = [f"{name} {count:,}" for name, count in self.instances.items()]
-        row: list[str] = []
-        for cell in cells:
-            if row and len("  ".join(row + [cell])) > 96:
-                lines.append("  classes " + "  ".join(row))
-                row = []
-            row.append(cell)
-        if row:
-            lines.append("  classes " + "  ".join(row))
-        return "\n".join(lines)
 
 
 def _unique_labels(names: list[str], category_ids: list[int]) -> list[str]:
@@ -222,7 +104,7 @@ class CocoDataset:
         self.images_dir = Path(split.images)
         self.annotations = Path(split.annotations)
         self.strict = strict
-        meta, self._arrays = _scan(self.annotations, self.images_dir, cache_dir)
+        meta, self._arrays = scan(self.annotations, self.images_dir, cache_dir)
         usable = len(self)
         if fraction != 1:
             self._arrays = _take_images(self._arrays, fraction_indices(usable, fraction))
@@ -445,368 +327,3 @@ def _gather_runs(offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     np.cumsum(lengths, out=new_offsets[1:])
     positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
     return positions, new_offsets
-
-
-# ---------------------------------------------------------------------------------------------- the scan
-
-
-def _scan(annotations: Path, images_dir: Path, cache_dir: Path | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(meta, arrays) of the split: from the cache when the json and every image it lists are unchanged (no json
-    parse then), else scanned (the unchanged images' checks reused from the cache) and cached."""
-    key = {"version": CACHE_VERSION, "annotations": list(_stat_key(annotations) or (0, 0)),
-           "images_dir": str(images_dir.resolve())}
-    paths = cache_paths(annotations, cache_dir)
-    cached = load_cache(paths, key)
-    listed: tuple[list[str], np.ndarray, dict[str, np.ndarray]] | None = None
-    if cached is not None:
-        meta, arrays = cached
-        names = unpack_strings(arrays["listed_names"], arrays["listed_name_offsets"])
-        stats = _stat_keys(images_dir, names)
-        if meta.get("given") == str(images_dir) and np.array_equal(stats, arrays["listed_stat"]):
-            return meta, arrays
-        listed = names, stats, arrays
-    with _gc_paused():  # millions of json objects: a collection would walk them all, many times over
-        meta, arrays = _scan_json(annotations, images_dir, listed)
-    meta.update(key)
-    save_cache(paths, meta, arrays)  # train and val of one json: the second split reads this, not the json
-    return meta, arrays
-
-
-def _scan_json(
-    annotations: Path, images_dir: Path, listed: tuple[list[str], np.ndarray, dict[str, np.ndarray]] | None
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse and check the json and its images (`listed`: the cache's names, their current stat keys and arrays,
-    whose unchanged images are not inspected again); (meta, read-only arrays)."""
-    _check_json_size(annotations, images_dir)
-    data = _read_json(annotations)
-    try:
-        images, categories, anns = _parse_coco(data, annotations)
-        file_names = [im["file_name"] for im in images]
-        if listed is not None and listed[0] == file_names:
-            stats, reuse = listed[1], listed[2]
-        else:
-            stats, reuse = _stat_keys(images_dir, file_names), None
-        checks = _check_images(file_names, stats, images_dir, reuse)
-        problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
-        table = _image_table(images, checks, images_dir, problems)
-        categories = sorted(categories, key=lambda c: c["id"])
-        category_ids = [c["id"] for c in categories]
-        arrays = {**_listed_arrays(file_names, stats, checks),
-                  **_result_arrays(images, anns, table, category_ids, problems)}
-    except OverflowError as err:  # an integer beyond int64 / float64: name the item
-        raise DetectorError(f"{annotations}: {_out_of_range(data, err)}") from None
-    for a in arrays.values():
-        a.flags.writeable = False
-    meta = {"given": str(images_dir), "images_listed": len(images), "problems": problems,
-            "categories": categories}
-    return meta, arrays
-
-
-def _stat_keys(images_dir: Path, names: list[str]) -> np.ndarray:
-    """(m, 2) int64 size and mtime (ns) of each file, (-1, -1) where it cannot be read."""
-    base = os.fspath(images_dir)
-    keys = []
-    for name in names:
-        try:
-            st = os.stat(os.path.join(base, name))
-            keys.append((st.st_size, st.st_mtime_ns))
-        except (OSError, ValueError):  # ValueError: a NUL byte in the name
-            keys.append((-1, -1))
-    return np.array(keys, np.int64).reshape(-1, 2)
-
-
-def _listed_arrays(names: list[str], stats: np.ndarray, checks: dict[str, Any]) -> dict[str, np.ndarray]:
-    name_bytes, name_offsets = pack_strings(names)
-    reason_bytes, reason_offsets = pack_strings(checks["reasons"])
-    return {
-        "listed_names": name_bytes, "listed_name_offsets": name_offsets, "listed_stat": stats,
-        "listed_status": checks["status"], "listed_wh": checks["wh"], "listed_fast": checks["fast"],
-        "listed_reasons": reason_bytes, "listed_reason_offsets": reason_offsets,
-    }
-
-
-def _result_arrays(
-    images: list[dict], anns: list[dict], table: dict[str, np.ndarray], category_ids: list[int],
-    problems: dict[str, list[str]],
-) -> dict[str, np.ndarray]:
-    """The arrays of RESULT_SCHEMA: usable images in json order, each one's boxes in annotation order."""
-    checked = _check_annotations(anns, table, category_ids, problems)
-    alive, img_idx = checked["alive"], checked["img_idx"]
-    classes = np.searchsorted(np.array(category_ids, dtype=np.int64), checked["category_ids"]).astype(np.int64)
-    area = _gt_area(anns, alive, checked["boxes"])
-    usable = np.flatnonzero(table["usable"])
-    position = np.cumsum(table["usable"]) - 1  # json image index -> index among the usable images
-    names, name_offsets = pack_strings([images[i]["file_name"] for i in usable])
-    out = {
-        "image_id": table["ids"][usable], "hw": np.stack([table["heights"], table["widths"]], 1)[usable].astype(np.int64),
-        "file_size": table["file_sizes"][usable], "fast": table["fast"][usable], "names": names, "name_offsets": name_offsets,
-    }
-    for prefix, boxes_key, chosen in (("box", "boxes", alive & ~checked["crowd"]), ("crowd", "crowd", alive & checked["crowd"])):
-        index = np.flatnonzero(chosen)
-        index = index[np.argsort(img_idx[index], kind="stable")]
-        counts = np.bincount(position[img_idx[index]], minlength=len(usable))
-        out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        out[boxes_key] = checked["boxes"][index].reshape(-1, 4)
-        out["classes" if prefix == "box" else "crowd_classes"] = classes[index]
-        out[f"{prefix}_ann"] = checked["ann_ids"][index]
-        out[f"{prefix}_area"] = area[index]
-        out[f"{prefix}_order"] = index.astype(np.int64)
-    return out
-
-
-def _image_table(
-    images: list[dict], checks: dict[str, Any], images_dir: Path, problems: dict[str, list[str]]
-) -> dict[str, np.ndarray]:
-    """Per json image: ids, widths, heights (after EXIF), usable, file_sizes, fast; image problems recorded."""
-    n = len(images)
-    table = {
-        "ids": np.array([im["id"] for im in images], dtype=np.int64),
-        "widths": np.zeros(n, np.float64),
-        "heights": np.zeros(n, np.float64),
-        "usable": np.zeros(n, bool),
-        "file_sizes": np.zeros(n, np.int64),
-        "fast": np.zeros(n, bool),
-    }
-    statuses, sizes, reasons = checks["status"].tolist(), checks["wh"].tolist(), checks["reasons"]
-    for i, im in enumerate(images):
-        status, (width, height), reason = STATUS[statuses[i]], sizes[i], reasons[i]
-        if status == "ok" and min(width, height) >= MIN_IMAGE_SIDE_PX:
-            table["usable"][i] = True
-            table["widths"][i], table["heights"][i] = width, height
-            json_size = (im.get("width"), im.get("height"))
-            if json_size == (width, height) or json_size == (None, None):
-                continue
-        path = images_dir / im["file_name"]
-        if status == "missing":
-            problems["missing image file"].append(f"{path} (image id {im['id']})")
-        elif status == "corrupt":
-            problems["unreadable image"].append(f"{path} (image id {im['id']}: {reason})")
-        elif min(width, height) < MIN_IMAGE_SIDE_PX:
-            problems[f"image under {MIN_IMAGE_SIDE_PX} px"].append(f"{path} ({width}x{height})")
-        else:
-            problems["json width/height differ from the file (the file's are used)"].append(
-                f"{path} (json {json_size[0]}x{json_size[1]}, file {width}x{height})"
-            )
-    table["file_sizes"] = np.where(table["usable"], checks["file_sizes"], 0)
-    table["fast"] = table["usable"] & checks["fast"]
-    return table
-
-
-def _check_annotations(
-    anns: list[dict], table: dict[str, np.ndarray], category_ids: list[int], problems: dict[str, list[str]]
-) -> dict[str, np.ndarray]:
-    """Vectorised box checks. Each annotation is dropped for the first problem it has (in PROBLEMS order) or kept
-    (`alive`), boxes clipped to their image. Returns alive, boxes (n, 4) xyxy float32, img_idx, category_ids,
-    ann_ids, crowd; problems recorded with the annotation ids."""
-    n = len(anns)
-    ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
-    ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)
-    ann_cat = np.array([a["category_id"] for a in anns], dtype=np.int64)
-    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n, 4)
-    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-
-    order = np.argsort(table["ids"], kind="stable")
-    img_idx = order[np.clip(np.searchsorted(table["ids"][order], ann_image), 0, len(order) - 1)]
-    W, H = table["widths"][img_idx], table["heights"][img_idx]
-    with np.errstate(invalid="ignore"):
-        x1, y1 = xywh[:, 0], xywh[:, 1]
-        x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
-        overshoot = np.max(np.stack([-x1, -y1, x2 - W, y2 - H]), axis=0)
-        clipped_xyxy = np.stack([np.clip(x1, 0, W), np.clip(y1, 0, H), np.clip(x2, 0, W), np.clip(y2, 0, H)], 1)
-        clipped_wh = clipped_xyxy[:, 2:] - clipped_xyxy[:, :2]
-        drops = [
-            ("annotation for a missing image id", table["ids"][img_idx] != ann_image),
-            ("unknown category id", ~np.isin(ann_cat, np.array(category_ids, dtype=np.int64))),
-            ("annotation on a skipped image", ~table["usable"][img_idx]),
-            ("non-finite bbox", ~np.isfinite(xywh).all(axis=1)),
-            ("bbox of zero or negative size", (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)),
-            ("bbox outside the image", (x2 <= 0) | (y2 <= 0) | (x1 >= W) | (y1 >= H)),
-            (f"bbox under {MIN_BOX_SIDE_PX:g} px after clipping", (clipped_wh < MIN_BOX_SIDE_PX).any(axis=1)),
-        ]
-    alive = np.ones(n, bool)
-    for kind, bad in drops:
-        hit = alive & bad
-        alive &= ~hit
-        problems[kind].extend(_describe_annotations(kind, np.flatnonzero(hit), ann_ids, ann_image, ann_cat))
-    clipped = np.flatnonzero(alive & (overshoot > CLIP_TOLERANCE_PX))
-    problems[f"bbox clipped to the image (past the border by > {CLIP_TOLERANCE_PX:g} px)"].extend(
-        f"annotation {ann_ids[i]} by {overshoot[i]:.1f} px" for i in clipped
-    )
-    return {
-        "alive": alive,
-        "boxes": clipped_xyxy.astype(np.float32).reshape(n, 4),
-        "img_idx": img_idx,
-        "category_ids": ann_cat,
-        "ann_ids": ann_ids,
-        "crowd": crowd,
-    }
-
-
-def _describe_annotations(
-    kind: str, hits: np.ndarray, ann_ids: np.ndarray, ann_image: np.ndarray, ann_cat: np.ndarray
-) -> list[str]:
-    if kind == "annotation for a missing image id":
-        return [f"annotation {ann_ids[i]} names image id {ann_image[i]}" for i in hits]
-    if kind == "unknown category id":
-        return [f"annotation {ann_ids[i]} has category_id {ann_cat[i]}" for i in hits]
-    return [f"annotation {ann_ids[i]}" for i in hits]
-
-
-def _gt_area(anns: list[dict], alive: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(n,) float64 COCOeval `area` of each kept annotation: the file's when a positive finite number, else the
-    clipped box's w * h; NaN for dropped annotations."""
-    nan = float("nan")
-    given = [v if type(v) in _NUMBER_TYPES else nan for v in (a.get("area") for a in anns)]  # json's exact types
-    with np.errstate(invalid="ignore"):
-        area = np.array(given, dtype=np.float64).reshape(-1)
-        area[~(np.isfinite(area) & (area > 0))] = np.nan
-    xyxy = boxes.astype(np.float64)
-    computed = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
-    return np.where(alive & np.isnan(area), computed, area)
-
-
-# ---------------------------------------------------------------------------------------------- json
-
-
-def _check_json_size(path: Path, images_dir: Path) -> None:
-    """Before parsing: refuse a JSON whose parsed objects cannot fit in memory (Python's objects take about
-    `JSON_PARSE_FACTOR` x the text), and warn when it is far larger than its images could need (COCO's
-    instances_train2017, polygons included, is 3.8 KB per image; `JSON_BYTES_PER_IMAGE` is 1 MiB)."""
-    try:
-        size = path.stat().st_size
-        n_images = sum(1 for _ in os.scandir(images_dir)) if images_dir.is_dir() else 0
-    except OSError:
-        return  # `_read_json` and the image scan name the file
-    need, have = size * JSON_PARSE_FACTOR, memory.machine_memory_bytes()
-    if need > have:
-        raise DetectorError(f"{path}: {gib(size)} of JSON needs about {gib(need)} to parse, more than this machine's "
-                            f"{gib(have)}; split it, or drop what training does not read (segmentation polygons)")
-    if size > JSON_SLACK_BYTES + JSON_BYTES_PER_IMAGE * n_images:
-        LOGGER.warning("%s: %s for %d entries in %s, far more than annotations need (parsing it takes about %s)",
-                       path, gib(size), n_images, images_dir, gib(need))
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic GC off while millions of objects that form no cycles are made (json.load of a COCO file runs
-    twice as fast), back on after."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f, _gc_paused():
-            return json.load(f)
-    except FileNotFoundError:
-        raise DetectorError(f"{path}: annotations file not found") from None
-    except json.JSONDecodeError as err:
-        raise DetectorError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DetectorError(f"{path}: cannot read ({err})") from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_NUMBER_TYPES = frozenset((int, float))
-
-
-def _parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """Check the structure pycocotools silently trusts; return (images, categories, annotations)."""
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DetectorError(f"{path}: not a COCO instances file (no 'images' list)")
-    if not isinstance(data.get("categories"), list) or not data["categories"]:
-        raise DetectorError(f"{path}: no 'categories' list")
-    anns = data.get("annotations", [])
-    if not isinstance(anns, list):
-        raise DetectorError(f"{path}: 'annotations' must be a list")
-    images, categories = data["images"], data["categories"]
-    if not images:
-        raise DetectorError(f"no labelled images in {path} (its 'images' list is empty)")
-    for i, im in enumerate(images):
-        if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
-            raise DetectorError(f"{path}: images[{i}] needs an integer 'id' and a 'file_name'")
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise DetectorError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name'")
-    # exact types, as json.load makes them (bool is not int here), checked inline: 544k annotations take 1 s
-    for i, a in enumerate(anns):
-        if not (isinstance(a, dict) and type(a.get("id")) is int and type(a.get("image_id")) is int
-                and type(a.get("category_id")) is int):
-            raise DetectorError(f"{path}: annotations[{i}] needs integer 'id', 'image_id' and 'category_id'")
-        if a.get("iscrowd", 0) not in (0, 1):  # "0" would be truthy: a crowd box, silently no training target
-            raise DetectorError(f"{path}: annotation {a['id']}: 'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
-        bbox = a.get("bbox")
-        if not (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in _NUMBER_TYPES
-                and type(bbox[1]) in _NUMBER_TYPES and type(bbox[2]) in _NUMBER_TYPES and type(bbox[3]) in _NUMBER_TYPES):
-            raise DetectorError(f"{path}: annotation {a['id']}: 'bbox' must be [x, y, width, height] numbers")
-    for what, items in (("image id", images), ("category id", categories), ("annotation id", anns)):
-        ids = np.array([x["id"] for x in items], dtype=np.int64)
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise DetectorError(f"{path}: duplicate {what} {unique[counts > 1][0]}")
-    repeated = [name for name, count in Counter(im["file_name"] for im in images).items() if count > 1]
-    if repeated:
-        raise DetectorError(f"{path}: file_name '{repeated[0]}' is listed by two images")
-    return images, categories, anns
-
-
-def _out_of_range(data: dict[str, Any], err: OverflowError) -> str:
-    """The first id outside int64, or bbox/area number outside float64, of a parsed COCO dict (error path only)."""
-    limit = 2**63
-    for what, keys in (("images", ("id",)), ("categories", ("id",)), ("annotations", ("id", "image_id", "category_id"))):
-        for i, item in enumerate(data.get(what) or []):
-            for key in keys:
-                if _is_int(item.get(key)) and not -limit <= item[key] < limit:
-                    return f"{what}[{i}] '{key}' {item[key]} is outside the 64-bit integer range"
-    for a in data.get("annotations") or []:
-        for key, values in (("bbox", a.get("bbox") or []), ("area", [a.get("area", 0)])):
-            if any(_is_int(v) and abs(v) > sys.float_info.max for v in values):
-                return f"annotation {a['id']}: '{key}' holds a number outside the float64 range"
-    return f"a number is out of range ({err})"
-
-
-def _stat_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-def _check_images(
-    names: list[str], stats: np.ndarray, images_dir: Path, cached: dict[str, np.ndarray] | None
-) -> dict[str, Any]:
-    """Per listed image: status (int8 codes of scan_cache.STATUS), wh (m, 2) after EXIF, reasons, fast,
-    file_sizes; from `cached` (the same names' earlier checks) where a file's size and mtime still match."""
-    m = len(names)
-    present = stats[:, 0] >= 0
-    checks = {
-        "status": np.where(present, 0, STATUS.index("missing")).astype(np.int8),
-        "wh": np.zeros((m, 2), np.int64),
-        "reasons": [""] * m,
-        "fast": np.zeros(m, bool),
-        "file_sizes": stats[:, 0].copy(),
-    }
-    reuse = np.zeros(m, bool)
-    if cached is not None:
-        reuse = present & (stats == cached["listed_stat"]).all(axis=1) & (cached["listed_status"] != STATUS.index("missing"))
-        for key in ("status", "wh", "fast"):
-            checks[key][reuse] = cached[f"listed_{key}"][reuse]
-        reasons = unpack_strings(cached["listed_reasons"], cached["listed_reason_offsets"])
-        for i in np.flatnonzero(reuse & (checks["status"] != 0)).tolist():
-            checks["reasons"][i] = reasons[i]
-    todo = np.flatnonzero(present & ~reuse).tolist()
-    for i, (status, width, height, reason, fast) in zip(todo, inspect_many([images_dir / names[i] for i in todo], images_dir)):
-        checks["status"][i] = STATUS.index(status)
-        checks["wh"][i] = width, height
-        checks["reasons"][i] = reason
-        checks["fast"][i] = fast
-    return checks

@@ -1,6 +1,6 @@
 """Image files: decoded to RGB with the EXIF orientation applied, and inspected from their headers (size after the
 orientation, truncation) without decoding the pixels, one by one or many in a process pool. The COCO scan
-(`detector.data.coco`) checks every listed image through `inspect_many`; the datasets, `detector predict` and the
+(`detector.data.coco_scan`) checks every listed image through `inspect_many`; the datasets, `detector predict` and the
 API decode through `read_rgb`."""
 
 from __future__ import annotations

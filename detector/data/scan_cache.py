@@ -1,4 +1,4 @@
-"""The scan cache of `detector.data.coco`: one `.npz` of flat arrays (numpy, `allow_pickle=False`: never pickle),
+"""The scan cache of `detector.data.coco_scan`: one `.npz` of flat arrays (numpy, `allow_pickle=False`: never pickle),
 written atomically beside the json when that folder is writable, else under the run's `cache_dir`.
 
 It holds two things, both valid only for the json of the same size and modification time:

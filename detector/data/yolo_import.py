@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from detector.data.coco import NAMED_PER_KIND
+from detector.data.coco_scan import NAMED_PER_KIND
 from detector.data.image_files import exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
 from detector.errors import DetectorError

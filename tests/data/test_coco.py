@@ -198,13 +198,13 @@ def test_an_oversized_json_warns_before_parsing(make_coco, caplog: pytest.LogCap
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Over 1 MiB of JSON per image (here without the 16 MiB of slack): a warning naming the file and the image
     count, then the scan goes on."""
-    from detector.data import coco
+    from detector.data import coco_json
 
-    monkeypatch.setattr(coco, "JSON_SLACK_BYTES", 0)
+    monkeypatch.setattr(coco_json, "JSON_SLACK_BYTES", 0)
     split = make_coco()
     with split.annotations.open("a") as f:
         f.write(" " * (7 << 20))  # 6 images; trailing whitespace keeps it valid JSON
-    with caplog.at_level("WARNING", logger="detector.data.coco"):
+    with caplog.at_level("WARNING", logger="detector.data.coco_json"):
         ds = CocoDataset(split)
     assert len(ds.records) == 6
     assert any(str(split.annotations) in r.getMessage() and "for 6 entries in" in r.getMessage() for r in caplog.records)
@@ -212,11 +212,11 @@ def test_an_oversized_json_warns_before_parsing(make_coco, caplog: pytest.LogCap
 
 def test_a_json_too_large_to_parse_is_refused_unread(make_coco, monkeypatch: pytest.MonkeyPatch) -> None:
     from detector import memory
-    from detector.data import coco
+    from detector.data import coco_scan
 
     split = make_coco()
     monkeypatch.setattr(memory, "machine_memory_bytes", lambda: split.annotations.stat().st_size * 4)
-    monkeypatch.setattr(coco, "_read_json", lambda path: pytest.fail("parsed anyway"))
+    monkeypatch.setattr(coco_scan, "read_json", lambda path: pytest.fail("parsed anyway"))
     with pytest.raises(DetectorError, match=rf"^{split.annotations}: .* of JSON needs about .* to parse, more than "):
         CocoDataset(split)
 
@@ -364,16 +364,16 @@ def test_scan_cache_is_reused_and_rebuilt_when_stale_or_corrupt(make_coco, monke
     CocoDataset(split)
     assert cache.exists() and _read_cache(cache)[0]["version"] == CACHE_VERSION
     calls = []
-    import detector.data.coco as coco_module
+    import detector.data.coco_scan as coco_scan
     import detector.data.image_files as image_files
 
-    real, real_read_json = image_files.inspect_image, coco_module._read_json
+    real, real_read_json = image_files.inspect_image, coco_scan.read_json
     monkeypatch.setattr(image_files, "inspect_image", lambda p: calls.append(p.name) or real(p))
-    monkeypatch.setattr(coco_module, "_read_json", lambda path: pytest.fail("json parsed again"))
+    monkeypatch.setattr(coco_scan, "read_json", lambda path: pytest.fail("json parsed again"))
     again = CocoDataset(split)
     assert calls == []  # unchanged: nothing decoded again, the json not even parsed
     assert [r.file for r in again.records] == [split.images / f"img{i:03d}.jpg" for i in range(6)]
-    monkeypatch.setattr(coco_module, "_read_json", real_read_json)
+    monkeypatch.setattr(coco_scan, "read_json", real_read_json)
     victim = split.images / "img001.jpg"
     victim.write_bytes(victim.read_bytes()[:-100])  # size changes: this one image is re-checked
     assert len(CocoDataset(split).summary.problems["unreadable image"]) == 1 and calls == ["img001.jpg"]
@@ -423,10 +423,10 @@ def test_a_scan_cached_by_an_older_version_is_made_again(make_coco, monkeypatch)
     CocoDataset(split)
     meta, arrays = _read_cache(cache)
     _write_cache(cache, {**meta, "version": CACHE_VERSION - 1}, arrays)
-    import detector.data.coco as coco_module
+    import detector.data.coco_scan as coco_scan
 
-    parsed, real_read_json = [], coco_module._read_json
-    monkeypatch.setattr(coco_module, "_read_json", lambda path: parsed.append(path) or real_read_json(path))
+    parsed, real_read_json = [], coco_scan.read_json
+    monkeypatch.setattr(coco_scan, "read_json", lambda path: parsed.append(path) or real_read_json(path))
     CocoDataset(split)
     assert parsed == [split.annotations] and _read_cache(cache)[0]["version"] == CACHE_VERSION
 
@@ -458,13 +458,13 @@ def test_inspect_image_reads_size_after_exif(tmp_path: Path) -> None:
 
 def test_train_and_val_of_one_read_only_json_parse_it_once(make_coco, monkeypatch, tmp_path: Path) -> None:
     """The second split of the same json reads the first one's cache under cache_dir, not the json."""
-    import detector.data.coco as coco_module
+    import detector.data.coco_scan as coco_scan
 
     split = make_coco()
     (split.annotations.parent / ".instances.json.scan-cache.npz").mkdir()  # beside the json: not writable
     parsed = []
-    real = coco_module._read_json
-    monkeypatch.setattr(coco_module, "_read_json", lambda path: parsed.append(path) or real(path))
+    real = coco_scan.read_json
+    monkeypatch.setattr(coco_scan, "read_json", lambda path: parsed.append(path) or real(path))
     first, second = CocoDataset(split, cache_dir=tmp_path), CocoDataset(split, cache_dir=tmp_path)
     assert parsed == [split.annotations] and len(first) == len(second) == 6
 
