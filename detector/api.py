@@ -435,7 +435,7 @@ class Detector:
 
     def _inference_model(self) -> nn.Module:
         """A BN-folded channels_last copy of the model for inference (the model itself stays trainable and countable)."""
-        from detector.models.builder import inference_copy
+        from detector.models.detection_model import inference_copy
 
         if self._fused is None:
             self._fused = inference_copy(self.model)

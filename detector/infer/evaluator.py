@@ -27,7 +27,7 @@ from detector.infer.metrics import COCO_KEYS, evaluate_coco, fitness, format_met
 from detector.infer.postprocess import non_max_suppression
 from detector.infer.tta import augmented_forward
 from detector.errors import DetectorError
-from detector.models.builder import inference_copy
+from detector.models.detection_model import inference_copy
 from detector.runtime.device import device_clock
 
 __all__ = ["EvalResult", "Evaluator", "detections_to_rows", "fitness", "save_results"]

@@ -7,7 +7,8 @@ attention and prior with `attention.ATTENTIONS`.
 
 from detector.models import priors as _priors  # noqa: F401 (registers edge, coord, gc)
 from detector.models.attention import ATTENTIONS, build_attention
-from detector.models.builder import DetectionModel, build_model
+from detector.models.builder import build_model
+from detector.models.detection_model import DetectionModel
 from detector.models.head import DecoupledDetect, Detect
 from detector.models.registry import MODULES
 

@@ -47,6 +47,7 @@ from detector.models import blocks as _blocks
 from detector.models import footprint
 from detector.models.blocks import ATTENTION_PLACES
 from detector.models.catalog import resolve_model_path
+from detector.models.detection_model import DetectionModel, LayerInfo
 from detector.models.head import Detect
 from detector.models.registry import MODULES, RowModule, UnknownNameError
 from detector.yamlfile import load_yaml
@@ -67,104 +68,6 @@ LOGGER = logging.getLogger(__name__)
 def make_divisible(x: float, divisor: int = 8) -> int:
     """The smallest multiple of `divisor` >= x."""
     return int(math.ceil(x / divisor) * divisor)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What one row became, for `model_info`'s table: `row` like 'head[3]', `source` as written, `repeats` after
-    depth scaling, `args` as passed to the constructor, `attention` the registry name of the attention it
-    carries ('' for none) and `attention_at` its place in a C2f ('' for a standalone attention row)."""
-
-    index: int
-    row: str
-    source: int | list[int]
-    repeats: int
-    module: str
-    args: list
-    attention: str = ""
-    attention_at: str = ""
-
-    @property
-    def attention_label(self) -> str:
-        """'ca at output', 'se' (a standalone row) or '' (no attention)."""
-        return f"{self.attention} at {self.attention_at}" if self.attention_at else self.attention
-
-
-class DetectionModel(nn.Module):
-    """The layer graph of one model YAML; the last layer is the `Detect` head.
-
-    forward(x (B, 3, H, W) float, H and W multiples of the max stride): train mode -> list of nl raw maps
-    (B, na, H_l, W_l, 5 + nc); eval mode -> (B, N, 5 + nc) decoded (see `Detect`).
-    """
-
-    def __init__(self, layers: list[nn.Module], sources: list[int | list[int]], layer_info: list[LayerInfo],
-                 config: dict) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.sources = sources  # absolute indices; i - 1 is the previous output (the image for layer 0)
-        used = {j for i, s in enumerate(sources) for j in (s if isinstance(s, list) else [s]) if j != i - 1}
-        self.keep = [i in used for i in range(len(layers))]
-        self.layer_info = layer_info
-        self.yaml = config
-
-    @property
-    def head(self) -> Detect:
-        return self.layers[-1]
-
-    @property
-    def stride(self) -> torch.Tensor:
-        """(nl,) pixels per cell of each output level."""
-        return self.head.stride
-
-    @property
-    def nc(self) -> int:
-        return self.head.nc
-
-    @property
-    def name(self) -> str:
-        return str(self.yaml.get("name", "model"))
-
-    @property
-    def attentions(self) -> dict[str, str]:
-        """Row -> the attention it was built with, e.g. {'backbone[2]': 'cbam at output'}: what an `attention=`
-        override actually reached, for run records and `detector info`."""
-        return {li.row: li.attention_label for li in self.layer_info if li.attention}
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run every layer but the head; return the head's input maps (one per level)."""
-        outputs: list[torch.Tensor | None] = []
-        for i, layer in enumerate(self.layers):
-            src = self.sources[i]
-            if isinstance(src, list):
-                x = [x if j == i - 1 else outputs[j] for j in src]
-            elif src != i - 1:
-                x = outputs[src]
-            if i == len(self.layers) - 1:
-                return x
-            x = layer(x)
-            outputs.append(x if self.keep[i] else None)
-        raise AssertionError("unreachable: the builder guarantees a head layer")
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
-        return self.head(self.forward_features(x))
-
-    def fuse(self) -> DetectionModel:
-        """For inference only: fold every Conv's BN into its conv, in place (deep-copy first to keep training)."""
-        for m in self.modules():
-            if isinstance(m, _blocks.Conv):
-                m.fuse()
-        return self.eval()
-
-
-def inference_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of a DetectionModel with every `Conv` block's BN folded into its conv (attention modules keep
-    their own BNs), in channels_last and eval mode: what validation and prediction run (the model itself stays
-    trainable). Feed it channels_last images. With the Conv BN passes gone and the layout oneDNN prefers,
-    yolo-ca-n's forward at 256 px took 13 ms/image against 17 unfused on the 2-core CPU, and 28 against 36 ms at
-    batch 1. Any other module is returned as it is."""
-    if not isinstance(model, DetectionModel):
-        return model
-    return copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
 
 
 def build_model(cfg: str | Path | dict, *, nc: int | None = None, attention: str | None = None,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from detector.models.builder import DetectionModel
+from detector.models.detection_model import DetectionModel
 from detector.viz.tables import format_table
 
 

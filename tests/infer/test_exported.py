@@ -93,7 +93,7 @@ def test_a_dynamic_onnx_scores_as_its_checkpoint(weights: Path, make_data_yaml, 
 
 def test_a_fixed_size_export_validates_square_batches_and_pads_smaller_inputs(weights: Path, make_data_yaml, tmp_path: Path,
                                                                             caplog) -> None:
-    from detector.models.builder import inference_copy
+    from detector.models.detection_model import inference_copy
 
     data = make_data_yaml()
     onnx_path = export(weights)

@@ -14,7 +14,8 @@ import yaml
 from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS, CBAM, MHSA, SE, CoordAtt, NoAttention
 from detector.models.blocks import C2f, Conv
-from detector.models.builder import DetectionModel, build_model, inference_copy, make_divisible
+from detector.models.builder import build_model, make_divisible
+from detector.models.detection_model import DetectionModel, inference_copy
 from detector.models.info import count_flops
 from detector.models.registry import MODULES
 from repo_paths import REPO_ROOT

@@ -6,8 +6,8 @@ temporary folder (each file checked against PyTorch as `detector export` checks 
 the table); then each runtime runs one random (batch, 3, imgsz, imgsz) input `warmup` times untimed and `iters`
 times timed. The table gives the median and the fastest run in ms, and the images/s of the median.
 
-- pytorch: the BN-folded channels_last copy that `detector val` and `predict` run (`models.builder.inference_copy`),
-  fp32, under `torch.inference_mode`.
+- pytorch: the BN-folded channels_last copy that `detector val` and `predict` run
+  (`models.detection_model.inference_copy`), fp32, under `torch.inference_mode`.
 - onnxruntime: CPUExecutionProvider, its default (full) graph optimizations.
 - onnxruntime-int8: the same on `detector export int8=true`'s file (QDQ, calibrated on `data`'s train images or
   the checkpoint's training set; skipped without either).
@@ -43,7 +43,7 @@ import torch
 
 from detector.api import Detector
 from detector.errors import DetectorError
-from detector.models.builder import inference_copy
+from detector.models.detection_model import inference_copy
 from detector.options import BenchExportOptions
 from detector.runtime.device import cpu_supports_bf16
 from detector.viz.tables import format_table
