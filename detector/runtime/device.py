@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from detector.errors import DetectorError
+from detector.runtime.machine import bf16_units
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,11 +75,10 @@ def _cuda_device(index: int, spec: str) -> torch.device:
 def cpu_supports_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16 or AVX512-BF16).
 
-    Read from torch's cpuinfo probe, which also checks that the OS enabled the AMX state. Other CPUs (AVX2 and
-    plain AVX-512 x86, ARM) are reported False: there oneDNN emulates bf16 and it is slower than fp32.
+    Other CPUs (AVX2 and plain AVX-512 x86, ARM) are reported False: there oneDNN emulates bf16 and it is slower
+    than fp32 (`machine.bf16_units`).
     """
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("amx_bf16", False) or caps.get("avx512_bf16", False))
+    return bool(bf16_units())
 
 
 def autocast_dtype(device: torch.device, amp: str | bool) -> torch.dtype | None:

@@ -11,6 +11,7 @@ from detector.config import load_options
 from detector.data.check import data_check
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
+from detector.runtime.machine import describe_machine
 from detector.tools.bench.data import main as bench_main
 
 
@@ -38,5 +39,6 @@ def test_bench_data_prints_a_table(make_data_yaml, capsys) -> None:
     bench_main(load_options(BenchDataOptions, {"data": str(make_data_yaml()), "imgsz": "64", "workers": "0", "batch": "2", "batches": "2"}))
     out = capsys.readouterr().out
     assert "images/s" in out and len([ln for ln in out.splitlines() if ln.startswith("   64")]) == 2
+    assert describe_machine().summary() in out.splitlines()  # the machine named above the table
     with pytest.raises(DetectorError, match="unknown key 'imgs'"):
         load_options(BenchDataOptions, {"imgs": "64"})

@@ -23,7 +23,8 @@ import torch
 from detector.config import TrainConfig, build_options
 from detector.data.synthetic import generate_shapes_dataset
 from detector.options import BenchAmpOptions
-from detector.runtime.device import cpu_supports_bf16, select_device
+from detector.runtime.device import select_device
+from detector.runtime.machine import describe_machine
 from detector.train.trainer import train
 from detector.viz.logger import read_results
 from detector.viz.tables import format_table
@@ -81,12 +82,8 @@ def main(opts: BenchAmpOptions) -> None:
             runs[label] = train_once(data_yaml, project, "fp32_noise", amp="off", seed=noise_seed, opts=opts)
     headers, table, verdict = compare(runs, opts.images)
     device = select_device(opts.device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        native = "native (AMX/AVX512-BF16)" if cpu_supports_bf16() else "emulated (no AMX/AVX512-BF16: slow, same numerics)"
-        where = f"CPU, bf16 {native}, {torch.get_num_threads()} threads"
+    where = f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "on the CPU"
     print(f"\nbf16 autocast against fp32: {opts.config}, {opts.images} images at {opts.imgsz} px, {opts.epochs} epochs, "
-          f"batch {opts.batch}, {where}")
+          f"batch {opts.batch}, {where}\n{describe_machine().summary()}")
     print(format_table(headers, table, floatfmt=".4f"))
     print(verdict)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
+from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 
@@ -66,4 +67,5 @@ def main(opts: BenchDataOptions) -> None:
                                    batches=opts.batches, cache=opts.cache)
                     rows.append([imgsz, workers, "on" if mosaic else "off", rate])
                     print(f"  imgsz {imgsz} workers {workers} mosaic {rows[-1][2]}: {rate:.0f} images/s", flush=True)
+    print(describe_machine().summary())
     print(format_table(["imgsz", "workers", "mosaic", "images/s"], rows, floatfmt=".0f"))

@@ -15,9 +15,9 @@ times timed. The table gives the median and the fastest run in ms, and the image
 - openvino-bf16: the same in bf16, OpenVINO's own default on CPUs with bf16 units; skipped on other CPUs.
 - opencv: `cv2.dnn.readNetFromONNX` on the ONNX file, its default backend (OpenCV's own) on the CPU.
 
-Every runtime gets the same number of threads. The header names the CPU (the model name of /proc/cpuinfo, as
-lscpu prints it), its cores, whether it has bf16 units, the threads and the versions; the load average before
-and after shows whether something else shared the cores.
+Every runtime gets the same number of threads. The header names the runtimes' versions and the machine (the CPU
+as lscpu names it, its CPUs, its bf16 units, the threads, torch: `runtime.machine`); the load average before and
+after shows whether something else shared the cores.
 
 Options (key=value): `detector.options.BenchExportOptions`; `detector bench export --help` lists them with their
 defaults and ranges.
@@ -30,7 +30,6 @@ import importlib.util
 import io
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -45,7 +44,7 @@ from detector.api import Detector
 from detector.errors import DetectorError
 from detector.models.detection_model import inference_copy
 from detector.options import BenchExportOptions
-from detector.runtime.device import cpu_supports_bf16
+from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 Runner = Callable[[np.ndarray], Any]
@@ -62,7 +61,7 @@ def main(opts: BenchExportOptions) -> None:
     try:
         detector = Detector(opts.model, device="cpu")
         runtimes, notes = available_runtimes(opts.runtimes, calibration=opts.data or detector.train_data)
-        print(header(detector, threads, opts.batch))
+        print(header(detector, opts.batch))
         load_before = os.getloadavg()
         rows, checks = [], []
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,24 +84,14 @@ def main(opts: BenchExportOptions) -> None:
         print(line)
 
 
-def header(detector: Detector, threads: int, batch: int = 1) -> str:
-    """One line: the model, the batch, the CPU, its bf16 units, the threads and the runtimes' versions."""
-    versions = [f"torch {torch.__version__}"]
+def header(detector: Detector, batch: int = 1) -> str:
+    """Two lines: the model, the batch and the runtimes' versions; the machine (CPU, bf16 units, threads, torch)."""
+    versions = []
     for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("opencv", "cv2")):
         if importlib.util.find_spec(module) is not None:
             versions.append(f"{name} {__import__(module).__version__.split('-')[0]}")  # openvino's has a build tag
-    bf16 = "yes" if cpu_supports_bf16() else "no"
-    return (f"bench export: {detector.model.name}, batch {batch}, CPU {cpu_name()} ({os.cpu_count()} cores; bf16 units: "
-            f"{bf16}), {threads} threads; {', '.join(versions)}")
-
-
-def cpu_name() -> str:
-    """The CPU's model name, as lscpu prints it (from /proc/cpuinfo), or the platform's word for it."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+    runtimes = f"; {', '.join(versions)}" if versions else ""
+    return f"bench export: {detector.model.name}, batch {batch}{runtimes}\n{describe_machine().summary()}"
 
 
 def available_runtimes(requested: list[str], *, calibration: str = "") -> tuple[list[str], list[str]]:

@@ -18,6 +18,7 @@ import torch
 from detector.errors import DetectorError
 from detector.options import BenchModelsOptions
 from detector.runtime.device import device_clock
+from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 MODES = {"fp32": (None, False), "fp32-cl": (None, True), "bf16-cl": (torch.bfloat16, True)}
@@ -71,33 +72,39 @@ def measure(model: torch.nn.Module, mode: str, *, imgsz: int, batch: int, iters:
     return rates[0], rates[1], rates[2]
 
 
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        bf16 = "native" if torch.cuda.is_bf16_supported() else "emulated"
-        return f"{torch.cuda.get_device_name(device)}, bf16 {bf16}"
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return (f"CPU, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
-            f"bf16 {'native (AVX512-BF16/AMX)' if native else 'emulated: expect bf16 to be slower than fp32'}")
+def _gpu_note(device: torch.device) -> str:
+    """On CUDA, the timed GPU and whether its bf16 is native; '' on the CPU (the machine line names it)."""
+    if device.type != "cuda":
+        return ""
+    bf16 = "native" if torch.cuda.is_bf16_supported(including_emulation=False) else "emulated"
+    return f", on {torch.cuda.get_device_name(device)} (bf16 {bf16})"
 
 
 def main(opts: BenchModelsOptions) -> None:
     """Print one row per config and mode (`opts` already checked, e.g. by `load_options`)."""
     if not opts.modes:
         raise DetectorError(f"bench models: 'modes' is empty; choose from {', '.join(MODES)}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     try:
         device = torch.device(opts.device)
     except RuntimeError as err:
         raise DetectorError(f"bench models: device: {err}") from None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(opts.threads or previous)
+    try:
+        _print_table(opts, device)
+    finally:  # a bench called from Python leaves torch's threads as it found them
+        torch.set_num_threads(previous)
 
+
+def _print_table(opts: BenchModelsOptions, device: torch.device) -> None:
     from detector.models.catalog import MODEL_CONFIGS, resolve_model_path
     from detector.models.builder import build_model
     from detector.models.info import count_flops
 
     imgsz, batch, iters, warmup = opts.imgsz, opts.batch, opts.iters, opts.warmup
     paths = [resolve_model_path(n) for n in opts.configs] or sorted(MODEL_CONFIGS.glob("*.yaml"))
-    print(f"bench models: imgsz {imgsz}, batch {batch}, {iters} timed iterations after {warmup}; {_hardware(device)}")
+    print(f"bench models: imgsz {imgsz}, batch {batch}, {iters} timed iterations after {warmup}{_gpu_note(device)}")
+    print(describe_machine().summary())
     rows = []
     for path in paths:
         model = build_model(path)

@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,20 +100,12 @@ def thread_count(opts: RivalsOptions) -> int:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model and bf16 support (what decides whether ours' amp=auto trains in bf16), torch version, GPU."""
-    import torch
+    """The machine as `runtime.machine` names it (what decides whether ours' amp=auto trains in bf16), with the
+    threads each side gets and Python's version, for results.json."""
+    from detector.runtime.machine import describe_machine  # torch loads only here: the script's start stays quick
 
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
-    flags = next((set(line.partition(":")[2].split()) for line in lines if line.startswith("flags")), set())
-    cpu = names[0] if names else platform.processor() or "unknown CPU"
-    bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"})
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    return {
-        "cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "bf16": ", ".join(bf16) if bf16 else "none (emulated)",
-        "torch": torch.__version__, "gpu": gpu, "python": platform.python_version(),
-    }
+    machine = replace(describe_machine(), threads=threads)
+    return {**asdict(machine), "python": platform.python_version(), "summary": machine.summary()}
 
 
 def run_command(cmd: list[str], *, env: dict[str, str], log: Path) -> float:
@@ -297,10 +289,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def report_header(info: dict[str, Any], opts: RivalsOptions, versions: dict[str, str]) -> str:
     """Where and how the table was made: machine, budget, scoring settings."""
-    where = f"{info['cpu']} ({info['cpus']} CPUs, bf16: {info['bf16']})" + (f", GPU {info['gpu']}" if info["gpu"] else "")
     used = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     return (
-        f"Machine: {where}; torch {info['torch']}, {info['threads']} threads, device {opts.device or 'auto'}"
+        f"{info['summary']}; {info['threads']} threads each side, device {opts.device or 'auto'}"
         + (f"; {used}" if used else "") + ".\n"
         f"Data {opts.data}: {opts.epochs} epochs, imgsz {opts.imgsz}, batch {opts.batch}, seed {opts.seed}, from scratch. "
         f"Scored by pycocotools on the val json: conf {opts.conf}, NMS IoU {opts.iou} (YOLO26 is NMS-free: its own top-k), "

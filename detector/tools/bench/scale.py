@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from detector.data.spec import SplitSpec
+from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 COCO_IMAGES = 118_287
@@ -174,6 +175,7 @@ def main(opts: Any) -> None:
     print(f"COCO scale: {COCO_IMAGES:,} images, {COCO_ANNOTATIONS:,} annotations; imgsz {imgsz}, batch {opts.batch}, "
           f"{workers} workers, {opts.steps} steps", flush=True)
     rows = run_scale(imgsz=imgsz, batch=opts.batch, workers=workers, steps=opts.steps)
+    print(describe_machine().summary())
     print(format_table(["measure", "value"], rows))
 
 

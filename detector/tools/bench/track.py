@@ -20,6 +20,7 @@ import torch
 from detector.infer.track_metrics import Frame, mot_metrics
 from detector.infer.tracker import ByteTracker, check_thresholds
 from detector.options import BenchTrackOptions
+from detector.runtime.machine import describe_machine
 from detector.tools.ablate import mean_std
 from detector.viz.tables import format_table
 
@@ -92,6 +93,7 @@ def main(opts: BenchTrackOptions) -> None:
         print(f"  {label}: done", flush=True)
     print(f"{opts.sequences} sequences of {opts.frames} frames, {opts.objects} objects, miss {opts.miss}, dim {opts.dim}, "
           f"{opts.false_positives} false boxes a frame, jitter {opts.jitter}; scored at IoU {opts.min_iou}")
+    print(describe_machine().summary())
     print(format_table(["tracker", *(key for key, _ in _COLUMNS)], rows))
 
 

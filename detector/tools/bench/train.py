@@ -45,6 +45,7 @@ from detector.models.catalog import resolve_model_path
 from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
 from detector.runtime.device import autocast_dtype, device_clock, needs_grad_scaler, select_device
+from detector.runtime.machine import describe_machine
 from detector.train.loss import build_loss
 from detector.train.trainer import Trainer, train
 from detector.viz.logger import read_results
@@ -185,6 +186,7 @@ def main(opts: BenchTrainOptions) -> None:
     print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers} ({opts.worker_priority} priority), "
           f"cache {opts.cache or 'off'}, amp {opts.amp}, channels_last {opts.channels_last}, compile {opts.compile}, "
           f"device {device_label(device)}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
+    print(describe_machine().summary())
     headers = ["config", f"GFLOPs@{imgsz}", "model img/s", "held-batch img/s", "end-to-end img/s", "loader efficiency", "GFLOP/s"]
     print(format_table(headers, rows, floatfmt=".2f"))
     for name, stages in profiles.items():

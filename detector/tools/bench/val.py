@@ -24,6 +24,7 @@ from detector import memory
 from detector.errors import DetectorError
 from detector.infer.coco_rows import BOX_DECIMALS, SCORE_DECIMALS
 from detector.options import BenchValOptions
+from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 
@@ -40,6 +41,7 @@ def main(opts: BenchValOptions) -> None:
 
             data = generate_shapes_dataset(Path(tmp), n_train=1, n_val=opts.images, imgsz=640)
         rows = bench_pipeline(opts, data)
+    print(describe_machine().summary())
     print(format_table(["model", "imgsz", "images", "images/s", "pre-process ms", "inference ms", "NMS ms", "metric ms"], rows, floatfmt=".1f"))
     if opts.metric_images > 0:
         print()

@@ -9,6 +9,7 @@ import pytest
 from detector.config import load_options
 from detector.errors import DetectorError
 from detector.options import BenchAmpOptions
+from detector.runtime.machine import describe_machine
 from detector.tools.bench.amp import compare, main
 
 
@@ -34,6 +35,7 @@ def test_bench_amp_trains_three_runs_and_prints_one_table(capsys: pytest.Capture
     main(BenchAmpOptions(config="yolov5n", images=8, val_images=4, imgsz=64, epochs=2, batch=4, workers=0))
     out = capsys.readouterr().out
     assert "loss fp32 s0" in out and "loss bf16 s0" in out and "loss fp32 s1" in out
+    assert describe_machine().summary() in out.splitlines()  # says whether this CPU has bf16 units
     epoch_rows = [line for line in out.splitlines() if re.match(r"\s*[12]\s", line)]
     assert len(epoch_rows) == 2
     first = [float(v) for v in epoch_rows[0].split()[1:]]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from detector.options import BenchExportOptions
-from detector.tools.bench.export import RUNNERS, available_runtimes, cpu_name, main
+from detector.runtime.machine import describe_machine
+from detector.tools.bench.export import RUNNERS, available_runtimes, main
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.isolated  # OpenVINO and onnxruntime run in their own pytest process (tests/conftest.py)
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.isolated  # OpenVINO and onnxruntime run in their own p
 def test_bench_export_times_every_runtime_at_every_size(capsys: pytest.CaptureFixture[str]) -> None:
     main(BenchExportOptions(model="yolov5n", imgsz=[64, 96], iters=2, warmup=1, threads=1))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("bench export: yolov5n, batch 1, CPU ") and "1 threads" in lines[0]
-    assert cpu_name() in lines[0] and "bf16 units: " in lines[0]
+    assert lines[0].startswith("bench export: yolov5n, batch 1; onnxruntime ")
+    assert lines[1].startswith(f"machine: {describe_machine().cpu} (") and ", 1 thread, torch " in lines[1]
     runtimes, skipped = available_runtimes(list(RUNNERS))
     assert "pytorch" in runtimes and "onnxruntime" in runtimes
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in RUNNERS]
@@ -37,7 +38,7 @@ def test_bench_export_times_the_int8_file_in_batches(make_data_yaml, capsys: pyt
     main(BenchExportOptions(model="yolov5n", imgsz=[64], runtimes=["onnxruntime", "onnxruntime-int8"], batch=4,
                             data=str(make_data_yaml()), iters=2, warmup=1, threads=1))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("bench export: yolov5n, batch 4, CPU ")
+    assert lines[0].startswith("bench export: yolov5n, batch 4; ")
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["onnxruntime"], ["onnxruntime-int8"])}
     assert rows["onnxruntime"][2] == "fp32" and rows["onnxruntime-int8"][2] == "int8"
     for row in rows.values():

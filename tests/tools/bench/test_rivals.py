@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
+from detector.runtime.machine import describe_machine
 from detector.tools.bench import rivals
 
 
@@ -80,8 +83,12 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
     assert "| Ultralytics yolov8n | 1,234 | 1.000 | 1.000 |" in table
     # same wall time, half the FLOPs: yolo26n runs at 1.00x yolov8n's images/s and 0.50x its arithmetic per second
     assert table.splitlines()[-1].endswith("| 1.2 | 1.00 | 1.2 | 1.00x | 0.50x |"), table
-    assert "bf16:" in table and "NMS IoU 0.65" in table and "ultralytics 0.0-test" in table
+    assert "NMS IoU 0.65" in table and "ultralytics 0.0-test" in table
+    threads = len(os.sched_getaffinity(0))  # threads=0: every CPU this process may run on, each side
+    named = replace(describe_machine(), threads=threads).summary()
+    assert table.splitlines()[0].startswith(f"{named}; {threads} threads each side, device ")
     payload = json.loads((out / "results.json").read_text())
+    assert payload["machine"]["summary"] == named and payload["machine"]["threads"] == threads
     assert payload["results"][0]["images_per_s"] == pytest.approx(2 * 6 / 10.0)  # epochs x train images / wall
     assert rivals.main(args) == 0 and calls == ["yolov8n", "yolo26n"]  # the rerun reused both result.json
     assert rivals.main([*args[:2], *args[3:], "force=true", "rivals=yolo26n"]) == 0 and calls == ["yolov8n", "yolo26n", "yolo26n"]

@@ -10,6 +10,7 @@ import torch
 from detector.errors import DetectorError
 
 from detector.options import BenchTrackOptions
+from detector.runtime.machine import describe_machine
 from detector.tools.bench import track
 
 
@@ -33,7 +34,8 @@ def test_simulation_is_seeded_and_scores_boxes_as_asked() -> None:
 def test_the_table_shows_bytetrack_ahead_when_boxes_dim(capsys) -> None:
     track.main(BenchTrackOptions(sequences=2, frames=60, objects=6, dim=0.4))
     lines = capsys.readouterr().out.strip().splitlines()
-    header, _, byte, high_only = lines[-4:]
+    named, header, _, byte, high_only = lines[-5:]
+    assert named == describe_machine().summary()
     assert header.split() == ["tracker", "MOTA", "IDF1", "id_switches", "false_positives", "misses", "ms"]
     assert byte.startswith("ByteTrack (boxes from track_low 0.1)") and high_only.startswith("boxes from conf 0.25 only")
     byte_mota = float(byte.split(")")[1].split()[0])

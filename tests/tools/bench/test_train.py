@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from detector.options import BenchTrainOptions
+from detector.runtime.machine import describe_machine
 from detector.tools.bench.train import main
 from repo_paths import REPO_ROOT
 
@@ -18,6 +19,7 @@ from repo_paths import REPO_ROOT
 def test_bench_train_prints_the_three_rates_and_the_loader_efficiency(capsys: pytest.CaptureFixture[str]) -> None:
     main(BenchTrainOptions(configs=["yolov5n"], imgsz=64, batch=4, workers=0, images=8))
     out = capsys.readouterr().out
+    assert describe_machine().summary() in out.splitlines()
     header = next(line for line in out.splitlines() if line.startswith("config"))
     assert header.split() == ["config", "GFLOPs@64", "model", "img/s", "held-batch", "img/s", "end-to-end", "img/s",
                               "loader", "efficiency", "GFLOP/s"]
