@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from detector.config import TrainConfig, describe_options, load_options, load_train_config, parse_overrides
 from detector.errors import DetectorError, did_you_mean
 from detector.options import (AblateOptions, BenchAmpOptions, BenchDataOptions, BenchExportOptions, BenchModelsOptions, BenchTrackOptions, BenchTrainOptions,
-                               BenchValOptions, CheckOptions, ConvertOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions,
+                               BenchValOptions, CheckOptions, ConvertOptions, EnvOptions, ExportOptions, InfoOptions, PredictOptions, SynthOptions,
                                TuneOptions, ValOptions)
 
 
@@ -112,6 +112,12 @@ def _data_convert(overrides: dict[str, str]) -> None:
     print(convert_yolo_dataset(Path(opts.data), Path(opts.out) if opts.out else None))
 
 
+def _env(overrides: dict[str, str]) -> None:
+    from detector.runtime.environment import environment_report
+
+    print(environment_report(load_options(EnvOptions, overrides).format))
+
+
 BENCHES: dict[str, tuple[type, str]] = {
     "models": (BenchModelsOptions, "parameters, GFLOPs, eval and train images/s of model configs (prints a table)"),
     "data": (BenchDataOptions, "train-pipeline images/s per imgsz, workers and mosaic (prints a table)"),
@@ -142,6 +148,7 @@ COMMANDS: dict[str, Command] = {
     "info": Command(InfoOptions, _info, "layer table, parameters and GFLOPs of a model (and attention maps)"),
     "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
     "tune": Command(TuneOptions, _tune, "search hyperparameters by evolution: one short run per trial, the best as a cfg file"),
+    "env": Command(EnvOptions, _env, "what this installation runs on: versions, CPU and bf16 units, GPUs, amp=auto's pick, memory"),
     "data synth": Command(SynthOptions, _data_synth, "generate the synthetic shapes dataset (profile=easy, the bundled one, or hard)"),
     "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
     "data convert": Command(ConvertOptions, _data_convert, "convert an Ultralytics data.yaml + labels/*.txt to COCO json and a dataset YAML of ours"),

@@ -50,6 +50,11 @@ class InfoOptions:
 
 
 @dataclass
+class EnvOptions:
+    format: str = option("text", "text (one screen, for people) or json (the same facts, for tools)", choices=["text", "json"])
+
+
+@dataclass
 class SynthOptions:
     profile: str = option("easy", "easy (the bundled shapes) or hard (the benchmark set: photos, clutter, tiny objects)", choices=["easy", "hard"])
     out: str = option("", "output folder ('': data/shapes for easy, data/shapes-hard for hard)")

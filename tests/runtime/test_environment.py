@@ -1,0 +1,83 @@
+"""`detector env`: the installation's facts for a bug report, its declared packages checked against pyproject."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from detector.cli import main
+from detector.runtime import device as device_policy
+from detector.runtime import environment
+
+
+def _rows_by_name() -> dict[str, dict[str, str]]:
+    return {row["name"]: row for row in environment.requirement_rows()}
+
+
+def test_each_declared_package_is_read_from_the_installed_metadata() -> None:
+    rows = _rows_by_name()
+    assert rows["torch"] == {"name": "torch", "installed": importlib.metadata.version("torch"), "declared": ">=2.10",
+                             "extra": "", "status": "ok"}
+    assert rows["albumentations"]["declared"] == "<2.1,>=2.0.6"  # pyproject's range, as packaging orders it
+    assert rows["onnxruntime"]["extra"] == "export" and rows["faster-coco-eval"]["extra"] == "faster"
+    assert rows["pytest"]["extra"] == "dev"
+
+
+def test_a_missing_or_out_of_range_package_says_how_to_mend_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.version
+    fake = {"albumentations": "2.1.0"}
+
+    def version(name: str) -> str:
+        if name in ("onnx", "numpy"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return fake.get(name) or real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    rows = _rows_by_name()
+    assert rows["onnx"]["installed"] == "" and rows["onnx"]["status"] == "not installed: pip install 'detector[export]'"
+    assert rows["numpy"]["status"] == "not installed: pip install 'numpy>=1.24'"
+    assert rows["albumentations"]["status"] == "outside <2.1,>=2.0.6"  # 2.1 is the first AGPL release
+
+
+def test_the_cpu_row_says_what_amp_auto_picks_and_the_logger_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx512_bf16": True})
+    logger = device_policy.LOGGER
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    with caplog.at_level("INFO"):
+        rows = environment.device_rows()
+    assert rows[0] == {"device": "cpu", "name": "", "amp_auto": "bf16 autocast on the CPU (AMX/AVX512-BF16 present)"}
+    assert caplog.records == []  # collected for the report, not printed as a training log line
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+def test_each_gpu_is_named_with_its_memory_and_amp_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake pre-Ampere GPU (no native bf16): amp=auto trains it in fp16 with a gradient scaler."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    props = SimpleNamespace(name="FakeGPU", total_memory=16 * 2**30, major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    gpu = environment.device_rows()[1]
+    assert gpu == {"device": "cuda:0", "name": "FakeGPU (16.0 GiB, compute capability 7.5)",
+                   "amp_auto": "fp16 autocast with a gradient scaler on cuda:0 (FakeGPU)"}
+
+
+def test_detector_env_prints_the_report_and_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("detector 0.") and " imported from " in lines[0]
+    assert lines[2].startswith("machine: ") and any(line.startswith("cpu, amp=auto: ") for line in lines)
+    assert any(line.split()[:2] == ["torch", importlib.metadata.version("torch")] for line in lines)
+    assert main(["env", "format=json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["machine"]["summary"] == lines[2] and facts["devices"][0]["device"] == "cpu"
+    assert {p["name"] for p in facts["packages"]} >= {"torch", "pycocotools", "onnxruntime"}
+    assert main(["env", "format=xml"]) == 2
+    assert "'format' must be one of text, json, got 'xml'" in capsys.readouterr().err
