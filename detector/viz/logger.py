@@ -10,10 +10,14 @@ import csv
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from detector.errors import DetectorError, write_failed
+
+if TYPE_CHECKING:
+    from detector.viz.event_file import EventFile
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 LOSS_KEYS = ("box_loss", "obj_loss", "cls_loss")
@@ -28,13 +32,13 @@ class RunLogger:
     def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
         self.run_dir = run_dir
         self.csv_path = run_dir / "results.csv"
-        self.writer = None
+        self.writer: EventFile | None = None
         self._failed = False  # a write failed: `close` (after the error) must not raise it again
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from detector.viz import event_file  # (imports tensorboard: only when it is used)
 
             with self._writing(run_dir / "events.out.tfevents"):
-                self.writer = SummaryWriter(log_dir=str(run_dir))
+                self.writer = event_file.EventFile(run_dir)
 
     @contextlib.contextmanager
     def _writing(self, path: Path | None = None) -> Iterator[None]:
@@ -48,8 +52,7 @@ class RunLogger:
 
     def _events_path(self) -> Path:
         """The TensorBoard events file (its name holds the time, host and pid), for errors."""
-        event_writer = getattr(self.writer.file_writer, "event_writer", None) if self.writer else None
-        return Path(getattr(event_writer, "_file_name", self.run_dir / "events.out.tfevents"))
+        return self.writer.path if self.writer is not None else self.run_dir / "events.out.tfevents"
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone). A header
@@ -106,7 +109,6 @@ class RunLogger:
                     self.writer.add_scalar(f"metrics/{key}", float(metrics[key]), epoch)
             if fitness is not None:
                 self.writer.add_scalar("metrics/fitness", fitness, epoch)
-            self.writer.flush()
 
     def images(self, tag: str, images_chw: torch.Tensor, step: int) -> None:
         """A grid of uint8 images (N, 3, H, W)."""
@@ -118,7 +120,7 @@ class RunLogger:
             self.writer.add_image(tag, make_grid(images_chw, nrow=int(math.ceil(math.sqrt(len(images_chw))))), step)
 
     def close(self) -> None:
-        """Flush and close the events file; after a failed write (already raised) the same failure is not raised again."""
+        """Close the events file; after a failed write (already raised) the same failure is not raised again."""
         if self.writer is None:
             return
         failed = self._failed

@@ -1,12 +1,17 @@
-"""RunLogger: results.csv rows per epoch, and what a resume does to them."""
+"""RunLogger: results.csv rows per epoch, what a resume does to them, and the TensorBoard events file."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import os
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 
+from detector.errors import DetectorError
 from detector.viz.logger import RunLogger, read_results
 
 
@@ -68,3 +73,45 @@ def test_plot_results_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["svg"]
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_tensorboard_reads_the_events_and_a_second_logger_adds_a_file(tmp_path: Path) -> None:
+    """Two loggers of one run folder in the same second (a resume in the same process) write two files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for step in (1, 2):
+        logger = RunLogger(tmp_path)
+        logger.step(step, torch.tensor([0.1, 0.2, 0.3]), 0.01 * step)
+        logger.images("train/batch0", torch.zeros(4, 3, 16, 16, dtype=torch.uint8), step)
+        log_epochs(logger, range(step - 1, step))
+        logger.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/lr")] == [(1, 0.01), (2, 0.02)]
+    assert [e.step for e in events.Scalars("metrics/fitness")] == [0, 1]
+    assert [(e.step, e.width, e.height) for e in events.Images("train/batch0")] == [(1, 38, 38), (2, 38, 38)]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_under_the_events_file_is_our_one_error_in_the_call_that_wrote(
+    tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorBoard's writer thread printed its own traceback (and pytest warned of an unhandled thread exception),
+    and the failure reached us only at a later call: the events are now written on our thread."""
+    from tensorboard.summary.writer import record_writer
+
+    threads = threading.active_count()
+    logger = RunLogger(tmp_path)
+    assert threading.active_count() == threads  # no writer thread: whatever fails, fails in our call
+    events = next(tmp_path.glob("events.out.tfevents.*"))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    with pytest.raises(DetectorError) as info:
+        logger.step(1, torch.tensor([0.1, 0.2, 0.3]), 0.01)
+    logger.close()  # the same failure is not raised again
+    assert str(info.value) == f"{events}: cannot write (No space left on device)"
+    assert capfd.readouterr().err == ""
