@@ -552,7 +552,7 @@ def run_info(opts: InfoOptions) -> str:
 
 def _read_source(source: str) -> np.ndarray:
     """The attention-map image, or a DetectorError naming it."""
-    from detector.data.image_files import read_rgb
+    from detector.data.image_files import read_failure, read_rgb
     from detector.data.loader import READ_ERRORS
 
     if not source:
@@ -562,4 +562,4 @@ def _read_source(source: str) -> np.ndarray:
     except FileNotFoundError:
         raise DetectorError(f"info: source '{source}' not found") from None
     except READ_ERRORS as err:
-        raise DetectorError(f"info: cannot read image {source} ({err})") from None
+        raise DetectorError(f"info: cannot read image {source} ({read_failure(err, source)})") from None

@@ -25,6 +25,17 @@ SCAN_CHUNK = 256  # images per pool task
 PROGRESS_MIN_IMAGES = 1000  # a first scan of fewer images shows no progress bar
 
 
+def read_failure(err: BaseException, path: Path | str) -> str:
+    """Why `path` could not be read, without the path: OSError's and PIL's messages hold it, and the warnings and
+    errors that show this reason name the file once, themselves."""
+    if isinstance(err, OSError) and err.strerror:  # "[Errno 2] No such file or directory: '<path>'"
+        return err.strerror
+    first = str(err).splitlines()[0] if str(err) else ""
+    for quoted in (repr(str(path)), str(path)):  # PIL: "cannot identify image file '<path>'"
+        first = first.replace(quoted, "")
+    return " ".join(first.split()).rstrip(":") or type(err).__name__
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """Decode an image file as (H, W, 3) uint8 RGB, EXIF orientation applied; gray, palette, RGBA, CMYK and
     16-bit images are converted (16-bit scaled to 8 bits: always for the I;16 modes, so a dark frame stays as dark
@@ -105,8 +116,7 @@ def inspect_image(path: Path) -> tuple[str, int, int, str, bool]:
         if not complete:
             _decode_small(path)
     except Exception as err:  # any decoder failure (OSError, SyntaxError, struct.error, bombs ...) = corrupt
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return "corrupt", 0, 0, reason, False
+        return "corrupt", 0, 0, read_failure(err, path), False
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     fast = fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1

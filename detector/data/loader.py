@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from detector import memory
 from detector.data.coco import CocoDataset
+from detector.data.image_files import read_failure
 from detector.data.transforms import AugmentHyp, Sample, TrainTransform, letterbox, resize_by
 from detector.errors import DetectorError
 
@@ -211,12 +212,13 @@ class TrainDataset(Dataset):
                 image = self.source.get(index)
             except READ_ERRORS as err:
                 file = self.coco.file(index)
+                reason = read_failure(err, file)  # without the path: the messages name it once
                 if self.strict:
-                    raise DetectorError(f"cannot read image {file} (changed since the scan?): {err}") from err
+                    raise DetectorError(f"cannot read image {file} (changed since the scan?): {reason}") from err
                 self._sample_unreadable.append(str(file))
                 if str(file) not in self.failed_files:
                     self.failed_files.append(str(file))
-                    LOGGER.warning("cannot read image %s (%s); using another image instead", file, err)
+                    LOGGER.warning("cannot read image %s (%s); using another image instead", file, reason)
                 index = int(self.transform.rng.integers(len(self)))
                 continue
             return image, self.coco.boxes(index) * np.float32(self.ratios[index]), self.coco.classes(index)
@@ -289,7 +291,8 @@ class ValDataset(Dataset):
         try:
             resized = self.source.get(index)  # already at long side imgsz: the letterbox below only pads
         except READ_ERRORS as err:
-            raise DetectorError(f"cannot read image {file} (changed since the scan?): {err}") from err
+            reason = read_failure(err, file)
+            raise DetectorError(f"cannot read image {file} (changed since the scan?): {reason}") from err
         image, extra, pad = letterbox(resized, (int(shape[0]), int(shape[1])))
         ratio = float(self.ratios[index]) * extra
         boxes = self.coco.boxes(index) * np.float32(ratio) + np.float32([pad[0], pad[1], pad[0], pad[1]])

@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from detector.data.image_files import read_rgb
+from detector.data.image_files import read_failure, read_rgb
 from detector.data.loader import READ_ERRORS
 from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
 from detector.data.yolo_txt import format_label_file, normalised_rows
@@ -164,11 +164,11 @@ class Batch:
 
 
 def _read(path: Path) -> np.ndarray | str:
-    """The image, or the reason it could not be read."""
+    """The image, or the reason it could not be read (without the path, which the warning or error names)."""
     try:
         return read_rgb(path)
     except READ_ERRORS as err:
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return read_failure(err, path)
 
 
 def iter_batches(items: Sequence[Path | np.ndarray], batch_size: int, *, skip_unreadable: bool | AbstractSet[str],
