@@ -354,6 +354,7 @@ class Detector:
         the dataset's, or its AP would be meaningless."""
         from detector.data.spec import load_data_spec
         from detector.data.loader import build_val_loader, resolve_worker_priority, resolve_workers
+        from detector.data.scan_cache import scans_cache_dir
         from detector.data.synthetic import ensure_bundled_dataset
 
         data = opts.data or self.train_data
@@ -370,7 +371,8 @@ class Detector:
         if rect != opts.rect:
             LOGGER.info("val: square batches (rect=false): %s was exported at a fixed size", self.weights)
         loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=rect,
-                                  idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names)
+                                  idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names,
+                                  cache_dir=scans_cache_dir())  # a read-only dataset is scanned once, not every val
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)

@@ -1,5 +1,7 @@
 """The scan cache of `detector.data.coco_scan`: one `.npz` of flat arrays (numpy, `allow_pickle=False`: never pickle),
-written atomically beside the json when that folder is writable, else under the run's `cache_dir`.
+written atomically beside the json when that folder is writable, else under `cache_dir` (the trainer, `detector val`
+and `detector data check` pass `scans_cache_dir()`, in the user's cache: never a run folder, which a run refused at
+set-up must not leave behind).
 
 It holds two things, both valid only for the json of the same size and modification time:
 - the per-image checks of every image the json lists (`listed_*`: file name, size + mtime when checked, status,
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from detector.data.user_cache import user_cache_dir
 
 LOGGER = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box)
@@ -59,6 +63,11 @@ def unpack_strings(buffer: np.ndarray, offsets: np.ndarray) -> list[str]:
 
 def string_at(buffer: np.ndarray, offsets: np.ndarray, index: int) -> str:
     return buffer[offsets[index] : offsets[index + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+
+def scans_cache_dir() -> Path | None:
+    """The user's folder for the scan caches of json folders that cannot be written (None without a home)."""
+    return user_cache_dir("scans")
 
 
 def cache_paths(annotations: Path, cache_dir: Path | None) -> list[Path]:

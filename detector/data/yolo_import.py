@@ -39,6 +39,7 @@ from PIL import Image
 from detector.data.coco_scan import NAMED_PER_KIND
 from detector.data.image_files import exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
+from detector.data.user_cache import user_cache_dir
 from detector.errors import DetectorError
 from detector.yamlfile import load_yaml
 
@@ -374,11 +375,12 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 def _cache_folder(source: YoloSource) -> Path:
-    """`<dataset root>/.detector-coco/<yaml stem>-<hash of the YAML's path>`, or under ~/.cache/detector when the
-    dataset folder is not writable."""
+    """`<dataset root>/.detector-coco/<yaml stem>-<hash of the YAML's path>`, or in the user's cache
+    (`user_cache.user_cache_dir`) when the dataset folder is not writable."""
     digest = hashlib.sha1(str(source.yaml_path).encode()).hexdigest()[:10]
     name = f"{source.yaml_path.stem}-{digest}"
-    candidates = [source.root / CACHE_FOLDER / name, Path.home() / ".cache" / "detector" / "yolo-coco" / name]
+    user = user_cache_dir("yolo-coco")
+    candidates = [source.root / CACHE_FOLDER / name, *([user / name] if user is not None else [])]
     for folder in candidates:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,20 @@ def test_data_check_strict_fails_on_anything_skipped(make_data_yaml, tmp_path: P
         data_check(data, strict=True, save_dir=tmp_path / "b", imgsz=64, batches=0)
 
 
+def test_a_refused_check_of_read_only_json_folders_leaves_no_save_dir(make_data_yaml, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan caches went to save_dir when the json folders could not be written: a refused check left it behind."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = make_data_yaml()
+    for split in ("train", "val"):
+        (data.parent / split / ".instances.json.scan-cache.npz").mkdir()  # beside the json: not writable, even as root
+    (data.parent / "val" / "images" / "img001.jpg").unlink()
+    with pytest.raises(DetectorError, match=r"missing image file: .*img001\.jpg"):
+        data_check(data, strict=True, save_dir=tmp_path / "check", imgsz=64, batches=0)
+    assert not (tmp_path / "check").exists()
+    assert len(list((tmp_path / "xdg" / "detector" / "scans").glob("instances-*.scan-cache.npz"))) == 2
+
+
 def test_bench_data_prints_a_table(make_data_yaml, capsys) -> None:
     bench_main(load_options(BenchDataOptions, {"data": str(make_data_yaml()), "imgsz": "64", "workers": "0", "batch": "2", "batches": "2"}))
     out = capsys.readouterr().out

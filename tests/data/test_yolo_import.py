@@ -117,6 +117,25 @@ def test_the_cache_is_reused_until_a_label_changes(tmp_path: Path, caplog: pytes
     assert not list(spec.train.annotations.parent.glob("*.tmp"))
 
 
+def test_a_read_only_dataset_converts_into_the_users_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset folder cannot take `.detector-coco/`: the json goes to $XDG_CACHE_HOME/detector/yolo-coco; with no
+    home either, an error names the dataset's folder and the way out."""
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.25 0.5\n"})
+    (tmp_path / "ds" / ".detector-coco").write_text("a file: no folder can be made here, even as root")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    spec = load_data_spec(path)
+    assert spec.train.annotations.parent.parent == tmp_path / "xdg" / "detector" / "yolo-coco"
+    assert coco_boxes(spec.train.annotations)["a.jpg"] == [(0, (30.0, 15.0, 50.0, 45.0))]
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home(cls) -> Path:  # noqa: ANN001
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    with pytest.raises(DetectorError, match=r"no writable folder for the converted annotations .*detector data convert"):
+        load_data_spec(path)
+
+
 def test_polygon_rows_become_their_box_and_a_missing_label_file_is_a_negative(tmp_path: Path) -> None:
     polygon = "2 0.1 0.2 0.5 0.2 0.3 0.6 0.15 0.4\n"
     path = write_yolo(tmp_path / "ds", {"a": polygon, "b": None, "c": "", "d": "0 0.5 0.5 0.5 0.5\n"})

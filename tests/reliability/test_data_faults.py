@@ -22,6 +22,7 @@ from detector.config import TrainConfig
 from detector.data import coco as coco_module
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_train_loader, build_val_loader
+from detector.data.scan_cache import scans_cache_dir
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.models.builder import build_model
@@ -166,6 +167,30 @@ def test_a_strict_refusal_leaves_no_run_folder(make_data_yaml, tmp_path: Path, c
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"detector train: error: {train_json}: unknown category id: annotation ") and "category_id 42" in line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_refusal_with_read_only_json_folders_leaves_no_run_folder(make_data_yaml, tmp_path: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan cache of a json folder that cannot be written went into the run folder, which a run refused at
+    set-up (here an empty val split) then left behind; it goes to the user's cache folder, where the next scan
+    finds it."""
+    import detector.data.coco_scan as coco_scan
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = make_data_yaml()
+    val_json = data.parent / "val" / "instances.json"
+    val_json.write_text(json.dumps({**json.loads(val_json.read_text()), "annotations": []}))
+    for split in ("train", "val"):
+        (data.parent / split / ".instances.json.scan-cache.npz").mkdir()  # beside the json: not writable, even as root
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    assert main(["train", *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"detector train: error: no labelled images in {val_json}")
+    assert not (tmp_path / "runs").exists()
+    assert len(list((tmp_path / "xdg" / "detector" / "scans").glob("instances-*.scan-cache.npz"))) == 2  # train, val
+    monkeypatch.setattr(coco_scan, "read_json", lambda path: pytest.fail(f"{path} parsed again: no cache found"))
+    assert len(CocoDataset(load_data_spec(data).train, cache_dir=scans_cache_dir())) == 6
 
 
 # ------------------------------------------------------------------------------------------ row 21
