@@ -32,6 +32,7 @@ from detector.version import __version__
 from detector.viz.tables import format_table
 
 DISTRIBUTION = "detector"
+NOT_INSTALLED = "packages: not checked (detector runs from a source tree it was never installed from: bash scripts/install.sh)"
 
 
 def environment(cwd: Path | None = None) -> dict[str, Any]:
@@ -67,7 +68,8 @@ def format_environment(env: dict[str, Any]) -> str:
         lines.append(f"CUDA: no GPU visible ({built})")
     rows = [[p["name"], p["installed"] or "-", p["declared"] + (f" [{p['extra']}]" if p["extra"] else ""), p["status"]]
             for p in env["packages"]]
-    return "\n".join([*lines, "", format_table(["package", "installed", "declared", "status"], rows)])
+    table = format_table(["package", "installed", "declared", "status"], rows) if rows else NOT_INSTALLED
+    return "\n".join([*lines, "", table])
 
 
 def environment_report(output_format: str = "text", cwd: Path | None = None) -> str:
@@ -93,18 +95,27 @@ def _gpu(index: int) -> str:
     return f"{props.name} ({gib(props.total_memory)}, compute capability {props.major}.{props.minor})"
 
 
+class _Collected(logging.Handler):
+    """Keeps the messages it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
 def _logged(logger: logging.Logger) -> Iterator[list[str]]:
     """The messages `logger` emits inside the block, kept from the console and collected instead."""
-    said: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    handler = _Collected()
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        yield said
+        yield handler.messages
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -113,8 +124,12 @@ def _logged(logger: logging.Logger) -> Iterator[list[str]]:
 
 def requirement_rows() -> list[dict[str, str]]:
     """Per requirement pyproject declares: name, installed version ('' if none), the declared range, the extra
-    that brings it ('' for a core dependency) and a status ('ok', or what is wrong and how to mend it)."""
-    extras = importlib.metadata.metadata(DISTRIBUTION).get_all("Provides-Extra") or []
+    that brings it ('' for a core dependency) and a status ('ok', or what is wrong and how to mend it); [] when
+    the package runs from a source tree that was never installed (no metadata declares anything)."""
+    try:
+        extras = importlib.metadata.metadata(DISTRIBUTION).get_all("Provides-Extra") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
     rows = []
     for text in importlib.metadata.requires(DISTRIBUTION) or []:
         requirement = Requirement(text)

@@ -44,6 +44,15 @@ def test_a_missing_or_out_of_range_package_says_how_to_mend_it(monkeypatch: pyte
     assert rows["albumentations"]["status"] == "outside <2.1,>=2.0.6"  # 2.1 is the first AGPL release
 
 
+def test_a_source_tree_never_installed_says_its_packages_were_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_installed(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "metadata", not_installed)
+    assert environment.requirement_rows() == []
+    assert environment.environment_report().splitlines()[-1].startswith("packages: not checked (detector runs from ")
+
+
 def test_the_cpu_row_says_what_amp_auto_picks_and_the_logger_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch,
                                                                               caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx512_bf16": True})
