@@ -354,7 +354,6 @@ class Detector:
         the dataset's, or its AP would be meaningless."""
         from detector.data.spec import load_data_spec
         from detector.data.loader import build_val_loader, resolve_worker_priority, resolve_workers
-        from detector.data.scan_cache import scans_cache_dir
         from detector.data.synthetic import ensure_bundled_dataset
 
         data = opts.data or self.train_data
@@ -371,8 +370,7 @@ class Detector:
         if rect != opts.rect:
             LOGGER.info("val: square batches (rect=false): %s was exported at a fixed size", self.weights)
         loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=rect,
-                                  idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names,
-                                  cache_dir=scans_cache_dir())  # a read-only dataset is scanned once, not every val
+                                  idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names)
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)
@@ -564,4 +562,4 @@ def _read_source(source: str) -> np.ndarray:
     except FileNotFoundError:
         raise DetectorError(f"info: source '{source}' not found") from None
     except READ_ERRORS as err:
-        raise DetectorError(f"info: cannot read image {source} ({read_failure(err, source)})") from None
+        raise DetectorError(f"info: cannot read image {source} ({read_failure(err, Path(source))})") from None

@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,16 @@ def write_coco(
     annotations = root / "instances.json"
     annotations.write_text(json.dumps(data))
     return SplitSpec(images=images_dir, annotations=annotations)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def user_cache_in_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The user's cache folder (XDG_CACHE_HOME: the scan caches of read-only json folders, YOLO conversions) in
+    the session's temporary folder, for every test and the processes they start: the suite never writes into the
+    home of whoever runs it. A test that sets XDG_CACHE_HOME itself overrides it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture

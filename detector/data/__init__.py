@@ -1,2 +1,3 @@
-"""COCO-format data: the scanned dataset (coco.py), augmentation pipelines (transforms.py), loaders (loader.py),
-the bundled synthetic shapes dataset (synthetic.py) and `detector data check` (check.py)."""
+"""COCO-format data: the scanned dataset (coco.py; its checks coco_scan.py, its json reading coco_json.py, its
+cache scan_cache.py), augmentation pipelines (transforms.py), loaders (loader.py), the bundled synthetic shapes
+dataset (synthetic.py), `detector data check` (check.py) and the user's cache folder (user_cache.py)."""

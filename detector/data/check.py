@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detector.data.coco import CocoDataset
-from detector.data.scan_cache import scans_cache_dir
 from detector.viz.tables import format_table
 
 COUNT_BINS = [0, 1, 2, 3, 6, 11, 21, 51]  # boxes per image: 0, 1, 2, 3-5, 6-10, 11-20, 21-50, 51+
@@ -115,7 +114,7 @@ def data_check(
     save_dir = Path(save_dir)
     datasets, report = {}, []
     for split_name, split in (("train", spec.train), ("val", spec.val)):
-        coco = CocoDataset(split, strict=strict, cache_dir=scans_cache_dir(), names=spec.names)
+        coco = CocoDataset(split, strict=strict, names=spec.names)
         datasets[split_name] = coco
         report += [f"[{split_name}] {coco.summary}", "", label_stats(coco, imgsz), ""]
     save_dir.mkdir(parents=True, exist_ok=True)

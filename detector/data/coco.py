@@ -83,7 +83,8 @@ class CocoDataset:
 
     `names` overrides the category names (one per category, in category-id order). Class index i is the i-th
     smallest category id; `category_ids[i]` maps it back. `fraction` < 1 keeps that share of the usable images
-    (`fraction_indices`); the categories stay all of the json's.
+    (`fraction_indices`); the categories stay all of the json's. `cache_dir` takes the scan cache when the json's
+    folder cannot be written (None: the user's cache folder, `scan_cache.scans_cache_dir`).
 
     Storage: a few flat, read-only numpy arrays (`detector.data.scan_cache.RESULT_SCHEMA`): image ids, sizes, file
     sizes, the file names as one string table, the training boxes and classes with per-image offsets, the crowd

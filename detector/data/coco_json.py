@@ -28,7 +28,6 @@ JSON_PARSE_FACTOR = 8
 NUMBER_TYPES = frozenset((int, float))  # json.load's number types, checked exactly (bool is not a number here)
 
 
-
 def check_json_size(path: Path, images_dir: Path) -> None:
     """Before parsing: refuse a JSON whose parsed objects cannot fit in memory (Python's objects take about
     `JSON_PARSE_FACTOR` x the text), and warn when it is far larger than its images could need (COCO's
@@ -75,7 +74,6 @@ def read_json(path: Path) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
 
 
 def parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dict]]:

@@ -60,7 +60,6 @@ _DROPPED_KINDS = (
 _SKIPPED_IMAGE_KINDS = ("missing image file", "unreadable image", f"image under {MIN_IMAGE_SIDE_PX} px")
 
 
-
 @dataclass
 class ScanSummary:
     """Counts of what the scan found; `str()` is the one-screen report, `problems` names every item."""
@@ -121,7 +120,6 @@ class ScanSummary:
         if row:
             lines.append("  classes " + "  ".join(row))
         return "\n".join(lines)
-
 
 
 def scan(annotations: Path, images_dir: Path, cache_dir: Path | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import re
 import struct
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,8 +32,9 @@ def read_failure(err: BaseException, path: Path | str) -> str:
     if isinstance(err, OSError) and err.strerror:  # "[Errno 2] No such file or directory: '<path>'"
         return err.strerror
     first = str(err).splitlines()[0] if str(err) else ""
-    for quoted in (repr(str(path)), str(path)):  # PIL: "cannot identify image file '<path>'"
-        first = first.replace(quoted, "")
+    for spelling in sorted({str(path), str(Path(path))}, key=len, reverse=True):  # './a.jpg' reaches PIL as 'a.jpg'
+        first = first.replace(repr(spelling), "")  # PIL: "cannot identify image file '<path>'"
+        first = re.sub(rf"(?<!\S){re.escape(spelling)}(?!\S)", "", first)  # a whole word only: path 'e' keeps 'error'
     return " ".join(first.split()).rstrip(":") or type(err).__name__
 
 

@@ -1,7 +1,7 @@
 """The scan cache of `detector.data.coco_scan`: one `.npz` of flat arrays (numpy, `allow_pickle=False`: never pickle),
-written atomically beside the json when that folder is writable, else under `cache_dir` (the trainer, `detector val`
-and `detector data check` pass `scans_cache_dir()`, in the user's cache: never a run folder, which a run refused at
-set-up must not leave behind).
+written atomically beside the json when that folder is writable, else under `cache_dir`, by default the user's cache
+folder (`scans_cache_dir`): never a run folder, which a run refused at set-up must not leave behind, and found again
+by every later run, `detector val` and `detector data check` of the same json.
 
 It holds two things, both valid only for the json of the same size and modification time:
 - the per-image checks of every image the json lists (`listed_*`: file name, size + mtime when checked, status,
@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ import numpy as np
 from detector.data.user_cache import user_cache_dir
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box)
+CACHE_VERSION = 4  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box); 4: unreadable-image
+# reasons without the path (image_files.read_failure: a cache of 3 would keep saying the path twice)
 
 # name: (dtype kind, trailing shape) of the per-listed-image checks and of the scan's result
 LISTED_SCHEMA: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -71,8 +73,10 @@ def scans_cache_dir() -> Path | None:
 
 
 def cache_paths(annotations: Path, cache_dir: Path | None) -> list[Path]:
-    """Where the cache may be: beside the json first, then under cache_dir (named by the json's resolved path)."""
+    """Where the cache may be: beside the json first, then under cache_dir (None: the user's, `scans_cache_dir`),
+    named by the json's resolved path."""
     paths = [annotations.parent / f".{annotations.name}.scan-cache.npz"]
+    cache_dir = cache_dir if cache_dir is not None else scans_cache_dir()
     if cache_dir is not None:
         digest = hashlib.sha1(str(annotations.resolve()).encode()).hexdigest()[:12]
         paths.append(Path(cache_dir) / f"{annotations.stem}-{digest}.scan-cache.npz")
@@ -140,7 +144,9 @@ def save_cache(paths: list[Path], meta: dict[str, Any], arrays: dict[str, np.nda
     """Write atomically (temp file + os.replace) to the first writable candidate; no cache is not an error."""
     payload = {**arrays, "meta": np.frombuffer(json.dumps(meta, separators=(",", ":")).encode("utf-8"), np.uint8)}
     for path in paths:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        # host and pid: a name no other writer has (DDP ranks on several hosts may share a home and a pid number);
+        # open(), not mkstemp: the cache of a shared dataset stays readable by its other users (umask, not 0600)
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:

@@ -152,7 +152,6 @@ class Trainer:
         """The dataset YAML (the bundled set generated on first use), the train loader, the class list and (rank 0)
         the val loader."""
         from detector.data.loader import build_train_loader, build_val_loader, resolve_worker_priority, resolve_workers
-        from detector.data.scan_cache import scans_cache_dir
         from detector.data.synthetic import ensure_bundled_dataset
 
         cfg = self.cfg
@@ -164,10 +163,9 @@ class Trainer:
         self.per_rank_batch = max(cfg.batch // self.dist.world_size, 1)
         self.workers = resolve_workers(cfg.workers, batch_size=self.per_rank_batch, local_ranks=self.dist.local_world_size)
         self.idle_workers = resolve_worker_priority(cfg.worker_priority, self.device)
-        scans = scans_cache_dir()  # a read-only json folder's scan cache: never the run folder, made only once set up
         self.train_loader = build_train_loader(
             self.data.train, imgsz=cfg.imgsz, batch_size=self.per_rank_batch, workers=self.workers, hyp=cfg, seed=cfg.seed,
-            strict=cfg.strict, cache_dir=scans, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
+            strict=cfg.strict, cache=cfg.cache, rank=self.dist.rank, world_size=self.dist.world_size,
             local_ranks=self.dist.local_world_size, idle_workers=self.idle_workers, fraction=cfg.fraction,
         )
         self.train_set = self.train_loader.dataset
@@ -183,7 +181,7 @@ class Trainer:
         if self.dist.is_main:  # scanned with the train split: an empty or (strict) faulty val split stops the run before the model
             try:
                 self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
-                                                    strict=cfg.strict, cache_dir=scans, idle_workers=self.idle_workers, names=self.data.names)
+                                                    strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names)
             except DetectorError as err:
                 refused = err
         if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective

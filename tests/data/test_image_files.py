@@ -33,6 +33,15 @@ def test_the_reason_leaves_the_path_out(tmp_path: Path) -> None:
     assert read_failure(OSError(truncated), junk) == truncated
 
 
+def test_a_relative_or_short_path_is_cut_as_a_whole_word(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'./junk.jpg' reaches PIL as 'junk.jpg'; a path that is also a word inside the message ('e') leaves it whole."""
+    monkeypatch.chdir(tmp_path)
+    Path("junk.jpg").write_bytes(b"not an image")
+    assert read_failure(_failure(Path("./junk.jpg")), "./junk.jpg") == "cannot identify image file"
+    assert read_failure(OSError("decoder error -2 when reading image file e"), "e") == (
+        "decoder error -2 when reading image file")
+
+
 def test_the_scan_names_an_unreadable_file_once(make_coco) -> None:
     split = make_coco()
     junk = split.images / "img001.jpg"
