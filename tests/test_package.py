@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -60,10 +59,15 @@ def test_a_wheel_runs_outside_the_checkout(tmp_path: Path) -> None:
         "plots=false", "model=yolo-c2f-n")
     assert (work / "runs" / "train" / "exp" / "weights" / "best.pt").is_file()
     assert "yolo-ca-n" in run("-c", "from detector import Detector; print(Detector('yolo-ca-n').model.name)")
+    report = run("-m", "detector", "env").splitlines()
+    assert report[0].startswith("detector ") and str(venv) in report[0]  # "imported from" the wheel's copy
+    packaging_row = next(line.split() for line in report if line.startswith("packaging "))
+    assert packaging_row[-1] == "ok"  # the wheel's own metadata, which declares packaging
 
 
 def _declared_distributions() -> set[str]:
-    """Normalized names of every requirement in pyproject.toml, core and optional."""
+    """Normalized names of every requirement in pyproject.toml, core and optional (Python 3.11+: tomllib)."""
+    tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
     return {_normalize(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requirements}

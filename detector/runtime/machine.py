@@ -57,10 +57,19 @@ class Machine:
 
 
 def describe_machine() -> Machine:
-    """This machine as it runs now (the intra-op threads as set at the time of the call)."""
-    gpu = ""
-    if torch.cuda.is_available():
+    """This machine as this process runs on it now: the CPUs it may use (taskset and cgroup limits counted), the
+    intra-op threads as set at the time of the call."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return Machine(cpu=cpu_name(), cpus=cpus, isa=torch.backends.cpu.get_cpu_capability(), bf16_units=bf16_units(),
+                   threads=torch.get_num_threads(), torch=torch.__version__, gpu=_gpus())
+
+
+def _gpus() -> str:
+    """'NVIDIA H100', '2 x NVIDIA H100', 'NVIDIA A100, NVIDIA T4'; '' without a GPU or when the driver cannot say."""
+    try:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpu = names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
-    return Machine(cpu=cpu_name(), cpus=os.cpu_count() or 1, isa=torch.backends.cpu.get_cpu_capability(),
-                   bf16_units=bf16_units(), threads=torch.get_num_threads(), torch=torch.__version__, gpu=gpu)
+    except RuntimeError as err:  # a lost GPU or a mismatched driver: the figure's line still prints
+        return f"unknown ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    if len(set(names)) == 1 and len(names) > 1:
+        return f"{len(names)} x {names[0]}"
+    return ", ".join(names)

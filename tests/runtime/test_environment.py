@@ -39,7 +39,7 @@ def test_a_missing_or_out_of_range_package_says_how_to_mend_it(monkeypatch: pyte
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     rows = _rows_by_name()
-    assert rows["onnx"]["installed"] == "" and rows["onnx"]["status"] == "not installed: pip install 'detector[export]'"
+    assert rows["onnx"]["installed"] == "" and rows["onnx"]["status"] == "not installed (the 'export' extra): pip install 'onnx'"
     assert rows["numpy"]["status"] == "not installed: pip install 'numpy>=1.24'"
     assert rows["albumentations"]["status"] == "outside <2.1,>=2.0.6"  # 2.1 is the first AGPL release
 
@@ -51,6 +51,37 @@ def test_a_source_tree_never_installed_says_its_packages_were_not_checked(monkey
     monkeypatch.setattr(importlib.metadata, "metadata", not_installed)
     assert environment.requirement_rows() == []
     assert environment.environment_report().splitlines()[-1].startswith("packages: not checked (detector runs from ")
+
+
+def test_markers_other_than_an_extra_decide_whether_a_requirement_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    requires = ['numpy>=1.24; python_version >= "3"', 'tomli>=2; python_version < "3"', 'onnx; extra == "export"']
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: requires)
+    rows = environment.requirement_rows()
+    assert [(row["name"], row["extra"]) for row in rows] == [("numpy", ""), ("onnx", "export")]  # tomli: not for Python 3
+
+
+def test_a_checkout_pulled_since_its_install_is_told_to_reinstall(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    pytest.importorskip("tomllib")  # Python 3.11+: on 3.10 the check is skipped
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["numpy>=1.24", "Zzz_Pkg>=1"]\n'
+                         '[project.optional-dependencies]\nexport = ["onnx"]\n')
+    monkeypatch.setattr(environment, "PYPROJECT", pyproject)
+    packages = [{"name": "numpy"}, {"name": "onnx"}]
+    assert environment.metadata_lag(packages) == ["zzz-pkg"]  # names compared as pip does (PEP 503)
+    assert environment.metadata_lag([]) == []  # nothing installed: NOT_INSTALLED says so already
+    monkeypatch.setattr(environment, "PYPROJECT", tmp_path / "missing.toml")  # a wheel: no checkout beside it
+    assert environment.metadata_lag(packages) == []
+
+
+def test_a_gpu_that_cannot_be_asked_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def busy(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable\nmore")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", busy)
+    gpu = environment.device_rows()[1]
+    assert gpu == {"device": "cuda:0", "name": "",
+                   "amp_auto": "unknown (CUDA error: all CUDA-capable devices are busy or unavailable)"}
 
 
 def test_the_cpu_row_says_what_amp_auto_picks_and_the_logger_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch,

@@ -62,3 +62,21 @@ def test_describe_machine_names_the_gpus(monkeypatch: pytest.MonkeyPatch) -> Non
     assert machine.describe_machine().gpu == "2 x FakeGPU"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert machine.describe_machine().summary().endswith(", GPU FakeGPU")
+
+
+def test_mixed_gpus_are_each_named_and_a_failing_driver_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: ["NVIDIA A100", "NVIDIA T4"][index])
+    assert machine.describe_machine().gpu == "NVIDIA A100, NVIDIA T4"
+
+    def lost(index=None) -> str:  # noqa: ANN001
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lost)
+    assert machine.describe_machine().gpu == "unknown (CUDA error: unspecified launch failure)"
+
+
+def test_cpus_are_those_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0}, raising=False)  # e.g. under taskset -c 0
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)
+    assert machine.describe_machine().cpus == 1

@@ -291,7 +291,7 @@ def report_header(info: dict[str, Any], opts: RivalsOptions, versions: dict[str,
     """Where and how the table was made: machine, budget, scoring settings."""
     used = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     return (
-        f"{info['summary']}; {info['threads']} threads each side, device {opts.device or 'auto'}"
+        f"{info['summary']} (the threads of each side), device {opts.device or 'auto'}"
         + (f"; {used}" if used else "") + ".\n"
         f"Data {opts.data}: {opts.epochs} epochs, imgsz {opts.imgsz}, batch {opts.batch}, seed {opts.seed}, from scratch. "
         f"Scored by pycocotools on the val json: conf {opts.conf}, NMS IoU {opts.iou} (YOLO26 is NMS-free: its own top-k), "

@@ -86,7 +86,7 @@ def test_main_writes_the_table_and_reuses_finished_rivals(make_data_yaml, tmp_pa
     assert "NMS IoU 0.65" in table and "ultralytics 0.0-test" in table
     threads = len(os.sched_getaffinity(0))  # threads=0: every CPU this process may run on, each side
     named = replace(describe_machine(), threads=threads).summary()
-    assert table.splitlines()[0].startswith(f"{named}; {threads} threads each side, device ")
+    assert table.splitlines()[0].startswith(f"{named} (the threads of each side), device ")
     payload = json.loads((out / "results.json").read_text())
     assert payload["machine"]["summary"] == named and payload["machine"]["threads"] == threads
     assert payload["results"][0]["images_per_s"] == pytest.approx(2 * 6 / 10.0)  # epochs x train images / wall
