@@ -9,6 +9,7 @@ record is written, and flushed, by the call that adds it, so an OSError (disk fu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -39,8 +40,16 @@ class EventFile:
 
     def __init__(self, log_dir: Path) -> None:
         self.path, self._file = _create(log_dir)
-        self._records = RecordWriter(self._file)
-        self._write(Event(file_version="brain.Event:2"))
+        try:
+            self._records = RecordWriter(self._file)
+            self._write(Event(file_version="brain.Event:2"))
+        except OSError as err:  # (a full disk): no empty file left behind, and the error names the file
+            with contextlib.suppress(OSError):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            err.filename = err.filename or str(self.path)
+            raise
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self._write(Event(step=step, summary=scalar(tag, value)))

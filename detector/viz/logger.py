@@ -37,7 +37,7 @@ class RunLogger:
         if tensorboard:
             from detector.viz import event_file  # (imports tensorboard: only when it is used)
 
-            with self._writing(run_dir / "events.out.tfevents"):
+            with self._writing():
                 self.writer = event_file.EventFile(run_dir)
 
     @contextlib.contextmanager
@@ -48,11 +48,14 @@ class RunLogger:
             yield
         except OSError as err:
             self._failed = True
-            raise write_failed(path or self._events_path(), err) from err
+            raise write_failed(path or self._events_path(err), err) from err
 
-    def _events_path(self) -> Path:
-        """The TensorBoard events file (its name holds the time, host and pid), for errors."""
-        return self.writer.path if self.writer is not None else self.run_dir / "events.out.tfevents"
+    def _events_path(self, err: OSError) -> Path:
+        """The TensorBoard events file (its name holds the time, host and pid), for errors: the open one, or the
+        one that failed while being made."""
+        if self.writer is not None:
+            return self.writer.path
+        return Path(err.filename) if err.filename else self.run_dir / "events.out.tfevents"
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop rows of epochs after the checkpoint's (written before a kill, then redone). A header

@@ -75,9 +75,15 @@ def test_plot_results_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> Non
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-def test_tensorboard_reads_the_events_and_a_second_logger_adds_a_file(tmp_path: Path) -> None:
+def test_tensorboard_reads_the_events_and_a_second_logger_adds_a_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two loggers of one run folder in the same second (a resume in the same process) write two files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from detector.viz import event_file
+
+    clock = iter([1_700_000_000.0] * 2 + [1_700_000_000.5] * 1000)  # both files named in one second
+    monkeypatch.setattr(event_file.time, "time", lambda: next(clock))
 
     for step in (1, 2):
         logger = RunLogger(tmp_path)
@@ -115,3 +121,20 @@ def test_a_full_disk_under_the_events_file_is_our_one_error_in_the_call_that_wro
     logger.close()  # the same failure is not raised again
     assert str(info.value) == f"{events}: cannot write (No space left on device)"
     assert capfd.readouterr().err == ""
+
+
+def test_a_full_disk_at_the_first_record_names_the_file_and_leaves_none(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.summary.writer import record_writer
+
+    from detector.viz import event_file
+
+    monkeypatch.setattr(event_file.time, "time", lambda: 1_700_000_000.0)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    with pytest.raises(DetectorError, match=r"/events\.out\.tfevents\.1700000000\.\S+\.\d+\.0: cannot write \(No space"):
+        RunLogger(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the empty events file was removed
