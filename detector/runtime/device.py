@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -81,53 +82,65 @@ def cpu_supports_bf16() -> bool:
     return bool(bf16_units())
 
 
+@dataclass(frozen=True)
+class AmpChoice:
+    """What `amp=` gives on a device: the autocast dtype (None: fp32) and the line that says why ('' for amp=off);
+    `warning`: an explicit choice that is ignored or costs speed."""
+
+    dtype: torch.dtype | None
+    reason: str = ""
+    warning: bool = False
+
+
 def autocast_dtype(device: torch.device, amp: str | bool) -> torch.dtype | None:
     """The `torch.autocast` dtype for `amp` ('auto', 'bf16', 'fp16', 'off', True = auto, False = off), or None.
 
     Call once at set-up: it logs the decision and why.
     """
+    choice = amp_choice(device, amp)
+    if choice.reason:
+        (LOGGER.warning if choice.warning else LOGGER.info)(choice.reason)
+    return choice.dtype
+
+
+def amp_choice(device: torch.device, amp: str | bool) -> AmpChoice:
+    """`autocast_dtype`'s decision without the log line (`detector env` shows it for every device)."""
     choice = {True: "auto", False: "off"}.get(amp, amp) if isinstance(amp, bool) else str(amp).strip().lower()
     if choice not in AMP_CHOICES:
         raise DetectorError(f"amp: '{amp}' is not one of {', '.join(AMP_CHOICES)}")
     if choice == "off":
-        return None
+        return AmpChoice(None)
     if device.type == "cuda":
         return _cuda_amp(device, choice)
     if device.type == "cpu":
         return _cpu_amp(choice)
     if choice == "auto":
-        LOGGER.info("amp: off on %s (auto mixed precision covers CUDA and bf16-capable CPUs)", device)
-        return None
-    return torch.bfloat16 if choice == "bf16" else torch.float16
+        return AmpChoice(None, f"amp: off on {device} (auto mixed precision covers CUDA and bf16-capable CPUs)")
+    return AmpChoice(torch.bfloat16 if choice == "bf16" else torch.float16)
 
 
-def _cuda_amp(device: torch.device, choice: str) -> torch.dtype:
+def _cuda_amp(device: torch.device, choice: str) -> AmpChoice:
     with torch.cuda.device(device):
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     name = torch.cuda.get_device_name(device)
     if choice == "fp16" or (choice == "auto" and not native_bf16):
-        LOGGER.info("amp: fp16 autocast with a gradient scaler on %s (%s)", device, name)
-        return torch.float16
+        return AmpChoice(torch.float16, f"amp: fp16 autocast with a gradient scaler on {device} ({name})")
     if not native_bf16:
         raise DetectorError(f"amp=bf16: {device} ({name}) has no native bf16; use amp=fp16 or amp=auto")
-    LOGGER.info("amp: bf16 autocast on %s (%s)", device, name)
-    return torch.bfloat16
+    return AmpChoice(torch.bfloat16, f"amp: bf16 autocast on {device} ({name})")
 
 
-def _cpu_amp(choice: str) -> torch.dtype | None:
+def _cpu_amp(choice: str) -> AmpChoice:
     fast = cpu_supports_bf16()
     if choice == "fp16":
-        LOGGER.warning("amp=fp16 ignored on the CPU (no speed-up there): training in fp32; amp=bf16 is the CPU option")
-        return None
+        ignored = "amp=fp16 ignored on the CPU (no speed-up there): training in fp32; amp=bf16 is the CPU option"
+        return AmpChoice(None, ignored, warning=True)
     if choice == "bf16":
-        if not fast:
-            LOGGER.warning("amp=bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and much slower than fp32")
-        return torch.bfloat16
+        slow = "" if fast else "amp=bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and much slower than fp32"
+        return AmpChoice(torch.bfloat16, slow, warning=True)
     if fast:
-        LOGGER.info("amp: bf16 autocast on the CPU (AMX/AVX512-BF16 present)")
-        return torch.bfloat16
-    LOGGER.info("amp: off on this CPU (no AMX/AVX512-BF16, so bf16 would be emulated and slower than fp32)")
-    return None
+        return AmpChoice(torch.bfloat16, "amp: bf16 autocast on the CPU (AMX/AVX512-BF16 present)")
+    return AmpChoice(None, "amp: off on this CPU (no AMX/AVX512-BF16, so bf16 would be emulated and slower than fp32)")
 
 
 def device_clock(device: torch.device) -> float:

@@ -10,15 +10,12 @@ is told to reinstall. `format=json` gives the same facts to tools.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import json
-import logging
 import platform
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion
 
 from detector.memory import available_memory_bytes, gib, machine_memory_bytes
-from detector.runtime import device as device_policy
+from detector.runtime.device import amp_choice
 from detector.runtime.machine import describe_machine
 from detector.version import __version__
 from detector.viz.tables import format_table
@@ -102,15 +99,13 @@ def environment_report(output_format: str = "text", cwd: Path | None = None) -> 
 
 
 def device_rows() -> list[dict[str, str]]:
-    """The CPU and each GPU, with what amp=auto picks on it, as `autocast_dtype` logs it when training starts."""
+    """The CPU and each GPU, with what amp=auto picks on it: the line training logs when it starts there."""
     devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     rows = []
     for device in devices:
         try:
-            with _logged(device_policy.LOGGER) as said:
-                device_policy.autocast_dtype(device, "auto")
+            amp = amp_choice(device, "auto").reason.removeprefix("amp: ")
             name = "" if device.type == "cpu" else _gpu(device.index)
-            amp = "; ".join(s.removeprefix("amp: ") for s in said)
         except RuntimeError as err:  # a GPU that is busy (exclusive mode), lost or on a mismatched driver
             name, amp = "", f"unknown ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         rows.append({"device": str(device), "name": name, "amp_auto": amp})
@@ -120,33 +115,6 @@ def device_rows() -> list[dict[str, str]]:
 def _gpu(index: int) -> str:
     props = torch.cuda.get_device_properties(index)
     return f"{props.name} ({gib(props.total_memory)}, compute capability {props.major}.{props.minor})"
-
-
-class _Collected(logging.Handler):
-    """Keeps the messages it is handed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _logged(logger: logging.Logger) -> Iterator[list[str]]:
-    """The messages `logger` emits inside the block, kept from the console and collected instead."""
-    handler = _Collected()
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def requirement_rows() -> list[dict[str, str]]:
