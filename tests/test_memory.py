@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,56 @@ def test_val_and_predict_hold_the_heap_of_their_process(monkeypatch, tmp_path: P
     with pytest.raises(DetectorError, match="missing.yaml"):  # held before the data is even read
         detector.val(data=str(tmp_path / "missing.yaml"), project=str(tmp_path))
     assert calls == [1, 1]
+
+
+def _fake_proc(monkeypatch, root: Path, files: dict[str, str]) -> None:
+    """memory reads /proc/... from root/proc/..., which holds `files` (path -> text); any other path is missing."""
+    for name, text in files.items():
+        (root / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / name.lstrip("/")).write_text(text)
+    real_path, real_listdir = memory.Path, os.listdir
+    monkeypatch.setattr(memory, "Path", lambda p: real_path(root) / str(p).lstrip("/"))
+    monkeypatch.setattr(memory.os, "listdir", lambda p: real_listdir(root / str(p).lstrip("/")))
+
+
+def test_process_memory_reads_rss_pss_and_private_pages_from_smaps_rollup(monkeypatch, tmp_path: Path) -> None:
+    """smaps_rollup's first line is the mapping range; its fields are kB: USS = Private_Clean + Private_Dirty."""
+    rollup = ("00400000-7fff0000 ---p 00000000 00:00 0    [rollup]\nRss:  1000 kB\nPss:  600 kB\n"
+              "Private_Clean:  100 kB\nPrivate_Dirty:  300 kB\n")
+    _fake_proc(monkeypatch, tmp_path, {"/proc/42/smaps_rollup": rollup})
+    assert memory.process_memory(42) == {"rss": 1000 * 1024, "uss": 400 * 1024, "pss": 600 * 1024}
+    assert memory.process_memory(43) == {"rss": 0, "uss": 0, "pss": 0}  # unreadable: zeros
+
+
+def test_peak_rss_is_vmhwm_not_the_current_rss(monkeypatch, tmp_path: Path) -> None:
+    """peak_rss_bytes is /proc/<pid>/status's VmHWM (kB), 0 where it cannot be read."""
+    status = "Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n"
+    _fake_proc(monkeypatch, tmp_path, {"/proc/9/status": status})
+    assert memory.peak_rss_bytes(9) == 2048 * 1024
+    assert memory.peak_rss_bytes(10) == 0
+
+
+def test_child_pids_of_every_thread_sorted_once(monkeypatch, tmp_path: Path) -> None:
+    """/proc/<pid>/task/<tid>/children of each thread, merged: a child listed twice counts once, in pid order."""
+    _fake_proc(monkeypatch, tmp_path, {"/proc/5/task/5/children": "30 10", "/proc/5/task/6/children": "10 20"})
+    assert memory.child_pids(5) == [10, 20, 30]
+
+
+def test_gib_is_binary_gigabytes() -> None:
+    """gib() divides by 2**30 and groups thousands."""
+    assert memory.gib(3 * 2**30) == "3.0 GiB" and memory.gib(1536 * 2**30) == "1,536.0 GiB"
+
+
+def test_hold_freed_heap_fails_when_either_threshold_is_refused(monkeypatch) -> None:
+    """mallopt returns 0 for a value it refuses: the heap is held only when both thresholds took."""
+    for refused in (-3, -1):
+        monkeypatch.setattr(memory, "_MALLOPT", lambda param, value, refused=refused: int(param != refused))
+        assert not memory.hold_freed_heap()
+
+
+def test_trim_heap_asks_glibc_to_keep_no_pad(monkeypatch) -> None:
+    """trim_heap calls malloc_trim(0): release all free memory at the heap's top."""
+    calls = []
+    monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    memory.trim_heap()
+    assert calls == [0]

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +463,102 @@ def test_val_from_a_checkpoint(tmp_path: Path) -> None:
         val("", data=data_yaml)
     with pytest.raises(DetectorError, match="split"):
         val(weights, data=data_yaml, split="test")
+
+
+# --------------------------------------------------------------------------------------------------
+# what `run` reports besides the metrics, and its guards
+
+
+def test_a_loader_without_a_coco_dataset_is_refused() -> None:
+    """A loader whose dataset is not (and has no .coco) CocoDataset is a TypeError naming what is needed."""
+    with pytest.raises(TypeError, match="needs a val loader whose dataset is .* a CocoDataset"):
+        Evaluator([{"images": torch.zeros(1, 3, IMGSZ, IMGSZ, dtype=torch.uint8)}])
+
+
+def test_a_loader_that_yields_no_batch_is_an_error() -> None:
+    """An empty val loader is a DetectorError, not a crash inside the concatenation of no rows."""
+    data = {**coco_json(), "images": []}
+    model = TargetsAsPredictions(len(CATEGORIES))
+    with pytest.raises(DetectorError, match="the val loader yielded no images"):
+        Evaluator(FeedTargets(FakeLoader(data), model)).run(model)
+
+
+@pytest.mark.parametrize("nc", [2, 4])
+def test_a_model_with_fewer_or_more_classes_than_the_dataset_is_an_error(nc: int) -> None:
+    """A class-count mismatch is refused in both directions."""
+    loader, _ = fake_setup()
+    with pytest.raises(DetectorError, match=f"{nc} classes but the dataset has 3"):
+        Evaluator(loader).run(TargetsAsPredictions(nc))
+
+
+def test_first_batch_is_the_loaders_first_batch() -> None:
+    """first_batch (val_batch0.jpg, samples) is the loader's first batch with its detections."""
+    loader, model = fake_setup()
+    images, targets, dets = Evaluator(loader).run(model).first_batch
+    first = next(iter(FakeLoader(coco_json())))
+    assert len(images) == len(dets) == 4  # the second batch holds the last 2 images
+    assert torch.equal(targets, first["targets"])
+    assert [len(d) for d in dets] == [2, 2, 1, 0]  # non-crowd boxes of images 1, 2, 3, 5
+
+
+def test_max_det_caps_the_detections_of_each_image() -> None:
+    """max_det=1 keeps one detection per image."""
+    loader, model = fake_setup()
+    rows = Evaluator(loader, max_det=1).run(model).rows
+    assert sorted(rows[:, 0].astype(int).tolist()) == [1, 2, 3, 8]  # the images with ground truth: 2, 2, 1, 3 boxes
+
+
+def test_save_json_false_writes_the_metrics_only(tmp_path: Path) -> None:
+    """save_json=False leaves predictions.json out; metrics.json is still written."""
+    loader, model = fake_setup()
+    save_results(Evaluator(loader).run(model), tmp_path, save_json=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+class SlowForward(TargetsAsPredictions):
+    """TargetsAsPredictions whose forward takes at least `seconds` (a sleep): a known share of the run's time."""
+
+    def __init__(self, nc: int, seconds: float) -> None:
+        super().__init__(nc)
+        self.seconds = seconds
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return super().forward(images)
+
+
+def test_speed_is_milliseconds_per_image_of_each_stage() -> None:
+    """speed_ms is ms per image of four stages timed apart: they add up to at most the run's wall time."""
+    # 6 images in 2 batches, each forward sleeping 0.5 s: inference is at least 1000 ms / 6 per image
+    model = SlowForward(len(CATEGORIES), seconds=0.5)
+    evaluator = Evaluator(FeedTargets(FakeLoader(coco_json()), model))
+    start = time.perf_counter()
+    speed = evaluator.run(model).speed_ms
+    wall_ms = 1000 * (time.perf_counter() - start)
+    assert set(speed) == {"preprocess", "inference", "nms", "metric"}
+    assert speed["inference"] >= 1000 / 6
+    assert sum(speed.values()) * 6 <= wall_ms
+
+
+class CountingForward(TargetsAsPredictions):
+    """TargetsAsPredictions with one output level of stride 32 that records the size of every input it gets."""
+
+    def __init__(self, nc: int) -> None:
+        super().__init__(nc)
+        self.register_buffer("stride", torch.tensor([32.0]))
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(images.shape[-2:]))
+        return super().forward(images)
+
+
+def test_augment_runs_the_three_test_time_passes_per_batch() -> None:
+    """augment=True runs each batch through the three TTA passes; without it, one pass."""
+    # scales 1, 0.83 and 0.67 of 128 px, padded to stride 32: 128, int(106.24) = 106 -> 128, int(85.76) = 85 -> 96
+    model = CountingForward(len(CATEGORIES))
+    Evaluator(FeedTargets(FakeLoader(coco_json()), model), augment=True).run(model)
+    assert model.sizes == [(128, 128), (128, 128), (96, 96)] * 2
+    model.sizes.clear()
+    Evaluator(FeedTargets(FakeLoader(coco_json()), model)).run(model)
+    assert model.sizes == [(128, 128)] * 2

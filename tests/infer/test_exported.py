@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,106 @@ def test_openvino_ir_predicts_as_its_checkpoint_from_the_folder_or_the_xml(weigh
         got = detector.predict(image, conf=0.001)[0]
         np.testing.assert_allclose(got["boxes_xyxy"], expected["boxes_xyxy"], atol=1e-2)
         np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-4)
+
+
+# ---- the wrapper and the metadata checks on their own (no runtime: `run` is a stand-in)
+
+META = {"names": '["a", "b"]', "category_ids": "[3, 5]", "stride": "32", "imgsz": "64"}
+
+
+def test_what_counts_as_an_exported_model(tmp_path: Path) -> None:
+    """.onnx and .xml in any case, and a folder (not a file) named <stem>_openvino_model."""
+    from detector.infer.exported import is_exported
+
+    (tmp_path / "best_openvino_model").mkdir()
+    (tmp_path / "file_openvino_model").write_bytes(b"")
+    assert is_exported("best.onnx") and is_exported("BEST.ONNX") and is_exported("model.XML")
+    assert is_exported(tmp_path / "best_openvino_model")
+    assert not is_exported(tmp_path / "file_openvino_model") and not is_exported(tmp_path / "gone_openvino_model")
+    assert not is_exported("best.pt")
+
+
+def test_the_wrapper_takes_name_classes_stride_and_training_data_from_the_metadata(tmp_path: Path) -> None:
+    """name, names, category_ids, stride, imgsz and train_data come from the metadata; name falls back to the stem."""
+    from detector.infer.exported import ExportedModel, _check_metadata
+
+    meta = _check_metadata({**META, "model": "yolo-ca-n", "train_data": "data/shapes.yaml"}, tmp_path / "m.onnx")
+    model = ExportedModel(lambda x: x, meta, None, tmp_path / "m.onnx")
+    assert (model.name, model.names, model.category_ids, model.nc, model.imgsz) == ("yolo-ca-n", ["a", "b"], [3, 5], 2, 64)
+    assert model.train_data == "data/shapes.yaml" and model.stride.tolist() == [32.0]
+    bare = ExportedModel(lambda x: x, _check_metadata(META, tmp_path / "m.onnx"), None, tmp_path / "m.onnx")
+    assert (bare.name, bare.train_data) == ("m", "")  # no 'model' key: the file's stem
+
+
+def test_a_fixed_size_graph_gets_its_input_padded_bottom_right_in_the_letterbox_grey(tmp_path: Path) -> None:
+    """A smaller input is padded at the bottom and right with 114 / 255 to a fixed graph's size, its pixels unmoved."""
+    from detector.infer.exported import ExportedModel, _check_metadata
+
+    seen = []
+    model = ExportedModel(lambda x: seen.append(x) or np.zeros((1, 2, 7)), _check_metadata(META, tmp_path / "m.onnx"),
+                          (64, 64), tmp_path / "m.onnx")
+    images = torch.rand(1, 3, 48, 32, generator=torch.Generator().manual_seed(0))
+    assert model(images).shape == (1, 2, 7)
+    (graph_input,) = seen
+    assert graph_input.shape == (1, 3, 64, 64) and graph_input.dtype == np.float32
+    np.testing.assert_array_equal(graph_input[..., :48, :32], images.numpy())
+    grey = np.float32(114 / 255)
+    assert (graph_input[..., 48:, :] == grey).all() and (graph_input[..., :, 32:] == grey).all()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("names", "[]", "metadata 'names' must be a non-empty list of strings"),
+    ("category_ids", "[true, 5]", "metadata 'category_ids' must be 2 integers, one per name"),
+    ("stride", "0", "metadata 'stride' must be a positive integer, got '0'"),
+    ("imgsz", "64.0", "metadata 'imgsz' must be a positive integer, got '64.0'"),
+    ("stride", "thirty-two", "metadata 'stride' is not JSON: 'thirty-two'"),
+    ("imgsz", None, "no 'imgsz' in its metadata: not written by `detector export`"),
+])
+def test_bad_metadata_is_refused_naming_the_file_and_key(tmp_path: Path, key: str, value: str | None, message: str) -> None:
+    """Missing, non-JSON, empty, bool or non-positive metadata is a DetectorError naming the file and the key."""
+    from detector.infer.exported import _check_metadata
+
+    raw = {k: v for k, v in {**META, key: value}.items() if v is not None}
+    with pytest.raises(DetectorError, match=f"m.onnx: {re.escape(message)}"):
+        _check_metadata(raw, tmp_path / "m.onnx")
+
+
+def tiny_onnx(path: Path, *, output: str = "output", hw: tuple[int, int] | tuple[str, str] = (48, 64)) -> Path:
+    """A one-node ONNX graph (a Flatten of the images) with `detector export`'s metadata, its output named `output`
+    and its input of height and width `hw` (ints: a fixed size; names: dynamic)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], [output], axis=2)], "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, *hw])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for key, value in META.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_file_is_read_for_its_fixed_size_and_must_have_the_raw_output(tmp_path: Path) -> None:
+    """A fixed graph's (H, W) is read from its input; a graph without the raw 'output' is refused, naming its outputs."""
+    from detector.infer.exported import load_exported
+
+    assert load_exported(tiny_onnx(tmp_path / "fixed.onnx")).static_hw == (48, 64)
+    assert load_exported(tiny_onnx(tmp_path / "dynamic.onnx", hw=("height", "width"))).static_hw is None
+    with pytest.raises(DetectorError, match=r"other.onnx: no 'output' among its outputs \(boxes\): not written by"):
+        load_exported(tiny_onnx(tmp_path / "other.onnx", output="boxes"))
+
+
+def test_onnxruntime_runs_on_as_many_threads_as_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The onnxruntime session gets torch's intra-op thread count."""
+    import onnxruntime as ort
+
+    threads, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, options, **kw: threads.append(options.intra_op_num_threads)
+                        or real(path, options, **kw))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    from detector.infer.exported import load_exported
+
+    load_exported(tiny_onnx(tmp_path / "m.onnx"))
+    assert threads == [3]

@@ -230,13 +230,13 @@ def test_symlinked_images_keep_their_own_names(tmp_path: Path) -> None:
 
 def test_a_file_of_any_suffix_is_drawn_and_no_files_write_an_empty_json(tmp_path: Path) -> None:
     """A file named directly may have a suffix PIL cannot write (or none): its drawing is a PNG under its name."""
-    for name in ("frame", "shot.dat"):
+    for name in ("frame", "shot.dat", "scan.psd"):  # .psd: a format PIL reads but cannot write
         Image.fromarray(rect_image()).save(tmp_path / name, format="PNG")
     predictor = Predictor(BrightBoxModel(), imgsz=128, conf=0.25)
-    results = predict_source(predictor, [tmp_path / "frame", tmp_path / "shot.dat"], tmp_path / "out", names=["a", "b"],
-                             category_ids=[4, 9])
-    assert len(results) == 2
-    for name in ("frame", "shot.dat"):
+    results = predict_source(predictor, [tmp_path / "frame", tmp_path / "shot.dat", tmp_path / "scan.psd"], tmp_path / "out",
+                             names=["a", "b"], category_ids=[4, 9])
+    assert len(results) == 3
+    for name in ("frame", "shot.dat", "scan.psd"):
         with Image.open(tmp_path / "out" / name) as drawn:
             assert drawn.format == "PNG" and drawn.size == (200, 90)
     assert predict_source(predictor, [], tmp_path / "none", names=["a", "b"], category_ids=[4, 9]) == []
@@ -267,3 +267,162 @@ def test_draw_detections_takes_a_reversed_channel_view() -> None:
     det = torch.tensor([[50.0, 20.0, 150.0, 60.0, 0.9, 1.0]])
     np.testing.assert_array_equal(draw_detections(image[..., ::-1], det, ["a", "b"]),
                                   draw_detections(np.ascontiguousarray(image[..., ::-1]), det, ["a", "b"]))
+
+
+def test_a_double_star_glob_descends_any_number_of_folders(tmp_path: Path) -> None:
+    """`**` in a glob source is recursive: it finds an image three folders down (a plain `*` matches one)."""
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "deep.png").write_bytes(b"x")
+    assert [p.name for p in list_images(str(tmp_path / "**" / "*.png"))] == ["deep.png"]
+
+
+@pytest.mark.parametrize("array", [np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 4), np.uint8),
+                                   np.zeros((4, 4, 3), np.float32), np.zeros(12, np.uint8)])
+def test_a_malformed_image_array_is_refused_naming_it(array: np.ndarray) -> None:
+    """Only (H, W, 3) uint8 arrays of at least one pixel pass: empty, 4-channel, float and flat ones are errors."""
+    from detector.infer.predictor import check_image_array
+
+    with pytest.raises(DetectorError, match=r"images\[3\]: expected an \(H, W, 3\) uint8 RGB array"):
+        check_image_array(array, "images[3]")
+
+
+def test_a_gray_array_is_repeated_to_three_channels() -> None:
+    """An (H, W) uint8 array is taken as gray: its one channel repeated to three."""
+    from detector.infer.predictor import check_image_array
+
+    gray = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    rgb = check_image_array(gray, "images[0]")
+    assert rgb.shape == (2, 3, 3) and all((rgb[..., c] == gray).all() for c in range(3))
+
+
+def test_imgsz_below_the_stride_and_classes_outside_the_model_are_refused() -> None:
+    """imgsz must reach the largest stride (32); `classes` must be indices 0..nc-1 (nc = 2 here)."""
+    with pytest.raises(DetectorError, match="imgsz must be at least the model stride 32, got 16"):
+        Predictor(BrightBoxModel(), imgsz=16)
+    assert Predictor(BrightBoxModel(), imgsz=32).imgsz == 32
+    for bad in (2, -1):
+        with pytest.raises(DetectorError, match=rf"classes: {bad} is not a class index of this model \(0..1\)"):
+            Predictor(BrightBoxModel(), imgsz=64, classes=[0, bad])
+    assert Predictor(BrightBoxModel(), imgsz=64, classes=[1, 0]).classes == [1, 0]
+
+
+class OneBoxTwoClasses(torch.nn.Module):
+    """One box at (32, 32, 16, 16) on a stride-32 grid, objectness 1, class scores 0.9 and 0.8; records its inputs."""
+
+    nc = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("stride", torch.tensor([32.0]))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        return torch.tensor([[32.0, 32.0, 16.0, 16.0, 1.0, 0.9, 0.8]]).expand(len(x), 1, 7)
+
+
+def test_each_box_is_kept_once_with_its_best_class() -> None:
+    """Predictor rows are one per box, its best class (validation keeps one per class above conf)."""
+    (det,) = Predictor(OneBoxTwoClasses(), imgsz=64, conf=0.25)([np.zeros((64, 64, 3), np.uint8)])
+    assert det[:, 4:].tolist() == [[pytest.approx(0.9), 0.0]]
+
+
+def test_augment_runs_the_three_test_time_passes() -> None:
+    """augment=True runs the image through the three TTA passes; without it, one pass."""
+    model = OneBoxTwoClasses()  # scales 1, 0.83, 0.67 of 128 px padded to stride 32: 128, 106 -> 128, 85 -> 96
+    Predictor(model, imgsz=128, augment=True)([np.zeros((128, 128, 3), np.uint8)])
+    assert model.sizes == [(128, 128), (128, 128), (96, 96)]
+    model.sizes.clear()
+    Predictor(model, imgsz=128)([np.zeros((128, 128, 3), np.uint8)])
+    assert model.sizes == [(128, 128)]
+
+
+def test_batches_hold_only_readable_images_and_skipped_files_are_listed(tmp_path: Path) -> None:
+    """A batch whose files are all unreadable is not yielded (no empty forward); the skipped files are listed."""
+    from detector.infer.predictor import iter_batches
+
+    bad = [tmp_path / "bad1.jpg", tmp_path / "bad2.jpg"]
+    for path in bad:
+        path.write_bytes(b"not an image")
+    Image.fromarray(rect_image()).save(tmp_path / "ok.png")
+    skipped: list[str] = []
+    batches = list(iter_batches([*bad, tmp_path / "ok.png"], 2, skip_unreadable=True, skipped=skipped))
+    assert [b.files for b in batches] == [[str(tmp_path / "ok.png")]]
+    assert skipped == [str(p) for p in bad]
+
+
+def test_the_progress_bar_counts_files_skipped_after_the_last_readable_one(tmp_path: Path, capsys) -> None:
+    """The bar ends at the file count when the last batches hold only unreadable files (3/3, not 1/3)."""
+    Image.fromarray(rect_image()).save(tmp_path / "a.png")
+    for name in ("b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    predictor = Predictor(BrightBoxModel(), imgsz=128)
+    predict_source(predictor, list_images(tmp_path), tmp_path / "out", names=["a", "b"], category_ids=[1, 2], batch_size=1)
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_the_skip_warning_names_five_files_and_counts_the_rest(tmp_path: Path, caplog) -> None:
+    """The skip summary names the first five unreadable files and counts the rest ('and 2 more' of seven)."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rect_image()).save(tmp_path / "in" / "ok.png")
+    for i in range(7):
+        (tmp_path / "in" / f"bad{i}.jpg").write_bytes(b"not an image")
+    predictor = Predictor(BrightBoxModel(), imgsz=128)
+    predict_source(predictor, list_images(tmp_path / "in"), tmp_path / "out", names=["a", "b"], category_ids=[1, 2])
+    shown = ", ".join(str(tmp_path / "in" / f"bad{i}.jpg") for i in range(5))
+    assert f"predict: 7 unreadable file(s) skipped: {shown} and 2 more" in caplog.text
+
+
+def test_class_colours_are_distinct_golden_ratio_hues() -> None:
+    """Class colours are HSV hues spaced by the golden ratio: 80 classes, 80 different colours."""
+    from detector.infer.predictor import class_colour
+
+    assert class_colour(0) == (242, 36, 36)  # hue 0, saturation 0.85, value 0.95: (0.95, 0.1425, 0.1425) * 255
+    assert len({class_colour(i) for i in range(80)}) == 80
+
+
+def test_labels_are_black_on_light_colours_and_white_on_dark_ones() -> None:
+    """A label is black on a light class colour (sum past 380) and white on a dark one."""
+    # class 2's colour (156, 242, 36) sums to 434: black text; class 0's (242, 36, 36) to 314: white text
+    from detector.infer.predictor import draw_detections
+
+    grey = np.full((1280, 1280, 3), 128, np.uint8)  # a 26 px font: solid strokes
+    pixels = {c: draw_detections(grey, torch.tensor([[100.0, 100.0, 600.0, 600.0, 0.9, c]]), ["a", "b", "c"]).reshape(-1, 3)
+              for c in (0, 2)}
+    assert (pixels[2] == 0).all(1).any() and not (pixels[2] == 255).all(1).any()
+    assert (pixels[0] == 255).all(1).any() and not (pixels[0] == 0).all(1).any()
+
+
+def test_box_lines_are_one_pixel_per_320_of_the_long_side() -> None:
+    """Box lines are round(long side / 320) px wide, inside the box: 4 px on a 1280 px image."""
+    from detector.infer.predictor import class_colour, draw_detections
+
+    drawn = draw_detections(np.zeros((1280, 1280, 3), np.uint8), torch.tensor([[100.0, 100.0, 600.0, 600.0, 0.9, 0.0]]), ["a"])
+    edge = (drawn[400, 90:110] == class_colour(0)).all(1)
+    assert np.flatnonzero(edge).tolist() == [10, 11, 12, 13]  # columns 100..103
+
+
+def test_drawn_jpegs_are_saved_at_quality_95(tmp_path: Path) -> None:
+    """Drawn JPEGs are written at quality 95."""
+    # libjpeg scales its base luminance table (DC step 16) by 200 - 2 * 95 = 10 %: (16 * 10 + 50) // 100 = 2
+    Image.fromarray(rect_image()).save(tmp_path / "rect.jpg", quality=100)
+    predict_source(Predictor(BrightBoxModel(), imgsz=128), [tmp_path / "rect.jpg"], tmp_path / "out", names=["a", "b"],
+                   category_ids=[1, 2])
+    with Image.open(tmp_path / "out" / "rect.jpg") as drawn:
+        assert drawn.quantization[0][0] == 2
+
+
+def test_a_box_that_covers_no_pixel_writes_no_crop(tmp_path: Path) -> None:
+    """A box that covers no pixel (0 px wide: x1 = x2 = 40) writes no crop file; the other box's is written."""
+    from detector.infer.predictor import SavedFiles
+
+    class TwoBoxes(OneBoxTwoClasses):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows = torch.tensor([[32.0, 32.0, 16.0, 16.0, 1.0, 0.9, 0.1], [40.0, 40.0, 0.0, 8.0, 1.0, 0.8, 0.1]])
+            return rows.expand(len(x), 2, 7)
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "img.png")
+    predict_source(Predictor(TwoBoxes(), imgsz=64, iou=0.99), [tmp_path / "img.png"], tmp_path / "out", names=["a", "b"],
+                   category_ids=[1, 2], saved=SavedFiles(images=False, crops=True))
+    assert sorted(p.name for p in (tmp_path / "out" / "crops" / "a").iterdir()) == ["img_0.png"]

@@ -64,3 +64,30 @@ def test_a_tracker_box_is_never_counted_for_two_objects() -> None:
     tracked = [frame((7, 0)), frame((7, 30)), frame((7, 1))]
     m = mot_metrics(truth, tracked)
     assert (m["misses"], m["false_positives"]) == (1, 0)
+
+
+def boxes_frame(*objects: tuple[int, list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, boxes) from (id, [x1, y1, x2, y2]) pairs."""
+    return np.array([i for i, _ in objects], np.int64), np.array([b for _, b in objects], float).reshape(-1, 4)
+
+
+FULL, HALF = [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]  # IoU exactly 50 / 100 = 0.5
+
+
+def test_a_kept_correspondence_at_exactly_min_iou_is_kept() -> None:
+    """A correspondence whose IoU falls to exactly min_iou is kept (no switch) and counts for IDF1."""
+    # object 1 matched to tracker 7 in frame 0; in frame 1 tracker 7 overlaps it by exactly 0.5 and tracker 8 sits on it:
+    # the pair is kept and 8 is a false positive. IDF1: 1-7 overlap in both frames, 1-8 in one: IDTP 2, 2 * 2 / (2 + 3)
+    truth = [boxes_frame((1, FULL))] * 2
+    tracked = [boxes_frame((7, FULL)), boxes_frame((7, HALF), (8, FULL))]
+    m = mot_metrics(truth, tracked, min_iou=0.5)
+    assert (m["id_switches"], m["false_positives"], m["misses"]) == (0, 1, 0)
+    assert m["IDF1"] == pytest.approx(0.8)
+
+
+def test_a_sequence_without_truth_boxes_scores_its_tracker_boxes_as_false_positives() -> None:
+    """Without truth boxes every tracker box is a false positive, and nothing divides by zero."""
+    # no truth, two tracker boxes: MOTA = 1 - 2 / max(0, 1) = -1, IDF1 = 0 / 2 = 0
+    m = mot_metrics([frame(), frame()], [frame((7, 0)), frame((7, 1))])
+    assert (m["truth_boxes"], m["tracker_boxes"], m["false_positives"], m["misses"]) == (0, 2, 2, 0)
+    assert m["MOTA"] == -1.0 and m["IDF1"] == 0.0

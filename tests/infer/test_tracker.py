@@ -184,3 +184,26 @@ def test_a_lost_track_stops_growing_so_its_object_is_found_again_at_its_last_siz
 
     frames = [square(20 + 10 * f) for f in range(8)] + [det()] * 16 + [square(90)]
     assert list(run(ByteTracker(high=0.5, buffer=30), frames)[-1].values()) == [1]
+
+
+def test_kalman_noise_is_deepsorts_scaled_by_the_box_height() -> None:
+    """Initial and process noise are DeepSORT's: 1/20 (positions) and 1/160 (velocities) of the box height."""
+    # a new 40 px tall track: position std 2 * 40 / 20 = 4, velocity std 10 * 40 / 160 = 2.5, aspect 1e-2, its velocity 1e-5
+    mean, cov = kalman.initiate(np.array([[50.0, 60.0, 0.5, 40.0]]))
+    np.testing.assert_array_equal(mean, [[50.0, 60.0, 0.5, 40.0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(np.diag(cov[0]), [16, 16, 1e-4, 16, 6.25, 6.25, 1e-10, 6.25], rtol=1e-12)
+    # one step ahead: F P F^T (positions gain their velocity's variance, P_pv = P_vv) plus Q of std
+    # 40 / 20 = 2 (positions), 1e-2 (aspect), 40 / 160 = 0.25 (velocities), 1e-5 (aspect velocity)
+    _, moved = kalman.predict(mean, cov)
+    position = 16 + 6.25 + 2**2
+    np.testing.assert_allclose(np.diag(moved[0]), [position, position, 1e-4 + 1e-10 + 1e-4, position,
+                                                   6.25 + 0.25**2, 6.25 + 0.25**2, 2e-10, 6.25 + 0.25**2], rtol=1e-12)
+    np.testing.assert_allclose(moved[0, 0, 4], 6.25, rtol=1e-12)  # position-velocity covariance
+
+
+def test_kalman_takes_a_box_without_height() -> None:
+    """A zero-height box is measured with height 1e-6 (a finite aspect ratio, no division by zero)."""
+    with np.errstate(divide="raise", invalid="raise"):
+        xyah = kalman.xyxy_to_xyah(np.array([[10.0, 20.0, 30.0, 20.0]]))
+    assert xyah[0, 0] == 20.0 and xyah[0, 1] == pytest.approx(20.0, abs=1e-3)
+    assert xyah[0, 2] == pytest.approx(20 / 1e-6) and xyah[0, 3] == 1e-6

@@ -69,3 +69,93 @@ def test_a_conv_row_without_p_keeps_the_size_or_divides_it_by_its_stride(k: int,
     (k = s) divides exactly (YOLOv5's k // 2 would give 13 and 7 for the k=2 and k=4 rows)."""
     conv = blocks.Conv(3, 4, k, s, d=d)
     assert conv(torch.zeros(1, 3, 24, 24)).shape == (1, 4, out, out)
+
+
+# ---- each block's forward written out with its own submodules
+
+
+def _eval(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return module.eval()
+
+
+def test_a_bottleneck_adds_its_input_only_when_asked_and_the_widths_match() -> None:
+    """Bottleneck = x + cv2(cv1(x)) with shortcut and equal widths, else cv2(cv1(x))."""
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        same = _eval(blocks.Bottleneck(8, 8, shortcut=True))
+        torch.testing.assert_close(same(x), x + same.cv2(same.cv1(x)))
+        plain = _eval(blocks.Bottleneck(8, 8, shortcut=False))
+        torch.testing.assert_close(plain(x), plain.cv2(plain.cv1(x)))
+        assert not blocks.Bottleneck(8, 16, shortcut=True).add
+
+
+def test_c2f_chains_its_bottlenecks_on_the_last_chunk_and_concatenates_every_one() -> None:
+    """cv2(cat(a, b, m0(b), m1(m0(b)))) where (a, b) = cv1(x).chunk(2)."""
+    c2f = _eval(C2f(8, 8, n=2))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        a, b = c2f.cv1(x).chunk(2, 1)
+        first = c2f.m[0](b)
+        torch.testing.assert_close(c2f(x), c2f.cv2(torch.cat([a, b, first, c2f.m[1](first)], 1)))
+
+
+def test_sppf_is_three_chained_max_pools_of_its_kernel() -> None:
+    """cv2(cat(y, p(y), p(p(y)), p(p(p(y))))) with p a k x k stride-1 max-pool padded k // 2, y = cv1(x)."""
+    x = torch.randn(1, 8, 9, 9)
+    for k in (3, 5):
+        sppf = _eval(blocks.SPPF(8, 8, k))
+        pool = lambda t: torch.nn.functional.max_pool2d(t, k, 1, k // 2)  # noqa: E731
+        with torch.no_grad():
+            y = sppf.cv1(x)
+            torch.testing.assert_close(sppf(x), sppf.cv2(torch.cat([y, pool(y), pool(pool(y)), pool(pool(pool(y)))], 1)))
+
+
+def test_fusing_a_conv_twice_keeps_its_output() -> None:
+    """Conv.fuse folds the BN once; a second call (a model fused again) changes nothing."""
+    conv = _eval(blocks.Conv(3, 4, 3))
+    with torch.no_grad():
+        conv.bn.running_mean.uniform_(-1, 1)
+        x = torch.randn(1, 3, 8, 8)
+        expected = conv(x)
+        conv.fuse()
+        conv.fuse()
+        assert isinstance(conv.bn, torch.nn.Identity)
+        torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_explicit_padding_is_used_as_given() -> None:
+    """A Conv row's p= replaces autopad: p=2 on a 3x3 kernel grows 24 px to 24 + 2 * 2 - 2 = 26."""
+    assert blocks.Conv(3, 4, 3, 1, p=2)(torch.zeros(1, 3, 24, 24)).shape == (1, 4, 26, 26)
+
+
+def test_set_batchnorm_sets_every_batchnorm_and_leaves_a_none_alone() -> None:
+    """Every _BatchNorm (2d and 1d) gets eps and momentum, 0 included; None keeps the value; the count is returned."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm2d(2))
+    assert blocks.set_batchnorm(model, eps=0.01, momentum=0.0) == 3
+    assert [(m.eps, m.momentum) for m in model if not isinstance(m, torch.nn.LayerNorm)] == [(0.01, 0.0)] * 3
+    blocks.set_batchnorm(model, eps=None, momentum=0.5)
+    assert [(m.eps, m.momentum) for m in model if not isinstance(m, torch.nn.LayerNorm)] == [(0.01, 0.5)] * 3
+
+
+def test_blocks_use_yolov5s_batchnorm_settings() -> None:
+    """YOLOv5's BatchNorm2d(eps=0.001, momentum=0.03), in every norm of a built model."""
+    from detector.models.builder import build_model
+
+    norms = [m for m in build_model("yolo-ca-n", nc=3).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all((m.eps, m.momentum) == (1e-3, 0.03) for m in norms)
+
+
+@pytest.mark.parametrize("scale", [64, 0, True, "2"])
+def test_an_upsample_scale_outside_0_32_or_not_a_number_is_refused(scale: object) -> None:
+    """An Upsample row's scale must be a number in (0, 32]: 64, 0, a bool and a string are refused; 32 is taken."""
+    with pytest.raises(ValueError, match=r"scale_factor must be a number in \(0, 32\]"):
+        blocks.Upsample(8, scale)
+    assert blocks.Upsample(8, 32).scale_factor == 32.0
+
+
+def test_concat_rows_join_along_the_channels_only() -> None:
+    """A Concat row joins along the channels (1 or -3) only: the builder adds up channel counts."""
+    with pytest.raises(ValueError, match="dim must be 1"):
+        Concat([8, 8], dim=0)
+    assert Concat([8, 8], dim=-3).dim == -3

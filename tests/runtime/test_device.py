@@ -208,3 +208,52 @@ def test_unwrap_model() -> None:
     assert dev.unwrap_model(inner) is inner
     assert dev.unwrap_model(nn.DataParallel(inner)) is inner
     assert dev.unwrap_model(_Compiled(nn.DataParallel(inner))) is inner
+
+
+# ------------------------------------------------------------------------------------------ round 3 gaps
+
+
+@pytest.mark.parametrize(("spec", "rank", "expected"), [(" cuda: 1 ", None, "cuda:1"), ("0, 1", "1", "cuda:1"), ("cuda", "1", "cuda:1")])
+def test_spaces_inside_a_spec_and_cuda_under_torchrun(two_gpus: None, monkeypatch: pytest.MonkeyPatch, spec: str,
+                                                      rank: str | None, expected: str) -> None:
+    """Spaces anywhere in the value are ignored; 'cuda' under torchrun is the GPU at LOCAL_RANK."""
+    if rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", rank)
+    assert dev.select_device(spec) == torch.device(expected)
+
+
+def test_the_gpu_index_equal_to_the_count_is_missing(two_gpus: None) -> None:
+    """Two GPUs are 0 and 1: '2' is named as not found."""
+    with pytest.raises(DetectorError, match=r"device '2': CUDA device 2 not found \(this machine has 2: 0..1\)"):
+        dev.select_device("2")
+
+
+def test_mps_is_taken_only_where_it_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=mps is refused where torch reports no MPS, and taken where it does."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DetectorError, match="device 'mps': Apple MPS is not available"):
+        dev.select_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert dev.select_device("MPS") == torch.device("mps")
+
+
+def test_a_gpu_that_only_emulates_bf16_gets_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reports bf16 on pre-Ampere GPUs when emulation counts; amp=auto asks for native units and picks fp16."""
+    _cuda_model(monkeypatch, bf16=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert dev.autocast_dtype(GPU, "auto") == torch.float16
+
+
+def test_other_devices_take_an_explicit_bf16() -> None:
+    """On a device other than CUDA and the CPU, amp=bf16 is bf16 (not fp16)."""
+    assert dev.autocast_dtype(torch.device("mps"), "bf16") == torch.bfloat16
+
+
+def test_the_clock_waits_for_a_gpu_and_not_for_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device_clock synchronises a CUDA device before reading the time, and never the CPU."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    dev.device_clock(CPU)
+    assert synced == []
+    dev.device_clock(GPU)
+    assert synced == [GPU]
