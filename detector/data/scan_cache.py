@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.data.user_cache import user_cache_dir
+from detector.data.user_cache import mark_used, prune_unused, user_cache_dir
 
 LOGGER = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box); 4: unreadable-image
@@ -47,6 +47,7 @@ RESULT_SCHEMA: dict[str, tuple[str, tuple[int, ...]]] = {
     "crowd_area": ("f", ()), "crowd_order": ("i", ()),
 }
 STATUS = ("ok", "corrupt", "missing")  # listed_status codes
+CACHE_SUFFIX = ".scan-cache.npz"
 
 
 def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,11 +76,11 @@ def scans_cache_dir() -> Path | None:
 def cache_paths(annotations: Path, cache_dir: Path | None) -> list[Path]:
     """Where the cache may be: beside the json first, then under cache_dir (None: the user's, `scans_cache_dir`),
     named by the json's resolved path."""
-    paths = [annotations.parent / f".{annotations.name}.scan-cache.npz"]
+    paths = [annotations.parent / f".{annotations.name}{CACHE_SUFFIX}"]
     cache_dir = cache_dir if cache_dir is not None else scans_cache_dir()
     if cache_dir is not None:
         digest = hashlib.sha1(str(annotations.resolve()).encode()).hexdigest()[:12]
-        paths.append(Path(cache_dir) / f"{annotations.stem}-{digest}.scan-cache.npz")
+        paths.append(Path(cache_dir) / f"{annotations.stem}-{digest}{CACHE_SUFFIX}")
     return paths
 
 
@@ -121,8 +122,9 @@ def _consistent(arrays: dict[str, np.ndarray]) -> bool:
 
 def load_cache(paths: list[Path], key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """(meta, arrays) of the first cache whose meta matches `key` (version, json size + mtime, images folder) and
-    whose arrays have the expected names, types and lengths; a stale, foreign or unreadable cache counts as none."""
-    for path in paths:
+    whose arrays have the expected names, types and lengths; a stale, foreign or unreadable cache counts as none.
+    A cache found under the cache folder (not beside the json) is marked used, so pruning keeps it."""
+    for index, path in enumerate(paths):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
@@ -136,14 +138,17 @@ def load_cache(paths: list[Path], key: dict[str, Any]) -> tuple[dict[str, Any], 
             continue
         for a in arrays.values():
             a.flags.writeable = False
+        if index:
+            mark_used(path)
         return meta, arrays
     return None
 
 
 def save_cache(paths: list[Path], meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temp file + os.replace) to the first writable candidate; no cache is not an error."""
+    """Write atomically (temp file + os.replace) to the first writable candidate; no cache is not an error. A cache
+    written to the cache folder removes the caches there that no scan used for `user_cache.UNUSED_DAYS` days."""
     payload = {**arrays, "meta": np.frombuffer(json.dumps(meta, separators=(",", ":")).encode("utf-8"), np.uint8)}
-    for path in paths:
+    for index, path in enumerate(paths):
         # host and pid: a name no other writer has (DDP ranks on several hosts may share a home and a pid number);
         # open(), not mkstemp: the cache of a shared dataset stays readable by its other users (umask, not 0600)
         tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
@@ -152,6 +157,8 @@ def save_cache(paths: list[Path], meta: dict[str, Any], arrays: dict[str, np.nda
             with open(tmp, "wb") as f:
                 np.savez(f, **payload)
             os.replace(tmp, path)
+            if index:  # the temp files of killed writers too
+                prune_unused(path.parent, f"*{CACHE_SUFFIX}*", keep=path)
             return
         except OSError as err:
             LOGGER.debug("scan cache not written to %s: %s", path, err)

@@ -39,7 +39,7 @@ from PIL import Image
 from detector.data.coco_scan import NAMED_PER_KIND
 from detector.data.image_files import exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
-from detector.data.user_cache import user_cache_dir
+from detector.data.user_cache import prune_unused, user_cache_dir
 from detector.errors import DetectorError
 from detector.yamlfile import load_yaml
 
@@ -376,7 +376,8 @@ def _stat(path: Path) -> tuple[int, int]:
 
 def _cache_folder(source: YoloSource) -> Path:
     """`<dataset root>/.detector-coco/<yaml stem>-<hash of the YAML's path>`, or in the user's cache
-    (`user_cache.user_cache_dir`) when the dataset folder is not writable."""
+    (`user_cache.user_cache_dir`) when the dataset folder is not writable; the probe written there marks the folder
+    used, and the conversions there that no run used for `user_cache.UNUSED_DAYS` days are removed."""
     digest = hashlib.sha1(str(source.yaml_path).encode()).hexdigest()[:10]
     name = f"{source.yaml_path.stem}-{digest}"
     user = user_cache_dir("yolo-coco")
@@ -387,6 +388,8 @@ def _cache_folder(source: YoloSource) -> Path:
             probe = folder / f".probe.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            if user is not None and folder.parent == user:
+                prune_unused(user, "*", keep=folder)
             return folder
         except OSError as err:
             LOGGER.debug("yolo conversion cache not in %s: %s", folder, err)

@@ -136,6 +136,29 @@ def test_a_read_only_dataset_converts_into_the_users_cache(tmp_path: Path, monke
         load_data_spec(path)
 
 
+def test_conversions_in_the_users_cache_that_no_run_used_for_long_are_removed(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversion into the user's cache removes the conversions there unused for UNUSED_DAYS days, keeps a young
+    one, and its own folder stays however old it was: using it marks it used."""
+    import time
+
+    from detector.data.user_cache import UNUSED_DAYS
+
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.25 0.5\n"})
+    (tmp_path / "ds" / ".detector-coco").write_text("a file: no folder can be made here, even as root")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    own = load_data_spec(path).train.annotations.parent
+    users = own.parent
+    old = time.time() - (UNUSED_DAYS + 1) * 86400
+    for name in ("gone-0123456789", own.name):
+        (users / name).mkdir(exist_ok=True)
+        os.utime(users / name, (old, old))
+    (users / "young-0123456789").mkdir()
+    load_data_spec(path)
+    assert sorted(p.name for p in users.iterdir()) == sorted([own.name, "young-0123456789"])
+    assert time.time() - own.stat().st_mtime < 86400
+
+
 def test_polygon_rows_become_their_box_and_a_missing_label_file_is_a_negative(tmp_path: Path) -> None:
     polygon = "2 0.1 0.2 0.5 0.2 0.3 0.6 0.15 0.4\n"
     path = write_yolo(tmp_path / "ds", {"a": polygon, "b": None, "c": "", "d": "0 0.5 0.5 0.5 0.5\n"})
