@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,23 +24,61 @@ from PIL import Image
 
 from detector.data.spec import SplitSpec
 
-IN_ISOLATION = "DETECTOR_TEST_ISOLATED"  # set in the child process of an `isolated` test
+IN_ISOLATION = "DETECTOR_TEST_ISOLATED"  # set in the child process of the `isolated` tests
+ISOLATED_REPORT = "DETECTOR_TEST_ISOLATED_REPORT"  # where that child writes each test's outcome (JSON lines)
+ISOLATED_OUTCOMES = pytest.StashKey[dict[str, dict[str, str]]]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run an `isolated` test in a fresh pytest process and report its outcome here. The full suite's process
-    died with SIGSEGV (a freed lock, at a pipe's close in a later test) after DataLoader workers, then OpenVINO and
-    onnxruntime sessions, then an in-process training had run in it; each part alone, and pairs, ran clean."""
+    """Report an `isolated` test's outcome from a fresh pytest process that runs all of this session's isolated
+    tests, once: native runtimes (OpenVINO, onnxruntime) then share that process only with one another. The full
+    suite's process died with SIGSEGV (a freed lock, at a pipe's close in a later test) after DataLoader workers,
+    then OpenVINO and onnxruntime sessions, then an in-process training had run in it; each part alone, and pairs,
+    ran clean. One process for the lot, not one per test: each start costs about 13 s of imports on 2 cores."""
     if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get(IN_ISOLATION):
         return None
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
-    proc = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env={**os.environ, IN_ISOLATION: "1"},
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"isolated run of {pyfuncitem.nodeid} exited {proc.returncode}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}",
+    outcomes = pyfuncitem.session.stash.get(ISOLATED_OUTCOMES, None)
+    if outcomes is None:
+        outcomes = _run_isolated(pyfuncitem.session)
+        pyfuncitem.session.stash[ISOLATED_OUTCOMES] = outcomes
+    outcome = outcomes.get(pyfuncitem.nodeid)
+    if outcome is None:
+        pytest.fail(f"the isolated run reported nothing for {pyfuncitem.nodeid}:\n{outcomes.get('', {}).get('text', '')}",
                     pytrace=False)
+    if outcome["outcome"] == "skipped":
+        pytest.skip(outcome["text"])
+    if outcome["outcome"] != "passed":
+        pytest.fail(f"isolated run of {pyfuncitem.nodeid} {outcome['outcome']}:\n{outcome['text']}", pytrace=False)
     return True
+
+
+def _run_isolated(session: pytest.Session) -> dict[str, dict[str, str]]:
+    """nodeid -> {outcome, text} of every selected `isolated` test, run in one child pytest process; key '' holds
+    the child's output tail (what explains a test it never reported, after a crash)."""
+    nodeids = [item.nodeid for item in session.items if item.get_closest_marker("isolated") is not None]
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "outcomes.jsonl"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids]
+        proc = subprocess.run(cmd, cwd=session.config.rootpath, capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, IN_ISOLATION: "1", ISOLATED_REPORT: str(report)})
+        lines = report.read_text().splitlines() if report.exists() else []
+    outcomes = {"": {"outcome": "error", "text": f"exit {proc.returncode}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"}}
+    for line in lines:
+        row = json.loads(line)
+        if row["outcome"] != "passed" or row["nodeid"] not in outcomes:  # a failed setup or teardown wins over a pass
+            outcomes[row["nodeid"]] = {"outcome": row["outcome"], "text": row["text"]}
+    return outcomes
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In the isolated child: append each phase's outcome (setup, call, teardown) to the parent's report file."""
+    path = os.environ.get(ISOLATED_REPORT)
+    if path and (report.when == "call" or report.outcome != "passed"):
+        text = report.longreprtext if report.outcome == "failed" else (str(report.longrepr[2]) if report.skipped else "")
+        with open(path, "a") as f:
+            f.write(json.dumps({"nodeid": report.nodeid, "outcome": report.outcome, "text": text[-6000:]}) + "\n")
+
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
 SIZES_WH = [(96, 64), (64, 96), (80, 80), (120, 72), (72, 120), (100, 60)]
@@ -105,6 +144,21 @@ def user_cache_in_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+    """overfit_run(model) -> tiny_run.OverfitRun, trained once per model a session (about a minute each)."""
+    from tiny_run import overfit
+
+    runs: dict[str, Any] = {}
+
+    def get(model: str) -> Any:
+        if model not in runs:
+            runs[model] = overfit(tmp_path_factory.mktemp(f"overfit-{model}"), model)
+        return runs[model]
+
+    return get
 
 
 @pytest.fixture

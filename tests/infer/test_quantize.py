@@ -273,24 +273,13 @@ def test_int8_refusals_name_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_trained_model_keeps_its_ap_through_int8(tmp_path: Path, capsys) -> None:
+def test_a_trained_model_keeps_its_ap_through_int8(overfit_run, tmp_path: Path, capsys) -> None:
     """A model overfit on 8 images: its INT8 file scores within 0.05 AP50 of its fp32 file on those images, so
     the quantization keeps what the model learnt (a broken scale or a quantized decode loses it all). Its fp32
     export with NMS is checked on its training images, where the in-graph NMS keeps boxes at the default conf."""
     from detector.api import Detector
-    from detector.data.synthetic import generate_shapes_dataset
-    from detector.train.trainer import train
-    from tiny_run import make_config
 
-    generate_shapes_dataset(tmp_path / "d", seed=7, n_train=8, n_val=8, imgsz=128)
-    same = tmp_path / "d" / "same.yaml"
-    same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
-                    "val: {images: train/images, annotations: train/instances_train.json}\n")
-    no_aug = {k: "0" for k in ("mosaic", "mixup", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "shear", "fliplr")}
-    cfg = make_config(same, tmp_path, model="yolo-ca-n", epochs="80", nbs="8", optimizer="AdamW", lr0="0.002",
-                      momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
-    train(cfg)
-    trained = Detector(tmp_path / "exp" / "weights" / "best.pt")
+    trained = Detector(overfit_run("yolo-ca-n").run_dir / "weights" / "best.pt")
     capsys.readouterr()
     trained.export(out=str(tmp_path / "nms.onnx"), nms=True)  # checked on its training images at conf 0.25
     checks = [line for line in export_lines(capsys) if "(NMS, " in line]

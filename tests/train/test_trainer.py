@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from detector.config import TrainConfig, load_train_config
-from detector.data.synthetic import generate_shapes_dataset
 from detector.data.transforms import to_model_input
 from detector.errors import DetectorError, TrainingDiverged
 from detector.runtime.checkpoint import load_checkpoint
@@ -335,23 +334,16 @@ def test_build_keeps_the_set_up_run_out_of_the_collector_and_close_gives_it_back
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["yolo-ca-n", "yolo-ca-n-v5head"])
-def test_overfits_eight_images(tmp_path: Path, model: str):
-    """~100 optimizer steps on 8 images (no augmentation, val = train) cut the loss several times over and then
+def test_overfits_eight_images(overfit_run, model: str):
+    """~120 optimizer steps on 8 images (no augmentation, val = train) cut the loss several times over and then
     detect those objects, with either head and its loss. Also guards eval-mode BatchNorm statistics keeping up
     with fast-moving weights."""
-    generate_shapes_dataset(tmp_path / "d", seed=7, n_train=8, n_val=8, imgsz=128)
-    same = tmp_path / "d" / "same.yaml"
-    same.write_text("train: {images: train/images, annotations: train/instances_train.json}\n"
-                    "val: {images: train/images, annotations: train/instances_train.json}\n")
-    no_aug = {k: "0" for k in ("mosaic", "mixup", "hsv_h", "hsv_s", "hsv_v", "translate", "scale", "shear", "fliplr")}
-    cfg = make_config(same, tmp_path, model=model, epochs="120", nbs="8", optimizer="AdamW", lr0="0.002",
-                      momentum="0.9", warmup_bias_lr="0", warmup_min_iters="10", val_interval="1000", **no_aug)
-    metrics = train(cfg)
-    rows = read_results(tmp_path / "exp")
+    run = overfit_run(model)
+    rows = read_results(run.run_dir)
     first = sum(float(rows[0][f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss"))
     last = sum(float(rows[-1][f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss"))
-    assert last < first / 3
-    assert metrics["AP50"] > 0.8
+    assert len(rows) == 120 and last < first / 3
+    assert run.metrics["AP50"] > 0.8
 
 
 @pytest.mark.parametrize(("amp", "precision"), [("bf16", torch.bfloat16), ("off", None)])
