@@ -51,23 +51,27 @@ def test_without_torchrun_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) -> 
         assert not job.enabled and not job.owns_group and not dist.is_initialized()
 
 
-def _vote(rank: int, store_file: str, votes: list[bool], out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=len(votes))
+VOTES = [[True, True], [True, False], [False, True]]
+
+
+def _vote(rank: int, store_file: str, out_file: str) -> None:
+    """Each of VOTES in turn through one process group: rank r votes votes[r]."""
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
-        info = DistInfo(rank=rank, local_rank=rank, world_size=len(votes), local_world_size=len(votes))
-        agreed = all_ranks_true(info, torch.tensor(votes[rank]))
-        torch.save(agreed, f"{out_file}.{rank}")
+        info = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2)
+        torch.save([all_ranks_true(info, torch.tensor(votes[rank])) for votes in VOTES], f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("votes", [[True, True], [True, False], [False, True]])
-def test_all_ranks_true_is_the_same_verdict_on_every_rank(tmp_path, votes: list[bool]) -> None:
+def test_all_ranks_true_is_the_same_verdict_on_every_rank(tmp_path) -> None:
     """Two real gloo ranks: one rank's False is every rank's False (the fp16 step outcome they must agree on)."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "agreed"
-    mp.spawn(_vote, args=(str(tmp_path / "store"), votes, str(out)), nprocs=2)
-    agreed = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
-    assert [a.dtype for a in agreed] == [torch.bool] * 2 and [bool(a) for a in agreed] == [all(votes)] * 2
+    mp.spawn(_vote, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    for rank in range(2):
+        agreed = torch.load(f"{out}.{rank}", weights_only=True)
+        assert [a.dtype for a in agreed] == [torch.bool] * 3
+        assert [bool(a) for a in agreed] == [True, False, False]  # all(votes) of each of VOTES
     assert all_ranks_true(DistInfo(), torch.tensor(False)).item() is False  # one process: its own flag
