@@ -47,7 +47,7 @@ def split_stats(annotations: Path, images_dir: Path) -> dict[str, Any]:
         "images": len(images),
         "objects": int(counts.sum()),
         "objects_per_image": {"mean": float(counts.mean()) if len(counts) else 0.0,
-                              "min": int(counts.min(initial=0)), "max": int(counts.max(initial=0))},
+                              "min": int(counts.min()) if len(counts) else 0, "max": int(counts.max(initial=0))},
         "sqrt_area_histogram": _size_histogram(areas),
         "coco_size_share": {
             "small": float((areas < COCO_SMALL_PX2).sum() / n),
