@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from detector.config import load_options
-from detector.data.check import data_check
+from detector.data.check import PALETTE, data_check, draw_batch, label_stats
+from detector.data.coco import CocoDataset
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
 from detector.runtime.machine import describe_machine
@@ -25,6 +28,51 @@ def test_data_check_prints_statistics_and_saves_previews(make_data_yaml, tmp_pat
     assert [p.name for p in pngs] == ["train_batch0.png", "train_batch1.png"]
     assert Image.open(pngs[0]).size == (4 * 64, 64)
     assert "[val] scan of" in (tmp_path / "check" / "check.txt").read_text()
+
+
+def _three_boxes(data: dict) -> None:
+    """Image 0 (128 x 64) gets a 32 x 32 and a 16 x 4 box, image 1 (128 x 128) a 96 x 96 one, image 2 none."""
+    boxes = {data["images"][0]["id"]: [[0, 0, 32, 32], [8, 8, 16, 4]], data["images"][1]["id"]: [[0, 0, 96, 96]]}
+    data["annotations"] = [{"id": 100 + k, "image_id": image_id, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+                            "iscrowd": 0}
+                           for k, (image_id, box) in enumerate((i, b) for i, bs in boxes.items() for b in bs)]
+
+
+def test_label_stats_bins_are_half_open_and_count_in_percent(make_coco) -> None:
+    """A value on a bin edge counts in the bin that starts there, as the labels [lo, hi) and '>= lo' say."""
+    coco = CocoDataset(make_coco(sizes_wh=[(128, 64), (128, 128), (32, 32)], mutate=_three_boxes))
+    text = label_stats(coco, 128)  # long sides are 128 already: sizes are the boxes' own
+    lines = text.splitlines()
+
+    def rows(title: str) -> list[list[str]]:
+        """The rows of the table under the line starting with `title`, split on 2+ spaces."""
+        start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 3  # title, header, dashes
+        end = start
+        while end < len(lines) and (lines[end][:1].isdigit() or lines[end].startswith(">=")):
+            end += 1
+        return [re.split(r"\s{2,}", line.strip()) for line in lines[start:end]]
+
+    # boxes per image 2, 1, 0: bins 0, 1, 2 hold one image each (integer bins labelled by their one value)
+    assert rows("boxes per image") == [["0", "1", "33.3"], ["1", "1", "33.3"], ["2", "1", "33.3"]]
+    # sqrt(w * h) = 32, 8, 96: on the edges 8 and 32; the empty bin before the first is left out, inner ones kept
+    assert rows("box size") == [["8 - 16", "1", "33.3"], ["16 - 32", "0", "0.0"], ["32 - 64", "1", "33.3"],
+                                ["64 - 128", "1", "33.3"]]
+    assert rows("box aspect ratio") == [["1 - 2", "2", "66.7"], ["2 - 4", "0", "0.0"], [">= 4", "1", "33.3"]]  # 1, 4, 1
+    # areas 1024 = 32^2 (medium, as in COCOeval), 64 (small), 9216 = 96^2 (large)
+    assert re.search(r"^small \(< 32\^2 px\)\s+1\nmedium\s+1\nlarge \(>= 96\^2 px\)\s+1$", text, re.MULTILINE)
+
+
+def test_draw_batch_tiles_the_images_left_to_right_with_their_boxes(tmp_path: Path) -> None:
+    """Two images in a grid of up to four columns: one row of two tiles, each image in its own tile."""
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    images[0, 0], images[1, 2] = 255, 255  # red, blue
+    targets = torch.tensor([[1, 1, 0.5, 0.5, 0.5, 0.5]])  # image 1, class 1: x 4..12, y 4..12 px
+    draw_batch({"images": images, "targets": targets}, ["a", "b"], tmp_path / "grid.png", columns=4)
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    assert grid.size == (32, 16)  # columns = min(4, 2 images)
+    assert grid.getpixel((8, 8)) == (255, 0, 0) and grid.getpixel((16 + 2, 8)) == (0, 0, 255)
+    assert grid.getpixel((16 + 4, 8)) == PALETTE[1]  # the box's left edge, in its class colour
+    assert grid.getpixel((0, 0)) == grid.getpixel((16, 15)) == (255, 255, 255)  # each tile's white frame
 
 
 def test_data_check_strict_fails_on_anything_skipped(make_data_yaml, tmp_path: Path) -> None:

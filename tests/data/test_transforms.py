@@ -4,6 +4,7 @@ seeding, border rounding."""
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from detector.data.transforms import (
     RandomHSV,
     TrainTransform,
     build_train_compose,
+    clip_and_filter,
     letterbox,
     letterbox_batch,
     mixup,
@@ -140,6 +142,11 @@ def test_seeded_flips_are_independent() -> None:
         compose(image=np.zeros((32, 32, 3), np.uint8), bboxes=np.zeros((0, 4)), class_labels=np.zeros(0))
         decisions.append((bool(compose.transforms[2].params), bool(compose.transforms[3].params)))
     assert len(set(decisions)) == 4
+    up_down = build_train_compose(32, replace(hyp, fliplr=0.0, flipud=1.0, shear=0.0))  # each flip its own probability
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:8, :8] = 255  # a top-left corner
+    out = up_down(image=image, bboxes=np.array([[0.0, 0.0, 8.0, 8.0]]), class_labels=np.zeros(1))
+    assert (out["image"][24:, :8] == 255).all() and np.allclose(out["bboxes"], [[0, 24, 8, 32]])  # bottom-left
 
 
 def test_border_rounding_never_raises() -> None:
@@ -187,6 +194,16 @@ def test_hsv_gains() -> None:
 
 
 
+def test_hsv_gains_are_drawn_on_both_sides_of_1() -> None:
+    """Each gain is uniform in [1 - g, 1 + g]: an image gets duller or darker as often as more vivid or brighter."""
+    hsv = RandomHSV(0.015, 0.7, 0.4)
+    hsv.set_random_state(np.random.default_rng(0), random.Random(0))
+    gains = np.array([hsv.get_params()["gains"] for _ in range(200)])
+    limits = np.array([0.015, 0.7, 0.4])
+    assert (gains >= 1 - limits).all() and (gains <= 1 + limits).all()
+    assert ((gains < 1).mean(0) > 0.35).all() and ((gains > 1).mean(0) > 0.35).all()
+
+
 def test_hsv_maps_each_channel_by_its_own_gain() -> None:
     """Against the per-channel definition in numpy: H * gh mod 180, S * gs and V * gv clipped to 255."""
     rng = np.random.default_rng(1)
@@ -220,6 +237,14 @@ def test_letterbox_inverse_maps_back_within_half_a_pixel(size_wh: tuple[int, int
     found = torch.tensor([[cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2]])
     back = unletterbox_boxes(found, ratio, pad, (h, w))
     assert torch.allclose(back, torch.tensor([[x1, y1, x2, y2]], dtype=back.dtype), atol=0.5), back
+
+
+def test_an_odd_padding_leaves_its_extra_pixel_at_the_right_and_bottom() -> None:
+    """As YOLOv5's letterbox: pad_left = floor(total / 2), so a fixed graph sees the same pixels as `predict`."""
+    out, ratio, pad = letterbox(np.zeros((10, 9, 3), np.uint8), (10, 10))  # 1 px of padding in x
+    assert (ratio, pad) == (1.0, (0, 0)) and (out[:, 9] == FILL).all() and (out[:, :9] == 0).all()
+    out, ratio, pad = letterbox(np.zeros((7, 10, 3), np.uint8), (10, 10))  # 3 px in y: 1 above, 2 below
+    assert (ratio, pad) == (1.0, (0, 1)) and (out[[0, 8, 9]] == FILL).all() and (out[1:8] == 0).all()
 
 
 @pytest.mark.parametrize("size_hw", [(1, 2000), (2000, 1), (3, 900)])
@@ -256,6 +281,17 @@ def test_letterbox_batch_is_channels_last_with_the_pixels_of_each_image() -> Non
     left, top = pads[0]
     assert batch.is_contiguous(memory_format=torch.channels_last) and batch.shape == (1, 3, 64, 64) and left == 12
     assert torch.equal(batch[0, :, top:top + 64, left:left + 40], torch.from_numpy(image).permute(2, 0, 1))
+    wide, _, _ = letterbox_batch([np.zeros((50, 100, 3), np.uint8)], 64, 32)  # 32 x 64 once scaled
+    assert wide.shape == (1, 3, 32, 64)  # each axis to its own stride multiple, not a square
+
+
+def test_a_box_keeping_exactly_min_visibility_of_its_area_stays() -> None:
+    """The limits are inclusive: 2 px wide and MIN_VISIBILITY = 0.2 of the area inside are kept, less is dropped."""
+    boxes = np.array([[-8.0, 0.0, 2.0, 10.0], [-8.5, 0.0, 1.5, 10.0], [-9.0, 5.0, 3.0, 6.0], [-17.0, 0.0, 3.0, 10.0]])
+    kept, classes = clip_and_filter(boxes, np.array([0, 1, 2, 3]), 10, 10)
+    # 2 x 10 = 20% of 100 px^2: kept; 1.5 px wide: dropped; 3 x 1 = 25% of 12 px^2 but 1 px high: dropped;
+    # 3 x 10 = 15% of 200 px^2: dropped
+    assert kept.tolist() == [[0.0, 0.0, 2.0, 10.0]] and classes.tolist() == [0]
 
 
 def test_mosaic4_drops_a_box_cut_under_2_px_wide_even_when_most_of_it_is_visible() -> None:

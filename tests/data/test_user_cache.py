@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from detector.data import user_cache
 from detector.data.coco import CocoDataset
 from detector.data.scan_cache import scans_cache_dir
-from detector.data.user_cache import UNUSED_DAYS, mark_used, prune_unused
+from detector.data.user_cache import UNUSED_DAYS, mark_used, prune_unused, user_cache_dir
 
 DAY = 86400.0
 
@@ -37,14 +38,39 @@ def test_entries_unused_past_the_limit_go_and_the_rest_stay(tmp_path: Path) -> N
     _age(tmp_path / "old-dir.npz", UNUSED_DAYS + 1)
     _file(tmp_path / "old.npz", UNUSED_DAYS + 1)
     _file(tmp_path / "young.npz", UNUSED_DAYS - 1)
+    _file(tmp_path / "mid.npz", 45)  # a month and a half: within the two months' limit
     _file(tmp_path / "kept.npz", 1000)
     _file(tmp_path / "other.txt", 1000)
     (tmp_path / "target").mkdir()
     (tmp_path / "link.npz").symlink_to(tmp_path / "target")
     _age(tmp_path / "link.npz", 1000)
+    (tmp_path / "file-link.npz").symlink_to(tmp_path / "other.txt")  # a link to an old file stays too
+    _age(tmp_path / "file-link.npz", 1000)
     removed = prune_unused(tmp_path, "*.npz", keep=tmp_path / "kept.npz")
     assert removed == [tmp_path / "old-dir.npz", tmp_path / "old.npz"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.npz", "link.npz", "other.txt", "target", "young.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file-link.npz", "kept.npz", "link.npz", "mid.npz", "other.txt",
+                                                          "target", "young.npz"]
+
+
+def test_an_entry_used_exactly_the_limit_ago_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only entries unused for more than UNUSED_DAYS days go."""
+    now = 2_000_000_000.0
+    monkeypatch.setattr(user_cache.time, "time", lambda: now)
+    entry = tmp_path / "a.npz"
+    entry.write_bytes(b"x")
+    os.utime(entry, (now - UNUSED_DAYS * DAY, now - UNUSED_DAYS * DAY))
+    assert prune_unused(tmp_path, "*.npz", keep=tmp_path / "b.npz") == [] and entry.exists()
+    os.utime(entry, (now - UNUSED_DAYS * DAY - 1, now - UNUSED_DAYS * DAY - 1))
+    assert prune_unused(tmp_path, "*.npz", keep=tmp_path / "b.npz") == [entry]
+
+
+def test_the_cache_folder_follows_an_absolute_xdg_cache_home_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the XDG spec says, a relative $XDG_CACHE_HOME is invalid and ignored: ~/.cache instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir("scans") == tmp_path / "xdg" / "detector" / "scans"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert user_cache_dir("scans") == tmp_path / "home" / ".cache" / "detector" / "scans"
 
 
 def test_marking_an_entry_used_makes_it_young_again(tmp_path: Path) -> None:

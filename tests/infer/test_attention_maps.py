@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from detector.infer.attention_maps import READERS, capture_attention
-from detector.models.attention import ATTENTIONS
+from detector.models.attention import ATTENTIONS, SE, CoordAtt
 from detector.models.builder import build_model
 
 KINDS = [name for name in ATTENTIONS if name != "none"]
@@ -54,6 +54,10 @@ def test_recomputed_weights_are_the_fused_kernels_weights(kind: str, size: tuple
     r = 2) attend to pooled keys, P4 and P5 are under the bound."""
     torch.manual_seed(0)
     model = build_model("yolo-attn-n", nc=2, attention=kind).eval()
+    with torch.no_grad():  # peaked weights, as trained ones are: at initialization they are near uniform at any scale
+        for name, weight in model.named_parameters():
+            if name.endswith("qkv.weight"):
+                weight.mul_(8)
     recorded: list[torch.Tensor] = []
     fused = F.scaled_dot_product_attention
 
@@ -84,6 +88,32 @@ def test_recomputed_weights_are_the_fused_kernels_weights(kind: str, size: tuple
             row_map = rows.mean(2).view(1, -1, h, w).mean(1)[0]  # (1, heads*H, W, W) -> (H, W)
             col_map = cols.mean(2).view(1, -1, w, h).mean(1)[0].T
             torch.testing.assert_close(cap.spatial, row_map * col_map, atol=1e-5, rtol=1e-4)
+
+
+def test_the_ca_map_is_the_channel_mean_of_its_two_gates() -> None:
+    """ca's map is mean_c(a_h * a_w), the share of each position in the gate, not its strongest channel."""
+    torch.manual_seed(0)
+    module = CoordAtt(16).eval()
+    gates: dict[str, torch.Tensor] = {}
+    for name in ("gate_h", "gate_w"):
+        getattr(module, name).register_forward_hook(lambda m, args, out, n=name: gates.__setitem__(n, out))
+    x = torch.randn(1, 16, 6, 10)
+    model = torch.nn.Sequential(module).train()
+    (cap,) = capture_attention(model, x)
+    assert model.training  # run in eval mode, handed back as it came
+    assert cap.kind == "ca" and cap.layer == -1 and cap.channels is None  # not under `layers.<i>`
+    torch.testing.assert_close(cap.spatial, (gates["gate_h"][0] * gates["gate_w"][0]).mean(0))  # (16, 6, 1) x (16, 1, 10)
+
+
+def test_the_se_map_weighs_each_channels_magnitude_by_its_gate() -> None:
+    """se's map is mean_c(w_c |x_c|): where the channels it keeps are strong, whatever their sign."""
+    torch.manual_seed(0)
+    module = SE(16).eval()
+    x = torch.randn(1, 16, 6, 10)
+    (cap,) = capture_attention(torch.nn.Sequential(module), x)
+    weights = module.gate(module.mlp(x.mean((2, 3), keepdim=True)))[0]  # (16, 1, 1)
+    torch.testing.assert_close(cap.channels, weights.flatten())
+    torch.testing.assert_close(cap.spatial, (weights * x[0].abs()).mean(0))
 
 
 @pytest.mark.parametrize("model_cfg,attention", [("yolo-ca-n", ""), ("yolo-attn-n", "cbam")])

@@ -341,7 +341,7 @@ def test_confusion_matrix_counts() -> None:
             [1, 120.5, 10.25, 40, 30, 0.9, 9],  # square called a triangle
             [1, 152, 62, 40, 30, 0.9, 5],  # on the crowd circle: ignored
             [1, 160, 65, 10, 10, 0.9, 2],  # small, inside the crowd circle (IoU 0.06, all of it covered): ignored too
-            [5, 10, 10, 20, 20, 0.8, 5],  # false positive on an empty image
+            [5, 10, 10, 20, 20, 0.25, 5],  # false positive on an empty image, at conf exactly: counted
             [3, 0, 0, 128, 128, 0.1, 2],  # below conf 0.25: not counted
         ]
     )
@@ -352,6 +352,41 @@ def test_confusion_matrix_counts() -> None:
     expected[3, 0] = 1  # the image-3 circle missed
     expected[1, 3] = 1  # square false positive
     assert np.array_equal(matrix, expected)
+
+
+def test_confusion_matrix_matches_above_the_iou_and_by_the_best_iou() -> None:
+    """IoU must exceed 0.45 (one of exactly 0.45 is no match), and a GT box keeps its best-overlapping detection."""
+    gt = FakeCocoDataset(coco_json()).coco_gt()
+    rows = np.array(
+        [
+            [1, 10, 20, 60, 22.5, 0.9, 2],  # inside the 60 x 50 circle: IoU 1350 / 3000 = 0.45 exactly
+            [3, 0, 0, 128, 64, 0.9, 5],  # the 128 x 128 circle's top half: IoU 0.5, higher score
+            [3, 0, 0, 128, 96, 0.8, 9],  # its top three quarters: IoU 0.75, the match
+        ]
+    )
+    matrix = confusion_matrix(rows, gt, [1, 3], [2, 5, 9])
+    expected = np.zeros((4, 4), dtype=np.int64)  # classes circle, square, triangle, background
+    expected[3, 0] = expected[3, 1] = 1  # image 1's circle and square missed (its crowd is no GT)
+    expected[0, 3] = 1  # the 0.45 detection is a false positive
+    expected[2, 0] = 1  # image 3: the circle taken for a triangle by its best-IoU detection
+    expected[1, 3] = 1  # the other detection of it is a false positive
+    assert np.array_equal(matrix, expected)
+
+
+def test_pr_curves_keep_each_class_on_its_own_precision_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COCOeval's K axis is in sorted category-id order; a dataset listing its ids unsorted keeps its names on the
+    right curves."""
+    from detector.viz import plots
+
+    plotted = {}
+    monkeypatch.setattr(plots, "plot_pr_curves", lambda precision, names, path: plotted.update(precision=precision))
+    monkeypatch.setattr(plots, "plot_confusion_matrix", lambda matrix, names, path: None)
+    precision = np.zeros((10, 101, 3, 4, 3))
+    precision[0, :, :, 0, -1] = [0.2, 0.5, 0.9]  # ids 2, 5, 9 at IoU 0.5, all areas, 100 detections
+    plots.save_validation_plots(tmp_path, precision=precision, rows=np.zeros((0, 7)), gt=FakeCocoDataset(coco_json()).coco_gt(),
+                                image_ids=[1], category_ids=[9, 2, 5], names=["triangle", "circle", "square"],
+                                first_batch=None)
+    assert plotted["precision"][0].tolist() == [0.9, 0.2, 0.5]  # classes 0, 1, 2 are ids 9, 2, 5
 
 
 # --------------------------------------------------------------------------------------------------

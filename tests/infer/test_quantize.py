@@ -64,6 +64,27 @@ def test_the_stem_and_everything_after_the_prediction_convs_stay_in_fp32(tmp_pat
                    if "/layers.28/" not in node.name)  # the backbone's and neck's activations are quantized
 
 
+def test_every_convolution_that_reads_the_image_stays_in_fp32() -> None:
+    """A hand-made graph with two convolutions on the input (a stem and a side branch): both read the image."""
+    from onnx import TensorProto, helper
+
+    from detector.infer.quantize import kept_in_float
+
+    nodes = [
+        helper.make_node("Conv", ["images", "w0"], ["s"], name="stem"),
+        helper.make_node("Conv", ["images", "w1"], ["t"], name="side"),
+        helper.make_node("Add", ["s", "t"], ["st"], name="merge"),
+        helper.make_node("Conv", ["st", "w2"], ["m"], name="mid"),
+        helper.make_node("Conv", ["m", "w3"], ["p"], name="pred"),  # no convolution after it: a prediction conv
+        helper.make_node("Sigmoid", ["p"], ["q"], name="decode"),
+        helper.make_node("Mul", ["q", "q"], ["output"], name="scale"),
+    ]
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "two-stems", [images], [output]))
+    assert kept_in_float(model) == ["decode", "scale", "side", "stem"]  # the stems, and all after the prediction
+
+
 def test_in_graph_nms_stays_in_fp32(tmp_path: Path) -> None:
     from detector.infer.quantize import kept_in_float
 
@@ -79,6 +100,8 @@ def test_calibration_files_are_evenly_spaced_and_deterministic(tmp_path: Path) -
     assert calibration_files(files[::-1], 4) == [files[0], files[3], files[6], files[9]]
     assert calibration_files(files, 1) == [files[0]]
     assert calibration_files(files, 50) == files
+    eleven = [tmp_path / f"{i:03d}.jpg" for i in range(11)]  # 0, 3.33, 6.67, 10: rounded to the nearest file
+    assert calibration_files(eleven, 4) == [eleven[0], eleven[3], eleven[7], eleven[10]]
     with pytest.raises(DetectorError, match="no images"):
         calibration_files([], 4)
 
@@ -251,7 +274,8 @@ def test_the_int8_check_refuses_non_finite_or_misshapen_output(tmp_path: Path, m
             return [result]
 
     monkeypatch.setattr(ort, "InferenceSession", Session)
-    result = np.full_like(good, np.nan)
+    result = good.copy()
+    result[0, 0, 0] = np.inf  # one value out of thousands is enough
     with pytest.raises(DetectorError, match="non-finite values on the calibration images"):
         check_int8(graph, tmp_path / "m.onnx", files, ExportSpec(imgsz=64), 32)
     result = good[:, :10]
@@ -261,6 +285,22 @@ def test_the_int8_check_refuses_non_finite_or_misshapen_output(tmp_path: Path, m
     # finite and shaped: reported, not judged
     score_diff, median = check_int8(graph, tmp_path / "m.onnx", files, ExportSpec(imgsz=64), 32)
     assert np.isfinite(score_diff) and np.isfinite(median)
+
+
+def test_int8_box_differences_are_over_the_boxes_pytorch_is_confident_in() -> None:
+    """PyTorch's scores pick the boxes compared: one only the INT8 file scores >= 0.25 is no box the model found."""
+    from detector.infer.quantize import _int8_differences
+
+    expected = np.array([[[10, 10, 4, 4, 0.9, 0.5], [20, 20, 4, 4, 0.9, 0.1]]], np.float32)  # scores 0.45, 0.09
+    got = np.array([[[11, 10, 4, 4, 0.9, 0.5], [25, 20, 4, 4, 0.9, 0.4]]], np.float32)  # scores 0.45, 0.36
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(expected)
+
+    score_diff, box_diff = _int8_differences(Fixed(), np.zeros((1, 3, 8, 8), np.float32), got, Path("m.onnx"))
+    assert score_diff == pytest.approx(0.36 - 0.09)
+    assert box_diff.tolist() == [1, 0, 0, 0]  # the first box only, 1 px off in x
 
 
 def test_int8_refusals_name_the_key(tmp_path: Path) -> None:

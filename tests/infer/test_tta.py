@@ -87,6 +87,9 @@ def test_scale_images_pads_to_the_stride_and_reports_the_actual_ratios() -> None
     assert scaled.is_contiguous(memory_format=torch.channels_last)
     assert (scaled[..., 212:, :] == PAD_VALUE).all() and (scaled[..., 159:] == PAD_VALUE).all()
     assert scale_images(images, 1.0, 32) == (images, (1.0, 1.0))
+    # truncated, not rounded: int(171.52) = 171 -> 192 rows, int(128.64) = 128 -> 128 columns
+    smaller, ratios = scale_images(images, 0.67, 32)
+    assert smaller.shape == (2, 3, 192, 128) and ratios == (128 / 192, 171 / 256)
 
 
 def test_every_pass_maps_the_stub_box_back_exactly() -> None:
@@ -109,6 +112,15 @@ def test_the_default_passes_agree_within_the_resampling_blur() -> None:
     assert [len(d) for d in dets] == [1, 1]
 
 
+def test_scales_and_flips_must_be_non_empty_pairs() -> None:
+    """No pass at all is refused by name, not left to fail inside torch.cat."""
+    images = bright_boxes([(16, 8, 48, 40)])
+    with pytest.raises(ValueError, match="non-empty and of one length, got 0 and 0"):
+        augmented_forward(BrightBoxDetector(), images, scales=(), flips=())
+    with pytest.raises(ValueError, match="got 2 and 1"):
+        augmented_forward(BrightBoxDetector(), images, scales=(1.0, 0.5), flips=(False,))
+
+
 def level_rows(hw: tuple[int, int], strides: list[int], anchors: int) -> torch.Tensor:
     """(1, N, 1) rows in the `Detect.decode` layout whose value is their level index."""
     return torch.cat([torch.full((1, anchors * (hw[0] // s) * (hw[1] // s), 1), float(i)) for i, s in enumerate(strides)], 1)
@@ -123,6 +135,24 @@ def test_drop_level_removes_exactly_that_levels_rows() -> None:
         assert out[0, :, 0].tolist() == sorted(out[0, :, 0].tolist())  # the other levels keep their order
     with pytest.raises(ValueError, match="not levels"):
         drop_level(rows[:, 1:], hw, strides, 0)
+    with pytest.raises(ValueError, match="not levels"):  # no rows: zero anchors per cell
+        drop_level(rows[:, :0], hw, strides, 0)
+
+
+class LevelRowsDetector(nn.Module):
+    """Rows in the `Detect.decode` layout, one anchor per cell, whose value is their level index."""
+
+    stride = torch.tensor([8.0, 16.0, 32.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return level_rows(x.shape[-2:], [8, 16, 32], anchors=1).expand(len(x), -1, -1)
+
+
+def test_a_single_pass_keeps_every_level() -> None:
+    """The tails are clipped only when there are other passes to bring those objects."""
+    images = torch.zeros(1, 3, 64, 96)
+    merged = augmented_forward(LevelRowsDetector(), images, scales=(1.0,), flips=(False,))
+    assert torch.equal(merged, LevelRowsDetector()(images))  # 96 + 24 + 6 rows, levels 0, 1, 2
 
 
 def test_merged_rows_of_a_real_model_are_every_pass_concatenated_less_the_tails() -> None:

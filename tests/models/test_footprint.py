@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from detector import memory
 from detector.errors import DetectorError
@@ -40,12 +41,14 @@ def test_a_billion_channels_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_row_too_large_for_memory_is_sized_on_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """16,384 x 16,384 x 3 x 3 is 2.4 billion weights: refused from its meta-device size, never allocated."""
-    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: 24 * 2**30)
+    """4,096 x 4,096 x 3 x 3 weights (and BN's 2 x 4,096) train in 16 bytes each, 2.3 GiB, on a machine of 1 GiB:
+    refused from its meta-device size, never allocated. Small enough that a broken refusal fails this test (0.6 GB
+    of weights) instead of exhausting the machine."""
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: 2**30)
     text = BASE.replace("width_multiple: 0.25", "width_multiple: 1.0").replace(
-        "[-1, 1, Conv, [64, 6, 2, 2]]", "[-1, 1, Conv, [16384, 3, 1]]").replace(ROW, "[-1, 1, Conv, [16384, 3, 2]]")
-    message = refused(tmp_path, text, r"the model would have 2,416,\d{3},\d{3} parameters \(2,415,951,872 in this row\)")
-    assert "more than this machine's 24.0 GiB" in message
+        "[-1, 1, Conv, [64, 6, 2, 2]]", "[-1, 1, Conv, [4096, 3, 1]]").replace(ROW, "[-1, 1, Conv, [4096, 3, 2]]")
+    message = refused(tmp_path, text, r"the model would have 151,\d{3},\d{3} parameters \(151,003,136 in this row\)")
+    assert "more than this machine's 1.0 GiB" in message
 
 
 def test_ordinary_models_record_their_probe_activations() -> None:
@@ -88,3 +91,26 @@ def test_row_elements_count_kernel_and_class_count() -> None:
     assert footprint.row_elements(16, 32, 2, [3, 2, None, True]) == 16 * 32 * 2 * 9  # k=3; bools and None skipped
     assert footprint.row_elements(448, None, 1, [80, [[10, 13]]]) == 448 * 80**2
     assert footprint.row_elements(8, 8, 1, []) == 64
+
+
+def test_the_row_limits_are_inclusive() -> None:
+    """MAX_REPEATS repeats and MAX_CHANNELS channels are allowed; one more is refused."""
+    footprint.check_row_bounds("row", footprint.MAX_REPEATS, footprint.MAX_CHANNELS)
+    with pytest.raises(DetectorError, match="101 repeats"):
+        footprint.check_row_bounds("row", footprint.MAX_REPEATS + 1, 16)
+    with pytest.raises(DetectorError, match="16,385 output channels"):
+        footprint.check_row_bounds("row", 1, footprint.MAX_CHANNELS + 1)
+
+
+def test_a_row_over_the_meta_threshold_is_sized_on_meta_first() -> None:
+    """Above META_CHECK_ELEMENTS the row is built once on `meta` (no storage) before the real build."""
+    devices = []
+
+    def construct() -> torch.nn.Module:
+        devices.append(torch.empty(0).device.type)  # the default device the row is built under
+        return torch.nn.Linear(2, 2)
+
+    footprint.sized_construct("row", construct, footprint.META_CHECK_ELEMENTS, 0)
+    assert devices == ["cpu"]
+    footprint.sized_construct("row", construct, footprint.META_CHECK_ELEMENTS + 1, 0)
+    assert devices == ["cpu", "meta", "cpu"]

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from detector.models.attention import MHSA, Axial
 from detector.models.builder import build_model
-from detector.models.info import count_flops, forward_flops, model_info
+from detector.models.info import _sdpa_flops, count_flops, forward_flops, model_info
 from repo_paths import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs" / "models"
@@ -22,6 +22,10 @@ def test_count_flops_is_two_macs() -> None:
     conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
     macs = 16 * 3 * 3 * 3 * 32 * 32
     assert count_flops(conv, 32) == 2 * macs / 1e9
+    assert count_flops(conv.eval(), 32) == 2 * macs / 1e9 and not conv.training  # the mode it came in, either way
+    gray = nn.Conv2d(1, 4, 3, bias=False)
+    gray.yaml = {"ch": 1}  # a model built for 1-channel images (DetectionModel keeps its yaml): fed 1 channel
+    assert count_flops(gray, 8) == 2 * (4 * 1 * 3 * 3 * 6 * 6) / 1e9
 
 
 def mhsa_flops(c: int, h: int, w: int, hk: int, wk: int) -> int:
@@ -73,6 +77,13 @@ def test_sdpa_counted_whatever_the_input_layout() -> None:
     k = torch.randn(2, 3, 6, 4)
     expected = 2 * (2 * 2 * 3 * 10 * 6 * 4)
     assert forward_flops(SDPA(), q, k, k) == forward_flops(SDPA(), qt, k, k) == expected
+    v = torch.randn(2, 3, 6, 8)  # values wider than the keys: attention x V is 2 x 10 x 6 x 8 per image and head
+    assert forward_flops(SDPA(), q, k, v) == forward_flops(SDPA(), qt, k, v) == 2 * 2 * 3 * 10 * 6 * (4 + 8)
+
+
+def test_the_fused_sdpa_formula_counts_each_product_at_its_own_width() -> None:
+    """The formula for the fused kernels torch leaves uncounted: Q K^T is 2 B Lq Lk E, attention x V 2 B Lq Lk Ev."""
+    assert _sdpa_flops((2, 3, 10, 4), (2, 3, 6, 4), (2, 3, 6, 8)) == 2 * 6 * 10 * 6 * 4 + 2 * 6 * 10 * 6 * 8  # B = 2 x 3
 
 
 @pytest.mark.parametrize("imgsz", [8, 12])

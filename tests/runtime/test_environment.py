@@ -29,7 +29,7 @@ def test_each_declared_package_is_read_from_the_installed_metadata() -> None:
 
 def test_a_missing_or_out_of_range_package_says_how_to_mend_it(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.metadata.version
-    fake = {"albumentations": "2.1.0"}
+    fake = {"albumentations": "2.1.0", "torch": "2.11.0rc1"}
 
     def version(name: str) -> str:
         if name in ("onnx", "numpy"):
@@ -41,6 +41,7 @@ def test_a_missing_or_out_of_range_package_says_how_to_mend_it(monkeypatch: pyte
     assert rows["onnx"]["installed"] == "" and rows["onnx"]["status"] == "not installed (the 'export' extra): pip install 'onnx'"
     assert rows["numpy"]["status"] == "not installed: pip install 'numpy>=1.24'"
     assert rows["albumentations"]["status"] == "outside <2.1,>=2.0.6"  # 2.1 is the first AGPL release
+    assert rows["torch"]["status"] == "ok"  # a pre-release (a nightly, a release candidate) inside the range
 
 
 def test_a_source_tree_never_installed_says_its_packages_were_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +71,28 @@ def test_a_checkout_pulled_since_its_install_is_told_to_reinstall(monkeypatch: p
     assert environment.metadata_lag([]) == []  # nothing installed: NOT_INSTALLED says so already
     monkeypatch.setattr(environment, "PYPROJECT", tmp_path / "missing.toml")  # a wheel: no checkout beside it
     assert environment.metadata_lag(packages) == []
+
+
+def test_the_gpu_build_is_named_rocm_cuda_or_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ROCm build also reports a CUDA version field (None or not): HIP is checked first."""
+    for hip, cuda, expected in (("6.4", None, "ROCm 6.4"), (None, "13.0", "CUDA 13.0"), (None, None, "")):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        assert environment._gpu_build() == expected
+
+
+def test_the_report_says_no_gpu_only_without_one_and_names_each_packages_extra() -> None:
+    """'GPU: none visible' is for a CPU-only row list; a package's extra stands beside its declared range."""
+    env = environment.environment()
+    env["gpu_build"], env["undeclared"] = "CUDA 13.0", []
+    env["packages"] = [{"name": "onnx", "installed": "", "declared": "any", "extra": "export", "status": "not installed"}]
+    env["devices"] = [{"device": "cpu", "name": "", "amp_auto": "fp32"}]
+    lines = environment.format_environment(env).splitlines()
+    assert "GPU: none visible (torch built for CUDA 13.0)" in lines
+    assert any(line.split()[:3] == ["onnx", "-", "any"] and line.split()[3] == "[export]" for line in lines)
+    env["devices"].append({"device": "cuda:0", "name": "FakeGPU", "amp_auto": "bf16"})
+    lines = environment.format_environment(env).splitlines()
+    assert "cuda:0 FakeGPU, amp=auto: bf16" in lines and not any(line.startswith("GPU: none") for line in lines)
 
 
 def test_a_gpu_that_cannot_be_asked_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:

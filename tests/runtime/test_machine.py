@@ -16,6 +16,7 @@ from detector.runtime.device import cpu_supports_bf16
     ({"avx512_bf16": True}, ("AVX512-BF16",)),  # AMD EPYC Zen 4
     ({"avx512f": True}, ()),  # plain AVX-512, no bf16 units
     ({}, ()),  # AMD EPYC Zen 3: AVX2 only
+    ({"amx_bf16": False, "avx512_bf16": False}, ()),  # torch lists every flag it probes, False where absent
 ])
 def test_bf16_units_name_the_matrix_units_amp_auto_decides_by(monkeypatch: pytest.MonkeyPatch, flags: dict,
                                                               units: tuple) -> None:
@@ -26,7 +27,7 @@ def test_bf16_units_name_the_matrix_units_amp_auto_decides_by(monkeypatch: pytes
 
 def test_cpu_name_is_the_model_name_lscpu_prints(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 \nflags\t: avx2\n")
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13 \nflags\t: avx2\n")
     monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
     assert machine.cpu_name() == "AMD EPYC 7B13"
     monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")  # macOS, Windows: the platform's word
@@ -70,7 +71,7 @@ def test_mixed_gpus_are_each_named_and_a_failing_driver_is_said(monkeypatch: pyt
     assert machine.describe_machine().gpu == "NVIDIA A100, NVIDIA T4"
 
     def lost(index=None) -> str:  # noqa: ANN001
-        raise RuntimeError("CUDA error: unspecified launch failure")
+        raise RuntimeError("CUDA error: unspecified launch failure\nCUDA kernel errors might be asynchronously reported")
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lost)
     assert machine.describe_machine().gpu == "unknown (CUDA error: unspecified launch failure)"

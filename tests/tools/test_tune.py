@@ -47,6 +47,7 @@ def test_a_space_key_outside_its_range_starts_at_the_nearest_end_and_one_without
     ("lr_0: [0.001, 0.01]\n", r"space.yaml:1: unknown train key 'lr_0' \(did you mean 'lr0'"),
     ("cls: [0.5, 1.0]\nhsv_s: 0.5\n", r"space.yaml:2: 'hsv_s' must be \[low, high\] or \[low, high, log\], got 0.5"),
     ("lr0: [0.01, 0.001]\n", r"'lr0' range must have low < high, got \[0.01, 0.001\]"),
+    ("lr0: [0.01, 0.01]\n", r"'lr0' range must have low < high, got \[0.01, 0.01\]"),
     ("weight_decay: [0.0, 0.001, log]\n", r"'weight_decay' on a log scale needs low > 0"),
     ("lr0: [0.001, 0.01, linear]\n", r"must be \[low, high\] or \[low, high, log\]"),
     ("translate: [0.0, 1.0]\n", r"'translate' range \[0.0, 1.0\] leaves the key's own bounds \(>= 0 and < 1\)"),
@@ -71,6 +72,7 @@ def test_a_range_maps_to_0_1_linearly_or_by_log_and_back_rounded_and_clipped() -
     assert log.to_unit(1e-3) == pytest.approx(0.5) and log.from_unit(0.5) == 0.001
     assert log.from_unit(0.123456) == float(f"{1e-4 * 100 ** 0.123456:.4g}")  # 4 significant digits
     assert Dimension("close_mosaic", 0, 10, integer=True).from_unit(0.26) == 3
+    assert Dimension("mixup", 0.0, 0.123456).from_unit(1.0) == 0.123456  # rounded up to 0.1235, clipped back
 
 
 def _trials(fitness: list[float], dims: list[Dimension], seed: int = 1) -> list[Trial]:
@@ -101,6 +103,15 @@ def test_mutations_are_drawn_from_seed_and_trial_move_a_key_and_stay_in_range() 
     parent = propose(trials, dims, 1e-9, seed=0, number=3)
     moved = [k for k in first if not math.isclose(first[k], parent[k], rel_tol=1e-3, abs_tol=1e-9)]
     assert 1 <= len(moved) <= len(dims)
+    shares = []  # each key moves with probability MOVE_PROBABILITY = 0.8
+    for seed in range(20):
+        child = propose(trials, dims, 0.2, seed=seed, number=3)
+        shares.append(np.mean([not math.isclose(child[k], parent[k], rel_tol=1e-3, abs_tol=1e-9) for k in child]))
+    assert 0.65 <= np.mean(shares) <= 0.95
+    one = [Dimension("mixup", 0.0, 1.0)]  # no draw moves its one key with probability 0.2: then it is moved anyway
+    few = _trials([0.2, 0.3], one)
+    still = propose(few, one, 1e-9, seed=0, number=3)
+    assert all(propose(few, one, 0.2, seed=seed, number=3) != still for seed in range(20))
     for seed in range(50):  # a wide step clips at the range's ends
         child = propose(trials, dims, 1.0, seed=seed, number=2)
         assert all(d.low <= child[d.key] <= d.high for d in dims)
@@ -249,6 +260,10 @@ def test_the_mosaic_warning_suggests_a_close_mosaic_below_the_trial_length(caplo
     with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
         assert warn_without_mosaic(load_train_config({"epochs": "1", "close_mosaic": "2"}), load_space(DEFAULT_SPACE))
     assert "pass train=close_mosaic=0\n" in caplog.text + "\n" and "e.g. 2" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):  # 2 epochs: 1 would leave just one
+        assert warn_without_mosaic(load_train_config({"epochs": "2"}), load_space(DEFAULT_SPACE))
+    assert "pass train=close_mosaic=0\n" in caplog.text + "\n"
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="detector.tools.tune"):
         assert warn_without_mosaic(load_train_config({"epochs": "10"}), load_space(DEFAULT_SPACE))

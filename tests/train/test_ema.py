@@ -113,3 +113,8 @@ def test_another_architecture_is_refused() -> None:
     ema = ModelEMA(_model())
     with pytest.raises(ValueError, match="differ from the averaged copy"):
         ema.update(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    renamed = nn.Sequential()  # the same tensors in the same order under other names: still another model
+    for name, module in zip(("stem", "norm", "act", "out"), _model()):
+        renamed.add_module(name, module)
+    with pytest.raises(ValueError, match="differ from the averaged copy"):
+        ema.update(renamed)

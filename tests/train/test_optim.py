@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from detector.errors import DetectorError
+from detector.train import optim
 from detector.train.optim import (
     LRSchedule,
     build_optimizer,
@@ -62,6 +63,9 @@ def test_group_membership() -> None:
     assert _ids(groups["bias"]) == _ids([net.bn.bias, net.post.bias, net.norm.bias, net.group_norm.bias, net.fc.bias])
     total = sum(len(g) for g in groups.values())
     assert total == len(list(net.parameters()))  # every parameter exactly once
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight  # one parameter in two modules (tied weights): named_modules visits both
+    assert [len(g) for g in param_groups(tied).values()] == [1, 0, 2]  # decay, no_decay, bias
 
 
 def test_a_parameter_named_pos_is_a_position_embedding_and_frozen_weights_stay_out() -> None:
@@ -91,10 +95,11 @@ def test_sgd() -> None:
 
 @pytest.mark.parametrize(("name", "cls"), [("AdamW", torch.optim.AdamW), ("adamw", torch.optim.AdamW), ("Adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
 def test_optimizer_names(name: str, cls: type) -> None:
-    opt = build_optimizer(_Net(), name, lr=0.001, momentum=0.9, weight_decay=0.05)
+    opt = build_optimizer(_Net(), name, lr=0.001, momentum=0.937, weight_decay=0.05)
     assert type(opt) is cls
-    if cls is not torch.optim.SGD:
-        assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0, 0.0]
+    if cls is not torch.optim.SGD:  # beta1 is the momentum (not torch's default 0.9)
+        assert all(g["betas"] == (0.937, 0.999) for g in opt.param_groups)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
@@ -184,6 +189,13 @@ def test_fused_kernels_need_one_supported_device_and_floating_parameters() -> No
     assert not fused_kernels_apply([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
 
 
+def test_fused_kernels_need_a_single_device_even_of_supported_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two devices that each have kernels still cannot share one fused step (e.g. cpu and cuda)."""
+    monkeypatch.setattr(optim, "FUSED_DEVICE_TYPES", ("cpu", "meta"))
+    assert fused_kernels_apply([nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not fused_kernels_apply([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
+
+
 def test_unknown_optimizer() -> None:
     with pytest.raises(DetectorError, match="optimizer: unknown 'RMSprop'; choose one of SGD, Adam, AdamW"):
         build_optimizer(_Net(), "RMSprop", lr=0.01, momentum=0.9, weight_decay=0.0)
@@ -222,7 +234,7 @@ def test_warmup_endpoints() -> None:
     assert s.momentum_at(1, 0) == pytest.approx((0.8 + 0.937) / 2)
     # warmup done at iteration 100 (epoch 2, iteration 0): every group on the schedule
     for group in ("decay", "no_decay", "bias"):
-        assert s.lr(2, 0, group) == pytest.approx(0.01 * s.factor(2))
+        assert s.lr(2, 0, group) == 0.01 * s.factor(2)  # the schedule itself, not a blend that rounds to near it
     assert s.momentum_at(2, 0) == pytest.approx(0.937)
     assert s.momentum_at(9, 49) == pytest.approx(0.937)
 
