@@ -12,7 +12,7 @@ import pytest
 from detector.data import user_cache
 from detector.data.coco import CocoDataset
 from detector.data.scan_cache import scans_cache_dir
-from detector.data.user_cache import UNUSED_DAYS, mark_used, prune_unused, user_cache_dir
+from detector.data.user_cache import UNUSED_DAYS, mark_used, prune_unused
 
 DAY = 86400.0
 
@@ -62,15 +62,6 @@ def test_an_entry_used_exactly_the_limit_ago_stays(tmp_path: Path, monkeypatch: 
     assert prune_unused(tmp_path, "*.npz", keep=tmp_path / "b.npz") == [] and entry.exists()
     os.utime(entry, (now - UNUSED_DAYS * DAY - 1, now - UNUSED_DAYS * DAY - 1))
     assert prune_unused(tmp_path, "*.npz", keep=tmp_path / "b.npz") == [entry]
-
-
-def test_the_cache_folder_follows_an_absolute_xdg_cache_home_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As the XDG spec says, a relative $XDG_CACHE_HOME is invalid and ignored: ~/.cache instead."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert user_cache_dir("scans") == tmp_path / "xdg" / "detector" / "scans"
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert user_cache_dir("scans") == tmp_path / "home" / ".cache" / "detector" / "scans"
 
 
 def test_marking_an_entry_used_makes_it_young_again(tmp_path: Path) -> None:
