@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detector.models.attention import build_attention
 from detector.models.registry import register_alias, register_module
@@ -104,7 +104,9 @@ class Conv(nn.Module):
     def fuse(self) -> None:
         """Fold the BN (eval statistics) into the conv's weight and bias: same output in eval mode, one op fewer."""
         if isinstance(self.bn, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            bn = self.bn
+            self.conv.weight, self.conv.bias = fuse_conv_bn_weights(
+                self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
             self.bn = nn.Identity()
 
 
