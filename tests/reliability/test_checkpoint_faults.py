@@ -63,6 +63,28 @@ def test_disk_full_names_path_and_size_keeps_the_old_checkpoint_and_resumes(disk
     assert ck.load_checkpoint(run / "weights" / "last.pt")["epoch"] == 1
 
 
+def test_a_failed_rename_of_the_last_epochs_checkpoint_stops_the_run_with_the_error(tiny_data: Path, tmp_path: Path) -> None:
+    """The durable half of the per-epoch save (fsync, rename) runs in the background: its failure still reaches the
+    caller of `train`, as the same one-line error, with the previous last.pt kept and no temporary file left."""
+    real_replace, renamed = os.replace, []
+
+    def failing_second_last_pt(src, dst):
+        if Path(dst).name == "last.pt":
+            renamed.append(dst)
+            if len(renamed) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", failing_second_last_pt)
+        with pytest.raises(DetectorError) as info:
+            train(make_config(tiny_data, tmp_path / "runs", epochs="2"))
+    weights = tmp_path / "runs" / "exp" / "weights"
+    assert str(info.value).startswith(f"{weights / 'last.pt'}: cannot write checkpoint (Input/output error)")
+    assert ck.load_checkpoint(weights / "last.pt")["epoch"] == 0
+    assert sorted(p.name for p in weights.iterdir()) == ["best.pt", "last.pt"]
+
+
 # ------------------------------------------------------------------------------------------ row 28
 
 
@@ -185,10 +207,6 @@ def test_disk_full_on_a_run_file_is_one_line_naming_it_and_leaves_no_half_file(
 
     monkeypatch.setattr(io, "open", full_open)
     monkeypatch.setattr("builtins.open", full_open)
-    if target.startswith("events"):
-        from tensorboard.summary.writer import record_writer
-
-        monkeypatch.setattr(record_writer.RecordWriter, "write", _no_space)
     run = tmp_path / "runs" / "exp"
     args = [f"{k}={v}" for k, v in {**TINY, "data": str(tiny_data), "project": str(run.parent), "epochs": "1"}.items()]
     try:

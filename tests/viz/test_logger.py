@@ -99,13 +99,27 @@ def test_tensorboard_reads_the_events_and_a_second_logger_adds_a_file(tmp_path: 
     assert [(e.step, e.width, e.height) for e in events.Images("train/batch0")] == [(1, 38, 38), (2, 38, 38)]
 
 
+def test_a_record_is_framed_as_tensorboards_own_writer_frames_it() -> None:
+    """Our C checksums (google-crc32c) against TensorBoard's Python RecordWriter, byte for byte: empty, short, long."""
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from detector.viz.event_file import tf_record
+
+    for data in (b"", b"brain.Event:2", os.urandom(70_001)):
+        theirs = io.BytesIO()
+        RecordWriter(theirs).write(data)
+        assert tf_record(data) == theirs.getvalue()
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_full_disk_under_the_events_file_is_our_one_error_in_the_call_that_wrote(
     tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TensorBoard's writer thread printed its own traceback (and pytest warned of an unhandled thread exception),
     and the failure reached us only at a later call: the events are now written on our thread."""
-    from tensorboard.summary.writer import record_writer
+    from detector.viz import event_file
 
     threads = threading.active_count()
     logger = RunLogger(tmp_path)
@@ -115,7 +129,7 @@ def test_a_full_disk_under_the_events_file_is_our_one_error_in_the_call_that_wro
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    monkeypatch.setattr(event_file, "tf_record", no_space)
     with pytest.raises(DetectorError) as info:
         logger.step(1, torch.tensor([0.1, 0.2, 0.3]), 0.01)
     logger.close()  # the same failure is not raised again
@@ -125,8 +139,6 @@ def test_a_full_disk_under_the_events_file_is_our_one_error_in_the_call_that_wro
 
 def test_a_full_disk_at_the_first_record_names_the_file_and_leaves_none(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from tensorboard.summary.writer import record_writer
-
     from detector.viz import event_file
 
     monkeypatch.setattr(event_file.time, "time", lambda: 1_700_000_000.0)
@@ -134,7 +146,7 @@ def test_a_full_disk_at_the_first_record_names_the_file_and_leaves_none(tmp_path
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    monkeypatch.setattr(event_file, "tf_record", no_space)
     with pytest.raises(DetectorError, match=r"/events\.out\.tfevents\.1700000000\.\S+\.\d+\.0: cannot write \(No space"):
         RunLogger(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the empty events file was removed
