@@ -26,14 +26,13 @@ config (`detector.train.optim.LRSchedule`), so the epoch is all a resume needs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
 import shutil
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -83,12 +82,47 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     raises DetectorError naming the path, the error and the size being written. A value that
     `weights_only=True` could not read back raises TypeError before anything is written.
     """
-    nbytes = _check_plain(state, "checkpoint")
-    with _replaced_atomically(Path(path), f"while writing about {nbytes / 2**20:.1f} MiB") as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+    path = Path(path)
+    _publish(*_serialized(path, state), path)
+
+
+class CheckpointWriter:
+    """`save_checkpoint` with its second half in a background thread, for the trainer's checkpoint per epoch.
+
+    The state is serialized at once (so the caller may go on changing its tensors), into the temporary file; making
+    that file durable and renaming it (fsync, `os.replace`, fsync the folder: about half of a nano model's 0.24 s
+    save on an ext4 disk, and no CPU) overlaps the next epoch. Saves run one at a time: each waits for the one
+    before, and `wait` raises a background failure (a DetectorError naming the path, as `save_checkpoint` would).
+    A kill before the rename leaves the previous file and a temporary one the next run removes."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: Path, state: dict[str, Any], *, copies: tuple[Path, ...] = ()) -> None:
+        """Serialize `state` for `path` now; publish it, then `copy_checkpoint` it to each of `copies`, in the background."""
+        self.wait()
+        path = Path(path)
+        tmp, context = _serialized(path, state)
+        self._thread = threading.Thread(target=self._publish, args=(tmp, context, path, copies), name=f"save {path.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once the last save is on disk under its names; raise its error, if it had one (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _publish(self, tmp: Path, context: str, path: Path, copies: tuple[Path, ...]) -> None:
+        try:
+            _publish(tmp, context, path)
+            for copy in copies:
+                copy_checkpoint(path, copy)
+        except BaseException as err:  # handed to the thread that waits
+            self._error = err
 
 
 def copy_checkpoint(source: Path, path: Path) -> None:
@@ -96,31 +130,58 @@ def copy_checkpoint(source: Path, path: Path) -> None:
     serializing it again (best.pt after last.pt: about 0.1 s an epoch for a nano model's 41 MiB).
 
     A hard link where the filesystem has them: no byte is written, and sharing the file is safe because every
-    save replaces a name with a new file and none writes into an existing one. Elsewhere a copy, fsynced."""
-    source = Path(source)
-    with _replaced_atomically(Path(path), f"from {source}") as tmp:
+    save replaces a name with a new file and none writes into an existing one. Elsewhere a copy."""
+    source, path = Path(source), Path(path)
+    tmp = _temp_for(path)
+    try:
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err, f"from {source}") from err
+    _publish(tmp, f"from {source}", path)
 
 
-@contextlib.contextmanager
-def _replaced_atomically(path: Path, context: str) -> Iterator[Path]:
-    """A temporary path to fill; on success it replaces `path` (the rename made durable), on any error it is removed
-    and `path` is left as it was. An OSError becomes a DetectorError naming the path, the reason and `context`."""
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _serialized(path: Path, state: dict[str, Any]) -> tuple[Path, str]:
+    """`state` written to a new temporary file beside `path` (not yet durable), and the size for error messages. Any
+    failure removes the file; an OSError becomes a DetectorError naming `path`."""
+    context = f"while writing about {_check_plain(state, 'checkpoint') / 2**20:.1f} MiB"
+    tmp = _temp_for(path)
     try:
-        yield tmp
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(path, err, context) from err
+        raise
+    return tmp, context
+
+
+def _publish(tmp: Path, context: str, path: Path) -> None:
+    """Make the written `tmp` durable and rename it to `path` (the rename made durable too); on any error `tmp` is
+    removed, `path` is left as it was, and an OSError becomes a DetectorError naming `path`."""
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        raise DetectorError(f"{write_failed(path, err, 'checkpoint')} {context}; any previous {path.name} is left intact") from err
+        raise _write_error(path, err, context) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_for(path: Path) -> Path:
+    """This process's temporary name for `path`, after removing those of writers that were killed."""
+    _remove_stale_temps(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_error(path: Path, err: OSError, context: str) -> DetectorError:
+    return DetectorError(f"{write_failed(path, err, 'checkpoint')} {context}; any previous {path.name} is left intact")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -122,6 +122,7 @@ class Trainer:
         self.evaluator = None
         self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
         self._held = contextlib.ExitStack()  # what `build` holds for the run and `close` lets go
+        self._checkpoints = ckpt_io.CheckpointWriter()
 
         if self.resume_ckpt is not None:
             self.run_dir = resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
@@ -380,7 +381,8 @@ class Trainer:
 
         The DDP wrapper holds the process group: it goes first, so that the group's threads end inside
         `destroy_process_group` rather than at interpreter exit (where gloo can abort the process). The objects
-        `build` froze return to the garbage collector first, so the run's cycles can be freed."""
+        `build` froze return to the garbage collector first, so the run's cycles can be freed. The last checkpoint's
+        background rename is waited for last, and its failure raised."""
         self._held.close()
         if self.logger is not None:
             self.logger.close()
@@ -388,6 +390,7 @@ class Trainer:
             self.train_model = self.model
             gc.collect()
         shutdown(self.dist)
+        self._checkpoints.wait()
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, int, int, set[str]]:
         """One pass over the train loader; returns the mean loss parts, the skipped steps, the images seen and the
@@ -519,6 +522,7 @@ class Trainer:
         self.state.nonfinite_total += 1
         LOGGER.warning("non-finite loss/gradients at epoch %d iteration %d: step skipped (%d in a row)", epoch + 1, i, skipped.in_row)
         if skipped.in_row >= self.cfg.max_nonfinite:
+            self._checkpoints.wait()
             last = self.weights_dir / "last.pt"
             saved = f"last good checkpoint: {last}" if last.exists() else "no epoch finished, so no checkpoint"
             raise TrainingDiverged(f"training stopped: {skipped.in_row} non-finite steps in a row at epoch {epoch + 1}; "
@@ -630,18 +634,19 @@ class Trainer:
         }
 
     def _save(self, epoch: int, *, is_best: bool) -> None:
-        last = self.weights_dir / "last.pt"
-        ckpt_io.save_checkpoint(last, self._checkpoint(epoch))
-        if is_best:
-            ckpt_io.copy_checkpoint(last, self.weights_dir / "best.pt")
+        """last.pt, and best.pt and the `save_period` copies as links to it; their fsync and renames overlap the next epoch."""
+        copies = [self.weights_dir / "best.pt"] if is_best else []
         if self.cfg.save_period > 0 and (epoch + 1) % self.cfg.save_period == 0:
-            ckpt_io.copy_checkpoint(last, self.weights_dir / f"epoch{epoch + 1}.pt")
+            copies.append(self.weights_dir / f"epoch{epoch + 1}.pt")
+        self._checkpoints.save(self.weights_dir / "last.pt", self._checkpoint(epoch), copies=tuple(copies))
 
     def _finish(self) -> None:
         """best.pt becomes an inference file (`inference_checkpoint`; last.pt keeps what a resume needs), the curves
-        are plotted."""
+        are plotted. Read back from disk only when the best epoch is not the last (its state is gone from memory)."""
+        self._checkpoints.wait()
         best = self.weights_dir / "best.pt"
-        full = ckpt_io.load_checkpoint(best) if best.exists() else self._checkpoint(self.state.epoch)
+        in_memory = self.state.best_epoch == self.state.epoch or not best.exists()
+        full = self._checkpoint(self.state.epoch) if in_memory else ckpt_io.load_checkpoint(best)
         ckpt_io.save_checkpoint(best, ckpt_io.inference_checkpoint(full))
         if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
             plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")

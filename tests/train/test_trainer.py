@@ -18,7 +18,7 @@ import torch
 from detector.config import TrainConfig, load_train_config
 from detector.data.transforms import to_model_input
 from detector.errors import DetectorError, TrainingDiverged
-from detector.runtime.checkpoint import load_checkpoint
+from detector.runtime.checkpoint import CheckpointWriter, load_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
 from repo_paths import REPO_ROOT
@@ -63,6 +63,24 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
     assert [e.step for e in val_images] == [0, 1] and all(e.width > 128 for e in val_images)
     # a second run with the same name goes to exp2
     assert Trainer(make_config(tiny_data, tmp_path, epochs="1")).run_dir == tmp_path / "exp2"
+
+
+@pytest.mark.parametrize("fitnesses", [(0.5, 0.1), (0.1, 0.5)], ids=["first-best", "last-best"])
+def test_best_pt_is_the_best_epochs_ema_whether_or_not_it_is_the_last(tiny_data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, fitnesses):
+    """The run's end writes best.pt from the file of an earlier best epoch, or from memory when the last one is best."""
+    import detector.infer.metrics as metrics_module
+
+    scores = iter(fitnesses)
+    monkeypatch.setattr(metrics_module, "fitness", lambda metrics: next(scores))
+    train(make_config(tiny_data, tmp_path, epochs="2", save_period="1"))
+    weights = tmp_path / "exp" / "weights"
+    best = load_checkpoint(weights / "best.pt")
+    best_epoch = fitnesses.index(max(fitnesses))
+    assert best["train_state"]["best_epoch"] == best_epoch and best["epoch"] == best_epoch
+    kept = load_checkpoint(weights / f"epoch{best_epoch + 1}.pt")["ema"]["module"]
+    assert best["optimizer"] is None and kept.keys() == best["model"].keys()
+    assert all(torch.equal(kept[k], v) for k, v in best["model"].items())
 
 
 def test_fraction_trains_on_a_fixed_share_and_validates_on_all(tiny_data: Path, tmp_path: Path):
@@ -298,6 +316,7 @@ def test_close_drops_the_ddp_wrapper_before_leaving_the_process_group(monkeypatc
     trainer = Trainer.__new__(Trainer)
     trainer.logger = None
     trainer._held = contextlib.ExitStack()
+    trainer._checkpoints = CheckpointWriter()
     trainer.dist = DistInfo(rank=1, world_size=2)
     trainer.model = torch.nn.Linear(2, 2)
     trainer.train_model = torch.nn.Sequential(trainer.model)  # stands in for DistributedDataParallel(model)
