@@ -454,6 +454,33 @@ def test_real_model_end_to_end(tmp_path: Path) -> None:
     assert rescore(annotations, tmp_path / "val" / "predictions.json") == [metrics[k] for k in COCO_KEYS]
 
 
+def test_a_second_run_of_the_same_model_refreshes_its_copy_and_predicts_as_a_new_evaluator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer validates its EMA model each epoch: the first run's BN-folded copy is refreshed with the new
+    weights (no second deep copy), and predicts exactly what a new evaluator's copy does."""
+    from detector.data.loader import build_val_loader
+    from detector.data.spec import SplitSpec
+    from detector.infer import evaluator as evaluator_module
+    from detector.models.builder import build_model
+    from detector.models.catalog import resolve_model_path
+    from detector.models.detection_model import inference_copy
+
+    copies = []
+    monkeypatch.setattr(evaluator_module, "inference_copy", lambda m: copies.append(m) or inference_copy(m))
+    annotations = write_dataset(tmp_path / "data")
+    loader = build_val_loader(SplitSpec(images=tmp_path / "data" / "images", annotations=annotations), imgsz=64, batch_size=4, workers=0)
+    torch.manual_seed(0)
+    model = build_model(resolve_model_path("yolo-ca-n"), nc=len(CATEGORIES))
+    evaluator = Evaluator(loader, conf=0.001)
+    first = evaluator.run(model).rows
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    second = evaluator.run(model).rows
+    assert len(copies) == 1
+    fresh = Evaluator(loader, conf=0.001).run(model).rows
+    assert len(second) and np.array_equal(second, fresh) and not np.array_equal(first, second)
+
+
 def write_checkpoint(path: Path, category_ids: list[int]) -> None:
     from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
     from detector.models.builder import build_model

@@ -15,7 +15,7 @@ from detector.errors import DetectorError
 from detector.models.attention import ATTENTIONS, CBAM, MHSA, SE, CoordAtt, NoAttention
 from detector.models.blocks import C2f, Conv
 from detector.models.builder import build_model, make_divisible
-from detector.models.detection_model import DetectionModel, inference_copy
+from detector.models.detection_model import DetectionModel, inference_copy, refresh_inference_copy
 from detector.models.info import count_flops
 from detector.models.registry import MODULES
 from repo_paths import REPO_ROOT
@@ -274,6 +274,28 @@ def test_inference_copy_folds_every_conv_bn_keeps_the_outputs_and_leaves_the_mod
         expected = model(x)
         got = fused(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["yolo-ca-n", "yolov5n"])
+def test_a_refreshed_inference_copy_holds_what_a_new_copy_would(name: str) -> None:
+    """After the model trains on (weights and BN statistics move), refreshing its old copy gives a new copy's numbers
+    bit for bit; a copy of another model is refused and left as it was."""
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / f"{name}.yaml", nc=3).train()
+    copy = inference_copy(model)
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(4, 3, 96, 96) * 2 + 0.5)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    assert refresh_inference_copy(copy, model)
+    expected = inference_copy(model).state_dict()
+    got = copy.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    other = inference_copy(build_model(CONFIGS / ("yolov5n.yaml" if name == "yolo-ca-n" else "yolo-ca-n.yaml"), nc=3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    assert not refresh_inference_copy(other, model)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
 
 
 def test_inference_copy_passes_other_modules_through() -> None:
