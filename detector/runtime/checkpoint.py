@@ -87,24 +87,31 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 class CheckpointWriter:
-    """`save_checkpoint` with its second half in a background thread, for the trainer's checkpoint per epoch.
+    """`save_checkpoint` with its second half in a background thread, for the trainer's checkpoints of each epoch.
 
-    The state is serialized at once (so the caller may go on changing its tensors), into the temporary file; making
-    that file durable and renaming it (fsync, `os.replace`, fsync the folder: about half of a nano model's 0.24 s
-    save on an ext4 disk, and no CPU) overlaps the next epoch. Saves run one at a time: each waits for the one
-    before, and `wait` raises a background failure (a DetectorError naming the path, as `save_checkpoint` would).
-    A kill before the rename leaves the previous file and a temporary one the next run removes."""
+    The states are serialized at once (so the caller may go on changing their tensors), into temporary files;
+    making those durable and renaming them (fsync, `os.replace`, fsync the folder: about half of a nano model's
+    0.24 s save on an ext4 disk, and no CPU) overlaps the next epoch. Saves run one at a time: each waits for the
+    one before, and `wait` raises a background failure (a DetectorError naming the path, as `save_checkpoint`
+    would). A kill before a rename leaves the previous file and a temporary one the next run removes."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, path: Path, state: dict[str, Any], *, copies: tuple[Path, ...] = ()) -> None:
-        """Serialize `state` for `path` now; publish it, then `copy_checkpoint` it to each of `copies`, in the background."""
+    def save(self, files: dict[Path, dict[str, Any]], *, links: dict[Path, Path] | None = None) -> None:
+        """Serialize each state of `files` for its path now; in the background, rename them into place in that order,
+        then make each key of `links` a `copy_checkpoint` of its value (a hard link)."""
         self.wait()
-        path = Path(path)
-        tmp, context = _serialized(path, state)
-        self._thread = threading.Thread(target=self._publish, args=(tmp, context, path, copies), name=f"save {path.name}")
+        written: list[tuple[Path, str, Path]] = []
+        try:
+            for path, state in files.items():
+                written.append((*_serialized(Path(path), state), Path(path)))
+        except BaseException:
+            for tmp, _, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        self._thread = threading.Thread(target=self._publish, args=(written, links or {}), name="checkpoint writer")
         self._thread.start()
 
     def wait(self) -> None:
@@ -116,13 +123,17 @@ class CheckpointWriter:
         if error is not None:
             raise error
 
-    def _publish(self, tmp: Path, context: str, path: Path, copies: tuple[Path, ...]) -> None:
+    def _publish(self, written: list[tuple[Path, str, Path]], links: dict[Path, Path]) -> None:
         try:
-            _publish(tmp, context, path)
-            for copy in copies:
-                copy_checkpoint(path, copy)
+            for tmp, context, path in written:
+                _publish(tmp, context, path)
+            for path, source in links.items():
+                copy_checkpoint(source, path)
         except BaseException as err:  # handed to the thread that waits
             self._error = err
+        finally:
+            for tmp, _, _ in written:  # those a failure left unrenamed
+                tmp.unlink(missing_ok=True)
 
 
 def copy_checkpoint(source: Path, path: Path) -> None:

@@ -3,7 +3,7 @@
 One epoch = for each batch: schedule lr/momentum -> autocast forward -> loss -> backward (accumulated up to
 the nominal batch) -> unscale, clip, finite check, optimizer step -> EMA. After the epoch, rank 0 evaluates
 the EMA model (through the Evaluator, never a metric of its own), logs, and writes weights/last.pt (and
-best.pt, an inference file once the run ends) atomically; the other ranks wait at a barrier. Resume restores
+best.pt, the best epoch's weights as an inference file) atomically; the other ranks wait at a barrier. Resume restores
 model, EMA, optimizer, scaler, epoch and RNG states (which checkpoint, config and folder: `train.resume`); the LR
 is a pure function of (epoch, iteration), so it needs no state of its own.
 """
@@ -123,6 +123,7 @@ class Trainer:
         self.logger = None  # set in _build (rank 0); fit's cleanup must not fail when _build does
         self._held = contextlib.ExitStack()  # what `build` holds for the run and `close` lets go
         self._checkpoints = ckpt_io.CheckpointWriter()
+        self._best_saved = False  # this process wrote best.pt (an inference file from the start)
 
         if self.resume_ckpt is not None:
             self.run_dir = resumed_run_dir(Path(cfg.resume), self.resume_ckpt["run_dir"])
@@ -634,20 +635,26 @@ class Trainer:
         }
 
     def _save(self, epoch: int, *, is_best: bool) -> None:
-        """last.pt, and best.pt and the `save_period` copies as links to it; their fsync and renames overlap the next epoch."""
-        copies = [self.weights_dir / "best.pt"] if is_best else []
-        if self.cfg.save_period > 0 and (epoch + 1) % self.cfg.save_period == 0:
-            copies.append(self.weights_dir / f"epoch{epoch + 1}.pt")
-        self._checkpoints.save(self.weights_dir / "last.pt", self._checkpoint(epoch), copies=tuple(copies))
+        """last.pt; best.pt, when this epoch is the best, as an inference file (`inference_checkpoint`: what predict,
+        val, export and fine-tuning read; a resume reads last.pt), renamed into place before last.pt; the
+        `save_period` copies as links to last.pt. Their fsync and renames overlap the next epoch."""
+        full, weights = self._checkpoint(epoch), self.weights_dir
+        files = {weights / "best.pt": ckpt_io.inference_checkpoint(full)} if is_best else {}
+        files[weights / "last.pt"] = full
+        period = self.cfg.save_period
+        links = {weights / f"epoch{epoch + 1}.pt": weights / "last.pt"} if period > 0 and (epoch + 1) % period == 0 else {}
+        self._checkpoints.save(files, links=links)
+        self._best_saved |= is_best
 
     def _finish(self) -> None:
-        """best.pt becomes an inference file (`inference_checkpoint`; last.pt keeps what a resume needs), the curves
-        are plotted. Read back from disk only when the best epoch is not the last (its state is gone from memory)."""
+        """Make sure best.pt is an inference file (one a resumed run took over from an older version, or a run without a
+        best epoch, is made one here) and plot the curves."""
         self._checkpoints.wait()
         best = self.weights_dir / "best.pt"
-        in_memory = self.state.best_epoch == self.state.epoch or not best.exists()
-        full = self._checkpoint(self.state.epoch) if in_memory else ckpt_io.load_checkpoint(best)
-        ckpt_io.save_checkpoint(best, ckpt_io.inference_checkpoint(full))
+        if not self._best_saved:
+            full = ckpt_io.load_checkpoint(best) if best.exists() else self._checkpoint(self.state.epoch)
+            if full["optimizer"] is not None:
+                ckpt_io.save_checkpoint(best, ckpt_io.inference_checkpoint(full))
         if self.cfg.plots and self.logger is not None and self.logger.csv_path.exists():
             plot_results(self.logger.csv_path, self.run_dir / "plots" / "results.png")
         LOGGER.info("results in %s (best epoch %d, fitness %.4f)", self.run_dir, self.state.best_epoch + 1, self.state.best_fitness)

@@ -239,23 +239,25 @@ def test_copy_failure_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytes
 
 def test_a_background_save_keeps_the_state_of_the_call_and_publishes_it_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`save` returns with the bytes written but not yet durable nor renamed; tensors changed after it returns do
-    not reach the file; `wait` returns once last.pt and its copy (a link) are there."""
-    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    not reach the files; `wait` returns once they and the links are in place, renamed in the order given."""
+    last, best, kept = tmp_path / "last.pt", tmp_path / "best.pt", tmp_path / "epoch4.pt"
     released = threading.Event()
-    real_fsync = os.fsync
+    real_fsync, real_replace, renamed = os.fsync, os.replace, []
     monkeypatch.setattr(os, "fsync", lambda fd: (released.wait(10), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst).name), real_replace(src, dst)))
     state = _state(epoch=3)
     saved = {k: v.clone() for k, v in state["model"].items()}
     writer = ck.CheckpointWriter()
-    writer.save(last, state, copies=(best,))
-    assert not last.exists() and len(list(tmp_path.glob(".last.pt.tmp-*"))) == 1
+    writer.save({best: ck.inference_checkpoint(state), last: state}, links={kept: last})
+    assert not last.exists() and len(list(tmp_path.glob(".*.pt.tmp-*"))) == 2
     for value in state["model"].values():
         value.add_(1)
     released.set()
     writer.wait()
     loaded = ck.load_checkpoint(last)
     assert loaded["epoch"] == 3 and all(torch.equal(loaded["model"][k], v) for k, v in saved.items())
-    assert os.path.samefile(last, best) and sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    assert ck.load_checkpoint(best)["optimizer"] is None and os.path.samefile(last, kept)
+    assert renamed == ["best.pt", "last.pt", "epoch4.pt"] and sorted(os.listdir(tmp_path)) == ["best.pt", "epoch4.pt", "last.pt"]
 
 
 def test_a_background_save_waits_for_the_one_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,27 +265,28 @@ def test_a_background_save_waits_for_the_one_before(tmp_path: Path, monkeypatch:
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.3), real_fsync(fd)))
     writer = ck.CheckpointWriter()
-    writer.save(tmp_path / "last.pt", _state(epoch=1))
-    writer.save(tmp_path / "last.pt", _state(epoch=2))
+    writer.save({tmp_path / "last.pt": _state(epoch=1)})
+    writer.save({tmp_path / "last.pt": _state(epoch=2)})
     writer.wait()
     assert ck.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and os.listdir(tmp_path) == ["last.pt"]
 
 
-def test_a_background_failure_is_raised_once_by_wait_and_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_background_failure_is_raised_once_by_wait_and_keeps_the_previous_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """best.pt's rename fails: the error names it, and last.pt's new file (not renamed yet) is removed too."""
     path = tmp_path / "last.pt"
     writer = ck.CheckpointWriter()
-    writer.save(path, _state(epoch=1))
+    writer.save({path: _state(epoch=1)})
     writer.wait()
     monkeypatch.setattr(os, "fsync", _raises(OSError(errno.EIO, os.strerror(errno.EIO))))
-    writer.save(path, _state(epoch=2))  # the failure happens in the background
+    writer.save({tmp_path / "best.pt": _state(epoch=2), path: _state(epoch=2)})  # the failure happens in the background
     with pytest.raises(DetectorError) as info:
         writer.wait()
-    assert str(info.value).startswith(f"{path}: cannot write checkpoint (Input/output error) while writing about ")
-    assert str(info.value).endswith("MiB; any previous last.pt is left intact")
+    assert str(info.value).startswith(f"{tmp_path / 'best.pt'}: cannot write checkpoint (Input/output error) while writing about ")
+    assert str(info.value).endswith("MiB; any previous best.pt is left intact")
     writer.wait()  # raised once
     monkeypatch.undo()
     assert ck.load_checkpoint(path)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
-    writer.save(path, _state(epoch=3))
+    writer.save({path: _state(epoch=3)})
     writer.wait()
     assert ck.load_checkpoint(path)["epoch"] == 3
 

@@ -83,6 +83,27 @@ def test_best_pt_is_the_best_epochs_ema_whether_or_not_it_is_the_last(tiny_data:
     assert all(torch.equal(kept[k], v) for k, v in best["model"].items())
 
 
+def test_a_resumed_run_without_a_new_best_makes_an_older_versions_full_best_pt_an_inference_file(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Runs of earlier versions linked best.pt to a full last.pt and stripped it at the end; resumed by this version
+    with no better epoch to come, best.pt is stripped at the end as before."""
+    import shutil
+
+    import detector.infer.metrics as metrics_module
+
+    scores = iter([0.5, 0.1, 0.1])
+    monkeypatch.setattr(metrics_module, "fitness", lambda metrics: next(scores))
+    train(make_config(tiny_data, tmp_path, epochs="2", save_period="1"))
+    weights = tmp_path / "exp" / "weights"
+    ema0 = load_checkpoint(weights / "epoch1.pt")["ema"]["module"]
+    os.replace(weights / "epoch1.pt", weights / "last.pt")  # as if killed in epoch 1 (of 2)
+    shutil.copyfile(weights / "last.pt", weights / "best.pt")  # best.pt as an earlier version left it
+    train(make_config(tiny_data, tmp_path, resume=str(weights / "last.pt")))
+    best = load_checkpoint(weights / "best.pt")
+    assert best["optimizer"] is None and best["epoch"] == 0 and load_checkpoint(weights / "last.pt")["epoch"] == 1
+    assert all(torch.equal(ema0[k], v) for k, v in best["model"].items())
+
+
 def test_fraction_trains_on_a_fixed_share_and_validates_on_all(tiny_data: Path, tmp_path: Path):
     from detector.data.coco import fraction_indices
 
