@@ -27,6 +27,19 @@ from detector.data.spec import SplitSpec
 IN_ISOLATION = "DETECTOR_TEST_ISOLATED"  # set in the child process of the `isolated` tests
 ISOLATED_REPORT = "DETECTOR_TEST_ISOLATED_REPORT"  # where that child writes each test's outcome (JSON lines)
 ISOLATED_OUTCOMES = pytest.StashKey[dict[str, dict[str, str]]]()
+ISOLATED_GROUP = "isolated"  # their pytest-xdist group: xdist appends "@isolated" to their node ids
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`scripts/test.sh` runs two workers, `--dist loadgroup`): the `isolated` tests stay on one
+    worker, whose one child process runs them all, and so do the users of the session's `overfit_run` (one
+    training, not one per worker)."""
+    for item in items:
+        if item.get_closest_marker("isolated") is not None:
+            item.add_marker(pytest.mark.xdist_group(ISOLATED_GROUP))
+        elif "overfit_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("overfit"))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -42,7 +55,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if outcomes is None:
         outcomes = _run_isolated(pyfuncitem.session)
         pyfuncitem.session.stash[ISOLATED_OUTCOMES] = outcomes
-    outcome = outcomes.get(pyfuncitem.nodeid)
+    outcome = outcomes.get(_plain_nodeid(pyfuncitem))
     if outcome is None:
         pytest.fail(f"the isolated run reported nothing for {pyfuncitem.nodeid}:\n{outcomes.get('', {}).get('text', '')}",
                     pytrace=False)
@@ -53,10 +66,15 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+def _plain_nodeid(item: pytest.Item) -> str:
+    """The node id the child pytest knows (without the xdist group suffix)."""
+    return item.nodeid.removesuffix(f"@{ISOLATED_GROUP}")
+
+
 def _run_isolated(session: pytest.Session) -> dict[str, dict[str, str]]:
     """nodeid -> {outcome, text} of every selected `isolated` test, run in one child pytest process; key '' holds
     the child's output tail (what explains a test it never reported, after a crash)."""
-    nodeids = [item.nodeid for item in session.items if item.get_closest_marker("isolated") is not None]
+    nodeids = [_plain_nodeid(item) for item in session.items if item.get_closest_marker("isolated") is not None]
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "outcomes.jsonl"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids]
