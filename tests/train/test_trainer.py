@@ -68,7 +68,7 @@ def test_two_epochs_leave_a_complete_run_folder(tiny_data: Path, tmp_path: Path)
 @pytest.mark.parametrize("fitnesses", [(0.5, 0.1), (0.1, 0.5)], ids=["first-best", "last-best"])
 def test_best_pt_is_the_best_epochs_ema_whether_or_not_it_is_the_last(tiny_data: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch, fitnesses):
-    """The run's end writes best.pt from the file of an earlier best epoch, or from memory when the last one is best."""
+    """best.pt holds the best epoch's EMA weights as an inference file, whether that epoch is the first or the last."""
     import detector.infer.metrics as metrics_module
 
     scores = iter(fitnesses)
