@@ -101,12 +101,15 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     @torch.no_grad()
+    def folded_weights(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The conv's weight and bias with its BatchNorm2d's eval statistics folded in (what `fuse` installs)."""
+        bn = self.bn
+        return fuse_conv_bn_weights(self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+
     def fuse(self) -> None:
         """Fold the BN (eval statistics) into the conv's weight and bias: same output in eval mode, one op fewer."""
         if isinstance(self.bn, nn.BatchNorm2d):
-            bn = self.bn
-            self.conv.weight, self.conv.bias = fuse_conv_bn_weights(
-                self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            self.conv.weight, self.conv.bias = self.folded_weights()
             self.bn = nn.Identity()
 
 

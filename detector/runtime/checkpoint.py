@@ -111,7 +111,7 @@ class CheckpointWriter:
             for tmp, _, _ in written:
                 tmp.unlink(missing_ok=True)
             raise
-        self._thread = threading.Thread(target=self._publish, args=(written, links or {}), name="checkpoint writer")
+        self._thread = threading.Thread(target=self._publish_all, args=(written, links or {}), name="checkpoint writer")
         self._thread.start()
 
     def wait(self) -> None:
@@ -123,7 +123,7 @@ class CheckpointWriter:
         if error is not None:
             raise error
 
-    def _publish(self, written: list[tuple[Path, str, Path]], links: dict[Path, Path]) -> None:
+    def _publish_all(self, written: list[tuple[Path, str, Path]], links: dict[Path, Path]) -> None:
         try:
             for tmp, context, path in written:
                 _publish(tmp, context, path)
