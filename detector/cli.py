@@ -121,7 +121,7 @@ def _env(overrides: dict[str, str]) -> None:
 BENCHES: dict[str, tuple[type, str]] = {
     "models": (BenchModelsOptions, "parameters, GFLOPs, eval and train images/s of model configs (prints a table)"),
     "data": (BenchDataOptions, "train-pipeline images/s per imgsz, workers and mosaic (prints a table)"),
-    "train": (BenchTrainOptions, "model-only and end-to-end training images/s and their ratio (prints a table)"),
+    "train": (BenchTrainOptions, "convolutions-only, model-only and end-to-end training images/s and their ratio (prints a table)"),
     "val": (BenchValOptions, "validation ms per image by stage, and the COCO metric's speed (prints a table)"),
     "amp": (BenchAmpOptions, "bf16 autocast against fp32 training, next to the seed-to-seed noise (prints a table)"),
     "export": (BenchExportOptions, "batch-1 CPU latency of PyTorch (fused), onnxruntime, OpenVINO, OpenCV DNN (prints a table)"),

@@ -24,9 +24,8 @@ from detector.viz.tables import format_table
 MODES = {"fp32": (None, False), "fp32-cl": (None, True), "bf16-cl": (torch.bfloat16, True)}
 
 
-def images_per_second(step: Callable[[], None], images: int, *, iters: int, warmup: int,
-                      device: torch.device) -> float:
-    """Run `step` warmup + iters times; images/s of the fastest timed iteration (robust on a shared machine)."""
+def fastest_seconds(step: Callable[[], object], *, iters: int, warmup: int, device: torch.device) -> float:
+    """Run `step` warmup + iters times; the seconds of the fastest timed iteration (robust on a shared machine)."""
     for _ in range(warmup):
         step()
     best = float("inf")
@@ -34,7 +33,13 @@ def images_per_second(step: Callable[[], None], images: int, *, iters: int, warm
         start = device_clock(device)
         step()
         best = min(best, device_clock(device) - start)
-    return images / best
+    return best
+
+
+def images_per_second(step: Callable[[], None], images: int, *, iters: int, warmup: int,
+                      device: torch.device) -> float:
+    """Images/s of the fastest of `iters` timed runs of `step` (after `warmup` untimed ones)."""
+    return images / fastest_seconds(step, iters=iters, warmup=warmup, device=device)
 
 
 def measure(model: torch.nn.Module, mode: str, *, imgsz: int, batch: int, iters: int, warmup: int,

@@ -1,6 +1,9 @@
 """`detector bench train`: end-to-end training throughput next to the model-only rate.
 
-For each config, three rates:
+For each config, four rates:
+- convolutions only: each of the model's convolutions timed alone, forward and backward, at its training input's
+  shape, format and autocast dtype (`conv_floor`): no step can beat it, and its distance from the model-only rate
+  is what the rest of the step (BatchNorm, activations, the loss, the optimizer) costs;
 - model only: forward + loss + backward + SGD step on one fixed random batch, no data loading (compares models);
 - held batch: the trainer's own epoch loop (its AdamW step, accumulation, clipping, EMA, progress bar) fed the
   train loader's first batch over and over, no loader running: the real run without its data loading;
@@ -15,8 +18,9 @@ GFLOPs x (256/640)^2 = 40 GFLOP/s).
 `data=<dataset YAML>` times a real dataset instead of the generated set, and `profile=true` also splits the
 end-to-end run's main process into the trainer's stages (its `record_function` ranges: the wait for the loader,
 forward, loss + assignment, backward, optimizer step + EMA, progress + logging), which shows where the time
-around the model goes. `device=` runs all three on one GPU (the model-only loop synchronizes it around each
-timed step; fp16 goes through a GradScaler as in training) and `compile=true` compiles the model in each, untimed.
+around the model goes. `device=` runs all four on one GPU (the model-only loop synchronizes it around each
+timed step; fp16 goes through a GradScaler as in training) and `compile=true` compiles the model in the last
+three, untimed (the convolutions are timed eager).
 
 Options (key=value): `detector.options.BenchTrainOptions`; `detector bench train --help` lists them with their
 defaults and ranges.
@@ -46,6 +50,7 @@ from detector.models.info import count_flops
 from detector.options import BenchTrainOptions
 from detector.runtime.device import autocast_dtype, device_clock, needs_grad_scaler, select_device
 from detector.runtime.machine import describe_machine
+from detector.tools.bench.conv_floor import conv_floor_rate
 from detector.train.loss import build_loss
 from detector.train.trainer import Trainer, train
 from detector.viz.logger import read_results
@@ -83,6 +88,15 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: 
         if i >= 2:
             best = min(best, device_clock(device) - start)
     return batch / best
+
+
+def conv_floor(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: BenchTrainOptions,
+               device: torch.device) -> float:
+    """Images/s of the model's convolutions alone at the benchmark's batch, format and autocast dtype."""
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    model = build_model(model_path, nc=nc).to(device, memory_format=fmt)
+    images = torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
+    return conv_floor_rate(model, images, autocast_dtype(device, opts.amp))
 
 
 def device_label(device: torch.device) -> str:
@@ -177,17 +191,18 @@ def main(opts: BenchTrainOptions) -> None:
         for name in opts.configs:
             path = resolve_model_path(name)
             gflops = count_flops(build_model(path, nc=nc), imgsz)
+            floor_rate = conv_floor(path, nc=nc, imgsz=imgsz, batch=batch, opts=opts, device=device)
             model_rate = model_only_rate(path, nc=nc, imgsz=imgsz, batch=batch, opts=opts, device=device)
             held_rate = held_batch_rate(name, data_yaml, Path(tmp) / "runs", opts)
             e2e_rate, profiles[name] = end_to_end_rate(name, data_yaml, Path(tmp) / "runs", opts, images)
-            rows.append([name, round(gflops, 2), round(model_rate, 1), round(held_rate, 1), round(e2e_rate, 1),
+            rows.append([name, round(gflops, 2), round(floor_rate, 1), round(model_rate, 1), round(held_rate, 1), round(e2e_rate, 1),
                          round(e2e_rate / held_rate, 2), round(e2e_rate * gflops, 1)])
     workers = resolve_workers(opts.workers, batch_size=batch)
     print(f"\ntraining throughput, imgsz {imgsz}, batch {batch}, workers {workers} ({opts.worker_priority} priority), "
           f"cache {opts.cache or 'off'}, amp {opts.amp}, channels_last {opts.channels_last}, compile {opts.compile}, "
           f"device {device_label(device)}, {torch.get_num_threads()} threads, data {opts.data or 'generated shapes'}")
     print(describe_machine().summary())
-    headers = ["config", f"GFLOPs@{imgsz}", "model img/s", "held-batch img/s", "end-to-end img/s", "loader efficiency", "GFLOP/s"]
+    headers = ["config", f"GFLOPs@{imgsz}", "convolutions img/s", "model img/s", "held-batch img/s", "end-to-end img/s", "loader efficiency", "GFLOP/s"]
     print(format_table(headers, rows, floatfmt=".2f"))
     for name, stages in profiles.items():
         if stages:
