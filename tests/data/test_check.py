@@ -12,6 +12,7 @@ from PIL import Image
 from detector.config import load_options
 from detector.data.check import PALETTE, data_check, draw_batch, label_stats
 from detector.data.coco import CocoDataset
+from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
 from detector.runtime.machine import describe_machine
@@ -28,6 +29,25 @@ def test_data_check_prints_statistics_and_saves_previews(make_data_yaml, tmp_pat
     assert [p.name for p in pngs] == ["train_batch0.png", "train_batch1.png"]
     assert Image.open(pngs[0]).size == (4 * 64, 64)
     assert "[val] scan of" in (tmp_path / "check" / "check.txt").read_text()
+
+
+def test_each_preview_batch_draws_distinct_images_and_a_small_set_whole(make_data_yaml, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preview batch never shows one image twice; asked for more images than the set has, it shows each once."""
+    from detector.data import check
+
+    drawn: list[list[int]] = []
+    monkeypatch.setattr(check, "draw_batch",
+                        lambda batch, names, path: drawn.append([m["image_id"] for m in batch["meta"]]))
+    data = make_data_yaml()
+    images = len(CocoDataset(load_data_spec(data).train))
+    assert check.data_check(data, save_dir=tmp_path / "small", imgsz=64, batches=3, batch_size=16) == 0
+    assert len(drawn) == 3 and all(sorted(ids) == sorted(drawn[0]) and len(ids) == images for ids in drawn)
+    assert len(set(drawn[0])) == images
+    drawn.clear()
+    assert check.data_check(data, save_dir=tmp_path / "part", imgsz=64, batches=4, batch_size=images - 1, seed=1) == 0
+    assert all(len(set(ids)) == images - 1 for ids in drawn)
+    assert len({tuple(ids) for ids in drawn}) > 1  # each batch its own draw
 
 
 def _three_boxes(data: dict) -> None:

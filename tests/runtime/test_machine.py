@@ -30,6 +30,8 @@ def test_cpu_name_is_the_model_name_lscpu_prints(monkeypatch: pytest.MonkeyPatch
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13 \nflags\t: avx2\n")
     monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
     assert machine.cpu_name() == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: QEMU Virtual CPU version 2.5+: host-passthrough\n")
+    assert machine.cpu_name() == "QEMU Virtual CPU version 2.5+: host-passthrough"  # a colon inside the name stays
     monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")  # macOS, Windows: the platform's word
     monkeypatch.setattr(machine.platform, "processor", lambda: "arm")
     assert machine.cpu_name() == "arm"
