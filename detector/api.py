@@ -373,7 +373,8 @@ class Detector:
                                   idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names)
         if self.weights is not None:
             _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
-        LOGGER.info("val: %s (%s split, %d px, %s)", split.annotations, opts.split, imgsz, device)
+        LOGGER.info("val: %s (%s split, %d px, %s)\n%s", split.annotations, opts.split, imgsz, device,
+                    loader.dataset.coco.summary)
         return loader
 
     def _predict_in_memory(self, predictor: Any, images: ImageInput, batch: int) -> list[dict[str, Any]]:

@@ -102,7 +102,7 @@ class ScanSummary:
             f"scan of {self.annotations} (images in {self.images_dir})",
             f"  images  {self.images_listed:,} listed, {self.images_used:,} used{share} "
             f"({self.negatives:,} negatives without boxes), {self.images_skipped:,} skipped",
-            f"  boxes   {self.boxes_kept:,} kept for training, {self.crowd_kept:,} crowd (evaluation only), "
+            f"  boxes   {self.boxes_kept:,} kept, {self.crowd_kept:,} crowd (never trained on: ignore regions in scoring), "
             f"{self.boxes_clipped:,} of these clipped, {self.boxes_dropped:,} dropped",
         ]
         for kind, items in self.problems.items():

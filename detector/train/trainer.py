@@ -184,6 +184,7 @@ class Trainer:
             try:
                 self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
                                                     strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names)
+                LOGGER.info("val: %s\n%s", self.data.val.annotations, self._val_loader.dataset.coco.summary)
             except DetectorError as err:
                 refused = err
         if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective

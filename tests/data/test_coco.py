@@ -636,4 +636,4 @@ def test_a_clipped_crowd_box_is_not_counted_as_a_clipped_training_box(make_coco)
 
     ds = CocoDataset(make_coco(mutate=crowd_past_the_border))
     line = next(ln for ln in str(ds.summary).splitlines() if ln.lstrip().startswith("boxes"))
-    assert f"{ds.summary.boxes_kept} kept for training, 1 crowd (evaluation only), 1 of these clipped" in line
+    assert f"{ds.summary.boxes_kept} kept, 1 crowd (never trained on: ignore regions in scoring), 1 of these clipped" in line

@@ -193,6 +193,44 @@ def test_a_refusal_with_read_only_json_folders_leaves_no_run_folder(make_data_ya
     assert len(CocoDataset(load_data_spec(data).train, cache_dir=scans_cache_dir())) == 6
 
 
+# ------------------------------------------------------------------------------------------ rows 1 and 7, val split
+
+
+def _break_val_split(data: Path) -> tuple[Path, Path]:
+    """Cut the end off one val image and point one val annotation at an unknown category: (image, val json)."""
+    val_json = data.parent / "val" / "instances.json"
+    coco = json.loads(val_json.read_text())
+    victim = data.parent / "val" / "images" / coco["images"][1]["file_name"]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    coco["annotations"][-1]["category_id"] = 42
+    val_json.write_text(json.dumps(coco))
+    return victim, val_json
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_what_the_scans_skipped_is_named_by_train_and_val(make_data_yaml, untrained_checkpoint: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """A val image or box the scan leaves out changes the metric: `detector train` prints both splits' summaries and
+    `detector val` the val split's, each naming every item left out."""
+    data = make_data_yaml()
+    victim, val_json = _break_val_split(data)
+    train_victim = next((data.parent / "train" / "images").iterdir())
+    train_victim.write_bytes(train_victim.read_bytes()[:-100])
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    assert main(["train", *args]) == 0
+    trained = capsys.readouterr().out
+    train_scan = trained[trained.index(f"scan of {data.parent / 'train' / 'instances.json'}"):trained.index(f"scan of {val_json}")]
+    assert f"warning unreadable image: 1 ({train_victim}" in train_scan
+    assert main(["val", f"weights={untrained_checkpoint}", f"data={data}", "imgsz=64", "workers=0", "plots=false",
+                 f"project={tmp_path / 'val'}"]) == 0
+    validated = capsys.readouterr().out
+    for out in (trained, validated):
+        scan = out[out.index(f"scan of {val_json}"):]
+        assert f"warning unreadable image: 1 ({victim}" in scan
+        assert "warning unknown category id: 1 (annotation " in scan and "category_id 42" in scan
+        assert out.count(f"scan of {val_json}") == 1
+
+
 # ------------------------------------------------------------------------------------------ row 21
 
 
