@@ -252,9 +252,10 @@ def test_faster_backend_gives_the_same_numbers() -> None:
     assert [fast[k] for k in COCO_KEYS] == pytest.approx([slow[k] for k in COCO_KEYS], abs=1e-4)
 
 
-def test_zero_detections_give_zeros_and_an_empty_predictions_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["pycocotools", "auto"])
+def test_zero_detections_give_zeros_and_an_empty_predictions_file(tmp_path: Path, backend: str) -> None:
     loader, model = fake_setup()
-    evaluator = Evaluator(loader, conf=1.0)  # score 1.0 is not > conf 1.0
+    evaluator = Evaluator(loader, conf=1.0, backend=backend)  # score 1.0 is not > conf 1.0
     result = evaluator.run(model)
     save_results(result, tmp_path, plots=False)
     metrics = result.metrics
