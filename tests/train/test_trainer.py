@@ -18,7 +18,7 @@ import torch
 from detector.config import TrainConfig, load_train_config
 from detector.data.transforms import to_model_input
 from detector.errors import DetectorError, TrainingDiverged
-from detector.runtime.checkpoint import CheckpointWriter, load_checkpoint
+from detector.runtime.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
 from repo_paths import REPO_ROOT
@@ -102,6 +102,24 @@ def test_a_resumed_run_without_a_new_best_makes_an_older_versions_full_best_pt_a
     best = load_checkpoint(weights / "best.pt")
     assert best["optimizer"] is None and best["epoch"] == 0 and load_checkpoint(weights / "last.pt")["epoch"] == 1
     assert all(torch.equal(ema0[k], v) for k, v in best["model"].items())
+
+
+def test_a_resume_restores_the_gradient_scalers_state(tiny_data: Path, tmp_path: Path):
+    """An fp16 run's GradScaler comes back with its scale and growth count (a fresh scale of 65,536 would overflow
+    and skip steps again). The scaler is off on a CPU: an enabled CPU GradScaler stands in for CUDA's."""
+    train(make_config(tiny_data, tmp_path, epochs="2", save_period="1"))
+    weights = tmp_path / "exp" / "weights"
+    ckpt = dict(load_checkpoint(weights / "epoch1.pt"))  # as if killed in epoch 1 (of 2)
+    ckpt["scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 7}
+    save_checkpoint(weights / "last.pt", ckpt)
+    trainer = Trainer(make_config(tiny_data, tmp_path, resume=str(weights / "last.pt")))
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    try:
+        trainer.build()
+        assert trainer.scaler.get_scale() == 1024.0 and trainer.scaler.state_dict()["_growth_tracker"] == 7
+    finally:
+        trainer.close()
 
 
 def test_fraction_trains_on_a_fixed_share_and_validates_on_all(tiny_data: Path, tmp_path: Path):
