@@ -59,6 +59,26 @@ def test_image_corrupted_after_the_scan_is_a_one_line_error_from_a_worker_under_
     assert message.startswith(f"cannot read image {victim} (changed since the scan?)") and "\n" not in message
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_gone_after_the_scan_stops_with_one_line_not_an_endless_search(make_coco, workers: int) -> None:
+    """Every image deleted after the scan (a moved dataset): the substitutes run out after MAX_SUBSTITUTES in a row,
+    in the main process or a worker, with one line naming the last file tried."""
+    from detector.data.loader import MAX_SUBSTITUTES
+
+    split = make_coco()
+    loader = build_train_loader(split, imgsz=64, batch_size=3, workers=workers, hyp=NO_MOSAIC, seed=0, cache="")
+    for image in split.images.iterdir():
+        image.unlink()
+    with pytest.raises(DetectorError) as info:
+        next(iter(loader))
+    shut_down_workers(loader)
+    message = str(info.value)
+    assert re.fullmatch(rf"{MAX_SUBSTITUTES} images in a row unreadable, last {re.escape(str(split.images))}/img00\d\.jpg; "
+                        r"was the dataset moved\?", message)
+    if workers == 0:  # (a worker's list stays in the worker)
+        assert loader.dataset.failed_files and all(f.startswith(str(split.images)) for f in loader.dataset.failed_files)
+
+
 # ------------------------------------------------------------------------------------------ rows 2 and 8 (what is named)
 
 
