@@ -54,7 +54,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise UnknownNameError(f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}") from None
+            names = self.names()
+            raise UnknownNameError(f"unknown {self.kind} '{name}'{did_you_mean(name, names)}; "
+                                   f"valid: {', '.join(names)}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

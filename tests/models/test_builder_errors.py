@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from detector.errors import DetectorError
+from detector.models.attention import ATTENTIONS
 from detector.models.builder import build_model
+from detector.models.registry import MODULES
 from repo_paths import REPO_ROOT
 
 BASE = (REPO_ROOT / "configs" / "models" / "yolov5n.yaml").read_text()
@@ -40,11 +42,13 @@ def test_row_and_key_errors_name_the_line(tmp_path: Path) -> None:
         build_model(path)
 
 
-def test_unknown_module_suggests(tmp_path: Path) -> None:
+def test_unknown_module_suggests_and_lists_the_valid_names(tmp_path: Path) -> None:
+    valid = "; valid: " + ", ".join(MODULES.names())
     text = BASE.replace("[-1, 3, C3, [128]]", "[-1, 3, C3F, [128]]")
-    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C3F' (did you mean 'C3'?)"
+    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C3F' (did you mean 'C3'?)" + valid
     text = BASE.replace("[-1, 3, C3, [128]]", "[-1, 3, C2F, [128]]")
-    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C2F' (did you mean 'C2f'?)"
+    assert fails(tmp_path, text) == "backbone[2]: unknown module 'C2F' (did you mean 'C2f'?)" + valid
+    assert all(name in valid for name in ("Conv", "C2f", "CA_C2f", "SPPF", "DecoupledDetect"))
 
 
 def test_from_points_forward(tmp_path: Path) -> None:
@@ -90,7 +94,8 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 
 
 def test_unknown_attention_override(tmp_path: Path) -> None:
-    assert fails(tmp_path, BASE, attention="cbma") == "attention: unknown attention 'cbma' (did you mean 'cbam'?)"
+    assert fails(tmp_path, BASE, attention="cbma") == ("attention: unknown attention 'cbma' (did you mean 'cbam'?); "
+                                                       f"valid: {', '.join(ATTENTIONS.names())}")
     assert fails(tmp_path, BASE, attention_at="inside").startswith("attention_at: 'inside' is not one of output")
 
 
