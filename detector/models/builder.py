@@ -402,14 +402,27 @@ def _usage(entry: RowModule) -> str:
     for p in params[fed:]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             shown.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
-    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in ("attention", "attention_at")]
-    return f"[{', '.join(shown)}]" + (f" + keywords {{{', '.join(keywords)}}}" if keywords else "")
+    return f"[{', '.join(shown)}]" + (f" + keywords {{{', '.join(_row_keywords(entry))}}}" if _row_keywords(entry) else "")
+
+
+def _row_keywords(entry: RowModule) -> list[str]:
+    """The keywords a row of `entry` may set in its args mapping; `attention`/`attention_at` only where the module
+    takes them as the file's keys do."""
+    taken = {"attention": entry.attention, "attention_at": entry.attention_at}
+    return [p.name for p in inspect.signature(entry.factory).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and taken.get(p.name, True)]
 
 
 def _construct(entry: RowModule, call: list, kwargs: dict, where: str, row_args: list) -> nn.Module:
     try:
         inspect.signature(entry.factory).bind(*call, **kwargs)
     except TypeError as err:
+        params = list(inspect.signature(entry.factory).parameters.values())[len(call):]
+        named = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] + _row_keywords(entry)
+        unknown = next((key for key in kwargs if key not in named), None)
+        if unknown is not None and "unexpected keyword" in str(err):
+            raise DetectorError(f"{where}: {entry.name}: unknown keyword '{unknown}'{did_you_mean(unknown, named)}"
+                                f"; args are {_usage(entry)}") from None
         raise DetectorError(f"{where}: {entry.name} {row_args}: {err}; args are {_usage(entry)}") from None
     try:
         return entry.factory(*call, **kwargs)

@@ -132,6 +132,18 @@ def test_bad_row_keyword(tmp_path: Path) -> None:
     assert "unexpected keyword argument 'attention_at'" in fails(tmp_path, text)
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ("[-1, 3, AttnC2f, [128, True, {atention: cbam}]]",
+     "backbone[2]: AttnC2f: unknown keyword 'atention' (did you mean 'attention'?); "
+     "args are [c_out, shortcut=False, g=1, e=0.5] + keywords {attention, attention_at}"),
+    ("[-1, 3, C2f, [128, {shortcutt: true}]]",
+     "backbone[2]: C2f: unknown keyword 'shortcutt' (did you mean 'shortcut'?); args are [c_out, shortcut=False, g=1, e=0.5]"),
+])
+def test_a_misspelt_row_keyword_is_named_with_a_suggestion_and_the_keywords_the_row_takes(tmp_path: Path, row: str,
+                                                                                         message: str) -> None:
+    assert fails(tmp_path, BASE.replace("[-1, 3, C3, [128]]", row)) == message
+
+
 def test_missing_file() -> None:
     with pytest.raises(DetectorError):
         build_model("configs/models/does-not-exist.yaml")
