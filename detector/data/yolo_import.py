@@ -291,6 +291,16 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
     return {"images": images, "annotations": annotations, "categories": categories}, stats
 
 
+def _convert_labelled(source: YoloSource, split: str) -> tuple[dict[str, Any], SplitStats]:
+    """`convert_split` of one of `source`'s splits; a split without a single box is refused here, naming the user's
+    data.yaml and label folder rather than the converted json it would become (a file of ours)."""
+    coco, stats = convert_split(source.splits[split], source.names)
+    if stats.boxes == 0:
+        labels = label_path(source.splits[split].files[0]).parent
+        raise DetectorError(f"{source.yaml_path}: '{split}': no labelled images ({stats}); labels are read from {labels}")
+    return coco, stats
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -309,7 +319,7 @@ def convert_yolo_dataset(data_yaml: Path, out: Path | None = None) -> YoloConver
     out = Path(out).resolve() if out else source.yaml_path.parent
     annotations, stats, entries = {}, {}, {}
     for split in SPLITS:
-        coco, stats[split] = convert_split(source.splits[split], source.names)
+        coco, stats[split] = _convert_labelled(source, split)
         annotations[split] = out / f"instances_{split}.json"
         _write_json_atomic(annotations[split], coco)
         entries[split] = {"images": os.path.relpath(source.splits[split].images_dir, out),
@@ -347,7 +357,7 @@ def load_yolo_spec(path: Path, data: dict[str, Any], lines: dict[str, int]) -> D
         key = _source_key(source, split)
         if manifest.get(split) != key or not annotations.is_file():
             reason = "first use" if split not in manifest else "images or labels changed"
-            coco, stats = convert_split(source.splits[split], source.names)
+            coco, stats = _convert_labelled(source, split)
             _write_json_atomic(annotations, coco)
             manifest = {**manifest, split: key}
             _write_json_atomic(manifest_file, manifest)

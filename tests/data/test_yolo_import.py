@@ -308,6 +308,51 @@ def test_rows_reaching_the_image_edge_convert_with_their_area(tmp_path: Path) ->
     assert boxes[1][0] == pytest.approx([40.0, 0.0, 40.0, 60.0]) and boxes[1][1] == pytest.approx(40.0 * 60.0)
 
 
+def test_a_row_past_the_edge_by_float_rounding_converts_and_trains(tmp_path: Path) -> None:
+    """RELIABILITY row 10 in Ultralytics form: cx + w / 2 = 1.0000001 is a box to the right edge, not an error."""
+    from detector.config import TrainConfig
+    from detector.data.loader import TrainDataset
+
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.9 0.5 0.2000002 0.2\n"})
+    x, _, w, _ = json.loads(convert_yolo_dataset(path).annotations["train"].read_text())["annotations"][0]["bbox"]
+    assert x + w == pytest.approx(80.0, abs=1e-4)
+    train = CocoDataset(load_data_spec(path).train)
+    assert (train.summary.boxes_kept, train.summary.boxes_dropped) == (1, 0)
+    labels = TrainDataset(train, imgsz=64, hyp=TrainConfig(mosaic=0.0), seed=0)[0]["labels"]
+    assert labels.shape == (1, 5) and bool(((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all())
+
+
+def test_a_split_without_a_box_or_an_image_names_the_users_files(tmp_path: Path) -> None:
+    """RELIABILITY row 13 in Ultralytics form: the error names the data.yaml and the label or image folder, not
+    the converted json (a file of ours the user never made)."""
+    path = write_yolo(tmp_path / "unlabelled", {"a": "", "b": None})
+    labels = tmp_path / "unlabelled" / "labels" / "train"
+    message = (rf"^{path}: 'train': no labelled images \(2 images \(2 negatives, 1 without a label file\), 0 boxes "
+               rf"\(0 from polygons\)\); labels are read from {labels}$")
+    with pytest.raises(DetectorError, match=message):
+        load_data_spec(path)
+    with pytest.raises(DetectorError, match=message):
+        convert_yolo_dataset(path)
+    path = write_yolo(tmp_path / "empty", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    (tmp_path / "empty" / "images" / "val" / "a.jpg").unlink()
+    with pytest.raises(DetectorError, match=rf"^{path}:3: 'val': no images \(.*\) in images/val$"):
+        load_data_spec(path)
+
+
+def test_a_download_script_in_an_ultralytics_yaml_is_never_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """RELIABILITY row 21 where real download scripts live: Ultralytics data.yaml files."""
+    marker = tmp_path / "downloaded"
+    script = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')"
+    for download in (f"touch {marker}", f"|\n  {script}"):
+        path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n"}, extra=f"download: {download}\n")
+        with caplog.at_level(logging.WARNING, logger="detector"):
+            CocoDataset(load_data_spec(path).train)
+            convert_yolo_dataset(path)
+        assert "'download' is ignored" in caplog.text
+        caplog.clear()
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientations_that_transpose_swap_width_and_height(tmp_path: Path, orientation: int) -> None:
     """EXIF 5-8 turn the stored image a quarter (5, 7 also mirror it), 1-4 keep its axes."""
