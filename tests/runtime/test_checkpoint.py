@@ -83,6 +83,41 @@ def test_round_trip(tmp_path: Path) -> None:
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a folder is fsynced only on POSIX")
+@pytest.mark.parametrize("write", ["save", "link", "copy"])
+def test_the_file_is_synced_before_its_rename_and_the_folder_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   write: str) -> None:
+    """Power lost right after a save must find either the old or the whole new file under the name: the bytes reach
+    the disk before the rename, and the rename itself (the folder's entry) reaches it before the call returns."""
+    import stat
+
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(tmp_path / "source.pt", _state())
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: os.PathLike, dst: os.PathLike) -> None:
+        calls.append(f"rename to {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    def no_links(*_: object) -> None:
+        raise OSError(errno.EXDEV, "no hard links here")
+
+    if write == "save":
+        ck.save_checkpoint(path, _state())
+    else:
+        if write == "copy":
+            monkeypatch.setattr(os, "link", no_links)
+        ck.copy_checkpoint(tmp_path / "source.pt", path)
+    assert calls == ["fsync file", "rename to last.pt", "fsync folder"]
+
+
 def test_overwrite_replaces(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     ck.save_checkpoint(path, _state(epoch=0))
