@@ -57,7 +57,10 @@ def load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     planned = resumed.epochs if "epochs" in given else ckpt["train_state"].get("epochs") or resumed.epochs
     ckpt["train_state"]["epochs"] = planned
     if ckpt["epoch"] + 1 >= planned:
-        raise DetectorError(f"resume: {path} already finished all {planned} epochs; nothing to resume (pass epochs=N to train longer)")
+        done = (f"stopped early (patience={resumed.patience}) after {planned} of {resumed.epochs} epochs"
+                if ckpt["train_state"].get("stopped_early") else f"already finished all {planned} epochs")
+        raise DetectorError(f"resume: {path} {done}; nothing to resume (pass epochs=N to train longer)")
+    ckpt["train_state"]["stopped_early"] = False  # a longer plan given now continues it
     return resumed, ckpt
 
 

@@ -57,6 +57,7 @@ class TrainState:
     nonfinite_total: int = 0
     time_s: float = 0.0  # wall time of the run up to the last checkpoint (a `time` budget spans resumes)
     epochs: int = 0  # the planned epoch count: cfg.epochs, or what a `time` budget refitted it to (the config stays)
+    stopped_early: bool = False  # `patience` ended the plan at `epochs`
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -367,9 +368,6 @@ class Trainer:
                 losses, nonfinite, seen, unreadable = self.train_epoch(epoch)
                 elapsed = time.perf_counter() - started
                 metrics = self._end_epoch(epoch, losses, nonfinite, elapsed, seen * self.dist.world_size / elapsed, unreadable) or metrics  # all ranks' images
-                if broadcast_flag(self.dist, self._should_stop(epoch)):
-                    LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch)
-                    break
                 epoch += 1
             if self.dist.is_main:
                 self._finish()
@@ -532,27 +530,14 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor, nonfinite: int, epoch_time: float, images_per_s: float, unreadable: set[str]) -> dict | None:
         """Rank 0: evaluate the EMA model, log, save last/best; other ranks wait (and return None)."""
-        result, metrics = None, None
+        metrics = None
         final = epoch + 1 == self.epochs
         budgeted = self.cfg.time > 0 and not final  # the epoch count is refitted after every epoch but the last
         if self.dist.is_main:
-            from detector.infer.metrics import fitness
-
-            val_started = time.perf_counter()
-            if (epoch + 1) % self.cfg.val_interval == 0 or final:
-                result = self._validate(epoch, final=final)
-            if budgeted:
-                self._fit_to_budget(epoch, epoch_time + time.perf_counter() - val_started)
-                if self.epochs == epoch + 1:  # the budget holds no further epoch: this one was the last
-                    final = True
-                    result = self._validate(epoch, final=True, done=result)
-            val_time = time.perf_counter() - val_started
+            result, fit, val_time = self._evaluate_epoch(epoch, epoch_time, final=final, budgeted=budgeted)
             metrics = result.metrics if result is not None else None
-            fit = None
-            if metrics is not None:
-                fit = fitness(metrics)
-                if fit > self.state.best_fitness:
-                    self.state.best_fitness, self.state.best_epoch = fit, epoch
+            if fit is not None and fit > self.state.best_fitness:
+                self.state.best_fitness, self.state.best_epoch = fit, epoch
             lr = self.optimizer.param_groups[0]["lr"]
             self.logger.epoch(epoch, losses, lr, metrics, fit, epoch_time, nonfinite, len(unreadable), val_time)
             if unreadable:
@@ -567,10 +552,33 @@ class Trainer:
         else:
             self.state.epoch = epoch
         barrier(self.dist)
-        if budgeted:
+        if budgeted or self.cfg.patience > 0:  # the plan rank 0 refitted or ended, for every rank
             self.state.epochs = broadcast_int(self.dist, self.state.epochs)
+        if budgeted:
             self.schedule = replace(self.schedule, epochs=self.epochs)
         return metrics
+
+    def _evaluate_epoch(self, epoch: int, epoch_time: float, *, final: bool,
+                        budgeted: bool) -> tuple[EvalResult | None, float | None, float]:
+        """Rank 0: (this epoch's evaluation, its fitness, the seconds both took), evaluated when due and whenever the
+        epoch turns out to be the run's last: a time budget that holds no further epoch, or `patience` run out (the
+        plan then ends here, so a resume finds the run finished). The last epoch's evaluation writes the final outputs."""
+        from detector.infer.metrics import fitness
+
+        started = time.perf_counter()
+        result = self._validate(epoch, final=final) if (epoch + 1) % self.cfg.val_interval == 0 or final else None
+        if budgeted:
+            self._fit_to_budget(epoch, epoch_time + time.perf_counter() - started)
+            final = self.epochs == epoch + 1
+            if final:
+                result = self._validate(epoch, final=True, done=result)
+        fit = fitness(result.metrics) if result is not None else None
+        if not final and self._should_stop(epoch, fit):
+            LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch + 1)
+            self.state.epochs, self.state.stopped_early = epoch + 1, True
+            result = self._validate(epoch, final=True, done=result)
+            fit = fitness(result.metrics)
+        return result, fit, time.perf_counter() - started
 
     def _validate(self, epoch: int, *, final: bool, done: EvalResult | None = None) -> EvalResult:
         """Evaluate the EMA model (unless `done`, this epoch's evaluation, is given: the model has not changed since)
@@ -612,9 +620,11 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _should_stop(self, epoch: int) -> bool:
+    def _should_stop(self, epoch: int, fit: float | None) -> bool:
+        """Patience: `patience` epochs since the best one, counting this epoch's fitness `fit` if it was evaluated."""
+        best_epoch = epoch if fit is not None and fit > self.state.best_fitness else self.state.best_epoch
         patience = self.cfg.patience
-        return patience > 0 and self.state.best_epoch >= 0 and epoch - self.state.best_epoch >= patience
+        return patience > 0 and best_epoch >= 0 and epoch - best_epoch >= patience
 
     def _checkpoint(self, epoch: int) -> dict:
         return {

@@ -104,6 +104,31 @@ def test_a_resumed_run_without_a_new_best_makes_an_older_versions_full_best_pt_a
     assert all(torch.equal(ema0[k], v) for k, v in best["model"].items())
 
 
+def test_patience_ends_the_run_with_its_final_outputs_and_a_resume_finds_it_finished(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Epoch 1 (0-based) is the best and epochs 2 and 3 do not improve on it: with patience=2 the run stops after
+    epoch 3 of 6 and writes what a run that reached its last epoch writes (predictions.json, the plots, the
+    per-class table); its plan ends there, so resuming it is refused as finished."""
+    import detector.infer.metrics as metrics_module
+
+    scores = iter([0.2, 0.5, 0.3, 0.4, 0.9, 0.9])
+    seen: dict[int, float] = {}  # one score per evaluation, however often its fitness is asked
+    monkeypatch.setattr(metrics_module, "fitness", lambda metrics: seen.setdefault(id(metrics), next(scores)))
+    metrics = train(make_config(tiny_data, tmp_path, epochs="6", patience="2", plots="true"))
+    run = tmp_path / "exp"
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"] and metrics["AP"] >= 0
+    assert (run / "predictions.json").exists() and (run / "plots" / "pr_curve.png").exists()
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["epoch"] == 3 and last["train_state"]["epochs"] == 4 and last["train_state"]["best_epoch"] == 1
+    assert load_checkpoint(run / "weights" / "best.pt")["epoch"] == 1
+    with pytest.raises(DetectorError, match=r"stopped early \(patience=2\) after 4 of 6 epochs; nothing to resume"):
+        Trainer(make_config(tiny_data, tmp_path, resume=str(run / "weights" / "last.pt")))
+    longer = Trainer(make_config(tiny_data, tmp_path, resume=str(run / "weights" / "last.pt"), epochs="8"))
+    assert longer.epochs == 8 and not longer.resume_ckpt["train_state"]["stopped_early"]
+    longer.close()
+
+
 def test_a_resume_restores_the_gradient_scalers_state(tiny_data: Path, tmp_path: Path):
     """An fp16 run's GradScaler comes back with its scale and growth count (a fresh scale of 65,536 would overflow
     and skip steps again). The scaler is off on a CPU: an enabled CPU GradScaler stands in for CUDA's."""
