@@ -45,7 +45,7 @@ def load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
                             "is one); resume from the run's weights/last.pt")
     saved = ckpt["train_config"]
     given = {k: getattr(cfg, k) for k in given_keys(cfg)}  # what the user set, defaults or not
-    changed = [k for k, v in given.items() if k in saved and v != saved[k] and k not in RESUME_SAFE_KEYS]
+    changed = [k for k, v in given.items() if k in saved and not _same(k, v, saved[k]) and k not in RESUME_SAFE_KEYS]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
         raise DetectorError(f"resume: {path} was trained with a different config ({diffs}); start a new run instead")
@@ -62,6 +62,13 @@ def load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         raise DetectorError(f"resume: {path} {done}; nothing to resume (pass epochs=N to train longer)")
     ckpt["train_state"]["stopped_early"] = False  # a longer plan given now continues it
     return resumed, ckpt
+
+
+def _same(key: str, given: object, saved: object) -> bool:
+    """A config value given now equals the saved one; the dataset path as the file it names (runs record it absolute)."""
+    if key == "data" and isinstance(given, str) and isinstance(saved, str):
+        return Path(given).absolute() == Path(saved).absolute()
+    return given == saved
 
 
 def resumed_run_dir(last: Path, recorded: str) -> Path:

@@ -109,6 +109,8 @@ class Trainer:
         self.resume_ckpt: dict | None = None
         if cfg.resume:
             cfg, self.resume_ckpt = load_resume(cfg)
+        else:  # recorded absolute (args.yaml, checkpoints): `detector val weights=...` finds it from any folder
+            cfg = replace(cfg, data=str(Path(cfg.data).absolute()))
         self.cfg = cfg
         self.device = select_device(cfg.device)
         self.dist = init_distributed(self.device)

@@ -129,6 +129,28 @@ def test_patience_ends_the_run_with_its_final_outputs_and_a_resume_finds_it_fini
     longer.close()
 
 
+def test_the_dataset_is_recorded_absolute_so_val_finds_it_from_another_folder(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """data= given relative to the folder of the run: args.yaml and the checkpoints record the file it named, so a
+    later `detector val weights=...` (data defaulting to the training set) and a resume work from anywhere."""
+    from detector.api import Detector
+
+    monkeypatch.chdir(tiny_data.parent.parent)
+    relative = str(tiny_data.relative_to(tiny_data.parent.parent))
+    train(make_config(Path(relative), tmp_path, epochs="2", save_period="1"))
+    weights = tmp_path / "exp" / "weights"
+    assert load_checkpoint(weights / "last.pt")["train_config"]["data"] == str(tiny_data)
+    assert f"data: {tiny_data}" in (tmp_path / "exp" / "args.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    metrics = Detector(weights / "best.pt", device="cpu").val(workers=0, plots=False, project=str(tmp_path / "val"))
+    assert metrics["AP"] >= 0 and (tmp_path / "val").exists()
+    monkeypatch.chdir(tiny_data.parent.parent)
+    os.replace(weights / "epoch1.pt", weights / "last.pt")  # as if killed in epoch 1 (of 2)
+    resumed = Trainer(make_config(Path(relative), tmp_path, resume=str(weights / "last.pt")))  # the same file, given relative
+    assert resumed.cfg.data == str(tiny_data)
+    resumed.close()
+
+
 def test_a_resume_restores_the_gradient_scalers_state(tiny_data: Path, tmp_path: Path):
     """An fp16 run's GradScaler comes back with its scale and growth count (a fresh scale of 65,536 would overflow
     and skip steps again). The scaler is off on a CPU: an enabled CPU GradScaler stands in for CUDA's."""
