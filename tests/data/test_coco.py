@@ -75,7 +75,6 @@ def test_coco_gt_area_from_file_or_box(make_coco) -> None:
     for ann_id in (100, 102, 103):
         box = anns[ann_id]["bbox"]
         assert anns[ann_id]["area"] == pytest.approx(box[2] * box[3]) and box[2] * box[3] > 0
-    first = anns[100]
     second = anns[101]
     assert second["area"] == json.loads(split.annotations.read_text())["annotations"][1]["area"]
 

@@ -31,7 +31,17 @@ def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path) -> None
     assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # no temporary folders left
 
 
-def test_output_is_valid_coco_with_exact_boxes(tmp_path: Path) -> None:
+def test_output_is_valid_coco_with_exact_boxes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each written box is the tight box of its shape's visible pixels, recomputed from the owner map that
+    render_image builds (recorded on its way into visible_boxes), over the whole image, not the shape's window."""
+    owners: list[np.ndarray] = []
+    real = synthetic.visible_boxes
+
+    def recording(owner: np.ndarray, windows: list[synthetic.Window]) -> list[tuple[list[int], int]]:
+        owners.append(owner.copy())
+        return real(owner, windows)
+
+    monkeypatch.setattr(synthetic, "visible_boxes", recording)
     yaml_path = synthetic.generate_shapes_dataset(tmp_path, seed=0, n_train=80, n_val=4, imgsz=96, workers=1)
     spec = load_data_spec(yaml_path)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -46,6 +56,19 @@ def test_output_is_valid_coco_with_exact_boxes(tmp_path: Path) -> None:
         im = gt.imgs[ann["image_id"]]
         assert x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
         assert 0 < ann["area"] <= w * h and min(w, h) >= 1
+    assert len(owners) == 80 + 4  # one owner map an image, train first, in image order (workers=1)
+    away = 0
+    for image_id in sorted(gt.imgs):
+        owner, im = owners[image_id - 1], gt.imgs[image_id]
+        assert owner.shape == (im["height"], im["width"])
+        anns = sorted(gt.imgToAnns[image_id], key=lambda a: a["id"])
+        assert len(anns) == owner.max() + 1  # every placed shape keeps visible pixels and gets one box
+        for k, ann in enumerate(anns):
+            ys, xs = np.nonzero(owner == k)
+            tight = [int(xs.min()), int(ys.min()), int(xs.max() + 1 - xs.min()), int(ys.max() + 1 - ys.min())]
+            assert ann["bbox"] == tight and ann["area"] == len(xs), (image_id, k, ann, tight)
+            away += int(tight[0] > 0 and tight[1] > 0)
+    assert away > 50  # most shapes lie away from the top-left corner: a window's offset matters
     coco = CocoDataset(spec.train)
     assert coco.summary.images_used == 80 and coco.summary.boxes_dropped == 0 and coco.summary.boxes_clipped == 0
     assert set(coco.summary.instances) == set(synthetic.CLASSES)

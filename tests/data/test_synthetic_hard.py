@@ -87,16 +87,22 @@ def test_boxes_are_the_visible_pixels() -> None:
     image = np.full((200, 300, 3), 128, np.float32)
     owner = np.full((200, 300), -1, np.int16)
     areas: list[int] = []
+    windows: list[hard.Window] = []
     for k in range(6):
         placed = hard._place(rng, image, owner, areas, k, crowd=False)
         if placed:
             win, solid = placed
             owner[win][solid] = len(areas)
             areas.append(int(solid.sum()))
-    for k, (bbox, area) in enumerate(hard.visible_boxes(owner, [(slice(0, 200), slice(0, 300))] * len(areas))):
-        ys, xs = np.nonzero(owner == k)
-        assert bbox == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] and area == len(xs)
-        assert area >= hard.MIN_VISIBLE * areas[k]  # occluded, but never below the floor
+            windows.append(win)
+    # the whole image as every window, and the windows the objects were drawn in (offset from the image's corner:
+    # a box must be moved back by its window's start)
+    assert len(areas) >= 3 and any(w[0].start > 0 for w in windows) and any(w[1].start > 0 for w in windows)
+    for wins in ([(slice(0, 200), slice(0, 300))] * len(areas), windows):
+        for k, (bbox, area) in enumerate(hard.visible_boxes(owner, wins)):
+            ys, xs = np.nonzero(owner == k)
+            assert bbox == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] and area == len(xs)
+            assert area >= hard.MIN_VISIBLE * areas[k]  # occluded, but never below the floor
 
 
 def test_loads_with_pycocotools_and_passes_our_scan(dataset: Path) -> None:

@@ -82,13 +82,31 @@ def test_negative_image_gets_an_empty_label_file_and_modes_are_kept(data_yaml: P
     assert index["category_ids"] == [3, 7, 12] and len(index["images"]["val"]) == len(export.images["val"]) == 6
 
 
+def written(out: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    """Every label file's text and every image link's target under `out`, keyed by the path relative to it."""
+    labels = {str(p.relative_to(out)): p.read_text() for p in sorted((out / "labels").rglob("*.txt"))}
+    links = {str(p.relative_to(out)): p.resolve() for p in sorted((out / "images").rglob("*")) if p.is_symlink()}
+    return labels, links
+
+
 def test_rerun_replaces_stale_links_labels_and_caches(data_yaml: Path, tmp_path: Path) -> None:
+    """A rerun removes what an earlier export (or another tool) left, and writes the same export again: a rerun
+    that only cleaned up would leave the other tool without labels."""
     out = tmp_path / "yolo"
-    export_yolo_txt(load_data_spec(data_yaml), out)
+    export = export_yolo_txt(load_data_spec(data_yaml), out)
+    first_labels, first_links = written(out)
+    rows = [row for split in ("train", "val") for row in export.images[split]]
+    assert first_links == {str(Path(row["yolo_file"]).relative_to(export.root)): Path(row["file"]) for row in rows}
+    stems = {str(Path("labels", Path(link).parent.name, Path(link).stem + ".txt")) for link in first_links}
+    assert set(first_labels) == stems  # one label file a link
+    assert len(rows) == 12 and any(first_labels.values())  # 6 images a split, boxes in some
     (out / "labels" / "train.cache").write_text("stale")
     (out / "labels" / "train" / "gone.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (out / "images" / "train" / "gone.jpg").symlink_to(next(iter(first_links.values())))
     export_yolo_txt(load_data_spec(data_yaml), out)
     assert not (out / "labels" / "train.cache").exists() and not (out / "labels" / "train" / "gone.txt").exists()
+    assert not (out / "images" / "train" / "gone.jpg").is_symlink()
+    assert written(out) == (first_labels, first_links)
 
 
 def test_categories_must_agree_between_splits(make_data_yaml, tmp_path: Path) -> None:

@@ -51,7 +51,10 @@ def export_lines(capsys) -> list[str]:
 
 
 def max_diffs(lines: list[str]) -> list[float]:
-    return [float(line.split("max abs difference ")[1].split()[0]) for line in lines if "max abs difference" in line]
+    """The max abs differences the export's checks printed; none printed is a failure (an export left unchecked)."""
+    diffs = [float(line.split("max abs difference ")[1].split()[0]) for line in lines if "max abs difference" in line]
+    assert diffs, f"the export printed no check: {lines}"
+    return diffs
 
 
 def test_default_model_round_trip_beside_the_weights(tmp_path: Path, capsys) -> None:

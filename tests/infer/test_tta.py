@@ -179,13 +179,26 @@ def test_merged_rows_of_a_real_model_are_every_pass_concatenated_less_the_tails(
     torch.testing.assert_close(clipped[:, first.shape[1] : first.shape[1] + counts[1]], every[:, counts[0] : counts[0] + counts[1]])
 
 
-def test_val_and_predict_with_augment(tmp_path: Path, make_data_yaml, untrained_checkpoint: Path) -> None:
+def test_val_and_predict_with_augment(tmp_path: Path, make_data_yaml, untrained_checkpoint: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """augment=true reaches the evaluator and the predictor through the CLI and the API: every batch goes through
+    `augmented_forward`, and none does without it."""
+    import detector.infer.evaluator as evaluator_module
+    import detector.infer.predictor as predictor_module
     from detector.api import Detector
 
+    calls: list[str] = []
+    for module in (evaluator_module, predictor_module):
+        real = module.augmented_forward
+        monkeypatch.setattr(module, "augmented_forward",
+                            lambda *a, _real=real, _name=module.__name__, **k: calls.append(_name) or _real(*a, **k))
     data = make_data_yaml()
     weights = untrained_checkpoint
     args = [f"weights={weights}", f"data={data}", "batch=4", "workers=0", "plots=false", f"project={tmp_path / 'val'}"]
+    assert main(["val", *args, "augment=false", "name=plain"]) == 0 and calls == []
     assert main(["val", *args, "augment=true", "name=tta"]) == 0
+    val_batches = len(calls)
+    assert val_batches == 2 and set(calls) == {evaluator_module.__name__}  # 6 val images at batch 4
     metrics = json.loads((tmp_path / "val" / "tta" / "metrics.json").read_text())
     assert all(np.isfinite(metrics[k]) for k in COCO_KEYS) and metrics["speed_ms"]["inference"] > 0
     assert (tmp_path / "val" / "tta" / "predictions.json").exists()
@@ -193,3 +206,4 @@ def test_val_and_predict_with_augment(tmp_path: Path, make_data_yaml, untrained_
     image = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)
     (result,) = Detector(weights, device="cpu").predict(image, conf=0.0, max_det=5, augment=True)
     assert len(result["scores"]) == 5 and result["boxes_xyxy"].shape == (5, 4)
+    assert calls[val_batches:] == [predictor_module.__name__]

@@ -145,7 +145,7 @@ def test_a_misspelt_row_keyword_is_named_with_a_suggestion_and_the_keywords_the_
 
 
 def test_missing_file() -> None:
-    with pytest.raises(DetectorError):
+    with pytest.raises(DetectorError, match=r"^model: 'configs/models/does-not-exist\.yaml' not found; known: .*yolo-ca-n"):
         build_model("configs/models/does-not-exist.yaml")
 
 

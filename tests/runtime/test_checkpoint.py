@@ -127,6 +127,7 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
 
 def test_model_from_checkpoint(tmp_path: Path) -> None:
     state = _state()
+    state["ema"]["module"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["ema"]["module"].items()}
     path = tmp_path / "best.pt"
     ck.save_checkpoint(path, state)
     ckpt = ck.load_checkpoint(path)
@@ -137,6 +138,8 @@ def test_model_from_checkpoint(tmp_path: Path) -> None:
     raw = ck.model_from_checkpoint(ckpt, use_ema=False)
     for key, value in ckpt["model"].items():
         assert torch.equal(raw.state_dict()[key], value)
+    weight = "layers.0.conv.weight"  # the two sets differ (by 0.5), so each load is told apart
+    assert not torch.equal(model.state_dict()[weight], raw.state_dict()[weight])
     ckpt["ema"] = None  # no EMA: the raw weights
     assert torch.equal(ck.model_from_checkpoint(ckpt).state_dict()["layers.0.conv.weight"], ckpt["model"]["layers.0.conv.weight"])
 

@@ -344,7 +344,7 @@ def test_static_assignment_takes_the_top_k_anchor_boxes_by_iou() -> None:
     pr = priors(head)
     n = pr.cell.shape[0]
     gt = torch.tensor([[42.0, 40.0, 86.0, 90.0]])  # candidates at P3 and P4, anchor boxes of many overlaps
-    pred, scores = torch.rand(1, n, 4).cumsum(-1) * 60, torch.rand(1, n, 3)  # predictions that must not matter
+    pred = torch.rand(1, n, 4).cumsum(-1) * 60  # predicted boxes that must not matter
     own_boxes = box_convert(torch.cat(((pr.cell + 0.5) * pr.stride, pr.anchor), -1), "cxcywh", "xyxy")
     assert torch.equal(anchor_boxes(pr), own_boxes)  # the decode at sigmoid 0.5: each anchor centred on its cell
     candidate = candidate_mask(gt, pr, 4.0)[0]

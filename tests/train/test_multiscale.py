@@ -34,12 +34,33 @@ def test_rescale_keeps_the_aspect_within_stride_rounding() -> None:
     torch.testing.assert_close(rescale(flat, 160, 32), torch.full((1, 3, 160, 160), 0.25), rtol=0, atol=1e-6)
 
 
-def test_the_trainer_feeds_each_step_its_drawn_size(tiny_data: Path, tmp_path: Path) -> None:
+def test_the_trainer_feeds_each_step_its_drawn_size(tiny_data: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step's images at its drawn side; its targets, normalised to the image, reach the loss as loaded."""
+    from detector.train import trainer as trainer_module
+
+    loaded, scored = [], []
+    real_waited = trainer_module._waited
+
+    def recording_waited(batches):
+        for batch in real_waited(batches):
+            loaded.append(batch["targets"].clone())
+            yield batch
+
+    monkeypatch.setattr(trainer_module, "_waited", recording_waited)
     trainer = Trainer(make_config(tiny_data, tmp_path, multi_scale="0.5", seed="3"))
     seen = []
     try:
         trainer.build()
         trainer.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+        real_criterion = trainer.criterion
+
+        def recording_criterion(raw, targets):
+            scored.append(targets.clone())
+            return real_criterion(raw, targets)
+
+        recording_criterion.set_epoch = real_criterion.set_epoch
+        trainer.criterion = recording_criterion
         trainer.train_epoch(0)
         trainer.train_epoch(1)
     finally:
@@ -48,6 +69,7 @@ def test_the_trainer_feeds_each_step_its_drawn_size(tiny_data: Path, tmp_path: P
     expected = [draw_side(128, 32, 0.5, seed=3, step=step) for step in range(2 * steps)]
     assert [max(shape) for shape in seen] == expected and len(set(expected)) > 1
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in seen)
+    assert len(scored) == len(loaded) == 2 * steps and all(torch.equal(a, b) for a, b in zip(scored, loaded))
 
 
 def test_multi_scale_is_range_checked(tiny_data: Path, tmp_path: Path) -> None:

@@ -502,14 +502,18 @@ def test_the_first_epochs_assign_by_anchor_boxes_then_task_aligned(tiny_data: Pa
     assert recorder.static_per_step == [True] * steps + [False] * steps
 
 
-def _poison_criterion(trainer: Trainer, poisoned_calls) -> None:
-    """Replace the trainer's loss by one whose total and parts are NaN at the calls (1-based) `poisoned_calls` accepts."""
+def _poison_criterion(trainer: Trainer, poisoned_calls, returned: list | None = None) -> None:
+    """Replace the trainer's loss by one whose total and parts are NaN at the calls (1-based) `poisoned_calls` accepts;
+    the parts each call returns are appended to `returned`, if given."""
     real, calls = trainer.criterion, {"n": 0}
 
     def criterion(raw, targets):
         total, parts = real(raw, targets)
         calls["n"] += 1
-        return (total * float("nan"), parts * float("nan")) if poisoned_calls(calls["n"]) else (total, parts)
+        out = (total * float("nan"), parts * float("nan")) if poisoned_calls(calls["n"]) else (total, parts)
+        if returned is not None:
+            returned.append(out[1].detach().clone())
+        return out
 
     criterion.set_epoch = real.set_epoch
     trainer.criterion = criterion
@@ -519,12 +523,13 @@ def test_a_skipped_nonfinite_step_stays_out_of_the_epochs_mean_losses(tiny_data:
     trainer = Trainer(make_config(tiny_data, tmp_path, nbs="8", max_nonfinite="5"))  # 2 steps an epoch
     try:
         trainer.build()
-        _poison_criterion(trainer, lambda n: n == 1)
+        returned: list[torch.Tensor] = []
+        _poison_criterion(trainer, lambda n: n == 1, returned)
         losses, nonfinite, _, _ = trainer.train_epoch(0)
     finally:
         trainer.close()
-    assert nonfinite == 1
-    assert torch.isfinite(losses).all() and losses.sum() > 0  # the mean of the one finite step, not NaN
+    assert nonfinite == 1 and len(returned) == 2 and torch.isnan(returned[0]).all()
+    torch.testing.assert_close(losses, returned[1].float().cpu())  # the mean of the one finite step: itself, not NaN or half
 
 
 def test_nonfinite_steps_in_a_row_are_counted_across_epochs(tiny_data: Path, tmp_path: Path):
