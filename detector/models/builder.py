@@ -402,7 +402,8 @@ def _usage(entry: RowModule) -> str:
     for p in params[fed:]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             shown.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
-    return f"[{', '.join(shown)}]" + (f" + keywords {{{', '.join(_row_keywords(entry))}}}" if _row_keywords(entry) else "")
+    keywords = _row_keywords(entry)
+    return f"[{', '.join(shown)}]" + (f" + keywords {{{', '.join(keywords)}}}" if keywords else "")
 
 
 def _row_keywords(entry: RowModule) -> list[str]:

@@ -579,7 +579,7 @@ class Trainer:
             LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience, self.state.best_epoch + 1)
             self.state.epochs, self.state.stopped_early = epoch + 1, True
             result = self._validate(epoch, final=True, done=result)
-            fit = fitness(result.metrics)
+            fit = fitness(result.metrics) if fit is None else fit  # evaluated now, when this epoch was not due
         return result, fit, time.perf_counter() - started
 
     def _validate(self, epoch: int, *, final: bool, done: EvalResult | None = None) -> EvalResult:

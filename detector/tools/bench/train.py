@@ -63,14 +63,12 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: 
     two untimed steps that pay oneDNN's or cuDNN's set-up and `opts.compile`'s compilation), with the heap held as
     the trainer holds it and fp16 through a GradScaler as the trainer runs it."""
     memory.hold_freed_heap()
-    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
-    model = build_model(model_path, nc=nc).train().to(device, memory_format=fmt)
+    model, images = _model_and_batch(model_path, nc=nc, imgsz=imgsz, batch=batch, opts=opts, device=device)
     criterion = build_loss(model.head, imgsz=imgsz)
     step_model = torch.compile(model) if opts.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     dtype = autocast_dtype(device, opts.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and needs_grad_scaler(dtype))
-    images = torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
     generator = torch.Generator().manual_seed(0)
     n = batch * 4
     targets = torch.cat([torch.arange(n).remainder(batch)[:, None].float(), torch.randint(0, nc, (n, 1), generator=generator).float(),
@@ -93,10 +91,16 @@ def model_only_rate(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: 
 def conv_floor(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: BenchTrainOptions,
                device: torch.device) -> float:
     """Images/s of the model's convolutions alone at the benchmark's batch, format and autocast dtype."""
-    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
-    model = build_model(model_path, nc=nc).to(device, memory_format=fmt)
-    images = torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
+    model, images = _model_and_batch(model_path, nc=nc, imgsz=imgsz, batch=batch, opts=opts, device=device)
     return conv_floor_rate(model, images, autocast_dtype(device, opts.amp))
+
+
+def _model_and_batch(model_path: Path, *, nc: int, imgsz: int, batch: int, opts: BenchTrainOptions,
+                     device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A new model in training mode and one random batch on `device`, both in the benchmark's memory format."""
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    model = build_model(model_path, nc=nc).train().to(device, memory_format=fmt)
+    return model, torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=fmt)
 
 
 def device_label(device: torch.device) -> str:
