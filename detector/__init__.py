@@ -5,12 +5,14 @@ The public API: `Detector` (train / val / predict / export / info), `build_model
 
 from __future__ import annotations
 
+from typing import Any
+
 from detector.version import __version__
 
 __all__ = ["Detector", "build_model", "load_config", "__version__"]
 
 
-def __getattr__(name: str):  # lazy: `import detector` stays cheap for the CLI's --help
+def __getattr__(name: str) -> Any:  # lazy: `import detector` stays cheap for the CLI's --help
     if name == "Detector":
         from detector.api import Detector
 

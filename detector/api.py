@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from detector import memory
-from detector.config import build_options, load_train_config
+from detector.config import build_options, given_keys, load_train_config
 
 from detector.models.catalog import resolve_model_path
 from detector.errors import DetectorError
@@ -44,9 +45,25 @@ T = TypeVar("T")
 
 
 def _output_dir(project: str, name: str, exist_ok: bool) -> Path:
-    from detector.train.trainer import next_run_dir
+    from detector.runtime.run_dir import next_run_dir
 
     return next_run_dir(Path(project), name, exist_ok)
+
+
+def _export_target(out: Path, fmt: str) -> Path:
+    """`out=` checked against the format before any work: an ONNX export is a file ending in .onnx (so it can never
+    replace the .pt it exports, or a folder); an OpenVINO one a folder or its .xml, not another existing file."""
+    if fmt == "onnx" and out.suffix.lower() != ".onnx":
+        raise DetectorError(f"export: out= for format=onnx must be a file ending in .onnx, got '{out}'")
+    try:
+        kind = "folder" if out.is_dir() else "file" if out.exists() else ""
+    except OSError as err:  # a name too long for the file system, a path through a file
+        raise DetectorError(f"export: cannot write {out}: {err.strerror or err}") from err
+    if fmt == "onnx" and kind == "folder":
+        raise DetectorError(f"export: out={out} is a folder; name the .onnx file to write")
+    if fmt == "openvino" and kind == "file" and out.suffix.lower() != ".xml":
+        raise DetectorError(f"export: out= for format=openvino is a folder or an .xml file, got the existing file '{out}'")
+    return out
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -256,9 +273,7 @@ class Detector:
 
         opts = _options(ExportOptions, opts, options, "Detector.export()")
         self._needs_pytorch("export")
-        fmt = opts.format.lower()
-        if fmt not in ("onnx", "openvino"):  # for an ExportOptions built in Python, whose values no one has checked
-            raise DetectorError(f"export: 'format' must be one of onnx, openvino, got '{opts.format}'")
+        fmt = opts.format
         if opts.half and fmt != "openvino":
             raise DetectorError("export: 'half' is for format=openvino (the ONNX file keeps fp32 weights)")
         if opts.int8 and fmt != "onnx":
@@ -270,7 +285,7 @@ class Detector:
         )
         images = self._check_images(opts.data)
         default = openvino_folder(stem) if fmt == "openvino" else stem.with_name(f"{stem.name}{'_int8' if opts.int8 else ''}.onnx")
-        out = Path(opts.out) if opts.out else default
+        out = _export_target(Path(opts.out), fmt) if opts.out else default
         try:  # each file is written beside its target and moved there once checked (`export.staged`)
             if fmt == "openvino":
                 path = export_openvino(self.model, out, spec, half=opts.half, metadata=self._metadata(), check_images=images)
@@ -280,6 +295,8 @@ class Detector:
                 path = export_onnx(self.model, out, spec, metadata=self._metadata(), check_images=images)
         except DetectorError as err:
             raise DetectorError(f"{err}; nothing written to {out}") from err
+        except OSError as err:  # a folder that cannot be made, a name too long for the file system, a full disk
+            raise DetectorError(f"export: cannot write {out}: {err.strerror or err}; nothing written there") from err
         print(path)
         return path
 
@@ -372,7 +389,9 @@ class Detector:
         loader = build_val_loader(split, imgsz=imgsz, batch_size=opts.batch, workers=workers, rect=rect,
                                   idle_workers=resolve_worker_priority(opts.worker_priority, device), names=spec.names)
         if self.weights is not None:
-            _check_categories(self.category_ids, loader.dataset.coco.category_ids, str(self.weights), str(split.annotations))
+            coco = loader.dataset.coco
+            _check_categories((self.category_ids, self.names), (coco.category_ids, coco.names), str(self.weights),
+                              str(split.annotations))
         LOGGER.info("val: %s (%s split, %d px, %s)\n%s", split.annotations, opts.split, imgsz, device,
                     loader.dataset.coco.summary)
         return loader
@@ -499,22 +518,24 @@ def _options(cls: type[T], given: T | None, values: dict[str, Any], where: str) 
     if given is not None:
         if values:
             raise TypeError(f"{where}: give a {cls.__name__} or keywords, not both (got {', '.join(values)})")
-        return given
+        if not isinstance(given, cls):
+            raise TypeError(f"{where}: expects a {cls.__name__}, got {type(given).__name__}")
+        checked = build_options(cls, _plain(dataclasses.asdict(given)), where)  # built by hand: checked as typed
+        object.__setattr__(checked, "_given", given_keys(given))
+        return checked
     return build_options(cls, _plain({k: v for k, v in values.items() if v is not None}), where)
 
 
-def _check_categories(model_ids: list[int], data_ids: list[int], weights: str, annotations: str) -> None:
-    """Contiguous class c means category model_ids[c] to the model; the data must agree or AP is meaningless."""
-    model_ids, data_ids = [int(c) for c in model_ids], [int(c) for c in data_ids]
-    if model_ids != data_ids:
+def _check_categories(model: tuple[list[int], list[str]], data: tuple[list[int], list[str]], weights: str,
+                      annotations: str) -> None:
+    """Contiguous class c means category model ids[c], named names[c], to the model; the data must agree (ids and
+    names) or AP is meaningless."""
+    from detector.data.coco import category_difference
 
-        def show(ids: list[int]) -> str:
-            return ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
-
-        raise DetectorError(
-            f"val: {weights} was trained on category ids [{show(model_ids)}] but {annotations} has [{show(data_ids)}] "
-            "(another dataset?)"
-        )
+    difference = category_difference(*model, *data)
+    if difference:
+        raise DetectorError(f"val: {weights} and {annotations} disagree: {difference} (another dataset or "
+                            "labelling? a dataset YAML's names: renames its classes)")
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import keyword
 import math
 import types
 import typing
@@ -189,15 +188,14 @@ def build_options(cls: type[T], values: dict[str, Any], where: str | dict[str, s
     `where` is one source for all keys ("command line") or a map key -> source ("file.yaml:12").
     """
     hints = _field_types(cls)
-    names = [option_key(f.name) for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls)]
     typed: dict[str, Any] = {}
     for key, value in values.items():
         source = where if isinstance(where, str) else where.get(key, "config")
-        name = f"{key}_" if keyword.iskeyword(key) else key
-        if name not in hints:
+        if key not in hints:
             raise DetectorError(f"{source}: unknown key '{key}'{did_you_mean(key, names)}")
-        typed[name] = _coerce(value, hints[name], key, source)
-        _check_bounds(cls, name, typed[name], value, source)
+        typed[key] = _coerce(value, hints[key], key, source)
+        _check_bounds(cls, key, typed[key], value, source)
     options = cls(**typed)
     object.__setattr__(options, "_given", frozenset(typed))  # not a field: never saved, never compared
     return options
@@ -219,22 +217,15 @@ def neutral_keys(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("neutral"))
 
 
-def _check_bounds(cls: type, name: str, value: Any, given: Any, source: str) -> None:
-    """Refuse a typed `value` outside field `name`'s `Bounds` (each item of a list); the error shows it as `given`."""
-    bounds = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("bounds")
-    key = option_key(name)
+def _check_bounds(cls: type, key: str, value: Any, given: Any, source: str) -> None:
+    """Refuse a typed `value` outside field `key`'s `Bounds` (each item of a list); the error shows it as `given`."""
+    bounds = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("bounds")
     for item in value if isinstance(value, list) else [value]:
         shown = item if isinstance(value, list) or isinstance(given, (list, tuple)) else given
         if isinstance(item, float) and not math.isfinite(item):
             raise DetectorError(f"{source}: '{key}' must be a finite number, got {shown!r}")
         if bounds is not None and item is not None and not bounds.accepts(item):
             raise DetectorError(f"{source}: '{key}' must be {bounds.rule()}, got {shown!r}")
-
-
-def option_key(field_name: str) -> str:
-    """The key a user types for a field: a Python keyword cannot be a field name, so `from_` is typed `from`."""
-    bare = field_name.removesuffix("_")
-    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
 
 
 def describe_options(cls: type) -> str:
@@ -245,7 +236,7 @@ def describe_options(cls: type) -> str:
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         bounds = f.metadata.get("bounds")
         rule = f" [{bounds.rule()}]" if bounds is not None and bounds.choices is None else ""
-        rows.append((f"{option_key(f.name)}={shown}", f.metadata.get("help", "") + rule))
+        rows.append((f"{f.name}={shown}", f.metadata.get("help", "") + rule))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {key.ljust(width)}  {text}" for key, text in rows)
 

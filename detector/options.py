@@ -74,8 +74,7 @@ class CheckOptions:
 
 @dataclass
 class ConvertOptions:
-    from_: str = option("yolo", "source format: yolo, an Ultralytics data.yaml (path, train, val, names) with labels/*.txt", choices=["yolo"])
-    data: str = option("", "the Ultralytics data.yaml to convert")
+    data: str = option("", "the Ultralytics data.yaml to convert (path, train, val, names; labels/*.txt beside the images)")
     out: str = option("", "folder for instances_train.json, instances_val.json and <data stem>-coco.yaml ('': beside data)")
 
 

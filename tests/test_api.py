@@ -154,6 +154,41 @@ def _coco_split(root: Path, names: tuple[str, str]) -> Path:
     return root
 
 
+def test_options_built_by_hand_are_checked_as_the_command_line_checks_them(tmp_path: Path) -> None:
+    """README shows `det.val(ValOptions(...))`: such an object was used unchecked (iou=nan scored, batch=0 divided by
+    zero, conf=2 predicted nothing). It gets the keywords' checks; the keys it was given stay its own."""
+    from detector.api import _options
+    from detector.config import build_options, given_keys
+    from detector.options import PredictOptions, ValOptions
+
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    cases = [(det.val, ValOptions(iou=float("nan")), r"^Detector.val\(\): 'iou' must be a finite number, got nan$"),
+             (det.val, ValOptions(batch=0), r"^Detector.val\(\): 'batch' must be >= 1 and <= 4096, got 0$"),
+             (det.predict, PredictOptions(source=str(tmp_path), conf=2.0), r"'conf' must be >= 0 and <= 1, got 2.0$"),
+             (det.predict, PredictOptions(source=str(tmp_path), imgsz=33), r"'imgsz' must be .* a multiple of 32, got 33$")]
+    for call, opts, message in cases:
+        with pytest.raises(DetectorError, match=message):
+            call(opts)
+    with pytest.raises(TypeError, match=r"Detector.val\(\): expects a ValOptions, got PredictOptions"):
+        det.val(PredictOptions())
+    from_file = build_options(ValOptions, {"conf": 0.1}, "cfg.yaml:1")
+    assert given_keys(_options(ValOptions, from_file, {}, "Detector.val()")) == {"conf"}
+
+
+def test_val_refuses_data_whose_names_sit_at_other_category_ids(tmp_path: Path) -> None:
+    """The checkpoint's cat (id 5) and dog (id 9) swapped in the json: a relabelled table, scored silently near AP 0
+    before; other names at the same ids are a rename, and score (the next test)."""
+    split = _coco_split(tmp_path / "coco", ("dog", "cat"))
+    data = tmp_path / "swapped.yaml"
+    split_entry = f"{{images: {split / 'images'}, annotations: {split / 'instances.json'}}}"
+    data.write_text(f"train: {split_entry}\nval: {split_entry}\n")
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    with pytest.raises(DetectorError, match=r"^val: .*best\.pt and .*instances\.json disagree: 'cat' is category id 5 "
+                                            r"against 9 \(2 of 2 names at other ids\) \(another dataset or labelling"):
+        det.val(data=str(data), imgsz=64, workers=0, plots=False, project=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_val_reports_the_names_of_the_data_yaml(tmp_path: Path) -> None:
     """A dataset YAML's `names:` overrides the json's category names (README, Your own COCO dataset): `detector
     val data=...` reports them in its per-class table, not the json's."""

@@ -131,17 +131,6 @@ def test_model_path_by_name_and_suggestion():
         resolve_model_path("yolov5m")
 
 
-def test_a_keyword_key_is_typed_bare_and_listed_bare() -> None:
-    """`from` cannot be a dataclass field: the field `from_` is what `from=yolo` sets, and --help lists `from=`."""
-    from detector.config import build_options, describe_options
-    from detector.options import ConvertOptions
-
-    assert build_options(ConvertOptions, {"from": "yolo"}, "command line").from_ == "yolo"
-    assert describe_options(ConvertOptions).splitlines()[0].split()[0] == "from=yolo"
-    with pytest.raises(DetectorError, match=r"^command line: 'from' must be one of yolo, got 'coco'$"):
-        build_options(ConvertOptions, {"from": "coco"}, "command line")
-
-
 def test_neutral_keys_are_run_only_and_change_no_result() -> None:
     from detector.config import neutral_keys, run_only_keys
 

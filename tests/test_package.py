@@ -36,6 +36,9 @@ def test_a_wheel_runs_outside_the_checkout(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("detector-*.whl")
+    from detector.version import __version__
+
+    assert wheel.name.startswith(f"detector-{__version__}-")  # pyproject.toml's dynamic version, from version.py
     names = zipfile.ZipFile(wheel).namelist()
     assert "detector/configs/models/yolo-ca-n.yaml" in names and "detector/configs/train/default.yaml" in names
     venv = tmp_path / "venv"

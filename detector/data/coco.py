@@ -53,6 +53,33 @@ class ImageRecord:
     fast_decode: bool = False  # plain RGB/gray JPEG or PNG without EXIF rotation: cv2 may decode it
 
 
+def category_difference(ids: Sequence[int], names: Sequence[str], other_ids: Sequence[int],
+                        other_names: Sequence[str]) -> str:
+    """How two category lists (contiguous class c = ids[c], named names[c]) disagree, '' when they do not: other
+    ids, or a name both lists use at another id (the same classes relabelled, as a permuted category table). A
+    name only one list has is a rename, not a disagreement. Two splits, or a checkpoint and a split, that disagree
+    score the predictions of one class against another's ground truth: AP silently near 0."""
+    ids, other_ids = [int(c) for c in ids], [int(c) for c in other_ids]
+    if ids != other_ids:
+        return f"category ids [{_show_ids(ids)}] against [{_show_ids(other_ids)}]"
+    at, other_at = _id_of_unique_names(ids, names), _id_of_unique_names(other_ids, other_names)
+    moved = [(name, cid, other_at[name]) for name, cid in at.items() if other_at.get(name, cid) != cid]
+    if not moved:
+        return ""
+    name, cid, other = moved[0]
+    return f"'{name}' is category id {cid} against {other} ({len(moved)} of {len(ids)} names at other ids)"
+
+
+def _id_of_unique_names(ids: list[int], names: Sequence[str]) -> dict[str, int]:
+    """name -> its category id, for the names that only one category has."""
+    counts = Counter(map(str, names))
+    return {str(name): cid for cid, name in zip(ids, names) if counts[str(name)] == 1}
+
+
+def _show_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+
+
 def _unique_labels(names: list[str], category_ids: list[int]) -> list[str]:
     """The class names, a name that several categories share followed by each one's id ('car (id 3)')."""
     counts = Counter(names)

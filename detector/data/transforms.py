@@ -28,6 +28,8 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+# albumentations asks PyPI for a newer version when first imported (a network call and a warning in every worker);
+# its documented switch, read at that import; a user who set it keeps their value
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402

@@ -68,17 +68,6 @@ def format_label_file(rows: np.ndarray, scores: np.ndarray | None = None) -> str
                    for r, s in zip(rows.tolist(), np.asarray(scores, dtype=np.float64).tolist()))
 
 
-def read_label_file(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `format_label_file` for checks: (classes (n,) int64, boxes (n, 4) xyxy float64 in pixels); a
-    score column (save_conf) is read past."""
-    rows = [row.split()[:5] for row in path.read_text().splitlines() if row.strip()]
-    values = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    size = np.array([width, height, width, height], dtype=np.float64)
-    cxcywh = values[:, 1:] * size
-    xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], axis=1)
-    return values[:, 0].astype(np.int64), xyxy
-
-
 def export_yolo_txt(spec: DataSpec, out: Path, *, strict: bool = False) -> YoloExport:
     """Write `spec`'s train and val splits under `out`; earlier images/ and labels/ there (and the label caches
     another tool keeps beside them, which could go stale) are removed first."""

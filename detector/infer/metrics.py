@@ -66,7 +66,7 @@ def evaluate_coco(
     det = np.asarray(det, dtype=np.float64).reshape(-1, 7)
     image_ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     cat_ids = sorted(gt.getCatIds())
-    _check_ids(det, image_ids, gt, cat_ids)
+    _check_ids(det, image_ids, cat_ids)
 
     with collector_skips_live_objects(), contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         results = _results_dataset(gt, det)
@@ -104,7 +104,7 @@ def format_metrics_table(metrics: dict[str, Any], num_images: int) -> str:
     return text
 
 
-def _check_ids(det: np.ndarray, image_ids: Sequence[int], gt: COCO, cat_ids: Sequence[int]) -> None:
+def _check_ids(det: np.ndarray, image_ids: Sequence[int], cat_ids: Sequence[int]) -> None:
     """pycocotools asserts (or silently ignores) on foreign ids; we name the first offender instead."""
     for column, known, what in ((0, image_ids, "image id"), (6, cat_ids, "category id")):
         values = det[:, column]

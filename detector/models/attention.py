@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]
     return decorate
 
 
-def build_attention(name: str, channels: int, **kwargs) -> nn.Module:
+def build_attention(name: str, channels: int, **kwargs: Any) -> nn.Module:
     """An attention module by registry name; raises `UnknownNameError` (with a suggestion) for a bad name."""
     return ATTENTIONS.get(name)(channels, **kwargs)
 
@@ -61,7 +62,9 @@ class AttentionMap(nn.Module):
         return logits.sigmoid() if self.softmax_dim is None else logits.softmax(self.softmax_dim)
 
 
-def _conv_bn(c_in: int, c_out: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
+    """A k x k convolution (same padding) and BatchNorm, no activation: the projections the attention blocks and
+    spatial priors gate or add, where each block picks its own activation (or none) after it."""
     pad = dilation * (k - 1) // 2
     return nn.Sequential(nn.Conv2d(c_in, c_out, k, 1, pad, dilation=dilation, bias=False), nn.BatchNorm2d(c_out))
 
@@ -130,7 +133,7 @@ class CBAM(nn.Module):
         mid = reduced(channels, reduction, min_mid)
         self.mlp = nn.Sequential(nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, channels, 1))
         self.channel_gate = AttentionMap()
-        self.spatial = _conv_bn(2, 1, kernel_size)
+        self.spatial = conv_bn(2, 1, kernel_size)
         self.spatial_gate = AttentionMap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +176,7 @@ class AxisEmbedding(nn.Module):
 
 def _proj(channels: int) -> nn.Sequential:
     """Output projection of a residual attention branch: 1x1 conv + BN."""
-    return _conv_bn(channels, channels)
+    return conv_bn(channels, channels)
 
 
 def kv_pool_factor(h: int, w: int, max_kv: int) -> int:
@@ -328,8 +331,8 @@ class Gate(nn.Module):
     def __init__(self, channels: int, reduction: int = 8, min_mid: int = 8) -> None:
         super().__init__()
         mid = reduced(channels, reduction, min_mid)
-        self.local = nn.Sequential(_conv_bn(channels, mid, 3), nn.SiLU())
-        self.wide = nn.Sequential(_conv_bn(channels, mid, 3, dilation=2), nn.SiLU())
+        self.local = nn.Sequential(conv_bn(channels, mid, 3), nn.SiLU())
+        self.wide = nn.Sequential(conv_bn(channels, mid, 3, dilation=2), nn.SiLU())
         self.fuse = nn.Conv2d(mid, 1, 1)
         self.gate = AttentionMap()
 
@@ -349,6 +352,6 @@ class NoAttention(nn.Module):
 
 
 @register_module(channels="same", attention=True)
-def Attn(channels: int, attention: str = "ca", **kwargs) -> nn.Module:  # noqa: N802 (a YAML row name)
+def Attn(channels: int, attention: str = "ca", **kwargs: Any) -> nn.Module:  # noqa: N802 (a YAML row name)
     """The YAML row `Attn`: the attention named by the file's `attention:` key (or a row keyword)."""
     return build_attention(attention, channels, **kwargs)

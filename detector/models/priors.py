@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detector.models.attention import AttentionMap, _conv_bn, reduced, register_attention
+from detector.models.attention import AttentionMap, conv_bn, reduced, register_attention
 from detector.models.registry import register_module
 
 # the Sobel operator: d/dx (columns, along W) and its transpose d/dy (rows, along H)
@@ -39,7 +39,7 @@ class EdgePrior(nn.Module):
         kernels = torch.stack([sobel_x, sobel_x.T])[:, None].repeat(channels, 1, 1, 1)  # (2C, 1, 3, 3): gx, gy of each
         self.register_buffer("sobel", kernels, persistent=False)
         self.eps = eps
-        self.fuse = _conv_bn(channels, channels)
+        self.fuse = conv_bn(channels, channels)
         self.gate = AttentionMap()
 
     def magnitude(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class CoordConv(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(_conv_bn(channels + 2, channels, 3), nn.SiLU())
+        self.conv = nn.Sequential(conv_bn(channels + 2, channels, 3), nn.SiLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(torch.cat([x, coordinate_maps(x)], 1))

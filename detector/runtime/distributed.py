@@ -25,7 +25,6 @@ class DistInfo:
     """Where this process sits in the job."""
 
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1  # ranks on this machine (they share its cores and memory)
     owns_group: bool = False  # this process group was set up by the call that returned this, so `shutdown` ends it
@@ -49,7 +48,7 @@ def init_distributed(device: torch.device) -> DistInfo:
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size,
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=world_size,
                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))), owns_group=owns)
 
 

@@ -33,12 +33,14 @@ from detector.errors import DetectorError, TrainingDiverged, write_failed
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
+from detector.runtime.run_dir import next_run_dir
 from detector.train.finetune import keep_frozen_norms_in_eval
 from detector.train.resume import check_resume_classes, load_resume, resumed_run_dir
 from detector.version import __version__
 from detector.viz.logger import RunLogger, plot_results
 
 if TYPE_CHECKING:
+    from detector.data.coco import CocoDataset
     from detector.infer.evaluator import EvalResult
 
 LOGGER = logging.getLogger(__name__)
@@ -66,17 +68,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
-    """runs/train/exp, exp2, exp3 ... unless exist_ok."""
-    path = project / name
-    if exist_ok or not path.exists():
-        return path
-    n = 2
-    while (project / f"{name}{n}").exists():
-        n += 1
-    return project / f"{name}{n}"
 
 
 def _waited(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -188,10 +179,21 @@ class Trainer:
                 self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
                                                     strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names)
                 LOGGER.info("val: %s\n%s", self.data.val.annotations, self._val_loader.dataset.coco.summary)
+                self._check_val_categories(self._val_loader.dataset.coco)
             except DetectorError as err:
                 refused = err
         if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective
             raise refused or DetectorError(f"{self.data.val.annotations}: val split refused (rank 0 names why)")
+
+    def _check_val_categories(self, val: CocoDataset) -> None:
+        """The val split must list the train split's categories (ids, and each name at its id): every validation
+        scores class c as category `category_ids[c]`, so other ids or relabelled names would score near 0 silently."""
+        from detector.data.coco import category_difference
+
+        difference = category_difference(self.category_ids, self.train_set.coco.names, val.category_ids, val.names)
+        if difference:
+            raise DetectorError(f"{self.data.val.annotations}: its categories disagree with the train split's "
+                                f"{self.data.train.annotations}: {difference}")
 
     def _build_model(self) -> None:
         """The model (resumed, or new with auto-anchor), checked to fit in memory, with the run's BN momentum and

@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 
 from detector.data.spec import load_data_spec
-from detector.data.yolo_txt import export_yolo_txt, read_label_file
+from detector.data.yolo_txt import export_yolo_txt
 from detector.errors import DetectorError
 from data_helpers import coco_boxes
+from yolo_labels import read_label_file
 
 # non-contiguous ids listed out of order: class i must be the i-th smallest id
 UNORDERED = [{"id": 12, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
@@ -139,7 +140,7 @@ def test_an_export_of_the_same_annotations_is_reused_untouched(data_yaml: Path, 
 
 def test_label_rows_keep_a_large_image_box_to_well_under_a_hundredth_of_a_pixel(tmp_path: Path) -> None:
     """9 decimals of the image size: a 4000 px image's box comes back within 1e-4 px; a score keeps 5 decimals."""
-    from detector.data.yolo_txt import format_label_file, normalised_rows, read_label_file
+    from detector.data.yolo_txt import format_label_file, normalised_rows
 
     box = [1234.5671, 2345.6782, 3456.7893, 3999.1234]
     rows = normalised_rows([2], [box], 4000, 3000)

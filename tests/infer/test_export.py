@@ -248,12 +248,44 @@ def test_bad_requests_name_the_key(tmp_path: Path) -> None:
     weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
     with pytest.raises(DetectorError, match="'format' must be one of onnx, openvino, got 'tflite'"):
         export_command(ExportOptions(weights=str(weights), format="tflite"))
-    with pytest.raises(DetectorError, match="multiple of the model stride"):
-        export_command(ExportOptions(weights=str(weights), imgsz=100))
-    with pytest.raises(DetectorError, match="opset must be 14..23"):
+    with pytest.raises(DetectorError, match=r"^Detector.export\(\): 'imgsz' must be .* a multiple of 32, got 100$"):
+        export_command(ExportOptions(weights=str(weights), imgsz=100))  # built by hand, checked as the CLI checks
+    with pytest.raises(DetectorError, match="'opset' must be >= 14 and <= 23, got 11"):
         export_command(ExportOptions(weights=str(weights), opset=11))
     with pytest.raises(DetectorError, match="weights="):
         export_command(ExportOptions())
+    from detector.infer.export import ExportSpec, export_onnx
+    from detector.models.builder import build_model
+
+    model = build_model("yolo-c2f-n", nc=3)  # the module's own checks, for a caller without the options' bounds
+    with pytest.raises(DetectorError, match="^export: imgsz must be a multiple of the model stride 32, got 48$"):
+        export_onnx(model, tmp_path / "m.onnx", ExportSpec(imgsz=48))
+    with pytest.raises(DetectorError, match="^export: opset must be 14..23, got 11$"):
+        export_onnx(model, tmp_path / "m.onnx", ExportSpec(imgsz=64, opset=11))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_out_path_that_would_replace_the_checkpoint_or_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    """out=best.pt once wrote the ONNX file over the checkpoint it exported; a folder or a path through a file was a
+    traceback after the export. Each is refused in one line, and nothing is touched."""
+    weights = write_checkpoint(tmp_path / "best.pt", "yolo-c2f-n")
+    before = weights.read_bytes()
+    (tmp_path / "folder.onnx").mkdir()
+    (tmp_path / "a_file").write_text("keep")
+    cases = {
+        str(weights): "out= for format=onnx must be a file ending in .onnx, got '.*best.pt'",
+        str(tmp_path / "model.xml"): "out= for format=onnx must be a file ending in .onnx",
+        str(tmp_path / "folder.onnx"): r"out=.*folder.onnx is a folder; name the .onnx file to write",
+        str(tmp_path / "a_file" / "x.onnx"): r"cannot write .*a_file/x.onnx: Not a directory",
+        str(tmp_path / ("n" * 300 + ".onnx")): "cannot write .*: File name too long",
+    }
+    for out, message in cases.items():
+        with pytest.raises(DetectorError, match=message):
+            export_command(ExportOptions(weights=str(weights), out=out))
+    with pytest.raises(DetectorError, match="out= for format=openvino is a folder or an .xml file, got the existing file"):
+        export_command(ExportOptions(weights=str(weights), out=str(weights), format="openvino"))
+    assert weights.read_bytes() == before and (tmp_path / "a_file").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "best.pt", "folder.onnx"]
 
 
 @pytest.mark.parametrize("nms", [False, True], ids=["decoded", "nms"])

@@ -14,6 +14,7 @@ from PIL import Image
 from detector.infer.predictor import Predictor, letterbox_batch, list_images, predict_source
 from detector.errors import DetectorError
 from infer_helpers import BrightBoxModel
+from yolo_labels import read_label_file
 
 RECT_XYXY = (50, 20, 150, 60)  # the white rectangle of `rect_image`, original pixels
 
@@ -124,8 +125,6 @@ def test_predict_folder_with_a_corrupt_image_writes_the_others_and_names_it(tmp_
 
 def test_save_txt_writes_yolo_labels_that_read_back_as_the_returned_boxes(tmp_path: Path) -> None:
     from detector.api import Detector
-    from detector.data.yolo_txt import read_label_file
-
     weights = write_checkpoint(tmp_path / "best.pt")
     source = tmp_path / "images"
     (source / "sub").mkdir(parents=True)

@@ -161,7 +161,7 @@ def test_val_of_a_checkpoint_on_a_dataset_with_other_classes_is_refused(disk_ful
     _, _, last = disk_full
     data = make_data_yaml()  # categories 1, 3, 7
     message = _val(capsys, tmp_path, weights=str(last), data=str(data), imgsz="64")
-    assert re.match(r"val: .* was trained on category ids \[1, 2, 3, 4, 5, 6\] but .*instances\.json has \[1, 3, 7\]", message)
+    assert re.match(r"val: .*last\.pt and .*instances\.json disagree: category ids \[1, 2, 3, 4, 5, 6\] against \[1, 3, 7\]", message)
 
 
 # ------------------------------------------------------------------------------------------ row 26, the other files of a run

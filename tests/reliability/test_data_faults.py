@@ -175,6 +175,37 @@ def test_empty_val_set_is_one_line_from_the_cli_before_the_model(make_data_yaml,
 
 
 @pytest.mark.usefixtures("cli_logging")
+@pytest.mark.parametrize("change", ["names moved", "ids shifted", "a category fewer"])
+def test_a_val_split_whose_categories_disagree_is_one_line_before_the_model(make_data_yaml, tmp_path: Path, capsys,
+                                                                           change: str) -> None:
+    """Every validation scores class c as the train split's c-th category id: a val json with other ids, or with
+    the same names at other ids (a relabelled table), scored AP near 0 silently or failed after the first epoch."""
+    data = make_data_yaml()  # categories 1 circle, 3 square, 7 triangle in both splits
+    val_json = data.parent / "val" / "instances.json"
+    coco = json.loads(val_json.read_text())
+    if change == "names moved":
+        coco["categories"] = [dict(c, name=n) for c, n in zip(coco["categories"], ["triangle", "square", "circle"])]
+        expected = "'circle' is category id 1 against 7 (2 of 3 names at other ids)"
+    elif change == "ids shifted":
+        coco["categories"] = [dict(c, id=c["id"] + 100) for c in coco["categories"]]
+        coco["annotations"] = [dict(a, category_id=a["category_id"] + 100) for a in coco["annotations"]]
+        expected = "category ids [1, 3, 7] against [101, 103, 107]"
+    else:
+        coco["categories"] = coco["categories"][:2]
+        coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != 7]
+        expected = "category ids [1, 3, 7] against [1, 3]"
+    val_json.write_text(json.dumps(coco))
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    assert main(["train", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"detector train: error: {val_json}: its categories disagree with the train split's "
+        f"{data.parent / 'train' / 'instances.json'}: {expected}"]
+    assert "autoanchor" not in captured.out and "optimizer:" not in captured.out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("cli_logging")
 def test_a_strict_refusal_leaves_no_run_folder(make_data_yaml, tmp_path: Path, capsys) -> None:
     """E before training (here strict=true and an unknown category id) writes nothing: a later run is `exp`, not `exp2`."""
     data = make_data_yaml()

@@ -58,7 +58,7 @@ def _vote(rank: int, store_file: str, out_file: str) -> None:
     """Each of VOTES in turn through one process group: rank r votes votes[r]."""
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
-        info = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2)
+        info = DistInfo(rank=rank, world_size=2, local_world_size=2)
         torch.save([all_ranks_true(info, torch.tensor(votes[rank])) for votes in VOTES], f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()

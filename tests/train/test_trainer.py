@@ -573,7 +573,7 @@ def test_a_torchrun_rank_trains_on_its_gpu_of_the_device_list(tmp_path: Path, mo
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistInfo(rank=1, local_rank=1, world_size=2, local_world_size=2))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistInfo(rank=1, world_size=2, local_world_size=2))
     trainer = Trainer(make_config(tmp_path, tmp_path / "runs", device="2,3", amp="off"))
     assert trainer.device == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
 

@@ -12,13 +12,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from detector.data.spec import SplitSpec
 from detector.errors import DetectorError
 from detector.options import BenchDataOptions
 from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
 
-def measure(split, *, imgsz: int, workers: int, mosaic: bool, batch: int, batches: int, cache: str = "") -> float:
+def measure(split: SplitSpec, *, imgsz: int, workers: int, mosaic: bool, batch: int, batches: int, cache: str = "") -> float:
     """Images per second through the train loader, after one warm-up batch (worker start-up excluded)."""
     from detector.config import TrainConfig
     from detector.data.loader import build_train_loader
@@ -27,7 +28,7 @@ def measure(split, *, imgsz: int, workers: int, mosaic: bool, batch: int, batche
     loader = build_train_loader(split, imgsz=imgsz, batch_size=batch, workers=workers, hyp=hyp, seed=0, cache=cache)
     seen, started = 0, 0.0
     while seen < batches * batch:
-        for i, b in enumerate(loader):
+        for b in loader:
             if started == 0.0:
                 started = time.perf_counter()  # after the first batch: workers are up
                 continue

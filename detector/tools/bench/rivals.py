@@ -198,9 +198,9 @@ def run_ours(opts: RivalsOptions, ours_extra: list[str], folder: Path) -> dict[s
 
 def ours_label(run_dir: Path) -> str:
     """'ours (yolo-ca-n, amp auto)' from the run's args.yaml, so the table says which of our configs ran."""
-    import yaml
+    from detector.yamlfile import load_yaml
 
-    args = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else {}
+    args = load_yaml(run_dir / "args.yaml")[0] if (run_dir / "args.yaml").exists() else {}
     args = args if isinstance(args, dict) else {}
     return f"ours ({Path(str(args.get('model', '?'))).stem}, amp {args.get('amp', '?')})"
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from detector.data.spec import SplitSpec
+from detector.options import BenchDataOptions
 from detector.runtime.machine import describe_machine
 from detector.viz.tables import format_table
 
@@ -169,7 +170,7 @@ def run_scale(*, imgsz: int, batch: int, workers: int, steps: int, images: int =
         return rows
 
 
-def main(opts: Any) -> None:
+def main(opts: BenchDataOptions) -> None:
     """`opts`: BenchDataOptions with scale='coco'; imgsz is its largest, workers its largest (at least 1)."""
     imgsz, workers = max(opts.imgsz), max(max(opts.workers), 1)
     print(f"COCO scale: {COCO_IMAGES:,} images, {COCO_ANNOTATIONS:,} annotations; imgsz {imgsz}, batch {opts.batch}, "
