@@ -123,7 +123,7 @@ def letterbox_batch(images: Sequence[np.ndarray], imgsz: int, stride: int) -> tu
     ratio and (pad_left, pad_top) that `unletterbox_boxes` inverts.
     """
     sizes = np.array([image.shape[:2] for image in images], dtype=np.float64)  # (B, 2) h, w
-    scaled = np.round(sizes * (imgsz / sizes.max(axis=1, keepdims=True)))
+    scaled = np.maximum(np.round(sizes * (imgsz / sizes.max(axis=1, keepdims=True))), 1)  # a 1 x 1300 strip: 1 px
     shape_hw = (np.ceil(scaled.max(axis=0) / stride) * stride).astype(int)
     out, ratios, pads = [], [], []
     for image in images:

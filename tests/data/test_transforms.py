@@ -304,6 +304,10 @@ def test_letterbox_batch_is_channels_last_with_the_pixels_of_each_image() -> Non
     assert torch.equal(batch[0, :, top:top + 64, left:left + 40], torch.from_numpy(image).permute(2, 0, 1))
     wide, _, _ = letterbox_batch([np.zeros((50, 100, 3), np.uint8)], 64, 32)  # 32 x 64 once scaled
     assert wide.shape == (1, 3, 32, 64)  # each axis to its own stride multiple, not a square
+    strip = np.full((1, 1300, 3), 200, np.uint8)  # scaled to 640, its height rounds to 0: once a cv2 error
+    batch, ratios, pads = letterbox_batch([strip], 640, 32)
+    assert batch.shape == (1, 3, 32, 640) and ratios == [640 / 1300] and pads == [(0, 15)]
+    assert (batch[0] == 200).all(0).sum() == 640  # one row of 640 image pixels
 
 
 def test_a_box_keeping_exactly_min_visibility_of_its_area_stays() -> None:
