@@ -161,7 +161,7 @@ def _check_value(spec: dict, label: str, lines: dict[str, int]) -> None:
 
     def positive(key: str, kind: type | tuple[type, ...]) -> None:
         v = spec.get(key)
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or v <= 0):
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or not 0 < v < math.inf):
             raise DetectorError(f"{_at(label, lines, key)}: {key}: expected a positive number, got {v!r}")
 
     positive("nc", int)
@@ -171,7 +171,7 @@ def _check_value(spec: dict, label: str, lines: dict[str, int]) -> None:
     positive("width_multiple", (int, float))
     if "scales" in spec:
         entry = spec["scales"][spec["scale"]]
-        numbers = isinstance(entry, list) and all(isinstance(v, (int, float)) and v > 0 for v in entry)
+        numbers = isinstance(entry, list) and all(_is_number(v) and 0 < v < math.inf for v in entry)
         if not numbers or len(entry) not in (2, 3):
             where = _at(label, lines, f"scales.{spec['scale']}")
             raise DetectorError(f"{where}: scales.{spec['scale']}: expected [depth, width] or [depth, width, max_ch]")
@@ -201,6 +201,9 @@ def _activation(text: Any, label: str) -> Callable[[], nn.Module]:
             value = float(arg)
         except ValueError:
             raise DetectorError(f"{label}: activation: bad argument in '{text}'") from None
+        if name != "leakyrelu" or not math.isfinite(value):  # the others' first parameter is `inplace` or a mode
+            raise DetectorError(f"{label}: activation: only LeakyReLU takes an argument (its finite negative "
+                                f"slope), got '{text}'")
         return lambda: ACTIVATIONS[name](value)
     return ACTIVATIONS[name]
 
@@ -415,8 +418,10 @@ def _row_keywords(entry: RowModule) -> list[str]:
 
 
 def _construct(entry: RowModule, call: list, kwargs: dict, where: str, row_args: list) -> nn.Module:
+    """The row's module, its arguments bound and typed first; whatever its constructor refuses (a negative kernel
+    size, a zero reduction) is a DetectorError naming the row."""
     try:
-        inspect.signature(entry.factory).bind(*call, **kwargs)
+        bound = inspect.signature(entry.factory).bind(*call, **kwargs)
     except TypeError as err:
         params = list(inspect.signature(entry.factory).parameters.values())[len(call):]
         named = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] + _row_keywords(entry)
@@ -425,10 +430,33 @@ def _construct(entry: RowModule, call: list, kwargs: dict, where: str, row_args:
             raise DetectorError(f"{where}: {entry.name}: unknown keyword '{unknown}'{did_you_mean(unknown, named)}"
                                 f"; args are {_usage(entry)}") from None
         raise DetectorError(f"{where}: {entry.name} {row_args}: {err}; args are {_usage(entry)}") from None
+    _check_arg_types(bound, entry, where)
     try:
         return entry.factory(*call, **kwargs)
-    except (ValueError, TypeError, UnknownNameError) as err:
+    except (ValueError, TypeError, UnknownNameError) as err:  # the constructors' own checks, which name the arg
         raise DetectorError(f"{where}: {entry.name}: {err}") from err
+    except (ArithmeticError, RuntimeError) as err:  # torch's or Python's, which do not: the row's args and usage
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DetectorError(f"{where}: {entry.name} {row_args}: {message}; args are {_usage(entry)}") from err
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_arg_types(bound: inspect.BoundArguments, entry: RowModule, where: str) -> None:
+    """Each bound argument against its parameter's plain annotation (bool, int, float: a finite number), so that
+    `[32, "no"]` is not a truthy shortcut and `e: .inf` not a width; other annotations are the constructor's."""
+    checks = {"bool": lambda v: isinstance(v, bool), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: _is_number(v) and math.isfinite(v)}
+    wants = {"bool": "true or false", "int": "an integer", "float": "a finite number"}
+    parameters = inspect.signature(entry.factory).parameters
+    for name, value in bound.arguments.items():
+        annotation = parameters[name].annotation
+        kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        if kind in checks and not checks[kind](value):
+            raise DetectorError(f"{where}: {entry.name}: '{name}' must be {wants[kind]}, got {value!r}; "
+                                f"args are {_usage(entry)}")
 
 
 def _finalize(model: DetectionModel, spec: dict, label: str, lines: dict[str, int]) -> None:
@@ -488,7 +516,7 @@ def _dry_run(model: DetectionModel, ch: int, label: str, lines: dict[str, int]) 
     try:
         with torch.no_grad():
             return model.forward_features(torch.zeros(1, ch, STRIDE_PROBE_PX, STRIDE_PROBE_PX))
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError, ArithmeticError) as err:  # a module's own op refusing its input
         info = model.layer_info[current[0]]
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DetectorError(f"{_at(label, lines, info.row)}: {info.row}: {info.module} (layer {info.index}, from "

@@ -14,6 +14,8 @@ Each refusal states the estimate, the machine's memory and the row that asks for
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -41,10 +43,10 @@ def check_row_bounds(where: str, repeats: int, c_out: int | None) -> None:
 
 def row_elements(c_in: int, c_out: int | None, copies: int, args: list) -> int:
     """The size a row is judged by before it is built: c_in x c_out x copies, times the square of its largest
-    other int arg, since a kernel size (`Conv, [64, 300]`) or a class count (`Detect, [nc]`) multiplies the
-    parameters as much as the channels do."""
-    ints = [abs(a) for a in args if isinstance(a, int) and not isinstance(a, bool)]
-    return c_in * (c_out or 1) * copies * max([1, *ints]) ** 2
+    other number arg, since a kernel size (`Conv, [64, 300]`), a class count (`Detect, [nc]`) or an expansion
+    (`C2f, [32, False, 1, 10000.0]`) multiplies the parameters as much as the channels do."""
+    numbers = [abs(a) for a in args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
+    return int(c_in * (c_out or 1) * copies * max([1, *numbers]) ** 2)
 
 
 def sized_construct(where: str, construct: Callable[[], nn.Module], elements: int, params_so_far: int) -> nn.Module:

@@ -37,8 +37,8 @@ def _parse_anchors(anchors: object, nl: int) -> tuple[int, torch.Tensor | None]:
     for i, level in enumerate(anchors):
         if not isinstance(level, (list, tuple)) or not level or len(level) % 2:
             raise ValueError(f"anchors[{i}]: expected an even-length list of w, h numbers, got {level!r}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in level):
-            raise ValueError(f"anchors[{i}]: anchor sizes must be positive numbers, got {level!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in level):
+            raise ValueError(f"anchors[{i}]: anchor sizes must be positive finite numbers, got {level!r}")
     na = len(anchors[0]) // 2
     if any(len(level) != 2 * na for level in anchors):
         raise ValueError(f"anchors: every level needs the same number of anchors, got {[len(a) // 2 for a in anchors]}")

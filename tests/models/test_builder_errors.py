@@ -205,8 +205,38 @@ def test_concat_on_another_dim_than_the_channels_is_refused(tmp_path: Path) -> N
     assert message.startswith("head[2]: Concat: dim must be 1 (the channels, whose counts add up), got 2"), message
 
 
-@pytest.mark.parametrize("scale", ["1000", "0", "'2'"])
-def test_an_upsample_scale_out_of_range_is_refused_before_the_dry_run(tmp_path: Path, scale: str) -> None:
+@pytest.mark.parametrize(("scale", "expected"), [
+    ("1000", "scale_factor must be a number in (0, 32], got 1000"),
+    ("0", "scale_factor must be a number in (0, 32], got 0"),
+    ("'2'", "'scale_factor' must be a finite number, got '2'; args are [scale_factor=2, mode='nearest']")])
+def test_an_upsample_scale_out_of_range_is_refused_before_the_dry_run(tmp_path: Path, scale: str, expected: str) -> None:
     """A 1000x Upsample of the stride-32 map would allocate gigabytes in the builder's dry run."""
     message = fails(tmp_path, BASE.replace("[-1, 1, nn.Upsample, [None, 2, 'nearest']]", f"[-1, 1, nn.Upsample, [None, {scale}, 'nearest']]", 1))
-    assert re.match(r"head\[1\]: nn\.Upsample: scale_factor must be a number in \(0, 32\], got ", message), message
+    assert message == f"head[1]: nn.Upsample: {expected}"
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("depth_multiple: 0.33", "depth_multiple: .nan", "depth_multiple: expected a positive number, got nan"),
+    ("width_multiple: 0.25", "width_multiple: .inf", "width_multiple: expected a positive number, got inf"),
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128, 'no']]",
+     "backbone[2]: C3: 'shortcut' must be true or false, got 'no'; args are [c_out, shortcut=True, g=1, e=0.5]"),
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128, True, 1, .inf]]", "backbone[2]: C3: 'e' must be a finite number, got inf"),
+    ("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv, [128, 3.5, 2]]", "backbone[1]: Conv: 'k' must be an integer, got 3.5"),
+    ("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv, [128, -3, 2]]",
+     "backbone[1]: Conv [128, -3, 2]: Trying to create tensor with negative dimension -3"),
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128]]\n  - [-1, 1, SE, [0]]",
+     "backbone[3]: SE [0]: integer division or modulo by zero; args are [reduction=16, min_mid=8]"),
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128, True, 1, 10000.0]]",
+     "backbone[2]: the model would have"),  # sized on meta first: once a 3.7 TB allocation
+    ("nc: 80", "nc: 80\nactivation: nn.ReLU(5)",
+     "activation: only LeakyReLU takes an argument (its finite negative slope), got 'nn.ReLU(5)'"),
+    ("nc: 80", "nc: 80\nactivation: nn.LeakyReLU(1e999)", "activation: only LeakyReLU takes an argument"),
+    ("[30,61, 62,45, 59,119]", "[30,61, 62,45, 59,.inf]", "anchors[1]: anchor sizes must be positive finite numbers"),
+], ids=["depth nan", "width inf", "bool as a word", "e inf", "k float", "k negative", "reduction 0", "e huge",
+        "relu arg", "slope inf", "anchor inf"])
+def test_a_bad_value_in_a_row_or_key_is_one_line_not_a_traceback_or_a_silent_model(tmp_path: Path, old: str, new: str,
+                                                                                   expected: str) -> None:
+    """Values the type checks let through reached torch (negative dimensions, 0 divisions, a 3.7 TB allocation),
+    or built a model silently other than written (the word 'no' as a truthy shortcut, ReLU(5) as inplace=5)."""
+    assert old in BASE
+    assert expected in fails(tmp_path, BASE.replace(old, new, 1))
