@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 
 def _output_dir(project: str, name: str, exist_ok: bool) -> Path:
-    from detector.runtime.run_dir import next_run_dir
+    from detector.folders import next_run_dir
 
     return next_run_dir(Path(project), name, exist_ok)
 

@@ -27,7 +27,7 @@ LAYERS = {
     "detector.runtime": 2,
     "detector.models": 1, "detector.data": 1,
     "detector.viz": 0, "detector.config": 0, "detector.options": 0, "detector.yamlfile": 0, "detector.memory": 0,
-    "detector.errors": 0, "detector.version": 0,
+    "detector.errors": 0, "detector.version": 0, "detector.folders": 0,
 }
 FACE = 5  # `detector` itself, and names of its __init__ (detector.Detector)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from detector.folders import check_output_folder
 from detector.data.coco import CocoDataset
 from detector.viz.tables import format_table
 
@@ -109,9 +110,9 @@ def data_check(
     from detector.data.loader import TrainDataset, collate
     from detector.data.synthetic import ensure_bundled_dataset
 
+    save_dir = check_output_folder(Path(save_dir), "save_dir")
     ensure_bundled_dataset(Path(data_yaml))
     spec = load_data_spec(data_yaml)
-    save_dir = Path(save_dir)
     datasets, report = {}, []
     for split_name, split in (("train", spec.train), ("val", spec.val)):
         coco = CocoDataset(split, strict=strict, names=spec.names)

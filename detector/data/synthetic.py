@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from detector.errors import DetectorError
+from detector.folders import check_output_folder
 
 LOGGER = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def generate_shapes_dataset(
     """
     if n_train < 1 or n_val < 1 or imgsz < 32:
         raise DetectorError(f"synth: need n_train >= 1, n_val >= 1 and imgsz >= 32 (got {n_train}, {n_val}, {imgsz})")
-    out = Path(out)
+    out = check_output_folder(Path(out), "out")
     out.mkdir(parents=True, exist_ok=True)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     info = {"description": GENERATOR_TAG, "seed": seed, "imgsz": imgsz}

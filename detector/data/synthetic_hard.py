@@ -44,6 +44,7 @@ from detector.data.synthetic import (
     write_split,
 )
 from detector.errors import DetectorError
+from detector.folders import check_output_folder
 
 GENERATOR_TAG = "detector synthetic shapes (hard)"
 PROFILE_SALT = 1  # part of every image seed, so hard images never repeat easy ones
@@ -328,7 +329,7 @@ def generate_hard_dataset(out: Path, *, seed: int = 0, n_train: int = 600, n_val
     YAML's path. Same seed and sizes, same bytes; `workers` processes (default: the CPU count, at most 4)."""
     if n_train < 1 or n_val < 1:
         raise DetectorError(f"synth: need n_train >= 1 and n_val >= 1 (got {n_train}, {n_val})")
-    out = Path(out)
+    out = check_output_folder(Path(out), "out")
     out.mkdir(parents=True, exist_ok=True)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     info = {"description": GENERATOR_TAG, "seed": seed, "profile": "hard"}
