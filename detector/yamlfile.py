@@ -53,24 +53,36 @@ def _refuse_repeated_keys(node: yaml.Node | None, path: Path) -> None:
     """A key written twice in one mapping: `safe_load` keeps the last value and drops the first without a word (a
     second `head:` would drop a model's whole head). Keys a merge (`<<: *base`) brings in are not written there,
     so overriding them stays allowed. Walks each node once (aliases share nodes)."""
-    todo, seen = [node], set()
+    todo, seen, keys = [node], set(), yaml.constructor.SafeConstructor()
     while todo:
         current = todo.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
         if isinstance(current, yaml.MappingNode):
-            first_line: dict[str, int] = {}
+            first_line: dict[Any, int] = {}
             for key_node, value_node in current.value:
                 line = key_node.start_mark.line + 1
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                    if key_node.value in first_line:
+                    key = _key_value(keys, key_node)  # as the dict will hold it: 0 and 0x0 are one key
+                    if key in first_line:
+                        read = f", read as {key!r}" if str(key) != key_node.value else ""
                         raise DetectorError(f"{path}:{line}: key '{key_node.value}' is given twice (first on line "
-                                            f"{first_line[key_node.value]}); one of the values would be dropped")
-                    first_line[key_node.value] = line
+                                            f"{first_line[key]}{read}); one of the values would be dropped")
+                    first_line[key] = line
                 todo += [key_node, value_node]
         elif isinstance(current, yaml.SequenceNode):
             todo += current.value
+
+
+def _key_value(constructor: yaml.constructor.SafeConstructor, node: yaml.ScalarNode) -> Any:
+    """A scalar key as safe_load builds it (0x0 -> 0, yes -> True), or its text where it cannot be built."""
+    try:
+        value = constructor.construct_object(node)
+        hash(value)
+        return value
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        return node.value
 
 
 def _compose_and_construct(text: str, path: Path) -> tuple[yaml.Node | None, Any]:

@@ -107,6 +107,10 @@ def test_a_key_written_twice_is_refused_but_a_merged_key_may_be_overridden(tmp_p
     assert refused(path, load_yaml, r"twice\.yaml:5: key 'j' is given twice \(first on line 5\)")
     path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
     assert load_yaml(path)[0]["other"] == {"x": 3, "y": 2}
+    path.write_text("names:\n  0: circle\n  0x0: star\n")  # two spellings of one key: circle was dropped silently
+    assert refused(path, load_yaml, r"twice\.yaml:3: key '0x0' is given twice \(first on line 2, read as 0\)")
+    path.write_text("names: {'0': circle, 0: star, yes: ring}\n")  # the string '0', the int 0 and True differ
+    assert load_yaml(path)[0]["names"] == {"0": "circle", 0: "star", True: "ring"}
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="a character device without end")

@@ -68,6 +68,8 @@ def read_json(path: Path) -> Any:
         raise DetectorError(f"{path}: annotations file not found") from None
     except json.JSONDecodeError as err:
         raise DetectorError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except RecursionError:  # '[' * 100000: deeper than the parser's stack, and than any COCO file
+        raise DetectorError(f"{path}: invalid JSON (nested too deeply to be a COCO file)") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DetectorError(f"{path}: cannot read ({err})") from None
 
@@ -99,7 +101,7 @@ def parse_coco(data: Any, path: Path) -> tuple[list[dict], list[dict], list[dict
         if not (isinstance(a, dict) and type(a.get("id")) is int and type(a.get("image_id")) is int
                 and type(a.get("category_id")) is int):
             raise DetectorError(f"{path}: annotations[{i}] needs integer 'id', 'image_id' and 'category_id'")
-        if a.get("iscrowd", 0) not in (0, 1):  # "0" would be truthy: a crowd box, silently no training target
+        if not (_is_int(a.get("iscrowd", 0)) and a.get("iscrowd", 0) in (0, 1)):  # "0" would be truthy: a crowd box
             raise DetectorError(f"{path}: annotation {a['id']}: 'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
         bbox = a.get("bbox")
         if not (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in NUMBER_TYPES

@@ -99,9 +99,11 @@ def load_data_spec(path: str | Path) -> DataSpec:
     names = data.get("names")
     if names is not None:
         if isinstance(names, dict):
-            if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
-                raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' keys must be class indices, got {list(names)}")
-            names = [names[k] for k in sorted(names)]
+            keys = list(names)
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) or sorted(keys) != list(range(len(keys))):
+                raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' keys must be the class indices "
+                                    f"0..{len(keys) - 1}, got {keys}")
+            names = [names[k] for k in range(len(keys))]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DetectorError(f"{path}:{lines.get('names', 1)}: 'names' must be a list of strings")
     return DataSpec(path=path.resolve(), train=splits["train"], val=splits["val"], names=names)

@@ -191,6 +191,9 @@ def test_invalid_json_and_missing_file(tmp_path: Path) -> None:
         CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "bad.json"))
     with pytest.raises(DetectorError, match="annotations file not found"):
         CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "none.json"))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError traceback before
+    with pytest.raises(DetectorError, match=r"deep\.json: invalid JSON \(nested too deeply to be a COCO file\)$"):
+        CocoDataset(SplitSpec(images=tmp_path, annotations=tmp_path / "deep.json"))
 
 
 def test_an_oversized_json_warns_before_parsing(make_coco, caplog: pytest.LogCaptureFixture,
@@ -613,7 +616,7 @@ def test_numbers_beyond_int64_or_float64_name_the_item(make_coco, edit, message:
         CocoDataset(make_coco(mutate=edit))
 
 
-@pytest.mark.parametrize("value", ["0", None, 2])
+@pytest.mark.parametrize("value", ["0", None, 2, True, 1.0])
 def test_iscrowd_other_than_0_or_1_is_an_error_not_a_silent_crowd_box(make_coco, value) -> None:
     split = make_coco(mutate=lambda d: d["annotations"][4].update(iscrowd=value))
     with pytest.raises(DetectorError, match=rf"annotation 104: 'iscrowd' must be 0 or 1, got {value!r}"):

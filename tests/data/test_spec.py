@@ -15,7 +15,8 @@ SPLITS = "train: {images: a, annotations: a.json}\nval: {images: b, annotations:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (SPLITS + "names: {0: circle, x: star}\n", r"d\.yaml:3: 'names' keys must be class indices, got \[0, 'x'\]"),
+        (SPLITS + "names: {0: circle, x: star}\n", r"d\.yaml:3: 'names' keys must be the class indices 0\.\.1, got \[0, 'x'\]"),
+        (SPLITS + "names: {1: circle, 2: star}\n", r"d\.yaml:3: 'names' keys must be the class indices 0\.\.1, got \[1, 2\]"),
         ("train: {images: null, annotations: a.json}\nval: {images: b, annotations: b.json}\n",
          r"d\.yaml:1: 'train\.images' must be a path \(a string\), got None"),
         ("path: [data]\n" + SPLITS, r"d\.yaml:1: 'path' must be a path \(a string\), got \['data'\]"),
@@ -60,7 +61,7 @@ def test_splits_and_a_path_key_are_relative_to_the_yaml_folder(tmp_path: Path) -
          r"d\.yaml:4: unknown key 'train\.labels'"),
         ("train: {images: a}\nval: {images: b, annotations: b.json}\n",
          r"d\.yaml:1: 'train' must be \{images: <dir>, annotations: <instances json>\}"),
-        (SPLITS + "names: {true: circle}\n", r"d\.yaml:3: 'names' keys must be class indices"),
+        (SPLITS + "names: {true: circle}\n", r"d\.yaml:3: 'names' keys must be the class indices 0\.\.0"),
         (SPLITS + "names: [circle, 3]\n", r"d\.yaml:3: 'names' must be a list of strings"),
     ],
 )
