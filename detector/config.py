@@ -115,9 +115,10 @@ def parse_overrides(args: typing.Sequence[str]) -> dict[str, str]:
         if key.startswith("-"):
             raise DetectorError(f"command line: '{arg}': keys are written without dashes ({key.lstrip('-')}={value})")
         *sections, name = key.split(".")
-        if sections and sections[0] not in OVERRIDE_SECTIONS:
-            raise DetectorError(f"command line: '{arg}': unknown section '{sections[0]}' (model. or train., or none)"
-                                f"{did_you_mean(sections[0], OVERRIDE_SECTIONS)}")
+        if len(sections) > 1 or (sections and sections[0] not in OVERRIDE_SECTIONS):
+            shown = ".".join(sections)
+            raise DetectorError(f"command line: '{arg}': unknown section '{shown}' (model. or train., or none)"
+                                f"{did_you_mean(shown, OVERRIDE_SECTIONS)}")
         name = name.replace("-", "_")
         if name in out:
             raise DetectorError(f"command line: '{name}' is given twice ('{given[name]}' and '{arg}')")
@@ -146,7 +147,9 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(hint) or (str,)
         if isinstance(value, str):
-            items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+            items: list[Any] = [v.strip() for v in value.strip().removesuffix(",").split(",")] if value.strip() else []
+            if "" in items:  # 1,,2: a value left out, not one item fewer (a trailing comma is fine)
+                raise DetectorError(f"{where}: '{key}' has an empty item in {value!r}")
         elif isinstance(value, (list, tuple)):
             items = list(value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -220,6 +223,10 @@ def neutral_keys(cls: type) -> frozenset[str]:
 def _check_bounds(cls: type, key: str, value: Any, given: Any, source: str) -> None:
     """Refuse a typed `value` outside field `key`'s `Bounds` (each item of a list); the error shows it as `given`."""
     bounds = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("bounds")
+    if isinstance(value, list):
+        repeated = next((item for i, item in enumerate(value) if item in value[:i]), None)
+        if repeated is not None:  # no list key means anything by a repeat: freeze=0,0, seeds=0,0, attentions=ca,ca
+            raise DetectorError(f"{source}: '{key}' lists {repeated!r} more than once")
     for item in value if isinstance(value, list) else [value]:
         shown = item if isinstance(value, list) or isinstance(given, (list, tuple)) else given
         if isinstance(item, float) and not math.isfinite(item):

@@ -34,6 +34,8 @@ def test_a_dashed_key_or_an_unknown_section_is_an_error_not_another_key():
         parse_overrides(["--epochs=3"])
     with pytest.raises(DetectorError, match=r"'modle\.attention=se': unknown section 'modle' .*did you mean 'model'"):
         parse_overrides(["modle.attention=se"])
+    with pytest.raises(DetectorError, match=r"'train\.bogus\.epochs=1': unknown section 'train\.bogus' \(model\. or"):
+        parse_overrides(["train.bogus.epochs=1"])  # read as epochs=1 before: only the first section was checked
 
 
 def test_unknown_key_names_source_and_suggests(tmp_path: Path):
@@ -76,6 +78,22 @@ def test_a_list_key_takes_one_number_from_a_file_or_the_api_as_from_the_command_
     assert build_options(TrainConfig, {"freeze": 3}, "Detector.train()").freeze == [3]
     with pytest.raises(DetectorError, match="'freeze' expects a list, got True"):
         build_options(TrainConfig, {"freeze": True}, "Detector.train()")
+
+
+def test_a_list_with_an_empty_or_a_repeated_item_is_refused() -> None:
+    """freeze=1,,2 froze rows 1 and 2 (the empty item dropped), freeze=0,0 froze row 0: a value left out or a typo
+    changed the run without a word. freeze= (empty) is still the empty list, and a trailing comma is fine."""
+    from detector.config import build_options
+
+    with pytest.raises(DetectorError, match=r"^command line: 'freeze' has an empty item in '1,,2'$"):
+        build_options(TrainConfig, {"freeze": "1,,2"}, "command line")
+    with pytest.raises(DetectorError, match=r"^command line: 'freeze' has an empty item in ',1'$"):
+        build_options(TrainConfig, {"freeze": ",1"}, "command line")
+    with pytest.raises(DetectorError, match=r"^cfg.yaml:3: 'freeze' lists 0 more than once$"):
+        build_options(TrainConfig, {"freeze": [0, 0]}, "cfg.yaml:3")
+    assert build_options(TrainConfig, {"freeze": ""}, "command line").freeze == []
+    assert build_options(TrainConfig, {"freeze": " 0, 2 "}, "command line").freeze == [0, 2]
+    assert build_options(TrainConfig, {"freeze": "0,2,"}, "command line").freeze == [0, 2]
 
 
 def test_cfg_file_then_command_line(tmp_path: Path):

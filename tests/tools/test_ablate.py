@@ -108,8 +108,12 @@ def test_the_baseline_is_none_when_trained_else_the_first_variant() -> None:
 def test_seeds_default_to_the_single_seed_and_may_not_repeat() -> None:
     assert seed_list(AblateOptions(seed=3)) == [3]
     assert seed_list(AblateOptions(seed=3, seeds=[0, 1, 2])) == [0, 1, 2]
-    with pytest.raises(DetectorError, match="seed 1 more than once"):
-        seed_list(AblateOptions(seeds=[1, 0, 1]))
+    from detector.config import build_options
+
+    with pytest.raises(DetectorError, match=r"^command line: 'seeds' lists 1 more than once$"):
+        build_options(AblateOptions, {"seeds": "1,0,1"}, "command line")
+    with pytest.raises(DetectorError, match=r"^command line: 'attentions' lists 'ca' more than once$"):
+        build_options(AblateOptions, {"attentions": "none,ca,ca"}, "command line")  # trained once, shown once
 
 
 def test_run_folders_one_seed_flat_several_per_seed_and_an_old_flat_run_is_reused(tmp_path: Path) -> None:
