@@ -50,6 +50,24 @@ def _output_dir(project: str, name: str, exist_ok: bool) -> Path:
     return next_run_dir(Path(project), name, exist_ok)
 
 
+def _check_predict_call(images: Any, given: PredictOptions | None, options: dict[str, Any], *, save: Any,
+                        stream: Any) -> None:
+    """What `Detector.predict` is given, typed before any work: images in one of its forms, not also a `source=`
+    (which was ignored), and `save`/`stream` as bools (a truthy 'no' saved)."""
+    if given is None and images is not None:
+        if options.get("source"):
+            raise DetectorError("Detector.predict(): give the images or source=, not both")
+        items = images if isinstance(images, (list, tuple)) else [images]
+        camera = isinstance(images, int) and not isinstance(images, bool)
+        bad = None if camera else next((i for i in items if not isinstance(i, (str, Path, np.ndarray))), None)
+        if bad is not None:
+            raise DetectorError("Detector.predict(): images must be a path, a glob, an (H, W, 3) uint8 array, a list "
+                                f"of them, a video or a camera index, got {type(bad).__name__} {bad!r:.40}")
+    for key, value in (("save", save), ("stream", stream)):
+        if not isinstance(value, bool):
+            raise DetectorError(f"Detector.predict(): '{key}' expects true or false, got {value!r}")
+
+
 def _export_target(out: Path, fmt: str) -> Path:
     """`out=` checked against the format before any work: an ONNX export is a file ending in .onnx (so it can never
     replace the .pt it exports, or a folder); an OpenVINO one a folder or its .xml, not another existing file."""
@@ -90,6 +108,8 @@ class Detector:
     """
 
     def __init__(self, model: str | Path = "yolo-ca-n", *, device: str = "") -> None:
+        if not isinstance(model, (str, Path)) or not str(model):
+            raise DetectorError(f"Detector(): model must be a model YAML, its name or a checkpoint path, got {model!r:.80}")
         if is_exported(model) or _is_checkpoint(model):
             self._open(Path(model), device)
         else:
@@ -144,6 +164,9 @@ class Detector:
         self.names = list(ckpt["names"])
         self.category_ids = [int(c) for c in ckpt["category_ids"]]
         self.imgsz = int(ckpt["imgsz"])
+        if len(self.names) != self.model.nc:
+            raise DetectorError(f"{weights}: checkpoint lists {len(self.names)} class names for a model of "
+                                f"{self.model.nc} classes")
         self.train_data = str(ckpt["train_config"].get("data") or "")
 
     def _load_exported(self, path: Path) -> None:
@@ -243,6 +266,7 @@ class Detector:
 
         memory.hold_freed_heap()
         given = images if isinstance(images, PredictOptions) else None
+        _check_predict_call(images, given, options, save=save, stream=stream)
         opts = _options(PredictOptions, given, options, "Detector.predict()")
         source = opts.source if given is not None or images is None else images
         if isinstance(source, str) and not source:
@@ -349,7 +373,7 @@ class Detector:
         from detector.models.info import model_info
 
         self._needs_pytorch("info")
-        return model_info(self.model, imgsz)
+        return model_info(self.model, build_options(InfoOptions, {"imgsz": imgsz}, "Detector.info()").imgsz)
 
     # ------------------------------------------------------------------------------------------ helpers
 

@@ -175,6 +175,38 @@ def test_options_built_by_hand_are_checked_as_the_command_line_checks_them(tmp_p
     assert given_keys(_options(ValOptions, from_file, {}, "Detector.val()")) == {"conf"}
 
 
+def test_api_arguments_of_the_wrong_kind_are_one_line_errors_not_tracebacks_or_ignored(tmp_path: Path) -> None:
+    """Detector(123) and predict(1.5) were pathlib TypeErrors, predict(image, source=other) predicted the image and
+    ignored source, save='no' saved (truthy), info(imgsz=33) failed inside the FLOP count."""
+    from detector.models.builder import build_model
+
+    for call in (lambda: Detector(123), lambda: Detector(None), lambda: Detector("")):
+        with pytest.raises(DetectorError, match=r"^Detector\(\): model must be a model YAML, its name or a checkpoint path"):
+            call()
+    with pytest.raises(DetectorError, match=r"^model: expected a model YAML path, a name in configs/models or a dict, got 123$"):
+        build_model(123)
+    det = Detector(write_checkpoint(tmp_path / "best.pt"), device="cpu")
+    image = np.zeros((64, 64, 3), np.uint8)
+    cases = [(lambda: det.predict(1.5), r"images must be a path, .* got float 1\.5$"),
+             (lambda: det.predict(True), r"images must be a path, .* got bool True$"),
+             (lambda: det.predict([image, 3]), r"images must be a path, .* got int 3$"),
+             (lambda: det.predict(image, source=str(tmp_path)), r"give the images or source=, not both$"),
+             (lambda: det.predict(image, save="no"), r"'save' expects true or false, got 'no'$"),
+             (lambda: det.info(imgsz=33), r"^Detector\.info\(\): 'imgsz' must be .* a multiple of 32, got 33$")]
+    for call, message in cases:
+        with pytest.raises(DetectorError, match=message):
+            call()
+    assert det.predict([]) == [] and len(det.predict([image, image])) == 2  # still accepted
+
+
+def test_a_checkpoint_naming_more_classes_than_its_model_predicts_is_refused(tmp_path: Path) -> None:
+    weights = write_checkpoint(tmp_path / "best.pt")  # a 2-class model
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "names": ["cat", "dog", "cow"], "category_ids": [5, 9, 11]}, weights)
+    with pytest.raises(DetectorError, match=r"best\.pt: checkpoint lists 3 class names for a model of 2 classes$"):
+        Detector(weights, device="cpu")
+
+
 def test_val_refuses_data_whose_names_sit_at_other_category_ids(tmp_path: Path) -> None:
     """The checkpoint's cat (id 5) and dog (id 9) swapped in the json: a relabelled table, scored silently near AP 0
     before; other names at the same ids are a rename, and score (the next test)."""

@@ -92,6 +92,8 @@ def _load(cfg: str | Path | dict) -> tuple[dict, str, dict[str, int]]:
     """The config, the file's label for errors and the line of each key and row ('backbone[4]' -> 23)."""
     if isinstance(cfg, dict):
         return copy.deepcopy(cfg), str(cfg.get("name") or "model config"), {}
+    if not isinstance(cfg, (str, Path)):
+        raise DetectorError(f"model: expected a model YAML path, a name in configs/models or a dict, got {cfg!r:.80}")
     path = Path(cfg)
     if not path.exists():
         path = resolve_model_path(str(cfg))

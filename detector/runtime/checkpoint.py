@@ -222,7 +222,23 @@ def load_checkpoint(path: Path) -> Checkpoint:
     missing = sorted(CHECKPOINT_KEYS - obj.keys())
     if missing:
         raise DetectorError(f"{path}: checkpoint lacks keys {', '.join(missing)}")
+    _check_metadata(obj, path)
     return obj  # type: ignore[return-value]
+
+
+def _check_metadata(obj: dict[str, Any], path: Path) -> None:
+    """The keys inference reads beside the weights, typed: a class name list and distinct integer category ids of
+    one length, a positive image size (an edited or foreign file failed later with an IndexError in predict)."""
+    names, ids, imgsz = obj["names"], obj["category_ids"], obj["imgsz"]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise DetectorError(f"{path}: checkpoint 'names' must be a non-empty list of class names, got {names!r:.80}")
+    if (not isinstance(ids, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in ids)
+            or len(set(ids)) != len(ids)):
+        raise DetectorError(f"{path}: checkpoint 'category_ids' must be distinct integers, got {ids!r:.80}")
+    if len(ids) != len(names):
+        raise DetectorError(f"{path}: checkpoint lists {len(names)} class names but {len(ids)} category ids")
+    if not isinstance(imgsz, int) or isinstance(imgsz, bool) or not 0 < imgsz <= 8192:
+        raise DetectorError(f"{path}: checkpoint 'imgsz' must be an image size in 1..8192, got {imgsz!r:.80}")
 
 
 def _refusal(err: pickle.UnpicklingError) -> str:

@@ -421,6 +421,22 @@ def test_newer_format_and_missing_keys(tmp_path: Path) -> None:
         ck.load_checkpoint(path)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"imgsz": float("nan")}, "checkpoint 'imgsz' must be an image size in 1..8192, got nan"),
+    ({"imgsz": "abc"}, "checkpoint 'imgsz' must be an image size in 1..8192, got 'abc'"),
+    ({"names": ["circle"]}, "checkpoint lists 1 class names but 2 category ids"),
+    ({"names": ["circle", 3]}, "checkpoint 'names' must be a non-empty list of class names, got \\['circle', 3\\]"),
+    ({"category_ids": [1, 1]}, "checkpoint 'category_ids' must be distinct integers, got \\[1, 1\\]"),
+    ({"category_ids": [1, "7"]}, "checkpoint 'category_ids' must be distinct integers, got \\[1, '7'\\]"),
+])
+def test_the_metadata_inference_reads_is_checked_when_loaded(tmp_path: Path, edit: dict, message: str) -> None:
+    """An edited or foreign checkpoint failed later in predict (IndexError) or in the Detector (ValueError)."""
+    path = tmp_path / "best.pt"
+    torch.save({**_state(), **edit}, path)
+    with pytest.raises(DetectorError, match=rf"^{re.escape(str(path))}: {message}$"):
+        ck.load_checkpoint(path)
+
+
 def test_a_format_version_that_is_no_integer_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     state = _state()
