@@ -105,10 +105,11 @@ def test_resume_after_the_dataset_gained_a_class_lists_what_changed(disk_full, t
     _, _, last = disk_full
     data = Path(shutil.copytree(tiny_data.parent, tmp_path / "data")) / tiny_data.name
     train_json = next((data.parent / "train").glob("*.json"))
-    coco = json.loads(train_json.read_text())
-    coco["categories"].append({"id": 7, "name": "hexagon"})
-    coco["annotations"][0]["category_id"] = 7
-    train_json.write_text(json.dumps(coco))
+    for split_json in (train_json, next((data.parent / "val").glob("*.json"))):  # both splits gained it
+        coco = json.loads(split_json.read_text())
+        coco["categories"].append({"id": 7, "name": "hexagon"})
+        coco["annotations"][0]["category_id"] = 7
+        split_json.write_text(json.dumps(coco))
     ckpt = ck.load_checkpoint(last)
     ckpt["train_config"]["data"] = str(data)  # the run was trained on this dataset, which has changed since
     ckpt["run_dir"] = str(tmp_path / "run")

@@ -184,9 +184,6 @@ def main(opts: BenchTrainOptions) -> None:
     config's stage table."""
     if not opts.configs:
         raise DetectorError("bench train: 'configs' is empty")
-    twice = next((name for i, name in enumerate(opts.configs) if name in opts.configs[:i]), None)
-    if twice:  # its second end-to-end run would go to an auto-numbered folder while the first's files were read
-        raise DetectorError(f"bench train: 'configs' lists '{twice}' twice")
     imgsz, batch = opts.imgsz, opts.batch
     device = select_device(opts.device)
     rows, profiles = [], {}

@@ -74,6 +74,8 @@ def test_bench_data_refuses_an_empty_list_naming_it(pair: str, capsys: pytest.Ca
 
 
 def test_bench_train_refuses_a_config_listed_twice(capsys: pytest.CaptureFixture[str]) -> None:
-    """The second run of a twice-listed config went to an auto-numbered folder while the first's files were read."""
+    """The second run of a twice-listed config went to an auto-numbered folder while the first's files were read
+    (refused by the options' check that no list key repeats an item)."""
     assert main(["bench", "train", "configs=yolov5n,yolo-c2f-n,yolov5n", "images=16"]) == 2
-    assert capsys.readouterr().err.splitlines() == ["detector bench train: error: bench train: 'configs' lists 'yolov5n' twice"]
+    assert capsys.readouterr().err.splitlines() == [
+        "detector bench train: error: command line: 'configs' lists 'yolov5n' more than once"]
