@@ -1,4 +1,5 @@
-"""Where attention goes: the weights of every attention layer of a model on one image, saved as PNG overlays.
+"""Where attention goes: the weights of every attention layer of a model on one image, saved as PNG overlays (drawn
+by `viz.attention_plot`).
 
 Forward hooks read what each module computes, without changing the model:
 - gates (`AttentionMap` submodules, see attention.py): ca -> mean over channels of a_h * a_w (H x W);
@@ -23,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
 from detector.models import attention as attn
+from detector.viz.attention_plot import plot_attention
 
 LOGGER = logging.getLogger(__name__)
 
@@ -170,33 +169,5 @@ def save_attention_maps(model: nn.Module, image: np.ndarray, imgsz: int, out_dir
         name = f"{max(cap.layer, 0):02d}_{cap.kind}" + (f"_{place.replace('.', '-')}" if place else "") + ".png"
         module_name = rows[cap.layer].module if rows is not None and 0 <= cap.layer < len(rows) else ""
         title = f"layer {cap.layer} {module_name} {cap.kind}" + (f" ({place})" if place else "")
-        paths.append(_plot(shown, cap, title, out_dir / name))
+        paths.append(plot_attention(shown, cap.spatial, cap.channels, kind=cap.kind, title=title, path=out_dir / name))
     return paths
-
-
-def _plot(image: np.ndarray, cap: AttentionCapture, title: str, path: Path) -> Path:
-    panels = (cap.spatial is not None) + (cap.channels is not None)
-    fig = Figure(figsize=(5 * panels, 4.6), dpi=100)
-    panel = 1
-    if cap.spatial is not None:
-        h, w = cap.spatial.shape
-        ax = fig.add_subplot(1, panels, panel)
-        up = F.interpolate(cap.spatial[None, None].float().cpu(), size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-        ax.imshow(image)
-        overlay = ax.imshow(up.numpy(), cmap="jet", alpha=0.5)
-        fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04)
-        ax.set_title(f"{title}\nmap {h}x{w} (HxW)", fontsize=9)
-        ax.set_axis_off()
-        panel += 1
-    if cap.channels is not None:
-        ax = fig.add_subplot(1, panels, panel)
-        weights = cap.channels.float().cpu().numpy()
-        ax.bar(np.arange(len(weights)), np.sort(weights)[::-1], width=1.0, color="tab:blue")
-        ax.set_xlabel("channel (sorted by weight)")
-        ax.set_ylabel("channel weight")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{cap.kind} channel weights ({len(weights)} channels)", fontsize=9)
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
