@@ -43,11 +43,15 @@ def build_attention(name: str, channels: int, **kwargs: Any) -> nn.Module:
 
 def fit_heads(channels: int, heads: int) -> int:
     """The largest head count <= `heads` that divides `channels`, so any channel count works."""
-    return max(h for h in range(1, max(1, heads) + 1) if channels % h == 0)
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    return max(h for h in range(1, heads + 1) if channels % h == 0)
 
 
 def reduced(channels: int, reduction: int, minimum: int = 8) -> int:
     """Bottleneck width of a squeeze MLP: channels / reduction, at least `minimum`."""
+    if reduction < 1 or minimum < 1:
+        raise ValueError(f"reduction and min_mid must be >= 1, got {reduction} and {minimum}")
     return max(minimum, channels // reduction)
 
 

@@ -225,14 +225,18 @@ def test_an_upsample_scale_out_of_range_is_refused_before_the_dry_run(tmp_path: 
     ("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv, [128, -3, 2]]",
      "backbone[1]: Conv [128, -3, 2]: Trying to create tensor with negative dimension -3"),
     ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128]]\n  - [-1, 1, SE, [0]]",
-     "backbone[3]: SE [0]: integer division or modulo by zero; args are [reduction=16, min_mid=8]"),
+     "backbone[3]: SE: reduction and min_mid must be >= 1, got 0 and 8"),
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128]]\n  - [-1, 1, SE, [-4]]",
+     "backbone[3]: SE: reduction and min_mid must be >= 1, got -4 and 8"),  # built an 8-wide SE before
+    ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128]]\n  - [-1, 1, MHSA, [-2]]", "backbone[3]: MHSA: heads must be >= 1, got -2"),
     ("[-1, 3, C3, [128]]", "[-1, 3, C3, [128, True, 1, 10000.0]]",
      "backbone[2]: the model would have"),  # sized on meta first: once a 3.7 TB allocation
     ("nc: 80", "nc: 80\nactivation: nn.ReLU(5)",
      "activation: only LeakyReLU takes an argument (its finite negative slope), got 'nn.ReLU(5)'"),
     ("nc: 80", "nc: 80\nactivation: nn.LeakyReLU(1e999)", "activation: only LeakyReLU takes an argument"),
     ("[30,61, 62,45, 59,119]", "[30,61, 62,45, 59,.inf]", "anchors[1]: anchor sizes must be positive finite numbers"),
-], ids=["depth nan", "width inf", "bool as a word", "e inf", "k float", "k negative", "reduction 0", "e huge",
+], ids=["depth nan", "width inf", "bool as a word", "e inf", "k float", "k negative", "reduction 0", "reduction < 0",
+        "heads < 0", "e huge",
         "relu arg", "slope inf", "anchor inf"])
 def test_a_bad_value_in_a_row_or_key_is_one_line_not_a_traceback_or_a_silent_model(tmp_path: Path, old: str, new: str,
                                                                                    expected: str) -> None:
