@@ -5,6 +5,8 @@ rectangle's pixels), gapped category ids 1, 3, 7, a crowd box on the first image
 annotations. Options add, drop or break things; `mutate` edits the json dict before it is written.
 
 `make_data_yaml(...)` -> Path of a dataset YAML whose train and val splits are two such datasets.
+
+`tiny_data` (module-scoped, from tiny_run.py) is the tiny training run's dataset YAML.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from PIL import Image
 
 from detector.data.spec import SplitSpec
+from tiny_run import tiny_data  # noqa: F401 (registered here for every test module: the tiny run's dataset)
 
 IN_ISOLATION = "DETECTOR_TEST_ISOLATED"  # set in the child process of the `isolated` tests
 ISOLATED_REPORT = "DETECTOR_TEST_ISOLATED_REPORT"  # where that child writes each test's outcome (JSON lines)

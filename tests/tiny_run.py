@@ -1,6 +1,6 @@
 """The tiny training run that the trainer, fine-tuning and reliability tests share: its keys, its dataset (a
-module-scoped fixture: 16 train and 8 val shapes images of 128 px, 6 classes) and its config. A test module
-imports the fixture by name to use it.
+module-scoped fixture: 16 train and 8 val shapes images of 128 px, 6 classes, registered by tests/conftest.py)
+and its config.
 
 Also the overfit run (`overfit`): a model trained until it knows 8 images, which the trainer's learning test and
 the INT8 export's accuracy test share through conftest's session fixture `overfit_run` (trained once a session)."""

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tiny_run import tiny_data  # noqa: F401 (the tiny dataset, a fixture of every reliability test)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from detector.data.transforms import to_model_input
 from detector.models.builder import build_model
 from detector.runtime.checkpoint import load_checkpoint
 from detector.train.trainer import Trainer, train
-from tiny_run import make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tiny_run import make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

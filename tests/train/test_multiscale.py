@@ -10,7 +10,7 @@ import torch
 
 from detector.train.multiscale import draw_side, largest_side, rescale
 from detector.train.trainer import Trainer
-from tiny_run import make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tiny_run import make_config
 
 
 def test_sides_are_stride_multiples_in_range_and_a_function_of_seed_and_step() -> None:
