@@ -349,7 +349,7 @@ class TrainConfig:
     multi_scale: float = option(0.0, "train each batch at a random size in imgsz x (1 +/- multi_scale), a multiple of the stride (0: off; Ultralytics' multi_scale=True is 0.5)", ge=0, lt=1)
     close_mosaic: int = option(10, "turn mosaic off for the last N epochs (a run of N epochs or fewer trains without mosaic)", ge=0, le=100_000)
     fraction: float = option(1.0, "train on this share of the training images (the same ones in every run: one fixed shuffle's first share; validation uses all)", gt=0, le=1)
-    cache: str = option("auto", "'ram' keeps the decoded training images in memory, 'auto' when they take at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
+    cache: str = option("auto", "'ram' keeps the decoded training images (and the val images, validated every epoch) in memory, 'auto' when each split takes at most a quarter of the available memory, '' off (the samples are the same either way)", choices=["auto", "ram", ""], neutral=True)
     # precision and speed
     amp: str = option("auto", "auto (bf16 on AMX CPUs and bf16 GPUs, fp16 on older GPUs), bf16, fp16, off", choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = option(True, "channels_last memory format")

@@ -89,17 +89,18 @@ def cache_bytes(image_hw: np.ndarray, ratios: np.ndarray) -> int:
     return int((sides[:, 0] * sides[:, 1]).sum() * 3)
 
 
-def resolve_cache(cache: str, image_hw: np.ndarray, ratios: np.ndarray, *, local_ranks: int = 1) -> str:
+def resolve_cache(cache: str, image_hw: np.ndarray, ratios: np.ndarray, *, local_ranks: int = 1, what: str = "") -> str:
     """'ram' or '' (off) for `cache`: "auto" is "ram" when the decoded set fits RAM_CACHE_SHARE of the available
-    memory, split over the `local_ranks` ranks on this machine, and says which it chose and why."""
+    memory, split over the `local_ranks` ranks on this machine, and says which it chose and why (for `what`, the
+    split's annotations file, when given)."""
     if cache in ("", "ram"):
         return cache
     if cache != "auto":
         raise DetectorError(f"cache must be 'auto', 'ram' or '' (off), got '{cache}'")
     need, budget = cache_bytes(image_hw, ratios), RAM_CACHE_SHARE * memory.available_memory_bytes() / max(local_ranks, 1)
     chosen = "ram" if need <= budget else ""
-    LOGGER.info("cache=auto: %s (the decoded images take %.0f MB; budget %.0f MB, %.0f%% of the available memory%s)",
-                chosen or "off", need / 2**20, budget / 2**20, 100 * RAM_CACHE_SHARE,
+    LOGGER.info("cache=auto: %s (%sthe decoded images take %.0f MB; budget %.0f MB, %.0f%% of the available memory%s)",
+                chosen or "off", f"{what}: " if what else "", need / 2**20, budget / 2**20, 100 * RAM_CACHE_SHARE,
                 f" over {local_ranks} ranks" if local_ranks > 1 else "")
     return chosen
 
@@ -115,11 +116,12 @@ class _ImageSource:
         self.decodes = 0
         self.recent: OrderedDict[int, np.ndarray] = OrderedDict()
         self.ram: list[np.ndarray | Exception] | None = None
-        if resolve_cache(cache, coco.image_hw, ratios, local_ranks=local_ranks) == "ram":
+        what = f"{coco.annotations.parent.name}/{coco.annotations.name}"
+        if resolve_cache(cache, coco.image_hw, ratios, local_ranks=local_ranks, what=what) == "ram":
             with ThreadPoolExecutor(max_workers=4) as pool:
                 self.ram = list(pool.map(self._read_or_error, range(len(coco))))
             mb = sum(a.nbytes for a in self.ram if isinstance(a, np.ndarray)) / 2**20
-            LOGGER.info("cache=ram: %d images, %.0f MB", len(self.ram), mb)
+            LOGGER.info("cache=ram: %s: %d images, %.0f MB", what, len(self.ram), mb)
 
     def _read_or_error(self, index: int) -> np.ndarray | Exception:
         """The decoded image, or the error reading it, kept so that using it raises as a read from disk would."""

@@ -177,7 +177,8 @@ class Trainer:
         if self.dist.is_main:  # scanned with the train split: an empty or (strict) faulty val split stops the run before the model
             try:
                 self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
-                                                    strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names)
+                                                    strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names,
+                                                    cache=cfg.cache)  # decoded once, validated every epoch
                 LOGGER.info("val: %s\n%s", self.data.val.annotations, self._val_loader.dataset.coco.summary)
                 self._check_val_categories(self._val_loader.dataset.coco)
             except DetectorError as err:

@@ -22,7 +22,7 @@ from detector.runtime.checkpoint import CheckpointWriter, load_checkpoint, save_
 from detector.train import trainer as trainer_module
 from detector.train.trainer import Trainer, epochs_for_budget, train
 from repo_paths import REPO_ROOT
-from tiny_run import TINY, make_config, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tiny_run import TINY, make_config
 
 
 
@@ -611,5 +611,22 @@ def test_without_clipping_the_finite_check_reads_the_gradients_norm(tiny_data: P
         before = [p.detach().clone() for p in trainer.model.parameters()]
         assert trainer._optimizer_step(finite) == "nonfinite"
         assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("cache", ["ram", ""])
+def test_the_val_images_share_the_runs_cache_setting(tiny_data: Path, tmp_path: Path, cache: str) -> None:
+    """Every epoch validates the same images: with the cache on they are decoded once for the run, as the train
+    split's are; off, neither split keeps them."""
+    trainer = Trainer(make_config(tiny_data, tmp_path, cache=cache))
+    try:
+        trainer.build()
+        for loader in (trainer.train_loader, trainer._val_loader):
+            assert (loader.dataset.source.ram is not None) is bool(cache)
+        decodes = trainer._val_loader.dataset.source.decodes
+        for _ in range(2):
+            list(trainer._val_loader)
+        assert trainer._val_loader.dataset.source.decodes - decodes == (0 if cache else 2 * 8)  # 8 val images
     finally:
         trainer.close()
