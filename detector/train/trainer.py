@@ -30,10 +30,10 @@ from detector import memory
 from detector.config import TrainConfig
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError, TrainingDiverged, write_failed
+from detector.folders import next_run_dir
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
-from detector.folders import next_run_dir
 from detector.train.finetune import keep_frozen_norms_in_eval
 from detector.train.resume import check_resume_classes, load_resume, resumed_run_dir
 from detector.version import __version__
