@@ -188,10 +188,11 @@ class Trainer:
 
     def _check_val_categories(self, val: CocoDataset) -> None:
         """The val split must list the train split's categories (ids, and each name at its id): every validation
-        scores class c as category `category_ids[c]`, so other ids or relabelled names would score near 0 silently."""
+        scores class c as category `category_ids[c]`, so other ids or relabelled names would score near 0 silently.
+        Both sides carry the dataset YAML's `names:` when it has them (the val loader was given them)."""
         from detector.data.coco import category_difference
 
-        difference = category_difference(self.category_ids, self.train_set.coco.names, val.category_ids, val.names)
+        difference = category_difference(self.category_ids, self.names, val.category_ids, val.names)
         if difference:
             raise DetectorError(f"{self.data.val.annotations}: its categories disagree with the train split's "
                                 f"{self.data.train.annotations}: {difference}")

@@ -205,6 +205,22 @@ def test_a_val_split_whose_categories_disagree_is_one_line_before_the_model(make
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_dataset_yamls_names_relabel_both_splits_alike_and_are_not_refused(make_data_yaml, tmp_path: Path) -> None:
+    """`names:` in the dataset YAML renames the classes of both splits (README); the val check compared them with
+    the train json's own names, and refused this documented rename as names moved to other ids."""
+    from detector.train.trainer import Trainer
+    from tiny_run import make_config
+
+    data = make_data_yaml()  # json names circle, square, triangle at ids 1, 3, 7
+    data.write_text(data.read_text() + "names: [triangle, square, circle]\n")
+    trainer = Trainer(make_config(data, tmp_path / "runs", epochs="1"))
+    try:
+        trainer.build()
+        assert trainer.names == trainer._val_loader.dataset.coco.names == ["triangle", "square", "circle"]
+    finally:
+        trainer.close()
+
+
 @pytest.mark.usefixtures("cli_logging")
 def test_a_strict_refusal_leaves_no_run_folder(make_data_yaml, tmp_path: Path, capsys) -> None:
     """E before training (here strict=true and an unknown category id) writes nothing: a later run is `exp`, not `exp2`."""
