@@ -70,13 +70,10 @@ class Variant:
 
 
 def variants(attentions: list[str], places: list[str]) -> list[Variant]:
-    """The cross product, in the given order; `none` once (its insertion point changes nothing)."""
-    out: list[Variant] = []
-    for attention in attentions:
-        for place in (places or [""]) if attention != "none" else [""]:
-            if Variant(attention, place) not in out:
-                out.append(Variant(attention, place))
-    return out
+    """The cross product, in the given order; `none` uncrossed (its insertion point changes nothing). The options
+    refuse a repeated attention or place, so no variant comes twice."""
+    return [Variant(attention, place) for attention in attentions
+            for place in ((places or [""]) if attention != "none" else [""])]
 
 
 def seed_list(opts: AblateOptions) -> list[int]:
