@@ -50,7 +50,7 @@ DRIVER = Path(__file__).resolve().parents[3] / "scripts" / "rivals_driver.py"  #
 @dataclass
 class RivalsOptions:
     data: str = option("data/shapes.yaml", "dataset YAML (COCO json splits)")
-    rivals: str = option("yolov8n,yolo26n,ours", "comma list of: yolov8n, yolo26n, ours")
+    rivals: list[str] = option([*ULTRALYTICS_MODELS, OURS], "comma list of: yolov8n, yolo26n, ours", choices=[*ULTRALYTICS_MODELS, OURS])
     epochs: int = option(60, "epochs, every side", ge=1, le=100_000)
     imgsz: int = option(256, "train and val image size, every side", ge=32, le=8192, multiple_of=32)
     batch: int = option(16, "batch size, every side", ge=1, le=4096)
@@ -83,16 +83,7 @@ def parse_args(argv: list[str]) -> tuple[RivalsOptions, list[str]]:
         instead = f"; give {key}= instead" if key in RivalsOptions.__dataclass_fields__ else ""
         raise DetectorError(f"command line: ours.{key}: the harness sets '{key}' of our detector train itself{instead}")
     values = parse_overrides([arg for arg in argv if not arg.startswith("ours.")])
-    opts = build_options(RivalsOptions, values, "command line")
-    for rival in rival_names(opts):
-        if rival != OURS and rival not in ULTRALYTICS_MODELS:
-            valid = ", ".join([*ULTRALYTICS_MODELS, OURS])
-            raise DetectorError(f"command line: unknown rival '{rival}' in 'rivals'; valid: {valid}")
-    return opts, ours_extra
-
-
-def rival_names(opts: RivalsOptions) -> list[str]:
-    return [r.strip() for r in opts.rivals.split(",") if r.strip()]
+    return build_options(RivalsOptions, values, "command line"), ours_extra  # rivals: known names, none twice
 
 
 def thread_count(opts: RivalsOptions) -> int:
@@ -331,7 +322,7 @@ def main(argv: list[str]) -> int:
 
     gt = CocoDataset(spec.val, names=spec.names).coco_gt()
     info = machine_info(thread_count(opts))
-    results = [run_rival(rival, opts, ours_extra, out, export, gt) for rival in rival_names(opts)]
+    results = [run_rival(rival, opts, ours_extra, out, export, gt) for rival in opts.rivals]
     versions = {"ultralytics": next((r["version"] for r in results if r.get("version")), "")}
     text = report_header(info, opts, versions) + "\n\n" + markdown_table(results)
     print("\n" + text)

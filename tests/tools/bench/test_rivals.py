@@ -29,12 +29,14 @@ def perfect_rows(data_yaml: Path) -> list[dict[str, Any]]:
 
 def test_parse_args_passes_ours_keys_through_and_names_bad_ones() -> None:
     opts, extra = rivals.parse_args(["epochs=3", "rivals=yolov8n,ours", "ours.lr0=0.002", "ours.model.attention=cbam"])
-    assert opts.epochs == 3 and rivals.rival_names(opts) == ["yolov8n", "ours"]
+    assert opts.epochs == 3 and opts.rivals == ["yolov8n", "ours"]
     assert extra == ["lr0=0.002", "model.attention=cbam"]
     with pytest.raises(DetectorError, match="unknown key 'epohcs' .*did you mean 'epochs'"):
         rivals.parse_args(["epohcs=3"])
-    with pytest.raises(DetectorError, match="unknown rival 'yolov5n'"):
+    with pytest.raises(DetectorError, match=r"^command line: 'rivals' must be one of yolov8n, yolo26n, ours, got 'yolov5n'$"):
         rivals.parse_args(["rivals=yolov5n"])
+    with pytest.raises(DetectorError, match=r"^command line: 'rivals' lists 'ours' more than once$"):
+        rivals.parse_args(["rivals=ours,yolov8n,ours"])
     with pytest.raises(DetectorError, match="'imgsz' expects an integer"):
         rivals.parse_args(["imgsz=big"])
     with pytest.raises(DetectorError, match=r"ours\.epochs: the harness sets 'epochs' of our detector train itself; give epochs= instead"):
