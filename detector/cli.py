@@ -78,15 +78,17 @@ def _data_synth(overrides: dict[str, str]) -> None:
 
     from detector.data.synthetic import generate_shapes_dataset
     from detector.data.synthetic_hard import format_stats, generate_hard_dataset, load_stats
+    from detector.data.synthetic_photo import generate_photo_dataset
 
-    opts = load_options(SynthOptions, overrides)  # profile: easy or hard, checked by its choices
-    default_out = {"easy": "data/shapes", "hard": "data/shapes-hard"}
+    opts = load_options(SynthOptions, overrides)  # profile: easy, hard or photo, checked by its choices
+    default_out = {"easy": "data/shapes", "hard": "data/shapes-hard", "photo": "data/photo-objects"}
     out = Path(opts.out or default_out[opts.profile])
     counts = {k: v for k, v in (("n_train", opts.n_train), ("n_val", opts.n_val)) if v}  # 0: the generator's default
     if opts.profile == "easy":
         print(generate_shapes_dataset(out, seed=opts.seed, imgsz=opts.imgsz, **counts))
         return
-    yaml_path = generate_hard_dataset(out, seed=opts.seed, **counts)
+    generate = generate_hard_dataset if opts.profile == "hard" else generate_photo_dataset
+    yaml_path = generate(out, seed=opts.seed, **counts)
     print(format_stats(load_stats(out)))
     print(f"statistics: {out / 'stats.json'}")
     print(yaml_path)
@@ -149,7 +151,7 @@ COMMANDS: dict[str, Command] = {
     "ablate": Command(AblateOptions, _ablate, "train one run per attention variant and print one table"),
     "tune": Command(TuneOptions, _tune, "search hyperparameters by evolution: one short run per trial, the best as a cfg file"),
     "env": Command(EnvOptions, _env, "what this installation runs on: versions, CPU and bf16 units, GPUs, amp=auto's pick, memory"),
-    "data synth": Command(SynthOptions, _data_synth, "generate the synthetic shapes dataset (profile=easy, the bundled one, or hard)"),
+    "data synth": Command(SynthOptions, _data_synth, "generate a synthetic dataset (profile=easy, the bundled shapes; hard or photo, the benchmark sets)"),
     "data check": Command(CheckOptions, _data_check, "scan a dataset, print statistics, save augmented previews"),
     "data convert": Command(ConvertOptions, _data_convert, "convert an Ultralytics data.yaml + labels/*.txt to COCO json and a dataset YAML of ours"),
     **{f"bench {b}": Command(cls, _bench(b, cls), summary) for b, (cls, summary) in BENCHES.items()},

@@ -56,12 +56,17 @@ class EnvOptions:
 
 @dataclass
 class SynthOptions:
-    profile: str = option("easy", "easy (the bundled shapes) or hard (the benchmark set: photos, clutter, tiny objects)", choices=["easy", "hard"])
-    out: str = option("", "output folder ('': data/shapes for easy, data/shapes-hard for hard)")
+    profile: str = option(
+        "easy",
+        "easy (the bundled shapes), hard (the benchmark set: shapes on photos, clutter, tiny objects) or photo "
+        "(a second hard set: textured objects cut from photographs)",
+        choices=["easy", "hard", "photo"],
+    )
+    out: str = option("", "output folder ('': data/shapes, data/shapes-hard or data/photo-objects, by profile)")
     seed: int = option(0, "generator seed (same seed, same bytes)", ge=0, le=2**32 - 1)
-    n_train: int = option(0, "training images (0: the profile's default, easy 2000, hard 600)", ge=0, le=1_000_000)
-    n_val: int = option(0, "validation images (0: the profile's default, easy 300, hard 150)", ge=0, le=1_000_000)
-    imgsz: int = option(320, "long side of the generated images (easy only; hard draws 192-512 px per side)", ge=32, le=4096)
+    n_train: int = option(0, "training images (0: the profile's default, easy 2000, hard and photo 600)", ge=0, le=1_000_000)
+    n_val: int = option(0, "validation images (0: the profile's default, easy 300, hard and photo 150)", ge=0, le=1_000_000)
+    imgsz: int = option(320, "long side of the generated images (easy only; hard and photo draw 192-512 px per side)", ge=32, le=4096)
 
 
 @dataclass

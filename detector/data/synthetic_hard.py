@@ -90,9 +90,10 @@ def _jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return mean + (image - mean) * np.float32(rng.uniform(0.5, 1.3)) + np.float32(rng.uniform(-40, 40))
 
 
-def _photo_background(rng: np.random.Generator, bank: PhotoBank, h: int, w: int) -> np.ndarray:
-    """A random crop of a photograph, zoomed 0.6-2.5x, maybe flipped, colour-jittered; float32 (H, W, 3)."""
-    photo = bank.get(PHOTOS[int(rng.integers(len(PHOTOS)))])
+def photo_background(rng: np.random.Generator, bank: PhotoBank, h: int, w: int, names: tuple[str, ...] = PHOTOS) -> np.ndarray:
+    """A random crop of one of the photographs `names`, zoomed 0.6-2.5x, maybe flipped, colour-jittered; float32
+    (H, W, 3)."""
+    photo = bank.get(names[int(rng.integers(len(names)))])
     ph, pw = photo.shape[:2]
     zoom = math.exp(rng.uniform(math.log(0.6), math.log(2.5)))  # output pixels per photo pixel
     ch, cw = min(ph, max(8, round(h / zoom))), min(pw, max(8, round(w / zoom)))
@@ -109,7 +110,7 @@ def _hard_background(rng: np.random.Generator, bank: PhotoBank, h: int, w: int) 
     """Photo (65%), the easy set's texture (20%) or a plain gradient with noise; maybe uneven lighting on top."""
     u = rng.random()
     if u < 0.65:
-        image = _photo_background(rng, bank, h, w)
+        image = photo_background(rng, bank, h, w)
     elif u < 0.85:
         image = _background(rng, h, w)
     else:
@@ -128,8 +129,8 @@ def _ramp(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0) - 0.5
 
 
-def _paint(image: np.ndarray, coverage: np.ndarray, win: Window, colour: np.ndarray) -> None:
-    """Alpha-blend `colour` into image[win] by `coverage` (uint8, 255 = opaque), in place."""
+def paint(image: np.ndarray, coverage: np.ndarray, win: Window, colour: np.ndarray) -> None:
+    """Alpha-blend `colour` (3,) or pixels (h, w, 3) into image[win] by `coverage` (uint8, 255 = opaque), in place."""
     alpha = (coverage.astype(np.float32) * np.float32(1 / 255))[..., None]
     patch = image[win]
     image[win] = patch + (colour - patch) * alpha
@@ -171,7 +172,7 @@ def _draw_clutter(rng: np.random.Generator, image: np.ndarray) -> None:
             win = (slice(y, y + bh), slice(x, x + bw))
             ys, xs = np.nonzero(mask[win] >= 128)
             colour = _colour(rng, image[win][ys[0], xs[0]] if len(ys) else image[y, x])
-            _paint(image, mask[win], win, colour)
+            paint(image, mask[win], win, colour)
 
 
 def _clipped(hw: tuple[int, int], center: np.ndarray, reach: float, draw: Callable[[tuple[int, int], np.ndarray], np.ndarray]) -> Parts | None:
@@ -247,7 +248,7 @@ def _place(rng: np.random.Generator, image: np.ndarray, owner: np.ndarray, areas
     for coverage in coverages:
         part = coverage >= 128
         if part.any():
-            _paint(image, coverage, win, _object_colour(rng, image[win][part].mean(axis=0)))
+            paint(image, coverage, win, _object_colour(rng, image[win][part].mean(axis=0)))
     return win, solid
 
 
@@ -278,7 +279,7 @@ def _draw_objects(rng: np.random.Generator, image: np.ndarray) -> list[dict[str,
     return annotations
 
 
-def _degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Sometimes lower the contrast, blur and add noise; uint8 (H, W, 3) out."""
     if rng.random() < 0.1:
         mean = np.float32(image.mean())
@@ -290,7 +291,7 @@ def _degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _encode(rng: np.random.Generator, pixels: np.ndarray) -> tuple[bytes, str]:
+def encode_image(rng: np.random.Generator, pixels: np.ndarray) -> tuple[bytes, str]:
     """File bytes and suffix: grayscale (JPEG or PNG), RGBA PNG (maybe with JPEG artefacts) or RGB JPEG of
     quality 30-95. Fixed encoder settings, so the bytes depend on the pixels only."""
     u, quality = rng.random(), int(rng.integers(30, 96))
@@ -314,7 +315,7 @@ def render_hard_image(seed: tuple[int, ...], bank: PhotoBank) -> Rendered:
     image = _hard_background(rng, bank, h, w)
     _draw_clutter(rng, image)
     annotations = _draw_objects(rng, image)
-    data, suffix = _encode(rng, _degrade(rng, image))
+    data, suffix = encode_image(rng, degrade(rng, image))
     return data, suffix, w, h, annotations
 
 
@@ -327,22 +328,41 @@ def _render_many(args: tuple[int, int, int, int]) -> list[Rendered]:
 def generate_hard_dataset(out: Path, *, seed: int = 0, n_train: int = 600, n_val: int = 150, workers: int | None = None) -> Path:
     """Write out/{train,val}/{images/, instances_<split>.json}, out/stats.json and out/dataset.yaml; return the
     YAML's path. Same seed and sizes, same bytes; `workers` processes (default: the CPU count, at most 4)."""
+    categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in CATEGORY_ORDER]
+    return generate_profile(
+        Path(out), "hard", GENERATOR_TAG, categories, _render_many, seed=seed, n_train=n_train, n_val=n_val, workers=workers
+    )
+
+
+def generate_profile(
+    out: Path,
+    profile: str,
+    tag: str,
+    categories: list[dict[str, Any]],
+    render_many: Callable[[tuple[int, int, int, int]], list[Rendered]],
+    *,
+    seed: int,
+    n_train: int,
+    n_val: int,
+    workers: int | None,
+) -> Path:
+    """A benchmark profile's files: each split rendered by `render_many((seed, split id, start, stop))` in
+    `workers` processes, its statistics in out/stats.json and out/dataset.yaml; return the YAML's path."""
     if n_train < 1 or n_val < 1:
         raise DetectorError(f"synth: need n_train >= 1 and n_val >= 1 (got {n_train}, {n_val})")
-    out = check_output_folder(Path(out), "out")
+    out = check_output_folder(out, "out")
     out.mkdir(parents=True, exist_ok=True)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
-    info = {"description": GENERATOR_TAG, "seed": seed, "profile": "hard"}
-    categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in CATEGORY_ORDER]
+    info = {"description": tag, "seed": seed, "profile": profile}
     stats = {}
     for split, count in (("train", n_train), ("val", n_val)):
         jobs = [(seed, SPLIT_IDS[split], s, min(s + CHUNK, count)) for s in range(0, count, CHUNK)]
-        write_split(out, split, lambda: render_jobs(_render_many, jobs, workers), info=info, categories=categories)
+        write_split(out, split, lambda: render_jobs(render_many, jobs, workers), info=info, categories=categories)
         stats[split] = split_stats(out / split / f"instances_{split}.json", out / split / "images")
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     yaml_path = out / "dataset.yaml"
     yaml_path.write_text(
-        f"# synthetic shapes, hard profile (seed={seed}), written by `detector data synth profile=hard`\n"
+        f"# {tag} (seed={seed}), written by `detector data synth profile={profile}`\n"
         "train: {images: train/images, annotations: train/instances_train.json}\n"
         "val: {images: val/images, annotations: val/instances_val.json}\n"
     )
