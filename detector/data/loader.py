@@ -494,9 +494,18 @@ def build_val_loader(
     idle_workers: bool = False,
     names: Sequence[str] | None = None,
 ) -> DetectorDataLoader:
-    """Letterboxed batches of `split` in a fixed order (by aspect ratio when rect=True); `idle_workers` as in
-    `build_train_loader`; `names`: the dataset YAML's `names:`, overriding the json's category names."""
+    """Letterboxed batches of `split` (scanned here) as `val_loader` makes them; `names`: the dataset YAML's
+    `names:`, overriding the json's category names."""
     _check_imgsz(imgsz)
     coco = CocoDataset(split, strict=strict, cache_dir=cache_dir, names=names)
+    return val_loader(coco, imgsz=imgsz, batch_size=batch_size, workers=workers, rect=rect, cache=cache, idle_workers=idle_workers)
+
+
+def val_loader(
+    coco: CocoDataset, *, imgsz: int, batch_size: int, workers: int, rect: bool = False, cache: str = "", idle_workers: bool = False
+) -> DetectorDataLoader:
+    """Letterboxed batches of a scanned split in a fixed order (by aspect ratio when rect=True); the images are
+    decoded here when `cache` keeps them; `idle_workers` as in `build_train_loader`."""
+    _check_imgsz(imgsz)
     dataset = ValDataset(coco, imgsz=imgsz, batch_size=batch_size, rect=rect, cache=cache)
     return _data_loader(dataset, batch_size=batch_size, workers=workers, idle_workers=idle_workers, shuffle=False)

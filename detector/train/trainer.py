@@ -147,7 +147,8 @@ class Trainer:
     def _build_data(self) -> None:
         """The dataset YAML (the bundled set generated on first use), the train loader, the class list and (rank 0)
         the val loader."""
-        from detector.data.loader import build_train_loader, build_val_loader, resolve_worker_priority, resolve_workers
+        from detector.data.coco import CocoDataset
+        from detector.data.loader import build_train_loader, resolve_worker_priority, resolve_workers, val_loader
         from detector.data.synthetic import ensure_bundled_dataset
 
         cfg = self.cfg
@@ -176,11 +177,11 @@ class Trainer:
         refused = None
         if self.dist.is_main:  # scanned with the train split: an empty or (strict) faulty val split stops the run before the model
             try:
-                self._val_loader = build_val_loader(self.data.val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
-                                                    strict=cfg.strict, idle_workers=self.idle_workers, names=self.data.names,
-                                                    cache=cfg.cache)  # decoded once, validated every epoch
-                LOGGER.info("val: %s\n%s", self.data.val.annotations, self._val_loader.dataset.coco.summary)
-                self._check_val_categories(self._val_loader.dataset.coco)
+                val = CocoDataset(self.data.val, strict=cfg.strict, names=self.data.names)
+                LOGGER.info("val: %s\n%s", self.data.val.annotations, val.summary)
+                self._check_val_categories(val)  # before its images are decoded for the cache
+                self._val_loader = val_loader(val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
+                                              idle_workers=self.idle_workers, cache=cfg.cache)  # decoded once, validated every epoch
             except DetectorError as err:
                 refused = err
         if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective

@@ -177,9 +177,15 @@ def test_empty_val_set_is_one_line_from_the_cli_before_the_model(make_data_yaml,
 @pytest.mark.usefixtures("cli_logging")
 @pytest.mark.parametrize("change", ["names moved", "ids shifted", "a category fewer"])
 def test_a_val_split_whose_categories_disagree_is_one_line_before_the_model(make_data_yaml, tmp_path: Path, capsys,
-                                                                           change: str) -> None:
+                                                                           monkeypatch, change: str) -> None:
     """Every validation scores class c as the train split's c-th category id: a val json with other ids, or with
-    the same names at other ids (a relabelled table), scored AP near 0 silently or failed after the first epoch."""
+    the same names at other ids (a relabelled table), scored AP near 0 silently or failed after the first epoch.
+    Refused before the val images are decoded for the RAM cache."""
+    from detector.data.coco import CocoDataset
+
+    decoded: list[Path] = []
+    load_image = CocoDataset.load_image
+    monkeypatch.setattr(CocoDataset, "load_image", lambda self, i: decoded.append(self.annotations) or load_image(self, i))
     data = make_data_yaml()  # categories 1 circle, 3 square, 7 triangle in both splits
     val_json = data.parent / "val" / "instances.json"
     coco = json.loads(val_json.read_text())
@@ -195,8 +201,9 @@ def test_a_val_split_whose_categories_disagree_is_one_line_before_the_model(make
         coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != 7]
         expected = "category ids [1, 3, 7] against [1, 3]"
     val_json.write_text(json.dumps(coco))
-    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1"}.items()]
+    args = [f"{k}={v}" for k, v in {**TINY, "data": str(data), "project": str(tmp_path / "runs"), "epochs": "1", "cache": "ram"}.items()]
     assert main(["train", *args]) == 2
+    assert decoded and val_json not in decoded  # the train split's cache was filled, the refused val split's not
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
         f"detector train: error: {val_json}: its categories disagree with the train split's "
