@@ -5,7 +5,7 @@ it was not tuned on.
 
 Seven classes (category ids 1..7): face (100 LFW faces), horse (the silhouette filled with a tinted photo texture),
 logo, coin (each coin segmented from `coins`), wheel (the colour wheel), cat (the cat's face), cup (the coffee cup).
-Objects from 8 px to 45% of the short side, log-uniform (about half COCO-small), aspect jitter, flips, rotation up to
+Objects from 8 px to 45% of the short side, log-uniform (about 60% COCO-small), aspect jitter, flips, rotation up to
 30 degrees, colour jitter, cut by the border (at least 40% inside) and by later objects (every object keeps at least
 40% visible). Unlabelled clutter under them: LFW non-faces and crops of photographs no class comes from. The photos
 that hold a class (astronaut, camera: faces; chelsea, coffee, coins) never serve as backgrounds. Blur, noise,
@@ -84,7 +84,8 @@ def _coins(bank: PhotoBank) -> list[Cutout]:
     for k in range(1, count):
         x, y, w, h, area = (int(v) for v in boxes[k])
         if area > 900:
-            contours, _ = cv2.findContours(((labels[y : y + h, x : x + w] == k) * 255).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            component = ((labels[y : y + h, x : x + w] == k) * 255).astype(np.uint8)
+            contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             mask = cv2.drawContours(np.zeros((h, w), np.uint8), contours, -1, 255, cv2.FILLED)
             cutouts.append(Cutout(_gray3(gray[y : y + h, x : x + w]), mask))
     return cutouts
@@ -163,7 +164,9 @@ def _window(rng: np.random.Generator, hw: tuple[int, int], patch_hw: tuple[int, 
     return (slice(y1, y2), slice(x1, x2)), (slice(y1 - y0, y2 - y0), slice(x1 - x0, x2 - x0))
 
 
-def _place(rng: np.random.Generator, image: np.ndarray, owner: np.ndarray, areas: list[int], cutout: Cutout) -> tuple[Window, np.ndarray] | None:
+def _place(
+    rng: np.random.Generator, image: np.ndarray, owner: np.ndarray, areas: list[int], cutout: Cutout
+) -> tuple[Window, np.ndarray] | None:
     """Sample and paint one object where it keeps every earlier one MIN_VISIBLE visible and itself MIN_INSIDE
     inside the image; its window and solid mask, or None after ATTEMPTS tries."""
     hw = owner.shape

@@ -181,7 +181,7 @@ class Trainer:
                 LOGGER.info("val: %s\n%s", self.data.val.annotations, val.summary)
                 self._check_val_categories(val)  # before its images are decoded for the cache
                 self._val_loader = val_loader(val, imgsz=cfg.imgsz, batch_size=self.per_rank_batch * 2, workers=self.workers,
-                                              idle_workers=self.idle_workers, cache=cfg.cache)  # decoded once, validated every epoch
+                                              rect=True, idle_workers=self.idle_workers, cache=cfg.cache)  # decoded once, validated every epoch
             except DetectorError as err:
                 refused = err
         if broadcast_flag(self.dist, refused is not None):  # every rank stops, where the others waited in the next collective

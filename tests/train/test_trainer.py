@@ -630,3 +630,19 @@ def test_the_val_images_share_the_runs_cache_setting(tiny_data: Path, tmp_path: 
         assert trainer._val_loader.dataset.source.decodes - decodes == (0 if cache else 2 * 8)  # 8 val images
     finally:
         trainer.close()
+
+
+def test_the_per_epoch_validation_batches_by_aspect_ratio_as_detector_val_does(tiny_data: Path, tmp_path: Path) -> None:
+    """Square batches padded every non-square val image to imgsz x imgsz: work for nothing, and per-epoch AP
+    (which picks best.pt) measured otherwise than `detector val`'s default rect batches measure it."""
+    from detector.data.loader import rect_batch_shapes
+
+    trainer = Trainer(make_config(tiny_data, tmp_path, batch="1"))  # val batches of 2: two of the 8 images landscape
+    try:
+        trainer.build()
+        loader = trainer._val_loader
+        shapes = [tuple(batch["images"].shape[2:]) for batch in loader]
+        _, expected = rect_batch_shapes(loader.dataset.coco.image_hw, 128, loader.batch_size)
+        assert shapes == [tuple(s) for s in expected.tolist()] and any(h != w for h, w in shapes)
+    finally:
+        trainer.close()
