@@ -330,7 +330,7 @@ def generate_hard_dataset(out: Path, *, seed: int = 0, n_train: int = 600, n_val
     YAML's path. Same seed and sizes, same bytes; `workers` processes (default: the CPU count, at most 4)."""
     categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in CATEGORY_ORDER]
     return generate_profile(
-        Path(out), "hard", GENERATOR_TAG, categories, _render_many, seed=seed, n_train=n_train, n_val=n_val, workers=workers
+        Path(out), "hard", GENERATOR_TAG, "synthetic shapes", categories, _render_many, seed=seed, n_train=n_train, n_val=n_val, workers=workers
     )
 
 
@@ -338,6 +338,7 @@ def generate_profile(
     out: Path,
     profile: str,
     tag: str,
+    title: str,
     categories: list[dict[str, Any]],
     render_many: Callable[[tuple[int, int, int, int]], list[Rendered]],
     *,
@@ -347,7 +348,8 @@ def generate_profile(
     workers: int | None,
 ) -> Path:
     """A benchmark profile's files: each split rendered by `render_many((seed, split id, start, stop))` in
-    `workers` processes, its statistics in out/stats.json and out/dataset.yaml; return the YAML's path."""
+    `workers` processes and marked with `tag` (only a folder so marked is replaced), its statistics in
+    out/stats.json and out/dataset.yaml (its first line names `title`); return the YAML's path."""
     if n_train < 1 or n_val < 1:
         raise DetectorError(f"synth: need n_train >= 1 and n_val >= 1 (got {n_train}, {n_val})")
     out = check_output_folder(out, "out")
@@ -362,7 +364,7 @@ def generate_profile(
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     yaml_path = out / "dataset.yaml"
     yaml_path.write_text(
-        f"# {tag} (seed={seed}), written by `detector data synth profile={profile}`\n"
+        f"# {title}, {profile} profile (seed={seed}), written by `detector data synth profile={profile}`\n"
         "train: {images: train/images, annotations: train/instances_train.json}\n"
         "val: {images: val/images, annotations: val/instances_val.json}\n"
     )
@@ -374,4 +376,7 @@ def load_stats(out: Path) -> dict[str, dict[str, Any]]:
     return json.loads((Path(out) / "stats.json").read_text())
 
 
-__all__ = ["generate_hard_dataset", "render_hard_image", "load_stats", "format_stats", "PhotoBank", "CATEGORY_IDS"]
+__all__ = [
+    "generate_hard_dataset", "generate_profile", "render_hard_image", "load_stats", "format_stats", "PhotoBank", "CATEGORY_IDS",
+    "photo_background", "paint", "degrade", "encode_image",
+]

@@ -7,9 +7,10 @@ Seven classes (category ids 1..7): face (100 LFW faces), horse (the silhouette f
 logo, coin (each coin segmented from `coins`), wheel (the colour wheel), cat (the cat's face), cup (the coffee cup).
 Objects from 8 px to 45% of the short side, log-uniform (about 60% COCO-small), aspect jitter, flips, rotation up to
 30 degrees, colour jitter, cut by the border (at least 40% inside) and by later objects (every object keeps at least
-40% visible). Unlabelled clutter under them: LFW non-faces and crops of photographs no class comes from. The photos
-that hold a class (astronaut, camera: faces; chelsea, coffee, coins) never serve as backgrounds. Blur, noise,
-gray/RGBA/JPEG files and sizes as in `hard`; boxes are the tight box of the visible pixels and `area` their count.
+40% visible). Unlabelled clutter under them: LFW non-faces (but six showing part of a face) and crops of photographs
+no class comes from. The photos that hold a class (astronaut, camera: faces; chelsea, coffee, coins) never serve as
+backgrounds. Blur, noise, gray/RGBA/JPEG files and sizes as in `hard`; boxes are the tight box of the visible pixels
+and `area` their count.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ BACKGROUNDS = ("brick", "grass", "gravel", "moon", "page", "text", "retina", "ce
                "hubble_deep_field", "immunohistochemistry")  # no face, cat, cup or coin in any of them
 CLUTTER_PHOTOS = ("rocket", "immunohistochemistry", "hubble_deep_field", "retina", "brick")
 HORSE_TEXTURES = ("gravel", "grass", "brick")
+FACE_LIKE_NON_FACES = (14, 25, 26, 30, 93, 96)  # LFW "non-face" patches showing eyes, a mouth or a face's edge
+COIN_MIN_AREA_PX, COIN_MAX_ASPECT = 900, 1.3
 MIN_SIZE_PX, MAX_SIZE_FRACTION = 8.0, 0.45  # size = sqrt(area) of the cut-out's box, log-uniform in between
 MAX_LOG_ASPECT, MAX_ROTATION_DEG = 0.35, 30.0
 MIN_VISIBLE, MIN_INSIDE, MIN_PIXELS = 0.4, 0.4, 12
@@ -67,23 +70,27 @@ def _gray3(gray: np.ndarray) -> np.ndarray:
 
 
 def _lfw(faces: bool) -> list[Cutout]:
-    """The 100 LFW faces (or the 100 non-face patches of the same subset), 25x25 gray, in an upright ellipse."""
+    """The 100 LFW faces (or the subset's non-face patches but those showing part of a face), 25x25 gray, in an
+    upright ellipse."""
     import skimage.data
 
     patches = np.round(skimage.data.lfw_subset() * 255).astype(np.uint8)
     mask = _ellipse(25, 25, radii=(0.45, 0.5))
-    return [Cutout(_gray3(p), mask) for p in (patches[:100] if faces else patches[100:])]
+    chosen = patches[:100] if faces else [p for k, p in enumerate(patches[100:]) if k not in FACE_LIKE_NON_FACES]
+    return [Cutout(_gray3(p), mask) for p in chosen]
 
 
 def _coins(bank: PhotoBank) -> list[Cutout]:
-    """Each coin of `coins`: Otsu threshold, connected components over 900 px, holes filled."""
+    """Each coin of `coins`: Otsu threshold, connected components over COIN_MIN_AREA_PX, holes filled; a component
+    touching the photo's edge or far from round (the bright top strip merged with a coin) is left out."""
     gray = np.ascontiguousarray(bank.get("coins")[..., 0])
     _, binary = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     count, labels, boxes, _ = cv2.connectedComponentsWithStats(binary)
     cutouts = []
     for k in range(1, count):
         x, y, w, h, area = (int(v) for v in boxes[k])
-        if area > 900:
+        inside = x > 0 and y > 0 and x + w < gray.shape[1] and y + h < gray.shape[0]
+        if area > COIN_MIN_AREA_PX and inside and max(w, h) <= COIN_MAX_ASPECT * min(w, h):
             component = ((labels[y : y + h, x : x + w] == k) * 255).astype(np.uint8)
             contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             mask = cv2.drawContours(np.zeros((h, w), np.uint8), contours, -1, 255, cv2.FILLED)
@@ -137,8 +144,9 @@ def _transform(rng: np.random.Generator, cutout: Cutout, size: float) -> tuple[n
     aspect = math.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT))
     scale = size / math.sqrt(h0 * w0)
     w, h = max(round(w0 * scale * aspect), 3), max(round(h0 * scale / aspect), 3)
-    pixels = cv2.resize(cutout.pixels, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-    mask = cv2.resize(cutout.mask, (w, h), interpolation=cv2.INTER_AREA)
+    resampling = cv2.INTER_AREA if w * h < w0 * h0 else cv2.INTER_LINEAR  # INTER_AREA enlarges as nearest neighbour
+    pixels = cv2.resize(cutout.pixels, (w, h), interpolation=resampling).astype(np.float32)
+    mask = cv2.resize(cutout.mask, (w, h), interpolation=resampling)
     if cutout.tint:
         pixels = rng.uniform(40, 230, 3).astype(np.float32) * (0.6 + pixels * np.float32(0.5 / 255))
     if rng.random() < 0.5:
@@ -154,8 +162,8 @@ def _transform(rng: np.random.Generator, cutout: Cutout, size: float) -> tuple[n
 
 
 def _window(rng: np.random.Generator, hw: tuple[int, int], patch_hw: tuple[int, int]) -> tuple[Window, Window]:
-    """Where a patch lands (up to 60% of it may fall outside): its window in the image and the matching part of the
-    patch (empty when nothing is inside)."""
+    """Where a patch lands (about 60% of each side may fall outside): its window in the image and the matching part
+    of the patch."""
     (h, w), (ph, pw) = hw, patch_hw
     y0 = int(rng.integers(-(ph * 3) // 5, h - (ph * 2) // 5 + 1))
     x0 = int(rng.integers(-(pw * 3) // 5, w - (pw * 2) // 5 + 1))
@@ -235,7 +243,7 @@ def generate_photo_dataset(out: Path, *, seed: int = 0, n_train: int = 600, n_va
     sizes, same bytes; `workers` processes (default: the CPU count, at most 4)."""
     categories = [{"id": k + 1, "name": name, "supercategory": "object"} for k, name in enumerate(CLASSES)]
     return generate_profile(
-        Path(out), "photo", GENERATOR_TAG, categories, _render_many, seed=seed, n_train=n_train, n_val=n_val, workers=workers
+        Path(out), "photo", GENERATOR_TAG, "synthetic photo objects", categories, _render_many, seed=seed, n_train=n_train, n_val=n_val, workers=workers
     )
 
 

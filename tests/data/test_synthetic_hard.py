@@ -30,7 +30,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return hard.generate_hard_dataset(tmp_path_factory.mktemp("hard"), seed=0, n_train=100, n_val=4, workers=2)
 
 
-def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path) -> None:
+def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hard, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
     hard.generate_hard_dataset(tmp_path / "a", seed=3, n_train=12, n_val=4, workers=1)
     hard.generate_hard_dataset(tmp_path / "b", seed=3, n_train=12, n_val=4, workers=2)
     hard.generate_hard_dataset(tmp_path / "c", seed=4, n_train=12, n_val=4, workers=1)

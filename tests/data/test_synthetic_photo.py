@@ -9,10 +9,12 @@ import json
 import socket
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+import detector.data.synthetic_hard as hard
 import detector.data.synthetic_photo as photo
 from detector.cli import main
 from detector.data.coco import CocoDataset
@@ -30,7 +32,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return photo.generate_photo_dataset(tmp_path_factory.mktemp("photo"), seed=0, n_train=80, n_val=4, workers=2)
 
 
-def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path) -> None:
+def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hard, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
     photo.generate_photo_dataset(tmp_path / "a", seed=3, n_train=12, n_val=4, workers=1)
     photo.generate_photo_dataset(tmp_path / "b", seed=3, n_train=12, n_val=4, workers=2)
     photo.generate_photo_dataset(tmp_path / "c", seed=4, n_train=12, n_val=4, workers=1)
@@ -45,7 +48,12 @@ def test_cutouts_build_without_the_network(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(socket.socket, "connect", refuse)
     bank = photo.CutoutBank()
     assert len(bank.objects) == len(photo.CLASSES) and len(bank.objects[photo.CLASSES.index("face")]) == 100
-    assert len(bank.objects[photo.CLASSES.index("coin")]) >= 20  # each coin of `coins` segmented on its own
+    coins = bank.objects[photo.CLASSES.index("coin")]
+    assert len(coins) >= 20  # each coin of `coins` segmented on its own
+    for c in coins:  # round, filling its box as a disc does (pi / 4): no strip of background merged with a coin
+        h, w = c.mask.shape
+        assert max(h, w) <= 1.3 * min(h, w) and 0.7 < (c.mask == 255).mean() < 0.86
+    assert len(bank.clutter_faces) == 100 - len(photo.FACE_LIKE_NON_FACES)
     for cutouts in bank.objects:
         for c in cutouts:
             assert c.pixels.dtype == np.uint8 and c.pixels.shape == (*c.mask.shape, 3)
@@ -63,6 +71,31 @@ def test_patches_land_with_matching_windows_even_when_larger_than_the_image() ->
         image_part = np.zeros(hw)[win]
         assert image_part.shape == np.zeros(patch_hw)[part].shape
         assert all(s.start >= 0 and s.stop <= n for s, n in zip(win, hw))
+
+
+def test_the_painted_pixels_are_the_solid_mask_through_resize_flip_and_rotation() -> None:
+    """A cut-out whose pixels are its mask, on a black image: what turned bright is the mask `_place` returns (give
+    or take the anti-aliased edge), so pixels and mask cannot drift apart under the flips and rotations."""
+    rng = np.random.default_rng(2)
+    mask = np.zeros((30, 50), np.uint8)
+    mask[5:25, 10:30] = 255
+    mask[10:20, 30:45] = 255  # an asymmetric shape: a flip or rotation applied to one array only would show
+    cutout = photo.Cutout(np.repeat(mask[..., None], 3, axis=2), mask)  # white inside the mask, black outside
+    checked = 0
+    for _ in range(40):
+        image = np.zeros((160, 200, 3), np.float32)
+        owner = np.full((160, 200), -1, np.int16)
+        placed = photo._place(rng, image, owner, [], cutout)
+        assert placed is not None
+        win, solid = placed
+        expected = np.zeros((160, 200), bool)
+        expected[win] = solid
+        painted = image.max(axis=2)  # alpha x the cut-out's jittered colour (at least 255 x 0.52 - 30) on black
+        assert ((painted > 1) & ~expected).sum() <= 8 * expected.sum() ** 0.5 + 4  # outside: only the soft edge
+        interior = cv2.erode(expected.astype(np.uint8), np.ones((5, 5), np.uint8), borderValue=0).astype(bool)  # past the soft edge
+        assert (painted[interior] >= 0.45 * painted.max()).all()  # inside: the cut-out's white, not its black
+        checked += int(interior.sum() > 20)
+    assert checked >= 20  # most placements were big enough to have an interior
 
 
 def test_boxes_are_the_visible_pixels_and_floors_hold() -> None:
