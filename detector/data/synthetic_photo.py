@@ -182,9 +182,9 @@ def _place(
         size = MIN_SIZE_PX * (MAX_SIZE_FRACTION * min(hw) / MIN_SIZE_PX) ** rng.random()
         pixels, coverage = _transform(rng, cutout, size)
         win, part = _window(rng, hw, coverage.shape)
-        solid = coverage[part] >= 128
-        inside = int(solid.sum())
-        if inside >= max(MIN_PIXELS, MIN_INSIDE * int((coverage >= 128).sum())) and keeps_visible(owner, win, solid, areas, MIN_VISIBLE):
+        whole = coverage >= 128
+        solid = whole[part]
+        if int(solid.sum()) >= max(MIN_PIXELS, MIN_INSIDE * int(whole.sum())) and keeps_visible(owner, win, solid, areas, MIN_VISIBLE):
             paint(image, coverage[part], win, pixels[part])
             return win, solid
     return None

@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """relative path -> bytes of every file under `root`: a generator's whole output, to compare two runs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def coco_boxes(json_path: Path) -> dict[str, list[tuple[int, tuple[float, ...]]]]:
     """file name -> sorted (category id, xyxy) of its non-crowd boxes."""
     data = json.loads(json_path.read_text())

@@ -15,10 +15,7 @@ import detector.data.synthetic as synthetic
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
-
-
-def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from data_helpers import tree_bytes
 
 
 def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path) -> None:
@@ -26,8 +23,8 @@ def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path) -> None
     synthetic.generate_shapes_dataset(tmp_path / "b", seed=5, n_train=60, n_val=3, imgsz=96, workers=2)
     synthetic.generate_shapes_dataset(tmp_path / "c", seed=6, n_train=60, n_val=3, imgsz=96, workers=1)
     assert a == tmp_path / "a" / "dataset.yaml"
-    assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert files(tmp_path / "a") != files(tmp_path / "c")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert tree_bytes(tmp_path / "a") != tree_bytes(tmp_path / "c")
     assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # no temporary folders left
 
 

@@ -21,10 +21,7 @@ from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
 from detector.data.synthetic import visible_boxes
 from detector.data.synthetic_hard import load_stats
-
-
-def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from data_helpers import tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,8 @@ def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path, monkeyp
     photo.generate_photo_dataset(tmp_path / "a", seed=3, n_train=12, n_val=4, workers=1)
     photo.generate_photo_dataset(tmp_path / "b", seed=3, n_train=12, n_val=4, workers=2)
     photo.generate_photo_dataset(tmp_path / "c", seed=4, n_train=12, n_val=4, workers=1)
-    assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert files(tmp_path / "a") != files(tmp_path / "c")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert tree_bytes(tmp_path / "a") != tree_bytes(tmp_path / "c")
 
 
 def test_cutouts_build_without_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
