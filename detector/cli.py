@@ -77,7 +77,9 @@ def _data_synth(overrides: dict[str, str]) -> None:
     from pathlib import Path
 
     from detector.data.synthetic import generate_shapes_dataset
-    from detector.data.synthetic_hard import format_stats, generate_hard_dataset, load_stats
+    from detector.data.stats import format_stats
+    from detector.data.synthetic_common import load_stats
+    from detector.data.synthetic_hard import generate_hard_dataset
     from detector.data.synthetic_photo import generate_photo_dataset
 
     opts = load_options(SynthOptions, overrides)  # profile: easy, hard or photo, checked by its choices

@@ -13,37 +13,28 @@ processes; JPEG quality 90, no optimisation, fixed settings.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from detector.data.synthetic_common import CHUNK, SPLIT_IDS, Rendered, keeps_visible, render_jobs, visible_boxes, write_split
 from detector.errors import DetectorError
 from detector.folders import check_output_folder
 
 LOGGER = logging.getLogger(__name__)
 
 CLASSES = ("circle", "triangle", "square", "star", "cross", "ring")
-SPLIT_IDS = {"train": 0, "val": 1}
 GENERATOR_TAG = "detector synthetic shapes"
 MIN_SIZE_PX = 8
 MIN_VISIBLE = 0.6  # an occluded shape keeps at least this fraction of its pixels
 EMPTY_FRACTION = 0.05
 MAX_OBJECTS = 8
 SUBPIXEL_BITS = 4  # cv2 drawing with 1/16 px vertex precision
-CHUNK = 50  # images per process-pool job
-
-Window = tuple[slice, slice]
-# one rendered image as the split writer takes it: (file bytes, file suffix, width, height, [annotation fields])
-Rendered = tuple[bytes, str, int, int, list[dict[str, Any]]]
 
 
 def _polygon(name: str, radius: float) -> list[np.ndarray]:
@@ -65,7 +56,7 @@ def _polygon(name: str, radius: float) -> list[np.ndarray]:
     raise ValueError(name)
 
 
-def _draw_mask(
+def draw_mask(
     shape: tuple[int, int], name: str, center: np.ndarray, radius: float, angle: float, hole: float, aspect: float = 1.0
 ) -> np.ndarray:
     """Anti-aliased coverage (H, W) uint8 of one shape centred at `center` (continuous pixels); 255 = covered.
@@ -94,7 +85,7 @@ def _draw_mask(
     return mask
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def textured_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Gradient + smooth colour blobs + stripes + pixel noise, float32 (H, W, 3) in about 0..255."""
     c0, c1 = rng.uniform(30, 225, 3).astype(np.float32), rng.uniform(30, 225, 3).astype(np.float32)
     theta, phi = rng.uniform(0, 2 * math.pi, 2)
@@ -112,7 +103,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return image
 
 
-def _colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
+def shape_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
     """A random colour (any hue, varied saturation and brightness) at least some distance from `avoid`."""
     for _ in range(20):
         hsv = np.array([[[rng.uniform(0, 180), rng.uniform(40, 255), rng.uniform(70, 255)]]], np.float32)
@@ -127,7 +118,7 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     short = int(rng.choice([imgsz, round(0.8 * imgsz), round(0.75 * imgsz)]))
     w, h = (imgsz, short) if rng.random() < 0.5 else (short, imgsz)
-    image = _background(rng, h, w)
+    image = textured_background(rng, h, w)
     n_objects = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
     owner = np.full((h, w), -1, np.int16)  # index of the topmost shape covering each pixel (>= 50%), -1: none
     areas: list[int] = []  # full pixel count of each placed shape
@@ -142,7 +133,7 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
             x0, y0 = max(int(center[0] - radius) - 2, 0), max(int(center[1] - radius) - 2, 0)
             x1, y1 = min(int(center[0] + radius) + 3, w), min(int(center[1] + radius) + 3, h)
             win = (slice(y0, y1), slice(x0, x1))
-            coverage = _draw_mask((y1 - y0, x1 - x0), CLASSES[cls], center - (x0, y0), radius, angle, hole)
+            coverage = draw_mask((y1 - y0, x1 - x0), CLASSES[cls], center - (x0, y0), radius, angle, hole)
             solid = coverage >= 128
             if solid.any() and keeps_visible(owner, win, solid, areas, MIN_VISIBLE):
                 break
@@ -150,7 +141,7 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
             continue  # every placement would hide an earlier shape: leave this one out
         alpha = (coverage.astype(np.float32) * np.float32(1 / 255))[..., None]
         patch = image[win]
-        colour = _colour(rng, patch[solid].mean(axis=0))
+        colour = shape_colour(rng, patch[solid].mean(axis=0))
         image[win] = patch + (colour - patch) * alpha
         owner[win][solid] = len(areas)
         areas.append(int(solid.sum()))
@@ -164,74 +155,9 @@ def render_image(seed: tuple[int, ...], imgsz: int) -> tuple[bytes, int, int, li
     return buffer.tobytes(), w, h, annotations
 
 
-def keeps_visible(owner: np.ndarray, win: Window, solid: np.ndarray, areas: Sequence[int], min_visible: float) -> bool:
-    """Whether drawing `solid` (a mask over `win`) on top leaves every earlier shape at least `min_visible` of its
-    `areas` pixels; `owner` (H, W) int16 holds the topmost shape index per pixel, -1 for none."""
-    covered = np.bincount(owner[win][solid] + 1, minlength=len(areas) + 1)[1:]
-    visible = np.bincount(owner.ravel() + 1, minlength=len(areas) + 1)[1:] if len(areas) else covered
-    return bool((visible - covered >= min_visible * np.array(areas, dtype=np.int64)).all())
-
-
-def visible_boxes(owner: np.ndarray, windows: Sequence[Window]) -> list[tuple[list[int], int]]:
-    """([x, y, w, h] tight box, pixel count) of each shape's visible pixels (owner == its index) within its window."""
-    boxes = []
-    for k, win in enumerate(windows):
-        visible = owner[win] == k
-        ys, xs = np.nonzero(visible)
-        x1, y1 = int(xs.min()) + win[1].start, int(ys.min()) + win[0].start
-        x2, y2 = int(xs.max()) + 1 + win[1].start, int(ys.max()) + 1 + win[0].start
-        boxes.append(([x1, y1, x2 - x1, y2 - y1], int(visible.sum())))
-    return boxes
-
-
 def _render_many(args: tuple[int, int, int, int, int]) -> list[Rendered]:
     seed, split_id, start, stop, imgsz = args
     return [(data, ".jpg", w, h, anns) for data, w, h, anns in (render_image((seed, split_id, i), imgsz) for i in range(start, stop))]
-
-
-def render_jobs(render_many: Callable[[Any], list[Rendered]], jobs: Sequence[Any], workers: int) -> list[Rendered]:
-    """Run `render_many` over `jobs` (in order) in `workers` processes; each image has its own seed, so the
-    process count never changes the output."""
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            return [r for part in pool.map(render_many, jobs) for r in part]
-    return [r for job in jobs for r in render_many(job)]
-
-
-def write_split(
-    out: Path, split: str, rendered: Callable[[], list[Rendered]], *, info: dict[str, Any], categories: list[dict[str, Any]]
-) -> None:
-    """Write the images of `rendered()` and instances_<split>.json into a temporary folder, then move it to
-    out/<split> in one rename. A folder there is replaced only if a generator with `info["description"]` wrote it."""
-    final = out / split
-    if final.exists() and not _is_ours(final / f"instances_{split}.json", info["description"]) and any(final.iterdir()):
-        raise DetectorError(f"{final} exists and was not written by the shapes generator; not overwriting it")
-    tmp = out / f".{split}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for i, (data, suffix, w, h, anns) in enumerate(rendered()):
-        name = f"{i:06d}{suffix}"
-        (tmp / "images" / name).write_bytes(data)
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-        for a in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **a})
-    coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
-    (tmp / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
-    if final.exists():
-        old = out / f".{split}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
-def _is_ours(annotations: Path, tag: str) -> bool:
-    try:
-        return json.loads(annotations.read_text()).get("info", {}).get("description") == tag
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def generate_shapes_dataset(

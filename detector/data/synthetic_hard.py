@@ -18,33 +18,26 @@ Every image is drawn from its own seed (seed, split, index, profile), so the byt
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
-from detector.data.stats import format_stats, split_stats
-from detector.data.synthetic import (
-    CHUNK,
-    CLASSES,
-    SPLIT_IDS,
-    SUBPIXEL_BITS,
+from detector.data.synthetic import CLASSES, SUBPIXEL_BITS, draw_mask, shape_colour, textured_background
+from detector.data.synthetic_common import (
+    PhotoBank,
     Rendered,
     Window,
-    _background,
-    _colour,
-    _draw_mask,
+    degrade,
+    encode_image,
+    generate_profile,
     keeps_visible,
-    render_jobs,
+    paint,
+    photo_background,
     visible_boxes,
-    write_split,
 )
-from detector.errors import DetectorError
-from detector.folders import check_output_folder
 
 GENERATOR_TAG = "detector synthetic shapes (hard)"
 PROFILE_SALT = 1  # part of every image seed, so hard images never repeat easy ones
@@ -60,59 +53,18 @@ BORDER_FRACTION, MIN_INSIDE = 0.25, 0.4  # share of objects that may cross the b
 MIN_VISIBLE, MIN_PIXELS = 0.4, 12
 MAX_OBJECTS, NEGATIVE_FRACTION, CROWD_FRACTION = 20, 0.03, 0.05
 MAX_CLUTTER, LOW_CONTRAST_FRACTION = 12, 0.15
-GRAY_FRACTION, RGBA_FRACTION = 0.12, 0.10
 ATTEMPTS = 10
 
 Parts = tuple[Window, list[np.ndarray], int]  # window in the image, coverages (uint8 over it), full pixel count
-
-
-class PhotoBank:
-    """scikit-image photographs as (H, W, 3) uint8 RGB, each decoded once per bank (one bank per render job)."""
-
-    def __init__(self) -> None:
-        self._photos: dict[str, np.ndarray] = {}
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self._photos:
-            import skimage.data
-
-            photo = np.asarray(getattr(skimage.data, name)())
-            self._photos[name] = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
-        return self._photos[name]
-
-
-def _jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Colour jitter: channel swap, per-channel gain, saturation, contrast and brightness; float32 in, out."""
-    image = image[..., rng.permutation(3)] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
-    gray = image.mean(axis=2, keepdims=True)
-    image = gray + (image - gray) * np.float32(rng.uniform(0.2, 1.4))
-    mean = np.float32(image.mean())
-    return mean + (image - mean) * np.float32(rng.uniform(0.5, 1.3)) + np.float32(rng.uniform(-40, 40))
-
-
-def photo_background(rng: np.random.Generator, bank: PhotoBank, h: int, w: int, names: tuple[str, ...] = PHOTOS) -> np.ndarray:
-    """A random crop of one of the photographs `names`, zoomed 0.6-2.5x, maybe flipped, colour-jittered; float32
-    (H, W, 3)."""
-    photo = bank.get(names[int(rng.integers(len(names)))])
-    ph, pw = photo.shape[:2]
-    zoom = math.exp(rng.uniform(math.log(0.6), math.log(2.5)))  # output pixels per photo pixel
-    ch, cw = min(ph, max(8, round(h / zoom))), min(pw, max(8, round(w / zoom)))
-    y0, x0 = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
-    crop = cv2.resize(photo[y0 : y0 + ch, x0 : x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    if rng.random() < 0.2:
-        crop = crop[::-1]
-    return _jitter(rng, crop.astype(np.float32))
 
 
 def _hard_background(rng: np.random.Generator, bank: PhotoBank, h: int, w: int) -> np.ndarray:
     """Photo (65%), the easy set's texture (20%) or a plain gradient with noise; maybe uneven lighting on top."""
     u = rng.random()
     if u < 0.65:
-        image = photo_background(rng, bank, h, w)
+        image = photo_background(rng, bank, h, w, PHOTOS)
     elif u < 0.85:
-        image = _background(rng, h, w)
+        image = textured_background(rng, h, w)
     else:
         c0, c1 = rng.uniform(20, 235, (2, 3)).astype(np.float32)
         noise = rng.standard_normal((h, w, 1), dtype=np.float32) * np.float32(rng.uniform(2, 20))
@@ -127,13 +79,6 @@ def _ramp(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     theta = rng.uniform(0, 2 * math.pi)
     ramp = np.arange(w, dtype=np.float32)[None, :] * np.float32(math.cos(theta)) + np.arange(h, dtype=np.float32)[:, None] * np.float32(math.sin(theta))
     return (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0) - 0.5
-
-
-def paint(image: np.ndarray, coverage: np.ndarray, win: Window, colour: np.ndarray) -> None:
-    """Alpha-blend `colour` (3,) or pixels (h, w, 3) into image[win] by `coverage` (uint8, 255 = opaque), in place."""
-    alpha = (coverage.astype(np.float32) * np.float32(1 / 255))[..., None]
-    patch = image[win]
-    image[win] = patch + (colour - patch) * alpha
 
 
 def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -171,7 +116,7 @@ def _draw_clutter(rng: np.random.Generator, image: np.ndarray) -> None:
         if bw and bh:
             win = (slice(y, y + bh), slice(x, x + bw))
             ys, xs = np.nonzero(mask[win] >= 128)
-            colour = _colour(rng, image[win][ys[0], xs[0]] if len(ys) else image[y, x])
+            colour = shape_colour(rng, image[win][ys[0], xs[0]] if len(ys) else image[y, x])
             paint(image, mask[win], win, colour)
 
 
@@ -201,7 +146,7 @@ def _object_parts(rng: np.random.Generator, cls: int, hw: tuple[int, int]) -> Pa
     angle, hole = rng.uniform(0, 2 * math.pi), rng.uniform(0.45, 0.7)
     margin = 0.0 if rng.random() < BORDER_FRACTION else radius
     center = rng.uniform([margin, margin], [w - margin, h - margin])
-    return _clipped(hw, center, radius, lambda shape, c: _draw_mask(shape, CLASSES[cls], c, radius, angle, hole, aspect))
+    return _clipped(hw, center, radius, lambda shape, c: draw_mask(shape, CLASSES[cls], c, radius, angle, hole, aspect))
 
 
 def _crowd_parts(rng: np.random.Generator, cls: int, hw: tuple[int, int]) -> Parts:
@@ -216,7 +161,7 @@ def _crowd_parts(rng: np.random.Generator, cls: int, hw: tuple[int, int]) -> Par
     for _ in range(int(rng.integers(10, 31))):
         r, phi = reach * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
         c = center - (x0, y0) + r * np.array([math.cos(phi), math.sin(phi)])
-        coverages.append(_draw_mask(shape, CLASSES[cls], c, rng.uniform(2.5, 6.0), rng.uniform(0, 2 * math.pi), 0.5))
+        coverages.append(draw_mask(shape, CLASSES[cls], c, rng.uniform(2.5, 6.0), rng.uniform(0, 2 * math.pi), 0.5))
     union = np.max(coverages, axis=0)
     return win, coverages, int((union >= 128).sum())
 
@@ -227,7 +172,7 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarr
         direction = rng.standard_normal(3)
         offset = direction / max(float(np.linalg.norm(direction)), 1e-6) * rng.uniform(15, 35)
         return np.clip(background + offset, 0, 255).astype(np.float32)
-    return _colour(rng, background)
+    return shape_colour(rng, background)
 
 
 def _place(rng: np.random.Generator, image: np.ndarray, owner: np.ndarray, areas: list[int], cls: int, crowd: bool) -> tuple[Window, np.ndarray] | None:
@@ -279,35 +224,6 @@ def _draw_objects(rng: np.random.Generator, image: np.ndarray) -> list[dict[str,
     return annotations
 
 
-def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Sometimes lower the contrast, blur and add noise; uint8 (H, W, 3) out."""
-    if rng.random() < 0.1:
-        mean = np.float32(image.mean())
-        image = mean + (image - mean) * np.float32(rng.uniform(0.35, 0.7))
-    if rng.random() < 0.25:
-        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.6, 1.8))
-    if rng.random() < 0.5:
-        image = image + rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(2, 14))
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def encode_image(rng: np.random.Generator, pixels: np.ndarray) -> tuple[bytes, str]:
-    """File bytes and suffix: grayscale (JPEG or PNG), RGBA PNG (maybe with JPEG artefacts) or RGB JPEG of
-    quality 30-95. Fixed encoder settings, so the bytes depend on the pixels only."""
-    u, quality = rng.random(), int(rng.integers(30, 96))
-    jpeg, png = [cv2.IMWRITE_JPEG_QUALITY, quality], [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    if u < GRAY_FRACTION:
-        gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-        suffix = ".png" if rng.random() < 0.5 else ".jpg"
-        return cv2.imencode(suffix, gray, png if suffix == ".png" else jpeg)[1].tobytes(), suffix
-    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
-    if u < GRAY_FRACTION + RGBA_FRACTION:
-        if rng.random() < 0.3:
-            bgr = cv2.imdecode(cv2.imencode(".jpg", bgr, jpeg)[1], cv2.IMREAD_COLOR)
-        return cv2.imencode(".png", cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), png)[1].tobytes(), ".png"
-    return cv2.imencode(".jpg", bgr, jpeg)[1].tobytes(), ".jpg"
-
-
 def render_hard_image(seed: tuple[int, ...], bank: PhotoBank) -> Rendered:
     """One image from its own seed: (file bytes, suffix, width, height, [{category_id, bbox, area, iscrowd}])."""
     rng = np.random.default_rng(np.random.SeedSequence(seed))
@@ -334,49 +250,4 @@ def generate_hard_dataset(out: Path, *, seed: int = 0, n_train: int = 600, n_val
     )
 
 
-def generate_profile(
-    out: Path,
-    profile: str,
-    tag: str,
-    title: str,
-    categories: list[dict[str, Any]],
-    render_many: Callable[[tuple[int, int, int, int]], list[Rendered]],
-    *,
-    seed: int,
-    n_train: int,
-    n_val: int,
-    workers: int | None,
-) -> Path:
-    """A benchmark profile's files: each split rendered by `render_many((seed, split id, start, stop))` in
-    `workers` processes and marked with `tag` (only a folder so marked is replaced), its statistics in
-    out/stats.json and out/dataset.yaml (its first line names `title`); return the YAML's path."""
-    if n_train < 1 or n_val < 1:
-        raise DetectorError(f"synth: need n_train >= 1 and n_val >= 1 (got {n_train}, {n_val})")
-    out = check_output_folder(out, "out")
-    out.mkdir(parents=True, exist_ok=True)
-    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
-    info = {"description": tag, "seed": seed, "profile": profile}
-    stats = {}
-    for split, count in (("train", n_train), ("val", n_val)):
-        jobs = [(seed, SPLIT_IDS[split], s, min(s + CHUNK, count)) for s in range(0, count, CHUNK)]
-        write_split(out, split, lambda: render_jobs(render_many, jobs, workers), info=info, categories=categories)
-        stats[split] = split_stats(out / split / f"instances_{split}.json", out / split / "images")
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    yaml_path = out / "dataset.yaml"
-    yaml_path.write_text(
-        f"# {title}, {profile} profile (seed={seed}), written by `detector data synth profile={profile}`\n"
-        "train: {images: train/images, annotations: train/instances_train.json}\n"
-        "val: {images: val/images, annotations: val/instances_val.json}\n"
-    )
-    return yaml_path
-
-
-def load_stats(out: Path) -> dict[str, dict[str, Any]]:
-    """The statistics a generation wrote (out/stats.json), per split."""
-    return json.loads((Path(out) / "stats.json").read_text())
-
-
-__all__ = [
-    "generate_hard_dataset", "generate_profile", "render_hard_image", "load_stats", "format_stats", "PhotoBank", "CATEGORY_IDS",
-    "photo_background", "paint", "degrade", "encode_image",
-]
+__all__ = ["generate_hard_dataset", "render_hard_image", "CATEGORY_IDS", "CLASSES", "PHOTOS"]

@@ -22,16 +22,19 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from detector.data.synthetic import Rendered, Window, keeps_visible, visible_boxes
-from detector.data.synthetic_hard import (
-    SIDE_RANGE_PX,
+from detector.data.synthetic_common import (
     PhotoBank,
+    Rendered,
+    Window,
     degrade,
     encode_image,
     generate_profile,
+    keeps_visible,
     paint,
     photo_background,
+    visible_boxes,
 )
+from detector.data.synthetic_hard import SIDE_RANGE_PX
 
 GENERATOR_TAG = "detector synthetic photo objects"
 PROFILE_SALT = 2  # part of every image seed, so photo images never repeat the other profiles' draws

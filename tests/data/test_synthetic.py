@@ -12,6 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 
 import detector.data.synthetic as synthetic
+from detector.data.synthetic_common import Window
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
 from detector.errors import DetectorError
@@ -34,7 +35,7 @@ def test_output_is_valid_coco_with_exact_boxes(tmp_path: Path, monkeypatch: pyte
     owners: list[np.ndarray] = []
     real = synthetic.visible_boxes
 
-    def recording(owner: np.ndarray, windows: list[synthetic.Window]) -> list[tuple[list[int], int]]:
+    def recording(owner: np.ndarray, windows: list[Window]) -> list[tuple[list[int], int]]:
         owners.append(owner.copy())
         return real(owner, windows)
 
@@ -74,7 +75,7 @@ def test_output_is_valid_coco_with_exact_boxes(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize("name", synthetic.CLASSES)
 def test_shape_masks_are_where_the_geometry_says(name: str) -> None:
     center, radius = np.array([40.3, 30.7]), 15.0
-    mask = synthetic._draw_mask((64, 80), name, center, radius, 0.0, 0.5) >= 128
+    mask = synthetic.draw_mask((64, 80), name, center, radius, 0.0, 0.5) >= 128
     ys, xs = np.nonzero(mask)
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     outline = np.concatenate(synthetic._polygon(name, radius)) if name not in ("circle", "ring") else None
@@ -104,7 +105,7 @@ def test_colour_does_not_identify_the_class() -> None:
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "mine.txt").write_text("keep me")
-    with pytest.raises(DetectorError, match="not written by the shapes generator"):
+    with pytest.raises(DetectorError, match="was not written by `detector data synth`"):
         synthetic.generate_shapes_dataset(tmp_path, n_train=2, n_val=1, imgsz=64, workers=1)
     assert (tmp_path / "train" / "mine.txt").read_text() == "keep me"
     synthetic.generate_shapes_dataset(tmp_path / "x", n_train=2, n_val=1, imgsz=64, workers=1)

@@ -14,10 +14,12 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+import detector.data.synthetic_common as common
 import detector.data.synthetic_hard as hard
 from detector.cli import main
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
+from detector.data.stats import format_stats
 from data_helpers import tree_bytes
 
 
@@ -28,7 +30,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hard, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
+    monkeypatch.setattr(common, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
     hard.generate_hard_dataset(tmp_path / "a", seed=3, n_train=12, n_val=4, workers=1)
     hard.generate_hard_dataset(tmp_path / "b", seed=3, n_train=12, n_val=4, workers=2)
     hard.generate_hard_dataset(tmp_path / "c", seed=4, n_train=12, n_val=4, workers=1)
@@ -41,7 +43,7 @@ def test_photos_load_without_the_network(monkeypatch: pytest.MonkeyPatch) -> Non
         raise OSError("network is off in this test")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    bank = hard.PhotoBank()
+    bank = common.PhotoBank()
     for name in hard.PHOTOS:
         photo = bank.get(name)
         assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3 and min(photo.shape[:2]) >= 64, name
@@ -74,7 +76,7 @@ def test_images_sizes_modes_crowds_and_negatives(dataset: Path) -> None:
 
 def test_boxes_are_the_visible_pixels() -> None:
     """Re-render with the owner map exposed: every box is the tight box of its object's visible pixels."""
-    bank = hard.PhotoBank()
+    bank = common.PhotoBank()
     for i in range(8):
         data, _, w, h, anns = hard.render_hard_image((0, 0, i, hard.PROFILE_SALT), bank)
         for a in anns:
@@ -85,7 +87,7 @@ def test_boxes_are_the_visible_pixels() -> None:
     image = np.full((200, 300, 3), 128, np.float32)
     owner = np.full((200, 300), -1, np.int16)
     areas: list[int] = []
-    windows: list[hard.Window] = []
+    windows: list[common.Window] = []
     for k in range(6):
         placed = hard._place(rng, image, owner, areas, k, crowd=False)
         if placed:
@@ -97,7 +99,7 @@ def test_boxes_are_the_visible_pixels() -> None:
     # a box must be moved back by its window's start)
     assert len(areas) >= 3 and any(w[0].start > 0 for w in windows) and any(w[1].start > 0 for w in windows)
     for wins in ([(slice(0, 200), slice(0, 300))] * len(areas), windows):
-        for k, (bbox, area) in enumerate(hard.visible_boxes(owner, wins)):
+        for k, (bbox, area) in enumerate(common.visible_boxes(owner, wins)):
             ys, xs = np.nonzero(owner == k)
             assert bbox == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] and area == len(xs)
             assert area >= hard.MIN_VISIBLE * areas[k]  # occluded, but never below the floor
@@ -116,7 +118,7 @@ def test_loads_with_pycocotools_and_passes_our_scan(dataset: Path) -> None:
 
 
 def test_stats_describe_the_files(dataset: Path) -> None:
-    stats = hard.load_stats(dataset.parent)
+    stats = common.load_stats(dataset.parent)
     train = stats["train"]
     data = json.loads((dataset.parent / "train" / "instances_train.json").read_text())
     assert train["images"] == 100 and train["crowd"] == sum(a["iscrowd"] for a in data["annotations"])
@@ -125,7 +127,7 @@ def test_stats_describe_the_files(dataset: Path) -> None:
     shares = train["coco_size_share"]
     assert abs(sum(shares.values()) - 1) < 1e-9 and shares["small"] > 0.3 and shares["medium"] > 0.2
     assert sum(train["image_modes"].values()) == 100
-    assert "small share %" in hard.format_stats(stats)
+    assert "small share %" in format_stats(stats)
 
 
 def test_cli_hard_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-import detector.data.synthetic_hard as hard
+import detector.data.synthetic_common as common
 import detector.data.synthetic_photo as photo
 from detector.cli import main
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
-from detector.data.synthetic import visible_boxes
-from detector.data.synthetic_hard import load_stats
+from detector.data.synthetic_common import load_stats, visible_boxes
 from data_helpers import tree_bytes
 
 
@@ -30,7 +29,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_same_seed_same_bytes_whatever_the_process_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hard, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
+    monkeypatch.setattr(common, "CHUNK", 4)  # several jobs per split, so workers=2 renders in a process pool
     photo.generate_photo_dataset(tmp_path / "a", seed=3, n_train=12, n_val=4, workers=1)
     photo.generate_photo_dataset(tmp_path / "b", seed=3, n_train=12, n_val=4, workers=2)
     photo.generate_photo_dataset(tmp_path / "c", seed=4, n_train=12, n_val=4, workers=1)
