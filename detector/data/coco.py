@@ -298,8 +298,11 @@ class CocoDataset:
         image = np.concatenate([np.repeat(np.arange(len(self)), np.diff(a[f"{p}_offsets"])) for p in ("box", "crowd")])
         order = np.argsort(np.concatenate([a["box_order"], a["crowd_order"]]), kind="stable")
         xyxy = np.concatenate([a["boxes"], a["crowd"]]).astype(np.float64)[order]
+        ids = np.concatenate([a["box_ann"], a["crowd_ann"]])[order]
+        if len(ids) and ids.min() < 1:  # pycocotools marks a matched gt by its id: one of id 0 (or below) never matches
+            ids = np.arange(1, len(ids) + 1)  # so such a file's boxes are numbered 1..n in json order
         columns = {
-            "id": np.concatenate([a["box_ann"], a["crowd_ann"]])[order].tolist(),
+            "id": ids.tolist(),
             "image_id": a["image_id"][image[order]].tolist(),
             "category_id": np.array(self.category_ids, np.int64)[np.concatenate([a["classes"], a["crowd_classes"]])][order].tolist(),
             "bbox": np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist(),

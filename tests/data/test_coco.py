@@ -79,6 +79,28 @@ def test_coco_gt_area_from_file_or_box(make_coco) -> None:
     assert second["area"] == json.loads(split.annotations.read_text())["annotations"][1]["area"]
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+@pytest.mark.parametrize("first_id", [0, -3])
+def test_annotation_ids_from_zero_still_match(make_coco, backend: str, first_id: int) -> None:
+    """pycocotools marks a matched gt by its id, so a gt of id 0 never counted as found (AP 0.25 for two perfect
+    detections); ids below 1, as some exporters write, are renumbered 1..n in json order, other ids kept."""
+    from detector.infer.metrics import evaluate_coco
+
+    if backend == "faster":
+        pytest.importorskip("faster_coco_eval")
+
+    def from_first_id(d: dict) -> None:
+        for k, a in enumerate(d["annotations"]):
+            a["id"] = first_id + k
+
+    gt = CocoDataset(make_coco(mutate=from_first_id)).coco_gt()
+    anns = gt.dataset["annotations"]
+    assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
+    rows = np.array([[a["image_id"], *a["bbox"], 0.9, a["category_id"]] for a in anns if not a["iscrowd"]])
+    metrics, _ = evaluate_coco(gt, rows, backend=backend)
+    assert metrics["AP"] == metrics["AR100"] == 1.0
+
+
 def test_truncated_jpeg_is_skipped_named_and_never_rewritten(make_coco) -> None:
     split = make_coco()
     victim = split.images / "img001.jpg"
