@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 from tqdm import tqdm
 
+# the image suffixes Ultralytics reads; those whose decoder this PIL lacks are found in folders but not read
+FOLDER_IMAGE_SUFFIXES = (".avif", ".bmp", ".dng", ".heic", ".jp2", ".jpeg", ".jpeg2000", ".jpg", ".mpo", ".png", ".tif",
+                         ".tiff", ".webp")
+PIL_FEATURE_OF_SUFFIX = {".avif": "avif", ".jp2": "jpg_2000", ".jpeg2000": "jpg_2000", ".dng": None, ".heic": None}
+IMAGE_SUFFIXES = tuple(
+    s for s in FOLDER_IMAGE_SUFFIXES
+    if s not in PIL_FEATURE_OF_SUFFIX or (PIL_FEATURE_OF_SUFFIX[s] and features.check(PIL_FEATURE_OF_SUFFIX[s]))
+)  # what `read_rgb` decodes here: the files a folder of images is read for
 EXIF_ORIENTATION = 0x0112
+TIFF_WIDTH, TIFF_HEIGHT = 256, 257  # the stored size's tags (ImageWidth, ImageLength)
 JPEG_TAIL_BYTES = 4096  # read from a JPEG's end: it must end with the end-of-image marker (padding allowed)
 POOL_MIN_IMAGES = 2000  # fewer images to check are inspected in this process (a pool costs more to start)
 MAX_SCAN_PROCESSES = 16
@@ -75,8 +84,11 @@ def _png_late_exif(path: Path) -> bytes | None:
 
 
 def exif_orientation(im: Image.Image, path: Path) -> int:
-    """EXIF orientation (1-8) from the headers; a PNG's getexif() would decode the pixels, so its eXIf chunk is
-    looked up directly."""
+    """EXIF orientation (1-8) still to apply to `im.size`, from the headers; a PNG's getexif() would decode the
+    pixels, so its eXIf chunk is looked up directly. PIL turns a TIFF's size itself at open (Pillow 13; its pixels on
+    load): then 1, or the size would be swapped twice."""
+    if im.format == "TIFF" and im.size != (im.tag_v2.get(TIFF_WIDTH), im.tag_v2.get(TIFF_HEIGHT)):
+        return 1
     if im.format == "PNG":
         if "exif" not in im.info:
             late = _png_late_exif(path)

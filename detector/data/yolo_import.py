@@ -31,13 +31,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from PIL import Image
 
 from detector.data.coco_scan import NAMED_PER_KIND
-from detector.data.image_files import exif_orientation
+from detector.data.image_files import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
 from detector.data.user_cache import prune_unused, user_cache_dir
 from detector.errors import DetectorError
@@ -46,7 +46,6 @@ from detector.yamlfile import load_yaml
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 CONVERTER_VERSION = 1
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")  # Ultralytics', PIL-readable
 YOLO_KEYS = ("path", "train", "val", "test", "names", "nc", "download", "roboflow")  # roboflow: export metadata
 CACHE_FOLDER = ".detector-coco"
 
@@ -80,10 +79,12 @@ class SplitStats:
     boxes: int = 0
     from_polygons: int = 0
     unreadable: list[str] = field(default_factory=list)
+    empty_rows: list[str] = field(default_factory=list)  # path:line of the rows of zero width or height
 
     def __str__(self) -> str:
         text = (f"{self.images:,} images ({self.negatives:,} negatives, {self.missing_labels:,} without a label file), "
                 f"{self.boxes:,} boxes ({self.from_polygons:,} from polygons)")
+        text += f", {len(self.empty_rows):,} rows of zero size left out" if self.empty_rows else ""
         return text + (f", {len(self.unreadable):,} unreadable images left out" if self.unreadable else "")
 
 
@@ -166,10 +167,18 @@ def _split_images(entry: Any, root: Path, where: str, split: str) -> YoloSplit:
 
 
 def _walk_images(folder: Path) -> list[Path]:
-    out = []
+    """The images under `folder` that this PIL decodes; those of another image suffix Ultralytics reads (.heic,
+    .dng without their plugins) are left out with a warning naming them."""
+    out, undecodable = [], []
     for parent, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        out += [Path(parent) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        suffixes = [(n, Path(n).suffix.lower()) for n in names if not n.startswith(".")]
+        out += [Path(parent) / n for n, s in suffixes if s in IMAGE_SUFFIXES]
+        undecodable += [Path(parent) / n for n, s in suffixes if s in FOLDER_IMAGE_SUFFIXES and s not in IMAGE_SUFFIXES]
+    if undecodable:
+        more = f" ... and {len(undecodable) - NAMED_PER_KIND:,} more" if len(undecodable) > NAMED_PER_KIND else ""
+        LOGGER.warning("%s: %d images left out, no decoder for them here: %s%s", folder, len(undecodable),
+                       ", ".join(map(str, undecodable[:NAMED_PER_KIND])), more)
     return out
 
 
@@ -201,23 +210,36 @@ def label_path(image: Path) -> Path:
 # ------------------------------------------------------------------------------------------ label rows
 
 
-def read_yolo_labels(path: Path, num_classes: int) -> tuple[list[tuple[int, float, float, float, float]], int] | None:
-    """Rows of one label file as (class, x1, y1, x2, y2) normalised, and how many came from polygons; None when
-    the file does not exist. A bad row is a DetectorError naming `path:line`."""
+class LabelRows(NamedTuple):
+    """One label file: its boxes as (class, x1, y1, x2, y2) normalised, how many came from polygons, and the
+    `path:line` of the rows of zero width or height (left out: no box to learn or to find)."""
+
+    rows: list[tuple[int, float, float, float, float]]
+    polygons: int
+    empty: list[str]
+
+
+def read_yolo_labels(path: Path, num_classes: int) -> LabelRows | None:
+    """The rows of one label file; None when the file does not exist. A bad row is a DetectorError naming
+    `path:line`."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:
         raise DetectorError(f"{path}: cannot read ({err})") from None
-    rows, polygons = [], 0
+    rows, polygons, empty = [], 0, []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
-        if fields:
-            row = parse_label_row(fields, num_classes, f"{path}:{number}")
-            rows.append(row)
-            polygons += len(fields) > 5
-    return rows, polygons
+        if not fields:
+            continue
+        row = parse_label_row(fields, num_classes, f"{path}:{number}")
+        if row[3] <= row[1] or row[4] <= row[2]:
+            empty.append(f"{path}:{number}")
+            continue
+        rows.append(row)
+        polygons += len(fields) > 5
+    return LabelRows(rows, polygons, empty)
 
 
 def parse_label_row(fields: list[str], num_classes: int, where: str) -> tuple[int, float, float, float, float]:
@@ -272,7 +294,7 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
             stats.unreadable.append(f"{file} ({err})")
             continue
         labels = read_yolo_labels(label_path(file), len(names))
-        rows, polygons = labels if labels is not None else ([], 0)
+        rows, polygons, empty = labels if labels is not None else ([], 0, [])
         images.append({"id": image_id, "file_name": _relative_name(file, split.images_dir), "width": width, "height": height})
         for cls, x1, y1, x2, y2 in rows:
             box = [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
@@ -283,10 +305,11 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
         stats.missing_labels += labels is None
         stats.boxes += len(rows)
         stats.from_polygons += polygons
-    if stats.unreadable:
-        more = f" ... and {len(stats.unreadable) - NAMED_PER_KIND:,} more" if len(stats.unreadable) > NAMED_PER_KIND else ""
-        LOGGER.warning("%d unreadable images left out: %s%s", len(stats.unreadable),
-                       ", ".join(stats.unreadable[:NAMED_PER_KIND]), more)
+        stats.empty_rows += empty
+    for items, what in ((stats.unreadable, "unreadable images"), (stats.empty_rows, "label rows of zero width or height")):
+        if items:
+            more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
+            LOGGER.warning("%d %s left out: %s%s", len(items), what, ", ".join(items[:NAMED_PER_KIND]), more)
     categories = [{"id": i, "name": name} for i, name in enumerate(names)]
     return {"images": images, "annotations": annotations, "categories": categories}, stats
 

@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from detector.data.image_files import read_failure, read_rgb
+from detector.data.image_files import IMAGE_SUFFIXES, read_failure, read_rgb
 from detector.data.loader import READ_ERRORS
 from detector.data.transforms import letterbox_batch, to_model_input, unletterbox_boxes
 from detector.data.yolo_txt import format_label_file, normalised_rows
@@ -38,7 +38,6 @@ from detector.viz.draw import font_file
 
 LOGGER = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 READ_THREADS = 4  # image decoding threads (PIL and cv2 release the GIL while decoding)
 
 

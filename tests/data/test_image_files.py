@@ -83,6 +83,18 @@ def test_the_transposing_orientations_swap_width_and_height(tmp_path: Path, orie
     assert inspect_image(tmp_path / "a.jpg") == ("ok", 20, 50, "", False)
 
 
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_a_tiff_turned_by_its_orientation_is_sized_as_it_decodes(tmp_path: Path, orientation: int) -> None:
+    """PIL turns a TIFF's size at open (and its pixels on load): the scan's size is the decoded one, never swapped
+    a second time (it was 64 x 48 for a 48 x 64 decode)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.tif", exif=exif.tobytes())
+    decoded_hw = read_rgb(tmp_path / "a.tif").shape[:2]
+    assert decoded_hw == ((64, 48) if orientation >= 5 else (48, 64))
+    assert inspect_image(tmp_path / "a.tif")[1:3] == decoded_hw[::-1]
+
+
 def test_only_rgb_and_gray_jpegs_and_pngs_take_the_fast_decoder(tmp_path: Path) -> None:
     """A palette PNG is decoded by PIL (fast False); an RGB one by the fast path."""
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "rgb.png")

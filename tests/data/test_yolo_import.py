@@ -182,6 +182,48 @@ def test_an_exif_rotated_jpeg_gets_its_displayed_size(tmp_path: Path) -> None:
     assert data["annotations"][0]["bbox"] == pytest.approx([0.0, 16.0, 60.0, 8.0])
 
 
+def test_every_image_format_this_pil_decodes_is_read_and_the_others_are_named(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """AVIF and JPEG 2000 (which Ultralytics reads) were left out of folders without a word; a .heic, which needs
+    a plugin PIL lacks, is left out with a warning naming it."""
+    from detector.data.image_files import IMAGE_SUFFIXES, read_rgb
+
+    path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.5 0.5\n"})
+    folder = tmp_path / "ds" / "images" / "train"
+    formats = {".avif": "AVIF", ".jp2": "JPEG2000"}
+    for suffix, kind in formats.items():
+        if suffix in IMAGE_SUFFIXES:
+            Image.new("RGB", (80, 60), (90, 90, 90)).save(folder / f"b{suffix}", kind)
+            label_path(folder / f"b{suffix}").write_text("1 0.25 0.5 0.5 0.2\n")
+    (folder / "c.heic").write_bytes(b"not decodable here")
+    with caplog.at_level(logging.WARNING, logger="detector.data.yolo_import"):
+        result = convert_yolo_dataset(path)
+    decodable = sorted(f"b{s}" for s in formats if s in IMAGE_SUFFIXES)
+    assert len(decodable) == 2  # this install's PIL reads both, so the test cannot pass vacuously
+    boxes = coco_boxes(result.annotations["train"])
+    assert sorted(boxes) == ["a.jpg", *decodable]
+    for name in decodable:
+        assert read_rgb(folder / name).shape == (60, 80, 3)
+        np.testing.assert_allclose(boxes[name][0][1], (0.0, 24.0, 40.0, 36.0), atol=1e-9)  # xyxy
+    assert "1 images left out, no decoder for them here: " + str(folder / "c.heic") in caplog.text
+
+
+def test_rows_of_zero_width_or_height_are_left_out_naming_the_file_and_line(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A box of zero width, or a polygon whose points lie on one line, has nothing to learn or find: it was passed
+    on and dropped by the scan naming only an annotation id of the converted json."""
+    rows = "0 0.5 0.5 0.0 0.2\n1 0.25 0.5 0.5 0.2\n2 0.1 0.2 0.3 0.2 0.5 0.2\n"
+    path = write_yolo(tmp_path / "ds", {"a": rows})
+    with caplog.at_level(logging.WARNING, logger="detector.data.yolo_import"):
+        result = convert_yolo_dataset(path)
+    label = tmp_path / "ds" / "labels" / "train" / "a.txt"
+    assert f"2 label rows of zero width or height left out: {label}:1, {label}:3" in caplog.text
+    assert result.stats["train"].boxes == 1 and "2 rows of zero size left out" in str(result.stats["train"])
+    assert [c for c, _ in coco_boxes(result.annotations["train"])["a.jpg"]] == [1]
+    dataset = CocoDataset(load_data_spec(result.data_yaml).train)
+    assert dataset.summary.boxes_kept == 1 and not any(dataset.summary.problems.values())
+
+
 def test_png_sizes_are_read_from_the_header_without_decoding_the_pixels(tmp_path: Path, monkeypatch) -> None:
     """The conversion reads every image's size: a PNG's getexif() would decode all its pixels."""
     from PIL import PngImagePlugin
@@ -353,13 +395,17 @@ def test_a_download_script_in_an_ultralytics_yaml_is_never_run(tmp_path: Path, c
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientations_that_transpose_swap_width_and_height(tmp_path: Path, orientation: int) -> None:
-    """EXIF 5-8 turn the stored image a quarter (5, 7 also mirror it), 1-4 keep its axes."""
+def test_exif_orientations_that_transpose_swap_width_and_height(tmp_path: Path, orientation: int, suffix: str) -> None:
+    """EXIF 5-8 turn the stored image a quarter (5, 7 also mirror it), 1-4 keep its axes; a TIFF's size, which PIL
+    turns itself, is not swapped twice."""
+    from detector.data.image_files import read_rgb
     from detector.data.yolo_import import image_size
 
     image = Image.new("RGB", (120, 40))
     exif = image.getexif()
     exif[0x0112] = orientation
-    image.save(tmp_path / "a.jpg", exif=exif)
-    assert image_size(tmp_path / "a.jpg") == ((40, 120) if orientation >= 5 else (120, 40))
+    image.save(tmp_path / f"a{suffix}", exif=exif)
+    assert image_size(tmp_path / f"a{suffix}") == ((40, 120) if orientation >= 5 else (120, 40))
+    assert read_rgb(tmp_path / f"a{suffix}").shape[1::-1] == image_size(tmp_path / f"a{suffix}")
