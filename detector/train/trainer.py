@@ -34,6 +34,7 @@ from detector.folders import next_run_dir
 from detector.models.catalog import resolve_model_path
 from detector.runtime import checkpoint as ckpt_io
 from detector.runtime.distributed import all_ranks_true, barrier, broadcast_flag, broadcast_int, init_distributed, shutdown
+from detector.train.batchnorm_state import BatchNormState
 from detector.train.finetune import keep_frozen_norms_in_eval
 from detector.train.resume import check_resume_classes, load_resume, resumed_run_dir
 from detector.version import __version__
@@ -285,10 +286,8 @@ class Trainer:
         weight_decay = scaled_weight_decay(cfg.weight_decay, cfg.batch, self.accumulate, cfg.nbs)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum, weight_decay=weight_decay)
         self.iters_per_epoch = len(self.train_loader)
-        warmup_iters = max(round(cfg.warmup_epochs * self.iters_per_epoch), cfg.warmup_min_iters)
-        warmup_iters = min(warmup_iters, max(self.epochs * self.iters_per_epoch // 2, 1))
         self.schedule = LRSchedule(
-            lr0=cfg.lr0, lrf=cfg.lrf, epochs=self.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=warmup_iters,
+            lr0=cfg.lr0, lrf=cfg.lrf, epochs=self.epochs, iters_per_epoch=self.iters_per_epoch, warmup_iters=self._warmup_iters(),
             warmup_bias_lr=cfg.warmup_bias_lr, warmup_momentum=cfg.warmup_momentum, momentum=cfg.momentum, cos_lr=cfg.cos_lr,
         )
         self.ema = ModelEMA(self.model, decay=cfg.ema_decay, tau=cfg.ema_tau) if (cfg.ema and self.dist.is_main) else None
@@ -311,6 +310,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
+        self.norm_state = BatchNormState(self.model)  # SyncBN's conversion keeps the buffers: the same tensors
 
     def _build_validation(self) -> None:
         """Rank 0: the evaluator on the val loader `_build_data` made, the run folder (made here, once every check
@@ -422,6 +422,8 @@ class Trainer:
         unreadable: set[str] = set()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
+        self.norm_state.save()  # a resume loaded them after the build
+        pending = 0  # micro-batches since the last optimizer step (every epoch ends with one)
         for i, batch in enumerate(_waited(bar)):
             step = epoch * self.iters_per_epoch + i
             accumulate = self._accumulate_at(step)
@@ -431,7 +433,8 @@ class Trainer:
                 side = draw_side(cfg.imgsz, self.max_stride, cfg.multi_scale, seed=cfg.seed, step=step)
                 images = rescale(images, side, self.max_stride)
             targets = batch["targets"]  # on the host: each loss moves what it needs (AlignedLoss sizes its windows there)
-            sync_now = (i + 1) % accumulate == 0 or i + 1 == self.iters_per_epoch
+            pending += 1
+            sync_now = pending >= accumulate or i + 1 == self.iters_per_epoch  # (YOLOv5's rule while it ramps)
             parts, finite = self._forward_backward(images, targets, sync_now)
             losses_finite = losses_finite & finite
             # non-finite parts (a skipped step) stay out of the mean: one would turn the epoch's logged losses to NaN
@@ -443,7 +446,7 @@ class Trainer:
             if sync_now:
                 with record_function("optimizer step + EMA"):
                     outcome = self._optimizer_step(losses_finite)
-                losses_finite = torch.ones_like(losses_finite)
+                losses_finite, pending = torch.ones_like(losses_finite), 0
                 self._count_skipped(skipped, outcome, epoch, i)
             if self.dist.is_main and (i % LOG_INTERVAL == 0 or i + 1 == self.iters_per_epoch):
                 with record_function("progress bar + logging"):
@@ -481,6 +484,11 @@ class Trainer:
             self.logger.images("train/batch0", batch["images"][:16], step)
             self._batch_grid_logged = True
 
+    def _warmup_iters(self) -> int:
+        """`warmup_epochs` of iterations (at least `warmup_min_iters`), at most half of the planned run."""
+        warmup = max(round(self.cfg.warmup_epochs * self.iters_per_epoch), self.cfg.warmup_min_iters)
+        return min(warmup, max(self.epochs * self.iters_per_epoch // 2, 1))
+
     def _accumulate_at(self, step: int) -> int:
         """Gradient accumulation ramps from 1 to nbs/batch over the warmup (YOLOv5)."""
         warmup = self.schedule.warmup_iters
@@ -511,8 +519,12 @@ class Trainer:
         if finite and self.ema is not None:
             self.ema.update(self.model)
         if finite:
+            self.norm_state.save()
             return "stepped"
-        return "overflow" if self.scaler.is_enabled() and losses_ok else "nonfinite"
+        if self.scaler.is_enabled() and losses_ok:
+            return "overflow"  # the forward was finite: its statistics stay, as after any fp16 scale search
+        self.norm_state.restore()  # the skipped forward's statistics go with its gradients
+        return "nonfinite"
 
     def _count_skipped(self, skipped: _SkippedSteps, outcome: str, epoch: int, i: int) -> None:
         """Count a non-finite step, warn, and stop the run after `max_nonfinite` in a row (a stepped one resets the
@@ -561,8 +573,8 @@ class Trainer:
         barrier(self.dist)
         if budgeted or self.cfg.patience > 0:  # the plan rank 0 refitted or ended, for every rank
             self.state.epochs = broadcast_int(self.dist, self.state.epochs)
-        if budgeted:
-            self.schedule = replace(self.schedule, epochs=self.epochs)
+        if budgeted:  # the warmup too: capped by the plan, as a resume of this plan builds it
+            self.schedule = replace(self.schedule, epochs=self.epochs, warmup_iters=self._warmup_iters())
         return metrics
 
     def _evaluate_epoch(self, epoch: int, epoch_time: float, *, final: bool,

@@ -17,13 +17,13 @@ import torch
 
 from detector.config import TrainConfig
 from detector.data import loader as loader_module
+from detector.data import transforms as transforms_module
 from detector.runtime.checkpoint import load_checkpoint
-from detector.train import loss as loss_module
 from detector.train.trainer import Trainer, train
 from reliability_helpers import read_results
 from tiny_run import make_config
 
-POISONED_CALL = 2  # the loss of the 2nd step (epoch 0, iteration 1) is NaN; 2 steps an epoch, 4 in all
+POISONED_CALL = 2  # the input of the 2nd step (epoch 0, iteration 1) holds inf; 2 steps an epoch, 4 in all
 
 
 class _Records(logging.Handler):
@@ -37,12 +37,12 @@ class _Records(logging.Handler):
 
 @pytest.fixture(scope="module")
 def faulty_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, list[str]]]:
-    """Two epochs with amp=fp16 on the CPU, a train image deleted after the scan and one NaN loss.
+    """Two epochs with amp=fp16 on the CPU, a train image deleted after the scan and one input holding inf (a NaN forward).
     Yields (run folder, deleted file, log messages)."""
     root = tmp_path_factory.mktemp("faulty")
     data = Path(shutil.copytree(tiny_data.parent, root / "data")) / tiny_data.name
     victim = sorted((data.parent / "train" / "images").iterdir())[3]
-    real_build, real_loss = loader_module.build_train_loader, loss_module.AlignedLoss.__call__
+    real_build, real_input = loader_module.build_train_loader, transforms_module.to_model_input
     calls = {"n": 0}
 
     def build_then_delete(*args, **kwargs):
@@ -50,17 +50,20 @@ def faulty_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         victim.unlink()
         return loader
 
-    def poisoned(self, raw, targets):
-        total, parts = real_loss(self, raw, targets)
+    def poisoned(*args, **kwargs):
+        images = real_input(*args, **kwargs)
         calls["n"] += 1
-        return (total * float("nan") if calls["n"] == POISONED_CALL else total), parts
+        if calls["n"] == POISONED_CALL:  # an overflowing activation: NaN from the first BatchNorm on, the loss too
+            images = images.clone()
+            images[0, :, :4, :4] = float("inf")
+        return images
 
     records = _Records()
     logging.getLogger("detector").addHandler(records)
     logging.getLogger("detector").setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loader_module, "build_train_loader", build_then_delete)
-        mp.setattr(loss_module.AlignedLoss, "__call__", poisoned)  # the loss of the DecoupledDetect models
+        mp.setattr(transforms_module, "to_model_input", poisoned)  # the trainer imports it at each epoch
         # cache off: the deleted file must be read from disk mid-run (the RAM cache would hold it from the start)
         cfg = make_config(data, root / "runs", epochs="2", amp="fp16", device="cpu", nbs="8", max_nonfinite="2", cache="")
         try:
@@ -88,8 +91,8 @@ def test_a_nonfinite_step_is_skipped_counted_and_keeps_ema_and_weights_clean(fau
     last = load_checkpoint(run / "weights" / "last.pt")
     assert last["train_state"]["nonfinite_total"] == 1
     assert last["ema"]["updates"] == 3  # 4 steps, the NaN one skipped: the EMA saw only finite weights
-    for weights in (last["model"], last["ema"]["module"]):
-        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    for weights in (last["model"], last["ema"]["module"]):  # the BatchNorm statistics too: the skipped forward's
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())  # are undone
 
 
 def test_amp_fp16_on_the_cpu_is_off_and_said_once(faulty_run) -> None:

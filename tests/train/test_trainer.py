@@ -328,6 +328,38 @@ def test_a_budget_smaller_than_one_epoch_ends_the_run_after_it_with_the_final_ou
     assert (run / "predictions.json").exists()  # epoch 1 was validated as the last one
 
 
+def test_accumulation_steps_after_as_many_micro_batches_as_it_asks_while_it_ramps(tiny_data: Path, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch):
+    """batch 2, nbs 16: accumulation ramps from 1 to 8 micro-batches over the warmup. Counted from the last step
+    (YOLOv5's rule), each step sums as many as asked; `(i + 1) % accumulate` summed up to 1.6x nbs in one step."""
+    trainer = Trainer(make_config(tiny_data, tmp_path, epochs="3", batch="2", nbs="16", val_interval="3"))
+    step_at: list[int] = []
+    monkeypatch.setattr(trainer, "_forward_backward", lambda images, targets, sync_now: (torch.zeros(3), torch.tensor(True)))
+
+    def record(losses_finite: torch.Tensor) -> str:
+        step_at.append(trainer._step)
+        return "stepped"
+
+    real_accumulate = trainer._accumulate_at
+
+    def watched(step: int) -> int:
+        trainer._step = step
+        return real_accumulate(step)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", record)
+    monkeypatch.setattr(trainer, "_accumulate_at", watched)
+    trainer.fit()
+    per_epoch = trainer.iters_per_epoch
+    assert trainer.schedule.warmup_iters == 12 and per_epoch == 8  # the ramp spans epochs 0 and 1
+    previous = -1
+    for step in step_at:
+        window, epoch_end = step - previous, (step + 1) % per_epoch == 0
+        asked = real_accumulate(step)
+        assert window == asked or (epoch_end and window < asked), (step, window, asked)
+        previous = step
+    assert max(real_accumulate(s) for s in step_at) == 8 and step_at[-1] == 3 * per_epoch - 1
+
+
 def test_a_budget_refits_the_epoch_count_after_each_epoch_but_the_last(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from detector.train import trainer as trainer_module
 
@@ -347,6 +379,9 @@ def test_a_budget_refits_the_epoch_count_after_each_epoch_but_the_last(tiny_data
     run = tmp_path / "exp"
     assert [r["epoch"] for r in read_results(run)] == ["0", "1", "2"]  # epochs=2 overridden
     assert trainer.schedule.epochs == 3
+    cfg, per_epoch = trainer.cfg, trainer.iters_per_epoch
+    planned = [min(max(round(cfg.warmup_epochs * per_epoch), cfg.warmup_min_iters), max(n * per_epoch // 2, 1)) for n in (2, 3)]
+    assert trainer.schedule.warmup_iters == planned[1] != planned[0]  # capped by the refitted plan, as its resume caps it
     last = load_checkpoint(run / "weights" / "last.pt")
     assert last["epoch"] == 2 and last["train_state"]["epochs"] == 3 and last["train_config"]["epochs"] == 2
     assert last["train_state"]["time_s"] > calls[1][1]  # saved, so a resumed run's budget continues from it
