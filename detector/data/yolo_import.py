@@ -80,11 +80,13 @@ class SplitStats:
     from_polygons: int = 0
     unreadable: list[str] = field(default_factory=list)
     empty_rows: list[str] = field(default_factory=list)  # path:line of the rows of zero width or height
+    repeated_rows: list[str] = field(default_factory=list)  # path:line of the rows equal to an earlier one
 
     def __str__(self) -> str:
         text = (f"{self.images:,} images ({self.negatives:,} negatives, {self.missing_labels:,} without a label file), "
                 f"{self.boxes:,} boxes ({self.from_polygons:,} from polygons)")
         text += f", {len(self.empty_rows):,} rows of zero size left out" if self.empty_rows else ""
+        text += f", {len(self.repeated_rows):,} repeated rows left out" if self.repeated_rows else ""
         return text + (f", {len(self.unreadable):,} unreadable images left out" if self.unreadable else "")
 
 
@@ -212,11 +214,13 @@ def label_path(image: Path) -> Path:
 
 class LabelRows(NamedTuple):
     """One label file: its boxes as (class, x1, y1, x2, y2) normalised, how many came from polygons, and the
-    `path:line` of the rows of zero width or height (left out: no box to learn or to find)."""
+    `path:line` of the rows left out: of zero width or height (no box to learn or to find) and repeats of an
+    earlier row (as Ultralytics drops them: a second copy of a val box could never be matched)."""
 
     rows: list[tuple[int, float, float, float, float]]
     polygons: int
     empty: list[str]
+    repeated: list[str]
 
 
 def read_yolo_labels(path: Path, num_classes: int) -> LabelRows | None:
@@ -228,7 +232,7 @@ def read_yolo_labels(path: Path, num_classes: int) -> LabelRows | None:
         return None
     except (OSError, UnicodeDecodeError) as err:
         raise DetectorError(f"{path}: cannot read ({err})") from None
-    rows, polygons, empty = [], 0, []
+    rows, polygons, empty, repeated, seen = [], 0, [], [], set()
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -236,10 +240,13 @@ def read_yolo_labels(path: Path, num_classes: int) -> LabelRows | None:
         row = parse_label_row(fields, num_classes, f"{path}:{number}")
         if row[3] <= row[1] or row[4] <= row[2]:
             empty.append(f"{path}:{number}")
-            continue
-        rows.append(row)
-        polygons += len(fields) > 5
-    return LabelRows(rows, polygons, empty)
+        elif row in seen:
+            repeated.append(f"{path}:{number}")
+        else:
+            seen.add(row)
+            rows.append(row)
+            polygons += len(fields) > 5
+    return LabelRows(rows, polygons, empty, repeated)
 
 
 def parse_label_row(fields: list[str], num_classes: int, where: str) -> tuple[int, float, float, float, float]:
@@ -294,7 +301,7 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
             stats.unreadable.append(f"{file} ({err})")
             continue
         labels = read_yolo_labels(label_path(file), len(names))
-        rows, polygons, empty = labels if labels is not None else ([], 0, [])
+        rows, polygons, empty, repeated = labels if labels is not None else ([], 0, [], [])
         images.append({"id": image_id, "file_name": _relative_name(file, split.images_dir), "width": width, "height": height})
         for cls, x1, y1, x2, y2 in rows:
             box = [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
@@ -306,7 +313,9 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
         stats.boxes += len(rows)
         stats.from_polygons += polygons
         stats.empty_rows += empty
-    for items, what in ((stats.unreadable, "unreadable images"), (stats.empty_rows, "label rows of zero width or height")):
+        stats.repeated_rows += repeated
+    for items, what in ((stats.unreadable, "unreadable images"), (stats.empty_rows, "label rows of zero width or height"),
+                        (stats.repeated_rows, "label rows repeating an earlier row of their file")):
         if items:
             more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
             LOGGER.warning("%d %s left out: %s%s", len(items), what, ", ".join(items[:NAMED_PER_KIND]), more)

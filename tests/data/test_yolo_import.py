@@ -208,20 +208,22 @@ def test_every_image_format_this_pil_decodes_is_read_and_the_others_are_named(tm
     assert "1 images left out, no decoder for them here: " + str(folder / "c.heic") in caplog.text
 
 
-def test_rows_of_zero_width_or_height_are_left_out_naming_the_file_and_line(tmp_path: Path,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_rows_of_zero_size_and_repeated_rows_are_left_out_naming_the_file_and_line(tmp_path: Path,
+                                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A box of zero width, or a polygon whose points lie on one line, has nothing to learn or find: it was passed
-    on and dropped by the scan naming only an annotation id of the converted json."""
-    rows = "0 0.5 0.5 0.0 0.2\n1 0.25 0.5 0.5 0.2\n2 0.1 0.2 0.3 0.2 0.5 0.2\n"
+    on and dropped by the scan naming only an annotation id of the converted json. A repeated row is left out as
+    Ultralytics leaves it out (in val, its second copy could never be matched: a miss for every model)."""
+    rows = "0 0.5 0.5 0.0 0.2\n1 0.25 0.5 0.5 0.2\n2 0.1 0.2 0.3 0.2 0.5 0.2\n1 0.25 0.5  0.5 0.2\n2 0.25 0.5 0.5 0.2\n"
     path = write_yolo(tmp_path / "ds", {"a": rows})
     with caplog.at_level(logging.WARNING, logger="detector.data.yolo_import"):
         result = convert_yolo_dataset(path)
     label = tmp_path / "ds" / "labels" / "train" / "a.txt"
     assert f"2 label rows of zero width or height left out: {label}:1, {label}:3" in caplog.text
-    assert result.stats["train"].boxes == 1 and "2 rows of zero size left out" in str(result.stats["train"])
-    assert [c for c, _ in coco_boxes(result.annotations["train"])["a.jpg"]] == [1]
+    assert f"1 label rows repeating an earlier row of their file left out: {label}:4" in caplog.text
+    assert result.stats["train"].boxes == 2 and "2 rows of zero size left out, 1 repeated rows left out" in str(result.stats["train"])
+    assert [c for c, _ in coco_boxes(result.annotations["train"])["a.jpg"]] == [1, 2]  # same box, other class: kept
     dataset = CocoDataset(load_data_spec(result.data_yaml).train)
-    assert dataset.summary.boxes_kept == 1 and not any(dataset.summary.problems.values())
+    assert dataset.summary.boxes_kept == 2 and not any(dataset.summary.problems.values())
 
 
 def test_png_sizes_are_read_from_the_header_without_decoding_the_pixels(tmp_path: Path, monkeypatch) -> None:
