@@ -29,9 +29,10 @@ import numpy as np
 from detector.data.user_cache import mark_used, prune_unused, user_cache_dir
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 5  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box); 4: unreadable-image
+CACHE_VERSION = 6  # 3: iscrowd must be 0 or 1 (a cached scan of 2 may hold "0" as a crowd box); 4: unreadable-image
 # reasons without the path (image_files.read_failure: a cache of 3 would keep saying the path twice); 5: iscrowd an
-# int (a cache of 4 may hold true or 1.0 as a crowd box)
+# int (a cache of 4 may hold true or 1.0 as a crowd box); 6: a TIFF turned by its EXIF orientation is sized as it
+# decodes (a cache of 5 holds its size swapped twice)
 
 # name: (dtype kind, trailing shape) of the per-listed-image checks and of the scan's result
 LISTED_SCHEMA: dict[str, tuple[str, tuple[int, ...]]] = {

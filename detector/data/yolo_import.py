@@ -45,7 +45,7 @@ from detector.yamlfile import load_yaml
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val")
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: TIFF sizes not swapped twice, rows of zero size and repeated rows left out, AVIF/JPEG 2000 read
 YOLO_KEYS = ("path", "train", "val", "test", "names", "nc", "download", "roboflow")  # roboflow: export metadata
 CACHE_FOLDER = ".detector-coco"
 

@@ -15,6 +15,7 @@ from PIL import Image
 from detector.cli import main
 from detector.data.coco import CocoDataset
 from detector.data.spec import load_data_spec
+from detector.data import yolo_import
 from detector.data.yolo_import import convert_yolo_dataset, label_path
 from detector.data.yolo_txt import export_yolo_txt
 from detector.errors import DetectorError
@@ -98,7 +99,8 @@ def test_read_directly_the_yaml_gives_the_converted_splits_and_the_same_ids(coco
     assert convert_yolo_dataset(export.data_yaml, tmp_path / "coco").annotations["train"].read_bytes() == first
 
 
-def test_the_cache_is_reused_until_a_label_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_cache_is_reused_until_a_label_or_the_converter_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.25 0.5\n", "b": "1 0.5 0.5 0.5 0.5\n"})
     caplog.set_level(logging.INFO, logger="detector")
     spec = load_data_spec(path)
@@ -115,6 +117,10 @@ def test_the_cache_is_reused_until_a_label_changes(tmp_path: Path, caplog: pytes
     boxes = coco_boxes(spec.train.annotations)["a.jpg"]
     assert boxes == [(0, (30.0, 15.0, 50.0, 45.0)), (2, (0.0, 0.0, 40.0, 30.0))]
     assert not list(spec.train.annotations.parent.glob("*.tmp"))
+    caplog.clear()
+    monkeypatch.setattr(yolo_import, "CONVERTER_VERSION", yolo_import.CONVERTER_VERSION + 1)  # a converter that changed
+    load_data_spec(path)
+    assert sum("converted" in r.message for r in caplog.records) == 2  # converts again, though no file changed
 
 
 def test_a_read_only_dataset_converts_into_the_users_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
