@@ -96,9 +96,13 @@ def _suppress(pred: torch.Tensor, best_cls: torch.Tensor | None, column: torch.T
     boxes = box_convert(pred.index_select(0, row)[:, :4], "cxcywh", "xyxy")
     found = torch.cat([boxes, score[:, None], cls[:, None].float()], dim=1)
     groups = torch.zeros_like(found[:, 5]) if agnostic else found[:, 5]
+    # batched_nms keeps classes apart by shifting each by class x (largest coordinate + 1), enough only when no
+    # coordinate is negative: a box reaching past the top-left corner could suppress another class's box. IoU does
+    # not change under a translation, so the boxes it sees start at 0.
+    nms_boxes = found[:, :4] - found[:, :4].min().clamp(max=0) if len(found) else found[:, :4]
     prefix = 2 * max_det
     while True:
-        keep = batched_nms(found[:prefix, :4], found[:prefix, 4], groups[:prefix], iou)  # sorted by decreasing score
+        keep = batched_nms(nms_boxes[:prefix], found[:prefix, 4], groups[:prefix], iou)  # sorted by decreasing score
         if len(keep) >= max_det or prefix >= len(found):
             return found[keep[:max_det]]
         prefix *= 4

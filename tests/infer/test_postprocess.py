@@ -46,6 +46,20 @@ def test_suppression_is_per_class_unless_agnostic() -> None:
     assert agnostic[:, 4].tolist() == pytest.approx([0.9, 0.6])
 
 
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_a_box_past_the_top_left_corner_never_suppresses_another_class(multi_label: bool) -> None:
+    """torchvision's batched_nms shifts each class by (largest coordinate + 1): a class-1 box from -40 to -8 (a
+    centre half a stride outside the image) landed on the class-0 box exactly that far away and removed it."""
+    far = 250.0 + 1  # the largest coordinate (the third box's corner) + 1
+    rows = [
+        [-24, -24, 32, 32, 0.9, 0.0, 1.0],  # class 1: (-40, -40) to (-8, -8)
+        [-24 + far, -24 + far, 32, 32, 0.8, 1.0, 0.0],  # class 0: the same box shifted by `far`
+        [225, 225, 50, 50, 0.3, 1.0, 0.0],  # class 0: (200, 200) to (250, 250)
+    ]
+    out = non_max_suppression(make_pred(rows), conf=0.01, iou=0.45, multi_label=multi_label)[0]
+    assert out[:, 4].tolist() == pytest.approx([0.9, 0.8, 0.3])
+
+
 def test_images_never_suppress_each_other_and_empty_images_give_empty_tensors() -> None:
     pred = torch.zeros(3, 4, 6)
     pred[0, 0] = torch.tensor([50, 50, 20, 20, 1.0, 0.9])
