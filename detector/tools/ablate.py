@@ -51,12 +51,6 @@ COLUMNS = (
     "APs", "APs std", "APm", "APl", "n", "best epoch", "dAP50:95", "dAP50:95 ci95", "vs baseline",
 )
 MD_COLUMNS = ("attention", "attention_at", "params", "GFLOPs", "train img/s", "infer ms/img", "AP50", "AP50:95", "APs", "APm", "APl", "n", "best epoch", "AP50:95 vs baseline")
-# Student-t 0.975 quantiles for 1..30 degrees of freedom (NIST/SEMATECH e-Handbook of Statistical Methods,
-# 1.3.6.7.2 "Critical Values of the Student's t Distribution"; equal to scipy.stats.t.ppf(0.975, df) to 4 places).
-# scipy is not a declared dependency; beyond 30 the normal quantile 1.960 stands in (2.042 at 30, within 4%).
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604, 2.1448, 2.1314,
-        2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-Z975 = 1.9600
 
 
 @dataclass(frozen=True)
@@ -215,10 +209,12 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def t975(df: int) -> float:
-    """The two-sided 95% Student-t quantile for `df` degrees of freedom (exact table to 30, normal beyond)."""
+    """The two-sided 95% Student-t quantile for `df` degrees of freedom (scipy's, exact at any df)."""
+    from scipy.stats import t as student_t
+
     if df < 1:
         raise ValueError("t975: needs at least one degree of freedom")
-    return T975[df - 1] if df <= len(T975) else Z975
+    return float(student_t.ppf(0.975, df))
 
 
 def paired_interval(diffs: list[float]) -> tuple[float, float | None]:
@@ -263,7 +259,7 @@ def _summary_row(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], *, 
     for key in SPREAD_KEYS:
         mean, std = mean_std([r[key] for r in runs])
         row[key], row[f"{key} std"] = (None if x is None else round(x, 6) for x in (mean, std))
-    row["n"] = len(runs)
+    row["n"] = sum(r["AP50:95"] is not None for r in runs)  # the seeds the headline figure and its spread come from
     row["best epoch"] = "/".join(str(r["best epoch"]) for r in runs if r["best epoch"] is not None) or None
     row.update(_versus_baseline(runs, baseline, is_baseline=is_baseline))
     return row

@@ -92,7 +92,8 @@ class RunLogger:
         metrics = metrics or {}
         row = [epoch, *[round(v, 5) for v in losses.tolist()], f"{lr:.6g}"]
         row += [round(float(metrics[k]), 5) if k in metrics else "" for k in COCO_KEYS]
-        row += ["" if fitness is None else round(fitness, 5), round(epoch_time_s, 2), nonfinite_steps, unreadable_images,
+        # fitness unrounded: ablate and tune pick the best row by it, and must pick the trainer's best epoch
+        row += ["" if fitness is None else float(fitness), round(epoch_time_s, 2), nonfinite_steps, unreadable_images,
                 round(val_time_s, 2)]
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         with self._writing(self.csv_path), self.csv_path.open("a", newline="") as f:

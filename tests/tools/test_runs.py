@@ -37,6 +37,24 @@ def test_the_best_row_is_the_highest_evaluated_fitness() -> None:
     assert runs.best_row([{"epoch": "0", "fitness": ""}]) is None
 
 
+def test_the_best_row_is_the_trainers_best_epoch_when_fitnesses_agree_to_five_decimals(tmp_path: Path) -> None:
+    """The trainer keeps the first epoch of strictly higher fitness; results.csv holds it unrounded, so best_row picks
+    the same epoch (rounded to 5 decimals, epochs 0 and 1 tied and the earlier won: a run cut short by patience
+    counted from the wrong epoch, and ablate read another epoch's AP than best.pt's)."""
+    import torch
+
+    from detector.viz.logger import RunLogger, read_results
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for epoch, fitness in enumerate([0.4123451, 0.4123454, 0.41, 0.40]):
+        logger.epoch(epoch, torch.zeros(3), 0.01, {"AP": fitness}, fitness, 1.0, 0)
+    logger.close()
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "best.pt").write_bytes(b"")
+    assert runs.best_row(read_results(tmp_path / "results.csv"))["epoch"] == "1"
+    assert not runs.finished(tmp_path, config(epochs="10", patience="3"))  # 2 epochs since the best, not 3
+
+
 def test_a_run_is_finished_at_its_last_epoch_with_a_best_pt(tmp_path: Path) -> None:
     """Three epochs of three (rows 0..2) and best.pt: finished; two rows, or no best.pt: not."""
     assert runs.finished(make_run(tmp_path / "done", ["0.1", "0.2", "0.3"]), config())
