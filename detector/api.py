@@ -208,6 +208,7 @@ class Detector:
         values = _plain({k: v for k, v in (("data", data), ("epochs", epochs)) if v is not None} | overrides)
         if not values.get("resume"):
             values.setdefault("model", str(self.model_yaml if self.model_yaml is not None else self.weights))
+        values.setdefault("device", self.device_spec)  # Detector(device="cpu") trains there too ('' : the default)
         trainer = Trainer(load_train_config(values))
         metrics = trainer.fit()
         self.run_dir = trainer.run_dir

@@ -111,6 +111,25 @@ def _empty(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(("made_on", "trains_on"), [("cpu", "cpu"), ("", "")])
+def test_train_runs_on_the_detectors_device(monkeypatch: pytest.MonkeyPatch, made_on: str, trains_on: str) -> None:
+    """Detector(device="cpu").train() trained on the default device (CUDA when there is one); a call's device= wins."""
+    from detector.train import trainer as trainer_module
+
+    configs = []
+
+    def capture(self, cfg) -> None:
+        configs.append(cfg)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", capture)
+    det = Detector("yolo-c2f-n", device=made_on)
+    for overrides in ({}, {"device": "cpu"}):
+        with pytest.raises(KeyboardInterrupt):
+            det.train(data="unused.yaml", **overrides)
+    assert [c.device for c in configs] == [trains_on, "cpu"]
+
+
 @pytest.mark.slow
 def test_train_one_epoch_then_val_and_predict(tmp_path: Path) -> None:
     from detector.data.synthetic import generate_shapes_dataset

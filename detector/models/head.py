@@ -116,6 +116,11 @@ class Detect(nn.Module):
             t = t.flip(0)
         self.anchors.copy_(t / self.stride.view(-1, 1, 1))
 
+    def class_rows(self) -> dict[str, int]:
+        """The output convs (by name within the head) whose rows are, per anchor, `lead` rows that do not depend on
+        the classes then one row per class: what fine-tuning onto other classes copies row by row."""
+        return {f"m.{i}": 5 for i in range(self.nl)}  # [tx, ty, tw, th, obj, cls...]
+
     @torch.no_grad()
     def init_biases(self, imgsz: int = 640) -> None:
         """Prior bias init: objectness as if ~8 objects per `imgsz` image, class probability ~0.6 / nc."""
@@ -192,6 +197,10 @@ class DecoupledDetect(Detect):
         c_cls = max(c_ins[0], min(nc, 100))
         self.m = nn.ModuleList(_branch(c, c_box, self.na * 4) for c in c_ins)
         self.cls = nn.ModuleList(_branch(c, c_cls, self.na * nc) for c in c_ins)
+
+    def class_rows(self) -> dict[str, int]:
+        """The class branches' last convs: one row per class and anchor (the box branches do not depend on them)."""
+        return {f"cls.{i}.2": 0 for i in range(self.nl)}
 
     @torch.no_grad()
     def init_biases(self, imgsz: int = 640) -> None:

@@ -236,17 +236,19 @@ class Trainer:
         self.criterion = build_loss(model.head, box=cfg.box, cls=cfg.cls, obj=cfg.obj, anchor_t=cfg.anchor_t, label_smoothing=cfg.label_smoothing, imgsz=cfg.imgsz,
                                     static_assign_epochs=cfg.static_assign_epochs)
 
-    def _load_model_source(self) -> tuple[Path | str, dict[str, torch.Tensor] | None]:
+    def _load_model_source(self) -> tuple[Path | str, dict[str, torch.Tensor] | None, list[str]]:
         """(the architecture: the model YAML's path or a checkpoint's model YAML text, the fine-tune weights or
-        None), read before the dataset's scan: a missing file or another tool's checkpoint fails at once."""
+        None, their class names), read before the dataset's scan: a missing file or another tool's checkpoint
+        fails at once."""
         from detector.train.finetune import load_finetune_checkpoint
 
         cfg = self.cfg
         source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
         ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
+        names = list(ckpt["names"]) if ckpt is not None else []
         if cfg.model.endswith(".pt"):
-            return (ckpt if cfg.model == source else load_finetune_checkpoint(cfg.model)[0])["model_yaml"], weights
-        return resolve_model_path(cfg.model), weights
+            return (ckpt if cfg.model == source else load_finetune_checkpoint(cfg.model)[0])["model_yaml"], weights, names
+        return resolve_model_path(cfg.model), weights, names
 
     def _new_model(self) -> nn.Module:
         """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
@@ -258,12 +260,12 @@ class Trainer:
         cfg = self.cfg
         nc = self.train_set.coco.num_classes
         source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
-        architecture, weights = self._model_source
+        architecture, weights, source_names = self._model_source
         model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
         if model.nc != nc:
             raise DetectorError(f"model: nc {model.nc} != {nc} classes in {self.data.train.annotations}")
         if weights is not None:
-            report = transfer_weights(model, weights, source)
+            report = transfer_weights(model, weights, source, source_names=source_names, names=self.names)
             if self.dist.is_main:
                 LOGGER.info(report.summary(source))
         if cfg.autoanchor:

@@ -28,28 +28,64 @@ NO_AUG = {k: "0" for k in ("mosaic", "hsv_h", "hsv_s", "hsv_v", "translate", "sc
 FINETUNE = {**TINY, "nbs": "8", "amp": "off", "lr0": "0.002", "warmup_min_iters": "5", "val_interval": "1000", **NO_AUG}
 
 
-def test_transfer_to_another_class_count_skips_only_the_class_rows() -> None:
+def _class_conv_rows(model: torch.nn.Module, key: str, lead: int) -> torch.Tensor:
+    """A class-row conv's weight as (na, lead + nc, ...): per anchor its lead rows, then one row per class."""
+    head = model.head
+    return model.state_dict()[f"layers.{len(model.layers) - 1}.{key}"].view(head.na, lead + head.nc, -1)
+
+
+def test_transfer_to_another_class_count_keeps_fresh_rows_for_classes_it_does_not_know() -> None:
     source = build_model("yolo-c2f-n", nc=3)
     target = build_model("yolo-c2f-n", nc=2)
-    fresh_cls = {k: v.clone() for k, v in target.state_dict().items() if ".cls." in k}
-    report = transfer_weights(target, source.state_dict(), "a.pt")
+    fresh_cls = {k: v.clone() for k, v in target.state_dict().items() if ".cls." in k and k.endswith((".2.weight", ".2.bias"))}
+    report = transfer_weights(target, source.state_dict(), "a.pt", source_names=["a", "b", "c"], names=["x", "y"])
     total = len(target.state_dict())
     assert report.total == total and report.transferred == total - 6  # weight + bias of the 3 levels' class convs
     head = len(target.layers) - 1
     assert report.skipped[0] == f"layers.{head}.cls.0.2.weight (9, 64, 1, 1) -> (6, 64, 1, 1)"  # 3 anchors x 3 -> x 2
     own = target.state_dict()
     for key, value in source.state_dict().items():
-        if value.shape == own[key].shape:
-            assert torch.equal(own[key], value), key
-        else:  # the class rows keep the builder's fresh init (prior bias included)
+        if key in fresh_cls:  # the class rows keep the builder's fresh init (prior bias included)
             assert torch.equal(own[key], fresh_cls[key]), key
-    assert report.summary("a.pt").startswith(f"weights: transferred {total - 6}/{total} tensors from a.pt; skipped layers.")
+        else:
+            assert torch.equal(own[key], value), key
+    assert report.summary("a.pt").startswith(f"weights: transferred {total - 6}/{total} tensors from a.pt; class rows "
+                                             f"fresh (2 classes, none of the checkpoint's 3); skipped {report.skipped[0]}, ")
+
+
+@pytest.mark.parametrize(("source_names", "names"), [(["circle", "star", "ring"], ["ring", "circle", "star"]),
+                                                     (["circle", "star", "ring"], ["ring", "square", "circle", "star"])])
+def test_class_rows_follow_the_class_names(source_names: list[str], names: list[str]) -> None:
+    """The same classes under other category ids (or some new ones among them): each class keeps its own rows.
+    By position, `ring`'s rows were `circle`'s, and a model that found every circle called it a ring."""
+    source = build_model("yolo-c2f-n", nc=len(source_names))
+    target = build_model("yolo-c2f-n", nc=len(names))
+    fresh = _class_conv_rows(target, "cls.1.2.weight", 0).clone()
+    report = transfer_weights(target, source.state_dict(), "a.pt", source_names=source_names, names=names)
+    assert report.transferred == report.total and not report.skipped
+    got, want = _class_conv_rows(target, "cls.1.2.weight", 0), _class_conv_rows(source, "cls.1.2.weight", 0)
+    for c, name in enumerate(names):
+        expected = want[:, source_names.index(name)] if name in source_names else fresh[:, c]
+        assert torch.equal(got[:, c], expected), name
+    moved = sum(name in source_names and source_names.index(name) != c for c, name in enumerate(names))
+    assert f"class rows by name for {sum(n in source_names for n in names)} of {len(names)} classes ({moved} moved)" in report.summary("a.pt")
+
+
+def test_the_coupled_heads_box_and_objectness_rows_survive_a_new_class_count() -> None:
+    """yolov5n's head convs hold [box, obj, classes] per anchor: only the class rows depend on the classes."""
+    source, target = build_model("yolov5n", nc=3), build_model("yolov5n", nc=2)
+    report = transfer_weights(target, source.state_dict(), "v5.pt", source_names=["a", "b", "c"], names=["c", "z"])
+    assert not report.skipped
+    for level in range(3):
+        got, want = _class_conv_rows(target, f"m.{level}.weight", 5), _class_conv_rows(source, f"m.{level}.weight", 5)
+        assert torch.equal(got[:, :5], want[:, :5]) and torch.equal(got[:, 5], want[:, 7])  # box + obj; c <- c
 
 
 def test_another_architecture_is_an_error_listing_keys() -> None:
     with pytest.raises(DetectorError, match=r"^weights: v5\.pt is another architecture than the model \(\d+ tensors "
                                             r"differ beyond the head's class rows: layers\.\d+\..* \(missing in the checkpoint\)"):
-        transfer_weights(build_model("yolo-c2f-n", nc=2), build_model("yolov5n", nc=2).state_dict(), "v5.pt")
+        transfer_weights(build_model("yolo-c2f-n", nc=2), build_model("yolov5n", nc=2).state_dict(), "v5.pt",
+                         source_names=["a", "b"], names=["a", "b"])
 
 
 @pytest.mark.parametrize("key", ["model", "weights"])
@@ -82,19 +118,19 @@ def test_model_checkpoint_gives_the_architecture_and_weights_checkpoint_the_weig
         model = build_model(name, nc=2)
         state = dict.fromkeys(CHECKPOINT_KEYS)
         state.update(format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(),
-                     epoch=0, train_state={}, rng={}, train_config={}, names=["a", "b"], category_ids=[1, 2], imgsz=64,
-                     run_dir=str(tmp_path))
+                     epoch=0, train_state={}, rng={}, train_config={}, names=[f"{name} a", f"{name} b"], category_ids=[1, 2],
+                     imgsz=64, run_dir=str(tmp_path))
         paths[name] = tmp_path / f"{name}.pt"
         save_checkpoint(paths[name], state)
     cfg = build_options(TrainConfig, {**TINY, "data": "unused.yaml", "project": str(tmp_path),
                                       "model": str(paths["yolo-c2f-n"]), "weights": str(paths["yolov5n"])}, "test")
     trainer = Trainer(cfg)
     try:
-        architecture, weights = trainer._load_model_source()
+        architecture, weights, names = trainer._load_model_source()
     finally:
         trainer.close()
     assert architecture == load_checkpoint(paths["yolo-c2f-n"])["model_yaml"]
-    assert weights.keys() == load_checkpoint(paths["yolov5n"])["model"].keys()
+    assert weights.keys() == load_checkpoint(paths["yolov5n"])["model"].keys() and names == ["yolov5n a", "yolov5n b"]
 
 
 def test_freeze_rows() -> None:
