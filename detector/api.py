@@ -90,7 +90,9 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_checkpoint(model: str | Path) -> bool:
-    return Path(model).suffix in (".pt", ".pth") or (Path(model).is_file() and Path(model).suffix not in (".yaml", ".yml"))
+    from detector.runtime.checkpoint import CHECKPOINT_SUFFIXES
+
+    return Path(model).suffix in CHECKPOINT_SUFFIXES or (Path(model).is_file() and Path(model).suffix not in (".yaml", ".yml"))
 
 
 class Detector:
@@ -200,8 +202,8 @@ class Detector:
     def train(self, data: str | Path | None = None, epochs: int | None = None, **overrides: Any) -> dict[str, Any]:
         """Train with `detector train` keys (`imgsz=320, batch=8, attention="cbam"` ...): this Detector's model YAML
         from scratch, or, for a Detector made from a checkpoint, a fine-tune that starts from its weights (a new
-        run; `resume=` continues the old one instead). Afterwards the Detector holds the run's best.pt. Returns the
-        last epoch's metrics."""
+        run; `resume=` continues the old one instead). Afterwards the Detector holds the run's best.pt, so a second
+        call fine-tunes from it. Returns the last epoch's metrics."""
         from detector.train.trainer import Trainer
 
         self._needs_pytorch("train")
@@ -215,6 +217,7 @@ class Detector:
         best = trainer.weights_dir / "best.pt"
         if best.exists():  # absent on the non-zero ranks of a torchrun job
             self._load(best)
+            self.model_yaml = None  # a Detector of this checkpoint now: a second train() fine-tunes from it
         return metrics
 
     def val(self, opts: ValOptions | None = None, /, **options: Any) -> dict[str, Any]:

@@ -140,6 +140,7 @@ def test_train_one_epoch_then_val_and_predict(tmp_path: Path) -> None:
     assert set(COCO_KEYS) <= set(metrics)
     assert det.weights == tmp_path / "runs" / "exp" / "weights" / "best.pt" and det.run_dir == tmp_path / "runs" / "exp"
     assert det.model.nc == 6 and det.imgsz == 128 and len(det.names) == 6
+    assert det.model_yaml is None and "best.pt" in repr(det)  # a second train() fine-tunes from it, not from the YAML
 
     val = det.val(batch=8, workers=0, project=str(tmp_path / "val"), plots=False)  # the training data by default
     assert set(COCO_KEYS) <= set(val) and all(isinstance(val[k], float) for k in COCO_KEYS)

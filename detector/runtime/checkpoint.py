@@ -43,6 +43,7 @@ import torch.nn as nn
 from detector.errors import DetectorError, write_failed
 
 FORMAT_VERSION = 1
+CHECKPOINT_SUFFIXES = (".pt", ".pth")  # what `model=` names a checkpoint by (anything else: a model YAML)
 _SHOWN = 3  # how many keys of each kind a weights-mismatch message names before giving counts
 
 

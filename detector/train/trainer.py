@@ -243,10 +243,11 @@ class Trainer:
         from detector.train.finetune import load_finetune_checkpoint
 
         cfg = self.cfg
-        source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
+        model_is_checkpoint = Path(cfg.model).suffix in ckpt_io.CHECKPOINT_SUFFIXES
+        source = cfg.weights or (cfg.model if model_is_checkpoint else "")
         ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
         names = list(ckpt["names"]) if ckpt is not None else []
-        if cfg.model.endswith(".pt"):
+        if model_is_checkpoint:
             return (ckpt if cfg.model == source else load_finetune_checkpoint(cfg.model)[0])["model_yaml"], weights, names
         return resolve_model_path(cfg.model), weights, names
 
@@ -259,7 +260,7 @@ class Trainer:
 
         cfg = self.cfg
         nc = self.train_set.coco.num_classes
-        source = cfg.weights or (cfg.model if cfg.model.endswith(".pt") else "")
+        source = cfg.weights or (cfg.model if Path(cfg.model).suffix in ckpt_io.CHECKPOINT_SUFFIXES else "")
         architecture, weights, source_names = self._model_source
         model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
         if model.nc != nc:

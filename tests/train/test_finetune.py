@@ -108,8 +108,10 @@ def test_another_tools_checkpoint_is_refused_before_the_dataset_is_read(tmp_path
     assert scanned == []
 
 
-def test_model_checkpoint_gives_the_architecture_and_weights_checkpoint_the_weights(tmp_path: Path) -> None:
-    """model=a.pt weights=b.pt: a.pt's architecture started from b.pt's weights (b.pt's architecture was built)."""
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_model_checkpoint_gives_the_architecture_and_weights_checkpoint_the_weights(tmp_path: Path, suffix: str) -> None:
+    """model=a.pt weights=b.pt: a.pt's architecture started from b.pt's weights (b.pt's architecture was built);
+    a .pth is a checkpoint too, as `Detector` opens one (it was read as a model YAML and refused as too large)."""
     from detector.runtime.checkpoint import CHECKPOINT_KEYS, FORMAT_VERSION, save_checkpoint
     from detector.train.trainer import Trainer
 
@@ -120,7 +122,7 @@ def test_model_checkpoint_gives_the_architecture_and_weights_checkpoint_the_weig
         state.update(format_version=FORMAT_VERSION, version="test", model_yaml=model.yaml, model=model.state_dict(),
                      epoch=0, train_state={}, rng={}, train_config={}, names=[f"{name} a", f"{name} b"], category_ids=[1, 2],
                      imgsz=64, run_dir=str(tmp_path))
-        paths[name] = tmp_path / f"{name}.pt"
+        paths[name] = tmp_path / f"{name}{suffix}"
         save_checkpoint(paths[name], state)
     cfg = build_options(TrainConfig, {**TINY, "data": "unused.yaml", "project": str(tmp_path),
                                       "model": str(paths["yolo-c2f-n"]), "weights": str(paths["yolov5n"])}, "test")
