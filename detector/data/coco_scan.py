@@ -60,6 +60,12 @@ _DROPPED_KINDS = (
 _SKIPPED_IMAGE_KINDS = ("missing image file", "unreadable image", f"image under {MIN_IMAGE_SIDE_PX} px")
 
 
+def named_few(items: list[str]) -> str:
+    """The first NAMED_PER_KIND items, comma-separated, then "... and N more" when there are more."""
+    more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
+    return ", ".join(items[:NAMED_PER_KIND]) + more
+
+
 @dataclass
 class ScanSummary:
     """Counts of what the scan found; `str()` is the one-screen report, `problems` names every item."""
@@ -107,9 +113,7 @@ class ScanSummary:
         ]
         for kind, items in self.problems.items():
             if items:
-                named = ", ".join(items[:NAMED_PER_KIND])
-                more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
-                lines.append(f"  warning {kind}: {len(items):,} ({named}{more})")
+                lines.append(f"  warning {kind}: {len(items):,} ({named_few(items)})")
         cells = [f"{name} {count:,}" for name, count in self.instances.items()]
         row: list[str] = []
         for cell in cells:

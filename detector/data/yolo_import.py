@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import yaml
 from PIL import Image
 
-from detector.data.coco_scan import NAMED_PER_KIND
+from detector.data.coco_scan import named_few
 from detector.data.image_files import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, exif_orientation
 from detector.data.spec import DataSpec, SplitSpec, check_keys, is_yolo_layout
 from detector.data.user_cache import prune_unused, user_cache_dir
@@ -178,9 +178,8 @@ def _walk_images(folder: Path) -> list[Path]:
         out += [Path(parent) / n for n, s in suffixes if s in IMAGE_SUFFIXES]
         undecodable += [Path(parent) / n for n, s in suffixes if s in FOLDER_IMAGE_SUFFIXES and s not in IMAGE_SUFFIXES]
     if undecodable:
-        more = f" ... and {len(undecodable) - NAMED_PER_KIND:,} more" if len(undecodable) > NAMED_PER_KIND else ""
-        LOGGER.warning("%s: %d images left out, no decoder for them here: %s%s", folder, len(undecodable),
-                       ", ".join(map(str, undecodable[:NAMED_PER_KIND])), more)
+        LOGGER.warning("%s: %d images left out, no decoder for them here: %s", folder, len(undecodable),
+                       named_few([str(f) for f in undecodable]))
     return out
 
 
@@ -317,8 +316,7 @@ def convert_split(split: YoloSplit, names: list[str]) -> tuple[dict[str, Any], S
     for items, what in ((stats.unreadable, "unreadable images"), (stats.empty_rows, "label rows of zero width or height"),
                         (stats.repeated_rows, "label rows repeating an earlier row of their file")):
         if items:
-            more = f" ... and {len(items) - NAMED_PER_KIND:,} more" if len(items) > NAMED_PER_KIND else ""
-            LOGGER.warning("%d %s left out: %s%s", len(items), what, ", ".join(items[:NAMED_PER_KIND]), more)
+            LOGGER.warning("%d %s left out: %s", len(items), what, named_few(items))
     categories = [{"id": i, "name": name} for i, name in enumerate(names)]
     return {"images": images, "annotations": annotations, "categories": categories}, stats
 

@@ -6,8 +6,9 @@ class rows are matched by class name: a class of the checkpoint keeps its rows w
 builder gave it (prior bias included); with no name in common the rows go by position when the counts match (as
 Ultralytics copies a same-shaped head). The rows that do not depend on the classes (the coupled head's box and
 objectness rows) are always kept. Other head tensors whose shape depends on the class count start fresh; anything
-else that differs is another architecture and an error listing the differing keys. Frozen rows get no gradients, stay out of the optimizer, and keep their BatchNorms in eval
-mode, so their weights and running statistics stay bit-identical (Ultralytics' `freeze=`, YOLOv5's `--freeze`).
+else that differs is another architecture and an error listing the differing keys. Frozen rows get no gradients,
+stay out of the optimizer, and keep their BatchNorms in eval mode, so their weights and running statistics stay
+bit-identical (Ultralytics' `freeze=`, YOLOv5's `--freeze`).
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor], source: s
     loaded = {k: v for k, v in state.items() if k not in reshaped}
     for name, lead in model.head.class_rows().items():
         new_rows, old_rows = _row_pairs(model.head.na, lead, sources, len(source_names))
-        for key in () if len(new_rows) == 0 else (f"{head}{name}.weight", f"{head}{name}.bias"):
-            if own[key].shape[1:] != state[key].shape[1:] or len(state[key]) != len(own[key]) // (lead + len(names)) * (lead + len(source_names)):
+        if len(new_rows) == 0:
+            continue
+        for key in (f"{head}{name}.weight", f"{head}{name}.bias"):
+            if own[key].shape[1:] != state[key].shape[1:] or len(state[key]) != model.head.na * (lead + len(source_names)):
                 continue  # a class branch whose width follows the class count, or another anchor count: fresh
-            rows = own[key].clone()
-            rows[new_rows] = state[key][old_rows].to(rows.dtype)
-            loaded[key], reshaped = rows, [k for k in reshaped if k != key]
+            loaded[key] = own[key].clone()
+            loaded[key][new_rows] = state[key][old_rows].to(own[key].dtype)
+    reshaped = [k for k in reshaped if k not in loaded]
     model.load_state_dict(loaded, strict=False)
     skipped = [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in reshaped]
     return Transfer(len(own) - len(reshaped), len(own), skipped, _describe(sources, source_names, names))

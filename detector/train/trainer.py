@@ -243,13 +243,17 @@ class Trainer:
         from detector.train.finetune import load_finetune_checkpoint
 
         cfg = self.cfg
-        model_is_checkpoint = Path(cfg.model).suffix in ckpt_io.CHECKPOINT_SUFFIXES
-        source = cfg.weights or (cfg.model if model_is_checkpoint else "")
+        source = self._weights_source()
         ckpt, weights = load_finetune_checkpoint(source) if source else (None, None)
         names = list(ckpt["names"]) if ckpt is not None else []
-        if model_is_checkpoint:
+        if Path(cfg.model).suffix in ckpt_io.CHECKPOINT_SUFFIXES:
             return (ckpt if cfg.model == source else load_finetune_checkpoint(cfg.model)[0])["model_yaml"], weights, names
         return resolve_model_path(cfg.model), weights, names
+
+    def _weights_source(self) -> str:
+        """The checkpoint a fine-tune starts from: `weights=`, else a checkpoint given as `model=`, else ''."""
+        model = self.cfg.model
+        return self.cfg.weights or (model if Path(model).suffix in ckpt_io.CHECKPOINT_SUFFIXES else "")
 
     def _new_model(self) -> nn.Module:
         """A model from the YAML (or a checkpoint's architecture) for the dataset's classes, started from a
@@ -260,7 +264,7 @@ class Trainer:
 
         cfg = self.cfg
         nc = self.train_set.coco.num_classes
-        source = cfg.weights or (cfg.model if Path(cfg.model).suffix in ckpt_io.CHECKPOINT_SUFFIXES else "")
+        source = self._weights_source()
         architecture, weights, source_names = self._model_source
         model = build_model(architecture, nc=nc, attention=cfg.attention or None, attention_at=cfg.attention_at or None)
         if model.nc != nc:
